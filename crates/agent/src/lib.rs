@@ -1,0 +1,2 @@
+//! hintfed-agent library.
+#![forbid(unsafe_code)]

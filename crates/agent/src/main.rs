@@ -1,0 +1,4 @@
+//! hintfed-agent binary.
+#![forbid(unsafe_code)]
+
+fn main() {}

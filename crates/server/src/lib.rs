@@ -1,0 +1,2 @@
+//! hintfed-server library.
+#![forbid(unsafe_code)]

@@ -1,0 +1,4 @@
+//! hintfed-server binary.
+#![forbid(unsafe_code)]
+
+fn main() {}

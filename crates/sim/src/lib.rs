@@ -1,0 +1,2 @@
+//! hintfed-sim library.
+#![forbid(unsafe_code)]

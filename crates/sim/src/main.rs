@@ -1,0 +1,4 @@
+//! hintfed-sim binary.
+#![forbid(unsafe_code)]
+
+fn main() {}

@@ -1,0 +1,2 @@
+//! hintfed transports.
+#![forbid(unsafe_code)]
