@@ -128,6 +128,8 @@ impl AmiCodec {
 
     /// Takes the next line (without its line end) off `buf`, or `None` if no line end yet.
     fn next_line(&mut self, buf: &mut BytesMut) -> Result<Option<String>, CodecError> {
+        // The caller may hand a different or shortened buffer: never index past its end.
+        self.scanned = self.scanned.min(buf.len());
         let Some(pos) = buf[self.scanned..].iter().position(|&b| b == b'\n') else {
             self.scanned = buf.len();
             if buf.len() > self.limits.max_line + 1 {
@@ -243,6 +245,7 @@ impl Decoder for AmiCodec {
             Ok(None)
         } else {
             buf.clear();
+            self.scanned = 0;
             self.take_message();
             Err(CodecError::Truncated)
         }
@@ -315,7 +318,10 @@ mod tests {
             &mut c,
             b"Asterisk Call Manager/13.0.0\r\nResponse: Success\r\nAccountCode: \r\nMessage: a: b\r\n\r\n",
         );
-        assert_eq!(frames[0], Frame::Banner("Asterisk Call Manager/13.0.0".into()));
+        assert_eq!(
+            frames[0],
+            Frame::Banner("Asterisk Call Manager/13.0.0".into())
+        );
         let Frame::Message(m) = &frames[1] else {
             panic!("expected a message")
         };

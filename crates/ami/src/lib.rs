@@ -5,13 +5,23 @@
 //! - [`codec`]: [`AmiCodec`], the sans-IO framing (`tokio_util::codec`) that turns bytes into
 //!   [`Frame`]s (the login banner, then messages) and messages back into bytes, with hard limits
 //!   on line length, header count and message size.
+//! - [`events`]: typed views ([`DeviceStateChange`], [`PresenceStateChange`],
+//!   [`ExtensionStatus`], [`PresenceStatus`], [`FullyBooted`], [`ListComplete`], [`Response`])
+//!   read from a [`Message`]; unknown events stay generic messages.
+//! - [`actions`]: builders for the actions hintfed sends (login, challenge, setvar, getvar,
+//!   the state lists, events mask, ping, logoff).
 //!
-//! Bytes flow socket → [`AmiCodec`] → [`Message`]; typed views and the async client are built
-//! on top of these.
+//! Bytes flow socket → [`AmiCodec`] → [`Message`] → typed views; actions flow the other way.
 #![forbid(unsafe_code)]
 
+pub mod actions;
 pub mod codec;
+pub mod events;
 pub mod message;
 
 pub use codec::{AmiCodec, CodecError, Frame, Limits};
+pub use events::{
+    AnyEvent, DeviceStateChange, ExtensionStatus, FullyBooted, ListComplete, PresenceStateChange,
+    PresenceStatus, Response, ResponseKind,
+};
 pub use message::Message;

@@ -36,7 +36,11 @@ impl Message {
 
     /// Replaces the value of the first header named `key`, or appends it.
     pub fn set(&mut self, key: &str, value: impl Into<String>) {
-        match self.headers.iter_mut().find(|(k, _)| k.eq_ignore_ascii_case(key)) {
+        match self
+            .headers
+            .iter_mut()
+            .find(|(k, _)| k.eq_ignore_ascii_case(key))
+        {
             Some((_, v)) => *v = value.into(),
             None => self.headers.push((key.to_owned(), value.into())),
         }
@@ -125,7 +129,10 @@ impl fmt::Debug for Message {
 impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Message {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
         Self {
-            headers: iter.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
+            headers: iter
+                .into_iter()
+                .map(|(k, v)| (k.into(), v.into()))
+                .collect(),
         }
     }
 }
@@ -146,7 +153,9 @@ mod tests {
 
     #[test]
     fn debug_masks_secrets() {
-        let m = Message::action("Login").with("Secret", "hunter2").with("Key", "abc");
+        let m = Message::action("Login")
+            .with("Secret", "hunter2")
+            .with("Key", "abc");
         let s = format!("{m:?}");
         assert!(!s.contains("hunter2") && !s.contains("abc"), "{s}");
     }
