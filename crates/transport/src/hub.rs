@@ -1,0 +1,755 @@
+//! The agent/server federation sockets: [`HubLink`] (agent side: DEALER to the hub's base port
+//! P and SUB to P+1, supervised and recreated on loss) and [`HubBind`] (server side: ROUTER
+//! bound on P and PUB bound on P+1).
+//!
+//! Transport-level liveness, invisible to the application:
+//! - the link sends the one-frame message [`PING`] on its DEALER every `ping_interval`; a
+//!   [`HubBind`] answers with [`PONG`] and does not deliver either to the application;
+//! - a [`HubBind`] publishes the one-frame message [`HEARTBEAT_TOPIC`] every
+//!   `heartbeat_interval`; links always subscribe to it and swallow it;
+//! - any message counts as a sign of life; when either socket is silent past
+//!   `silence_timeout`, the link drops and recreates both sockets.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use zeromq::{
+    DealerSocket, PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqError,
+};
+
+use crate::error::{SendError, TransportError};
+use crate::link::{
+    Backoff, BackoffConfig, CancelOnDrop, Frames, Limits, LinkStats, LinkStatus, Shared,
+    StatsSnapshot, connect_socket, connect_sub, is_disconnect, parse_tcp_endpoint, sleep_or_cancel,
+    tcp_endpoint, to_message,
+};
+
+/// One-frame liveness request a [`HubLink`] sends on its DEALER.
+pub const PING: &[u8] = b"\x00hintfed-ping";
+/// One-frame answer of a [`HubBind`] to [`PING`].
+pub const PONG: &[u8] = b"\x00hintfed-pong";
+/// Topic (and only frame) of the transport heartbeat a [`HubBind`] publishes.
+pub const HEARTBEAT_TOPIC: &str = "\x00hintfed-hb";
+
+/// A connection that lasted this long resets the reconnect backoff.
+const STABLE_AFTER: Duration = Duration::from_secs(2);
+
+/// Which socket of a hub link a message arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Channel {
+    /// A reply on the DEALER (request/reply with the hub: acks, snapshot chunks).
+    Reply,
+    /// A message from the hub's PUB fan-out.
+    Fanout,
+}
+
+/// A message received from a hub.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incoming {
+    /// Index of the hub (its position in the configuration; 0 for a lone [`HubLink`]).
+    pub hub: usize,
+    /// Which socket it arrived on.
+    pub channel: Channel,
+    /// Its frames (for fan-out: the topic frame first).
+    pub frames: Frames,
+}
+
+/// Configuration of one [`HubLink`].
+#[derive(Debug, Clone)]
+pub struct HubLinkConfig {
+    /// `tcp://host:P`, the hub's ROUTER; the SUB connects to `tcp://host:P+1`.
+    pub endpoint: String,
+    /// Overrides the fan-out endpoint (default: same host, port P+1).
+    pub sub_endpoint: Option<String>,
+    /// Topic prefixes to subscribe to (default `[""]`: everything).
+    pub subscriptions: Vec<String>,
+    /// How often to ping the hub on the DEALER (default 500 ms).
+    pub ping_interval: Duration,
+    /// Silence on either socket past this recreates both (default 3 s).
+    pub silence_timeout: Duration,
+    /// A send that does not complete within this recreates the sockets (default 1 s).
+    pub send_timeout: Duration,
+    /// Bound on one connect attempt of one socket (default 250 ms).
+    pub connect_attempt_timeout: Duration,
+    /// Delays between reconnect attempts.
+    pub backoff: BackoffConfig,
+    /// Size limits for received (and sent) messages.
+    pub limits: Limits,
+    /// Capacity of the outbound queue (default 1024).
+    pub outbound_capacity: usize,
+    /// Capacity of the inbound channel created by [`HubLink::connect`] (default 4096).
+    pub inbound_capacity: usize,
+}
+
+impl HubLinkConfig {
+    /// Defaults for the hub at `endpoint` (`tcp://host:P`).
+    pub fn new(endpoint: impl Into<String>) -> Self {
+        Self {
+            endpoint: endpoint.into(),
+            sub_endpoint: None,
+            subscriptions: vec![String::new()],
+            ping_interval: Duration::from_millis(500),
+            silence_timeout: Duration::from_secs(3),
+            send_timeout: Duration::from_secs(1),
+            connect_attempt_timeout: Duration::from_millis(250),
+            backoff: BackoffConfig::default(),
+            limits: Limits::default(),
+            outbound_capacity: 1024,
+            inbound_capacity: 4096,
+        }
+    }
+
+    fn validate(&self) -> Result<String, TransportError> {
+        let (host, port) = parse_tcp_endpoint(&self.endpoint)?;
+        if self.outbound_capacity == 0 || self.inbound_capacity == 0 {
+            return Err(TransportError::Config("channel capacities must be > 0"));
+        }
+        if self.ping_interval.is_zero() || self.silence_timeout <= self.ping_interval {
+            return Err(TransportError::Config(
+                "need 0 < ping_interval < silence_timeout",
+            ));
+        }
+        match &self.sub_endpoint {
+            Some(ep) => {
+                parse_tcp_endpoint(ep)?;
+                Ok(ep.clone())
+            }
+            None => {
+                let sub_port = port.checked_add(1).ok_or(TransportError::InvalidEndpoint {
+                    endpoint: self.endpoint.clone(),
+                    reason: "port P+1 overflows",
+                })?;
+                Ok(tcp_endpoint(
+                    host.trim_start_matches('[').trim_end_matches(']'),
+                    sub_port,
+                ))
+            }
+        }
+    }
+}
+
+/// Agent-side link to one hub: a supervised DEALER (to P) + SUB (to P+1) pair.
+///
+/// Cheap to clone; the supervisor task stops when the last clone is dropped.
+///
+/// Channel policies:
+/// - outbound ([`HubLink::try_send`]): bounded (`outbound_capacity`), never blocks; a message
+///   is refused and counted as `dropped_outbound` when the link is not connected or the queue
+///   is full; messages still queued when the link is lost are dropped and counted. Delivery is
+///   at most once: a message handed to a connection that dies may be lost silently (the
+///   federation detects gaps by sequence number and fetches a snapshot).
+/// - inbound ([`Incoming`]): bounded (`inbound_capacity`, or the shared channel of a
+///   [`crate::MultiHub`]); when full the newest message is dropped and counted as
+///   `dropped_inbound_full`, so the socket task never stalls and liveness keeps working.
+#[derive(Debug, Clone)]
+pub struct HubLink {
+    tx: mpsc::Sender<Frames>,
+    shared: Shared,
+    index: usize,
+    endpoint: Arc<str>,
+    limits: Limits,
+    _cancel: Arc<CancelOnDrop>,
+}
+
+impl HubLink {
+    /// Spawns the supervisor (needs a Tokio runtime) and returns the handle and its own
+    /// inbound channel.
+    pub fn connect(
+        config: HubLinkConfig,
+    ) -> Result<(Self, mpsc::Receiver<Incoming>), TransportError> {
+        let (in_tx, in_rx) = mpsc::channel(config.inbound_capacity.max(1));
+        let link = Self::connect_with(config, 0, in_tx)?;
+        Ok((link, in_rx))
+    }
+
+    /// Spawns the supervisor delivering into `inbound`, tagging messages with `index`.
+    pub fn connect_with(
+        config: HubLinkConfig,
+        index: usize,
+        inbound: mpsc::Sender<Incoming>,
+    ) -> Result<Self, TransportError> {
+        let sub_endpoint = config.validate()?;
+        let (tx, rx) = mpsc::channel(config.outbound_capacity);
+        let (shared, status_tx) = Shared::new();
+        let cancel = CancellationToken::new();
+        let task = LinkTask {
+            sub_endpoint,
+            index,
+            rx,
+            inbound,
+            status_tx,
+            stats: shared.stats.clone(),
+            cancel: cancel.clone(),
+            config: config.clone(),
+        };
+        tokio::spawn(task.run());
+        Ok(Self {
+            tx,
+            shared,
+            index,
+            endpoint: config.endpoint.into(),
+            limits: config.limits,
+            _cancel: Arc::new(CancelOnDrop(cancel)),
+        })
+    }
+
+    /// Queues one multipart message for the hub's ROUTER (see the type's channel policy).
+    pub fn try_send(&self, frames: Frames) -> Result<(), SendError> {
+        let stats = &self.shared.stats;
+        if frames.is_empty() {
+            return Err(SendError::Empty);
+        }
+        if !self.limits.accepts(&frames) {
+            stats.dropped_oversize();
+            return Err(SendError::Oversize);
+        }
+        if !self.shared.is_connected() {
+            stats.dropped_outbound();
+            return Err(SendError::NotConnected);
+        }
+        self.tx.try_send(frames).map_err(|e| {
+            stats.dropped_outbound();
+            match e {
+                mpsc::error::TrySendError::Full(_) => SendError::Full,
+                mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+            }
+        })
+    }
+
+    /// A receiver of the link's status.
+    pub fn status(&self) -> watch::Receiver<LinkStatus> {
+        self.shared.status.clone()
+    }
+
+    /// Whether both sockets are connected right now.
+    pub fn is_connected(&self) -> bool {
+        self.shared.is_connected()
+    }
+
+    /// Waits until connected or `timeout` elapses; returns whether connected.
+    pub async fn wait_connected(&self, timeout: Duration) -> bool {
+        self.shared.wait_connected(timeout).await
+    }
+
+    /// The link's counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// The index this link tags its messages with.
+    pub fn index(&self) -> usize {
+        self.index
+    }
+
+    /// The hub endpoint (`tcp://host:P`).
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+}
+
+struct LinkTask {
+    config: HubLinkConfig,
+    sub_endpoint: String,
+    index: usize,
+    rx: mpsc::Receiver<Frames>,
+    inbound: mpsc::Sender<Incoming>,
+    status_tx: watch::Sender<LinkStatus>,
+    stats: Arc<LinkStats>,
+    cancel: CancellationToken,
+}
+
+enum Exit {
+    Stop,
+    Lost(String),
+}
+
+impl LinkTask {
+    async fn run(mut self) {
+        let mut backoff = Backoff::new(self.config.backoff);
+        let mut connected_once = false;
+        loop {
+            self.status_tx.send_replace(LinkStatus::Connecting);
+            let attempt_timeout = self.config.connect_attempt_timeout;
+            let attempt = async {
+                let (dealer, dmon) =
+                    connect_socket::<DealerSocket>(&self.config.endpoint, attempt_timeout).await?;
+                let mut subs = self.config.subscriptions.clone();
+                subs.push(HEARTBEAT_TOPIC.to_owned());
+                let (sub, smon) = connect_sub(&self.sub_endpoint, attempt_timeout, &subs).await?;
+                Ok::<_, ZmqError>((dealer, dmon, sub, smon))
+            };
+            let result = tokio::select! {
+                r = attempt => Some(r),
+                () = drain(&mut self.rx, &self.stats) => None,
+                () = self.cancel.cancelled() => None,
+            };
+            let Some(result) = result else { break };
+            match result {
+                Err(error) => {
+                    self.stats.connect_failures();
+                    tracing::debug!(hub = self.index, endpoint = %self.config.endpoint, %error, "hub connect attempt failed");
+                }
+                Ok((dealer, dmon, sub, smon)) => {
+                    if connected_once {
+                        self.stats.reconnects();
+                    }
+                    connected_once = true;
+                    tracing::info!(hub = self.index, endpoint = %self.config.endpoint, "hub link connected");
+                    self.status_tx.send_replace(LinkStatus::Connected);
+                    let started = Instant::now();
+                    let exit = self.connected(dealer, dmon, sub, smon).await;
+                    self.status_tx.send_replace(LinkStatus::Connecting);
+                    while self.rx.try_recv().is_ok() {
+                        self.stats.dropped_outbound();
+                    }
+                    match exit {
+                        Exit::Stop => break,
+                        Exit::Lost(why) => {
+                            tracing::warn!(hub = self.index, endpoint = %self.config.endpoint, reason = %why, "hub link lost; recreating sockets");
+                        }
+                    }
+                    if started.elapsed() >= STABLE_AFTER {
+                        backoff.reset();
+                    }
+                }
+            }
+            let delay = backoff.next_delay();
+            let paused = tokio::select! {
+                ok = sleep_or_cancel(delay, &self.cancel) => ok,
+                () = drain(&mut self.rx, &self.stats) => false,
+            };
+            if !paused {
+                break;
+            }
+        }
+        self.status_tx.send_replace(LinkStatus::Closed);
+    }
+
+    async fn connected(
+        &mut self,
+        dealer: DealerSocket,
+        mut dmon: futures::channel::mpsc::Receiver<zeromq::SocketEvent>,
+        mut sub: SubSocket,
+        mut smon: futures::channel::mpsc::Receiver<zeromq::SocketEvent>,
+    ) -> Exit {
+        let (mut dsend, mut drecv) = dealer.split();
+        let cfg = &self.config;
+        let mut ping = tokio::time::interval(cfg.ping_interval);
+        ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut last_reply = Instant::now();
+        let mut last_fanout = Instant::now();
+        loop {
+            tokio::select! {
+                () = self.cancel.cancelled() => return Exit::Stop,
+                cmd = self.rx.recv() => {
+                    let Some(frames) = cmd else { return Exit::Stop };
+                    let Some(msg) = to_message(frames) else { continue };
+                    match tokio::time::timeout(cfg.send_timeout, dsend.send(msg)).await {
+                        Ok(Ok(())) => self.stats.messages_out(),
+                        Ok(Err(e)) => {
+                            self.stats.dropped_outbound();
+                            return Exit::Lost(format!("send failed: {e}"));
+                        }
+                        Err(_) => {
+                            self.stats.dropped_outbound();
+                            self.stats.send_timeouts();
+                            return Exit::Lost("send timed out".into());
+                        }
+                    }
+                }
+                r = drecv.recv() => match r {
+                    Ok(msg) => {
+                        last_reply = Instant::now();
+                        let frames = msg.into_vec();
+                        if frames.len() == 1 && frames[0] == PONG {
+                            continue;
+                        }
+                        self.deliver(Channel::Reply, frames);
+                    }
+                    Err(e) => return Exit::Lost(format!("receive failed: {e}")),
+                },
+                r = sub.recv() => match r {
+                    Ok(msg) => {
+                        last_fanout = Instant::now();
+                        let frames = msg.into_vec();
+                        if frames.first().is_some_and(|f| f.as_ref() == HEARTBEAT_TOPIC.as_bytes()) {
+                            continue;
+                        }
+                        self.deliver(Channel::Fanout, frames);
+                    }
+                    Err(e) => return Exit::Lost(format!("fan-out receive failed: {e}")),
+                },
+                ev = dmon.next() => if is_disconnect(ev.as_ref()) {
+                    return Exit::Lost("hub closed the request connection".into());
+                },
+                ev = smon.next() => if is_disconnect(ev.as_ref()) {
+                    return Exit::Lost("hub closed the fan-out connection".into());
+                },
+                _ = ping.tick() => {
+                    if last_reply.elapsed() > cfg.silence_timeout || last_fanout.elapsed() > cfg.silence_timeout {
+                        self.stats.silence_timeouts();
+                        return Exit::Lost(format!("hub silent for more than {:?}", cfg.silence_timeout));
+                    }
+                    let ping_msg = zeromq::ZmqMessage::from(Bytes::from_static(PING));
+                    match tokio::time::timeout(cfg.send_timeout, dsend.send(ping_msg)).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => return Exit::Lost(format!("ping failed: {e}")),
+                        Err(_) => {
+                            self.stats.send_timeouts();
+                            return Exit::Lost("ping send timed out".into());
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn deliver(&self, channel: Channel, frames: Frames) {
+        if !self.config.limits.accepts(&frames) {
+            self.stats.dropped_oversize();
+            return;
+        }
+        self.stats.messages_in();
+        let incoming = Incoming {
+            hub: self.index,
+            channel,
+            frames,
+        };
+        if let Err(mpsc::error::TrySendError::Full(_)) = self.inbound.try_send(incoming) {
+            self.stats.dropped_inbound_full();
+        }
+    }
+}
+
+/// Receives and drops outbound messages until the channel closes (used while disconnected).
+pub(crate) async fn drain<T>(rx: &mut mpsc::Receiver<T>, stats: &LinkStats) {
+    while rx.recv().await.is_some() {
+        stats.dropped_outbound();
+    }
+}
+
+/// Configuration of a [`HubBind`].
+#[derive(Debug, Clone)]
+pub struct HubBindConfig {
+    /// `tcp://host:P` for the ROUTER; the PUB binds P+1. Port 0 picks a free pair P, P+1.
+    pub endpoint: String,
+    /// Overrides the PUB endpoint (default: same host, port P+1).
+    pub pub_endpoint: Option<String>,
+    /// Transport heartbeat period on the PUB (default 1 s; `None` disables it).
+    pub heartbeat_interval: Option<Duration>,
+    /// A reply that cannot be queued to its peer within this is dropped (default 1 s).
+    pub send_timeout: Duration,
+    /// Size limits for received messages.
+    pub limits: Limits,
+    /// Capacity of the inbound channel (default 8192).
+    pub inbound_capacity: usize,
+    /// Capacity of the outbound queue (default 8192).
+    pub outbound_capacity: usize,
+}
+
+impl HubBindConfig {
+    /// Defaults for a hub listening on `endpoint` (`tcp://host:P`).
+    pub fn new(endpoint: impl Into<String>) -> Self {
+        Self {
+            endpoint: endpoint.into(),
+            pub_endpoint: None,
+            heartbeat_interval: Some(Duration::from_secs(1)),
+            send_timeout: Duration::from_secs(1),
+            limits: Limits::default(),
+            inbound_capacity: 8192,
+            outbound_capacity: 8192,
+        }
+    }
+}
+
+/// A message received on the hub's ROUTER.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RouterMessage {
+    /// The sender's routing identity (pass it to [`HubBind::reply`]).
+    pub identity: Bytes,
+    /// The frames the peer sent.
+    pub frames: Frames,
+}
+
+enum BindCmd {
+    Reply(Bytes, Frames),
+    Publish(Frames),
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// Server-side hub sockets: ROUTER bound on P, PUB bound on P+1, owned by one task.
+///
+/// Cheap to clone; the task stops (and releases both ports) on [`HubBind::shutdown`] or when
+/// the last clone is dropped.
+///
+/// Channel policies:
+/// - outbound ([`HubBind::reply`], [`HubBind::publish`]): one bounded queue
+///   (`outbound_capacity`); callers wait for space (backpressure on the server). A reply to an
+///   identity that is gone, or whose peer queue stays full past `send_timeout`, is dropped and
+///   counted. The PUB drops messages for a slow subscriber (zeromq crate policy: per-subscriber
+///   queue of 100 000 messages).
+/// - inbound ([`RouterMessage`]): bounded (`inbound_capacity`); when full the newest message is
+///   dropped and counted as `dropped_inbound_full`. [`PING`] messages are answered here and
+///   never delivered.
+#[derive(Debug, Clone)]
+pub struct HubBind {
+    tx: mpsc::Sender<BindCmd>,
+    shared: Shared,
+    router_endpoint: Arc<str>,
+    pub_endpoint: Arc<str>,
+    _cancel: Arc<CancelOnDrop>,
+}
+
+impl std::fmt::Debug for BindCmd {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BindCmd")
+    }
+}
+
+impl HubBind {
+    /// Binds both sockets and spawns the owning task. Errors name the endpoint that failed
+    /// (for example "address already in use").
+    pub async fn bind(
+        config: HubBindConfig,
+    ) -> Result<(Self, mpsc::Receiver<RouterMessage>), TransportError> {
+        if config.inbound_capacity == 0 || config.outbound_capacity == 0 {
+            return Err(TransportError::Config("channel capacities must be > 0"));
+        }
+        let (router, publisher, router_ep, pub_ep) = bind_pair(&config).await?;
+        let (tx, rx) = mpsc::channel(config.outbound_capacity);
+        let (in_tx, in_rx) = mpsc::channel(config.inbound_capacity);
+        let (shared, status_tx) = Shared::new();
+        status_tx.send_replace(LinkStatus::Connected);
+        let cancel = CancellationToken::new();
+        let task = BindTask {
+            router,
+            publisher,
+            rx,
+            inbound: in_tx,
+            stats: shared.stats.clone(),
+            cancel: cancel.clone(),
+            config,
+        };
+        tokio::spawn(async move {
+            task.run().await;
+            status_tx.send_replace(LinkStatus::Closed);
+        });
+        tracing::info!(router = %router_ep, publisher = %pub_ep, "hub sockets bound");
+        Ok((
+            Self {
+                tx,
+                shared,
+                router_endpoint: router_ep.into(),
+                pub_endpoint: pub_ep.into(),
+                _cancel: Arc::new(CancelOnDrop(cancel)),
+            },
+            in_rx,
+        ))
+    }
+
+    /// Queues a reply to the peer `identity` (waits for queue space).
+    pub async fn reply(&self, identity: Bytes, frames: Frames) -> Result<(), SendError> {
+        if frames.is_empty() {
+            return Err(SendError::Empty);
+        }
+        self.tx
+            .send(BindCmd::Reply(identity, frames))
+            .await
+            .map_err(|_| SendError::Closed)
+    }
+
+    /// Queues a message for the PUB (first frame = topic; waits for queue space).
+    pub async fn publish(&self, frames: Frames) -> Result<(), SendError> {
+        if frames.is_empty() {
+            return Err(SendError::Empty);
+        }
+        self.tx
+            .send(BindCmd::Publish(frames))
+            .await
+            .map_err(|_| SendError::Closed)
+    }
+
+    /// The ROUTER's bound endpoint (port resolved).
+    pub fn router_endpoint(&self) -> &str {
+        &self.router_endpoint
+    }
+
+    /// The PUB's bound endpoint (port resolved).
+    pub fn pub_endpoint(&self) -> &str {
+        &self.pub_endpoint
+    }
+
+    /// Status: `Connected` while bound, `Closed` after shutdown.
+    pub fn status(&self) -> watch::Receiver<LinkStatus> {
+        self.shared.status.clone()
+    }
+
+    /// The task's counters.
+    pub fn stats(&self) -> StatsSnapshot {
+        self.shared.stats.snapshot()
+    }
+
+    /// Closes both sockets and waits until their ports are released. Other clones then get
+    /// [`SendError::Closed`].
+    pub async fn shutdown(self) {
+        let (ack_tx, ack_rx) = oneshot::channel();
+        if self.tx.send(BindCmd::Shutdown(ack_tx)).await.is_ok() {
+            let _ = ack_rx.await;
+        }
+    }
+}
+
+async fn bind_pair(
+    config: &HubBindConfig,
+) -> Result<(RouterSocket, PubSocket, String, String), TransportError> {
+    let (host, port) = parse_tcp_endpoint(&config.endpoint)?;
+    let bare_host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    // Port 0 with a derived PUB port: search a free adjacent pair.
+    let tries = if port == 0 && config.pub_endpoint.is_none() {
+        50
+    } else {
+        1
+    };
+    let mut last_err = None;
+    for _ in 0..tries {
+        let mut router = RouterSocket::new();
+        let router_ep =
+            router
+                .bind(&config.endpoint)
+                .await
+                .map_err(|source| TransportError::Bind {
+                    endpoint: config.endpoint.clone(),
+                    source,
+                })?;
+        let bound_port = match &router_ep {
+            zeromq::Endpoint::Tcp(_, p) => *p,
+            _ => port,
+        };
+        let pub_ep = match &config.pub_endpoint {
+            Some(ep) => ep.clone(),
+            None => {
+                let Some(p1) = bound_port.checked_add(1) else {
+                    let _ = router.close().await;
+                    continue;
+                };
+                tcp_endpoint(&bare_host, p1)
+            }
+        };
+        let mut publisher = PubSocket::new();
+        match publisher.bind(&pub_ep).await {
+            Ok(pub_bound) => {
+                return Ok((
+                    router,
+                    publisher,
+                    tcp_endpoint(&bare_host, bound_port),
+                    pub_bound.to_string(),
+                ));
+            }
+            Err(source) => {
+                let _ = router.close().await;
+                last_err = Some(TransportError::Bind {
+                    endpoint: pub_ep,
+                    source,
+                });
+            }
+        }
+    }
+    Err(last_err.unwrap_or(TransportError::Config("no free port pair found")))
+}
+
+struct BindTask {
+    router: RouterSocket,
+    publisher: PubSocket,
+    rx: mpsc::Receiver<BindCmd>,
+    inbound: mpsc::Sender<RouterMessage>,
+    stats: Arc<LinkStats>,
+    cancel: CancellationToken,
+    config: HubBindConfig,
+}
+
+impl BindTask {
+    async fn run(mut self) {
+        let period = self
+            .config
+            .heartbeat_interval
+            .unwrap_or(Duration::from_secs(3600));
+        let mut heartbeat = tokio::time::interval(period);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut ack = None;
+        loop {
+            tokio::select! {
+                () = self.cancel.cancelled() => break,
+                cmd = self.rx.recv() => match cmd {
+                    None => break,
+                    Some(BindCmd::Shutdown(tx)) => { ack = Some(tx); break; }
+                    Some(BindCmd::Reply(identity, frames)) => self.reply(identity, frames).await,
+                    Some(BindCmd::Publish(frames)) => {
+                        if let Some(msg) = to_message(frames) {
+                            match self.publisher.send(msg).await {
+                                Ok(()) => self.stats.messages_out(),
+                                Err(_) => self.stats.dropped_outbound(),
+                            }
+                        }
+                    }
+                },
+                r = self.router.recv() => match r {
+                    Ok(msg) => self.received(msg.into_vec()).await,
+                    Err(error) => tracing::debug!(%error, "router receive error"),
+                },
+                _ = heartbeat.tick(), if self.config.heartbeat_interval.is_some() => {
+                    let hb = zeromq::ZmqMessage::from(HEARTBEAT_TOPIC);
+                    let _ = self.publisher.send(hb).await;
+                }
+            }
+        }
+        let _ = self.router.close().await;
+        let _ = self.publisher.close().await;
+        if let Some(tx) = ack {
+            let _ = tx.send(());
+        }
+    }
+
+    async fn received(&mut self, mut frames: Frames) {
+        if frames.is_empty() {
+            return;
+        }
+        let identity = frames.remove(0);
+        if frames.len() == 1 && frames[0] == PING {
+            self.reply(identity, vec![Bytes::from_static(PONG)]).await;
+            return;
+        }
+        if frames.is_empty() || !self.config.limits.accepts(&frames) {
+            self.stats.dropped_oversize();
+            return;
+        }
+        self.stats.messages_in();
+        if let Err(mpsc::error::TrySendError::Full(_)) =
+            self.inbound.try_send(RouterMessage { identity, frames })
+        {
+            self.stats.dropped_inbound_full();
+        }
+    }
+
+    async fn reply(&mut self, identity: Bytes, mut frames: Frames) {
+        frames.insert(0, identity);
+        let Some(msg) = to_message(frames) else {
+            return;
+        };
+        match tokio::time::timeout(self.config.send_timeout, self.router.send(msg)).await {
+            Ok(Ok(())) => self.stats.messages_out(),
+            Ok(Err(_)) => self.stats.dropped_outbound(),
+            Err(_) => {
+                self.stats.send_timeouts();
+                self.stats.dropped_outbound();
+            }
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! Recovery of the agent/server link when either side restarts (pure Rust on both ends).
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use hintfed_transport::{
+    Channel, HubBind, HubBindConfig, HubLink, HubLinkConfig, Incoming, LinkStatus, RouterMessage,
+};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, timeout};
+
+/// The product requirement: every link recovers within 2 s of the peer coming back.
+const RECOVERY: Duration = Duration::from_secs(2);
+/// Generous bound for first-time set-up (not a product requirement).
+const SETUP: Duration = Duration::from_secs(10);
+
+fn frames(parts: &[&'static [u8]]) -> Vec<Bytes> {
+    parts.iter().map(|p| Bytes::from_static(p)).collect()
+}
+
+/// Sends `msg` from the link until the hub receives it, or the deadline passes.
+async fn link_to_hub(
+    link: &HubLink,
+    hub_rx: &mut mpsc::Receiver<RouterMessage>,
+    msg: &[&'static [u8]],
+    within: Duration,
+) -> Option<RouterMessage> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        let _ = link.try_send(frames(msg));
+        if let Ok(Some(m)) = timeout(Duration::from_millis(50), hub_rx.recv()).await {
+            if m.frames == frames(msg) {
+                return Some(m);
+            }
+        }
+    }
+    None
+}
+
+/// Publishes `msg` from the hub until the link delivers it, or the deadline passes.
+async fn hub_to_link(
+    hub: &HubBind,
+    link_rx: &mut mpsc::Receiver<Incoming>,
+    msg: &[&'static [u8]],
+    within: Duration,
+) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        hub.publish(frames(msg)).await.expect("hub alive");
+        if let Ok(Some(m)) = timeout(Duration::from_millis(50), link_rx.recv()).await {
+            if m.channel == Channel::Fanout && m.frames == frames(msg) {
+                return true;
+            }
+        }
+    }
+    false
+}
+
+async fn both_ways(
+    hub: &HubBind,
+    hub_rx: &mut mpsc::Receiver<RouterMessage>,
+    link: &HubLink,
+    link_rx: &mut mpsc::Receiver<Incoming>,
+    within: Duration,
+) {
+    let start = Instant::now();
+    let got = link_to_hub(link, hub_rx, &[b"dev.", b"update"], within)
+        .await
+        .expect("hub receives the link's update");
+    // Reply through the ROUTER to the identity that sent it.
+    hub.reply(got.identity.clone(), frames(&[b"ack"]))
+        .await
+        .expect("hub alive");
+    let reply = timeout(within, async {
+        loop {
+            match link_rx.recv().await {
+                Some(m) if m.channel == Channel::Reply => return m,
+                Some(_) => continue,
+                None => panic!("link inbound closed"),
+            }
+        }
+    })
+    .await
+    .expect("reply arrives");
+    assert_eq!(reply.frames, frames(&[b"ack"]));
+    let left = within.saturating_sub(start.elapsed());
+    assert!(
+        hub_to_link(hub, link_rx, &[b"dev.x", b"fanout"], left).await,
+        "fan-out reaches the link"
+    );
+}
+
+#[tokio::test]
+async fn link_recovers_after_hub_is_rebound_on_same_port() {
+    let (hub, mut hub_rx) = HubBind::bind(HubBindConfig::new("tcp://127.0.0.1:0"))
+        .await
+        .expect("bind");
+    let endpoint = hub.router_endpoint().to_owned();
+    let (link, mut link_rx) = HubLink::connect(HubLinkConfig::new(endpoint.clone())).expect("link");
+    assert!(link.wait_connected(SETUP).await);
+    both_ways(&hub, &mut hub_rx, &link, &mut link_rx, SETUP).await;
+
+    // The hub goes away: the link notices and reports it.
+    hub.shutdown().await;
+    let mut status = link.status();
+    timeout(SETUP, status.wait_for(|s| *s == LinkStatus::Connecting))
+        .await
+        .expect("link notices the hub is gone")
+        .expect("status channel open");
+
+    // The hub comes back on the same ports; everything flows again within 2 s.
+    let (hub, mut hub_rx) = HubBind::bind(HubBindConfig::new(endpoint))
+        .await
+        .expect("rebind on the same ports");
+    both_ways(&hub, &mut hub_rx, &link, &mut link_rx, RECOVERY).await;
+    assert!(link.stats().reconnects >= 1);
+}
+
+#[tokio::test]
+async fn hub_serves_a_recreated_link() {
+    let (hub, mut hub_rx) = HubBind::bind(HubBindConfig::new("tcp://127.0.0.1:0"))
+        .await
+        .expect("bind");
+    let endpoint = hub.router_endpoint().to_owned();
+    let (link, mut link_rx) = HubLink::connect(HubLinkConfig::new(endpoint.clone())).expect("link");
+    assert!(link.wait_connected(SETUP).await);
+    both_ways(&hub, &mut hub_rx, &link, &mut link_rx, SETUP).await;
+
+    drop(link);
+    drop(link_rx);
+    let (link, mut link_rx) = HubLink::connect(HubLinkConfig::new(endpoint)).expect("link");
+    both_ways(&hub, &mut hub_rx, &link, &mut link_rx, RECOVERY).await;
+}
+
+#[tokio::test]
+async fn link_recreates_sockets_when_hub_goes_silent() {
+    // A hub without heartbeats: the link's silence timeout fires and it reconnects.
+    let mut config = HubBindConfig::new("tcp://127.0.0.1:0");
+    config.heartbeat_interval = None;
+    let (hub, _hub_rx) = HubBind::bind(config).await.expect("bind");
+    let mut lc = HubLinkConfig::new(hub.router_endpoint());
+    lc.ping_interval = Duration::from_millis(50);
+    lc.silence_timeout = Duration::from_millis(300);
+    let (link, _link_rx) = HubLink::connect(lc).expect("link");
+    assert!(link.wait_connected(SETUP).await);
+    let deadline = Instant::now() + SETUP;
+    while link.stats().silence_timeouts == 0 {
+        assert!(Instant::now() < deadline, "silence timeout never fired");
+        tokio::task::yield_now().await;
+        let mut st = link.status();
+        let _ = timeout(Duration::from_millis(50), st.changed()).await;
+    }
+    assert!(link.wait_connected(SETUP).await, "reconnects after silence");
+}
+
+#[tokio::test]
+async fn bind_reports_address_in_use() {
+    let (hub, _rx) = HubBind::bind(HubBindConfig::new("tcp://127.0.0.1:0"))
+        .await
+        .expect("bind");
+    let err = HubBind::bind(HubBindConfig::new(hub.router_endpoint()))
+        .await
+        .expect_err("second bind must fail");
+    let text = err.to_string();
+    assert!(text.contains(hub.router_endpoint()), "{text}");
+    assert!(text.to_lowercase().contains("in use"), "{text}");
+}
+
+#[tokio::test]
+async fn oversize_messages_are_dropped_and_counted() {
+    let mut config = HubBindConfig::new("tcp://127.0.0.1:0");
+    config.limits.max_message_bytes = 16;
+    let (hub, mut hub_rx) = HubBind::bind(config).await.expect("bind");
+    let mut lc = HubLinkConfig::new(hub.router_endpoint());
+    lc.limits.max_message_bytes = 16;
+    let (link, mut link_rx) = HubLink::connect(lc).expect("link");
+    assert!(link.wait_connected(SETUP).await);
+    // Fan-out: an oversize publication is dropped by the link; a small one passes.
+    let big = Bytes::from(vec![b'x'; 64]);
+    let deadline = Instant::now() + SETUP;
+    loop {
+        assert!(Instant::now() < deadline, "no fan-out received");
+        hub.publish(vec![Bytes::from_static(b"t"), big.clone()])
+            .await
+            .expect("publish");
+        hub.publish(frames(&[b"t", b"small"]))
+            .await
+            .expect("publish");
+        if let Ok(Some(m)) = timeout(Duration::from_millis(50), link_rx.recv()).await {
+            assert_eq!(m.frames, frames(&[b"t", b"small"]));
+            break;
+        }
+    }
+    assert!(link.stats().dropped_oversize >= 1);
+    // Outbound: the link refuses to send an oversize message.
+    assert_eq!(
+        link.try_send(vec![big]),
+        Err(hintfed_transport::SendError::Oversize)
+    );
+    assert!(
+        link_to_hub(&link, &mut hub_rx, &[b"ok"], SETUP)
+            .await
+            .is_some()
+    );
+}
