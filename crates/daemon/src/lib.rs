@@ -1,0 +1,26 @@
+//! Shared plumbing of the three hintfed daemons (`hintfed-agent`, `hintfed-server`,
+//! `hintfed-broker`); it knows nothing of the federation core or the transports.
+//!
+//! - [`cli`]: the clap arguments every daemon flattens in (`--config`, `--check-config`,
+//!   `--log-format`, `-v`/`-q`).
+//! - [`config`]: the INI file (read through the `config` crate) plus `HINTFED_<SECTION>_<KEY>`
+//!   environment overrides, typed getters, one-line [`config::ConfigError`]s (exit 64),
+//!   [`config::Secret`].
+//! - [`logging`]: tracing-subscriber in text or JSON, level from `log_level`, `-v`/`-q`,
+//!   `RUST_LOG`, reloadable on SIGHUP.
+//! - [`signals`]: SIGINT/SIGTERM → a cancellation token, SIGHUP → reload notifications, and a
+//!   drain-with-grace helper.
+//! - [`metrics`]: the Prometheus registry with the typed metric handles daemons increment.
+//! - [`http`]: `/healthz`, `/readyz`, `/metrics`, `/api/state`, `/api/origins`, `/events` (SSE)
+//!   and the embedded status page, fed by the daemon through [`http::StatusSource`], a
+//!   readiness `watch` and a broadcast of [`http::StatusEvent`]s.
+//! - [`run`]: wires it together for a binary: args → config (exit 64) → logging → HTTP →
+//!   the daemon future until a signal → drain → exit status.
+//!
+//! Flow: `run` loads a [`config::ConfigFile`], asks the daemon's loader for its typed config,
+//! builds a [`run::Context`] (shutdown token, reload receiver, metrics, readiness, events,
+//! status slot) and hands it to the daemon; the HTTP server reads the same context.
+
+pub mod cli;
+pub mod config;
+pub mod logging;
