@@ -1,0 +1,315 @@
+//! Interoperability with libzmq peers (pyzmq), which is what res_zmq_manager and
+//! zmq-ami-broker use. Each test starts `tests/py/peer.py` and kills it when done.
+//! Tests are skipped (with a printed reason) only when python3 or pyzmq is missing.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use bytes::Bytes;
+use hintfed_transport::{
+    Channel, HubBind, HubBindConfig, HubLink, HubLinkConfig, ReqClient, ReqClientConfig,
+    RequestError, SubClient, SubClientConfig,
+};
+use tokio::io::{AsyncBufReadExt, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
+use tokio::time::{Instant, timeout};
+
+/// The product requirement: every link recovers within 2 s of the peer coming back.
+const RECOVERY: Duration = Duration::from_secs(2);
+/// Generous bound for start-up of a Python process (not a product requirement).
+const SETUP: Duration = Duration::from_secs(15);
+
+/// A running `peer.py`; killed and reaped on drop.
+struct PyPeer {
+    child: Child,
+    stdout: Lines<BufReader<ChildStdout>>,
+}
+
+impl PyPeer {
+    async fn start(args: &[String]) -> PyPeer {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/py/peer.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .args(args)
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawn python3");
+        let stdout = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        let mut peer = PyPeer { child, stdout };
+        let line = peer.line(SETUP).await;
+        assert_eq!(
+            line.as_deref(),
+            Some("ready"),
+            "peer.py {args:?} did not start"
+        );
+        peer
+    }
+
+    async fn line(&mut self, within: Duration) -> Option<String> {
+        timeout(within, self.stdout.next_line()).await.ok()?.ok()?
+    }
+
+    /// Kills the process and waits until it is gone (its ports are then free).
+    async fn stop(mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+}
+
+impl Drop for PyPeer {
+    fn drop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.try_wait();
+    }
+}
+
+fn pyzmq_available() -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import zmq"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!(
+            "SKIPPED: python3 with pyzmq is not available (pip install -r tests/requirements.txt)"
+        );
+    }
+    ok
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A port P with P+1 also free (best effort: both were free a moment ago).
+fn free_port_pair() -> u16 {
+    loop {
+        let a = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let p = a.local_addr().expect("addr").port();
+        if p < u16::MAX && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
+            return p;
+        }
+    }
+}
+
+fn b(s: &'static str) -> Bytes {
+    Bytes::from_static(s.as_bytes())
+}
+
+fn json_frames(frames: &[Bytes]) -> serde_json::Value {
+    assert_eq!(frames.len(), 1, "one JSON frame");
+    serde_json::from_slice(&frames[0]).expect("valid JSON")
+}
+
+#[tokio::test]
+async fn req_client_talks_to_libzmq_rep_and_recovers_from_a_silent_peer() {
+    if !pyzmq_available() {
+        return;
+    }
+    let port = free_port();
+    let endpoint = format!("tcp://127.0.0.1:{port}");
+    // Answers one request, then stays bound but silent (like a module whose Asterisk died).
+    let first = PyPeer::start(&[
+        "rep".into(),
+        port.to_string(),
+        "--answer".into(),
+        "1".into(),
+    ])
+    .await;
+    let mut config = ReqClientConfig::new(endpoint);
+    config.request_timeout = Duration::from_millis(300);
+    let client = ReqClient::connect(config).expect("client");
+
+    let reply = client
+        .request(vec![b(r#"{"Action": "Ping"}"#)])
+        .await
+        .expect("first request answered");
+    let reply = json_frames(&reply);
+    assert_eq!(reply[0]["Response"], "Success");
+    assert_eq!(reply[0]["Ping"], "Pong");
+
+    let err = client
+        .request(vec![b(r#"{"Action": "Ping"}"#)])
+        .await
+        .expect_err("silent peer");
+    assert_eq!(err, RequestError::Timeout(Duration::from_millis(300)));
+    assert_eq!(client.stats().request_timeouts, 1);
+
+    // A new process takes the port; requests succeed again within 2 s.
+    first.stop().await;
+    let _second = PyPeer::start(&["rep".into(), port.to_string()]).await;
+    let back = Instant::now();
+    let reply = loop {
+        assert!(back.elapsed() < RECOVERY, "no reply within {RECOVERY:?}");
+        if let Ok(reply) = client.request(vec![b("not json")]).await {
+            break reply;
+        }
+    };
+    // The module's answer to a non-JSON request: two objects, no ActionID.
+    let reply = json_frames(&reply);
+    assert_eq!(reply[0]["Response"], "Error");
+    assert_eq!(reply[1]["Message"], "Internal error.");
+}
+
+#[tokio::test]
+async fn req_client_reports_not_connected_when_nobody_listens() {
+    let port = free_port();
+    let mut config = ReqClientConfig::new(format!("tcp://127.0.0.1:{port}"));
+    config.request_timeout = Duration::from_millis(200);
+    let client = ReqClient::connect(config).expect("client");
+    let err = client.request(vec![b("{}")]).await.expect_err("no peer");
+    assert_eq!(err, RequestError::NotConnected(Duration::from_millis(200)));
+}
+
+#[tokio::test]
+async fn sub_client_follows_a_libzmq_publisher_across_restarts() {
+    if !pyzmq_available() {
+        return;
+    }
+    let port = free_port();
+    let first = PyPeer::start(&["pub".into(), port.to_string()]).await;
+    let (client, mut events) =
+        SubClient::connect(SubClientConfig::new(format!("tcp://127.0.0.1:{port}"))).expect("sub");
+
+    let check = |frames: Vec<Bytes>| {
+        let v = json_frames(&frames);
+        assert_eq!(v["Event"], "DeviceStateChange");
+        assert_eq!(v["Device"], "PJSIP/100");
+    };
+    let ev = timeout(SETUP, events.recv())
+        .await
+        .expect("first event")
+        .expect("open");
+    check(ev);
+
+    first.stop().await;
+    let mut status = client.status();
+    timeout(
+        SETUP,
+        status.wait_for(|s| *s != hintfed_transport::LinkStatus::Connected),
+    )
+    .await
+    .expect("notices the publisher is gone")
+    .expect("status open");
+    // Drain what arrived before the publisher died.
+    while events.try_recv().is_ok() {}
+
+    let _second = PyPeer::start(&["pub".into(), port.to_string()]).await;
+    let back = Instant::now();
+    let ev = timeout(RECOVERY, events.recv())
+        .await
+        .expect("events flow again within 2 s")
+        .expect("open");
+    check(ev);
+    assert!(back.elapsed() < RECOVERY);
+    assert!(client.stats().reconnects >= 1);
+    // Only "{" frames got through the subscription.
+    for _ in 0..5 {
+        let ev = timeout(SETUP, events.recv())
+            .await
+            .expect("event")
+            .expect("open");
+        check(ev);
+    }
+}
+
+#[tokio::test]
+async fn hub_bind_serves_libzmq_dealer_and_sub() {
+    if !pyzmq_available() {
+        return;
+    }
+    let (hub, mut rx) = HubBind::bind(HubBindConfig::new("tcp://127.0.0.1:0"))
+        .await
+        .expect("bind");
+    let port: u16 = hub
+        .router_endpoint()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .expect("port");
+    let mut agent = PyPeer::start(&["dealer_sub".into(), port.to_string()]).await;
+    let deadline = Instant::now() + SETUP;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let status = loop {
+        assert!(Instant::now() < deadline, "python agent did not finish");
+        tokio::select! {
+            msg = rx.recv() => {
+                let msg = msg.expect("hub open");
+                assert_eq!(msg.frames, vec![b("dev.in"), b("hello")]);
+                let mut reply = vec![b("ack")];
+                reply.extend(msg.frames.clone());
+                hub.reply(msg.identity, reply).await.expect("reply");
+                hub.publish(vec![b("dev.out"), b("fanned")]).await.expect("publish");
+                hub.publish(vec![b("other.topic"), b("filtered")]).await.expect("publish");
+            }
+            status = agent.child.wait() => break status.expect("wait"),
+            _ = tick.tick() => {
+                // Keep publishing: the SUB may join after the first publication.
+                hub.publish(vec![b("dev.out"), b("fanned")]).await.expect("publish");
+            }
+        }
+    };
+    let out = agent.line(SETUP).await.expect("agent output");
+    assert!(status.success(), "agent failed: {out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["reply"], serde_json::json!(["ack", "dev.in", "hello"]));
+    assert_eq!(v["fanout"], serde_json::json!(["dev.out", "fanned"]));
+}
+
+#[tokio::test]
+async fn hub_link_talks_to_libzmq_router_and_pub_and_recovers() {
+    if !pyzmq_available() {
+        return;
+    }
+    let port = free_port_pair();
+    let hub = PyPeer::start(&["router_pub".into(), port.to_string()]).await;
+    let (link, mut rx) =
+        HubLink::connect(HubLinkConfig::new(format!("tcp://127.0.0.1:{port}"))).expect("link");
+    assert!(link.wait_connected(SETUP).await);
+
+    async fn exchange(
+        link: &HubLink,
+        rx: &mut tokio::sync::mpsc::Receiver<hintfed_transport::Incoming>,
+        within: Duration,
+    ) {
+        let deadline = Instant::now() + within;
+        let (mut reply, mut fan) = (false, false);
+        while !(reply && fan) {
+            assert!(Instant::now() < deadline, "reply {reply} fan-out {fan}");
+            let _ = link.try_send(vec![b("dev.x"), b("hi")]);
+            if let Ok(Some(m)) = timeout(Duration::from_millis(50), rx.recv()).await {
+                match m.channel {
+                    Channel::Reply => {
+                        assert_eq!(m.frames, vec![b("echo"), b("dev.x"), b("hi")]);
+                        reply = true;
+                    }
+                    Channel::Fanout => {
+                        assert_eq!(m.frames, vec![b("dev.fan"), b("hi")]);
+                        fan = true;
+                    }
+                }
+            }
+        }
+    }
+    exchange(&link, &mut rx, SETUP).await;
+
+    // libzmq hub restarted on the same ports: the link recovers within 2 s.
+    hub.stop().await;
+    let mut status = link.status();
+    timeout(
+        SETUP,
+        status.wait_for(|s| *s != hintfed_transport::LinkStatus::Connected),
+    )
+    .await
+    .expect("notices the hub is gone")
+    .expect("status open");
+    let _hub = PyPeer::start(&["router_pub".into(), port.to_string()]).await;
+    exchange(&link, &mut rx, RECOVERY).await;
+}
