@@ -1,5 +1,5 @@
 //! Builders for the actions hintfed sends. None sets an `ActionID`: the client adds its own
-//! when sending (a caller-set one is kept, see `AmiClient::send`).
+//! when sending (a caller-set one is kept, see [`crate::AmiClient::send`]).
 
 use md5::{Digest, Md5};
 

@@ -10,15 +10,25 @@
 //!   read from a [`Message`]; unknown events stay generic messages.
 //! - [`actions`]: builders for the actions hintfed sends (login, challenge, setvar, getvar,
 //!   the state lists, events mask, ping, logoff).
+//! - [`client`]: [`AmiClient`], a cloneable handle to one task that owns the socket: it logs
+//!   in, correlates answers by `ActionID`, collects list actions into a [`ListResult`], pings,
+//!   reconnects with backoff, and broadcasts [`ClientEvent`]s to [`Subscription`]s.
 //!
-//! Bytes flow socket → [`AmiCodec`] → [`Message`] → typed views; actions flow the other way.
+//! Bytes flow socket → [`AmiCodec`] → [`Message`] → the [`AmiClient`] task, which answers
+//! callers (responses, list results) and broadcasts events; typed views read those messages.
+//! Actions built with [`actions`] flow the other way.
 #![forbid(unsafe_code)]
 
 pub mod actions;
+pub mod client;
 pub mod codec;
 pub mod events;
 pub mod message;
 
+pub use client::{
+    AmiClient, Auth, ClientConfig, ClientError, ClientEvent, ConnectionState, ListResult, Secret,
+    Subscription, TlsConfig,
+};
 pub use codec::{AmiCodec, CodecError, Frame, Limits};
 pub use events::{
     AnyEvent, DeviceStateChange, ExtensionStatus, FullyBooted, ListComplete, PresenceStateChange,

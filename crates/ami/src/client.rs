@@ -1,0 +1,1075 @@
+//! [`AmiClient`]: an async AMI client that stays connected.
+//!
+//! One task owns the socket. [`AmiClient`] is a cheap cloneable handle: it sends requests over a
+//! bounded mpsc channel and gets each answer on a oneshot, correlated by an `ActionID` the task
+//! generates (a per-client random prefix and a counter). The task connects (optionally over
+//! TLS), reads the banner, logs in (plain or MD5 challenge), then serves requests, routes list
+//! items to the pending list action carrying their `ActionID`, broadcasts every other event,
+//! pings the server every `ping_interval`, and after any failure fails every pending action with
+//! [`ClientError::Disconnected`] and reconnects with capped exponential backoff and jitter, until
+//! [`AmiClient::shutdown`] (or until every handle is dropped).
+//!
+//! Events reach subscribers through a `tokio::sync::broadcast` channel of `event_buffer`
+//! entries: the client never waits for a subscriber; one that falls behind loses the oldest
+//! events and its next [`Subscription::recv`] says how many
+//! ([`broadcast::error::RecvError::Lagged`]). The stream also carries
+//! [`ClientEvent::Connected`] / [`ClientEvent::Disconnected`] markers so a consumer can resync
+//! after each reconnect.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::BufReader;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use rand::Rng;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls;
+use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, instrument, warn};
+
+use crate::actions;
+use crate::codec::{AmiCodec, CodecError, Frame, Limits};
+use crate::events::{ListComplete, Response, ResponseKind, starts_list};
+use crate::message::Message;
+
+/// A password that never shows in `Debug` or `Display` output (both print `****`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret.
+    pub fn new(secret: impl Into<String>) -> Self {
+        Self(secret.into())
+    }
+
+    /// The secret itself, for the login action only.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("****")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("****")
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Self {
+        Self(s)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Self {
+        Self(s.to_owned())
+    }
+}
+
+/// How to log in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Auth {
+    /// `Challenge`, then `Login` with `Key: md5(challenge + secret)`: the secret never crosses
+    /// the wire.
+    #[default]
+    Md5,
+    /// `Login` with `Secret` in plain text (use with TLS, or on loopback).
+    Plain,
+}
+
+/// AMI over TLS (Asterisk's `tlsenable`, port 5039 by default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    /// Name the server certificate must hold (and the SNI sent).
+    pub server_name: String,
+    /// Extra CA certificates (PEM) trusted besides the built-in web roots.
+    pub ca_file: Option<PathBuf>,
+    /// Accept any certificate. For tests and labs only: it defeats TLS authentication.
+    pub insecure_skip_verify: bool,
+}
+
+/// Everything the client needs; build it with [`ClientConfig::new`] and adjust fields.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `host:port` of the AMI server.
+    pub addr: String,
+    /// AMI user (`[name]` in `manager.conf`).
+    pub username: String,
+    /// That user's secret.
+    pub secret: Secret,
+    /// Login method. Default [`Auth::Md5`].
+    pub auth: Auth,
+    /// TLS settings; `None` (default) for plain TCP.
+    pub tls: Option<TlsConfig>,
+    /// `Events:` mask sent with `Login`, e.g. `on`, `off` or `system,call`. Default `on`.
+    pub events: String,
+    /// How long an action (or a whole list action) may wait for its answer. Default 10 s.
+    pub action_timeout: Duration,
+    /// How long connecting (TCP and TLS) may take. Default 10 s.
+    pub connect_timeout: Duration,
+    /// Interval between keepalive `Ping`s. Default 20 s.
+    pub ping_interval: Duration,
+    /// A `Ping` unanswered this long drops the connection. Default 10 s.
+    pub ping_timeout: Duration,
+    /// First reconnect delay. Default 500 ms.
+    pub backoff_initial: Duration,
+    /// Largest reconnect delay. Default 30 s.
+    pub backoff_max: Duration,
+    /// Events each subscriber may fall behind before it loses the oldest. Default 4096.
+    pub event_buffer: usize,
+    /// Requests queued towards the connection task before `send` waits. Default 256.
+    pub request_buffer: usize,
+    /// Decoder limits. Default [`Limits::default`].
+    pub limits: Limits,
+}
+
+impl ClientConfig {
+    /// A configuration with the defaults documented on each field.
+    pub fn new(
+        addr: impl Into<String>,
+        username: impl Into<String>,
+        secret: impl Into<Secret>,
+    ) -> Self {
+        Self {
+            addr: addr.into(),
+            username: username.into(),
+            secret: secret.into(),
+            auth: Auth::Md5,
+            tls: None,
+            events: "on".to_owned(),
+            action_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(10),
+            ping_interval: Duration::from_secs(20),
+            ping_timeout: Duration::from_secs(10),
+            backoff_initial: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(30),
+            event_buffer: 4096,
+            request_buffer: 256,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// Errors of [`AmiClient`] calls (and reasons a connection attempt failed).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ClientError {
+    /// The client is not connected and logged in right now; nothing was sent.
+    #[error("not connected to AMI")]
+    NotConnected,
+    /// The connection dropped before the answer arrived; the action may or may not have run.
+    #[error("AMI connection lost before the answer: {reason}")]
+    Disconnected {
+        /// Why the connection dropped.
+        reason: String,
+    },
+    /// No answer within `action_timeout`.
+    #[error("AMI action {action} got no answer within {after:?}")]
+    Timeout {
+        /// The action's name.
+        action: String,
+        /// The timeout in force.
+        after: Duration,
+    },
+    /// The server refused the login (`Response: Error`).
+    #[error("AMI login refused: {message}")]
+    AuthFailed {
+        /// The server's `Message`, e.g. `Authentication failed`.
+        message: String,
+    },
+    /// The action cannot be encoded (CR/LF in a value, bad key); nothing was sent.
+    #[error("invalid AMI action: {0}")]
+    InvalidAction(String),
+    /// Connecting, TLS or the socket failed.
+    #[error("AMI connection failed: {0}")]
+    Connect(String),
+    /// The server broke the protocol (no banner, garbage, limits exceeded).
+    #[error("AMI protocol error: {0}")]
+    Protocol(String),
+    /// The client was shut down (or every handle dropped).
+    #[error("AMI client shut down")]
+    Shutdown,
+}
+
+/// Where the connection stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnectionState {
+    /// Connecting or logging in (attempt counts from 1 since the last good session).
+    Connecting {
+        /// Attempt number.
+        attempt: u32,
+    },
+    /// Logged in; actions are served.
+    Connected {
+        /// Counts successful logins since start, from 1.
+        generation: u64,
+        /// The server's banner, e.g. `Asterisk Call Manager/13.0.0`.
+        banner: String,
+    },
+    /// Waiting before the next attempt.
+    Disconnected {
+        /// Why the last attempt or session ended.
+        reason: String,
+    },
+    /// Shut down; the task has ended.
+    Stopped,
+}
+
+/// What subscribers receive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// Logged in (again): state read before this point may be stale, resync now.
+    Connected {
+        /// The server's banner.
+        banner: String,
+        /// Counts successful logins since start, from 1.
+        generation: u64,
+    },
+    /// An event that is not an item of a pending list action.
+    Event(Message),
+    /// The session of `generation` ended; events may be missed until the next `Connected`.
+    Disconnected {
+        /// The generation that ended.
+        generation: u64,
+        /// Why it ended.
+        reason: String,
+    },
+}
+
+/// A list action's complete answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListResult {
+    /// The response (`EventList: start` on success; `Response: Error` with no list otherwise).
+    pub response: Message,
+    /// The item events carrying the action's `ActionID`, in order.
+    pub items: Vec<Message>,
+    /// The `...ListComplete` event; `None` when the action answered an error.
+    pub complete: Option<Message>,
+}
+
+impl ListResult {
+    /// True when the response was a success.
+    pub fn is_success(&self) -> bool {
+        Response::from_message(&self.response).is_some_and(|r| r.is_success())
+    }
+}
+
+/// A subscriber's receiving end; see [`AmiClient::subscribe`].
+#[derive(Debug)]
+pub struct Subscription {
+    rx: broadcast::Receiver<ClientEvent>,
+}
+
+impl Subscription {
+    /// The next event. `Err(Lagged(n))`: this subscriber fell behind and lost the `n` oldest
+    /// events (the next call resumes with the oldest kept). `Err(Closed)`: the client stopped.
+    pub async fn recv(&mut self) -> Result<ClientEvent, broadcast::error::RecvError> {
+        self.rx.recv().await
+    }
+
+    /// The next event if one is ready, without waiting.
+    pub fn try_recv(&mut self) -> Result<ClientEvent, broadcast::error::TryRecvError> {
+        self.rx.try_recv()
+    }
+}
+
+enum Request {
+    Action {
+        msg: Message,
+        reply: oneshot::Sender<Result<Message, ClientError>>,
+    },
+    List {
+        msg: Message,
+        reply: oneshot::Sender<Result<ListResult, ClientError>>,
+    },
+}
+
+impl Request {
+    fn fail(self, err: ClientError) {
+        // The caller may have given up (timeout): nobody to tell then.
+        match self {
+            Request::Action { reply, .. } => drop(reply.send(Err(err))),
+            Request::List { reply, .. } => drop(reply.send(Err(err))),
+        }
+    }
+}
+
+/// Cloneable handle to one AMI connection task; see the module docs.
+#[derive(Clone, Debug)]
+pub struct AmiClient {
+    requests: mpsc::Sender<Request>,
+    events: broadcast::Sender<ClientEvent>,
+    state: watch::Receiver<ConnectionState>,
+    stop: CancellationToken,
+    task: Arc<Mutex<Option<JoinHandle<()>>>>,
+    action_timeout: Duration,
+}
+
+impl AmiClient {
+    /// Spawns the connection task (on the current Tokio runtime) and returns at once; the task
+    /// connects, logs in and keeps reconnecting until [`AmiClient::shutdown`].
+    pub fn start(config: ClientConfig) -> Self {
+        let (req_tx, req_rx) = mpsc::channel(config.request_buffer.max(1));
+        let (ev_tx, _) = broadcast::channel(config.event_buffer.max(1));
+        let (state_tx, state_rx) = watch::channel(ConnectionState::Connecting { attempt: 1 });
+        let stop = CancellationToken::new();
+        let prefix = format!("hf{:08x}-", rand::rng().random::<u32>());
+        let action_timeout = config.action_timeout;
+        let conn = Connection {
+            config,
+            requests: req_rx,
+            events: ev_tx.clone(),
+            state: state_tx,
+            stop: stop.clone(),
+            ids: IdGen { prefix, next: 0 },
+        };
+        let task = tokio::spawn(conn.run());
+        Self {
+            requests: req_tx,
+            events: ev_tx,
+            state: state_rx,
+            stop,
+            task: Arc::new(Mutex::new(Some(task))),
+            action_timeout,
+        }
+    }
+
+    /// Sends `action` and returns its response (also a `Response: Error` one: inspect it, e.g.
+    /// with [`Response::from_message`]). The client sets the `ActionID` (replacing any given).
+    /// Fails fast with [`ClientError::NotConnected`] while not logged in,
+    /// [`ClientError::Timeout`] after `action_timeout`, [`ClientError::Disconnected`] if the
+    /// connection drops first.
+    pub async fn send(&self, action: Message) -> Result<Message, ClientError> {
+        let name = action.action_name().unwrap_or_default().to_owned();
+        self.ensure_connected()?;
+        let (reply, rx) = oneshot::channel();
+        self.request(Request::Action { msg: action, reply }, rx, name)
+            .await
+    }
+
+    /// Sends a list action (e.g. [`actions::device_state_list`]) and collects its answer: the
+    /// `EventList: start` response, every item event carrying its `ActionID`, and the
+    /// `...Complete` event. A `Response: Error` answer returns at once with no items. The whole
+    /// list must arrive within `action_timeout`. Errors as for [`AmiClient::send`].
+    pub async fn list(&self, action: Message) -> Result<ListResult, ClientError> {
+        let name = action.action_name().unwrap_or_default().to_owned();
+        self.ensure_connected()?;
+        let (reply, rx) = oneshot::channel();
+        self.request(Request::List { msg: action, reply }, rx, name)
+            .await
+    }
+
+    fn ensure_connected(&self) -> Result<(), ClientError> {
+        match &*self.state.borrow() {
+            ConnectionState::Connected { .. } => Ok(()),
+            ConnectionState::Stopped => Err(ClientError::Shutdown),
+            _ => Err(ClientError::NotConnected),
+        }
+    }
+
+    async fn request<T>(
+        &self,
+        req: Request,
+        rx: oneshot::Receiver<Result<T, ClientError>>,
+        action: String,
+    ) -> Result<T, ClientError> {
+        let exchange = async {
+            self.requests
+                .send(req)
+                .await
+                .map_err(|_| ClientError::Shutdown)?;
+            rx.await.map_err(|_| ClientError::Shutdown)?
+        };
+        timeout(self.action_timeout, exchange)
+            .await
+            .map_err(|_| ClientError::Timeout {
+                action,
+                after: self.action_timeout,
+            })?
+    }
+
+    /// A new subscriber, receiving events from now on (see [`Subscription::recv`]).
+    pub fn subscribe(&self) -> Subscription {
+        Subscription {
+            rx: self.events.subscribe(),
+        }
+    }
+
+    /// The connection state now.
+    pub fn status(&self) -> ConnectionState {
+        self.state.borrow().clone()
+    }
+
+    /// A watch of the connection state, to await changes.
+    pub fn state_watch(&self) -> watch::Receiver<ConnectionState> {
+        self.state.clone()
+    }
+
+    /// True while logged in.
+    pub fn is_connected(&self) -> bool {
+        matches!(*self.state.borrow(), ConnectionState::Connected { .. })
+    }
+
+    /// Waits until logged in, at most `within`; false on timeout or shutdown.
+    pub async fn wait_connected(&self, within: Duration) -> bool {
+        let mut state = self.state.clone();
+        let waited = timeout(
+            within,
+            state.wait_for(|s| {
+                matches!(
+                    s,
+                    ConnectionState::Connected { .. } | ConnectionState::Stopped
+                )
+            }),
+        )
+        .await;
+        matches!(waited, Ok(Ok(s)) if matches!(*s, ConnectionState::Connected { .. }))
+    }
+
+    /// Logs off (when connected, waiting at most `action_timeout` for `Goodbye`), closes the
+    /// connection, fails pending actions with [`ClientError::Shutdown`] and waits for the task
+    /// to end. Idempotent; every clone of the handle sees the client stopped.
+    pub async fn shutdown(&self) {
+        self.stop.cancel();
+        let task = self.task.lock().map(|mut t| t.take()).unwrap_or(None);
+        if let Some(task) = task
+            && let Err(e) = task.await
+        {
+            warn!(error = %e, "AMI client task ended abnormally");
+        }
+    }
+}
+
+/// Any byte stream the client can run AMI over (TCP or TLS over TCP).
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+type Conn = Framed<Box<dyn Io>, AmiCodec>;
+
+/// Why a session ended.
+enum End {
+    /// Shut down on request: stop.
+    Stop,
+    /// Failed: reconnect.
+    Lost(String),
+}
+
+enum Pending {
+    Action(oneshot::Sender<Result<Message, ClientError>>),
+    List {
+        response: Option<Message>,
+        items: Vec<Message>,
+        reply: oneshot::Sender<Result<ListResult, ClientError>>,
+    },
+}
+
+impl Pending {
+    fn is_closed(&self) -> bool {
+        match self {
+            Pending::Action(r) => r.is_closed(),
+            Pending::List { reply, .. } => reply.is_closed(),
+        }
+    }
+
+    fn fail(self, err: ClientError) {
+        match self {
+            Pending::Action(r) => drop(r.send(Err(err))),
+            Pending::List { reply, .. } => drop(reply.send(Err(err))),
+        }
+    }
+}
+
+struct Connection {
+    config: ClientConfig,
+    requests: mpsc::Receiver<Request>,
+    events: broadcast::Sender<ClientEvent>,
+    state: watch::Sender<ConnectionState>,
+    stop: CancellationToken,
+    ids: IdGen,
+}
+
+/// ActionIDs of one client: a random per-client prefix and a counter.
+struct IdGen {
+    prefix: String,
+    next: u64,
+}
+
+impl IdGen {
+    fn next(&mut self) -> String {
+        self.next += 1;
+        format!("{}{}", self.prefix, self.next)
+    }
+}
+
+impl Connection {
+    /// The connection task. Never logs the secret: only the address and user name.
+    #[instrument(name = "ami_client", skip_all, fields(addr = %self.config.addr))]
+    async fn run(mut self) {
+        let mut generation = 0u64;
+        let mut attempt = 0u32;
+        let mut auth_streak = false;
+        loop {
+            attempt += 1;
+            self.state
+                .send_replace(ConnectionState::Connecting { attempt });
+            let connected = tokio::select! {
+                biased;
+                () = self.stop.cancelled() => break,
+                r = connect_and_login(&self.config, &mut self.ids) => r,
+                // Nothing is served before login: answer at once rather than queue.
+                () = reject_requests(&mut self.requests) => break,
+            };
+            let reason = match connected {
+                Ok((conn, banner, early_events)) => {
+                    generation += 1;
+                    attempt = 0;
+                    auth_streak = false;
+                    info!(generation, %banner, "AMI logged in");
+                    self.state.send_replace(ConnectionState::Connected {
+                        generation,
+                        banner: banner.clone(),
+                    });
+                    let _ = self
+                        .events
+                        .send(ClientEvent::Connected { banner, generation });
+                    for ev in early_events {
+                        let _ = self.events.send(ClientEvent::Event(ev));
+                    }
+                    let end = self.serve(conn).await;
+                    let reason = match end {
+                        End::Stop => {
+                            let _ = self.events.send(ClientEvent::Disconnected {
+                                generation,
+                                reason: "shut down".to_owned(),
+                            });
+                            break;
+                        }
+                        End::Lost(reason) => reason,
+                    };
+                    warn!(generation, %reason, "AMI connection lost");
+                    let _ = self.events.send(ClientEvent::Disconnected {
+                        generation,
+                        reason: reason.clone(),
+                    });
+                    reason
+                }
+                Err(ClientError::AuthFailed { message }) => {
+                    if auth_streak {
+                        debug!(%message, attempt, "AMI login refused again");
+                    } else {
+                        error!(username = %self.config.username, %message,
+                            "AMI login refused: check username and secret");
+                        auth_streak = true;
+                    }
+                    format!("login refused: {message}")
+                }
+                Err(e) => {
+                    warn!(error = %e, attempt, "AMI connection attempt failed");
+                    e.to_string()
+                }
+            };
+            self.state
+                .send_replace(ConnectionState::Disconnected { reason });
+            let delay = backoff(
+                self.config.backoff_initial,
+                self.config.backoff_max,
+                attempt.max(1),
+            );
+            debug!(?delay, "AMI reconnect backoff");
+            tokio::select! {
+                biased;
+                () = self.stop.cancelled() => break,
+                () = sleep(delay) => {}
+                () = reject_requests(&mut self.requests) => break,
+            }
+        }
+        self.requests.close();
+        while let Ok(req) = self.requests.try_recv() {
+            req.fail(ClientError::Shutdown);
+        }
+        self.state.send_replace(ConnectionState::Stopped);
+        info!("AMI client stopped");
+    }
+}
+
+/// Connects, reads the banner and logs in. Returns the framed connection, the banner and any
+/// event received before the login answer.
+async fn connect_and_login(
+    cfg: &ClientConfig,
+    ids: &mut IdGen,
+) -> Result<(Conn, String, Vec<Message>), ClientError> {
+    {
+        let tcp = timeout(cfg.connect_timeout, TcpStream::connect(&cfg.addr))
+            .await
+            .map_err(|_| {
+                ClientError::Connect(format!("connect timed out after {:?}", cfg.connect_timeout))
+            })?
+            .map_err(|e| ClientError::Connect(e.to_string()))?;
+        let _ = tcp.set_nodelay(true);
+        let io: Box<dyn Io> = match &cfg.tls {
+            None => Box::new(tcp),
+            Some(tls) => {
+                let connector = tls_connector(tls)?;
+                let name = rustls::pki_types::ServerName::try_from(tls.server_name.clone())
+                    .map_err(|e| ClientError::Connect(format!("TLS server name: {e}")))?;
+                let stream = timeout(cfg.connect_timeout, connector.connect(name, tcp))
+                    .await
+                    .map_err(|_| ClientError::Connect("TLS handshake timed out".to_owned()))?
+                    .map_err(|e| ClientError::Connect(format!("TLS: {e}")))?;
+                Box::new(stream)
+            }
+        };
+        let mut conn = Framed::new(io, AmiCodec::with_limits(true, cfg.limits));
+        let banner = match timeout(cfg.action_timeout, conn.next()).await {
+            Err(_) => return Err(ClientError::Protocol("no banner".to_owned())),
+            Ok(None) => return Err(ClientError::Connect("closed before the banner".to_owned())),
+            Ok(Some(Err(e))) => return Err(codec_error(e)),
+            Ok(Some(Ok(Frame::Banner(b)))) => b,
+            Ok(Some(Ok(Frame::Message(_)))) => unreachable_frame()?,
+        };
+        debug!(%banner, "AMI banner");
+        let mut early = Vec::new();
+        let login = match cfg.auth {
+            Auth::Plain => {
+                actions::login_plain(&cfg.username, cfg.secret.expose(), Some(&cfg.events))
+            }
+            Auth::Md5 => {
+                let id = ids.next();
+                let answer = exchange(cfg, &mut conn, actions::challenge(), id, &mut early).await?;
+                let challenge = match (Response::from_message(&answer), answer.get("Challenge")) {
+                    (Some(r), Some(c)) if r.kind == ResponseKind::Success => c.to_owned(),
+                    (r, _) => {
+                        return Err(ClientError::Protocol(format!(
+                            "Challenge refused: {}",
+                            r.and_then(|r| r.message).unwrap_or_default()
+                        )));
+                    }
+                };
+                actions::login_md5(
+                    &cfg.username,
+                    &challenge,
+                    cfg.secret.expose(),
+                    Some(&cfg.events),
+                )
+            }
+        };
+        let id = ids.next();
+        let answer = exchange(cfg, &mut conn, login, id, &mut early).await?;
+        match Response::from_message(&answer) {
+            Some(r) if r.kind == ResponseKind::Success => Ok((conn, banner, early)),
+            r => Err(ClientError::AuthFailed {
+                message: r
+                    .and_then(|r| r.message)
+                    .unwrap_or_else(|| "no message".to_owned()),
+            }),
+        }
+    }
+}
+
+/// Sends one action during login and waits for its response, keeping events aside.
+async fn exchange(
+    cfg: &ClientConfig,
+    conn: &mut Conn,
+    mut msg: Message,
+    id: String,
+    early: &mut Vec<Message>,
+) -> Result<Message, ClientError> {
+    msg.set("ActionID", id.clone());
+    let wait = async {
+        conn.send(&msg).await.map_err(codec_error)?;
+        loop {
+            match conn.next().await {
+                None => {
+                    return Err(ClientError::Connect(
+                        "closed by the server during login".to_owned(),
+                    ));
+                }
+                Some(Err(e)) => return Err(codec_error(e)),
+                Some(Ok(Frame::Banner(_))) => return unreachable_frame(),
+                Some(Ok(Frame::Message(m))) => {
+                    if m.event().is_some() {
+                        early.push(m);
+                    } else if m.action_id() == Some(id.as_str())
+                        || (m.action_id().is_none() && m.response().is_some())
+                    {
+                        return Ok(m);
+                    }
+                }
+            }
+        }
+    };
+    timeout(cfg.action_timeout, wait).await.map_err(|_| {
+        ClientError::Protocol(format!(
+            "no answer to {} during login",
+            msg.action_name().unwrap_or("?")
+        ))
+    })?
+}
+
+impl Connection {
+    /// Serves one logged-in session until it fails or the client stops.
+    async fn serve(&mut self, mut conn: Conn) -> End {
+        let mut pending: HashMap<String, Pending> = HashMap::new();
+        let mut ping: Option<(String, Instant)> = None;
+        let mut ping_tick = tokio::time::interval_at(
+            Instant::now() + self.config.ping_interval,
+            self.config.ping_interval,
+        );
+        ping_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let sweep_every = self.config.action_timeout.min(Duration::from_secs(1));
+        let mut sweep = tokio::time::interval_at(Instant::now() + sweep_every, sweep_every);
+        sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let end = loop {
+            let ping_deadline = ping.as_ref().map(|(_, d)| *d);
+            tokio::select! {
+                biased;
+                () = self.stop.cancelled() => {
+                    self.logoff(&mut conn).await;
+                    break End::Stop;
+                }
+                frame = conn.next() => match frame {
+                    None => break End::Lost("closed by the server".to_owned()),
+                    Some(Err(e)) => break End::Lost(e.to_string()),
+                    Some(Ok(Frame::Banner(_))) => break End::Lost("unexpected banner".to_owned()),
+                    Some(Ok(Frame::Message(m))) => self.route(m, &mut pending, &mut ping),
+                },
+                () = async { sleep_until(ping_deadline.unwrap_or_else(Instant::now)).await },
+                    if ping_deadline.is_some() =>
+                {
+                    break End::Lost(format!("no answer to Ping within {:?}", self.config.ping_timeout));
+                }
+                req = self.requests.recv() => match req {
+                    None => {
+                        // Every handle is gone: nobody can use this client any more.
+                        self.logoff(&mut conn).await;
+                        break End::Stop;
+                    }
+                    Some(req) => {
+                        if let Err(reason) = self.submit(&mut conn, req, &mut pending).await {
+                            break End::Lost(reason);
+                        }
+                    }
+                },
+                _ = ping_tick.tick(), if ping.is_none() => {
+                    let id = self.ids.next();
+                    let mut msg = actions::ping();
+                    msg.set("ActionID", id.clone());
+                    ping = Some((id, Instant::now() + self.config.ping_timeout));
+                    if let Err(e) = self.write(&mut conn, &msg).await {
+                        break End::Lost(e);
+                    }
+                }
+                _ = sweep.tick() => pending.retain(|_, p| !p.is_closed()),
+            }
+        };
+        let err = match &end {
+            End::Stop => ClientError::Shutdown,
+            End::Lost(reason) => ClientError::Disconnected {
+                reason: reason.clone(),
+            },
+        };
+        for (_, p) in pending.drain() {
+            p.fail(err.clone());
+        }
+        end
+    }
+
+    /// Writes one message, bounded in time so a peer that stops reading cannot stall us.
+    async fn write(&self, conn: &mut Conn, msg: &Message) -> Result<(), String> {
+        match timeout(self.config.action_timeout, conn.send(msg)).await {
+            Err(_) => Err(format!(
+                "write stalled for {:?}",
+                self.config.action_timeout
+            )),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(())) => Ok(()),
+        }
+    }
+
+    /// Sends a caller's action; `Err` means the connection failed.
+    async fn submit(
+        &mut self,
+        conn: &mut Conn,
+        req: Request,
+        pending: &mut HashMap<String, Pending>,
+    ) -> Result<(), String> {
+        let id = self.ids.next();
+        let (mut msg, entry) = match req {
+            Request::Action { msg, reply } => (msg, Pending::Action(reply)),
+            Request::List { msg, reply } => (
+                msg,
+                Pending::List {
+                    response: None,
+                    items: Vec::new(),
+                    reply,
+                },
+            ),
+        };
+        if entry.is_closed() {
+            return Ok(());
+        }
+        msg.set("ActionID", id.clone());
+        // Encode first: a bad action is the caller's error, not the connection's.
+        let mut probe = bytes::BytesMut::new();
+        if let Err(e) = tokio_util::codec::Encoder::encode(conn.codec_mut(), &msg, &mut probe) {
+            entry.fail(ClientError::InvalidAction(e.to_string()));
+            return Ok(());
+        }
+        pending.insert(id, entry);
+        self.write(conn, &msg).await
+    }
+
+    /// Routes one received message to its pending action, its pending list, or subscribers.
+    fn route(
+        &mut self,
+        m: Message,
+        pending: &mut HashMap<String, Pending>,
+        ping: &mut Option<(String, Instant)>,
+    ) {
+        if m.event().is_some() {
+            if let Some(id) = m.action_id()
+                && let Some(Pending::List { .. }) = pending.get(id)
+            {
+                let id = id.to_owned();
+                let complete = ListComplete::from_message(&m).is_some();
+                if complete {
+                    if let Some(Pending::List {
+                        response,
+                        items,
+                        reply,
+                    }) = pending.remove(&id)
+                    {
+                        let response = response.unwrap_or_default();
+                        let _ = reply.send(Ok(ListResult {
+                            response,
+                            items,
+                            complete: Some(m),
+                        }));
+                    }
+                } else if let Some(Pending::List { items, .. }) = pending.get_mut(&id) {
+                    items.push(m);
+                }
+                return;
+            }
+            // No receiver is fine: events are not queued for anyone.
+            let _ = self.events.send(ClientEvent::Event(m));
+            return;
+        }
+        let Some(id) = m.action_id() else {
+            debug!(message = ?m, "AMI message without ActionID ignored");
+            return;
+        };
+        if ping.as_ref().is_some_and(|(pid, _)| pid == id) {
+            *ping = None;
+            return;
+        }
+        let id = id.to_owned();
+        match pending.remove(&id) {
+            Some(Pending::Action(reply)) => {
+                let _ = reply.send(Ok(m));
+            }
+            Some(Pending::List {
+                response: None,
+                items,
+                reply,
+            }) => {
+                let refused = Response::from_message(&m).is_none_or(|r| !r.is_success());
+                if refused && !starts_list(&m) {
+                    let _ = reply.send(Ok(ListResult {
+                        response: m,
+                        items,
+                        complete: None,
+                    }));
+                } else {
+                    pending.insert(
+                        id,
+                        Pending::List {
+                            response: Some(m),
+                            items,
+                            reply,
+                        },
+                    );
+                }
+            }
+            Some(other @ Pending::List { .. }) => {
+                debug!(action_id = %id, "second response to a list action ignored");
+                pending.insert(id, other);
+            }
+            None => debug!(action_id = %id, "AMI response to no pending action"),
+        }
+    }
+
+    /// Best-effort `Logoff`: waits at most `action_timeout` for `Goodbye` (or the close).
+    async fn logoff(&mut self, conn: &mut Conn) {
+        let id = self.ids.next();
+        let mut msg = actions::logoff();
+        msg.set("ActionID", id.clone());
+        let bye = async {
+            conn.send(&msg).await.ok()?;
+            while let Some(Ok(frame)) = conn.next().await {
+                if let Frame::Message(m) = frame
+                    && m.event().is_none()
+                    && m.action_id() == Some(id.as_str())
+                {
+                    return Some(());
+                }
+            }
+            Some(())
+        };
+        if timeout(self.config.action_timeout, bye).await.is_err() {
+            debug!("no Goodbye to Logoff; closing anyway");
+        }
+        let _ = SinkExt::<&Message>::close(conn).await;
+    }
+}
+
+/// Answers every request with [`ClientError::NotConnected`]; returns when all handles are gone.
+async fn reject_requests(requests: &mut mpsc::Receiver<Request>) {
+    while let Some(req) = requests.recv().await {
+        req.fail(ClientError::NotConnected);
+    }
+}
+
+fn unreachable_frame<T>() -> Result<T, ClientError> {
+    Err(ClientError::Protocol("unexpected frame".to_owned()))
+}
+
+fn codec_error(e: CodecError) -> ClientError {
+    match e {
+        CodecError::Io(e) => ClientError::Connect(e.to_string()),
+        other => ClientError::Protocol(other.to_string()),
+    }
+}
+
+/// Capped exponential backoff with jitter: a random delay in `[d/2, d]`, where
+/// `d = min(max, initial * 2^(attempt-1))`.
+fn backoff(initial: Duration, max: Duration, attempt: u32) -> Duration {
+    let exp = attempt.saturating_sub(1).min(20);
+    let d = initial.saturating_mul(1u32 << exp).min(max);
+    let half = d / 2;
+    let jitter_ms = u64::try_from(half.as_millis()).unwrap_or(u64::MAX);
+    let extra = if jitter_ms == 0 {
+        Duration::ZERO
+    } else {
+        Duration::from_millis(rand::rng().random_range(0..=jitter_ms))
+    };
+    half + extra
+}
+
+fn tls_connector(tls: &TlsConfig) -> Result<TlsConnector, ClientError> {
+    let bad = |what: &str, e: &dyn fmt::Display| ClientError::Connect(format!("TLS {what}: {e}"));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = &tls.ca_file {
+        let file = std::fs::File::open(path)
+            .map_err(|e| bad(&format!("CA file {}", path.display()), &e))?;
+        for cert in rustls_pemfile::certs(&mut BufReader::new(file)) {
+            let cert = cert.map_err(|e| bad(&format!("CA file {}", path.display()), &e))?;
+            roots
+                .add(cert)
+                .map_err(|e| bad(&format!("CA file {}", path.display()), &e))?;
+        }
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("config", &e))?;
+    let mut config = builder.with_root_certificates(roots).with_no_client_auth();
+    if tls.insecure_skip_verify {
+        config
+            .dangerous()
+            .set_certificate_verifier(Arc::new(NoVerify(provider)));
+    }
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
+/// Accepts any server certificate (still checks handshake signatures). `insecure_skip_verify`.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_never_prints() {
+        let s = Secret::from("hunter2");
+        assert_eq!(format!("{s} {s:?}"), "**** ****");
+        let cfg = ClientConfig::new("127.0.0.1:5038", "admin", "hunter2");
+        assert!(!format!("{cfg:?}").contains("hunter2"));
+        assert_eq!(cfg.secret.expose(), "hunter2");
+    }
+
+    #[test]
+    fn backoff_is_capped_and_jittered() {
+        let (i, m) = (Duration::from_millis(100), Duration::from_secs(2));
+        for attempt in 1..40 {
+            let d = backoff(i, m, attempt);
+            let cap = i.saturating_mul(1 << (attempt - 1).min(20)).min(m);
+            assert!(
+                d >= cap / 2 && d <= cap,
+                "attempt {attempt}: {d:?} vs {cap:?}"
+            );
+        }
+        assert_eq!(backoff(Duration::ZERO, m, 3), Duration::ZERO);
+    }
+}
