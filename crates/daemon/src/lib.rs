@@ -24,3 +24,5 @@
 pub mod cli;
 pub mod config;
 pub mod logging;
+pub mod metrics;
+pub mod signals;
