@@ -1,14 +1,111 @@
-//! hintfed transports.
+//! hintfed transports: supervised ZeroMQ sockets (bytes-level, multipart frames as
+//! `Vec<Bytes>`) and the [`FederationTransport`] interface the agent is written against.
+//!
+//! Modules and what flows between them:
+//! - [`link`]: what every supervisor shares: [`LinkStatus`] (published on a `watch`),
+//!   [`LinkStats`] counters, capped jittered [`Backoff`], size [`Limits`], endpoint parsing.
+//! - [`hub`]: the agent/server federation sockets. [`HubLink`] (agent side, one per hub
+//!   `tcp://host:P`: DEALER to P + SUB to P+1) sends updates/requests and yields
+//!   [`Incoming`] replies and fan-out; [`HubBind`] (server side: ROUTER on P, PUB on P+1)
+//!   yields [`RouterMessage`]s and sends replies and publications.
+//! - [`multi`]: [`MultiHub`], every configured hub at once: send to all, one merged inbound
+//!   stream tagged by hub index, requests to one live hub with fallback. Implements
+//!   [`FederationTransport`].
+//! - [`req`] / [`sub`]: [`ReqClient`] (lazy-pirate REQ) and [`SubClient`] (SUB, prefix `{`)
+//!   for res_zmq_manager's command and event sockets.
+//! - [`legacy`]: [`PullBind`] and [`PubBind`], the original zmq-ami-broker server's sockets.
+//! - [`error`]: [`TransportError`], [`SendError`], [`RequestError`].
+//!
+//! Each supervisor is one Tokio task that owns its sockets; the public handles are cheap
+//! clones talking to it over bounded channels (each type documents its full/closed policy),
+//! and the task stops when the last handle is dropped.
+//!
+//! # Why a supervisor: gaps of the `zeromq` crate (0.7), verified by experiment
+//! - DEALER/REQ/PUSH never reconnect after the peer restarts; sends then succeed into a dead
+//!   queue and are lost. SUB does reconnect, but with a backoff growing to 30 s.
+//! - `send` with no connected peer fails (`ReturnToSender`); `connect` to a closed port retries
+//!   for up to 30 s (the default connect timeout); `recv` has no timeout and blocks forever
+//!   with no peer; there is no CURVE; there is no maximum message size (the whole message is
+//!   buffered at whatever length the peer announces).
+//!
+//! The supervisors therefore: connect with one bounded attempt (`connect_attempt_timeout`,
+//! default 250 ms) and retry with capped jittered backoff (50 ms doubling to 500 ms, ±20 %);
+//! recreate the socket when the connection closes (socket monitor `Disconnected`), when a send
+//! does not complete within `send_timeout`, when a request gets no reply within
+//! `request_timeout`, or when a hub is silent past `silence_timeout` (hub links ping on the
+//! DEALER and the hub heartbeats on the PUB). Recovery after a peer comes back therefore takes
+//! at most about one backoff step plus one connect attempt (< 1 s with the defaults), well
+//! within the 2 s requirement. Oversize incoming messages are dropped and counted (see
+//! [`Limits`]); the crate has already read them into memory by then, so expose hub ports only
+//! to trusted networks. Confidentiality/authentication is left to the envelope HMAC (no CURVE).
+//!
+//! # The federation transport interface
+//! [`FederationTransport`] is what the agent needs from any transport (ZeroMQ hubs now, Kafka
+//! later): publish an update, receive everyone's updates and the replies to its requests,
+//! request a snapshot from one source with fallback, and know how many sources are reachable.
+//! Payloads are opaque bytes (the signed envelope of `hintfed-core`); a topic travels beside
+//! each payload so subscribers can filter by prefix.
+//!
+//! ZeroMQ wire convention (implemented by [`MultiHub`], expected by the hub):
+//! - agent → hub (DEALER → ROUTER): `[topic, payload]` for updates;
+//!   `[`[`SNAPSHOT_TOPIC`]`, payload]` for snapshot requests; the one-frame [`hub::PING`]
+//!   (answered by [`HubBind`] itself, never delivered).
+//! - hub → agent replies (ROUTER → DEALER): any frames, delivered as [`Channel::Reply`].
+//! - hub fan-out (PUB → SUB): `[topic, ...]`, delivered as [`Channel::Fanout`]; the one-frame
+//!   [`hub::HEARTBEAT_TOPIC`] is swallowed by the link.
 #![forbid(unsafe_code)]
+
+use std::future::Future;
+
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
 
 pub mod error;
 pub mod hub;
+pub mod legacy;
 pub mod link;
+pub mod multi;
+pub mod req;
+pub mod sub;
 
 pub use error::{RequestError, SendError, TransportError};
 pub use hub::{Channel, HubBind, HubBindConfig, HubLink, HubLinkConfig, Incoming, RouterMessage};
+pub use legacy::{PubBind, PullBind};
 pub use link::{Backoff, BackoffConfig, Frames, Limits, LinkStats, LinkStatus, StatsSnapshot};
-pub mod req;
-pub mod sub;
+pub use multi::{MultiHub, MultiHubConfig};
 pub use req::{ReqClient, ReqClientConfig};
 pub use sub::{SubClient, SubClientConfig};
+
+/// First frame of a snapshot request sent by [`FederationTransport::request_snapshot`] over
+/// ZeroMQ (`[SNAPSHOT_TOPIC, payload]`).
+pub const SNAPSHOT_TOPIC: &str = "hintfed.snapshot";
+
+/// What the agent needs from a federation transport (ZeroMQ hubs, later Kafka).
+///
+/// Delivery is at most once and unordered across sources: the federation core detects gaps
+/// by (origin, epoch, seq) and fetches a snapshot, and drops duplicates from several hubs.
+pub trait FederationTransport: Send + Sync {
+    /// Publishes one update under `topic` to every reachable source; returns how many took
+    /// it, or [`TransportError::NotConnected`] when none did (the update is then dropped).
+    fn publish(
+        &self,
+        topic: &str,
+        payload: Bytes,
+    ) -> impl Future<Output = Result<usize, TransportError>> + Send;
+
+    /// Takes the single inbound stream: everyone's updates ([`Channel::Fanout`]) and replies to
+    /// this node's requests ([`Channel::Reply`]), tagged by source index. Later calls get `None`.
+    fn take_incoming(&self) -> Option<mpsc::Receiver<Incoming>>;
+
+    /// Sends a snapshot request to one reachable source not in `exclude` and returns its index;
+    /// the snapshot arrives on the inbound stream as replies from that index. To fall back after
+    /// a timeout, call again with that index in `exclude`.
+    fn request_snapshot(
+        &self,
+        payload: Bytes,
+        exclude: &[usize],
+    ) -> impl Future<Output = Result<usize, TransportError>> + Send;
+
+    /// The number of reachable sources, kept current.
+    fn connected(&self) -> watch::Receiver<usize>;
+}

@@ -28,10 +28,10 @@ async fn link_to_hub(
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         let _ = link.try_send(frames(msg));
-        if let Ok(Some(m)) = timeout(Duration::from_millis(50), hub_rx.recv()).await {
-            if m.frames == frames(msg) {
-                return Some(m);
-            }
+        if let Ok(Some(m)) = timeout(Duration::from_millis(50), hub_rx.recv()).await
+            && m.frames == frames(msg)
+        {
+            return Some(m);
         }
     }
     None
@@ -47,10 +47,11 @@ async fn hub_to_link(
     let deadline = Instant::now() + within;
     while Instant::now() < deadline {
         hub.publish(frames(msg)).await.expect("hub alive");
-        if let Ok(Some(m)) = timeout(Duration::from_millis(50), link_rx.recv()).await {
-            if m.channel == Channel::Fanout && m.frames == frames(msg) {
-                return true;
-            }
+        if let Ok(Some(m)) = timeout(Duration::from_millis(50), link_rx.recv()).await
+            && m.channel == Channel::Fanout
+            && m.frames == frames(msg)
+        {
+            return true;
         }
     }
     false

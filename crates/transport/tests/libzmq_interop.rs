@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hintfed_transport::{
-    Channel, HubBind, HubBindConfig, HubLink, HubLinkConfig, ReqClient, ReqClientConfig,
-    RequestError, SubClient, SubClientConfig,
+    Channel, HubBind, HubBindConfig, HubLink, HubLinkConfig, Limits, PubBind, PullBind, ReqClient,
+    ReqClientConfig, RequestError, SubClient, SubClientConfig,
 };
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
@@ -312,4 +312,59 @@ async fn hub_link_talks_to_libzmq_router_and_pub_and_recovers() {
     .expect("status open");
     let _hub = PyPeer::start(&["router_pub".into(), port.to_string()]).await;
     exchange(&link, &mut rx, RECOVERY).await;
+}
+
+#[tokio::test]
+async fn legacy_sockets_talk_to_a_libzmq_zmq_ami_broker_agent() {
+    if !pyzmq_available() {
+        return;
+    }
+    let (pull, mut rx) = PullBind::bind("tcp://127.0.0.1:0", Limits::default(), 64)
+        .await
+        .expect("bind pull");
+    let publisher = PubBind::bind("tcp://127.0.0.1:0", 64)
+        .await
+        .expect("bind pub");
+    let port_of = |ep: &str| ep.rsplit(':').next().expect("port").to_owned();
+    let mut agent = PyPeer::start(&[
+        "legacy_agent".into(),
+        port_of(pull.endpoint()),
+        port_of(publisher.endpoint()),
+        "Moscow".into(),
+    ])
+    .await;
+    let deadline = Instant::now() + SETUP;
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
+    let mut received = None;
+    let status = loop {
+        assert!(Instant::now() < deadline, "legacy agent did not finish");
+        tokio::select! {
+            msg = rx.recv() => {
+                let frames = msg.expect("pull open");
+                assert_eq!(frames.len(), 2);
+                assert_eq!(frames[0], b("[*]"));
+                let v: serde_json::Value = serde_json::from_slice(&frames[1]).expect("json");
+                assert_eq!(v["x_data"]["Device"], "SIP/100");
+                received = Some(frames);
+            }
+            status = agent.child.wait() => break status.expect("wait"),
+            _ = tick.tick() => {
+                // Someone else's message first (must be filtered), then one for this agent.
+                publisher.publish(vec![b("[Paris]"), b("{}")]).await.expect("publish");
+                if let Some(frames) = &received {
+                    let mut to_agent = frames.clone();
+                    to_agent[0] = b("[Moscow]");
+                    publisher.publish(to_agent).await.expect("publish");
+                }
+            }
+        }
+    };
+    let out = agent.line(SETUP).await.expect("agent output");
+    assert!(status.success(), "agent failed: {out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["target"], "[Moscow]");
+    assert_eq!(v["body"]["msg_type"], "AsteriskEvent");
+    assert_eq!(v["body"]["x_data"]["State"], "INUSE");
+    pull.shutdown().await;
+    publisher.shutdown().await;
 }

@@ -15,6 +15,10 @@ success, 1 on timeout).
   router_pub PORT         ROUTER on PORT + PUB on PORT+1, a hub stand-in: answers the transport
                           ping, publishes heartbeats, echoes every other message back to its
                           sender as ["echo", *frames] and publishes ["dev.fan", last frame].
+  legacy_agent PULL_PORT PUB_PORT NAME
+                          a zmq-ami-broker agent: PUSHes ["[*]", AsteriskEvent JSON] to the
+                          server's PULL until its SUB ("[*]" and "[NAME]") receives a message
+                          addressed to it; prints that message as JSON and exits 0.
   dealer_sub PORT         DEALER to PORT + SUB (prefix "dev.") to PORT+1, an agent stand-in:
                           sends ["dev.in", "hello"] until it gets a reply and a fan-out message,
                           prints both as JSON and exits 0.
@@ -127,6 +131,28 @@ def dealer_sub(ctx, port):
     print(json.dumps({"reply": reply, "fanout": fanout}), flush=True)
 
 
+def legacy_agent(ctx, pull_port, pub_port, name):
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.connect(f"tcp://127.0.0.1:{pull_port}")
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.setsockopt(zmq.SUBSCRIBE, b"[*]")
+    sub.setsockopt(zmq.SUBSCRIBE, f"[{name}]".encode())
+    sub.connect(f"tcp://127.0.0.1:{pub_port}")
+    ready()
+    event = {"msg_type": "AsteriskEvent", "uuid": "0123abcd", "origin": name,
+             "x_data": {"Event": "DeviceStateChange", "Device": "SIP/100", "State": "INUSE"}}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        push.send_multipart([b"[*]", json.dumps(event).encode()])
+        if sub.poll(100):
+            target, body = sub.recv_multipart()
+            print(json.dumps({"target": target.decode(), "body": json.loads(body)}), flush=True)
+            return
+    sys.exit(1)
+
+
 def main():
     mode, port = sys.argv[1], int(sys.argv[2])
     ctx = zmq.Context()
@@ -139,6 +165,8 @@ def main():
         pub(ctx, port)
     elif mode == "router_pub":
         router_pub(ctx, port)
+    elif mode == "legacy_agent":
+        legacy_agent(ctx, port, int(sys.argv[3]), sys.argv[4])
     elif mode == "dealer_sub":
         dealer_sub(ctx, port)
     else:
