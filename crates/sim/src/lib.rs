@@ -1,2 +1,33 @@
-//! hintfed-sim library.
+//! hintfed-sim: an Asterisk you can run anywhere — an AMI server that answers like the real
+//! captures in `shared/fixtures/asterisk/`, with phones driven by a script, seeded random load
+//! or admin actions, and several independent servers in one process.
+//!
+//! Modules and what flows between them:
+//! - [`extensions`] reads the hints (and `[globals]`) of an `extensions.conf` into a
+//!   [`Dialplan`];
+//! - [`state`] is the sans-IO PBX model ([`Pbx`]): device states, presence, hints and their
+//!   aggregate extension state; each change returns the [`SimEvent`]s it causes;
+//! - [`event`] formats manager events (`Privilege`, `SystemName`) and parses `Events` masks;
+//! - [`server`] owns one simulated Asterisk ([`SimServer::spawn`] → [`SimHandle`]): listener,
+//!   shared state, event broadcast, load tasks;
+//! - `session` serves one TCP connection (banner, actions in, responses and events out) and
+//!   `actions` answers each action;
+//! - [`load`] parses scripts and generates seeded random phone changes;
+//! - [`cli`] turns the command line into [`SimConfig`]s for the thin `hintfed-sim` binary.
 #![forbid(unsafe_code)]
+
+mod actions;
+pub mod cli;
+pub mod event;
+pub mod extensions;
+pub mod load;
+pub mod server;
+mod session;
+pub mod state;
+
+pub use event::SimEvent;
+pub use extensions::{Dialplan, Hint};
+pub use load::{RandomLoad, ScriptLine, ScriptStep};
+pub use server::{SimConfig, SimError, SimHandle, SimServer, SimStats};
+pub use session::BANNER;
+pub use state::{DeviceState, Pbx, PresenceState, SetvarError};

@@ -1,0 +1,160 @@
+//! Manager events as the simulator broadcasts them: a [`Message`] plus the event class
+//! (`EVENT_FLAG_*` of Asterisk's `manager.h`) sessions filter on, and the `Events` mask parser.
+
+use hintfed_ami::Message;
+
+/// `EVENT_FLAG_SYSTEM`.
+pub const SYSTEM: u32 = 1;
+/// `EVENT_FLAG_CALL`.
+pub const CALL: u32 = 2;
+/// `EVENT_FLAG_DIALPLAN`.
+pub const DIALPLAN: u32 = 2048;
+/// `EVENT_FLAG_SECURITY`.
+pub const SECURITY: u32 = 131_072;
+/// Every class (`all`).
+pub const ALL: u32 = i32::MAX as u32;
+
+/// Asterisk's `perms[]` table: label and flag, in the order `authority_to_str` prints them.
+const PERMS: &[(&str, u32)] = &[
+    ("system", 1),
+    ("call", 2),
+    ("log", 4),
+    ("verbose", 8),
+    ("command", 16),
+    ("agent", 32),
+    ("user", 64),
+    ("config", 128),
+    ("dtmf", 256),
+    ("reporting", 512),
+    ("cdr", 1024),
+    ("dialplan", 2048),
+    ("originate", 4096),
+    ("agi", 8192),
+    ("cc", 16_384),
+    ("aoc", 32_768),
+    ("test", 65_536),
+    ("security", 131_072),
+    ("message", 262_144),
+    ("all", ALL),
+];
+
+/// The `Privilege:` value of an event of class `category`, e.g. `call,all`.
+pub fn privilege(category: u32) -> String {
+    let labels: Vec<&str> = PERMS
+        .iter()
+        .filter(|(_, flag)| category & flag != 0)
+        .map(|(label, _)| *label)
+        .collect();
+    if labels.is_empty() {
+        "<none>".to_owned()
+    } else {
+        labels.join(",")
+    }
+}
+
+/// Parses an `Events`/`EventMask` value like Asterisk's `strings_to_mask`: `None` when empty
+/// (invalid), a number as is, `off`/`no`/`false`/`0` → 0, `on`/`yes`/`true`/... → all,
+/// else the OR of the listed class names (unknown names count for nothing).
+pub fn parse_mask(value: &str) -> Option<u32> {
+    let v = value.trim();
+    if v.is_empty() {
+        return None;
+    }
+    if v.bytes().all(|b| b.is_ascii_digit()) {
+        return Some(v.parse::<u32>().unwrap_or(0));
+    }
+    let lower = v.to_ascii_lowercase();
+    if matches!(lower.as_str(), "no" | "false" | "n" | "f" | "0" | "off") {
+        return Some(0);
+    }
+    if matches!(lower.as_str(), "yes" | "true" | "y" | "t" | "1" | "on") {
+        return Some(PERMS.iter().fold(0, |acc, (_, f)| acc | f));
+    }
+    let words: Vec<&str> = lower.split(',').map(str::trim).collect();
+    Some(
+        PERMS
+            .iter()
+            .filter(|(label, _)| words.contains(label))
+            .fold(0, |acc, (_, f)| acc | f),
+    )
+}
+
+/// One event: its class (for the mask) and the message as sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SimEvent {
+    /// The event class, one of the flags above.
+    pub category: u32,
+    /// The complete message, `Event:` first.
+    pub message: Message,
+}
+
+impl SimEvent {
+    /// A manager event as `manager_event()` formats it: `Event`, `Privilege`, `SystemName`
+    /// (when the server has one), then `body`.
+    pub fn new(name: &str, category: u32, system_name: Option<&str>, body: Message) -> Self {
+        let mut message = Message::new()
+            .with("Event", name)
+            .with("Privilege", privilege(category));
+        if let Some(sys) = system_name {
+            message.push("SystemName", sys);
+        }
+        for (k, v) in body.headers() {
+            message.push(k.clone(), v.clone());
+        }
+        Self { category, message }
+    }
+
+    /// Whether a session with event mask `mask` receives this event (Asterisk checks read
+    /// permission and the session's `send_events` the same way: every bit of the class).
+    pub fn passes(&self, mask: u32) -> bool {
+        mask & self.category == self.category
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn privilege_strings_match_the_captures() {
+        assert_eq!(privilege(CALL), "call,all");
+        assert_eq!(privilege(SYSTEM), "system,all");
+        assert_eq!(privilege(SECURITY), "security,all");
+        assert_eq!(privilege(DIALPLAN), "dialplan,all");
+    }
+
+    #[test]
+    fn masks() {
+        assert_eq!(parse_mask(""), None);
+        assert_eq!(parse_mask("off"), Some(0));
+        assert_eq!(parse_mask("system,call"), Some(3));
+        assert_eq!(parse_mask("nonsense"), Some(0));
+        assert_eq!(parse_mask("6"), Some(6));
+        let all = parse_mask("on").expect("on");
+        let ev = SimEvent::new("X", SECURITY, None, Message::new());
+        assert!(ev.passes(all));
+        assert!(!ev.passes(3));
+    }
+
+    #[test]
+    fn header_order() {
+        let ev = SimEvent::new(
+            "DeviceStateChange",
+            CALL,
+            Some("pbx-a"),
+            Message::new()
+                .with("Device", "Custom:a")
+                .with("State", "INUSE"),
+        );
+        let keys: Vec<&str> = ev
+            .message
+            .headers()
+            .iter()
+            .map(|(k, _)| k.as_str())
+            .collect();
+        assert_eq!(
+            keys,
+            ["Event", "Privilege", "SystemName", "Device", "State"]
+        );
+    }
+}

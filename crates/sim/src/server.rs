@@ -1,0 +1,433 @@
+//! One simulated Asterisk: a TCP listener, the shared [`Pbx`] state behind a mutex, the event
+//! fan-out to sessions, the load drivers, and the [`SimHandle`] that tests and the binary hold.
+//!
+//! Events produced by a state change are broadcast while the state lock is held, so every
+//! session sees them in state order. The broadcast ring is bounded ([`SimConfig::event_buffer`]):
+//! a session that falls that far behind is dropped, as Asterisk drops a client that blocks a
+//! write for longer than `writetimeout`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime};
+
+use hintfed_ami::{Limits, Message};
+use tokio::net::TcpListener;
+use tokio::sync::{broadcast, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::event::{self, SimEvent};
+use crate::extensions::Dialplan;
+use crate::load::{RandomLoad, ScriptLine, ScriptStep};
+use crate::state::{DeviceState, Pbx, PbxOptions, SetvarError};
+
+/// Everything one simulated server needs. `SimConfig::default()` listens on `127.0.0.1:0`
+/// with user `admin`/`adminsecret`, no hints and no load.
+#[derive(Debug, Clone)]
+pub struct SimConfig {
+    /// Address to listen on (port 0: any free port, see [`SimHandle::local_addr`]).
+    pub listen: SocketAddr,
+    /// `systemname`: put in `SystemName:` on events and in unique ids. `None`: no SystemName.
+    pub name: Option<String>,
+    /// The one AMI user.
+    pub username: String,
+    /// Its secret (plain `Secret:` or MD5 `Key:`).
+    pub secret: String,
+    /// Hints and globals (from an `extensions.conf`).
+    pub dialplan: Dialplan,
+    /// Phones (not `Custom:`, not `Local/`) emit each DeviceStateChange twice.
+    pub phone_duplicates: bool,
+    /// Asterisk's `writetimeout`: a write blocked this long drops the connection.
+    pub write_timeout: Duration,
+    /// Delay before `Authentication failed` (Asterisk sleeps 1 s), after which the connection
+    /// is closed.
+    pub auth_failure_delay: Duration,
+    /// Events a session may lag behind before it is dropped.
+    pub event_buffer: usize,
+    /// Decoder limits for actions.
+    pub limits: Limits,
+    /// Preload `Custom:bench0..N-1` (states NOT_INUSE, RINGING, BUSY, INUSE in turn), like the
+    /// server of `devicestatelist-500`.
+    pub preload_custom: usize,
+    /// Timed changes, relative to the server's start.
+    pub script: Vec<ScriptLine>,
+    /// Random load over phones.
+    pub random: Option<RandomLoad>,
+    /// Random changes per second (with `random`).
+    pub random_rate: f64,
+}
+
+impl Default for SimConfig {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            name: None,
+            username: "admin".to_owned(),
+            secret: "adminsecret".to_owned(),
+            dialplan: Dialplan::default(),
+            phone_duplicates: true,
+            write_timeout: Duration::from_millis(1000),
+            auth_failure_delay: Duration::from_secs(1),
+            event_buffer: 4096,
+            limits: Limits {
+                max_line: 8 * 1024,
+                max_headers: 256,
+                max_message: 64 * 1024,
+            },
+            preload_custom: 0,
+            script: Vec::new(),
+            random: None,
+            random_rate: 1.0,
+        }
+    }
+}
+
+/// Errors starting a simulator.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Counters a simulator keeps (`Action: SimStats` reports them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SimStats {
+    /// Connections open now.
+    pub connections: u64,
+    /// Connections accepted since start.
+    pub connections_total: u64,
+    /// Accepted logins.
+    pub logins_accepted: u64,
+    /// Refused logins.
+    pub logins_failed: u64,
+    /// `Setvar` actions received.
+    pub setvar_total: u64,
+    /// `Setvar` answered `Variable Set`.
+    pub setvar_accepted: u64,
+    /// `Setvar` answered `Variable not set` (or another error).
+    pub setvar_refused: u64,
+    /// Actions received per action name (as Asterisk matches them: case-insensitive; the key
+    /// is the canonical spelling for known actions).
+    pub actions: BTreeMap<String, u64>,
+    /// Events broadcast.
+    pub events: u64,
+    /// Sessions dropped for reading too slowly.
+    pub slow_readers_dropped: u64,
+    /// Actions swallowed by a blackhole.
+    pub blackholed_actions: u64,
+    /// Simulated restarts.
+    pub restarts: u64,
+}
+
+pub(crate) struct Inner {
+    pub(crate) pbx: Pbx,
+    pub(crate) boot: Instant,
+    pub(crate) stats: SimStats,
+    pub(crate) blackhole_until: Option<Instant>,
+    pub(crate) down_until: Option<Instant>,
+    pub(crate) session_seq: u64,
+}
+
+pub(crate) struct Shared {
+    pub(crate) cfg: SimConfig,
+    pub(crate) inner: Mutex<Inner>,
+    pub(crate) events: broadcast::Sender<Arc<SimEvent>>,
+    /// Bumped by every restart: sessions of an older generation close.
+    pub(crate) generation: watch::Sender<u64>,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) local_addr: SocketAddr,
+}
+
+impl Shared {
+    pub(crate) fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock is a bug; keep serving with whatever state is there.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Broadcasts `events` (call with the lock held, to keep state order).
+    pub(crate) fn emit(&self, inner: &mut Inner, events: Vec<SimEvent>) {
+        for ev in events {
+            inner.stats.events += 1;
+            // No receiver is fine: nobody is logged in.
+            let _ = self.events.send(Arc::new(ev));
+        }
+    }
+
+    pub(crate) fn blackholed(&self, inner: &Inner) -> bool {
+        inner.blackhole_until.is_some_and(|t| Instant::now() < t)
+    }
+
+    pub(crate) fn uptime(&self, inner: &Inner) -> u64 {
+        inner.boot.elapsed().as_secs()
+    }
+
+    /// Simulated restart: a `Shutdown` event, every connection dropped, state rebuilt.
+    pub(crate) fn restart(&self, down: Duration) {
+        let mut inner = self.lock();
+        let ev = SimEvent::new(
+            "Shutdown",
+            event::SYSTEM,
+            inner.pbx.system_name(),
+            Message::new()
+                .with("Shutdown", "Cleanly")
+                .with("Restart", "True"),
+        );
+        self.emit(&mut inner, vec![ev]);
+        self.generation.send_modify(|g| *g += 1);
+        inner.pbx.restart();
+        inner.boot = Instant::now();
+        inner.stats.restarts += 1;
+        inner.blackhole_until = None;
+        inner.down_until = (!down.is_zero()).then(|| Instant::now() + down);
+    }
+
+    pub(crate) fn set_device_state(
+        &self,
+        device: &str,
+        state: DeviceState,
+    ) -> Result<(), SetvarError> {
+        let mut inner = self.lock();
+        let evs = inner.pbx.set_device_state(device, state)?;
+        self.emit(&mut inner, evs);
+        Ok(())
+    }
+}
+
+/// Starts simulators.
+#[derive(Debug)]
+pub struct SimServer;
+
+impl SimServer {
+    /// Binds `cfg.listen` and serves in the background until [`SimHandle::shutdown`] (or the
+    /// handle is dropped: the tasks are aborted).
+    pub async fn spawn(cfg: SimConfig) -> Result<SimHandle, SimError> {
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| SimError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(|source| SimError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+        let mut pbx = Pbx::new(
+            cfg.dialplan.hints.clone(),
+            cfg.dialplan.globals.clone(),
+            PbxOptions {
+                system_name: cfg.name.clone(),
+                phone_duplicates: cfg.phone_duplicates,
+            },
+        );
+        const BENCH: [&str; 4] = ["NOT_INUSE", "RINGING", "BUSY", "INUSE"];
+        for i in 0..cfg.preload_custom {
+            // Valid by construction; nobody is connected, so the events go nowhere.
+            let _ = pbx.set_device_state_var(&format!("Custom:bench{i}"), BENCH[i % 4]);
+        }
+        let (events, _) = broadcast::channel(cfg.event_buffer.max(16));
+        let (generation, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            inner: Mutex::new(Inner {
+                pbx,
+                boot: Instant::now(),
+                stats: SimStats::default(),
+                blackhole_until: None,
+                down_until: None,
+                session_seq: 0,
+            }),
+            cfg,
+            events,
+            generation,
+            shutdown: CancellationToken::new(),
+            local_addr,
+        });
+        let mut tasks = Vec::new();
+        tasks.push(tokio::spawn(accept_loop(shared.clone(), listener)));
+        if !shared.cfg.script.is_empty() {
+            tasks.push(tokio::spawn(run_script(shared.clone())));
+        }
+        if shared.cfg.random.is_some() {
+            tasks.push(tokio::spawn(run_random(shared.clone())));
+        }
+        tracing::info!(name = ?shared.cfg.name, addr = %local_addr, "simulator listening");
+        Ok(SimHandle { shared, tasks })
+    }
+}
+
+async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                // Out of descriptors and the like: do not spin.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        {
+            let inner = shared.lock();
+            if inner.down_until.is_some_and(|t| Instant::now() < t) {
+                // Restarting: the connection is closed at once.
+                drop(stream);
+                continue;
+            }
+        }
+        tokio::spawn(crate::session::run(shared.clone(), stream, peer));
+    }
+}
+
+async fn run_script(shared: Arc<Shared>) {
+    let start = tokio::time::Instant::now();
+    for line in shared.cfg.script.clone() {
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            () = tokio::time::sleep_until(start + line.at) => {}
+        }
+        match &line.step {
+            ScriptStep::Device { device, state } => {
+                if let Err(e) = shared.set_device_state(device, *state) {
+                    tracing::warn!(device = %device, error = %e, "script step refused");
+                }
+            }
+            ScriptStep::Presence { provider, value } => {
+                let mut inner = shared.lock();
+                match inner.pbx.set_presence_var(provider, value) {
+                    Ok(evs) => shared.emit(&mut inner, evs),
+                    Err(e) => {
+                        tracing::warn!(provider = %provider, error = %e, "script step refused")
+                    }
+                }
+            }
+            ScriptStep::Restart => shared.restart(Duration::ZERO),
+        }
+    }
+}
+
+async fn run_random(shared: Arc<Shared>) {
+    let Some(mut gen_) = shared.cfg.random.clone() else {
+        return;
+    };
+    let rate = if shared.cfg.random_rate.is_finite() && shared.cfg.random_rate > 0.0 {
+        shared.cfg.random_rate
+    } else {
+        1.0
+    };
+    let mut tick = tokio::time::interval(Duration::from_secs_f64(1.0 / rate));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let (device, state) = gen_.next_change();
+        if let Err(e) = shared.set_device_state(&device, state) {
+            tracing::warn!(device = %device, error = %e, "random change refused");
+        }
+    }
+}
+
+/// A running simulator. Dropping it stops the listener and load tasks (open sessions end on
+/// their own when their peers go); [`SimHandle::shutdown`] also closes every session.
+pub struct SimHandle {
+    shared: Arc<Shared>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for SimHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimHandle")
+            .field("name", &self.shared.cfg.name)
+            .field("local_addr", &self.shared.local_addr)
+            .finish()
+    }
+}
+
+impl SimHandle {
+    /// The bound address (the real port when listening on port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.shared.local_addr
+    }
+
+    /// The configured system name.
+    pub fn name(&self) -> Option<&str> {
+        self.shared.cfg.name.as_deref()
+    }
+
+    /// Sets any device's state (what `Action: SimSetDeviceState` does).
+    pub fn set_device_state(&self, device: &str, state: DeviceState) -> Result<(), SetvarError> {
+        self.shared.set_device_state(device, state)
+    }
+
+    /// `Setvar` without a connection (functions `DEVICE_STATE`/`PRESENCE_STATE` or globals).
+    pub fn setvar(&self, variable: &str, value: &str) -> Result<(), SetvarError> {
+        let mut inner = self.shared.lock();
+        let evs = inner.pbx.setvar(variable, value)?;
+        self.shared.emit(&mut inner, evs);
+        Ok(())
+    }
+
+    /// What `Getvar` would answer.
+    pub fn getvar(&self, variable: &str) -> String {
+        self.shared.lock().pbx.getvar(variable)
+    }
+
+    /// A simulated Asterisk restart (what `Action: SimRestart` does); during `down` new
+    /// connections are accepted and closed at once.
+    pub fn restart(&self, down: Duration) {
+        self.shared.restart(down);
+    }
+
+    /// Blackholes the whole server: actions are read and never answered, events are not sent,
+    /// TCP stays open. `Some(d)`: for `d`; `None`: until [`SimHandle::unblackhole`].
+    pub fn blackhole(&self, duration: Option<Duration>) {
+        let until = Instant::now() + duration.unwrap_or(Duration::from_secs(100 * 365 * 86_400));
+        self.shared.lock().blackhole_until = Some(until);
+    }
+
+    /// Ends a blackhole.
+    pub fn unblackhole(&self) {
+        self.shared.lock().blackhole_until = None;
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> SimStats {
+        self.shared.lock().stats.clone()
+    }
+
+    /// Stops listening, closes every session and the load tasks, and waits for them.
+    pub async fn shutdown(mut self) {
+        self.shared.shutdown.cancel();
+        for t in self.tasks.drain(..) {
+            let _ = t.await;
+        }
+    }
+}
+
+impl Drop for SimHandle {
+    fn drop(&mut self) {
+        self.shared.shutdown.cancel();
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// The wall clock as `(seconds, microseconds)` since the epoch.
+pub(crate) fn now_epoch() -> (u64, u32) {
+    let d = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_secs(), d.subsec_micros())
+}
