@@ -23,6 +23,8 @@
 
 pub mod cli;
 pub mod config;
+pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod run;
 pub mod signals;
