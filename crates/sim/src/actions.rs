@@ -195,6 +195,7 @@ async fn login(shared: &Arc<Shared>, ctx: &mut SessionCtx, req: &Message) -> Out
             .with("SessionTV", tv),
     );
     shared.emit(&mut inner, vec![ev]);
+    shared.logged_in.send_replace(true);
     Outcome::many(replies)
 }
 

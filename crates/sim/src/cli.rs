@@ -86,6 +86,11 @@ pub struct Args {
     #[arg(long, default_value_t = 1000)]
     pub first_device: u64,
 
+    /// Start the script and random load at the first successful AMI login instead of at
+    /// start-up.
+    #[arg(long)]
+    pub load_after_login: bool,
+
     /// Preload N cached Custom:bench<i> device states (like the devicestatelist-500 capture).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub preload_custom: usize,
@@ -181,6 +186,7 @@ impl Args {
                     )
                 }),
                 random_rate: self.rate,
+                load_after_login: self.load_after_login,
                 ..SimConfig::default()
             })
             .collect())

@@ -56,6 +56,9 @@ pub struct SimConfig {
     pub random: Option<RandomLoad>,
     /// Random changes per second (with `random`).
     pub random_rate: f64,
+    /// Start the script and random load clocks at the first successful login instead of at
+    /// start-up (makes what a client sees reproducible).
+    pub load_after_login: bool,
 }
 
 impl Default for SimConfig {
@@ -79,6 +82,7 @@ impl Default for SimConfig {
             script: Vec::new(),
             random: None,
             random_rate: 1.0,
+            load_after_login: false,
         }
     }
 }
@@ -143,6 +147,8 @@ pub(crate) struct Shared {
     pub(crate) generation: watch::Sender<u64>,
     pub(crate) shutdown: CancellationToken,
     pub(crate) local_addr: SocketAddr,
+    /// Set at the first successful login.
+    pub(crate) logged_in: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -247,6 +253,7 @@ impl SimServer {
             generation,
             shutdown: CancellationToken::new(),
             local_addr,
+            logged_in: watch::channel(false).0,
         });
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(accept_loop(shared.clone(), listener)));
@@ -288,7 +295,22 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
+/// Waits for the first login when the load starts then; `false` on shutdown.
+async fn load_start(shared: &Shared) -> bool {
+    if !shared.cfg.load_after_login {
+        return true;
+    }
+    let mut rx = shared.logged_in.subscribe();
+    tokio::select! {
+        () = shared.shutdown.cancelled() => false,
+        r = rx.wait_for(|v| *v) => r.is_ok(),
+    }
+}
+
 async fn run_script(shared: Arc<Shared>) {
+    if !load_start(&shared).await {
+        return;
+    }
     let start = tokio::time::Instant::now();
     for line in shared.cfg.script.clone() {
         tokio::select! {
@@ -319,6 +341,9 @@ async fn run_random(shared: Arc<Shared>) {
     let Some(mut gen_) = shared.cfg.random.clone() else {
         return;
     };
+    if !load_start(&shared).await {
+        return;
+    }
     let rate = if shared.cfg.random_rate.is_finite() && shared.cfg.random_rate > 0.0 {
         shared.cfg.random_rate
     } else {

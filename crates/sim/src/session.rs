@@ -164,6 +164,23 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                 send_all(&mut sink, last, wt, id).await;
                 break;
             }
+            ev = recv_event(&mut ctx.rx) => match ev {
+                Ok(ev) => {
+                    if !ctx.authenticated || !ev.passes(ctx.mask) || ctx.blackholed(shared) {
+                        continue;
+                    }
+                    if !send_all(&mut sink, vec![ev.message.clone()], wt, id).await {
+                        shared.lock().stats.slow_readers_dropped += 1;
+                        break;
+                    }
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    tracing::warn!(session = id, missed = n, "slow reader: closing connection");
+                    shared.lock().stats.slow_readers_dropped += 1;
+                    break;
+                }
+                Err(broadcast::error::RecvError::Closed) => ctx.rx = None,
+            },
             frame = source.next() => match frame {
                 None => break,
                 Some(Err(e)) => {
@@ -181,23 +198,6 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                         break;
                     }
                 }
-            },
-            ev = recv_event(&mut ctx.rx) => match ev {
-                Ok(ev) => {
-                    if !ctx.authenticated || !ev.passes(ctx.mask) || ctx.blackholed(shared) {
-                        continue;
-                    }
-                    if !send_all(&mut sink, vec![ev.message.clone()], wt, id).await {
-                        shared.lock().stats.slow_readers_dropped += 1;
-                        break;
-                    }
-                }
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(session = id, missed = n, "slow reader: closing connection");
-                    shared.lock().stats.slow_readers_dropped += 1;
-                    break;
-                }
-                Err(broadcast::error::RecvError::Closed) => ctx.rx = None,
             },
         }
     }
