@@ -1,0 +1,374 @@
+//! The HTTP endpoints through a real server on 127.0.0.1:0, spoken to with raw HTTP/1.1 over
+//! `TcpStream` (no client library needed).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hintfed_daemon::http::{
+    DeviceView, HttpContext, HttpLimits, HttpServer, InfoView, OriginView, PresenceView, Readiness,
+    StateView, StatusEvent, StatusEvents, StatusSlot, StatusSource,
+};
+use hintfed_daemon::metrics::{Kind, Metrics};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const DEADLINE: Duration = Duration::from_secs(5);
+
+struct Fake;
+
+fn device() -> DeviceView {
+    DeviceView {
+        key: "PJSIP/100".into(),
+        aggregate: "INUSE".into(),
+        changed_ms: 1_700_000_000_000,
+        origins: BTreeMap::from([
+            ("pbx-a".into(), "INUSE".into()),
+            ("pbx-b".into(), "NOT_INUSE".into()),
+        ]),
+    }
+}
+
+impl StatusSource for Fake {
+    fn state(&self) -> StateView {
+        StateView {
+            devices: vec![device()],
+            presence: vec![PresenceView {
+                key: "CustomPresence:alice".into(),
+                status: "dnd".into(),
+                subtype: "lunch".into(),
+                message: "back at 2, promise".into(),
+                origin: "pbx-c".into(),
+                changed_ms: 1_700_000_000_001,
+            }],
+        }
+    }
+    fn origins(&self) -> Vec<OriginView> {
+        vec![OriginView {
+            name: "pbx-a".into(),
+            up: true,
+            epoch: 7,
+            last_seq: 42,
+            last_seen_ms_ago: Some(120),
+            lag_ms: Some(3),
+            detail: None,
+        }]
+    }
+}
+
+struct Server {
+    addr: SocketAddr,
+    ctx: HttpContext,
+    task: JoinHandle<std::io::Result<()>>,
+}
+
+async fn start(limits: HttpLimits) -> Server {
+    let status = StatusSlot::default();
+    status.set(Arc::new(Fake));
+    let metrics = Metrics::new("hintfed-test", "9.9.9");
+    metrics.event_in("pbx-a", Kind::Device);
+    let ctx = HttpContext {
+        info: InfoView {
+            daemon: "hintfed-test".into(),
+            version: "9.9.9".into(),
+            started_ms: 1,
+        },
+        metrics: Arc::new(metrics),
+        status,
+        readiness: Readiness::new(),
+        events: StatusEvents::default(),
+        limits,
+        shutdown: CancellationToken::new(),
+    };
+    let server = HttpServer::bind("127.0.0.1:0".parse().expect("addr"), ctx.clone())
+        .await
+        .expect("bind");
+    let addr = server.local_addr().expect("addr");
+    let task = tokio::spawn(server.run());
+    Server { addr, ctx, task }
+}
+
+struct Resp {
+    status: u16,
+    headers: String,
+    body: String,
+}
+
+async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(request).await.expect("write");
+    let mut buf = Vec::new();
+    tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf))
+        .await
+        .expect("response within deadline")
+        .expect("read");
+    String::from_utf8_lossy(&buf).into_owned()
+}
+
+async fn request(addr: SocketAddr, method: &str, path: &str) -> Resp {
+    let text = raw(
+        addr,
+        format!("{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await;
+    let (head, body) = text.split_once("\r\n\r\n").expect("head/body");
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    Resp {
+        status,
+        headers: head.to_ascii_lowercase(),
+        body: body.to_owned(),
+    }
+}
+
+async fn get(addr: SocketAddr, path: &str) -> Resp {
+    request(addr, "GET", path).await
+}
+
+async fn poll_until(mut cond: impl FnMut() -> bool) {
+    tokio::time::timeout(DEADLINE, async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("condition within deadline");
+}
+
+#[tokio::test]
+async fn health_ready_metrics_api_and_page() {
+    let s = start(HttpLimits::default()).await;
+
+    let r = get(s.addr, "/healthz").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
+
+    let r = get(s.addr, "/readyz").await;
+    assert_eq!((r.status, r.body.as_str()), (503, "starting\n"));
+    s.ctx
+        .readiness
+        .set("asterisk", Err("AMI connection refused".into()));
+    s.ctx
+        .readiness
+        .set("transport", Err("no hub reachable".into()));
+    let r = get(s.addr, "/readyz").await;
+    assert_eq!(r.status, 503);
+    assert_eq!(
+        r.body,
+        "asterisk: AMI connection refused\ntransport: no hub reachable\n"
+    );
+    s.ctx.readiness.set("asterisk", Ok(()));
+    s.ctx.readiness.set("transport", Ok(()));
+    let r = get(s.addr, "/readyz").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "ready\n"));
+
+    let r = get(s.addr, "/metrics").await;
+    assert_eq!(r.status, 200);
+    assert!(
+        r.headers
+            .contains("content-type: application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        "{}",
+        r.headers
+    );
+    assert!(
+        r.body
+            .contains("hintfed_events_in_total{source=\"pbx-a\",kind=\"device\"} 1")
+    );
+    assert!(
+        r.body
+            .contains("hintfed_build_info{daemon=\"hintfed-test\",version=\"9.9.9\"} 1")
+    );
+
+    let r = get(s.addr, "/api/state").await;
+    assert_eq!(r.status, 200);
+    assert!(r.headers.contains("content-type: application/json"));
+    let state: StateView = serde_json::from_str(&r.body).expect("state json");
+    assert_eq!(state, Fake.state());
+    let v: serde_json::Value = serde_json::from_str(&r.body).expect("json");
+    assert_eq!(v["devices"][0]["origins"]["pbx-b"], "NOT_INUSE");
+    assert_eq!(v["presence"][0]["message"], "back at 2, promise");
+
+    let r = get(s.addr, "/api/origins").await;
+    let origins: Vec<OriginView> = serde_json::from_str(&r.body).expect("origins json");
+    assert_eq!(origins, Fake.origins());
+
+    let r = get(s.addr, "/api/info").await;
+    let info: InfoView = serde_json::from_str(&r.body).expect("info json");
+    assert_eq!(info.daemon, "hintfed-test");
+
+    let r = get(s.addr, "/").await;
+    assert_eq!(r.status, 200);
+    assert!(r.headers.contains("content-type: text/html; charset=utf-8"));
+    assert!(
+        r.headers
+            .contains("content-security-policy: default-src 'self'")
+    );
+    assert!(r.body.contains("<script src=\"status.js\""));
+    assert!(r.body.contains("name=\"viewport\""));
+    let r = get(s.addr, "/status.js").await;
+    assert_eq!(r.status, 200);
+    assert!(r.body.contains("new EventSource(\"events\")"));
+    let r = get(s.addr, "/status.css").await;
+    assert!(r.headers.contains("content-type: text/css"));
+
+    assert_eq!(get(s.addr, "/nope").await.status, 404);
+    assert_eq!(request(s.addr, "POST", "/healthz").await.status, 405);
+    assert_eq!(request(s.addr, "DELETE", "/api/state").await.status, 405);
+
+    s.ctx.shutdown.cancel();
+    tokio::time::timeout(DEADLINE, s.task)
+        .await
+        .expect("server stops")
+        .expect("join")
+        .expect("serve ok");
+}
+
+/// Read from an SSE response until `needle` appears.
+async fn read_until(stream: &mut TcpStream, acc: &mut String, needle: &str) {
+    tokio::time::timeout(DEADLINE, async {
+        let mut buf = [0u8; 4096];
+        while !acc.contains(needle) {
+            let n = stream.read(&mut buf).await.expect("read");
+            assert!(n > 0, "stream closed before {needle:?}; got {acc}");
+            acc.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{needle:?} within deadline; got {acc}"));
+}
+
+#[tokio::test]
+async fn events_stream_pushes_changes_caps_clients_and_ends_on_shutdown() {
+    let s = start(HttpLimits {
+        max_connections: 16,
+        max_event_clients: 1,
+    })
+    .await;
+    let mut es = TcpStream::connect(s.addr).await.expect("connect");
+    es.write_all(b"GET /events HTTP/1.1\r\nHost: t\r\nAccept: text/event-stream\r\n\r\n")
+        .await
+        .expect("write");
+    let mut acc = String::new();
+    read_until(&mut es, &mut acc, "\r\n\r\n").await;
+    assert!(acc.starts_with("HTTP/1.1 200"), "{acc}");
+    assert!(
+        acc.to_ascii_lowercase()
+            .contains("content-type: text/event-stream"),
+        "{acc}"
+    );
+    let events = s.ctx.events.clone();
+    poll_until(|| events.receiver_count() == 1).await;
+
+    s.ctx.events.publish(StatusEvent::Device(device()));
+    read_until(
+        &mut es,
+        &mut acc,
+        "\"origins\":{\"pbx-a\":\"INUSE\",\"pbx-b\":\"NOT_INUSE\"}}",
+    )
+    .await;
+    assert!(
+        acc.contains("data: {\"type\":\"device\",\"key\":\"PJSIP/100\""),
+        "{acc}"
+    );
+
+    // A second stream is refused while the only slot is taken; plain requests still work.
+    let r = get(s.addr, "/events").await;
+    assert_eq!(
+        (r.status, r.body.as_str()),
+        (503, "too many event clients\n")
+    );
+    assert_eq!(get(s.addr, "/healthz").await.status, 200);
+
+    // The first client leaves: its slot is freed.
+    drop(es);
+    poll_until(|| events.receiver_count() == 0).await;
+    let mut es2 = TcpStream::connect(s.addr).await.expect("connect");
+    es2.write_all(b"GET /events HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("write");
+    let mut acc2 = String::new();
+    read_until(&mut es2, &mut acc2, "\r\n\r\n").await;
+    assert!(acc2.starts_with("HTTP/1.1 200"), "{acc2}");
+    poll_until(|| events.receiver_count() == 1).await;
+    s.ctx.events.publish(StatusEvent::Resync);
+    read_until(&mut es2, &mut acc2, "data: {\"type\":\"resync\"}").await;
+
+    // Shutdown ends the open stream and the server.
+    s.ctx.shutdown.cancel();
+    tokio::time::timeout(DEADLINE, s.task)
+        .await
+        .expect("server stops despite an open event stream")
+        .expect("join")
+        .expect("serve ok");
+}
+
+#[tokio::test]
+async fn hostile_requests_do_not_hurt() {
+    let s = start(HttpLimits::default()).await;
+    let garbage = raw(s.addr, b"\x00\xffBLAH BLAH\r\n\r\n").await;
+    assert!(
+        garbage.is_empty() || garbage.starts_with("HTTP/1.1 400"),
+        "{garbage:?}"
+    );
+    let huge_header = format!(
+        "GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "a".repeat(1 << 20)
+    );
+    let r = raw(s.addr, huge_header.as_bytes()).await;
+    assert!(
+        r.is_empty() || r.starts_with("HTTP/1.1 431") || r.starts_with("HTTP/1.1 400"),
+        "{}",
+        &r[..r.len().min(80)]
+    );
+    let big_body = format!(
+        "POST /api/state HTTP/1.1\r\nHost: t\r\nContent-Length: 10000000\r\nConnection: close\r\n\r\n{}",
+        "x".repeat(1024)
+    );
+    let r = raw(s.addr, big_body.as_bytes()).await;
+    assert!(r.starts_with("HTTP/1.1 405"), "{}", &r[..r.len().min(80)]);
+    let traversal = get(s.addr, "/../../etc/passwd").await;
+    assert_eq!(traversal.status, 404);
+    // Still serving.
+    let r = get(s.addr, "/healthz").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
+    s.ctx.shutdown.cancel();
+    let _ = tokio::time::timeout(DEADLINE, s.task).await.expect("stops");
+}
+
+#[tokio::test]
+async fn connection_cap_queues_rather_than_refuses() {
+    let s = start(HttpLimits {
+        max_connections: 1,
+        max_event_clients: 4,
+    })
+    .await;
+    // Hold the only connection slot with an idle keep-alive connection.
+    let mut hold = TcpStream::connect(s.addr).await.expect("connect");
+    hold.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("write");
+    let mut acc = String::new();
+    read_until(&mut hold, &mut acc, "ok\n").await;
+    // A second client waits in the accept queue while the slot is taken (a bounded wait
+    // that can only end early if the cap is broken), and is served once the first leaves.
+    let mut second = tokio::spawn(get(s.addr, "/healthz"));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut second)
+            .await
+            .is_err(),
+        "second connection served while the only slot was taken"
+    );
+    drop(hold);
+    let r = tokio::time::timeout(DEADLINE, second)
+        .await
+        .expect("served after the slot frees")
+        .expect("join");
+    assert_eq!(r.status, 200);
+    s.ctx.shutdown.cancel();
+    let _ = tokio::time::timeout(DEADLINE, s.task).await.expect("stops");
+}
