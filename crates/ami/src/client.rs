@@ -122,6 +122,9 @@ pub struct ClientConfig {
     pub action_timeout: Duration,
     /// How long connecting (TCP and TLS) may take. Default 10 s.
     pub connect_timeout: Duration,
+    /// How long [`AmiClient::shutdown`] waits for the `Logoff` answer before closing anyway.
+    /// Default 2 s.
+    pub logoff_timeout: Duration,
     /// Interval between keepalive `Ping`s. Default 20 s.
     pub ping_interval: Duration,
     /// A `Ping` unanswered this long drops the connection. Default 10 s.
@@ -154,6 +157,7 @@ impl ClientConfig {
             events: "on".to_owned(),
             action_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
+            logoff_timeout: Duration::from_secs(2),
             ping_interval: Duration::from_secs(20),
             ping_timeout: Duration::from_secs(10),
             backoff_initial: Duration::from_millis(500),
@@ -440,7 +444,7 @@ impl AmiClient {
         matches!(waited, Ok(Ok(s)) if matches!(*s, ConnectionState::Connected { .. }))
     }
 
-    /// Logs off (when connected, waiting at most `action_timeout` for `Goodbye`), closes the
+    /// Logs off (when connected, waiting at most `logoff_timeout` for `Goodbye`), closes the
     /// connection, fails pending actions with [`ClientError::Shutdown`] and waits for the task
     /// to end. Idempotent; every clone of the handle sees the client stopped.
     pub async fn shutdown(&self) {
@@ -913,7 +917,7 @@ impl Connection {
         }
     }
 
-    /// Best-effort `Logoff`: waits at most `action_timeout` for `Goodbye` (or the close).
+    /// Best-effort `Logoff`: waits at most `logoff_timeout` for `Goodbye` (or the close).
     async fn logoff(&mut self, conn: &mut Conn) {
         let id = self.ids.next();
         let mut msg = actions::logoff();
@@ -930,7 +934,7 @@ impl Connection {
             }
             Some(())
         };
-        if timeout(self.config.action_timeout, bye).await.is_err() {
+        if timeout(self.config.logoff_timeout, bye).await.is_err() {
             debug!("no Goodbye to Logoff; closing anyway");
         }
         let _ = SinkExt::<&Message>::close(conn).await;
