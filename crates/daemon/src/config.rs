@@ -11,7 +11,8 @@
 //!   are case-sensitive; values are taken literally (no quotes, no backslash escapes, so
 //!   regular expressions such as `^PJSIP/\d+$` survive); an empty value means "unset";
 //! - a duplicate section or a duplicate key in one section is an error (configparser's strict
-//!   mode), as are keys before the first section and indented continuation lines.
+//!   mode), as are keys before the first section and continuation lines (a line indented
+//!   deeper than the key above it); keys indented alike are fine.
 //!
 //! # Environment overrides
 //! `HINTFED_<SECTION>_<KEY>` overrides `[section] key` (e.g. `HINTFED_ASTERISK_SECRET`). The
@@ -229,11 +230,25 @@ struct SectionData {
 
 /// A loaded configuration: the file's sections and keys in file order, with the environment
 /// overrides applied. `Debug` masks secret-looking keys.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ConfigFile {
     file: String,
     sections: Vec<SectionData>,
     ignored_env: Vec<String>,
+    /// Problems worth a warning but not fatal (unknown keys in the broker), recorded while
+    /// the daemon's loader runs, before logging exists; `run` logs them.
+    warnings: std::sync::Mutex<Vec<ConfigError>>,
+}
+
+impl Clone for ConfigFile {
+    fn clone(&self) -> Self {
+        Self {
+            file: self.file.clone(),
+            sections: self.sections.clone(),
+            ignored_env: self.ignored_env.clone(),
+            warnings: std::sync::Mutex::new(self.warnings()),
+        }
+    }
 }
 
 impl ConfigFile {
@@ -262,7 +277,25 @@ impl ConfigFile {
             file: file.to_owned(),
             sections,
             ignored_env,
+            warnings: std::sync::Mutex::default(),
         })
+    }
+
+    /// Record a non-fatal problem (shown by `run` as a warning once logging is up, and on
+    /// stderr by `--check-config`).
+    pub fn warn(&self, problem: ConfigError) {
+        self.warnings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(problem);
+    }
+
+    /// The warnings recorded so far.
+    pub fn warnings(&self) -> Vec<ConfigError> {
+        self.warnings
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// The file name as given, for messages.
@@ -284,7 +317,7 @@ impl ConfigFile {
     pub fn section(&self, name: &str) -> Section<'_> {
         let data = self.sections.iter().find(|s| s.name == name);
         Section {
-            file: &self.file,
+            file: self,
             name: match data {
                 Some(d) => Cow::Borrowed(d.name.as_str()),
                 None => Cow::Owned(name.to_owned()),
@@ -353,7 +386,7 @@ impl ConfigFile {
 /// key is absent or its value is empty.
 #[derive(Debug, Clone)]
 pub struct Section<'a> {
-    file: &'a str,
+    file: &'a ConfigFile,
     name: Cow<'a, str>,
     data: Option<&'a SectionData>,
 }
@@ -409,7 +442,7 @@ impl<'a> Section<'a> {
             _ => None,
         };
         ConfigError {
-            file: self.file.to_owned(),
+            file: self.file.file.clone(),
             section: Some(self.name.to_string()),
             key: Some(key.to_ascii_lowercase()),
             env_var,
@@ -512,6 +545,22 @@ impl<'a> Section<'a> {
             v.parse::<SocketAddr>()
                 .map_err(|_| format!("{v:?} is not an address (IP:port, e.g. 127.0.0.1:9480)"))
         })
+    }
+
+    /// Fail on the first key not in `known` (for daemons that refuse unknown keys).
+    pub fn reject_unknown_keys(&self, known: &[&str]) -> Result<(), ConfigError> {
+        match self.unknown_keys(known).into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Record a warning per key not in `known` (the broker's policy: warned about, not
+    /// ignored silently); see [`ConfigFile::warn`].
+    pub fn warn_unknown_keys(&self, known: &[&str]) {
+        for e in self.unknown_keys(known) {
+            self.file.warn(e);
+        }
     }
 
     /// One error per key not in `known` (problem `unknown key`): the broker warns about them,
@@ -643,6 +692,7 @@ fn scalar(key: &str, v: &serde_json::Value) -> String {
 
 fn scan(file: &str, text: &str) -> Result<Vec<SectionData>, ConfigError> {
     let mut sections: Vec<SectionData> = Vec::new();
+    let mut last_key_indent: Option<usize> = None;
     let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     for (idx, raw) in text.lines().enumerate() {
         let line_no = idx + 1;
@@ -651,13 +701,17 @@ fn scan(file: &str, text: &str) -> Result<Vec<SectionData>, ConfigError> {
         if trimmed.is_empty() || trimmed.starts_with(';') || trimmed.starts_with('#') {
             continue;
         }
-        if raw.starts_with([' ', '\t']) && !sections.is_empty() {
+        // Like configparser: a line indented deeper than the key above it continues that
+        // key's value. We refuse those rather than guess; equally indented keys are fine.
+        let indent = raw.len() - raw.trim_start().len();
+        if last_key_indent.is_some_and(|k| indent > k) {
             return Err(at(
                 "indented continuation lines are not supported (write the value on one line)"
                     .into(),
             ));
         }
         if let Some(rest) = trimmed.strip_prefix('[') {
+            last_key_indent = None;
             let rest = strip_inline_comment(rest);
             let Some(name) = rest.strip_suffix(']') else {
                 return Err(at(format!("{trimmed:?} is not a [section] header")));
@@ -706,6 +760,7 @@ fn scan(file: &str, text: &str) -> Result<Vec<SectionData>, ConfigError> {
                 problem: format!("line {line_no}: duplicate key"),
             });
         }
+        last_key_indent = Some(indent);
         section.entries.push(Entry {
             key,
             value,
@@ -931,6 +986,9 @@ mod tests {
         assert!(e.to_string().contains("line 2"), "{e}");
         let e = parse("[a]\nx = 1\n  y\n").expect_err("continuation");
         assert!(e.to_string().contains("continuation"), "{e}");
+        let ok = parse("[a]\n  x = 1\n  y = 2\n[b]\n\tz = 3\n").expect("equal indentation");
+        assert_eq!(ok.get("a", "y"), Some("2"));
+        assert_eq!(ok.get("b", "z"), Some("3"));
         let e = parse("[a.b]\n").expect_err("dot");
         assert!(e.to_string().contains("section name"), "{e}");
     }
@@ -1020,6 +1078,23 @@ mod tests {
             us[0].to_string(),
             "config error: t.ini: [b]: unknown section"
         );
+    }
+
+    #[test]
+    fn warnings_and_strict_unknown_keys() {
+        let cfg = parse("[a]\nx = 1\ny = 2\n").expect("parse");
+        assert_eq!(
+            cfg.section("a")
+                .reject_unknown_keys(&["x"])
+                .map_err(|e| e.to_string()),
+            Err("config error: t.ini: [a] y: unknown key".into())
+        );
+        assert!(cfg.section("a").reject_unknown_keys(&["x", "y"]).is_ok());
+        cfg.section("a").warn_unknown_keys(&["x"]);
+        let w = cfg.warnings();
+        assert_eq!(w.len(), 1);
+        assert_eq!(w[0].key.as_deref(), Some("y"));
+        assert_eq!(cfg.clone().warnings().len(), 1);
     }
 
     #[test]

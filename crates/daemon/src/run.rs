@@ -245,8 +245,9 @@ fn now_ms() -> u64 {
 
 /// Run a daemon (see the module docs). `fallback_config` is a positional config path for
 /// binaries that accept one (the broker). `load` builds the daemon's typed config (it should
-/// also check unknown keys, and include [`GENERAL_KEYS`] and [`HTTP_KEYS`] among the known
-/// ones); `daemon` is the work, which must return soon after `ctx.shutdown` is cancelled.
+/// also check unknown keys with `Section::reject_unknown_keys` or `warn_unknown_keys`, with
+/// [`GENERAL_KEYS`] and [`HTTP_KEYS`] among the known ones; warnings recorded on the file are
+/// logged once logging is up); `daemon` is the work, which must return soon after `ctx.shutdown` is cancelled.
 /// Returns the exit status: 0, 64 (configuration) or 1 (run-time failure).
 pub async fn run<C, L, D, Fut>(
     spec: DaemonSpec,
@@ -280,7 +281,11 @@ where
             return EXIT_CONFIG;
         }
     };
+    let warnings = file.warnings();
     if args.check_config {
+        for w in &warnings {
+            eprintln!("warning: {w}");
+        }
         return match effective_config(&spec, &file, &common, &typed) {
             Ok(text) => {
                 print!("{text}");
@@ -307,6 +312,9 @@ where
             return EXIT_CONFIG;
         }
     };
+    for w in &warnings {
+        tracing::warn!(problem = %w, "configuration warning");
+    }
     for var in file.ignored_env() {
         tracing::warn!(%var, "environment variable matches no configuration section; ignored");
     }
