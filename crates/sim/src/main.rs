@@ -26,6 +26,8 @@ async fn main() -> anyhow::Result<()> {
             std::process::exit(64);
         }
     };
+    // Handlers first: a signal right after the "listening" lines must not kill us uncleanly.
+    let signals = Signals::install()?;
     let mut handles = Vec::new();
     for cfg in configs {
         let name = cfg.name.clone().unwrap_or_else(|| "-".to_owned());
@@ -37,7 +39,7 @@ async fn main() -> anyhow::Result<()> {
         out.flush()?;
         handles.push(handle);
     }
-    wait_for_signal().await?;
+    signals.wait().await?;
     tracing::info!("signal received: shutting down");
     for h in handles {
         h.shutdown().await;
@@ -45,19 +47,38 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
+/// SIGINT/SIGTERM, installed up front.
+struct Signals {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        let mut term = signal(SignalKind::terminate()).context("installing SIGTERM handler")?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r.context("waiting for SIGINT")?,
-            _ = term.recv() => {}
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            Ok(Self {
+                term: signal(SignalKind::terminate()).context("installing SIGTERM handler")?,
+                int: signal(SignalKind::interrupt()).context("installing SIGINT handler")?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(Self {})
     }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
-    Ok(())
+
+    async fn wait(mut self) -> anyhow::Result<()> {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for Ctrl-C")?;
+        Ok(())
+    }
 }

@@ -366,6 +366,9 @@ pub struct Pbx {
     initial_globals: Vec<(String, String)>,
     /// Active calls per device (lower-cased name).
     calls: HashMap<String, u32>,
+    /// Last state published for uncached (`Local/`) devices (lower-cased name): what the
+    /// Local channel driver would report.
+    uncached: HashMap<String, DeviceState>,
     next_channel: u32,
     next_uniqueid: u64,
 }
@@ -390,6 +393,7 @@ impl Pbx {
             globals: BTreeMap::new(),
             initial_globals: globals,
             calls: HashMap::new(),
+            uncached: HashMap::new(),
             next_channel: 0,
             next_uniqueid: 1,
         };
@@ -429,6 +433,7 @@ impl Pbx {
         self.cache.clear();
         self.presence.clear();
         self.calls.clear();
+        self.uncached.clear();
         self.next_channel = 0;
         self.next_uniqueid = 1;
         self.boot();
@@ -445,17 +450,11 @@ impl Pbx {
         }
         if let Some((tech, rest)) = device.split_once('/') {
             if tech.eq_ignore_ascii_case("Local") {
-                return if self
-                    .calls
+                return self
+                    .uncached
                     .get(&device.to_ascii_lowercase())
                     .copied()
-                    .unwrap_or(0)
-                    > 0
-                {
-                    DeviceState::Inuse
-                } else {
-                    DeviceState::NotInuse
-                };
+                    .unwrap_or(DeviceState::NotInuse);
             }
             if tech.contains(':') || rest.is_empty() {
                 // e.g. "Custom:Local/100@phones" not in the cache: no channel tech "Custom:Local".
@@ -516,6 +515,8 @@ impl Pbx {
                 return Vec::new();
             }
             self.cache.insert(device, state);
+        } else {
+            self.uncached.insert(device.to_ascii_lowercase(), state);
         }
         let dsc = self.event(
             "DeviceStateChange",
