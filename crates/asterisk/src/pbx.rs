@@ -1,0 +1,470 @@
+//! [`Pbx`]: one Asterisk as a relay sees it.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hintfed_ami::{
+    AmiClient, ClientConfig, ClientError, ClientEvent, DeviceStateChange, ExtensionStatus, Message,
+    PresenceStateChange, Response, actions,
+};
+use hintfed_transport::{LinkStatus, ReqClient, ReqClientConfig, SubClient, SubClientConfig};
+use tokio::sync::{broadcast, mpsc};
+use tracing::{debug, info, warn};
+
+use crate::event::{HintItem, PbxEvent, PresenceItem, classify};
+use crate::zmq::{action_to_json, event_from_json, reply_from_json};
+
+/// Where state events come from.
+#[derive(Debug, Clone)]
+pub enum EventsVia {
+    /// AMI over TCP (or TLS). When [`ActionsVia::Ami`] names the same address and user, one
+    /// connection serves both.
+    Ami(Box<ClientConfig>),
+    /// res_zmq_manager's PUB socket (`addr_evt`), subscribed with the prefix `{`.
+    Zmq {
+        /// `tcp://host:port`.
+        endpoint: String,
+    },
+}
+
+/// Where actions (`Setvar`, the state lists) go.
+#[derive(Debug, Clone)]
+pub enum ActionsVia {
+    /// AMI over TCP (or TLS).
+    Ami(Box<ClientConfig>),
+    /// res_zmq_manager's REP socket (`addr_cmd`), lazy-pirate REQ.
+    Zmq(ReqClientConfig),
+}
+
+/// How to reach one Asterisk.
+#[derive(Debug, Clone)]
+pub struct PbxConfig {
+    /// Event source.
+    pub events: EventsVia,
+    /// Action sink.
+    pub actions: ActionsVia,
+    /// Over res_zmq_manager, how often a `Ping` checks that Asterisk answers (default 2 s).
+    pub zmq_ping_interval: Duration,
+    /// Capacity of the event channel to the relay (default 4096). When it is full the
+    /// producer waits; the AMI client never does (its subscribers lag, which becomes a
+    /// [`PbxEvent::Resync`]).
+    pub event_capacity: usize,
+}
+
+impl PbxConfig {
+    /// A configuration with the defaults documented on each field.
+    pub fn new(events: EventsVia, actions: ActionsVia) -> Self {
+        Self {
+            events,
+            actions,
+            zmq_ping_interval: Duration::from_secs(2),
+            event_capacity: 4096,
+        }
+    }
+}
+
+/// Why an action on a [`Pbx`] failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PbxError {
+    /// Asterisk is not reachable right now; nothing was done.
+    #[error("Asterisk not reachable: {0}")]
+    NotConnected(String),
+    /// Asterisk answered `Response: Error`.
+    #[error("Asterisk refused {action}: {message}")]
+    Refused {
+        /// The action.
+        action: String,
+        /// Asterisk's `Message`.
+        message: String,
+    },
+    /// No answer in time, or the link broke during the action.
+    #[error("Asterisk did not answer {action}: {detail}")]
+    NoAnswer {
+        /// The action.
+        action: String,
+        /// What happened.
+        detail: String,
+    },
+    /// The answer could not be read.
+    #[error("unreadable answer from Asterisk: {0}")]
+    Malformed(String),
+    /// The action is not available over this link (e.g. `Getvar` over res_zmq_manager, which
+    /// crashes Asterisk).
+    #[error("{0}")]
+    Unsupported(&'static str),
+}
+
+#[derive(Debug, Clone)]
+enum Actions {
+    Ami(AmiClient),
+    Zmq(ReqClient),
+}
+
+/// Handle to one Asterisk: cheap to clone. Events arrive on the receiver given by
+/// [`Pbx::start`]; dropping every handle and the receiver stops the background tasks.
+#[derive(Debug, Clone)]
+pub struct Pbx {
+    actions: Actions,
+    up: Arc<AtomicBool>,
+    // Kept so the event clients live as long as the handle.
+    _events_ami: Option<AmiClient>,
+    _events_zmq: Option<SubClient>,
+}
+
+struct Signals {
+    tx: mpsc::Sender<PbxEvent>,
+    generation: AtomicU64,
+    up: Arc<AtomicBool>,
+}
+
+impl Signals {
+    async fn up(&self) -> bool {
+        self.up.store(true, Ordering::SeqCst);
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        self.tx.send(PbxEvent::Up { generation }).await.is_ok()
+    }
+
+    async fn down(&self, reason: String) -> bool {
+        self.up.store(false, Ordering::SeqCst);
+        self.tx.send(PbxEvent::Down { reason }).await.is_ok()
+    }
+
+    async fn send(&self, ev: PbxEvent) -> bool {
+        self.tx.send(ev).await.is_ok()
+    }
+}
+
+fn same_ami(a: &ClientConfig, b: &ClientConfig) -> bool {
+    a.addr == b.addr && a.username == b.username
+}
+
+impl Pbx {
+    /// Connects in the background (needs a Tokio runtime) and returns the handle and the
+    /// event receiver. The first [`PbxEvent::Up`] arrives once actions are served.
+    pub fn start(config: PbxConfig) -> Result<(Self, mpsc::Receiver<PbxEvent>), PbxError> {
+        let (tx, rx) = mpsc::channel(config.event_capacity.max(1));
+        let up = Arc::new(AtomicBool::new(false));
+        let signals = Arc::new(Signals {
+            tx,
+            generation: AtomicU64::new(0),
+            up: Arc::clone(&up),
+        });
+
+        let mut events_ami = None;
+        let mut events_zmq = None;
+        let actions = match &config.actions {
+            ActionsVia::Ami(actions_cfg) => {
+                let shared =
+                    matches!(&config.events, EventsVia::Ami(e) if same_ami(e, actions_cfg));
+                let mut cfg = ClientConfig::clone(actions_cfg);
+                if !shared {
+                    // This connection only carries actions.
+                    cfg.events = "off".to_owned();
+                }
+                let client = AmiClient::start(cfg);
+                tokio::spawn(ami_pump(
+                    client.subscribe(),
+                    Arc::clone(&signals),
+                    shared,
+                    true,
+                ));
+                Actions::Ami(client)
+            }
+            ActionsVia::Zmq(req_cfg) => {
+                let req = ReqClient::connect(req_cfg.clone())
+                    .map_err(|e| PbxError::NotConnected(e.to_string()))?;
+                tokio::spawn(zmq_liveness(
+                    req.clone(),
+                    Arc::clone(&signals),
+                    config.zmq_ping_interval,
+                ));
+                Actions::Zmq(req)
+            }
+        };
+        match &config.events {
+            EventsVia::Ami(cfg) => {
+                let shared = matches!(&config.actions, ActionsVia::Ami(a) if same_ami(cfg, a));
+                if !shared {
+                    let client = AmiClient::start(ClientConfig::clone(cfg));
+                    tokio::spawn(ami_pump(
+                        client.subscribe(),
+                        Arc::clone(&signals),
+                        true,
+                        false,
+                    ));
+                    events_ami = Some(client);
+                }
+            }
+            EventsVia::Zmq { endpoint } => {
+                let mut sub_cfg = SubClientConfig::new(endpoint.clone());
+                sub_cfg.subscriptions = vec!["{".to_owned()];
+                let (sub, frames) = SubClient::connect(sub_cfg)
+                    .map_err(|e| PbxError::NotConnected(e.to_string()))?;
+                tokio::spawn(zmq_events(sub.status(), frames, Arc::clone(&signals)));
+                events_zmq = Some(sub);
+            }
+        }
+        Ok((
+            Self {
+                actions,
+                up,
+                _events_ami: events_ami,
+                _events_zmq: events_zmq,
+            },
+            rx,
+        ))
+    }
+
+    /// Whether actions are served right now (as last seen).
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::SeqCst)
+    }
+
+    /// Whether [`Pbx::device_state`] may be used (not over res_zmq_manager).
+    pub fn supports_getvar(&self) -> bool {
+        matches!(self.actions, Actions::Ami(_))
+    }
+
+    /// Sends one action and returns the messages of its answer (the response first, then any
+    /// list events). A `Response: Error` becomes [`PbxError::Refused`].
+    async fn request(&self, action: Message, list: bool) -> Result<Vec<Message>, PbxError> {
+        let name = action.action_name().unwrap_or("?").to_owned();
+        let msgs = match &self.actions {
+            Actions::Ami(client) => {
+                let result = if list {
+                    client.list(action).await.map(|r| {
+                        let mut v = Vec::with_capacity(r.items.len() + 2);
+                        v.push(r.response);
+                        v.extend(r.items);
+                        v.extend(r.complete);
+                        v
+                    })
+                } else {
+                    client.send(action).await.map(|m| vec![m])
+                };
+                result.map_err(|e| match e {
+                    ClientError::NotConnected | ClientError::Shutdown => {
+                        PbxError::NotConnected(e.to_string())
+                    }
+                    ClientError::InvalidAction(d) => PbxError::Malformed(d),
+                    other => PbxError::NoAnswer {
+                        action: name.clone(),
+                        detail: other.to_string(),
+                    },
+                })?
+            }
+            Actions::Zmq(req) => {
+                let reply = req
+                    .request(vec![Bytes::from(action_to_json(&action))])
+                    .await
+                    .map_err(|e| PbxError::NoAnswer {
+                        action: name.clone(),
+                        detail: e.to_string(),
+                    })?;
+                let frame = reply.first().cloned().unwrap_or_default();
+                reply_from_json(&frame).map_err(|e| PbxError::Malformed(e.to_string()))?
+            }
+        };
+        let first = msgs
+            .first()
+            .ok_or_else(|| PbxError::Malformed(format!("empty answer to {name}")))?;
+        match Response::from_message(first) {
+            Some(r) if r.is_success() => Ok(msgs),
+            Some(r) => Err(PbxError::Refused {
+                action: name,
+                message: r.message.unwrap_or_default(),
+            }),
+            None => Err(PbxError::Malformed(format!("{name} answered {first:?}"))),
+        }
+    }
+
+    /// `Setvar variable=value`, e.g. `DEVICE_STATE(Custom:PJSIP/100)` = `INUSE`.
+    pub async fn setvar(&self, variable: &str, value: &str) -> Result<(), PbxError> {
+        self.request(actions::setvar(variable, value), false)
+            .await
+            .map(drop)
+    }
+
+    /// `DeviceStateList`: the device states Asterisk holds in its cache.
+    pub async fn list_devices(&self) -> Result<Vec<DeviceStateChange>, PbxError> {
+        let msgs = self.request(actions::device_state_list(), true).await?;
+        Ok(msgs
+            .iter()
+            .skip(1)
+            .filter_map(DeviceStateChange::from_message)
+            .collect())
+    }
+
+    /// `PresenceStateList`.
+    pub async fn list_presence(&self) -> Result<Vec<PresenceItem>, PbxError> {
+        let msgs = self.request(actions::presence_state_list(), true).await?;
+        Ok(msgs
+            .iter()
+            .skip(1)
+            .filter_map(PresenceStateChange::from_message)
+            .collect())
+    }
+
+    /// `ExtensionStateList`: every hint and its extension state.
+    pub async fn list_hints(&self) -> Result<Vec<HintItem>, PbxError> {
+        let msgs = self.request(actions::extension_state_list(), true).await?;
+        Ok(msgs
+            .iter()
+            .skip(1)
+            .filter(|m| m.is_event("ExtensionStatus"))
+            .filter_map(ExtensionStatus::from_message)
+            .collect())
+    }
+
+    /// The current state of one device (`Getvar DEVICE_STATE(device)`), over AMI only.
+    pub async fn device_state(&self, device: &str) -> Result<String, PbxError> {
+        if !self.supports_getvar() {
+            return Err(PbxError::Unsupported(
+                "Getvar is never sent through res_zmq_manager (it crashes Asterisk)",
+            ));
+        }
+        let msgs = self
+            .request(actions::getvar(&format!("DEVICE_STATE({device})")), false)
+            .await?;
+        msgs[0]
+            .get("Value")
+            .map(str::to_owned)
+            .ok_or_else(|| PbxError::Malformed("Getvar answer without Value".into()))
+    }
+}
+
+/// Forwards an AMI client's lifecycle and (when `events`) its state events.
+async fn ami_pump(
+    mut sub: hintfed_ami::Subscription,
+    signals: Arc<Signals>,
+    events: bool,
+    lifecycle: bool,
+) {
+    loop {
+        let ok = match sub.recv().await {
+            Ok(ClientEvent::Connected { generation, .. }) => {
+                debug!(generation, "AMI session up");
+                if lifecycle {
+                    signals.up().await
+                } else {
+                    signals
+                        .send(PbxEvent::Resync {
+                            reason: "AMI event connection re-established".into(),
+                        })
+                        .await
+                }
+            }
+            Ok(ClientEvent::Disconnected { reason, .. }) => {
+                if lifecycle {
+                    signals.down(reason).await
+                } else {
+                    true
+                }
+            }
+            Ok(ClientEvent::Event(msg)) if events => match classify(&msg) {
+                Some(ev) => signals.send(ev).await,
+                None => true,
+            },
+            Ok(ClientEvent::Event(_)) => true,
+            Err(broadcast::error::RecvError::Lagged(n)) => {
+                warn!(missed = n, "fell behind the AMI event stream; resyncing");
+                signals
+                    .send(PbxEvent::Resync {
+                        reason: format!("{n} AMI events missed"),
+                    })
+                    .await
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        if !ok {
+            return;
+        }
+    }
+}
+
+/// Pings res_zmq_manager's REP socket; turns answers and silence into `Up` / `Down`.
+async fn zmq_liveness(req: ReqClient, signals: Arc<Signals>, interval: Duration) {
+    let ping = Bytes::from(action_to_json(&actions::ping()));
+    let mut up = false;
+    let mut failures = 0u32;
+    loop {
+        if signals.tx.is_closed() {
+            return;
+        }
+        match req.request(vec![ping.clone()]).await {
+            Ok(_) => {
+                failures = 0;
+                if !up {
+                    up = true;
+                    info!("res_zmq_manager answers");
+                    if !signals.up().await {
+                        return;
+                    }
+                }
+            }
+            Err(e) => {
+                failures += 1;
+                // One lost ping is not a dead Asterisk; two in a row are.
+                if up && failures >= 2 {
+                    up = false;
+                    warn!(error = %e, "res_zmq_manager does not answer");
+                    if !signals.down(e.to_string()).await {
+                        return;
+                    }
+                }
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+/// Reads res_zmq_manager's event frames; a reconnect of the SUB link or a `FullyBooted`
+/// (Asterisk just started) is reported as [`PbxEvent::Up`]: resync and re-apply.
+async fn zmq_events(
+    mut status: tokio::sync::watch::Receiver<LinkStatus>,
+    mut frames: mpsc::Receiver<hintfed_transport::Frames>,
+    signals: Arc<Signals>,
+) {
+    let mut was_connected = false;
+    loop {
+        tokio::select! {
+            changed = status.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let now = *status.borrow_and_update() == LinkStatus::Connected;
+                // The module's sockets come back only with a new Asterisk process: treat a
+                // reconnect like a restart (list local state, re-apply remote state).
+                if now && !was_connected && !signals.up().await {
+                    return;
+                }
+                was_connected = now;
+            }
+            frame = frames.recv() => {
+                let Some(frame) = frame else { return };
+                let Some(first) = frame.first() else { continue };
+                let msg = match event_from_json(first) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        warn!(error = %e, "unreadable res_zmq_manager event dropped");
+                        continue;
+                    }
+                };
+                let ok = if msg.is_event("FullyBooted") {
+                    info!("Asterisk reported FullyBooted: it (re)started");
+                    signals.up().await
+                } else {
+                    match classify(&msg) {
+                        Some(ev) => signals.send(ev).await,
+                        None => true,
+                    }
+                };
+                if !ok {
+                    return;
+                }
+            }
+        }
+    }
+}
