@@ -1,0 +1,439 @@
+//! The one versioned message type on the wire: [`Envelope`] (`v`, `origin`, `epoch`, `seq`,
+//! `body`), its [`Body`] variants, and structural validation against [`Limits`]. Signing and
+//! the replay guard live in [`crate::auth`].
+//!
+//! Two classes of bodies exist:
+//! - **stream** bodies ([`Body::is_stream`]: update, full-sync begin/end, heartbeat,
+//!   origin-down) form an origin's sequenced stream: each consumes the next `seq` of
+//!   `(origin, epoch)` (starting at 1), hubs forward them unchanged to every subscriber, and
+//!   replays are rejected by `(origin, epoch, seq)`;
+//! - **control** bodies (hello, snapshot request/chunk/end, resync request) are point-to-point
+//!   requests and answers. They carry the sender's current last stream `seq` without consuming
+//!   one, are not replay-checked by sequence, and answers are matched by `request_id`.
+
+use serde::{Deserialize, Serialize};
+
+use crate::hlc::HlcTimestamp;
+use crate::liveness::DownReason;
+use crate::state::{Kind, Value};
+use crate::time::Epoch;
+
+/// The wire version this crate speaks.
+pub const WIRE_VERSION: u32 = 1;
+
+/// Size limits enforced on every decoded message (and checked before sending).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    /// Largest accepted wire message in bytes (the whole signed frame). Default 64 KiB.
+    pub max_message_bytes: usize,
+    /// Longest origin name in bytes. Default 128.
+    pub max_origin_len: usize,
+    /// Longest state key (device or presentity name) in bytes. Default 512.
+    pub max_key_len: usize,
+    /// Longest free text (presence subtype/message, reasons) in bytes. Default 1024.
+    pub max_text_len: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 64 * 1024,
+            max_origin_len: 128,
+            max_key_len: 512,
+            max_text_len: 1024,
+        }
+    }
+}
+
+/// One update of one key by the envelope's origin.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Update {
+    /// Device name as the origin knows it (e.g. `PJSIP/100`), or the presentity
+    /// (`CustomPresence:alice`, shared by every server).
+    pub key: String,
+    /// The new value; its variant gives the kind.
+    pub value: Value,
+    /// Hybrid logical clock timestamp of the change (orders presence writes).
+    pub ts: HlcTimestamp,
+}
+
+impl Update {
+    /// The kind of the updated key.
+    pub fn kind(&self) -> Kind {
+        self.value.kind()
+    }
+}
+
+/// One entry of a snapshot: the latest update the hub holds for `(origin, key)`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotEntry {
+    /// Origin that published it.
+    pub origin: String,
+    /// That origin's epoch at the time.
+    pub epoch: Epoch,
+    /// Stream sequence of the update.
+    pub seq: u64,
+    /// The key.
+    pub key: String,
+    /// The value.
+    pub value: Value,
+    /// The update's timestamp.
+    pub ts: HlcTimestamp,
+}
+
+/// What a hub knows about one origin, sent with a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OriginSummary {
+    /// Origin name.
+    pub origin: String,
+    /// Its current epoch.
+    pub epoch: Epoch,
+    /// Highest stream sequence seen in that epoch (the snapshot covers everything up to it).
+    pub last_seq: u64,
+    /// Why the origin is down, if it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub down: Option<DownReason>,
+}
+
+/// The role of a peer announcing itself with [`Body::Hello`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// hintfed-agent beside one Asterisk.
+    Agent,
+    /// hintfed-server.
+    Hub,
+    /// hintfed-broker relay.
+    Broker,
+    /// A read-only consumer (monitoring, tests).
+    Observer,
+}
+
+/// The payload of an envelope. JSON form: an object with `"type"` (snake_case variant name)
+/// and the variant's fields, e.g. `{"type":"full_sync_end","begin_seq":7}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Body {
+    /// Stream: a key changed at the origin.
+    Update(Update),
+    /// Stream: the origin's complete state follows (its seq is the `begin_seq` of the end).
+    FullSyncBegin,
+    /// Stream: the full sync that began at `begin_seq` is complete: every device key of this
+    /// origin not updated since `begin_seq` no longer exists and is dropped.
+    FullSyncEnd {
+        /// Sequence of the matching [`Body::FullSyncBegin`].
+        begin_seq: u64,
+    },
+    /// Stream: the origin is alive (its envelope seq is its last seq).
+    Heartbeat {
+        /// True while the origin has lost its Asterisk (its devices count as down).
+        #[serde(default)]
+        local_down: bool,
+    },
+    /// Stream: `origin` is down. Sent by an origin about itself (lost its Asterisk), or by a
+    /// hub about an origin that fell silent.
+    OriginDown {
+        /// The origin that is down.
+        origin: String,
+        /// Its epoch as last seen.
+        epoch: Epoch,
+        /// Its last stream sequence seen by the sender.
+        last_seq: u64,
+        /// Human-readable reason.
+        reason: String,
+    },
+    /// Control: a peer introduces itself to a hub.
+    Hello {
+        /// What the peer is.
+        role: Role,
+        /// Software name and version, informational.
+        #[serde(default)]
+        software: String,
+    },
+    /// Control: ask a hub for its whole table.
+    SnapshotRequest {
+        /// Correlates the answer.
+        request_id: u64,
+    },
+    /// Control: part of a snapshot answer (bounded in size by construction).
+    SnapshotChunk {
+        /// The request answered.
+        request_id: u64,
+        /// Table entries.
+        #[serde(default)]
+        entries: Vec<SnapshotEntry>,
+        /// Origin summaries (applied only once the whole snapshot arrived).
+        #[serde(default)]
+        origins: Vec<OriginSummary>,
+    },
+    /// Control: the snapshot is complete.
+    SnapshotEnd {
+        /// The request answered.
+        request_id: u64,
+        /// Number of chunks sent before this end (lets the receiver detect a lost chunk).
+        chunks: u32,
+    },
+    /// Control: a hub asks `origin` to republish its full state (it missed part of its stream
+    /// or restarted).
+    ResyncRequest {
+        /// The origin asked.
+        origin: String,
+    },
+}
+
+impl Body {
+    /// Whether this body belongs to the origin's sequenced stream (see the module docs).
+    pub fn is_stream(&self) -> bool {
+        matches!(
+            self,
+            Body::Update(_)
+                | Body::FullSyncBegin
+                | Body::FullSyncEnd { .. }
+                | Body::Heartbeat { .. }
+                | Body::OriginDown { .. }
+        )
+    }
+
+    /// A short name for logs and metrics labels (the JSON `type`).
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            Body::Update(_) => "update",
+            Body::FullSyncBegin => "full_sync_begin",
+            Body::FullSyncEnd { .. } => "full_sync_end",
+            Body::Heartbeat { .. } => "heartbeat",
+            Body::OriginDown { .. } => "origin_down",
+            Body::Hello { .. } => "hello",
+            Body::SnapshotRequest { .. } => "snapshot_request",
+            Body::SnapshotChunk { .. } => "snapshot_chunk",
+            Body::SnapshotEnd { .. } => "snapshot_end",
+            Body::ResyncRequest { .. } => "resync_request",
+        }
+    }
+}
+
+/// The federation message. JSON form:
+/// `{"v":1,"origin":"pbx-a","epoch":1763880000000,"seq":5,"body":{"type":"update",...}}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Wire version, [`WIRE_VERSION`].
+    pub v: u32,
+    /// Sender (an Asterisk server's origin name, or a hub's name).
+    pub origin: String,
+    /// Sender's epoch.
+    pub epoch: Epoch,
+    /// Stream sequence (consumed by stream bodies, current last seq for control bodies).
+    pub seq: u64,
+    /// Payload.
+    pub body: Body,
+}
+
+/// Why an envelope's content is unacceptable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidEnvelope {
+    /// A name or key is empty.
+    #[error("empty {0}")]
+    Empty(&'static str),
+    /// A field exceeds its limit.
+    #[error("{field} too long ({len} > {max} bytes)")]
+    TooLong {
+        /// Which field.
+        field: &'static str,
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A name or key holds a control character (would break AMI framing).
+    #[error("control character in {0}")]
+    ControlChar(&'static str),
+    /// A stream envelope with sequence 0 (stream sequences start at 1).
+    #[error("stream envelope with seq 0")]
+    ZeroSeq,
+}
+
+fn check_name(field: &'static str, s: &str, max: usize) -> Result<(), InvalidEnvelope> {
+    if s.is_empty() {
+        return Err(InvalidEnvelope::Empty(field));
+    }
+    check_text(field, s, max)?;
+    if s.chars().any(char::is_control) {
+        return Err(InvalidEnvelope::ControlChar(field));
+    }
+    Ok(())
+}
+
+fn check_text(field: &'static str, s: &str, max: usize) -> Result<(), InvalidEnvelope> {
+    if s.len() > max {
+        return Err(InvalidEnvelope::TooLong {
+            field,
+            len: s.len(),
+            max,
+        });
+    }
+    Ok(())
+}
+
+fn check_value(v: &Value, limits: &Limits) -> Result<(), InvalidEnvelope> {
+    if let Value::Presence(p) = v {
+        check_text("presence subtype", &p.subtype, limits.max_text_len)?;
+        check_text("presence message", &p.message, limits.max_text_len)?;
+    }
+    Ok(())
+}
+
+impl Envelope {
+    /// An envelope of the current wire version.
+    pub fn new(origin: impl Into<String>, epoch: Epoch, seq: u64, body: Body) -> Self {
+        Envelope {
+            v: WIRE_VERSION,
+            origin: origin.into(),
+            epoch,
+            seq,
+            body,
+        }
+    }
+
+    /// Whether this is a stream envelope ([`Body::is_stream`]).
+    pub fn is_stream(&self) -> bool {
+        self.body.is_stream()
+    }
+
+    /// Checks names, keys and texts against `limits` (non-empty, bounded, no control
+    /// characters in names and keys). Decoding calls this; so should anyone building
+    /// envelopes from untrusted input.
+    pub fn validate(&self, limits: &Limits) -> Result<(), InvalidEnvelope> {
+        check_name("origin", &self.origin, limits.max_origin_len)?;
+        if self.is_stream() && self.seq == 0 {
+            return Err(InvalidEnvelope::ZeroSeq);
+        }
+        match &self.body {
+            Body::Update(u) => {
+                check_name("key", &u.key, limits.max_key_len)?;
+                check_value(&u.value, limits)?;
+            }
+            Body::OriginDown { origin, reason, .. } => {
+                check_name("origin", origin, limits.max_origin_len)?;
+                check_text("reason", reason, limits.max_text_len)?;
+            }
+            Body::Hello { software, .. } => check_text("software", software, limits.max_text_len)?,
+            Body::SnapshotChunk {
+                entries, origins, ..
+            } => {
+                for e in entries {
+                    check_name("origin", &e.origin, limits.max_origin_len)?;
+                    check_name("key", &e.key, limits.max_key_len)?;
+                    check_value(&e.value, limits)?;
+                }
+                for o in origins {
+                    check_name("origin", &o.origin, limits.max_origin_len)?;
+                }
+            }
+            Body::ResyncRequest { origin } => check_name("origin", origin, limits.max_origin_len)?,
+            Body::FullSyncBegin
+            | Body::FullSyncEnd { .. }
+            | Body::Heartbeat { .. }
+            | Body::SnapshotRequest { .. }
+            | Body::SnapshotEnd { .. } => {}
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{DeviceState, Presence, PresenceStatus};
+
+    fn upd(key: &str) -> Envelope {
+        Envelope::new(
+            "pbx-a",
+            Epoch(7),
+            1,
+            Body::Update(Update {
+                key: key.into(),
+                value: Value::Device(DeviceState::Inuse),
+                ts: HlcTimestamp {
+                    wall: 5,
+                    counter: 0,
+                },
+            }),
+        )
+    }
+
+    #[test]
+    fn json_form_is_readable_and_round_trips() {
+        let e = upd("PJSIP/100");
+        let s = serde_json::to_string(&e).unwrap();
+        assert_eq!(
+            s,
+            r#"{"v":1,"origin":"pbx-a","epoch":7,"seq":1,"body":{"type":"update","key":"PJSIP/100","value":{"device":"INUSE"},"ts":{"wall":5,"counter":0}}}"#
+        );
+        assert_eq!(serde_json::from_str::<Envelope>(&s).unwrap(), e);
+        for body in [
+            Body::FullSyncBegin,
+            Body::FullSyncEnd { begin_seq: 3 },
+            Body::Heartbeat { local_down: true },
+            Body::OriginDown {
+                origin: "pbx-b".into(),
+                epoch: Epoch(1),
+                last_seq: 9,
+                reason: "timeout".into(),
+            },
+            Body::Hello {
+                role: Role::Agent,
+                software: "hintfed".into(),
+            },
+            Body::SnapshotRequest { request_id: 4 },
+            Body::SnapshotChunk {
+                request_id: 4,
+                entries: vec![SnapshotEntry {
+                    origin: "pbx-b".into(),
+                    epoch: Epoch(2),
+                    seq: 3,
+                    key: "CustomPresence:alice".into(),
+                    value: Value::Presence(Presence::new(PresenceStatus::Dnd, "a,b", "ü")),
+                    ts: HlcTimestamp::ZERO,
+                }],
+                origins: vec![OriginSummary {
+                    origin: "pbx-b".into(),
+                    epoch: Epoch(2),
+                    last_seq: 3,
+                    down: Some(DownReason::Silent),
+                }],
+            },
+            Body::SnapshotEnd {
+                request_id: 4,
+                chunks: 1,
+            },
+            Body::ResyncRequest {
+                origin: "pbx-a".into(),
+            },
+        ] {
+            let e = Envelope::new("hub-1", Epoch(1), 2, body);
+            let s = serde_json::to_string(&e).unwrap();
+            assert!(s.contains(e.body.type_name()), "{s}");
+            assert_eq!(serde_json::from_str::<Envelope>(&s).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn validation_rejects_bad_names() {
+        let l = Limits::default();
+        assert!(upd("PJSIP/100").validate(&l).is_ok());
+        assert_eq!(upd("").validate(&l), Err(InvalidEnvelope::Empty("key")));
+        assert_eq!(
+            upd("a\r\nAction: Originate").validate(&l),
+            Err(InvalidEnvelope::ControlChar("key"))
+        );
+        assert!(matches!(
+            upd(&"x".repeat(600)).validate(&l),
+            Err(InvalidEnvelope::TooLong { .. })
+        ));
+        let mut e = upd("k");
+        e.seq = 0;
+        assert_eq!(e.validate(&l), Err(InvalidEnvelope::ZeroSeq));
+        let mut e = upd("k");
+        e.origin = String::new();
+        assert_eq!(e.validate(&l), Err(InvalidEnvelope::Empty("origin")));
+    }
+}

@@ -1,0 +1,356 @@
+//! Origin liveness: for every origin, its current epoch, last sequence, when it was last
+//! heard, and whether (and why) it is down.
+//!
+//! An origin goes down when it announces it lost its Asterisk ([`DownReason::SelfAnnounced`]),
+//! when it is silent past `origin_timeout` ([`DownReason::Silent`], default 15 s), or when a
+//! hub reports it silent and nothing newer was heard from it here ([`DownReason::Notified`]).
+//! While down, its devices count as the policy's `down_state` in every aggregate.
+//!
+//! It comes back:
+//! - silent or notified, same epoch: with any newer message of that epoch (it was only
+//!   unreachable, its last values are still right);
+//! - otherwise (it restarted, or had lost its Asterisk): only with the end of a full sync
+//!   newer than the down notice, so stale values never light up between the restart and the
+//!   moment its full sync has replaced them.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::envelope::OriginSummary;
+use crate::time::{Epoch, Millis};
+
+/// Why an origin is down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DownReason {
+    /// The origin said it lost its Asterisk.
+    SelfAnnounced,
+    /// Nothing heard from it for longer than `origin_timeout`.
+    Silent,
+    /// A hub reported it silent.
+    Notified,
+}
+
+/// A down mark: why, and the last `(epoch, seq)` known when it was set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Down {
+    /// Why.
+    pub reason: DownReason,
+    /// Epoch at the time.
+    pub epoch: Epoch,
+    /// Sequence at the time.
+    pub seq: u64,
+    /// When it was marked.
+    pub since: Millis,
+}
+
+/// What is known about one origin.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OriginInfo {
+    /// Current epoch.
+    pub epoch: Epoch,
+    /// Highest stream sequence seen in that epoch.
+    pub last_seq: u64,
+    /// When a stream message was last received from it.
+    pub last_seen: Millis,
+    /// Set while the origin is down.
+    pub down: Option<Down>,
+}
+
+/// What observing a stream message changed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// The message is from an older epoch than known: ignore it.
+    pub stale: bool,
+    /// First message ever seen from this origin.
+    pub first: bool,
+    /// A new epoch started.
+    pub new_epoch: bool,
+    /// The origin came back up.
+    pub revived: bool,
+}
+
+/// The liveness registry of every known origin.
+#[derive(Clone, Debug)]
+pub struct Origins {
+    map: BTreeMap<String, OriginInfo>,
+    timeout_ms: u64,
+}
+
+impl Origins {
+    /// A registry declaring origins silent after `timeout_ms`.
+    pub fn new(timeout_ms: u64) -> Self {
+        Origins {
+            map: BTreeMap::new(),
+            timeout_ms,
+        }
+    }
+
+    /// Info about `origin`.
+    pub fn get(&self, origin: &str) -> Option<&OriginInfo> {
+        self.map.get(origin)
+    }
+
+    /// Every known origin.
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &OriginInfo)> {
+        self.map.iter()
+    }
+
+    /// Whether `origin` is known and down.
+    pub fn is_down(&self, origin: &str) -> bool {
+        self.map.get(origin).is_some_and(|i| i.down.is_some())
+    }
+
+    /// Records a stream message `(epoch, seq)` from `origin` at `now`; `full_sync_end` tells
+    /// whether it ends a full sync (the only message that revives a restarted origin).
+    pub fn observe(
+        &mut self,
+        origin: &str,
+        epoch: Epoch,
+        seq: u64,
+        full_sync_end: bool,
+        now: Millis,
+    ) -> Observed {
+        let mut out = Observed::default();
+        let info = self.map.entry(origin.to_owned()).or_insert_with(|| {
+            out.first = true;
+            out.new_epoch = true;
+            OriginInfo {
+                epoch,
+                last_seq: 0,
+                last_seen: now,
+                down: None,
+            }
+        });
+        if epoch < info.epoch {
+            out.stale = true;
+            return out;
+        }
+        if epoch > info.epoch {
+            info.epoch = epoch;
+            info.last_seq = 0;
+            out.new_epoch = true;
+        }
+        info.last_seq = info.last_seq.max(seq);
+        info.last_seen = now;
+        if let Some(d) = info.down {
+            let newer = (epoch, seq) > (d.epoch, d.seq);
+            let revive = match d.reason {
+                DownReason::Silent | DownReason::Notified => {
+                    newer && (epoch == d.epoch || full_sync_end)
+                }
+                DownReason::SelfAnnounced => newer && full_sync_end,
+            };
+            if revive {
+                info.down = None;
+                out.revived = true;
+            }
+        }
+        out
+    }
+
+    /// Marks `origin` down because it said so (in the message `(epoch, seq)`). Returns
+    /// whether it was up before.
+    pub fn mark_self_down(&mut self, origin: &str, epoch: Epoch, seq: u64, now: Millis) -> bool {
+        let info = self.map.entry(origin.to_owned()).or_insert(OriginInfo {
+            epoch,
+            last_seq: seq,
+            last_seen: now,
+            down: None,
+        });
+        match info.down {
+            Some(d) if d.reason == DownReason::SelfAnnounced => false,
+            prev => {
+                info.down = Some(Down {
+                    reason: DownReason::SelfAnnounced,
+                    epoch,
+                    seq,
+                    since: now,
+                });
+                prev.is_none()
+            }
+        }
+    }
+
+    /// A hub says `origin` is silent since `(epoch, last_seq)`. Marks it down unless
+    /// something newer was heard from it here. Returns whether it was up before.
+    pub fn notify_down(&mut self, origin: &str, epoch: Epoch, last_seq: u64, now: Millis) -> bool {
+        let info = self.map.entry(origin.to_owned()).or_insert(OriginInfo {
+            epoch,
+            last_seq,
+            last_seen: now,
+            down: None,
+        });
+        if info.down.is_some() || (info.epoch, info.last_seq) > (epoch, last_seq) {
+            return false;
+        }
+        info.down = Some(Down {
+            reason: DownReason::Notified,
+            epoch: info.epoch,
+            seq: info.last_seq,
+            since: now,
+        });
+        true
+    }
+
+    /// Marks origins silent past the timeout as down; returns them with their last
+    /// `(epoch, seq)`.
+    pub fn expire(&mut self, now: Millis) -> Vec<(String, Epoch, u64)> {
+        let mut out = Vec::new();
+        for (name, info) in &mut self.map {
+            if info.down.is_none() && now.since(info.last_seen) > self.timeout_ms {
+                info.down = Some(Down {
+                    reason: DownReason::Silent,
+                    epoch: info.epoch,
+                    seq: info.last_seq,
+                    since: now,
+                });
+                out.push((name.clone(), info.epoch, info.last_seq));
+            }
+        }
+        out
+    }
+
+    /// Summaries of every origin (for a snapshot).
+    pub fn summaries(&self) -> Vec<OriginSummary> {
+        self.map
+            .iter()
+            .map(|(o, i)| OriginSummary {
+                origin: o.clone(),
+                epoch: i.epoch,
+                last_seq: i.last_seq,
+                down: i.down.map(|d| d.reason),
+            })
+            .collect()
+    }
+
+    /// Merges a hub's summary of one origin. Returns whether the epoch or the down status
+    /// changed.
+    pub fn apply_summary(&mut self, s: &OriginSummary, now: Millis) -> bool {
+        let down_mark = |reason| Down {
+            reason,
+            epoch: s.epoch,
+            seq: s.last_seq,
+            since: now,
+        };
+        let Some(info) = self.map.get_mut(&s.origin) else {
+            self.map.insert(
+                s.origin.clone(),
+                OriginInfo {
+                    epoch: s.epoch,
+                    last_seq: s.last_seq,
+                    last_seen: now,
+                    down: s.down.map(down_mark),
+                },
+            );
+            return true;
+        };
+        let theirs = (s.epoch, s.last_seq);
+        let ours = (info.epoch, info.last_seq);
+        if theirs < ours {
+            return false;
+        }
+        let mut changed = false;
+        if s.epoch > info.epoch {
+            info.epoch = s.epoch;
+            changed = true;
+        }
+        info.last_seq = s.last_seq;
+        info.last_seen = info.last_seen.max(now);
+        match (s.down, info.down) {
+            (Some(r), None) => {
+                info.down = Some(down_mark(r));
+                changed = true;
+            }
+            (None, Some(_)) if theirs > ours || changed => {
+                info.down = None;
+                changed = true;
+            }
+            _ => {}
+        }
+        changed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn silence_then_return_in_the_same_epoch() {
+        let mut o = Origins::new(15_000);
+        assert!(o.observe("a", Epoch(1), 1, false, Millis(0)).first);
+        assert!(o.expire(Millis(15_000)).is_empty());
+        assert_eq!(
+            o.expire(Millis(15_001)),
+            vec![("a".to_owned(), Epoch(1), 1)]
+        );
+        assert!(o.is_down("a"));
+        assert!(o.expire(Millis(40_000)).is_empty(), "reported once");
+        let r = o.observe("a", Epoch(1), 2, false, Millis(40_001));
+        assert!(r.revived && !r.new_epoch);
+        assert!(!o.is_down("a"));
+    }
+
+    #[test]
+    fn restarted_origin_revives_only_with_its_full_sync_end() {
+        let mut o = Origins::new(1000);
+        o.observe("a", Epoch(1), 5, false, Millis(0));
+        o.expire(Millis(2000));
+        let r = o.observe("a", Epoch(2), 1, false, Millis(2001));
+        assert!(r.new_epoch && !r.revived);
+        assert!(o.is_down("a"));
+        assert!(o.observe("a", Epoch(2), 3, true, Millis(2002)).revived);
+        assert!(o.observe("a", Epoch(1), 9, false, Millis(2003)).stale);
+    }
+
+    #[test]
+    fn self_announced_down_needs_a_newer_full_sync() {
+        let mut o = Origins::new(1000);
+        o.observe("a", Epoch(1), 5, false, Millis(0));
+        assert!(o.mark_self_down("a", Epoch(1), 6, Millis(1)));
+        assert!(
+            !o.observe("a", Epoch(1), 7, false, Millis(2)).revived,
+            "heartbeat"
+        );
+        assert!(
+            !o.observe("a", Epoch(2), 1, false, Millis(3)).revived,
+            "new epoch begins"
+        );
+        assert!(o.observe("a", Epoch(2), 4, true, Millis(4)).revived);
+    }
+
+    #[test]
+    fn hub_notice_ignored_when_we_heard_newer() {
+        let mut o = Origins::new(1000);
+        o.observe("a", Epoch(1), 10, false, Millis(0));
+        assert!(!o.notify_down("a", Epoch(1), 9, Millis(1)));
+        assert!(o.notify_down("a", Epoch(1), 10, Millis(1)));
+        assert!(o.observe("a", Epoch(1), 11, false, Millis(2)).revived);
+    }
+
+    #[test]
+    fn summaries_merge() {
+        let mut o = Origins::new(1000);
+        o.observe("a", Epoch(1), 10, false, Millis(0));
+        let s = OriginSummary {
+            origin: "a".into(),
+            epoch: Epoch(1),
+            last_seq: 12,
+            down: Some(DownReason::SelfAnnounced),
+        };
+        assert!(o.apply_summary(&s, Millis(1)));
+        assert!(o.is_down("a"));
+        let s2 = OriginSummary {
+            origin: "a".into(),
+            epoch: Epoch(2),
+            last_seq: 3,
+            down: None,
+        };
+        assert!(o.apply_summary(&s2, Millis(2)));
+        assert!(!o.is_down("a"));
+        assert!(!o.apply_summary(&s, Millis(3)), "older summary ignored");
+        assert_eq!(o.summaries().len(), 1);
+    }
+}

@@ -1,0 +1,856 @@
+//! [`Node`]: the sans-IO brain of one origin (an agent beside one Asterisk, or one relay of
+//! the central broker). It turns local Asterisk events into published envelopes, merges
+//! remote envelopes into its [`Replica`], and asks for writes to the local Asterisk through
+//! its [`ApplyQueue`]. Inputs are method calls with `now`; outputs are [`Action`]s collected
+//! with [`Node::poll_action`] / [`Node::take_actions`].
+//!
+//! Rules it enforces:
+//! - never applies its own origin's updates (the aggregate excludes itself);
+//! - swallows the echo of its own `Setvar` writes ([`EchoSuppressor`]) and never republishes
+//!   a value equal to the last one sent ([`ChangeSuppressor`]);
+//! - a gap in an origin's stream (open longer than `gap_grace_ms`) requests a snapshot;
+//!   snapshot entries merge by version, so updates arriving before, during or after the
+//!   snapshot all land right (the Clone pattern without a buffer);
+//! - after its Asterisk (re)connects or restarts it starts a new epoch, republishes its full
+//!   state and re-applies every remote state;
+//! - when its Asterisk is lost it announces itself down; other nodes then show its devices
+//!   as the policy's `down_state` until its next full sync ends.
+//!
+//! Presence listed during a full sync (`PresenceStateList`) is published only when nobody
+//! else holds a newer write for the key: its time of setting is unknown, so a value written
+//! elsewhere meanwhile wins and is applied locally instead. The exception is a key whose last
+//! write was our own: a different listed value is then a local change made while we were
+//! away, and it is published.
+//!
+//! A broker runs one `Node` per Asterisk connection (they are cheap, keyed by origin name)
+//! and delivers each node's [`Action::Publish`] envelopes to all the others, with
+//! [`NodeConfig::snapshots`] off.
+
+use std::collections::{BTreeSet, VecDeque};
+
+use crate::apply::{ApplyConfig, ApplyQueue};
+use crate::echo::{ChangeSuppressor, EchoConfig, EchoSuppressor};
+use crate::envelope::{Body, Envelope, OriginSummary, Role, SnapshotEntry, Update};
+use crate::hlc::{Hlc, HlcTimestamp};
+use crate::liveness::Origins;
+use crate::policy::Policy;
+use crate::replica::Replica;
+use crate::seq::SeqStatus;
+use crate::state::{DeviceState, Kind, Presence, Value, aggregate};
+use crate::table::Table;
+use crate::time::{Epoch, Millis};
+
+/// Configuration of a [`Node`].
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// This origin's name (unique per Asterisk).
+    pub origin: String,
+    /// Federation policy.
+    pub policy: Policy,
+    /// An origin silent this long is down. Default 15 000 ms.
+    pub origin_timeout_ms: u64,
+    /// Heartbeat period. Default 1 000 ms.
+    pub heartbeat_interval_ms: u64,
+    /// How long a hole in an origin's stream may stay open before a snapshot is requested
+    /// (messages may arrive reordered across hubs). Default 2 000 ms.
+    pub gap_grace_ms: u64,
+    /// A snapshot not complete after this long is requested again. Default 5 000 ms.
+    pub snapshot_retry_ms: u64,
+    /// Whether snapshots exist (hub topologies). Off for the broker, whose relays exchange
+    /// envelopes in process.
+    pub snapshots: bool,
+    /// Apply queue bounds.
+    pub apply: ApplyConfig,
+    /// Echo suppression bounds.
+    pub echo: EchoConfig,
+}
+
+impl NodeConfig {
+    /// Defaults for origin `origin`.
+    pub fn new(origin: impl Into<String>) -> Self {
+        NodeConfig {
+            origin: origin.into(),
+            policy: Policy::default(),
+            origin_timeout_ms: 15_000,
+            heartbeat_interval_ms: 1_000,
+            gap_grace_ms: 2_000,
+            snapshot_retry_ms: 5_000,
+            snapshots: true,
+            apply: ApplyConfig::default(),
+            echo: EchoConfig::default(),
+        }
+    }
+}
+
+/// A state event read from the local Asterisk (`DeviceStateChange`, `PresenceStateChange`,
+/// or one item of a list).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LocalEvent {
+    /// Device name or presentity, as the local Asterisk names it.
+    pub key: String,
+    /// The value.
+    pub value: Value,
+}
+
+impl LocalEvent {
+    /// A device state event.
+    pub fn device(key: impl Into<String>, state: DeviceState) -> Self {
+        LocalEvent {
+            key: key.into(),
+            value: Value::Device(state),
+        }
+    }
+
+    /// A presence event.
+    pub fn presence(key: impl Into<String>, presence: Presence) -> Self {
+        LocalEvent {
+            key: key.into(),
+            value: Value::Presence(presence),
+        }
+    }
+}
+
+/// A write to the local Asterisk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ApplyCmd {
+    /// Local name: `Custom:<device>` (per the template) or `CustomPresence:<name>`.
+    pub target: String,
+    /// Value to write (already mapped to a writable one).
+    pub value: Value,
+}
+
+impl ApplyCmd {
+    /// The kind written.
+    pub fn kind(&self) -> Kind {
+        self.value.kind()
+    }
+
+    /// The `Setvar` variable: `DEVICE_STATE(<target>)` or `PRESENCE_STATE(<target>)`.
+    pub fn variable(&self) -> String {
+        match self.kind() {
+            Kind::Device => format!("DEVICE_STATE({})", self.target),
+            Kind::Presence => format!("PRESENCE_STATE({})", self.target),
+        }
+    }
+
+    /// The `Setvar` value (presence in the `e` form when needed).
+    pub fn setvar_value(&self) -> String {
+        self.value.to_setvar_value()
+    }
+}
+
+/// What the daemon must do.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Send this stream envelope to every hub (or, in the broker, to every other relay).
+    Publish(Envelope),
+    /// Send this control envelope (a snapshot request) to one hub, any connected one.
+    Request(Envelope),
+    /// Write to the local Asterisk, then report with [`Node::on_apply_result`].
+    Apply(ApplyCmd),
+    /// Read the current state of these local devices (this origin published them in an
+    /// earlier epoch but they are missing from the full sync, e.g. not cached by
+    /// `DeviceStateList`) and feed the results to [`Node::on_local_event`]. Over AMI use
+    /// `Getvar DEVICE_STATE(<device>)`; never `Getvar` over res_zmq_manager.
+    QueryLocal(Vec<String>),
+}
+
+/// Counters of a [`Node`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    /// Stream envelopes published.
+    pub published: u64,
+    /// Local events received.
+    pub local_events: u64,
+    /// Local events recognised as echoes of our writes.
+    pub echoes: u64,
+    /// Local events not sent because nothing changed.
+    pub suppressed: u64,
+    /// Local events not federated by policy.
+    pub filtered: u64,
+    /// Local events ignored while the local Asterisk was lost.
+    pub ignored_while_down: u64,
+    /// Remote stream envelopes merged.
+    pub remote_accepted: u64,
+    /// Remote stream envelopes already seen (or stale).
+    pub remote_duplicates: u64,
+    /// Snapshots requested.
+    pub snapshots_requested: u64,
+    /// Snapshots completed.
+    pub snapshots_completed: u64,
+    /// Snapshot messages not matching the pending request.
+    pub snapshot_rejected: u64,
+    /// Snapshot requests caused by a stream gap.
+    pub gaps: u64,
+    /// Full republishes requested by a hub.
+    pub resyncs: u64,
+    /// Failed writes reported.
+    pub apply_errors: u64,
+}
+
+#[derive(Clone, Debug)]
+struct PendingSnapshot {
+    id: u64,
+    sent_at: Millis,
+    chunks: u32,
+    origins: Vec<OriginSummary>,
+}
+
+/// Summaries kept at most per snapshot (a hostile hub cannot grow them without bound).
+const MAX_SNAPSHOT_ORIGINS: usize = 100_000;
+
+/// The brain of one origin. See the module docs.
+#[derive(Debug)]
+pub struct Node {
+    cfg: NodeConfig,
+    epoch: Epoch,
+    seq: u64,
+    hlc: Hlc,
+    replica: Replica,
+    apply: ApplyQueue,
+    echo: EchoSuppressor,
+    sent: ChangeSuppressor,
+    actions: VecDeque<Action>,
+    local_down: bool,
+    need_new_epoch: bool,
+    synced_once: bool,
+    next_heartbeat: Millis,
+    snapshot: Option<PendingSnapshot>,
+    snapshot_done: bool,
+    next_request_id: u64,
+    buffered_presence: Vec<(String, Presence)>,
+    query: BTreeSet<String>,
+    applied: BTreeSet<String>,
+    stats: NodeStats,
+}
+
+impl Node {
+    /// A node for `config.origin` starting epoch `epoch` (wall-clock ms at start, larger than
+    /// any epoch this origin used before) at `now`. The local Asterisk counts as not yet
+    /// connected: call [`Node::on_local_full_sync`] once it is. With snapshots on, a snapshot
+    /// request is queued right away.
+    pub fn new(config: NodeConfig, epoch: Epoch, now: Millis) -> Self {
+        let mut n = Node {
+            replica: Replica::new(config.origin_timeout_ms),
+            apply: ApplyQueue::new(config.apply.clone()),
+            echo: EchoSuppressor::new(config.echo.clone()),
+            cfg: config,
+            epoch,
+            seq: 0,
+            hlc: Hlc::new(),
+            sent: ChangeSuppressor::new(),
+            actions: VecDeque::new(),
+            local_down: true,
+            need_new_epoch: false,
+            synced_once: false,
+            next_heartbeat: now,
+            snapshot: None,
+            snapshot_done: false,
+            next_request_id: 1,
+            buffered_presence: Vec::new(),
+            query: BTreeSet::new(),
+            applied: BTreeSet::new(),
+            stats: NodeStats::default(),
+        };
+        n.request_snapshot(now);
+        n
+    }
+
+    /// This origin's name.
+    pub fn origin(&self) -> &str {
+        &self.cfg.origin
+    }
+
+    /// Current epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// Last stream sequence used in the current epoch.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    /// The table of known state (including this origin's own reports).
+    pub fn table(&self) -> &Table {
+        &self.replica.table
+    }
+
+    /// Liveness of the other origins (and hubs).
+    pub fn origins(&self) -> &Origins {
+        &self.replica.origins
+    }
+
+    /// The apply queue (what the local Asterisk is known to hold, counters).
+    pub fn apply_queue(&self) -> &ApplyQueue {
+        &self.apply
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &NodeStats {
+        &self.stats
+    }
+
+    /// Whether the local Asterisk is currently considered lost (or not yet synced).
+    pub fn is_local_down(&self) -> bool {
+        self.local_down
+    }
+
+    /// Whether a snapshot has completed (always false with snapshots off).
+    pub fn snapshot_done(&self) -> bool {
+        self.snapshot_done
+    }
+
+    /// The value this node wants on the local `Custom:` device for remote device `key`: the
+    /// aggregate over every other origin, mapped to a writable state.
+    pub fn remote_value(&self, key: &str) -> Option<DeviceState> {
+        self.replica
+            .table
+            .aggregate(
+                key,
+                &self.replica.origins,
+                self.cfg.policy.down_state(),
+                Some(&self.cfg.origin),
+            )
+            .map(|s| self.cfg.policy.writable(s))
+    }
+
+    /// The next action, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Every pending action.
+    pub fn take_actions(&mut self) -> Vec<Action> {
+        self.actions.drain(..).collect()
+    }
+
+    /// A `Hello` control envelope introducing this node to a hub.
+    pub fn hello(&self, role: Role, software: impl Into<String>) -> Envelope {
+        Envelope::new(
+            self.cfg.origin.clone(),
+            self.epoch,
+            self.seq,
+            Body::Hello {
+                role,
+                software: software.into(),
+            },
+        )
+    }
+
+    // ----- local side -------------------------------------------------------------------
+
+    /// A state event from the local Asterisk.
+    pub fn on_local_event(&mut self, now: Millis, event: LocalEvent) {
+        self.stats.local_events += 1;
+        if self.local_down {
+            self.stats.ignored_while_down += 1;
+            return;
+        }
+        if self.echo.is_echo(&event.key, &event.value, now) {
+            self.stats.echoes += 1;
+            return;
+        }
+        self.local_change(now, event.key, event.value);
+        self.pump(now);
+    }
+
+    /// The complete local state, listed after connecting (or reconnecting) to Asterisk:
+    /// starts a new epoch if the connection had been lost, publishes a full sync (begin,
+    /// every federated value, end) and re-applies every remote state.
+    pub fn on_local_full_sync(&mut self, now: Millis, items: Vec<LocalEvent>) {
+        if self.need_new_epoch {
+            self.bump_epoch(now);
+        }
+        self.local_down = false;
+        self.sent.clear();
+        let begin = self.publish(now, Body::FullSyncBegin);
+        let mut listed_presence = BTreeSet::new();
+        for item in items {
+            match item.value {
+                Value::Device(_) => {
+                    self.stats.local_events += 1;
+                    self.local_change(now, item.key, item.value);
+                }
+                Value::Presence(p) => {
+                    listed_presence.insert(item.key.clone());
+                    if self.snapshot_done || !self.cfg.snapshots {
+                        self.listed_presence(now, item.key, p);
+                    } else {
+                        self.buffered_presence.push((item.key, p));
+                    }
+                }
+            }
+        }
+        self.republish_own_presence(now, &listed_presence);
+        let own_old: Vec<String> = self
+            .replica
+            .table
+            .device_keys_of(&self.cfg.origin)
+            .into_iter()
+            .filter(|k| {
+                self.replica
+                    .table
+                    .device(k)
+                    .and_then(|m| m.get(&self.cfg.origin))
+                    .is_some_and(|e| e.epoch < self.epoch || e.seq < begin)
+            })
+            .collect();
+        self.query.extend(own_old);
+        self.publish(now, Body::FullSyncEnd { begin_seq: begin });
+        self.synced_once = true;
+        self.flush_query();
+        self.apply.forget_held();
+        self.reapply_all();
+        self.pump(now);
+    }
+
+    /// The connection to the local Asterisk was lost: announces this origin down (its devices
+    /// become `down_state` everywhere) and forgets everything about the sink.
+    pub fn on_local_lost(&mut self, now: Millis) {
+        if self.local_down {
+            return;
+        }
+        self.local_down = true;
+        self.need_new_epoch = true;
+        let last_seq = self.seq + 1;
+        self.publish(
+            now,
+            Body::OriginDown {
+                origin: self.cfg.origin.clone(),
+                epoch: self.epoch,
+                last_seq,
+                reason: "local Asterisk connection lost".to_owned(),
+            },
+        );
+        self.apply.clear();
+        self.echo.clear();
+    }
+
+    /// The connection to the local Asterisk is back (before its full sync): starts a new
+    /// epoch and re-applies every remote state. Follow with [`Node::on_local_full_sync`];
+    /// other nodes keep this origin down until that full sync ends.
+    pub fn on_local_restored(&mut self, now: Millis) {
+        if self.need_new_epoch {
+            self.bump_epoch(now);
+        }
+        self.local_down = false;
+        self.apply.forget_held();
+        self.reapply_all();
+        self.pump(now);
+    }
+
+    /// The local Asterisk restarted while connected (uptime went back, `FullyBooted` on a
+    /// live connection): starts a new epoch and re-applies every remote state (`Custom:`
+    /// devices whose name holds `/` do not survive a restart). Follow with a full sync.
+    pub fn on_local_restarted(&mut self, now: Millis) {
+        self.bump_epoch(now);
+        self.echo.clear();
+        self.apply.forget_held();
+        self.reapply_all();
+        self.pump(now);
+    }
+
+    /// Result of an [`Action::Apply`] write.
+    pub fn on_apply_result(&mut self, now: Millis, target: &str, ok: bool) {
+        if self.apply.complete(target, ok) && !ok {
+            self.stats.apply_errors += 1;
+        }
+        self.pump(now);
+    }
+
+    // ----- remote side ------------------------------------------------------------------
+
+    /// An envelope from the federation, already verified ([`crate::auth::Verifier`]). Stream
+    /// envelopes, snapshot chunks/ends and resync requests are all accepted here.
+    pub fn on_remote(&mut self, now: Millis, env: &Envelope) {
+        if env.origin == self.cfg.origin {
+            return;
+        }
+        match &env.body {
+            Body::SnapshotChunk {
+                request_id,
+                entries,
+                origins,
+            } => self.on_chunk(now, *request_id, entries, origins),
+            Body::SnapshotEnd { request_id, chunks } => {
+                self.on_snapshot_end(now, *request_id, *chunks)
+            }
+            Body::ResyncRequest { origin } => {
+                if *origin == self.cfg.origin && self.synced_once && !self.local_down {
+                    self.stats.resyncs += 1;
+                    self.republish(now);
+                }
+            }
+            Body::Hello { .. } | Body::SnapshotRequest { .. } => {}
+            _ => {
+                let assume_complete = !self.snapshot_done || !self.cfg.snapshots;
+                let ing = self.replica.ingest(env, assume_complete, now);
+                if ing.status != SeqStatus::New {
+                    self.stats.remote_duplicates += 1;
+                    return;
+                }
+                self.stats.remote_accepted += 1;
+                if let Body::Update(u) = &env.body {
+                    self.hlc.observe(u.ts);
+                }
+                for (kind, key) in ing.dirty_keys {
+                    self.recompute(kind, &key);
+                }
+                for o in ing.dirty_origins {
+                    self.recompute_origin(&o);
+                }
+            }
+        }
+        self.pump(now);
+    }
+
+    /// Asks a hub for a snapshot (also done automatically at start, on gaps and on retry).
+    /// Call it when a hub connection comes up if no snapshot completed yet.
+    pub fn request_snapshot(&mut self, now: Millis) {
+        if !self.cfg.snapshots {
+            return;
+        }
+        let id = self.next_request_id;
+        self.next_request_id += 1;
+        self.snapshot = Some(PendingSnapshot {
+            id,
+            sent_at: now,
+            chunks: 0,
+            origins: Vec::new(),
+        });
+        self.stats.snapshots_requested += 1;
+        self.actions.push_back(Action::Request(Envelope::new(
+            self.cfg.origin.clone(),
+            self.epoch,
+            self.seq,
+            Body::SnapshotRequest { request_id: id },
+        )));
+    }
+
+    /// Time passes: heartbeats, origin timeouts, gap and snapshot retries, expectation
+    /// expiry, apply-queue overflow recovery.
+    pub fn tick(&mut self, now: Millis) {
+        if now >= self.next_heartbeat {
+            let local_down = self.local_down;
+            self.publish(now, Body::Heartbeat { local_down });
+            self.next_heartbeat = now.plus(self.cfg.heartbeat_interval_ms.max(1));
+        }
+        for (o, _, _) in self.replica.expire(now) {
+            self.recompute_origin(&o);
+        }
+        if self.cfg.snapshots {
+            match &self.snapshot {
+                Some(s) if now.since(s.sent_at) >= self.cfg.snapshot_retry_ms => {
+                    self.request_snapshot(now)
+                }
+                None if !self.replica.gaps(now, self.cfg.gap_grace_ms).is_empty() => {
+                    self.stats.gaps += 1;
+                    self.request_snapshot(now);
+                }
+                _ => {}
+            }
+        }
+        self.echo.expire(now);
+        if self.apply.take_overflow() && self.apply.pending_len() == 0 {
+            self.reapply_all();
+        }
+        self.pump(now);
+    }
+
+    // ----- internals --------------------------------------------------------------------
+
+    fn bump_epoch(&mut self, now: Millis) {
+        self.epoch = self.epoch.next(now);
+        self.seq = 0;
+        self.need_new_epoch = false;
+        self.sent.clear();
+    }
+
+    fn publish(&mut self, now: Millis, body: Body) -> u64 {
+        self.seq += 1;
+        let env = Envelope::new(self.cfg.origin.clone(), self.epoch, self.seq, body);
+        match &env.body {
+            Body::Update(u) => {
+                self.replica.table.apply(
+                    &env.origin,
+                    env.epoch,
+                    env.seq,
+                    &u.key,
+                    &u.value,
+                    u.ts,
+                    now,
+                );
+            }
+            Body::FullSyncEnd { begin_seq } => {
+                self.replica
+                    .table
+                    .end_full_sync(&env.origin, env.epoch, *begin_seq);
+            }
+            _ => {}
+        }
+        self.stats.published += 1;
+        self.actions.push_back(Action::Publish(env));
+        self.seq
+    }
+
+    fn publish_update(&mut self, now: Millis, key: String, value: Value, ts: HlcTimestamp) {
+        self.publish(now, Body::Update(Update { key, value, ts }));
+    }
+
+    fn local_change(&mut self, now: Millis, key: String, value: Value) {
+        match &value {
+            Value::Device(s) => {
+                if !self.cfg.policy.federates_device(&key) || !self.cfg.policy.sends_state(*s) {
+                    self.stats.filtered += 1;
+                    return;
+                }
+                if !self.sent.is_change(&key, &value) {
+                    self.stats.suppressed += 1;
+                    return;
+                }
+                self.sent.record(&key, &value);
+                self.query.remove(&key);
+            }
+            Value::Presence(p) => {
+                if !self.cfg.policy.federates_presence(&key) {
+                    self.stats.filtered += 1;
+                    return;
+                }
+                if self
+                    .replica
+                    .table
+                    .presence(&key)
+                    .is_some_and(|w| w.value == *p)
+                {
+                    self.stats.suppressed += 1;
+                    return;
+                }
+            }
+        }
+        let ts = self.hlc.now(now);
+        self.publish_update(now, key, value, ts);
+    }
+
+    fn listed_presence(&mut self, now: Millis, key: String, p: Presence) {
+        if !self.cfg.policy.federates_presence(&key) {
+            self.stats.filtered += 1;
+            return;
+        }
+        let publish = match self.replica.table.presence(&key) {
+            None => true,
+            Some(w) if w.value == p => false,
+            Some(w) => w.origin == self.cfg.origin,
+        };
+        if publish {
+            let ts = self.hlc.now(now);
+            self.publish_update(now, key, Value::Presence(p), ts);
+        }
+    }
+
+    fn republish_own_presence(&mut self, now: Millis, skip: &BTreeSet<String>) {
+        let own: Vec<(String, Presence, HlcTimestamp)> = self
+            .replica
+            .table
+            .presence_entries()
+            .filter(|(k, w)| w.origin == self.cfg.origin && !skip.contains(*k))
+            .map(|(k, w)| (k.clone(), w.value.clone(), w.ts))
+            .collect();
+        for (k, p, ts) in own {
+            self.publish_update(now, k, Value::Presence(p), ts);
+        }
+    }
+
+    fn republish(&mut self, now: Millis) {
+        let begin = self.publish(now, Body::FullSyncBegin);
+        let mut devices: Vec<(String, Value)> = self
+            .sent
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        devices.sort_by(|a, b| a.0.cmp(&b.0));
+        for (k, v) in devices {
+            let ts = self.hlc.now(now);
+            self.publish_update(now, k, v, ts);
+        }
+        self.republish_own_presence(now, &BTreeSet::new());
+        self.publish(now, Body::FullSyncEnd { begin_seq: begin });
+    }
+
+    fn flush_query(&mut self) {
+        if !self.synced_once || self.local_down {
+            return;
+        }
+        let keys: Vec<String> = std::mem::take(&mut self.query)
+            .into_iter()
+            .filter(|k| self.sent.get(k).is_none() && self.cfg.policy.federates_device(k))
+            .collect();
+        if !keys.is_empty() {
+            self.actions.push_back(Action::QueryLocal(keys));
+        }
+    }
+
+    fn on_chunk(
+        &mut self,
+        now: Millis,
+        request_id: u64,
+        entries: &[SnapshotEntry],
+        origins: &[OriginSummary],
+    ) {
+        match &mut self.snapshot {
+            Some(s) if s.id == request_id => {
+                s.chunks = s.chunks.saturating_add(1);
+                let room = MAX_SNAPSHOT_ORIGINS.saturating_sub(s.origins.len());
+                s.origins.extend(origins.iter().take(room).cloned());
+            }
+            _ => {
+                self.stats.snapshot_rejected += 1;
+                return;
+            }
+        }
+        for e in entries {
+            if e.origin == self.cfg.origin {
+                match &e.value {
+                    Value::Device(_) => {
+                        if self.sent.get(&e.key).is_none() {
+                            self.query.insert(e.key.clone());
+                        }
+                    }
+                    Value::Presence(_) => {
+                        self.replica.merge_entry(e, now);
+                    }
+                }
+                continue;
+            }
+            self.hlc.observe(e.ts);
+            if self.replica.merge_entry(e, now) {
+                self.recompute(e.value.kind(), &e.key);
+            }
+        }
+    }
+
+    fn on_snapshot_end(&mut self, now: Millis, request_id: u64, chunks: u32) {
+        let s = match self.snapshot.take() {
+            Some(s) if s.id == request_id => s,
+            other => {
+                self.snapshot = other;
+                self.stats.snapshot_rejected += 1;
+                return;
+            }
+        };
+        if s.chunks != chunks {
+            // A chunk was lost: what arrived is merged (merges are monotone), ask again.
+            self.request_snapshot(now);
+            return;
+        }
+        let mut listed = BTreeSet::new();
+        for sum in &s.origins {
+            if sum.origin == self.cfg.origin {
+                continue;
+            }
+            listed.insert(sum.origin.clone());
+            if self.replica.apply_summary(sum, now) {
+                self.recompute_origin(&sum.origin);
+            }
+        }
+        self.replica.cover_unlisted(&listed, now);
+        self.snapshot_done = true;
+        self.stats.snapshots_completed += 1;
+        for (k, p) in std::mem::take(&mut self.buffered_presence) {
+            self.listed_presence(now, k, p);
+        }
+        self.flush_query();
+        self.reapply_all();
+    }
+
+    fn recompute(&mut self, kind: Kind, key: &str) {
+        match kind {
+            Kind::Device => self.recompute_device(key),
+            Kind::Presence => self.recompute_presence(key),
+        }
+    }
+
+    fn recompute_origin(&mut self, origin: &str) {
+        for key in self.replica.table.device_keys_of(origin) {
+            self.recompute_device(&key);
+        }
+    }
+
+    fn recompute_device(&mut self, key: &str) {
+        if self.local_down || !self.cfg.policy.applies_devices() {
+            return;
+        }
+        let target = self.cfg.policy.target_name(key);
+        let state = match self.replica.table.aggregate(
+            key,
+            &self.replica.origins,
+            self.cfg.policy.down_state(),
+            Some(&self.cfg.origin),
+        ) {
+            Some(s) => s,
+            // Nobody reports it any more: Asterisk's aggregate of no device.
+            None if self.applied.contains(key) => aggregate(std::iter::empty()),
+            None => return,
+        };
+        self.applied.insert(key.to_owned());
+        let value = Value::Device(self.cfg.policy.writable(state));
+        self.apply.push(target, value);
+    }
+
+    fn recompute_presence(&mut self, key: &str) {
+        if self.local_down || !self.cfg.policy.federates_presence(key) {
+            return;
+        }
+        if let Some(w) = self.replica.table.presence(key)
+            && w.origin != self.cfg.origin
+        {
+            let value = Value::Presence(w.value.clone());
+            self.apply.push(key.to_owned(), value);
+        }
+    }
+
+    fn reapply_all(&mut self) {
+        if self.local_down {
+            return;
+        }
+        let keys: Vec<String> = self.replica.table.device_keys().cloned().collect();
+        for k in keys {
+            self.recompute_device(&k);
+        }
+        // Keys applied before that vanished from the table entirely.
+        let vanished: Vec<String> = self
+            .applied
+            .iter()
+            .filter(|k| self.replica.table.device(k).is_none())
+            .cloned()
+            .collect();
+        for k in vanished {
+            self.recompute_device(&k);
+        }
+        let pkeys: Vec<String> = self
+            .replica
+            .table
+            .presence_entries()
+            .map(|(k, _)| k.clone())
+            .collect();
+        for k in pkeys {
+            self.recompute_presence(&k);
+        }
+    }
+
+    fn pump(&mut self, now: Millis) {
+        if self.local_down {
+            return;
+        }
+        while let Some((target, value)) = self.apply.next_write() {
+            self.echo.expect(&target, &value, now);
+            self.actions
+                .push_back(Action::Apply(ApplyCmd { target, value }));
+        }
+    }
+}

@@ -1,0 +1,270 @@
+//! A [`Replica`] of the federation's state as seen by one participant: the [`Table`], the
+//! liveness registry ([`Origins`]) and a [`SeqTracker`] per origin. [`crate::node::Node`] and
+//! [`crate::hub::Hub`] both ingest stream envelopes through it, so agents, hubs and broker
+//! relays agree on every merge rule.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::envelope::{Body, Envelope, OriginSummary, SnapshotEntry};
+use crate::liveness::Origins;
+use crate::seq::{SeqStatus, SeqTracker};
+use crate::state::Kind;
+use crate::table::Table;
+use crate::time::{Epoch, Millis};
+
+/// What ingesting one stream envelope did.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ingested {
+    /// New, duplicate, or stale (older epoch). Only `New` envelopes changed anything.
+    pub status: SeqStatus,
+    /// First message ever seen from this origin.
+    pub first: bool,
+    /// Keys whose entries changed.
+    pub dirty_keys: Vec<(Kind, String)>,
+    /// Origins whose status changed (every device key of theirs must be re-aggregated).
+    pub dirty_origins: Vec<String>,
+}
+
+impl Ingested {
+    fn status(status: SeqStatus) -> Self {
+        Ingested {
+            status,
+            first: false,
+            dirty_keys: Vec::new(),
+            dirty_origins: Vec::new(),
+        }
+    }
+}
+
+/// Table + liveness + sequence tracking.
+#[derive(Clone, Debug)]
+pub struct Replica {
+    /// The table of known state.
+    pub table: Table,
+    /// Liveness of every origin.
+    pub origins: Origins,
+    seqs: BTreeMap<String, SeqTracker>,
+}
+
+impl Replica {
+    /// An empty replica declaring origins silent after `origin_timeout_ms`.
+    pub fn new(origin_timeout_ms: u64) -> Self {
+        Replica {
+            table: Table::new(),
+            origins: Origins::new(origin_timeout_ms),
+            seqs: BTreeMap::new(),
+        }
+    }
+
+    /// Ingests a stream envelope received at `now`. `assume_complete`: when this is the first
+    /// message seen from its origin, whether the history before it counts as received (true
+    /// while a snapshot will cover it) or as a gap. Control envelopes are ignored here.
+    pub fn ingest(&mut self, env: &Envelope, assume_complete: bool, now: Millis) -> Ingested {
+        if !env.is_stream() {
+            return Ingested::status(SeqStatus::Duplicate);
+        }
+        let origin = env.origin.as_str();
+        let status = match self.seqs.get_mut(origin) {
+            Some(t) => t.observe(env.epoch, env.seq, now),
+            None => {
+                let mut t = SeqTracker::new(env.epoch, env.seq, assume_complete);
+                let s = t.observe(env.epoch, env.seq, now);
+                self.seqs.insert(origin.to_owned(), t);
+                s
+            }
+        };
+        if status != SeqStatus::New {
+            return Ingested::status(status);
+        }
+        let is_end = matches!(env.body, Body::FullSyncEnd { .. });
+        let obs = self
+            .origins
+            .observe(origin, env.epoch, env.seq, is_end, now);
+        if obs.stale {
+            return Ingested::status(SeqStatus::Stale);
+        }
+        let mut out = Ingested::status(SeqStatus::New);
+        out.first = obs.first;
+        if obs.new_epoch || obs.revived {
+            out.dirty_origins.push(origin.to_owned());
+        }
+        match &env.body {
+            Body::Update(u)
+                if self
+                    .table
+                    .apply(origin, env.epoch, env.seq, &u.key, &u.value, u.ts, now) =>
+            {
+                out.dirty_keys.push((u.kind(), u.key.clone()));
+            }
+            Body::FullSyncEnd { begin_seq } => {
+                for k in self.table.end_full_sync(origin, env.epoch, *begin_seq) {
+                    out.dirty_keys.push((Kind::Device, k));
+                }
+                if let Some(t) = self.seqs.get_mut(origin) {
+                    t.cover(env.epoch, begin_seq.saturating_sub(1), now);
+                }
+            }
+            Body::Heartbeat { local_down: true }
+                if self.origins.mark_self_down(origin, env.epoch, env.seq, now) =>
+            {
+                out.dirty_origins.push(origin.to_owned());
+            }
+            Body::OriginDown {
+                origin: who,
+                epoch,
+                last_seq,
+                ..
+            } => {
+                let changed = if who == origin {
+                    self.origins.mark_self_down(origin, env.epoch, env.seq, now)
+                } else {
+                    self.origins.notify_down(who, *epoch, *last_seq, now)
+                };
+                if changed {
+                    out.dirty_origins.push(who.clone());
+                }
+            }
+            _ => {}
+        }
+        out
+    }
+
+    /// Merges one snapshot entry. Returns whether the table changed.
+    pub fn merge_entry(&mut self, e: &SnapshotEntry, now: Millis) -> bool {
+        self.table
+            .apply(&e.origin, e.epoch, e.seq, &e.key, &e.value, e.ts, now)
+    }
+
+    /// Merges a snapshot's summary of one origin: liveness, and the snapshot covers the
+    /// origin's stream up to `last_seq`. Returns whether the origin's status changed.
+    pub fn apply_summary(&mut self, s: &OriginSummary, now: Millis) -> bool {
+        let changed = self.origins.apply_summary(s, now);
+        self.seqs
+            .entry(s.origin.clone())
+            .or_insert_with(|| SeqTracker::new(s.epoch, s.last_seq.saturating_add(1), true))
+            .cover(s.epoch, s.last_seq, now);
+        changed
+    }
+
+    /// After a complete snapshot: closes the gaps of origins the snapshot did not describe
+    /// (e.g. other hubs), which no snapshot from that hub could ever close.
+    pub fn cover_unlisted(&mut self, listed: &BTreeSet<String>, now: Millis) {
+        for (o, t) in &mut self.seqs {
+            if !listed.contains(o) {
+                t.cover_all(now);
+            }
+        }
+    }
+
+    /// Closes the gaps of `origin` (it republished its full state).
+    pub fn cover_origin(&mut self, origin: &str, now: Millis) {
+        if let Some(t) = self.seqs.get_mut(origin) {
+            t.cover_all(now);
+        }
+    }
+
+    /// Origins with a gap open since at least `grace_ms`.
+    pub fn gaps(&self, now: Millis, grace_ms: u64) -> Vec<String> {
+        self.seqs
+            .iter()
+            .filter(|(_, t)| t.gap_since().is_some_and(|s| now.since(s) >= grace_ms))
+            .map(|(o, _)| o.clone())
+            .collect()
+    }
+
+    /// Marks silent origins down; returns them with their last `(epoch, seq)`.
+    pub fn expire(&mut self, now: Millis) -> Vec<(String, Epoch, u64)> {
+        self.origins.expire(now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::Update;
+    use crate::hlc::HlcTimestamp;
+    use crate::state::{DeviceState, Value};
+
+    fn up(seq: u64, key: &str, v: DeviceState) -> Envelope {
+        Envelope::new(
+            "a",
+            Epoch(1),
+            seq,
+            Body::Update(Update {
+                key: key.into(),
+                value: Value::Device(v),
+                ts: HlcTimestamp::ZERO,
+            }),
+        )
+    }
+
+    #[test]
+    fn dedupe_gap_and_full_sync_cover() {
+        let mut r = Replica::new(1000);
+        let i = r.ingest(&up(1, "d", DeviceState::Inuse), false, Millis(0));
+        assert!(i.first && i.status == SeqStatus::New);
+        assert_eq!(i.dirty_keys, vec![(Kind::Device, "d".to_owned())]);
+        assert_eq!(
+            r.ingest(&up(1, "d", DeviceState::Inuse), false, Millis(0))
+                .status,
+            SeqStatus::Duplicate
+        );
+        r.ingest(&up(4, "d", DeviceState::Busy), false, Millis(10));
+        assert_eq!(r.gaps(Millis(10), 0), vec!["a".to_owned()]);
+        assert!(r.gaps(Millis(10), 5).is_empty(), "grace");
+        r.ingest(
+            &Envelope::new("a", Epoch(1), 5, Body::FullSyncBegin),
+            false,
+            Millis(11),
+        );
+        r.ingest(
+            &Envelope::new("a", Epoch(1), 6, Body::FullSyncEnd { begin_seq: 5 }),
+            false,
+            Millis(12),
+        );
+        assert!(
+            r.gaps(Millis(100), 0).is_empty(),
+            "the full sync superseded the hole"
+        );
+        assert!(r.table.device("d").is_none(), "not reported in the sync");
+    }
+
+    #[test]
+    fn origin_down_messages() {
+        let mut r = Replica::new(1000);
+        r.ingest(&up(1, "d", DeviceState::Inuse), false, Millis(0));
+        let down = Envelope::new(
+            "a",
+            Epoch(1),
+            2,
+            Body::OriginDown {
+                origin: "a".into(),
+                epoch: Epoch(1),
+                last_seq: 2,
+                reason: "lost".into(),
+            },
+        );
+        assert_eq!(
+            r.ingest(&down, false, Millis(1)).dirty_origins,
+            vec!["a".to_owned()]
+        );
+        assert!(r.origins.is_down("a"));
+        let notice = Envelope::new(
+            "hub",
+            Epoch(1),
+            1,
+            Body::OriginDown {
+                origin: "b".into(),
+                epoch: Epoch(3),
+                last_seq: 7,
+                reason: "timeout".into(),
+            },
+        );
+        assert!(
+            r.ingest(&notice, false, Millis(1))
+                .dirty_origins
+                .contains(&"b".to_owned())
+        );
+        assert!(r.origins.is_down("b"));
+    }
+}

@@ -1,0 +1,204 @@
+//! Per-origin stream sequence tracking: deduplication and gap detection.
+//!
+//! A [`SeqTracker`] knows, for one origin's current epoch, that every sequence up to
+//! `contiguous` was received (or covered by a snapshot / full sync) and which sequences above
+//! it arrived out of order. A hole below a received sequence is a gap; how long a gap may
+//! stay open before a snapshot (or resync) is requested is the caller's choice.
+
+use std::collections::BTreeSet;
+
+use crate::time::{Epoch, Millis};
+
+/// Result of observing one sequence number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SeqStatus {
+    /// Not seen before: process it.
+    New,
+    /// Already received (or covered).
+    Duplicate,
+    /// From an older epoch than the tracker's.
+    Stale,
+}
+
+/// Sequence state of one origin.
+#[derive(Clone, Debug)]
+pub struct SeqTracker {
+    epoch: Epoch,
+    contiguous: u64,
+    above: BTreeSet<u64>,
+    overflow_at: Option<u64>,
+    gap_since: Option<Millis>,
+}
+
+impl SeqTracker {
+    /// Out-of-order sequences remembered before the tracker gives up and reports a gap that
+    /// only a snapshot or full sync can close.
+    pub const MAX_OUT_OF_ORDER: usize = 4096;
+
+    /// A tracker whose first message is `(epoch, seq)`. With `assume_complete`, everything
+    /// before `seq` counts as received (use it when a pending snapshot will cover the past);
+    /// otherwise the history before `seq` is a gap.
+    pub fn new(epoch: Epoch, seq: u64, assume_complete: bool) -> Self {
+        SeqTracker {
+            epoch,
+            contiguous: if assume_complete {
+                seq.saturating_sub(1)
+            } else {
+                0
+            },
+            above: BTreeSet::new(),
+            overflow_at: None,
+            gap_since: None,
+        }
+    }
+
+    /// The tracker's epoch.
+    pub fn epoch(&self) -> Epoch {
+        self.epoch
+    }
+
+    /// Highest sequence received or covered.
+    pub fn highest(&self) -> u64 {
+        self.above.last().copied().unwrap_or(0).max(self.contiguous)
+    }
+
+    /// Since when a gap is open, if one is.
+    pub fn gap_since(&self) -> Option<Millis> {
+        self.gap_since
+    }
+
+    fn advance(&mut self, now: Millis) {
+        while self.above.remove(&(self.contiguous + 1)) {
+            self.contiguous += 1;
+        }
+        self.above.retain(|s| *s > self.contiguous);
+        if self.above.is_empty() && self.overflow_at.is_none() {
+            self.gap_since = None;
+        } else if self.gap_since.is_none() {
+            self.gap_since = Some(now);
+        }
+    }
+
+    fn reset(&mut self, epoch: Epoch) {
+        self.epoch = epoch;
+        self.contiguous = 0;
+        self.above.clear();
+        self.overflow_at = None;
+        self.gap_since = None;
+    }
+
+    /// Records `(epoch, seq)` received at `now`.
+    pub fn observe(&mut self, epoch: Epoch, seq: u64, now: Millis) -> SeqStatus {
+        if epoch < self.epoch {
+            return SeqStatus::Stale;
+        }
+        if epoch > self.epoch {
+            self.reset(epoch);
+        }
+        if seq <= self.contiguous || self.above.contains(&seq) {
+            return SeqStatus::Duplicate;
+        }
+        if self.above.len() >= SeqTracker::MAX_OUT_OF_ORDER {
+            // Too much out of order: jump and keep a gap open until covered.
+            self.above.clear();
+            self.contiguous = seq;
+            self.overflow_at = Some(seq);
+        } else {
+            self.above.insert(seq);
+        }
+        self.advance(now);
+        SeqStatus::New
+    }
+
+    /// Marks everything up to `up_to` in `epoch` as covered (by a snapshot that included it,
+    /// or by a full sync that superseded it).
+    pub fn cover(&mut self, epoch: Epoch, up_to: u64, now: Millis) {
+        if epoch < self.epoch {
+            return;
+        }
+        if epoch > self.epoch {
+            self.reset(epoch);
+        }
+        if up_to > self.contiguous {
+            self.contiguous = up_to;
+        }
+        if self.overflow_at.is_some_and(|at| up_to >= at) {
+            self.overflow_at = None;
+        }
+        self.advance(now);
+    }
+
+    /// Covers everything received so far: closes every gap.
+    pub fn cover_all(&mut self, now: Millis) {
+        let top = self.highest();
+        self.overflow_at = None;
+        self.cover(self.epoch, top, now);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn in_order_duplicates_and_gaps() {
+        let mut t = SeqTracker::new(Epoch(1), 1, false);
+        assert_eq!(t.observe(Epoch(1), 1, Millis(0)), SeqStatus::New);
+        assert_eq!(t.observe(Epoch(1), 2, Millis(0)), SeqStatus::New);
+        assert_eq!(t.observe(Epoch(1), 2, Millis(0)), SeqStatus::Duplicate);
+        assert_eq!(t.gap_since(), None);
+        assert_eq!(t.observe(Epoch(1), 5, Millis(7)), SeqStatus::New);
+        assert_eq!(t.gap_since(), Some(Millis(7)));
+        assert_eq!(t.observe(Epoch(1), 5, Millis(8)), SeqStatus::Duplicate);
+        assert_eq!(t.observe(Epoch(1), 3, Millis(8)), SeqStatus::New);
+        assert_eq!(t.observe(Epoch(1), 4, Millis(9)), SeqStatus::New);
+        assert_eq!(t.gap_since(), None, "filled");
+        assert_eq!(t.highest(), 5);
+        assert_eq!(t.observe(Epoch(0), 9, Millis(9)), SeqStatus::Stale);
+    }
+
+    #[test]
+    fn first_sight_and_new_epochs() {
+        let mut t = SeqTracker::new(Epoch(1), 50, true);
+        assert_eq!(t.observe(Epoch(1), 50, Millis(0)), SeqStatus::New);
+        assert_eq!(t.gap_since(), None);
+        let mut t = SeqTracker::new(Epoch(1), 50, false);
+        t.observe(Epoch(1), 50, Millis(0));
+        assert!(t.gap_since().is_some());
+        t.observe(Epoch(2), 1, Millis(1));
+        assert_eq!(t.gap_since(), None, "a new epoch starting at 1 has no gap");
+        t.observe(Epoch(3), 3, Millis(1));
+        assert!(
+            t.gap_since().is_some(),
+            "a new epoch starting at 3 missed 1 and 2"
+        );
+    }
+
+    #[test]
+    fn cover_closes_gaps() {
+        let mut t = SeqTracker::new(Epoch(1), 1, false);
+        t.observe(Epoch(1), 1, Millis(0));
+        t.observe(Epoch(1), 4, Millis(0));
+        t.cover(Epoch(1), 2, Millis(1));
+        assert!(t.gap_since().is_some());
+        t.cover(Epoch(1), 3, Millis(1));
+        assert_eq!(t.gap_since(), None);
+        assert_eq!(t.observe(Epoch(1), 3, Millis(1)), SeqStatus::Duplicate);
+        t.observe(Epoch(1), 9, Millis(2));
+        t.cover_all(Millis(3));
+        assert_eq!(t.gap_since(), None);
+    }
+
+    #[test]
+    fn out_of_order_is_bounded() {
+        let mut t = SeqTracker::new(Epoch(1), 1, true);
+        for s in 0..(SeqTracker::MAX_OUT_OF_ORDER as u64 + 10) {
+            t.observe(Epoch(1), 10 + 2 * s, Millis(0));
+        }
+        assert!(t.above.len() <= SeqTracker::MAX_OUT_OF_ORDER);
+        assert!(t.gap_since().is_some());
+        let top = t.highest();
+        t.cover(Epoch(1), top, Millis(1));
+        assert_eq!(t.gap_since(), None);
+    }
+}

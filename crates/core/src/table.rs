@@ -1,0 +1,372 @@
+//! The table of known state. Devices: per key, per origin, the latest value with its
+//! `(epoch, seq)`, timestamp and arrival time; the value shown for a device is the
+//! [`aggregate`](crate::state::aggregate) over origins, a down origin counting as the
+//! policy's `down_state`. Presence: per key one last-writer-wins register, the newest write
+//! by `(hlc timestamp, origin)`.
+//!
+//! Updates are merged per key by version, so the table converges whatever the order of
+//! arrival (stream, snapshot, duplicates). A full-sync end sets a per-origin floor: device
+//! entries of that origin older than the sync's begin are dropped, and older ones arriving
+//! late are refused.
+
+use std::collections::BTreeMap;
+
+use crate::envelope::SnapshotEntry;
+use crate::hlc::{HlcTimestamp, wins};
+use crate::liveness::Origins;
+use crate::state::{DeviceState, Kind, Presence, Value, aggregate};
+use crate::time::{Epoch, Millis};
+
+/// One origin's latest report of one device.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeviceEntry {
+    /// The state reported.
+    pub value: DeviceState,
+    /// Origin epoch of the report.
+    pub epoch: Epoch,
+    /// Stream sequence of the report.
+    pub seq: u64,
+    /// Its timestamp.
+    pub ts: HlcTimestamp,
+    /// When it arrived here.
+    pub updated: Millis,
+}
+
+/// The winning write of one presence key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PresenceEntry {
+    /// The presence.
+    pub value: Presence,
+    /// Who wrote it.
+    pub origin: String,
+    /// Writer's epoch.
+    pub epoch: Epoch,
+    /// Stream sequence of the write.
+    pub seq: u64,
+    /// Its timestamp (orders writes).
+    pub ts: HlcTimestamp,
+    /// When it arrived here.
+    pub updated: Millis,
+}
+
+/// The table of known state.
+#[derive(Clone, Debug, Default)]
+pub struct Table {
+    devices: BTreeMap<String, BTreeMap<String, DeviceEntry>>,
+    presence: BTreeMap<String, PresenceEntry>,
+    floors: BTreeMap<String, (Epoch, u64)>,
+}
+
+impl Table {
+    /// An empty table.
+    pub fn new() -> Self {
+        Table::default()
+    }
+
+    /// Merges an update of `key` by `origin`. Returns whether the table changed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply(
+        &mut self,
+        origin: &str,
+        epoch: Epoch,
+        seq: u64,
+        key: &str,
+        value: &Value,
+        ts: HlcTimestamp,
+        now: Millis,
+    ) -> bool {
+        match value {
+            Value::Device(state) => {
+                if self.floors.get(origin).is_some_and(|f| (epoch, seq) < *f) {
+                    return false;
+                }
+                let per_origin = self.devices.entry(key.to_owned()).or_default();
+                if let Some(cur) = per_origin.get(origin)
+                    && (cur.epoch, cur.seq) >= (epoch, seq)
+                {
+                    return false;
+                }
+                per_origin.insert(
+                    origin.to_owned(),
+                    DeviceEntry {
+                        value: *state,
+                        epoch,
+                        seq,
+                        ts,
+                        updated: now,
+                    },
+                );
+                true
+            }
+            Value::Presence(p) => {
+                if let Some(cur) = self.presence.get(key)
+                    && !wins(ts, origin, cur.ts, &cur.origin)
+                {
+                    return false;
+                }
+                self.presence.insert(
+                    key.to_owned(),
+                    PresenceEntry {
+                        value: p.clone(),
+                        origin: origin.to_owned(),
+                        epoch,
+                        seq,
+                        ts,
+                        updated: now,
+                    },
+                );
+                true
+            }
+        }
+    }
+
+    /// Ends a full sync of `origin` that began at `(epoch, begin_seq)`: drops that origin's
+    /// device entries older than the begin and refuses older ones from now on. Returns the
+    /// keys dropped.
+    pub fn end_full_sync(&mut self, origin: &str, epoch: Epoch, begin_seq: u64) -> Vec<String> {
+        let floor = (epoch, begin_seq);
+        let f = self.floors.entry(origin.to_owned()).or_insert(floor);
+        if floor > *f {
+            *f = floor;
+        }
+        let mut dropped = Vec::new();
+        self.devices.retain(|key, per_origin| {
+            if per_origin
+                .get(origin)
+                .is_some_and(|e| (e.epoch, e.seq) < floor)
+            {
+                per_origin.remove(origin);
+                dropped.push(key.clone());
+            }
+            !per_origin.is_empty()
+        });
+        dropped
+    }
+
+    /// The per-origin entries of device `key`.
+    pub fn device(&self, key: &str) -> Option<&BTreeMap<String, DeviceEntry>> {
+        self.devices.get(key)
+    }
+
+    /// The aggregate state of device `key` over every origin but `exclude`, a down origin
+    /// counting as `down_state`; `None` when no such origin reports the key.
+    pub fn aggregate(
+        &self,
+        key: &str,
+        origins: &Origins,
+        down_state: DeviceState,
+        exclude: Option<&str>,
+    ) -> Option<DeviceState> {
+        let per_origin = self.devices.get(key)?;
+        let mut states = per_origin
+            .iter()
+            .filter(|(o, _)| Some(o.as_str()) != exclude)
+            .map(|(o, e)| {
+                if origins.is_down(o) {
+                    down_state
+                } else {
+                    e.value
+                }
+            })
+            .peekable();
+        states.peek()?;
+        Some(aggregate(states))
+    }
+
+    /// The winning write of presence `key`.
+    pub fn presence(&self, key: &str) -> Option<&PresenceEntry> {
+        self.presence.get(key)
+    }
+
+    /// Every device key.
+    pub fn device_keys(&self) -> impl Iterator<Item = &String> {
+        self.devices.keys()
+    }
+
+    /// Every presence key with its winner.
+    pub fn presence_entries(&self) -> impl Iterator<Item = (&String, &PresenceEntry)> {
+        self.presence.iter()
+    }
+
+    /// The device keys `origin` reports.
+    pub fn device_keys_of(&self, origin: &str) -> Vec<String> {
+        self.devices
+            .iter()
+            .filter(|(_, m)| m.contains_key(origin))
+            .map(|(k, _)| k.clone())
+            .collect()
+    }
+
+    /// Every entry, for a snapshot.
+    pub fn snapshot(&self) -> Vec<SnapshotEntry> {
+        let mut out = Vec::new();
+        for (key, per_origin) in &self.devices {
+            for (origin, e) in per_origin {
+                out.push(SnapshotEntry {
+                    origin: origin.clone(),
+                    epoch: e.epoch,
+                    seq: e.seq,
+                    key: key.clone(),
+                    value: Value::Device(e.value),
+                    ts: e.ts,
+                });
+            }
+        }
+        for (key, e) in &self.presence {
+            out.push(SnapshotEntry {
+                origin: e.origin.clone(),
+                epoch: e.epoch,
+                seq: e.seq,
+                key: key.clone(),
+                value: Value::Presence(e.value.clone()),
+                ts: e.ts,
+            });
+        }
+        out
+    }
+
+    /// Number of `(kind, key, origin)` entries.
+    pub fn len(&self) -> usize {
+        self.devices.values().map(BTreeMap::len).sum::<usize>() + self.presence.len()
+    }
+
+    /// Whether the table is empty.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Number of keys of `kind`.
+    pub fn keys(&self, kind: Kind) -> usize {
+        match kind {
+            Kind::Device => self.devices.len(),
+            Kind::Presence => self.presence.len(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::DeviceState::*;
+    use crate::state::PresenceStatus;
+
+    fn ts(w: u64) -> HlcTimestamp {
+        HlcTimestamp {
+            wall: w,
+            counter: 0,
+        }
+    }
+
+    fn dev(t: &mut Table, o: &str, e: u64, s: u64, k: &str, v: DeviceState) -> bool {
+        t.apply(o, Epoch(e), s, k, &Value::Device(v), ts(s), Millis(0))
+    }
+
+    #[test]
+    fn newest_version_per_origin_wins_in_any_order() {
+        let mut t = Table::new();
+        assert!(dev(&mut t, "a", 1, 2, "d", Inuse));
+        assert!(!dev(&mut t, "a", 1, 1, "d", NotInuse), "older seq");
+        assert!(!dev(&mut t, "a", 1, 2, "d", NotInuse), "same seq");
+        assert!(dev(&mut t, "a", 2, 1, "d", Busy), "newer epoch");
+        assert!(dev(&mut t, "b", 1, 1, "d", Ringing));
+        let o = Origins::new(1000);
+        assert_eq!(t.aggregate("d", &o, Unavailable, None), Some(Ringinuse));
+        assert_eq!(t.aggregate("d", &o, Unavailable, Some("b")), Some(Busy));
+        assert_eq!(
+            t.aggregate("d", &o, Unavailable, Some("x")),
+            Some(Ringinuse)
+        );
+        assert_eq!(t.aggregate("zz", &o, Unavailable, None), None);
+        let mut t2 = Table::new();
+        assert!(dev(&mut t2, "a", 1, 1, "d", Inuse));
+        assert_eq!(t2.aggregate("d", &o, Unavailable, Some("a")), None);
+    }
+
+    #[test]
+    fn down_origins_count_as_down_state() {
+        let mut t = Table::new();
+        dev(&mut t, "a", 1, 1, "d", Inuse);
+        dev(&mut t, "b", 1, 1, "d", NotInuse);
+        let mut o = Origins::new(10);
+        o.observe("a", Epoch(1), 1, false, Millis(0));
+        o.observe("b", Epoch(1), 1, false, Millis(100));
+        assert_eq!(t.aggregate("d", &o, Unavailable, None), Some(Inuse));
+        o.expire(Millis(50));
+        assert_eq!(t.aggregate("d", &o, Unavailable, None), Some(NotInuse));
+        assert_eq!(
+            t.aggregate("d", &o, Unavailable, Some("b")),
+            Some(Unavailable)
+        );
+    }
+
+    #[test]
+    fn full_sync_end_drops_unreported_keys_and_refuses_late_old_ones() {
+        let mut t = Table::new();
+        dev(&mut t, "a", 1, 1, "gone", Inuse);
+        dev(&mut t, "a", 1, 2, "kept", Inuse);
+        dev(&mut t, "b", 1, 1, "gone", Busy);
+        // Full sync begins at seq 3 and reports only "kept".
+        dev(&mut t, "a", 1, 4, "kept", NotInuse);
+        assert_eq!(t.end_full_sync("a", Epoch(1), 3), vec!["gone".to_owned()]);
+        assert!(t.device("gone").unwrap().get("a").is_none());
+        assert!(t.device("gone").unwrap().get("b").is_some());
+        assert!(!dev(&mut t, "a", 1, 2, "late", Inuse), "below the floor");
+        assert!(dev(&mut t, "a", 1, 5, "late", Inuse));
+        t.end_full_sync("b", Epoch(1), 9);
+        assert!(t.device("gone").is_none(), "empty keys disappear");
+    }
+
+    #[test]
+    fn presence_is_last_writer_wins_with_origin_tiebreak() {
+        let mut t = Table::new();
+        let p = |s| Value::Presence(Presence::new(s, "", ""));
+        assert!(t.apply(
+            "a",
+            Epoch(1),
+            1,
+            "CustomPresence:x",
+            &p(PresenceStatus::Dnd),
+            ts(5),
+            Millis(0)
+        ));
+        assert!(!t.apply(
+            "b",
+            Epoch(1),
+            1,
+            "CustomPresence:x",
+            &p(PresenceStatus::Away),
+            ts(4),
+            Millis(0)
+        ));
+        assert!(
+            t.apply(
+                "b",
+                Epoch(1),
+                2,
+                "CustomPresence:x",
+                &p(PresenceStatus::Away),
+                ts(5),
+                Millis(0)
+            ),
+            "tie: b > a"
+        );
+        assert!(!t.apply(
+            "a",
+            Epoch(1),
+            2,
+            "CustomPresence:x",
+            &p(PresenceStatus::Xa),
+            ts(5),
+            Millis(0)
+        ));
+        let w = t.presence("CustomPresence:x").unwrap();
+        assert_eq!(
+            (w.origin.as_str(), w.value.status),
+            ("b", PresenceStatus::Away)
+        );
+        // Full syncs never touch presence.
+        t.end_full_sync("b", Epoch(1), 100);
+        assert!(t.presence("CustomPresence:x").is_some());
+        assert_eq!(t.snapshot().len(), 1);
+    }
+}
