@@ -29,6 +29,7 @@ const ACTIONS: &[&str] = &[
     "ExtensionState",
     "Command",
     "Originate",
+    "ListCommands",
     "SimSetDeviceState",
     "SimRestart",
     "SimStats",
@@ -110,6 +111,7 @@ pub(crate) async fn handle(shared: &Arc<Shared>, ctx: &mut SessionCtx, req: &Mes
         "ExtensionState" => extension_state(shared, req),
         "Command" => command(shared, req),
         "Originate" => originate(shared, req),
+        "ListCommands" => list_commands(req),
         "SimSetDeviceState" => sim_set_device_state(shared, req),
         "SimRestart" => sim_restart(shared, req),
         "SimStats" => sim_stats(shared, req),
@@ -572,6 +574,71 @@ fn originate(shared: &Arc<Shared>, req: &Message) -> Outcome {
         }
     });
     Outcome::reply(reply)
+}
+
+/// `ListCommands`: `<Action>: <Synopsis> (Priv: <classes>)` per action.
+fn list_commands(req: &Message) -> Outcome {
+    const SYNOPSES: &[(&str, &str, &str)] = &[
+        ("Challenge", "Generate Challenge for MD5 Auth.", "<none>"),
+        ("Command", "Execute Asterisk CLI Command.", "command,all"),
+        (
+            "DeviceStateList",
+            "List the current known device states.",
+            "call,reporting,all",
+        ),
+        ("Events", "Control Event Flow.", "<none>"),
+        (
+            "ExtensionState",
+            "Check Extension Status.",
+            "call,reporting,all",
+        ),
+        (
+            "ExtensionStateList",
+            "List the current known extension states.",
+            "call,reporting,all",
+        ),
+        (
+            "Getvar",
+            "Gets a channel variable or function value.",
+            "call,reporting,all",
+        ),
+        ("ListCommands", "List available manager commands.", "<none>"),
+        ("Login", "Login Manager.", "<none>"),
+        ("Logoff", "Logoff Manager.", "<none>"),
+        ("Originate", "Originate a call.", "originate,all"),
+        ("Ping", "Keepalive command.", "<none>"),
+        (
+            "PresenceStateList",
+            "List the current known presence states.",
+            "call,reporting,all",
+        ),
+        (
+            "Setvar",
+            "Sets a channel variable or function value.",
+            "call,all",
+        ),
+        (
+            "SimBlackhole",
+            "hintfed-sim: stop answering (Seconds, Scope).",
+            "system,all",
+        ),
+        (
+            "SimRestart",
+            "hintfed-sim: simulate an Asterisk restart (DownSeconds).",
+            "system,all",
+        ),
+        (
+            "SimSetDeviceState",
+            "hintfed-sim: set any device state (Device, State).",
+            "system,all",
+        ),
+        ("SimStats", "hintfed-sim: simulator counters.", "system,all"),
+    ];
+    let mut m = response("Success", req);
+    for (name, synopsis, privs) in SYNOPSES {
+        m.push(*name, format!("{synopsis} (Priv: {privs})"));
+    }
+    Outcome::reply(m)
 }
 
 fn sim_set_device_state(shared: &Arc<Shared>, req: &Message) -> Outcome {

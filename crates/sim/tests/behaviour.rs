@@ -385,6 +385,7 @@ async fn cli_binary_serves_several_servers_and_stops_on_sigterm() {
         .arg("--extensions")
         .arg(fixture("extensions.conf"))
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
         .kill_on_drop(true)
         .spawn()
         .expect("start hintfed-sim");
@@ -452,4 +453,135 @@ async fn cli_rejects_bad_configuration_with_status_64() {
     ] {
         assert!(text.contains(opt), "--help lacks {opt}");
     }
+}
+
+#[tokio::test]
+async fn extension_state_command_getvar_and_list_commands() {
+    let sim = spawn(capture_config("pbx-a")).await;
+    let mut c = Client::login(sim.local_addr(), &[("Events", "off")]).await;
+    c.action(
+        setvar(
+            "PRESENCE_STATE(CustomPresence:alice)",
+            "away,bHVuY2g=,YmFjayBhdCAy,e",
+        ),
+        "s1",
+    )
+    .await;
+    let (_, r) = c
+        .action(
+            Message::action("ExtensionState")
+                .with("Exten", "400")
+                .with("Context", "test"),
+            "e1",
+        )
+        .await;
+    let keys: Vec<&str> = r.headers().iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "Response",
+            "ActionID",
+            "Message",
+            "Exten",
+            "Context",
+            "Hint",
+            "Status",
+            "StatusText",
+            "PresenceState",
+            "PresenceSubtype",
+            "PresenceMessage"
+        ]
+    );
+    assert_eq!(r.get("PresenceSubtype"), Some("lunch"));
+    assert_eq!(r.get("PresenceMessage"), Some("back at 2"));
+    let (_, r) = c
+        .action(
+            Message::action("ExtensionState")
+                .with("Exten", "999")
+                .with("Context", "test"),
+            "e2",
+        )
+        .await;
+    assert_eq!(r.get("Status"), Some("-1"));
+    assert_eq!(r.get("StatusText"), Some("Unknown"));
+
+    let (_, r) = c
+        .action(
+            Message::action("Command").with("Command", "core show uptime seconds"),
+            "c1",
+        )
+        .await;
+    assert_eq!(r.get("Message"), Some("Command output follows"));
+    assert!(
+        r.get("Output")
+            .is_some_and(|o| o.starts_with("System uptime: "))
+    );
+    let (_, r) = c
+        .action(Message::action("Command").with("Command", "fly away"), "c2")
+        .await;
+    assert_eq!(r.response(), Some("Error"));
+    assert_eq!(
+        r.get("Output"),
+        Some(
+            "No such command 'fly away' (type 'core show help fly away' for other possible commands)"
+        )
+    );
+
+    let (_, r) = c.action(setvar("MYVAR", "hello"), "s2").await;
+    assert_eq!(r.get("Message"), Some("Variable Set"));
+    let (_, r) = c
+        .action(Message::action("Getvar").with("Variable", "MYVAR"), "g1")
+        .await;
+    assert_eq!(r.get("Value"), Some("hello"));
+    let (_, r) = c
+        .action(
+            Message::action("Getvar")
+                .with("Variable", "PRESENCE_STATE(CustomPresence:alice,subtype,e)"),
+            "g2",
+        )
+        .await;
+    assert_eq!(r.get("Value"), Some("bHVuY2g="));
+
+    let (_, r) = c.action(Message::action("ListCommands"), "l").await;
+    assert_eq!(r.get("Ping"), Some("Keepalive command. (Priv: <none>)"));
+    assert!(r.get("SimRestart").is_some());
+}
+
+#[tokio::test]
+async fn restart_with_downtime_refuses_then_serves_again() {
+    let sim = spawn(capture_config("pbx-a")).await;
+    let mut c = Client::login(sim.local_addr(), &[("Events", "off")]).await;
+    c.send(
+        Message::action("SimRestart")
+            .with("ActionID", "r")
+            .with("DownSeconds", "0.3"),
+    )
+    .await;
+    assert_eq!(c.recv().await.get("Message"), Some("Restarting"));
+    c.expect_eof().await;
+    // While down, connections are accepted and closed without a banner.
+    let mut s = tokio::net::TcpStream::connect(sim.local_addr())
+        .await
+        .expect("connect");
+    let mut buf = Vec::new();
+    let n = tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf))
+        .await
+        .expect("closed in time")
+        .expect("read");
+    assert_eq!(n, 0, "{buf:?}");
+    // Then it serves again, with a fresh uptime.
+    let end = Instant::now() + DEADLINE;
+    loop {
+        assert!(Instant::now() < end, "never came back");
+        let mut s = tokio::net::TcpStream::connect(sim.local_addr())
+            .await
+            .expect("connect");
+        let mut banner = [0u8; 30];
+        if s.read_exact(&mut banner).await.is_ok() {
+            assert_eq!(&banner, b"Asterisk Call Manager/13.0.0\r\n");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(sim.stats().restarts, 1);
 }
