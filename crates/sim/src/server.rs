@@ -211,8 +211,8 @@ impl Shared {
 pub struct SimServer;
 
 impl SimServer {
-    /// Binds `cfg.listen` and serves in the background until [`SimHandle::shutdown`] (or the
-    /// handle is dropped: the tasks are aborted).
+    /// Binds `cfg.listen` and serves in the background until [`SimHandle::shutdown`] or the
+    /// handle is dropped.
     pub async fn spawn(cfg: SimConfig) -> Result<SimHandle, SimError> {
         let listener = TcpListener::bind(cfg.listen)
             .await
@@ -363,8 +363,9 @@ async fn run_random(shared: Arc<Shared>) {
     }
 }
 
-/// A running simulator. Dropping it stops the listener and load tasks (open sessions end on
-/// their own when their peers go); [`SimHandle::shutdown`] also closes every session.
+/// A running simulator. Dropping it stops everything (listener, sessions, load, call timers)
+/// without waiting; [`SimHandle::shutdown`] does the same and waits for the listener and load
+/// tasks to end.
 pub struct SimHandle {
     shared: Arc<Shared>,
     tasks: Vec<JoinHandle<()>>,

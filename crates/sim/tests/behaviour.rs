@@ -585,3 +585,34 @@ async fn restart_with_downtime_refuses_then_serves_again() {
     }
     assert_eq!(sim.stats().restarts, 1);
 }
+
+#[tokio::test]
+async fn random_bytes_never_take_the_server_down() {
+    use rand::{Rng, SeedableRng};
+    let sim = spawn(capture_config("pbx-a")).await;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(1);
+    for _ in 0..40 {
+        let mut s = tokio::net::TcpStream::connect(sim.local_addr())
+            .await
+            .expect("connect");
+        let len = rng.random_range(1..20_000);
+        let mut junk: Vec<u8> = (0..len).map(|_| rng.random()).collect();
+        // Sprinkle line ends so some of it parses as (odd) messages.
+        for _ in 0..len / 50 {
+            let i = rng.random_range(0..len);
+            junk[i] = b'\n';
+        }
+        let _ = s.write_all(&junk).await;
+        let _ = s.shutdown().await;
+        let mut sink = Vec::new();
+        let _ = tokio::time::timeout(DEADLINE, s.read_to_end(&mut sink))
+            .await
+            .expect("the server closes or answers in time");
+    }
+    let mut c = Client::login(sim.local_addr(), &[("Events", "off")]).await;
+    assert!(c.events_before_ping("p").await.is_empty());
+    eventually("junk connections to be closed", || {
+        sim.stats().connections == 1
+    })
+    .await;
+}
