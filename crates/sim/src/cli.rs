@@ -18,8 +18,8 @@ use crate::server::SimConfig;
 /// to stdout once it is bound (use --listen 127.0.0.1:0 and read the port from it).
 ///
 /// Besides standard AMI actions it answers simulator-only admin actions on the same port:
-/// SimSetDeviceState (Device, State), SimRestart ([DownSeconds]), SimStats,
-/// SimBlackhole ([Seconds], [Scope: server|connection]).
+/// SimSetDeviceState (Device, State), SimRestart (optional DownSeconds), SimStats,
+/// SimBlackhole (optional Seconds; Scope: server or connection).
 ///
 /// Examples:
 ///
@@ -30,7 +30,8 @@ use crate::server::SimConfig;
 ///   --extensions extensions.conf --random-devices 50 --rate 20 --seed 7
 ///
 ///   hintfed-sim --listen 127.0.0.1:5038 --script phones.txt   (lines: `<secs> <device> <STATE>`)
-#[derive(Debug, Parser)]
+/// (No `Debug`: it holds the secret.)
+#[derive(Parser)]
 #[command(name = "hintfed-sim", version, verbatim_doc_comment)]
 pub struct Args {
     /// Address to serve AMI on; repeat for several servers. Port 0 picks a free port.
@@ -66,7 +67,8 @@ pub struct Args {
     #[arg(long, value_name = "FILE")]
     pub script: Option<PathBuf>,
 
-    /// Random load: this many phones (<device-prefix><first-device>..) change state.
+    /// Random load: this many phones change state (named device-prefix + number, from
+    /// first-device on, e.g. PJSIP/1000).
     #[arg(long, value_name = "N")]
     pub random_devices: Option<usize>,
 
@@ -91,7 +93,8 @@ pub struct Args {
     #[arg(long)]
     pub load_after_login: bool,
 
-    /// Preload N cached Custom:bench<i> device states (like the devicestatelist-500 capture).
+    /// Preload N cached device states Custom:bench0, Custom:bench1, ... (like the
+    /// devicestatelist-500 capture).
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub preload_custom: usize,
 
@@ -233,5 +236,19 @@ mod tests {
     fn help_is_valid() {
         use clap::CommandFactory;
         Args::command().debug_assert();
+    }
+}
+
+#[cfg(test)]
+mod secret_tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_hides_the_secret() {
+        let cfgs = Args::parse_from(["hintfed-sim", "--secret", "s3cr3t-value"])
+            .into_configs()
+            .expect("configs");
+        let shown = format!("{:?}", cfgs[0]);
+        assert!(!shown.contains("s3cr3t-value"), "{shown}");
     }
 }

@@ -23,8 +23,8 @@ use crate::load::{RandomLoad, ScriptLine, ScriptStep};
 use crate::state::{DeviceState, Pbx, PbxOptions, SetvarError};
 
 /// Everything one simulated server needs. `SimConfig::default()` listens on `127.0.0.1:0`
-/// with user `admin`/`adminsecret`, no hints and no load.
-#[derive(Debug, Clone)]
+/// with user `admin`/`adminsecret`, no hints and no load. Its `Debug` output hides the secret.
+#[derive(Clone)]
 pub struct SimConfig {
     /// Address to listen on (port 0: any free port, see [`SimHandle::local_addr`]).
     pub listen: SocketAddr,
@@ -84,6 +84,28 @@ impl Default for SimConfig {
             random_rate: 1.0,
             load_after_login: false,
         }
+    }
+}
+
+impl std::fmt::Debug for SimConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimConfig")
+            .field("listen", &self.listen)
+            .field("name", &self.name)
+            .field("username", &self.username)
+            .field("secret", &"<redacted>")
+            .field("hints", &self.dialplan.hints.len())
+            .field("phone_duplicates", &self.phone_duplicates)
+            .field("write_timeout", &self.write_timeout)
+            .field("auth_failure_delay", &self.auth_failure_delay)
+            .field("event_buffer", &self.event_buffer)
+            .field("limits", &self.limits)
+            .field("preload_custom", &self.preload_custom)
+            .field("script_lines", &self.script.len())
+            .field("random", &self.random.as_ref().map(|r| r.devices().len()))
+            .field("random_rate", &self.random_rate)
+            .field("load_after_login", &self.load_after_login)
+            .finish()
     }
 }
 
