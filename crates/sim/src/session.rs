@@ -131,6 +131,14 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
     let local = stream.local_addr().unwrap_or(shared.local_addr);
     let mut gen_rx = shared.generation.subscribe();
     gen_rx.borrow_and_update();
+    // A blackholed (hung) server accepts TCP but sends nothing, not even the banner, until
+    // the blackhole ends.
+    while shared.blackholed(&shared.lock()) {
+        tokio::select! {
+            () = shared.shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
     match tokio::time::timeout(wt, stream.write_all(BANNER.as_bytes())).await {
         Ok(Ok(())) => {}
         _ => return,

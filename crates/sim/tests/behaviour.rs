@@ -171,6 +171,22 @@ async fn blackhole_keeps_tcp_open_and_answers_nothing() {
     assert_eq!(r.get("Message"), Some("Blackhole off"));
     assert!(c.events_before_ping("p").await.is_empty());
 
+    // While the server is blackholed, new connections get no banner until it ends.
+    sim.blackhole(None);
+    let mut fresh = tokio::net::TcpStream::connect(sim.local_addr())
+        .await
+        .expect("connect");
+    let mut banner = [0u8; 30];
+    let early =
+        tokio::time::timeout(Duration::from_millis(100), fresh.read_exact(&mut banner)).await;
+    assert!(early.is_err(), "banner sent while blackholed");
+    sim.unblackhole();
+    tokio::time::timeout(DEADLINE, fresh.read_exact(&mut banner))
+        .await
+        .expect("banner after the blackhole")
+        .expect("read");
+    assert_eq!(&banner, b"Asterisk Call Manager/13.0.0\r\n");
+
     // A connection-scoped blackhole leaves other connections alone.
     let mut other = Client::login(sim.local_addr(), &[("Events", "off")]).await;
     c.action(
