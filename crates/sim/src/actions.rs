@@ -30,6 +30,7 @@ const ACTIONS: &[&str] = &[
     "Command",
     "Originate",
     "ListCommands",
+    "CoreStatus",
     "SimSetDeviceState",
     "SimRestart",
     "SimStats",
@@ -112,6 +113,7 @@ pub(crate) async fn handle(shared: &Arc<Shared>, ctx: &mut SessionCtx, req: &Mes
         "Command" => command(shared, req),
         "Originate" => originate(shared, req),
         "ListCommands" => list_commands(req),
+        "CoreStatus" => core_status(shared, req),
         "SimSetDeviceState" => sim_set_device_state(shared, req),
         "SimRestart" => sim_restart(shared, req),
         "SimStats" => sim_stats(shared, req),
@@ -576,11 +578,32 @@ fn originate(shared: &Arc<Shared>, req: &Message) -> Outcome {
     Outcome::reply(reply)
 }
 
+/// `CoreStatus`: start-up and reload date/time (UTC) and calls in progress. A restart changes
+/// the start-up time, which is how a client can tell.
+fn core_status(shared: &Arc<Shared>, req: &Message) -> Outcome {
+    let inner = shared.lock();
+    let tv = format_tv(inner.boot_wall);
+    let (date, time) = (&tv[..10], &tv[11..19]);
+    Outcome::reply(
+        response("Success", req)
+            .with("CoreStartupDate", date)
+            .with("CoreStartupTime", time)
+            .with("CoreReloadDate", date)
+            .with("CoreReloadTime", time)
+            .with("CoreCurrentCalls", inner.pbx.active_calls().to_string()),
+    )
+}
+
 /// `ListCommands`: `<Action>: <Synopsis> (Priv: <classes>)` per action.
 fn list_commands(req: &Message) -> Outcome {
     const SYNOPSES: &[(&str, &str, &str)] = &[
         ("Challenge", "Generate Challenge for MD5 Auth.", "<none>"),
         ("Command", "Execute Asterisk CLI Command.", "command,all"),
+        (
+            "CoreStatus",
+            "Show PBX core status variables.",
+            "system,reporting,all",
+        ),
         (
             "DeviceStateList",
             "List the current known device states.",

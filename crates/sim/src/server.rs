@@ -155,6 +155,8 @@ pub struct SimStats {
 pub(crate) struct Inner {
     pub(crate) pbx: Pbx,
     pub(crate) boot: Instant,
+    /// Wall-clock time of the (simulated) start, for `CoreStatus`.
+    pub(crate) boot_wall: SystemTime,
     pub(crate) stats: SimStats,
     pub(crate) blackhole_until: Option<Instant>,
     pub(crate) down_until: Option<Instant>,
@@ -211,6 +213,7 @@ impl Shared {
         self.generation.send_modify(|g| *g += 1);
         inner.pbx.restart();
         inner.boot = Instant::now();
+        inner.boot_wall = SystemTime::now();
         inner.stats.restarts += 1;
         inner.blackhole_until = None;
         inner.down_until = (!down.is_zero()).then(|| Instant::now() + down);
@@ -265,6 +268,7 @@ impl SimServer {
             inner: Mutex::new(Inner {
                 pbx,
                 boot: Instant::now(),
+                boot_wall: SystemTime::now(),
                 stats: SimStats::default(),
                 blackhole_until: None,
                 down_until: None,

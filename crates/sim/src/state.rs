@@ -743,6 +743,11 @@ impl Pbx {
             .unwrap_or_default()
     }
 
+    /// Calls in progress (`CoreCurrentCalls`).
+    pub fn active_calls(&self) -> u32 {
+        self.calls.values().sum()
+    }
+
     /// Allocates a channel number (`Local/x@y-0000000N`) and two unique id sequence numbers.
     pub fn next_channel(&mut self) -> (u32, u64) {
         let ch = self.next_channel;

@@ -558,6 +558,22 @@ async fn extension_state_command_getvar_and_list_commands() {
         .await;
     assert_eq!(r.get("Value"), Some("bHVuY2g="));
 
+    let (_, r) = c.action(Message::action("CoreStatus"), "cs").await;
+    let keys: Vec<&str> = r.headers().iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(
+        keys,
+        [
+            "Response",
+            "ActionID",
+            "CoreStartupDate",
+            "CoreStartupTime",
+            "CoreReloadDate",
+            "CoreReloadTime",
+            "CoreCurrentCalls"
+        ]
+    );
+    assert_eq!(r.get("CoreCurrentCalls"), Some("0"));
+
     let (_, r) = c.action(Message::action("ListCommands"), "l").await;
     assert_eq!(r.get("Ping"), Some("Keepalive command. (Priv: <none>)"));
     assert!(r.get("SimRestart").is_some());
