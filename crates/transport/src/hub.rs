@@ -23,6 +23,7 @@ use zeromq::{
 };
 
 use crate::error::{SendError, TransportError};
+use crate::guard::{self, Guard};
 use crate::link::{
     Backoff, BackoffConfig, CancelOnDrop, Frames, Limits, LinkStats, LinkStatus, Shared,
     StatsSnapshot, connect_socket, connect_sub, is_disconnect, parse_tcp_endpoint, sleep_or_cancel,
@@ -520,15 +521,18 @@ impl HubBind {
         if config.inbound_capacity == 0 || config.outbound_capacity == 0 {
             return Err(TransportError::Config("channel capacities must be > 0"));
         }
-        let (router, publisher, router_ep, pub_ep) = bind_pair(&config).await?;
+        let (shared, status_tx) = Shared::new();
+        let bound = bind_pair(&config, &shared.stats).await?;
+        let (router_ep, pub_ep) = (bound.router_endpoint, bound.pub_endpoint);
+        let (router, publisher) = (bound.router, bound.publisher);
         let (tx, rx) = mpsc::channel(config.outbound_capacity);
         let (in_tx, in_rx) = mpsc::channel(config.inbound_capacity);
-        let (shared, status_tx) = Shared::new();
         status_tx.send_replace(LinkStatus::Connected);
         let cancel = CancellationToken::new();
         let task = BindTask {
             router,
             publisher,
+            guards: bound.guards,
             rx,
             inbound: in_tx,
             stats: shared.stats.clone(),
@@ -604,70 +608,86 @@ impl HubBind {
     }
 }
 
+struct Bound {
+    router: RouterSocket,
+    publisher: PubSocket,
+    guards: [Guard; 2],
+    router_endpoint: String,
+    pub_endpoint: String,
+}
+
 async fn bind_pair(
     config: &HubBindConfig,
-) -> Result<(RouterSocket, PubSocket, String, String), TransportError> {
+    stats: &Arc<LinkStats>,
+) -> Result<Bound, TransportError> {
     let (host, port) = parse_tcp_endpoint(&config.endpoint)?;
-    let bare_host = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_owned();
-    // Port 0 with a derived PUB port: search a free adjacent pair.
-    let tries = if port == 0 && config.pub_endpoint.is_none() {
-        50
-    } else {
-        1
-    };
-    let mut last_err = None;
-    for _ in 0..tries {
-        let mut router = RouterSocket::new();
-        let router_ep =
-            router
-                .bind(&config.endpoint)
-                .await
-                .map_err(|source| TransportError::Bind {
-                    endpoint: config.endpoint.clone(),
-                    source,
-                })?;
-        let bound_port = match &router_ep {
-            zeromq::Endpoint::Tcp(_, p) => *p,
-            _ => port,
-        };
-        let pub_ep = match &config.pub_endpoint {
-            Some(ep) => ep.clone(),
-            None => {
-                let Some(p1) = bound_port.checked_add(1) else {
-                    let _ = router.close().await;
-                    continue;
-                };
-                tcp_endpoint(&bare_host, p1)
-            }
-        };
-        let mut publisher = PubSocket::new();
-        match publisher.bind(&pub_ep).await {
-            Ok(pub_bound) => {
-                return Ok((
-                    router,
-                    publisher,
-                    tcp_endpoint(&bare_host, bound_port),
-                    pub_bound.to_string(),
-                ));
-            }
-            Err(source) => {
-                let _ = router.close().await;
-                last_err = Some(TransportError::Bind {
-                    endpoint: pub_ep,
-                    source,
-                });
-            }
+    let (router_listener, pub_listener, pub_host) = match &config.pub_endpoint {
+        Some(pub_ep) => {
+            let (l1, _) = guard::listen_endpoint(&config.endpoint).await?;
+            let (l2, pub_host) = guard::listen_endpoint(pub_ep).await?;
+            (l1, l2, pub_host)
         }
-    }
-    Err(last_err.unwrap_or(TransportError::Config("no free port pair found")))
+        None => {
+            // Port 0: search a free adjacent pair P, P+1.
+            let tries = if port == 0 { 50 } else { 1 };
+            let mut found = None;
+            let mut last_err = None;
+            for _ in 0..tries {
+                let l1 = guard::listen(&host, port)
+                    .await
+                    .map_err(|e| guard::bind_error(&config.endpoint, e))?;
+                let p = l1
+                    .local_addr()
+                    .map_err(|e| guard::bind_error(&config.endpoint, e))?
+                    .port();
+                let Some(p1) = p.checked_add(1) else { continue };
+                match guard::listen(&host, p1).await {
+                    Ok(l2) => {
+                        found = Some((l1, l2));
+                        break;
+                    }
+                    Err(e) => {
+                        last_err = Some(guard::bind_error(&tcp_endpoint(&host, p1), e));
+                    }
+                }
+            }
+            let (l1, l2) = found.ok_or_else(|| {
+                last_err.unwrap_or(TransportError::Config("no free port pair found"))
+            })?;
+            (l1, l2, host.clone())
+        }
+    };
+    let mut router = RouterSocket::new();
+    let mut publisher = PubSocket::new();
+    let (g1, router_endpoint) = guard::guard_socket(
+        &mut router,
+        router_listener,
+        &host,
+        config.limits,
+        stats.clone(),
+    )
+    .await?;
+    let (g2, pub_endpoint) = guard::guard_socket(
+        &mut publisher,
+        pub_listener,
+        &pub_host,
+        config.limits,
+        stats.clone(),
+    )
+    .await?;
+    Ok(Bound {
+        router,
+        publisher,
+        guards: [g1, g2],
+        router_endpoint,
+        pub_endpoint,
+    })
 }
 
 struct BindTask {
     router: RouterSocket,
     publisher: PubSocket,
+    guards: [Guard; 2],
     rx: mpsc::Receiver<BindCmd>,
     inbound: mpsc::Sender<RouterMessage>,
     stats: Arc<LinkStats>,
@@ -710,6 +730,9 @@ impl BindTask {
                 }
             }
         }
+        let [g1, g2] = self.guards;
+        g1.shutdown().await;
+        g2.shutdown().await;
         let _ = self.router.close().await;
         let _ = self.publisher.close().await;
         if let Some(tx) = ack {

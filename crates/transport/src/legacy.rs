@@ -1,7 +1,7 @@
 //! Sockets of the original zmq-ami-broker server, for hintfed-server's compatibility mode:
 //! [`PullBind`] (the PULL its agents PUSH to) and [`PubBind`] (the PUB they subscribe to with
 //! `[*]` and `[<name>]`). Minimal wrappers: bound sockets need no reconnection; each is owned
-//! by one task and reports bind errors with the endpoint.
+//! by one task, listens through the size guard and reports bind errors with the endpoint.
 
 use std::sync::Arc;
 
@@ -10,18 +10,21 @@ use tokio_util::sync::CancellationToken;
 use zeromq::{PubSocket, PullSocket, Socket, SocketRecv, SocketSend};
 
 use crate::error::{SendError, TransportError};
+use crate::guard::{self, Guard};
 use crate::link::{CancelOnDrop, Frames, Limits, LinkStats, StatsSnapshot, to_message};
 
-async fn bind<S: Socket>(endpoint: &str) -> Result<(S, String), TransportError> {
+/// Binds `endpoint` through a size guard (see the crate docs: the zeromq crate has no message
+/// size limit of its own).
+async fn bind<S: Socket>(
+    endpoint: &str,
+    limits: Limits,
+    stats: &Arc<LinkStats>,
+) -> Result<(S, Guard, String), TransportError> {
+    let (listener, host) = guard::listen_endpoint(endpoint).await?;
     let mut socket = S::new();
-    let bound = socket
-        .bind(endpoint)
-        .await
-        .map_err(|source| TransportError::Bind {
-            endpoint: endpoint.to_owned(),
-            source,
-        })?;
-    Ok((socket, bound.to_string()))
+    let (guard, public) =
+        guard::guard_socket(&mut socket, listener, &host, limits, stats.clone()).await?;
+    Ok((socket, guard, public))
 }
 
 /// A bound PULL socket. Inbound policy: bounded channel; when full the newest message is
@@ -44,10 +47,10 @@ impl PullBind {
         if inbound_capacity == 0 {
             return Err(TransportError::Config("inbound_capacity must be > 0"));
         }
-        let (mut socket, bound) = bind::<PullSocket>(endpoint).await?;
+        let stats = Arc::new(LinkStats::default());
+        let (mut socket, guard, bound) = bind::<PullSocket>(endpoint, limits, &stats).await?;
         let (tx, rx) = mpsc::channel(inbound_capacity);
         let (stop_tx, mut stop_rx) = mpsc::channel::<oneshot::Sender<()>>(1);
-        let stats = Arc::new(LinkStats::default());
         let cancel = CancellationToken::new();
         let (task_stats, task_cancel) = (stats.clone(), cancel.clone());
         tokio::spawn(async move {
@@ -71,6 +74,7 @@ impl PullBind {
                     },
                 }
             };
+            guard.shutdown().await;
             let _ = socket.close().await;
             if let Some(ack) = ack {
                 let _ = ack.send(());
@@ -133,9 +137,10 @@ impl PubBind {
         if outbound_capacity == 0 {
             return Err(TransportError::Config("outbound_capacity must be > 0"));
         }
-        let (mut socket, bound) = bind::<PubSocket>(endpoint).await?;
-        let (tx, mut rx) = mpsc::channel(outbound_capacity);
         let stats = Arc::new(LinkStats::default());
+        let (mut socket, guard, bound) =
+            bind::<PubSocket>(endpoint, Limits::default(), &stats).await?;
+        let (tx, mut rx) = mpsc::channel(outbound_capacity);
         let cancel = CancellationToken::new();
         let (task_stats, task_cancel) = (stats.clone(), cancel.clone());
         tokio::spawn(async move {
@@ -156,6 +161,7 @@ impl PubBind {
                     },
                 }
             };
+            guard.shutdown().await;
             let _ = socket.close().await;
             if let Some(ack) = ack {
                 let _ = ack.send(());

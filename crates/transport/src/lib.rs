@@ -61,6 +61,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 pub mod error;
+mod guard;
 pub mod hub;
 pub mod legacy;
 pub mod link;

@@ -204,3 +204,47 @@ async fn oversize_messages_are_dropped_and_counted() {
             .is_some()
     );
 }
+
+#[tokio::test]
+async fn hub_survives_a_peer_announcing_a_huge_frame() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (hub, mut hub_rx) = HubBind::bind(HubBindConfig::new("tcp://127.0.0.1:0"))
+        .await
+        .expect("bind");
+    let addr = hub
+        .router_endpoint()
+        .trim_start_matches("tcp://")
+        .to_owned();
+    // A ZMTP greeting, then a frame header announcing 1 TiB (unguarded, the zeromq crate
+    // tries to reserve that much and aborts the process).
+    let mut raw = tokio::net::TcpStream::connect(&addr)
+        .await
+        .expect("connect");
+    let mut greeting = vec![0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0x7f, 3, 0];
+    greeting.extend(b"NULL");
+    greeting.resize(64, 0);
+    raw.write_all(&greeting).await.expect("greeting");
+    let mut attack = vec![0x02];
+    attack.extend((1u64 << 40).to_be_bytes());
+    raw.write_all(&attack).await.expect("header");
+    // The hub closes the connection and counts it.
+    let mut sink = Vec::new();
+    timeout(SETUP, raw.read_to_end(&mut sink))
+        .await
+        .expect("connection closed by the hub")
+        .ok();
+    let deadline = Instant::now() + SETUP;
+    while hub.stats().dropped_oversize == 0 {
+        assert!(Instant::now() < deadline, "oversize not counted");
+        tokio::task::yield_now().await;
+    }
+    // And still serves well-behaved agents.
+    let (link, _link_rx) =
+        HubLink::connect(HubLinkConfig::new(hub.router_endpoint())).expect("link");
+    assert!(link.wait_connected(SETUP).await);
+    assert!(
+        link_to_hub(&link, &mut hub_rx, &[b"ok"], SETUP)
+            .await
+            .is_some()
+    );
+}
