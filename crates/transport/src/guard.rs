@@ -152,10 +152,12 @@ impl Guard {
         listener: TcpListener,
         inner: SocketAddr,
         limits: Limits,
+        max_connections: usize,
         stats: Arc<LinkStats>,
     ) -> Self {
         let cancel = CancellationToken::new();
         let token = cancel.clone();
+        let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
         let task = tokio::spawn(async move {
             loop {
                 let accepted = tokio::select! {
@@ -164,9 +166,15 @@ impl Guard {
                 };
                 match accepted {
                     Ok((stream, peer)) => {
+                        let Ok(slot) = slots.clone().try_acquire_owned() else {
+                            stats.refused_connections();
+                            tracing::warn!(%peer, max_connections, "too many connections; refused");
+                            continue;
+                        };
                         let token = token.clone();
                         let stats = stats.clone();
                         tokio::spawn(async move {
+                            let _slot = slot;
                             tokio::select! {
                                 () = token.cancelled() => {}
                                 () = forward(stream, peer, inner, limits, &stats) => {}
@@ -281,6 +289,7 @@ pub(crate) async fn guard_socket<S: zeromq::Socket>(
     listener: TcpListener,
     host: &str,
     limits: Limits,
+    max_connections: usize,
     stats: Arc<LinkStats>,
 ) -> Result<(Guard, String), TransportError> {
     let public_port = listener
@@ -303,7 +312,10 @@ pub(crate) async fn guard_socket<S: zeromq::Socket>(
         _ => return Err(TransportError::Config("inner socket is not TCP")),
     };
     let inner = SocketAddr::from(([127, 0, 0, 1], inner_port));
-    Ok((Guard::start(listener, inner, limits, stats), public))
+    Ok((
+        Guard::start(listener, inner, limits, max_connections, stats),
+        public,
+    ))
 }
 
 #[cfg(test)]

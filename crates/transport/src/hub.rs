@@ -25,9 +25,9 @@ use zeromq::{
 use crate::error::{SendError, TransportError};
 use crate::guard::{self, Guard};
 use crate::link::{
-    Backoff, BackoffConfig, CancelOnDrop, Frames, Limits, LinkStats, LinkStatus, Shared,
-    StatsSnapshot, connect_socket, connect_sub, is_disconnect, parse_tcp_endpoint, sleep_or_cancel,
-    tcp_endpoint, to_message,
+    Backoff, BackoffConfig, CancelOnDrop, DEFAULT_MAX_CONNECTIONS, Frames, Limits, LinkStats,
+    LinkStatus, Shared, StatsSnapshot, connect_socket, connect_sub, is_disconnect,
+    parse_tcp_endpoint, sleep_or_cancel, tcp_endpoint, to_message,
 };
 
 /// One-frame liveness request a [`HubLink`] sends on its DEALER.
@@ -451,6 +451,8 @@ pub struct HubBindConfig {
     pub inbound_capacity: usize,
     /// Capacity of the outbound queue (default 8192).
     pub outbound_capacity: usize,
+    /// Simultaneous peer connections per socket; more are refused and counted (default 4096).
+    pub max_connections: usize,
 }
 
 impl HubBindConfig {
@@ -464,6 +466,7 @@ impl HubBindConfig {
             limits: Limits::default(),
             inbound_capacity: 8192,
             outbound_capacity: 8192,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         }
     }
 }
@@ -664,6 +667,7 @@ async fn bind_pair(
         router_listener,
         &host,
         config.limits,
+        config.max_connections,
         stats.clone(),
     )
     .await?;
@@ -672,6 +676,7 @@ async fn bind_pair(
         pub_listener,
         &pub_host,
         config.limits,
+        config.max_connections,
         stats.clone(),
     )
     .await?;

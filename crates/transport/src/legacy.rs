@@ -11,7 +11,9 @@ use zeromq::{PubSocket, PullSocket, Socket, SocketRecv, SocketSend};
 
 use crate::error::{SendError, TransportError};
 use crate::guard::{self, Guard};
-use crate::link::{CancelOnDrop, Frames, Limits, LinkStats, StatsSnapshot, to_message};
+use crate::link::{
+    CancelOnDrop, DEFAULT_MAX_CONNECTIONS, Frames, Limits, LinkStats, StatsSnapshot, to_message,
+};
 
 /// Binds `endpoint` through a size guard (see the crate docs: the zeromq crate has no message
 /// size limit of its own).
@@ -22,8 +24,15 @@ async fn bind<S: Socket>(
 ) -> Result<(S, Guard, String), TransportError> {
     let (listener, host) = guard::listen_endpoint(endpoint).await?;
     let mut socket = S::new();
-    let (guard, public) =
-        guard::guard_socket(&mut socket, listener, &host, limits, stats.clone()).await?;
+    let (guard, public) = guard::guard_socket(
+        &mut socket,
+        listener,
+        &host,
+        limits,
+        DEFAULT_MAX_CONNECTIONS,
+        stats.clone(),
+    )
+    .await?;
     Ok((socket, guard, public))
 }
 

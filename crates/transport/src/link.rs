@@ -41,6 +41,7 @@ pub struct LinkStats {
     send_timeouts: AtomicU64,
     silence_timeouts: AtomicU64,
     request_timeouts: AtomicU64,
+    refused_connections: AtomicU64,
 }
 
 /// A point-in-time copy of [`LinkStats`].
@@ -66,6 +67,8 @@ pub struct StatsSnapshot {
     pub silence_timeouts: u64,
     /// Requests that got no reply within the request timeout (REQ recreated).
     pub request_timeouts: u64,
+    /// Incoming TCP connections refused because a bound socket had `max_connections` already.
+    pub refused_connections: u64,
 }
 
 macro_rules! counter {
@@ -90,7 +93,8 @@ counter!(
     dropped_outbound,
     send_timeouts,
     silence_timeouts,
-    request_timeouts
+    request_timeouts,
+    refused_connections
 );
 
 /// Capped exponential backoff with jitter, used between reconnect attempts.
@@ -183,6 +187,9 @@ impl Limits {
             && frames.iter().map(Bytes::len).sum::<usize>() <= self.max_message_bytes
     }
 }
+
+/// Default cap on simultaneous peer connections of one bound socket.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 
 /// Parses `tcp://host:port` into `(host, port)`.
 pub fn parse_tcp_endpoint(endpoint: &str) -> Result<(String, u16), TransportError> {

@@ -248,3 +248,25 @@ async fn hub_survives_a_peer_announcing_a_huge_frame() {
             .is_some()
     );
 }
+
+#[tokio::test]
+async fn hub_refuses_connections_beyond_its_cap() {
+    use tokio::io::AsyncReadExt;
+    let mut config = HubBindConfig::new("tcp://127.0.0.1:0");
+    config.max_connections = 1;
+    let (hub, _rx) = HubBind::bind(config).await.expect("bind");
+    let addr = hub
+        .router_endpoint()
+        .trim_start_matches("tcp://")
+        .to_owned();
+    let _first = tokio::net::TcpStream::connect(&addr).await.expect("first");
+    let mut second = tokio::net::TcpStream::connect(&addr).await.expect("second");
+    // The second connection is closed without a greeting.
+    let mut buf = [0u8; 64];
+    let n = timeout(SETUP, second.read(&mut buf))
+        .await
+        .expect("closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0);
+    assert_eq!(hub.stats().refused_connections, 1);
+}
