@@ -1,0 +1,93 @@
+//! The hub's table as the daemon's JSON views (`/api/state`, `/api/origins`, `/events`).
+
+use std::collections::BTreeMap;
+
+use hintfed_core::table::Table;
+use hintfed_core::{DeviceState, DownReason, Millis, Origins};
+use hintfed_daemon::http::{DeviceView, OriginView, PresenceView, StateView};
+
+/// The row of device `key`: per-origin states (a down origin shows as `down_state`) and the
+/// aggregate; `None` when no origin reports it.
+pub fn device_view(
+    table: &Table,
+    origins: &Origins,
+    down_state: DeviceState,
+    key: &str,
+) -> Option<DeviceView> {
+    let per_origin = table.device(key)?;
+    let aggregate = table.aggregate(key, origins, down_state, None)?;
+    let mut changed = Millis(0);
+    let mut states = BTreeMap::new();
+    for (origin, e) in per_origin {
+        changed = changed.max(e.updated);
+        let shown = if origins.is_down(origin) {
+            down_state
+        } else {
+            e.value
+        };
+        states.insert(origin.clone(), shown.as_str().to_owned());
+    }
+    Some(DeviceView {
+        key: key.to_owned(),
+        aggregate: aggregate.as_str().to_owned(),
+        changed_ms: changed.0,
+        origins: states,
+    })
+}
+
+/// The row of presence `key`.
+pub fn presence_view(table: &Table, key: &str) -> Option<PresenceView> {
+    let e = table.presence(key)?;
+    Some(PresenceView {
+        key: key.to_owned(),
+        status: e.value.status.as_str().to_owned(),
+        subtype: e.value.subtype.clone(),
+        message: e.value.message.clone(),
+        origin: e.origin.clone(),
+        changed_ms: e.updated.0,
+    })
+}
+
+fn reason_text(r: DownReason) -> &'static str {
+    match r {
+        DownReason::SelfAnnounced => "lost its Asterisk",
+        DownReason::Silent => "silent for longer than origin_timeout",
+        DownReason::Notified => "reported silent by another hub",
+    }
+}
+
+/// The view of origin `name`, `None` when unknown.
+pub fn origin_view(origins: &Origins, name: &str, now: Millis) -> Option<OriginView> {
+    let info = origins.get(name)?;
+    Some(OriginView {
+        name: name.to_owned(),
+        up: info.down.is_none(),
+        epoch: info.epoch.0,
+        last_seq: info.last_seq,
+        last_seen_ms_ago: Some(now.since(info.last_seen)),
+        lag_ms: None,
+        detail: info.down.map(|d| reason_text(d.reason).to_owned()),
+    })
+}
+
+/// Every device and presence row.
+pub fn state_view(table: &Table, origins: &Origins, down_state: DeviceState) -> StateView {
+    StateView {
+        devices: table
+            .device_keys()
+            .filter_map(|k| device_view(table, origins, down_state, k))
+            .collect(),
+        presence: table
+            .presence_entries()
+            .filter_map(|(k, _)| presence_view(table, k))
+            .collect(),
+    }
+}
+
+/// Every origin.
+pub fn origins_view(origins: &Origins, now: Millis) -> Vec<OriginView> {
+    origins
+        .iter()
+        .filter_map(|(name, _)| origin_view(origins, name, now))
+        .collect()
+}
