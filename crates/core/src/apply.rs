@@ -162,6 +162,14 @@ impl ApplyQueue {
         true
     }
 
+    /// The sink reported (by an event or a listing) that `target` holds `value`. Ignored
+    /// while a write to `target` is in flight (its result decides).
+    pub fn note_held(&mut self, target: &str, value: &Value) {
+        if !self.in_flight.contains_key(target) {
+            self.held.insert(target.to_owned(), value.clone());
+        }
+    }
+
     /// Forgets what the sink holds (it restarted or reconnected: write everything again).
     pub fn forget_held(&mut self) {
         self.held.clear();

@@ -159,6 +159,9 @@ pub enum Body {
     SnapshotChunk {
         /// The request answered.
         request_id: u64,
+        /// Position of this chunk in the answer, from 0 (duplicates are recognised by it).
+        #[serde(default)]
+        index: u32,
         /// Table entries.
         #[serde(default)]
         entries: Vec<SnapshotEntry>,
@@ -386,6 +389,7 @@ mod tests {
             Body::SnapshotRequest { request_id: 4 },
             Body::SnapshotChunk {
                 request_id: 4,
+                index: 0,
                 entries: vec![SnapshotEntry {
                     origin: "pbx-b".into(),
                     epoch: Epoch(2),
@@ -435,5 +439,30 @@ mod tests {
         let mut e = upd("k");
         e.origin = String::new();
         assert_eq!(e.validate(&l), Err(InvalidEnvelope::Empty("origin")));
+    }
+}
+
+/// Topic prefixes of the fan-out (the first frame on a hub's PUB socket), by body kind, so a
+/// subscriber can filter by kind with a prefix subscription (`state.` for every update,
+/// `control` for heartbeats, full-sync markers and origin-down notices).
+pub mod topics {
+    /// Device state updates.
+    pub const DEVICE: &str = "state.device";
+    /// Presence updates.
+    pub const PRESENCE: &str = "state.presence";
+    /// Everything that is not an update.
+    pub const CONTROL: &str = "control";
+}
+
+impl Envelope {
+    /// The fan-out topic of this envelope (see [`topics`]).
+    pub fn topic(&self) -> &'static str {
+        match &self.body {
+            Body::Update(u) => match u.value.kind() {
+                Kind::Device => topics::DEVICE,
+                Kind::Presence => topics::PRESENCE,
+            },
+            _ => topics::CONTROL,
+        }
     }
 }

@@ -273,6 +273,7 @@ impl Hub {
             }
             let envelope = hub.control(Body::SnapshotChunk {
                 request_id,
+                index: chunks,
                 entries: std::mem::take(e),
                 origins: std::mem::take(o),
             });

@@ -248,7 +248,9 @@ impl Origins {
         };
         let theirs = (s.epoch, s.last_seq);
         let ours = (info.epoch, info.last_seq);
-        if theirs < ours {
+        // Only strictly newer knowledge counts: a hub at the same position may still miss a
+        // message we have (e.g. the full-sync end that revived the origin here).
+        if theirs <= ours {
             return false;
         }
         let mut changed = false;
@@ -263,7 +265,7 @@ impl Origins {
                 info.down = Some(down_mark(r));
                 changed = true;
             }
-            (None, Some(_)) if theirs > ours || changed => {
+            (None, Some(_)) => {
                 info.down = None;
                 changed = true;
             }

@@ -26,7 +26,7 @@
 //! and delivers each node's [`Action::Publish`] envelopes to all the others, with
 //! [`NodeConfig::snapshots`] off.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::apply::{ApplyConfig, ApplyQueue};
 use crate::echo::{ChangeSuppressor, EchoConfig, EchoSuppressor};
@@ -144,7 +144,9 @@ impl ApplyCmd {
 pub enum Action {
     /// Send this stream envelope to every hub (or, in the broker, to every other relay).
     Publish(Envelope),
-    /// Send this control envelope (a snapshot request) to one hub, any connected one.
+    /// Send this control envelope (a snapshot request) to every connected hub. Answers of
+    /// several hubs are all merged (merges are monotone), which also repairs what one hub
+    /// missed.
     Request(Envelope),
     /// Write to the local Asterisk, then report with [`Node::on_apply_result`].
     Apply(ApplyCmd),
@@ -192,8 +194,11 @@ pub struct NodeStats {
 struct PendingSnapshot {
     id: u64,
     sent_at: Millis,
-    chunks: u32,
-    origins: Vec<OriginSummary>,
+    /// Per answering hub: indices of the chunks received and summaries buffered until its
+    /// end.
+    hubs: BTreeMap<String, (BTreeSet<u32>, Vec<OriginSummary>)>,
+    /// Whether one hub's answer completed.
+    complete: bool,
 }
 
 /// Summaries kept at most per snapshot (a hostile hub cannot grow them without bound).
@@ -352,6 +357,7 @@ impl Node {
             self.stats.ignored_while_down += 1;
             return;
         }
+        self.note_held(&event);
         if self.echo.is_echo(&event.key, &event.value, now) {
             self.stats.echoes += 1;
             return;
@@ -369,16 +375,16 @@ impl Node {
         }
         self.local_down = false;
         self.sent.clear();
+        self.apply.forget_held();
         let begin = self.publish(now, Body::FullSyncBegin);
-        let mut listed_presence = BTreeSet::new();
         for item in items {
+            self.note_held(&item);
             match item.value {
                 Value::Device(_) => {
                     self.stats.local_events += 1;
                     self.local_change(now, item.key, item.value);
                 }
                 Value::Presence(p) => {
-                    listed_presence.insert(item.key.clone());
                     if self.snapshot_done || !self.cfg.snapshots {
                         self.listed_presence(now, item.key, p);
                     } else {
@@ -387,7 +393,7 @@ impl Node {
                 }
             }
         }
-        self.republish_own_presence(now, &listed_presence);
+        self.republish_own_presence(now, false);
         let own_old: Vec<String> = self
             .replica
             .table
@@ -405,7 +411,6 @@ impl Node {
         self.publish(now, Body::FullSyncEnd { begin_seq: begin });
         self.synced_once = true;
         self.flush_query();
-        self.apply.forget_held();
         self.reapply_all();
         self.pump(now);
     }
@@ -475,11 +480,12 @@ impl Node {
         match &env.body {
             Body::SnapshotChunk {
                 request_id,
+                index,
                 entries,
                 origins,
-            } => self.on_chunk(now, *request_id, entries, origins),
+            } => self.on_chunk(now, &env.origin, *request_id, *index, entries, origins),
             Body::SnapshotEnd { request_id, chunks } => {
-                self.on_snapshot_end(now, *request_id, *chunks)
+                self.on_snapshot_end(now, &env.origin, *request_id, *chunks)
             }
             Body::ResyncRequest { origin } => {
                 if *origin == self.cfg.origin && self.synced_once && !self.local_down {
@@ -489,7 +495,11 @@ impl Node {
             }
             Body::Hello { .. } | Body::SnapshotRequest { .. } => {}
             _ => {
-                let assume_complete = !self.snapshot_done || !self.cfg.snapshots;
+                // The history before an origin's first message seen here is a gap that a
+                // snapshot closes (its summary covers the origin up to what the hub had; the
+                // rest is still on its way in the stream). Without snapshots nothing could
+                // close it, so it is assumed complete.
+                let assume_complete = !self.cfg.snapshots;
                 let ing = self.replica.ingest(env, assume_complete, now);
                 if ing.status != SeqStatus::New {
                     self.stats.remote_duplicates += 1;
@@ -521,8 +531,8 @@ impl Node {
         self.snapshot = Some(PendingSnapshot {
             id,
             sent_at: now,
-            chunks: 0,
-            origins: Vec::new(),
+            hubs: BTreeMap::new(),
+            complete: false,
         });
         self.stats.snapshots_requested += 1;
         self.actions.push_back(Action::Request(Envelope::new(
@@ -545,11 +555,16 @@ impl Node {
             self.recompute_origin(&o);
         }
         if self.cfg.snapshots {
+            let retry = self.cfg.snapshot_retry_ms;
             match &self.snapshot {
-                Some(s) if now.since(s.sent_at) >= self.cfg.snapshot_retry_ms => {
-                    self.request_snapshot(now)
+                Some(s) if !s.complete => {
+                    if now.since(s.sent_at) >= retry {
+                        self.request_snapshot(now)
+                    }
                 }
-                None if !self.replica.gaps(now, self.cfg.gap_grace_ms).is_empty() => {
+                // At most one gap-driven request per retry period.
+                Some(s) if now.since(s.sent_at) < retry => {}
+                _ if !self.replica.gaps(now, self.cfg.gap_grace_ms).is_empty() => {
                     self.stats.gaps += 1;
                     self.request_snapshot(now);
                 }
@@ -603,6 +618,20 @@ impl Node {
         self.publish(now, Body::Update(Update { key, value, ts }));
     }
 
+    /// An event or listing item says what the local Asterisk holds for a possible target.
+    fn note_held(&mut self, event: &LocalEvent) {
+        let is_target = match event.value {
+            Value::Presence(_) => true,
+            Value::Device(_) => event
+                .key
+                .get(..7)
+                .is_some_and(|p| p.eq_ignore_ascii_case("Custom:")),
+        };
+        if is_target {
+            self.apply.note_held(&event.key, &event.value);
+        }
+    }
+
     fn local_change(&mut self, now: Millis, key: String, value: Value) {
         match &value {
             Value::Device(s) => {
@@ -653,12 +682,16 @@ impl Node {
         }
     }
 
-    fn republish_own_presence(&mut self, now: Millis, skip: &BTreeSet<String>) {
+    /// Republishes the presence writes of this origin that are still winners, with their
+    /// original timestamps (idempotent everywhere), so that a hub or node that missed one
+    /// gets it; with `older_epochs_only`, only those written in an earlier epoch.
+    fn republish_own_presence(&mut self, now: Millis, older_epochs_only: bool) {
+        let epoch = self.epoch;
         let own: Vec<(String, Presence, HlcTimestamp)> = self
             .replica
             .table
             .presence_entries()
-            .filter(|(k, w)| w.origin == self.cfg.origin && !skip.contains(*k))
+            .filter(|(_, w)| w.origin == self.cfg.origin && (!older_epochs_only || w.epoch < epoch))
             .map(|(k, w)| (k.clone(), w.value.clone(), w.ts))
             .collect();
         for (k, p, ts) in own {
@@ -678,7 +711,7 @@ impl Node {
             let ts = self.hlc.now(now);
             self.publish_update(now, k, v, ts);
         }
-        self.republish_own_presence(now, &BTreeSet::new());
+        self.republish_own_presence(now, false);
         self.publish(now, Body::FullSyncEnd { begin_seq: begin });
     }
 
@@ -698,15 +731,20 @@ impl Node {
     fn on_chunk(
         &mut self,
         now: Millis,
+        hub: &str,
         request_id: u64,
+        index: u32,
         entries: &[SnapshotEntry],
         origins: &[OriginSummary],
     ) {
         match &mut self.snapshot {
-            Some(s) if s.id == request_id => {
-                s.chunks = s.chunks.saturating_add(1);
-                let room = MAX_SNAPSHOT_ORIGINS.saturating_sub(s.origins.len());
-                s.origins.extend(origins.iter().take(room).cloned());
+            Some(s) if s.id == request_id && (s.hubs.len() < 64 || s.hubs.contains_key(hub)) => {
+                let (seen, sums) = s.hubs.entry(hub.to_owned()).or_default();
+                if !seen.insert(index) {
+                    return; // duplicate chunk
+                }
+                let room = MAX_SNAPSHOT_ORIGINS.saturating_sub(sums.len());
+                sums.extend(origins.iter().take(room).cloned());
             }
             _ => {
                 self.stats.snapshot_rejected += 1;
@@ -734,22 +772,29 @@ impl Node {
         }
     }
 
-    fn on_snapshot_end(&mut self, now: Millis, request_id: u64, chunks: u32) {
-        let s = match self.snapshot.take() {
-            Some(s) if s.id == request_id => s,
-            other => {
-                self.snapshot = other;
+    fn on_snapshot_end(&mut self, now: Millis, hub: &str, request_id: u64, chunks: u32) {
+        let (received, summaries) = match &mut self.snapshot {
+            Some(s) if s.id == request_id => match s.hubs.remove(hub) {
+                Some(h) => h,
+                // Nothing buffered: a duplicate end, or an answer without chunks.
+                None if chunks == 0 => Default::default(),
+                None => return,
+            },
+            _ => {
                 self.stats.snapshot_rejected += 1;
                 return;
             }
         };
-        if s.chunks != chunks {
-            // A chunk was lost: what arrived is merged (merges are monotone), ask again.
-            self.request_snapshot(now);
+        if received.len() != chunks as usize || received.iter().any(|i| *i >= chunks) {
+            // A chunk was lost: what arrived is merged (merges are monotone); unless another
+            // hub completes, the retry asks again.
             return;
         }
+        if let Some(s) = &mut self.snapshot {
+            s.complete = true;
+        }
         let mut listed = BTreeSet::new();
-        for sum in &s.origins {
+        for sum in &summaries {
             if sum.origin == self.cfg.origin {
                 continue;
             }
@@ -763,6 +808,10 @@ impl Node {
         self.stats.snapshots_completed += 1;
         for (k, p) in std::mem::take(&mut self.buffered_presence) {
             self.listed_presence(now, k, p);
+        }
+        if self.synced_once && !self.local_down {
+            // Writes of an earlier incarnation some hub may have missed.
+            self.republish_own_presence(now, true);
         }
         self.flush_query();
         self.reapply_all();
@@ -806,9 +855,10 @@ impl Node {
         if self.local_down || !self.cfg.policy.federates_presence(key) {
             return;
         }
-        if let Some(w) = self.replica.table.presence(key)
-            && w.origin != self.cfg.origin
-        {
+        // Also when the winner is our own write: it may be one of an earlier incarnation,
+        // learned from a snapshot, that the local Asterisk no longer holds. The queue skips
+        // it when the local Asterisk reported holding it.
+        if let Some(w) = self.replica.table.presence(key) {
             let value = Value::Presence(w.value.clone());
             self.apply.push(key.to_owned(), value);
         }

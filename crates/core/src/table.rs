@@ -99,9 +99,14 @@ impl Table {
                 true
             }
             Value::Presence(p) => {
-                if let Some(cur) = self.presence.get(key)
+                if let Some(cur) = self.presence.get_mut(key)
                     && !wins(ts, origin, cur.ts, &cur.origin)
                 {
+                    // The same write republished in a newer (epoch, seq): refresh its version.
+                    if cur.origin == origin && cur.ts == ts && (epoch, seq) > (cur.epoch, cur.seq) {
+                        cur.epoch = epoch;
+                        cur.seq = seq;
+                    }
                     return false;
                 }
                 self.presence.insert(
