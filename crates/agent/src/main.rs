@@ -1,4 +1,56 @@
-//! hintfed-agent binary.
+//! hintfed-agent binary: parse the command line and hand over to `hintfed_daemon::run`.
 #![forbid(unsafe_code)]
 
-fn main() {}
+use clap::Parser;
+use hintfed_agent::config::{AgentConfig, SECTIONS};
+use hintfed_daemon::cli::{CommonArgs, after_help};
+use hintfed_daemon::run::{self, DaemonSpec};
+
+const ABOUT: &str = "Relays device and presence state between one Asterisk and the hintfed \
+federation hubs (hintfed-server). Reads events over AMI or res_zmq_manager, publishes them, \
+and applies every other server's states as Custom: devices and CustomPresence: presence. \
+[asterisk] source = kafka and [federation] transport = kafka are recognised but not built yet \
+in this version (a clear configuration error, exit 64).";
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "hintfed-agent",
+    version,
+    about = ABOUT,
+    after_help = after_help("hintfed-agent", &[
+        ("hintfed-agent --config /etc/hintfed/agent.ini", "run beside the local Asterisk"),
+        ("hintfed-agent --config agent.ini --log-format json -v", "JSON logs at debug level"),
+        ("HINTFED_FEDERATION_SHARED_KEY=... hintfed-agent -c agent.ini", "take the shared key from the environment"),
+    ]),
+)]
+struct Cli {
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("hintfed-agent: cannot start the runtime: {e}");
+            return std::process::ExitCode::from(run::EXIT_FAILURE);
+        }
+    };
+    let spec = DaemonSpec {
+        name: "hintfed-agent",
+        version: env!("CARGO_PKG_VERSION"),
+        env_sections: SECTIONS,
+    };
+    let code = rt.block_on(run::run(
+        spec,
+        &cli.common,
+        None,
+        AgentConfig::from_file,
+        hintfed_agent::agent::run,
+    ));
+    std::process::ExitCode::from(code)
+}

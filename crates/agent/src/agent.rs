@@ -1,0 +1,187 @@
+//! The `hintfed-agent` daemon: builds the [`Pbx`], the [`MultiHub`] and the [`Node`] from an
+//! [`AgentConfig`], runs the [`Relay`] until shutdown, and applies SIGHUP reloads (log level
+//! through [`Context::reload_config`], then include/exclude and keys).
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hintfed_ami::{ClientConfig, TlsConfig};
+use hintfed_asterisk::{ActionsVia, EventsVia, Pbx, PbxConfig};
+use hintfed_core::{Epoch, Node, NodeConfig};
+use hintfed_daemon::run::Context;
+use hintfed_transport::{MultiHub, MultiHubConfig, ReqClientConfig};
+use tracing::{info, warn};
+
+use crate::config::{AgentConfig, AsteriskConfig, Via};
+use crate::relay::{Relay, RelayConfig, RelayHooks, now_millis};
+
+/// Shortest timeout given to AMI actions: list actions on a large Asterisk take longer than
+/// the 1 s `request_timeout` meant for single res_zmq_manager requests.
+pub const MIN_AMI_ACTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The AMI client settings of `[asterisk]`.
+pub fn ami_client_config(a: &AsteriskConfig) -> ClientConfig {
+    let mut c = ClientConfig::new(
+        format!("{}:{}", a.host, a.port),
+        a.username.clone().unwrap_or_default(),
+        a.secret
+            .as_ref()
+            .map(|s| s.expose().to_owned())
+            .unwrap_or_default(),
+    );
+    if a.tls {
+        c.tls = Some(TlsConfig {
+            server_name: a.tls_server_name.clone().unwrap_or_else(|| a.host.clone()),
+            ca_file: a.tls_ca_file.clone(),
+            insecure_skip_verify: a.tls_insecure,
+        });
+    }
+    c.action_timeout = a.request_timeout.max(MIN_AMI_ACTION_TIMEOUT);
+    c.connect_timeout = Duration::from_secs(5);
+    c.backoff_max = Duration::from_secs(5);
+    c
+}
+
+/// The [`PbxConfig`] of `[asterisk]`.
+pub fn pbx_config(a: &AsteriskConfig) -> PbxConfig {
+    let events = match a.source {
+        Via::Ami => EventsVia::Ami(Box::new(ami_client_config(a))),
+        Via::Zmq => EventsVia::Zmq {
+            endpoint: a.zmq_evt.clone(),
+        },
+    };
+    let actions = match a.apply {
+        Via::Ami => ActionsVia::Ami(Box::new(ami_client_config(a))),
+        Via::Zmq => {
+            let mut r = ReqClientConfig::new(a.zmq_cmd.clone());
+            r.request_timeout = a.request_timeout;
+            ActionsVia::Zmq(r)
+        }
+    };
+    let mut p = PbxConfig::new(events, actions);
+    p.zmq_ping_interval = a
+        .request_timeout
+        .clamp(Duration::from_millis(200), Duration::from_secs(2));
+    p
+}
+
+/// The [`NodeConfig`] of the whole configuration.
+pub fn node_config(cfg: &AgentConfig) -> NodeConfig {
+    let f = &cfg.federation;
+    let mut n = NodeConfig::new(cfg.general.name.clone());
+    n.policy = f.node_policy();
+    n.origin_timeout_ms = u64::try_from(f.origin_timeout.as_millis()).unwrap_or(u64::MAX);
+    n.heartbeat_interval_ms = u64::try_from(f.heartbeat_interval.as_millis()).unwrap_or(u64::MAX);
+    n
+}
+
+/// The relay settings of the whole configuration.
+pub fn relay_config(cfg: &AgentConfig) -> RelayConfig {
+    let mut r = RelayConfig::new(cfg.general.name.clone());
+    r.keys = cfg.federation.keyring();
+    r.filter = cfg.federation.device_filter();
+    r
+}
+
+/// Runs the agent until `ctx.shutdown` (the daemon future given to `hintfed_daemon::run`).
+pub async fn run(cfg: AgentConfig, mut ctx: Context) -> anyhow::Result<()> {
+    let (pbx, pbx_events) =
+        Pbx::start(pbx_config(&cfg.asterisk)).context("cannot start the Asterisk connection")?;
+    let hubs = MultiHub::connect(MultiHubConfig::new(cfg.federation.servers.clone()))
+        .context("cannot start the hub links")?;
+    let now = now_millis();
+    let node = Node::new(node_config(&cfg), Epoch(now.0), now);
+    let relay = Relay::new(
+        node,
+        (pbx, pbx_events),
+        hubs,
+        relay_config(&cfg),
+        RelayHooks {
+            metrics: Some(ctx.metrics.clone()),
+            events: Some(ctx.events.clone()),
+            readiness: Some(ctx.readiness.clone()),
+            readiness_prefix: String::new(),
+        },
+    )?;
+    let handle = relay.handle();
+    ctx.status.set(std::sync::Arc::new(handle.status()));
+    info!(
+        origin = %cfg.general.name,
+        source = ?cfg.asterisk.source,
+        apply = ?cfg.asterisk.apply,
+        hubs = cfg.federation.servers.len(),
+        signed = !cfg.federation.shared_keys.is_empty(),
+        "agent starting"
+    );
+    let shutdown = ctx.shutdown.clone();
+    let mut task = tokio::spawn(relay.run(shutdown));
+    let mut current = cfg.reloadable();
+    let mut current_cfg = cfg.clone();
+    loop {
+        tokio::select! {
+            r = &mut task => {
+                return match r {
+                    Ok(r) => r.map_err(anyhow::Error::from),
+                    Err(e) => Err(anyhow::anyhow!("relay task failed: {e}")),
+                };
+            }
+            n = ctx.reload.recv() => {
+                if n.is_none() {
+                    // No more reloads possible; wait for the relay only.
+                    let r = task.await;
+                    return match r {
+                        Ok(r) => r.map_err(anyhow::Error::from),
+                        Err(e) => Err(anyhow::anyhow!("relay task failed: {e}")),
+                    };
+                }
+                let file = match ctx.reload_config() {
+                    Ok(f) => f,
+                    Err(e) => {
+                        warn!(error = %e, "reload: configuration invalid; nothing changed");
+                        continue;
+                    }
+                };
+                let new = match AgentConfig::from_file(&file) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(error = %e, "reload: configuration invalid; nothing changed");
+                        continue;
+                    }
+                };
+                if new.general.name != current_cfg.general.name
+                    || new.asterisk != current_cfg.asterisk
+                    || new.federation.servers != current_cfg.federation.servers
+                {
+                    warn!("reload: [general] name, [asterisk] and servers take effect after a restart");
+                }
+                let next = new.reloadable();
+                let mut changed = Vec::new();
+                if next.include != current.include {
+                    changed.push(format!("include {:?} -> {:?}", current.include, next.include));
+                }
+                if next.exclude != current.exclude {
+                    changed.push(format!("exclude {:?} -> {:?}", current.exclude, next.exclude));
+                }
+                if next.key_count != current.key_count || !same_keys(&current_cfg, &new) {
+                    changed.push(format!("shared keys replaced ({} -> {})", current.key_count, next.key_count));
+                }
+                if changed.is_empty() {
+                    info!("reload: include, exclude and keys unchanged");
+                } else {
+                    info!(changes = %changed.join("; "), "reload: applying");
+                    handle.reload(next.filter.clone(), next.keys.clone()).await;
+                }
+                current = next;
+                current_cfg = new;
+            }
+        }
+    }
+}
+
+fn same_keys(a: &AgentConfig, b: &AgentConfig) -> bool {
+    a.federation.shared_keys.iter().map(|s| s.expose()).eq(b
+        .federation
+        .shared_keys
+        .iter()
+        .map(|s| s.expose()))
+}

@@ -1,0 +1,699 @@
+//! [`AgentConfig`]: the typed `hintfed-agent` configuration, read from the INI file of
+//! issue 4 (plus `HINTFED_<SECTION>_<KEY>` environment overrides) and validated as a whole
+//! before any socket exists. Every default lives in [`defaults`]; every problem is one
+//! [`ConfigError`] line naming file, `[section] key` and what is wrong (exit status 64).
+//!
+//! ```ini
+//! [general]
+//! name = pbx-a              ; required: origin name, unique per Asterisk
+//! device_state = yes
+//! presence = yes
+//! log_level = info
+//!
+//! [asterisk]
+//! source = ami              ; ami | zmq   (kafka: parsed, not built yet)
+//! apply = ami               ; ami | zmq
+//! host = 127.0.0.1
+//! port = 5038
+//! username = hintfed
+//! secret = ...              ; or HINTFED_ASTERISK_SECRET
+//! tls = no                  ; + tls_ca_file, tls_server_name, tls_insecure
+//! zmq_evt = tcp://127.0.0.1:33333
+//! zmq_cmd = tcp://127.0.0.1:44444
+//! request_timeout = 1000    ; ms
+//!
+//! [federation]
+//! transport = zmq           ; zmq   (kafka: parsed, not built yet)
+//! servers = tcp://hub-1:5560, tcp://hub-2:5560
+//! shared_key = ...          ; or shared_keys = k1, k2 (the first signs, all verify)
+//! include = ^PJSIP/         ; one regex: local devices to federate (default: all)
+//! exclude = ^Custom:        ; one regex: local devices never federated
+//! never_send = UNKNOWN, INVALID
+//! unknown_as = NOT_INUSE    ; written instead of UNKNOWN (Asterisk refuses it)
+//! device_template = Custom:{device}
+//! origin_timeout = 15s
+//! heartbeat_interval = 1s
+//! down_state = UNAVAILABLE
+//!
+//! [http]
+//! listen = 127.0.0.1:9480
+//! ```
+//!
+//! Limitations, stated: `[general] name` is required (the SystemName Asterisk reports is not
+//! used as a default); `include`/`exclude` hold one regular expression each (a regex may
+//! contain commas); `source = kafka` and `transport = kafka` are recognised and refused with
+//! "not built yet".
+
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use hintfed_core::{DeviceState, KeyRing, Policy, PolicyConfig, PolicyError};
+use hintfed_daemon::config::{ConfigError, ConfigFile, Secret, Section, ser};
+use hintfed_daemon::run::{GENERAL_KEYS, HTTP_KEYS};
+use hintfed_transport::link::parse_tcp_endpoint;
+use regex::Regex;
+use serde::Serialize;
+
+/// Every default of the agent configuration, in one place.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// `[asterisk] host`.
+    pub const HOST: &str = "127.0.0.1";
+    /// `[asterisk] port` (AMI).
+    pub const PORT: u16 = 5038;
+    /// `[asterisk] port` when `tls = yes`.
+    pub const TLS_PORT: u16 = 5039;
+    /// `[asterisk] zmq_evt`.
+    pub const ZMQ_EVT: &str = "tcp://127.0.0.1:33333";
+    /// `[asterisk] zmq_cmd`.
+    pub const ZMQ_CMD: &str = "tcp://127.0.0.1:44444";
+    /// `[asterisk] request_timeout`.
+    pub const REQUEST_TIMEOUT: Duration = Duration::from_millis(1000);
+    /// `[federation] exclude`.
+    pub const EXCLUDE: &str = "^Custom:";
+    /// `[federation] device_template`.
+    pub const DEVICE_TEMPLATE: &str = "Custom:{device}";
+    /// `[federation] origin_timeout`.
+    pub const ORIGIN_TIMEOUT: Duration = Duration::from_secs(15);
+    /// `[federation] heartbeat_interval`.
+    pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
+    /// `[federation] down_state`.
+    pub const DOWN_STATE: &str = "UNAVAILABLE";
+    /// `[federation] unknown_as`.
+    pub const UNKNOWN_AS: &str = "NOT_INUSE";
+}
+
+/// Sections this daemon reads (also the sections environment variables may create).
+pub const SECTIONS: &[&str] = &["general", "asterisk", "federation", "http"];
+
+const GENERAL: &[&str] = &["name", "device_state", "presence"];
+const ASTERISK: &[&str] = &[
+    "source",
+    "apply",
+    "host",
+    "port",
+    "username",
+    "secret",
+    "tls",
+    "tls_ca_file",
+    "tls_server_name",
+    "tls_insecure",
+    "zmq_evt",
+    "zmq_cmd",
+    "request_timeout",
+];
+const FEDERATION: &[&str] = &[
+    "transport",
+    "servers",
+    "shared_key",
+    "shared_keys",
+    "include",
+    "exclude",
+    "never_send",
+    "unknown_as",
+    "device_template",
+    "origin_timeout",
+    "heartbeat_interval",
+    "down_state",
+];
+
+/// Where local events come from / where writes go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// AMI over TCP (or TLS).
+    Ami,
+    /// res_zmq_manager's sockets.
+    Zmq,
+}
+
+/// `[general]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GeneralConfig {
+    /// Origin name (required).
+    pub name: String,
+    /// Federate device states.
+    pub device_state: bool,
+    /// Federate presence.
+    pub presence: bool,
+}
+
+/// `[asterisk]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct AsteriskConfig {
+    /// Event source.
+    pub source: Via,
+    /// Write sink.
+    pub apply: Via,
+    /// AMI host.
+    pub host: String,
+    /// AMI port.
+    pub port: u16,
+    /// AMI user (required when AMI is used).
+    pub username: Option<String>,
+    /// AMI secret (required when AMI is used).
+    pub secret: Option<Secret>,
+    /// AMI over TLS.
+    pub tls: bool,
+    /// Extra CA file (PEM) for TLS.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Name the certificate must hold (default: `host`).
+    pub tls_server_name: Option<String>,
+    /// Accept any certificate (labs only).
+    pub tls_insecure: bool,
+    /// res_zmq_manager event (PUB) endpoint.
+    pub zmq_evt: String,
+    /// res_zmq_manager command (REP) endpoint.
+    pub zmq_cmd: String,
+    /// Timeout of one action.
+    #[serde(serialize_with = "ser::duration")]
+    pub request_timeout: Duration,
+}
+
+impl AsteriskConfig {
+    /// Whether any AMI connection is configured.
+    pub fn uses_ami(&self) -> bool {
+        self.source == Via::Ami || self.apply == Via::Ami
+    }
+}
+
+/// `[federation]`.
+#[derive(Debug, Clone, Serialize)]
+pub struct FederationConfig {
+    /// Always `zmq` in this build.
+    pub transport: &'static str,
+    /// Hub endpoints `tcp://host:P`.
+    pub servers: Vec<String>,
+    /// Shared keys (the first signs); empty = authentication off.
+    pub shared_keys: Vec<Secret>,
+    /// Include regex.
+    pub include: Option<String>,
+    /// Exclude regex.
+    pub exclude: Option<String>,
+    /// States never sent.
+    pub never_send: Vec<String>,
+    /// Written instead of UNKNOWN.
+    pub unknown_as: String,
+    /// Local name of a remote device.
+    pub device_template: String,
+    /// An origin silent this long is down.
+    #[serde(serialize_with = "ser::duration")]
+    pub origin_timeout: Duration,
+    /// Heartbeat period.
+    #[serde(serialize_with = "ser::duration")]
+    pub heartbeat_interval: Duration,
+    /// What a down origin's devices show.
+    pub down_state: String,
+    #[serde(skip)]
+    policy: PolicyConfig,
+}
+
+impl FederationConfig {
+    /// The key ring built from the shared keys.
+    pub fn keyring(&self) -> KeyRing {
+        KeyRing::from_secrets(self.shared_keys.iter().map(Secret::expose))
+    }
+
+    /// The federation policy for the node (include/exclude left out: the relay applies them,
+    /// so they can be reloaded; see [`crate::relay::DeviceFilter`]).
+    pub fn node_policy(&self) -> Policy {
+        let cfg = PolicyConfig {
+            include: Vec::new(),
+            exclude: Vec::new(),
+            ..self.policy.clone()
+        };
+        Policy::new(cfg).expect("validated when the configuration was loaded")
+    }
+
+    /// The include/exclude filter of local devices.
+    pub fn device_filter(&self) -> crate::relay::DeviceFilter {
+        crate::relay::DeviceFilter::new(self.include.as_deref(), self.exclude.as_deref())
+            .expect("validated when the configuration was loaded")
+    }
+}
+
+/// The whole agent configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentConfig {
+    /// `[general]`.
+    pub general: GeneralConfig,
+    /// `[asterisk]`.
+    pub asterisk: AsteriskConfig,
+    /// `[federation]`.
+    pub federation: FederationConfig,
+}
+
+/// What SIGHUP may change without a restart.
+#[derive(Debug, Clone)]
+pub struct Reloadable {
+    /// Include/exclude of local devices.
+    pub filter: crate::relay::DeviceFilter,
+    /// Shared keys.
+    pub keys: KeyRing,
+    /// For logging what changed.
+    pub include: Option<String>,
+    /// For logging what changed.
+    pub exclude: Option<String>,
+    /// Number of keys, for logging.
+    pub key_count: usize,
+}
+
+impl AgentConfig {
+    /// Reads and validates the agent's sections of `file`.
+    pub fn from_file(file: &ConfigFile) -> Result<Self, ConfigError> {
+        for e in file.unknown_sections(SECTIONS) {
+            file.warn(e);
+        }
+        let general = general(file)?;
+        let asterisk = asterisk(file)?;
+        let federation = federation(file, &general)?;
+        let http = file.section("http");
+        http.reject_unknown_keys(HTTP_KEYS)?;
+        Ok(AgentConfig {
+            general,
+            asterisk,
+            federation,
+        })
+    }
+
+    /// The settings SIGHUP reloads.
+    pub fn reloadable(&self) -> Reloadable {
+        Reloadable {
+            filter: self.federation.device_filter(),
+            keys: self.federation.keyring(),
+            include: self.federation.include.clone(),
+            exclude: self.federation.exclude.clone(),
+            key_count: self.federation.shared_keys.len(),
+        }
+    }
+}
+
+fn general(file: &ConfigFile) -> Result<GeneralConfig, ConfigError> {
+    let s = file.section("general");
+    let known: Vec<&str> = GENERAL.iter().chain(GENERAL_KEYS).copied().collect();
+    s.reject_unknown_keys(&known)?;
+    let name = s.required("name")?.to_owned();
+    if name.len() > 128 {
+        return Err(s.error("name", "longer than 128 bytes"));
+    }
+    if name.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(s.error(
+            "name",
+            format!("{name:?} must not contain blanks or control characters"),
+        ));
+    }
+    Ok(GeneralConfig {
+        name,
+        device_state: s.bool_or("device_state", true)?,
+        presence: s.bool_or("presence", true)?,
+    })
+}
+
+fn via(s: &Section<'_>, key: &str, allow_kafka: bool) -> Result<Via, ConfigError> {
+    let allowed: &[&'static str] = if allow_kafka {
+        &["ami", "zmq", "kafka"]
+    } else {
+        &["ami", "zmq"]
+    };
+    match s.one_of(key, allowed)? {
+        None | Some("ami") => Ok(Via::Ami),
+        Some("zmq") => Ok(Via::Zmq),
+        Some(_) => Err(s.error(
+            key,
+            "\"kafka\" is not built yet in this version (Kafka support is a separate issue); use ami or zmq",
+        )),
+    }
+}
+
+fn endpoint(s: &Section<'_>, key: &str, default: &str) -> Result<String, ConfigError> {
+    let v = s.str(key).unwrap_or(default).to_owned();
+    parse_tcp_endpoint(&v).map_err(|e| s.error(key, format!("{v:?}: {e}")))?;
+    Ok(v)
+}
+
+fn asterisk(file: &ConfigFile) -> Result<AsteriskConfig, ConfigError> {
+    let s = file.section("asterisk");
+    s.reject_unknown_keys(ASTERISK)?;
+    let source = via(&s, "source", true)?;
+    let apply = via(&s, "apply", false)?;
+    let tls = s.bool_or("tls", false)?;
+    let host = s.str("host").unwrap_or(defaults::HOST).to_owned();
+    if host.contains(char::is_whitespace) || host.contains('/') {
+        return Err(s.error("host", format!("{host:?} is not a host name or address")));
+    }
+    let port = s.port("port")?.unwrap_or(if tls {
+        defaults::TLS_PORT
+    } else {
+        defaults::PORT
+    });
+    let uses_ami = source == Via::Ami || apply == Via::Ami;
+    let (username, secret) = if uses_ami {
+        (
+            Some(s.required("username")?.to_owned()),
+            Some(s.secret("secret").ok_or_else(|| {
+                s.error(
+                    "secret",
+                    "missing (required for AMI; may come from HINTFED_ASTERISK_SECRET)",
+                )
+            })?),
+        )
+    } else {
+        (s.string("username"), s.secret("secret"))
+    };
+    let tls_ca_file = s.string("tls_ca_file").map(PathBuf::from);
+    if let Some(p) = &tls_ca_file
+        && !p.is_file()
+    {
+        return Err(s.error(
+            "tls_ca_file",
+            format!("{} is not a readable file", p.display()),
+        ));
+    }
+    let request_timeout = s.duration_ms_or("request_timeout", defaults::REQUEST_TIMEOUT)?;
+    if request_timeout.is_zero() {
+        return Err(s.error("request_timeout", "must be greater than 0"));
+    }
+    Ok(AsteriskConfig {
+        source,
+        apply,
+        host,
+        port,
+        username,
+        secret,
+        tls,
+        tls_ca_file,
+        tls_server_name: s.string("tls_server_name"),
+        tls_insecure: s.bool_or("tls_insecure", false)?,
+        zmq_evt: endpoint(&s, "zmq_evt", defaults::ZMQ_EVT)?,
+        zmq_cmd: endpoint(&s, "zmq_cmd", defaults::ZMQ_CMD)?,
+        request_timeout,
+    })
+}
+
+fn state(s: &Section<'_>, key: &str, default: &str) -> Result<DeviceState, ConfigError> {
+    let v = s.str(key).unwrap_or(default);
+    DeviceState::from_str(v).map_err(|_| {
+        s.error(
+            key,
+            format!("{v:?} is not a device state (NOT_INUSE, INUSE, BUSY, UNAVAILABLE, RINGING, RINGINUSE, ONHOLD, INVALID, UNKNOWN)"),
+        )
+    })
+}
+
+fn regex(s: &Section<'_>, key: &str, default: Option<&str>) -> Result<Option<String>, ConfigError> {
+    let v = s.string(key).or(default.map(str::to_owned));
+    if let Some(p) = &v {
+        Regex::new(p).map_err(|e| {
+            let first = e.to_string();
+            let first = first.lines().last().unwrap_or("").trim().to_owned();
+            s.error(
+                key,
+                format!("{p:?} is not a valid regular expression: {first}"),
+            )
+        })?;
+    }
+    Ok(v)
+}
+
+fn federation(file: &ConfigFile, general: &GeneralConfig) -> Result<FederationConfig, ConfigError> {
+    let s = file.section("federation");
+    s.reject_unknown_keys(FEDERATION)?;
+    match s.one_of("transport", &["zmq", "kafka"])? {
+        None | Some("zmq") => {}
+        Some(_) => {
+            return Err(s.error(
+                "transport",
+                "\"kafka\" is not built yet in this version (Kafka support is a separate issue); use zmq",
+            ));
+        }
+    }
+    let servers = s.list("servers");
+    if servers.is_empty() {
+        return Err(s.error(
+            "servers",
+            "missing (required): at least one tcp://host:port hub",
+        ));
+    }
+    for ep in &servers {
+        let (_, port) =
+            parse_tcp_endpoint(ep).map_err(|e| s.error("servers", format!("{ep:?}: {e}")))?;
+        if port == u16::MAX {
+            return Err(s.error(
+                "servers",
+                format!("{ep:?}: the hub also uses port P+1, so P must be below 65535"),
+            ));
+        }
+    }
+    let shared_keys: Vec<Secret> = match (s.str("shared_key"), s.str("shared_keys")) {
+        (Some(_), Some(_)) => {
+            return Err(s.error(
+                "shared_keys",
+                "set either shared_key or shared_keys, not both",
+            ));
+        }
+        (Some(k), None) => vec![Secret::new(k)],
+        (None, Some(_)) => s.list("shared_keys").into_iter().map(Secret::new).collect(),
+        (None, None) => Vec::new(),
+    };
+    if shared_keys.is_empty() {
+        file.warn(s.error(
+            "shared_key",
+            "not set: federation messages are neither signed nor authenticated",
+        ));
+    }
+    let include = regex(&s, "include", None)?;
+    let exclude = regex(&s, "exclude", Some(defaults::EXCLUDE))?;
+    let never_send_names = s.list("never_send");
+    let mut never_send = Vec::new();
+    for n in &never_send_names {
+        never_send.push(
+            DeviceState::from_str(n)
+                .map_err(|_| s.error("never_send", format!("{n:?} is not a device state")))?,
+        );
+    }
+    let unknown_as = state(&s, "unknown_as", defaults::UNKNOWN_AS)?;
+    let down_state = state(&s, "down_state", defaults::DOWN_STATE)?;
+    let device_template = s
+        .str("device_template")
+        .unwrap_or(defaults::DEVICE_TEMPLATE)
+        .to_owned();
+    let origin_timeout = s.duration_or("origin_timeout", defaults::ORIGIN_TIMEOUT)?;
+    let heartbeat_interval = s.duration_or("heartbeat_interval", defaults::HEARTBEAT_INTERVAL)?;
+    if heartbeat_interval < Duration::from_millis(10) {
+        return Err(s.error("heartbeat_interval", "must be at least 10ms"));
+    }
+    if origin_timeout <= heartbeat_interval * 2 {
+        return Err(s.error(
+            "origin_timeout",
+            format!(
+                "must be more than twice heartbeat_interval ({})",
+                humantime::format_duration(heartbeat_interval)
+            ),
+        ));
+    }
+    let policy = PolicyConfig {
+        device_state: general.device_state,
+        presence: general.presence,
+        include: include.iter().cloned().collect(),
+        exclude: exclude.iter().cloned().collect(),
+        never_send,
+        unknown_substitute: unknown_as,
+        device_template: device_template.clone(),
+        down_state,
+    };
+    Policy::new(policy.clone()).map_err(|e| match e {
+        PolicyError::Template(_) => s.error("device_template", e.to_string()),
+        PolicyError::Unwritable("down_state") => s.error(
+            "down_state",
+            "cannot be UNKNOWN (Asterisk refuses to write it)",
+        ),
+        PolicyError::Unwritable(_) => s.error(
+            "unknown_as",
+            "cannot be UNKNOWN (Asterisk refuses to write it)",
+        ),
+        PolicyError::Regex { .. } => s.error("include", e.to_string()),
+    })?;
+    Ok(FederationConfig {
+        transport: "zmq",
+        servers,
+        shared_keys,
+        include,
+        exclude,
+        never_send: never_send_names,
+        unknown_as: unknown_as.as_str().to_owned(),
+        device_template,
+        origin_timeout,
+        heartbeat_interval,
+        down_state: down_state.as_str().to_owned(),
+        policy,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "\
+[general]
+name = pbx-a
+[asterisk]
+username = hintfed
+secret = s3cret
+[federation]
+servers = tcp://127.0.0.1:5560, tcp://127.0.0.1:5570
+shared_key = k1
+";
+
+    fn load(text: &str) -> Result<AgentConfig, ConfigError> {
+        let file = ConfigFile::parse("agent.ini", text, Vec::<(String, String)>::new(), SECTIONS)?;
+        AgentConfig::from_file(&file)
+    }
+
+    fn err(text: &str) -> String {
+        load(text).expect_err("should be refused").to_string()
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let c = load(GOOD).expect("valid");
+        assert_eq!(c.general.name, "pbx-a");
+        assert_eq!(c.asterisk.source, Via::Ami);
+        assert_eq!(c.asterisk.port, 5038);
+        assert_eq!(c.asterisk.host, "127.0.0.1");
+        assert_eq!(c.asterisk.request_timeout, Duration::from_millis(1000));
+        assert_eq!(c.federation.servers.len(), 2);
+        assert_eq!(c.federation.exclude.as_deref(), Some("^Custom:"));
+        assert_eq!(c.federation.origin_timeout, Duration::from_secs(15));
+        assert_eq!(c.federation.down_state, "UNAVAILABLE");
+        assert_eq!(c.federation.keyring().len(), 1);
+        let f = c.federation.device_filter();
+        assert!(f.allows("PJSIP/100"));
+        assert!(!f.allows("Custom:PJSIP/100"));
+    }
+
+    #[test]
+    fn zmq_needs_no_ami_credentials() {
+        let c = load(
+            "[general]\nname = a\n[asterisk]\nsource = zmq\napply = zmq\nzmq_evt = tcp://127.0.0.1:1\nzmq_cmd = tcp://127.0.0.1:2\n[federation]\nservers = tcp://h:5560\n",
+        )
+        .expect("valid");
+        assert_eq!(c.asterisk.source, Via::Zmq);
+        assert!(!c.asterisk.uses_ami());
+    }
+
+    #[test]
+    fn one_line_errors_name_file_section_key_problem() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "[asterisk]\nusername=u\nsecret=s\n[federation]\nservers=tcp://h:1\n",
+                "config error: agent.ini: [general] name: missing (required)",
+            ),
+            (
+                &GOOD.replace("username = hintfed\n", "username = hintfed\nport = abc\n"),
+                "config error: agent.ini: [asterisk] port: \"abc\" is not a port number (1-65535)",
+            ),
+            (
+                &GOOD.replace("username = hintfed\n", "source = kafka\n"),
+                "config error: agent.ini: [asterisk] source: \"kafka\" is not built yet",
+            ),
+            (
+                &GOOD.replace("shared_key = k1\n", "transport = kafka\n"),
+                "config error: agent.ini: [federation] transport: \"kafka\" is not built yet",
+            ),
+            (
+                &GOOD.replace("servers = tcp://127.0.0.1:5560, tcp://127.0.0.1:5570\n", ""),
+                "config error: agent.ini: [federation] servers: missing (required)",
+            ),
+            (
+                &GOOD.replace("tcp://127.0.0.1:5570", "udp://x"),
+                "config error: agent.ini: [federation] servers: \"udp://x\"",
+            ),
+            (
+                &format!("{GOOD}include = ^PJSIP/(\n"),
+                "config error: agent.ini: [federation] include: \"^PJSIP/(\" is not a valid regular expression",
+            ),
+            (
+                &format!("{GOOD}down_state = SLEEPY\n"),
+                "config error: agent.ini: [federation] down_state: \"SLEEPY\" is not a device state",
+            ),
+            (
+                &format!("{GOOD}down_state = UNKNOWN\n"),
+                "config error: agent.ini: [federation] down_state: cannot be UNKNOWN",
+            ),
+            (
+                &format!("{GOOD}device_template = Foo:{{device}}\n"),
+                "config error: agent.ini: [federation] device_template: invalid device_template",
+            ),
+            (
+                &format!("{GOOD}origin_timeout = 15\n"),
+                "config error: agent.ini: [federation] origin_timeout: \"15\" has no unit",
+            ),
+            (
+                &format!("{GOOD}origin_timeout = 1s\n"),
+                "config error: agent.ini: [federation] origin_timeout: must be more than twice",
+            ),
+            (
+                &format!("{GOOD}shared_keys = a, b\n"),
+                "config error: agent.ini: [federation] shared_keys: set either shared_key or shared_keys",
+            ),
+            (
+                &format!("{GOOD}colour = blue\n"),
+                "config error: agent.ini: [federation] colour: unknown key",
+            ),
+            (
+                &GOOD.replace("secret = s3cret\n", ""),
+                "config error: agent.ini: [asterisk] secret: missing (required for AMI",
+            ),
+            (
+                &GOOD.replace("secret = s3cret\n", "secret = s\nzmq_cmd = nope\n"),
+                "config error: agent.ini: [asterisk] zmq_cmd: \"nope\"",
+            ),
+            (
+                &GOOD.replace(
+                    "secret = s3cret\n",
+                    "secret = s\ntls_ca_file = /nonexistent/ca.pem\n",
+                ),
+                "config error: agent.ini: [asterisk] tls_ca_file: /nonexistent/ca.pem is not a readable file",
+            ),
+        ];
+        for (text, want) in cases {
+            let got = err(text);
+            assert!(got.starts_with(want), "got {got:?}, want prefix {want:?}");
+            assert!(!got.contains('\n'), "one line: {got:?}");
+            assert!(
+                !got.contains("s3cret") && !got.contains("k1,"),
+                "no secret: {got}"
+            );
+        }
+    }
+
+    #[test]
+    fn env_overrides_and_masking() {
+        let file = ConfigFile::parse(
+            "agent.ini",
+            &GOOD.replace("secret = s3cret\n", ""),
+            vec![
+                ("HINTFED_ASTERISK_SECRET".to_owned(), "from-env".to_owned()),
+                (
+                    "HINTFED_FEDERATION_ORIGIN_TIMEOUT".to_owned(),
+                    "3s".to_owned(),
+                ),
+            ],
+            SECTIONS,
+        )
+        .expect("parse");
+        let c = AgentConfig::from_file(&file).expect("valid");
+        assert_eq!(
+            c.asterisk.secret.as_ref().map(Secret::expose),
+            Some("from-env")
+        );
+        assert_eq!(c.federation.origin_timeout, Duration::from_secs(3));
+        let rendered = hintfed_daemon::config::render_ini(&c).expect("render");
+        assert!(!rendered.contains("from-env"), "{rendered}");
+        assert!(!rendered.contains("k1"), "{rendered}");
+        assert!(rendered.contains("origin_timeout = 3s"), "{rendered}");
+        assert!(!format!("{c:?}").contains("from-env"));
+    }
+}

@@ -1,0 +1,1094 @@
+//! [`Relay`]: drives one [`Node`] against one Asterisk ([`Pbx`]) and one federation
+//! transport (any [`FederationTransport`]: the ZeroMQ hubs of the agent, or the broker's
+//! in-process bus).
+//!
+//! One Tokio task runs a select loop over:
+//! - [`PbxEvent`]s: `Up` → [`Node::on_local_restored`] (or [`Node::on_local_restarted`] when
+//!   no `Down` came in between) and a full sync; `Resync` → a full sync; `Down` →
+//!   [`Node::on_local_lost`]; device and presence changes → [`Node::on_local_event`];
+//! - inbound transport messages → [`Verifier::verify`] (rejects counted by reason) →
+//!   [`Node::on_remote`];
+//! - a tick ([`RelayConfig::tick`]) → [`Node::tick`], snapshot fallback, status and gauges;
+//! - completions of the work it spawned: `Setvar`s ([`Node::on_apply_result`]), full syncs
+//!   ([`Node::on_local_full_sync`]) and local queries (fed back as local events);
+//! - the number of reachable hubs (a hub link that comes back while no snapshot completed
+//!   triggers [`Node::request_snapshot`]; every new link gets a `Hello`);
+//! - [`RelayHandle`] controls (SIGHUP reload of the device filter and keys).
+//!
+//! After each input it drains [`Node::take_actions`]: `Publish` → [`KeyRing::seal`] →
+//! [`FederationTransport::publish`] under [`Envelope::topic`]; `Request` →
+//! [`FederationTransport::request_snapshot`] (a different hub than the last one when several
+//! are up, so a dead hub does not hold the snapshot hostage); `Apply` → `Setvar` in a spawned
+//! task (the node's apply queue bounds how many are in flight); `QueryLocal` → `Getvar` per
+//! device over AMI, or over res_zmq_manager (where `Getvar` crashes Asterisk) the state
+//! derived from `ExtensionStateList` for hints holding that device alone.
+//!
+//! # Full sync
+//! `DeviceStateList` + `PresenceStateList` + `ExtensionStateList`; devices named in hints but
+//! missing from `DeviceStateList` (it lists only cached states) are read with `Getvar` over
+//! AMI. Over res_zmq_manager a hint device is derived from the hint's extension state only
+//! when the hint holds that one device (a hint mixing devices reports their aggregate, which
+//! cannot be split back): devices in mixed hints and not cached stay unknown until their next
+//! change. Local events arriving while a full sync is in flight are held and replayed after
+//! it, so a change racing the lists is never overwritten by an older listed value.
+//!
+//! # Filtering
+//! `include`/`exclude` are applied here ([`DeviceFilter`]), not in the node's policy, so they
+//! can be reloaded; a reload starts a full sync, which withdraws devices no longer federated.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use hintfed_asterisk::event::{extension_status_to_device_state, hint_devices};
+use hintfed_asterisk::{Pbx, PbxError, PbxEvent};
+use hintfed_core::{
+    Action, Body, DeviceState, Envelope, KeyRing, Kind, Limits, LocalEvent, Millis, Node, Presence,
+    Role, Value, Verifier,
+};
+use hintfed_daemon::http::{
+    DeviceView, OriginView, PresenceView, Readiness, StateView, StatusEvent, StatusEvents,
+    StatusSource,
+};
+use hintfed_daemon::metrics::{self, ApplyResult, Metrics};
+use hintfed_transport::{FederationTransport, Incoming};
+use regex::Regex;
+use tokio::sync::{mpsc, watch};
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// Which local devices are federated: `include` (if set) must match, `exclude` must not.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceFilter {
+    include: Option<Regex>,
+    exclude: Option<Regex>,
+}
+
+impl DeviceFilter {
+    /// Compiles the two optional patterns.
+    pub fn new(include: Option<&str>, exclude: Option<&str>) -> Result<Self, regex::Error> {
+        Ok(DeviceFilter {
+            include: include.map(Regex::new).transpose()?,
+            exclude: exclude.map(Regex::new).transpose()?,
+        })
+    }
+
+    /// Whether `device` is federated.
+    pub fn allows(&self, device: &str) -> bool {
+        self.include.as_ref().is_none_or(|r| r.is_match(device))
+            && !self.exclude.as_ref().is_some_and(|r| r.is_match(device))
+    }
+}
+
+/// Settings of a [`Relay`].
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Period of [`Node::tick`] (default 100 ms).
+    pub tick: Duration,
+    /// A snapshot not complete after this long is asked of another hub (default 2 s).
+    pub snapshot_timeout: Duration,
+    /// Wire limits for sealing and verifying.
+    pub limits: Limits,
+    /// Label of this Asterisk in metrics (`source` of `hintfed_events_in_total`).
+    pub source_label: String,
+    /// On shutdown, how long to wait for `Setvar`s in flight (default 2 s).
+    pub drain_timeout: Duration,
+    /// Keys that sign what is sent and verify what is received (empty: no authentication).
+    pub keys: KeyRing,
+    /// Which local devices are federated.
+    pub filter: DeviceFilter,
+}
+
+impl RelayConfig {
+    /// Defaults, with `source_label` as the metrics label.
+    pub fn new(source_label: impl Into<String>) -> Self {
+        RelayConfig {
+            tick: Duration::from_millis(100),
+            snapshot_timeout: Duration::from_secs(2),
+            limits: Limits::default(),
+            source_label: source_label.into(),
+            drain_timeout: Duration::from_secs(2),
+            keys: KeyRing::default(),
+            filter: DeviceFilter::default(),
+        }
+    }
+}
+
+/// Where a relay reports (all optional, so tests and the broker pick what they need).
+#[derive(Debug, Clone, Default)]
+pub struct RelayHooks {
+    /// Prometheus metrics.
+    pub metrics: Option<Arc<Metrics>>,
+    /// Live status events for `/events`.
+    pub events: Option<StatusEvents>,
+    /// Readiness conditions `asterisk` and `federation` (prefixed by `readiness_prefix`).
+    pub readiness: Option<Readiness>,
+    /// Prefix of the readiness condition names (e.g. `pbx-a ` in the broker); empty here.
+    pub readiness_prefix: String,
+}
+
+/// Why a relay stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The transport's inbound stream was already taken by someone else.
+    #[error("the transport's inbound stream was already taken")]
+    IncomingTaken,
+    /// The Asterisk event stream ended (the [`Pbx`] tasks stopped).
+    #[error("the Asterisk event stream ended")]
+    EventsClosed,
+}
+
+/// A change a [`RelayHandle`] asks for.
+#[derive(Debug)]
+enum Control {
+    Reload { filter: DeviceFilter, keys: KeyRing },
+}
+
+/// Counters of a relay, beside the node's own.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RelayCounters {
+    /// Full syncs completed.
+    pub full_syncs: u64,
+    /// Inbound messages rejected by the verifier, by reason label.
+    pub rejects: BTreeMap<String, u64>,
+    /// Inbound messages accepted.
+    pub accepted: u64,
+    /// Stream updates published.
+    pub published: u64,
+    /// Publishes no hub took.
+    pub publish_failed: u64,
+    /// `Setvar`s that succeeded / failed.
+    pub applies_ok: u64,
+    /// `Setvar`s that failed.
+    pub applies_failed: u64,
+    /// Local devices queried (`Getvar` or hint-derived).
+    pub queried: u64,
+    /// Snapshots requested through the transport.
+    pub snapshot_requests: u64,
+    /// Whether the node completed a snapshot.
+    pub snapshot_done: bool,
+    /// Whether the local Asterisk is up (actions served).
+    pub pbx_up: bool,
+    /// Reachable hubs.
+    pub hubs_connected: usize,
+}
+
+#[derive(Debug, Default)]
+struct StatusCache {
+    state: StateView,
+    origins: Vec<OriginView>,
+    counters: RelayCounters,
+}
+
+/// Cheap read access to a relay's state: implements [`StatusSource`] for `/api/state` and
+/// `/api/origins`, and exposes [`RelayCounters`] (tests, the broker). Refreshed by the relay
+/// at most once per tick.
+#[derive(Debug, Clone, Default)]
+pub struct RelayStatus(Arc<RwLock<StatusCache>>);
+
+impl RelayStatus {
+    fn read<R>(&self, f: impl FnOnce(&StatusCache) -> R) -> R {
+        let g = self
+            .0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&g)
+    }
+
+    fn write(&self, f: impl FnOnce(&mut StatusCache)) {
+        let mut g = self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        f(&mut g);
+    }
+
+    /// The counters as of the last refresh.
+    pub fn counters(&self) -> RelayCounters {
+        self.read(|c| c.counters.clone())
+    }
+}
+
+impl StatusSource for RelayStatus {
+    fn state(&self) -> StateView {
+        self.read(|c| c.state.clone())
+    }
+
+    fn origins(&self) -> Vec<OriginView> {
+        self.read(|c| c.origins.clone())
+    }
+}
+
+/// Handle to a running [`Relay`]: status and reload.
+#[derive(Debug, Clone)]
+pub struct RelayHandle {
+    tx: mpsc::Sender<Control>,
+    status: RelayStatus,
+}
+
+impl RelayHandle {
+    /// The relay's status source.
+    pub fn status(&self) -> RelayStatus {
+        self.status.clone()
+    }
+
+    /// Replaces the device filter and the keys (SIGHUP). Returns false when the relay is gone.
+    pub async fn reload(&self, filter: DeviceFilter, keys: KeyRing) -> bool {
+        self.tx.send(Control::Reload { filter, keys }).await.is_ok()
+    }
+}
+
+/// Work spawned by the relay, reporting back.
+#[derive(Debug)]
+enum Done {
+    Apply {
+        target: String,
+        kind: Kind,
+        started: Instant,
+        result: Result<(), PbxError>,
+    },
+    Sync {
+        id: u64,
+        result: Result<Vec<LocalEvent>, PbxError>,
+    },
+    Query {
+        events: Vec<LocalEvent>,
+    },
+}
+
+fn wall_now() -> Millis {
+    Millis(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+            .unwrap_or(0),
+    )
+}
+
+/// The wall clock as the node's [`Millis`] (Unix ms); also a fine first [`hintfed_core::Epoch`].
+pub fn now_millis() -> Millis {
+    wall_now()
+}
+
+fn metric_kind(k: Kind) -> metrics::Kind {
+    match k {
+        Kind::Device => metrics::Kind::Device,
+        Kind::Presence => metrics::Kind::Presence,
+    }
+}
+
+/// Converts an AMI device event into a node event; `None` for an unknown state word.
+fn device_event(device: &str, state: &str) -> Option<LocalEvent> {
+    match state.parse::<DeviceState>() {
+        Ok(s) => Some(LocalEvent::device(device, s)),
+        Err(_) => {
+            debug!(device, state, "unknown device state word ignored");
+            None
+        }
+    }
+}
+
+fn presence_event(key: &str, status: &str, subtype: &str, message: &str) -> Option<LocalEvent> {
+    match Presence::from_event(status, subtype, message) {
+        Ok(p) => Some(LocalEvent::presence(key, p)),
+        Err(e) => {
+            debug!(presentity = key, status, error = %e, "unreadable presence ignored");
+            None
+        }
+    }
+}
+
+/// The relay. See the module docs.
+pub struct Relay<T: FederationTransport> {
+    node: Node,
+    pbx: Pbx,
+    pbx_events: mpsc::Receiver<PbxEvent>,
+    transport: T,
+    incoming: mpsc::Receiver<Incoming>,
+    connected: watch::Receiver<usize>,
+    keys: KeyRing,
+    verifier: Verifier,
+    filter: DeviceFilter,
+    cfg: RelayConfig,
+    hooks: RelayHooks,
+    control_tx: mpsc::Sender<Control>,
+    control_rx: mpsc::Receiver<Control>,
+    done_tx: mpsc::UnboundedSender<Done>,
+    done_rx: mpsc::UnboundedReceiver<Done>,
+    status: RelayStatus,
+    counters: RelayCounters,
+    pbx_up: bool,
+    sync_id: u64,
+    sync_in_flight: bool,
+    held: Vec<LocalEvent>,
+    in_flight: usize,
+    last_snapshot_hub: Option<(usize, Instant)>,
+    hubs: usize,
+    pending_hello: Option<Envelope>,
+    dirty: bool,
+    changed: HashMap<String, (String, u64)>,
+}
+
+impl<T: FederationTransport + 'static> Relay<T> {
+    /// A relay for `node` (its origin is this Asterisk), reading `pbx_events` from `pbx` and
+    /// federating over `transport`, signing and verifying with `cfg.keys`.
+    pub fn new(
+        node: Node,
+        (pbx, pbx_events): (Pbx, mpsc::Receiver<PbxEvent>),
+        transport: T,
+        cfg: RelayConfig,
+        hooks: RelayHooks,
+    ) -> Result<Self, RelayError> {
+        let keys = cfg.keys.clone();
+        let filter = cfg.filter.clone();
+        let incoming = transport.take_incoming().ok_or(RelayError::IncomingTaken)?;
+        let connected = transport.connected();
+        let (control_tx, control_rx) = mpsc::channel(8);
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Ok(Relay {
+            verifier: Verifier::new(keys.clone(), cfg.limits.clone()),
+            node,
+            pbx,
+            pbx_events,
+            transport,
+            incoming,
+            connected,
+            keys,
+            filter,
+            cfg,
+            hooks,
+            control_tx,
+            control_rx,
+            done_tx,
+            done_rx,
+            status: RelayStatus::default(),
+            counters: RelayCounters::default(),
+            pbx_up: false,
+            sync_id: 0,
+            sync_in_flight: false,
+            held: Vec::new(),
+            in_flight: 0,
+            last_snapshot_hub: None,
+            hubs: 0,
+            pending_hello: None,
+            dirty: true,
+            changed: HashMap::new(),
+        })
+    }
+
+    /// A handle for status and reload.
+    pub fn handle(&self) -> RelayHandle {
+        RelayHandle {
+            tx: self.control_tx.clone(),
+            status: self.status.clone(),
+        }
+    }
+
+    fn ready(&self, condition: &str, state: Result<(), String>) {
+        if let Some(r) = &self.hooks.readiness {
+            r.set(
+                &format!("{}{condition}", self.hooks.readiness_prefix),
+                state,
+            );
+        }
+    }
+
+    fn metrics(&self) -> Option<&Metrics> {
+        self.hooks.metrics.as_deref()
+    }
+
+    /// Runs until `shutdown` is cancelled (then waits up to `drain_timeout` for `Setvar`s in
+    /// flight) or the Asterisk event stream ends.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), RelayError> {
+        self.ready("asterisk", Err("connecting to Asterisk".into()));
+        self.ready("federation", Err("no hub connected".into()));
+        let mut tick = tokio::time::interval(self.cfg.tick);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        self.on_connected_changed();
+        self.drain_actions().await;
+        let result = loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break Ok(()),
+                ev = self.pbx_events.recv() => match ev {
+                    Some(ev) => self.on_pbx_event(ev),
+                    None => break Err(RelayError::EventsClosed),
+                },
+                Some(msg) = self.incoming.recv() => {
+                    self.on_incoming(&msg);
+                    // Take what else is queued before acting (bursts, snapshots).
+                    let mut n = 0;
+                    while n < 256 {
+                        match self.incoming.try_recv() {
+                            Ok(m) => self.on_incoming(&m),
+                            Err(_) => break,
+                        }
+                        n += 1;
+                    }
+                }
+                Some(done) = self.done_rx.recv() => self.on_done(done),
+                Ok(()) = self.connected.changed() => self.on_connected_changed(),
+                Some(ctl) = self.control_rx.recv() => self.on_control(ctl),
+                _ = tick.tick() => self.on_tick(),
+            }
+            self.drain_actions().await;
+        };
+        self.drain_in_flight().await;
+        self.refresh_status();
+        result
+    }
+
+    async fn drain_in_flight(&mut self) {
+        let deadline = tokio::time::Instant::now() + self.cfg.drain_timeout;
+        while self.in_flight > 0 {
+            match tokio::time::timeout_at(deadline, self.done_rx.recv()).await {
+                Ok(Some(Done::Apply {
+                    target,
+                    kind,
+                    started,
+                    result,
+                })) => self.on_apply_done(target, kind, started, result),
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => {
+                    warn!(
+                        in_flight = self.in_flight,
+                        "shutdown: writes still in flight abandoned"
+                    );
+                    break;
+                }
+            }
+        }
+    }
+
+    // ----- inputs -------------------------------------------------------------------------
+
+    fn on_pbx_event(&mut self, ev: PbxEvent) {
+        let now = wall_now();
+        self.dirty = true;
+        match ev {
+            PbxEvent::Up { generation } => {
+                if self.pbx_up {
+                    info!(
+                        generation,
+                        "Asterisk restarted under a live link; new epoch, resync"
+                    );
+                    self.node.on_local_restarted(now);
+                } else {
+                    info!(generation, "Asterisk connected; resync");
+                    self.node.on_local_restored(now);
+                }
+                if generation > 1
+                    && let Some(m) = self.metrics()
+                {
+                    m.reconnect("asterisk");
+                }
+                self.pbx_up = true;
+                self.ready("asterisk", Ok(()));
+                self.start_sync();
+            }
+            PbxEvent::Down { reason } => {
+                warn!(%reason, "Asterisk lost; announcing this origin down");
+                self.pbx_up = false;
+                self.sync_in_flight = false;
+                self.sync_id += 1;
+                self.held.clear();
+                self.node.on_local_lost(now);
+                self.ready("asterisk", Err(format!("Asterisk not reachable: {reason}")));
+            }
+            PbxEvent::Resync { reason } => {
+                info!(%reason, "resync requested");
+                if self.pbx_up {
+                    self.start_sync();
+                }
+            }
+            PbxEvent::Device(d) => {
+                if let Some(m) = self.metrics() {
+                    m.event_in(&self.cfg.source_label, metrics::Kind::Device);
+                }
+                if !self.filter.allows(&d.device) {
+                    return;
+                }
+                if let Some(e) = device_event(&d.device, &d.state) {
+                    self.local_event(now, e);
+                }
+            }
+            PbxEvent::Presence(p) => {
+                if let Some(m) = self.metrics() {
+                    m.event_in(&self.cfg.source_label, metrics::Kind::Presence);
+                }
+                if let Some(e) = presence_event(&p.presentity, &p.status, &p.subtype, &p.message) {
+                    self.local_event(now, e);
+                }
+            }
+        }
+    }
+
+    fn local_event(&mut self, now: Millis, e: LocalEvent) {
+        if self.sync_in_flight {
+            self.held.push(e);
+            return;
+        }
+        let kind = e.value.kind();
+        let echoes = self.node.stats().echoes;
+        self.node.on_local_event(now, e);
+        if self.node.stats().echoes > echoes
+            && let Some(m) = self.metrics()
+        {
+            m.echoes_suppressed
+                .get_or_create(&metrics::KindLabels {
+                    kind: metric_kind(kind),
+                })
+                .inc();
+        }
+        self.dirty = true;
+    }
+
+    fn on_incoming(&mut self, msg: &Incoming) {
+        let Some(payload) = msg.frames.last() else {
+            return;
+        };
+        match self.verifier.verify(payload) {
+            Ok(env) => {
+                self.counters.accepted += 1;
+                if env.origin != self.node.origin() {
+                    if let (Body::Update(u), Some(m)) = (&env.body, self.metrics()) {
+                        m.updates_received
+                            .get_or_create(&metrics::KindLabels {
+                                kind: metric_kind(u.value.kind()),
+                            })
+                            .inc();
+                    }
+                    if let (Body::SnapshotChunk { entries, .. }, Some(m)) =
+                        (&env.body, self.metrics())
+                    {
+                        m.snapshot_entries.observe(entries.len() as f64);
+                    }
+                }
+                let done_before = self.node.snapshot_done();
+                self.node.on_remote(wall_now(), &env);
+                if !done_before && self.node.snapshot_done() {
+                    info!(hub = msg.hub, "snapshot complete");
+                    self.last_snapshot_hub = None;
+                }
+                self.dirty = true;
+            }
+            Err(e) => {
+                let reason = e.reason().as_str();
+                *self.counters.rejects.entry(reason.to_owned()).or_insert(0) += 1;
+                if let Some(m) = self.metrics() {
+                    m.reject(reason);
+                }
+                if e.reason() == hintfed_core::RejectReason::Duplicate {
+                    // Normal with several hubs.
+                    return;
+                }
+                debug!(hub = msg.hub, error = %e, "inbound message rejected");
+            }
+        }
+    }
+
+    fn on_done(&mut self, done: Done) {
+        let now = wall_now();
+        self.dirty = true;
+        match done {
+            Done::Apply {
+                target,
+                kind,
+                started,
+                result,
+            } => self.on_apply_done(target, kind, started, result),
+            Done::Sync { id, result } => {
+                if id != self.sync_id {
+                    return;
+                }
+                self.sync_in_flight = false;
+                match result {
+                    Ok(items) => {
+                        self.counters.full_syncs += 1;
+                        info!(items = items.len(), "full sync listed; publishing");
+                        self.node.on_local_full_sync(now, items);
+                        for e in std::mem::take(&mut self.held) {
+                            self.local_event(now, e);
+                        }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "full sync failed; retrying");
+                        if self.pbx_up {
+                            self.start_sync();
+                        }
+                    }
+                }
+            }
+            Done::Query { events } => {
+                for e in events {
+                    if let Value::Device(_) = e.value
+                        && !self.filter.allows(&e.key)
+                    {
+                        continue;
+                    }
+                    self.local_event(now, e);
+                }
+            }
+        }
+    }
+
+    fn on_apply_done(
+        &mut self,
+        target: String,
+        kind: Kind,
+        started: Instant,
+        result: Result<(), PbxError>,
+    ) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        let ok = result.is_ok();
+        if let Err(e) = &result {
+            warn!(%target, kind = kind.as_str(), error = %e, "write to Asterisk failed");
+            self.counters.applies_failed += 1;
+        } else {
+            self.counters.applies_ok += 1;
+        }
+        if let Some(m) = self.metrics() {
+            let r = if ok {
+                ApplyResult::Applied
+            } else {
+                ApplyResult::Failed
+            };
+            m.apply(r, Some(started.elapsed()));
+        }
+        self.node.on_apply_result(wall_now(), &target, ok);
+    }
+
+    fn on_connected_changed(&mut self) {
+        let n = *self.connected.borrow_and_update();
+        let before = self.hubs;
+        self.hubs = n;
+        self.counters.hubs_connected = n;
+        if n > 0 {
+            self.ready("federation", Ok(()));
+        } else {
+            self.ready("federation", Err("no hub connected".into()));
+        }
+        if n > before {
+            info!(hubs = n, "hub link up");
+            if let Some(m) = self.metrics() {
+                m.reconnect("hub");
+            }
+            // Introduce ourselves so a hub can address replies at once.
+            let hello = self.node.hello(
+                Role::Agent,
+                concat!("hintfed-agent ", env!("CARGO_PKG_VERSION")),
+            );
+            self.pending_hello = Some(hello);
+            if !self.node.snapshot_done() {
+                self.node.request_snapshot(wall_now());
+            }
+        } else if n < before {
+            warn!(hubs = n, "hub link lost");
+        }
+    }
+
+    fn on_control(&mut self, ctl: Control) {
+        match ctl {
+            Control::Reload { filter, keys } => {
+                info!(
+                    keys = keys.len(),
+                    "reload: device filter and keys replaced; resync"
+                );
+                self.filter = filter;
+                self.verifier = Verifier::new(keys.clone(), self.cfg.limits.clone());
+                self.keys = keys;
+                if self.pbx_up {
+                    self.start_sync();
+                }
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let now = wall_now();
+        self.node.tick(now);
+        if !self.node.snapshot_done()
+            && let Some((_, at)) = self.last_snapshot_hub
+            && at.elapsed() >= self.cfg.snapshot_timeout
+            && self.hubs > 0
+        {
+            debug!("snapshot late; asking another hub");
+            self.node.request_snapshot(now);
+        }
+        if self.dirty {
+            self.dirty = false;
+            self.refresh_status();
+        }
+        if let Some(m) = self.metrics() {
+            let q = self.node.apply_queue();
+            m.set_queue_depth(
+                &format!("apply {}", self.cfg.source_label),
+                i64::try_from(q.pending_len() + q.in_flight_len()).unwrap_or(i64::MAX),
+            );
+        }
+    }
+
+    // ----- outputs ------------------------------------------------------------------------
+
+    async fn drain_actions(&mut self) {
+        if let Some(hello) = self.pending_hello.take() {
+            self.send(&hello, false).await;
+        }
+        let actions = self.node.take_actions();
+        for a in actions {
+            match a {
+                Action::Publish(env) => self.send(&env, true).await,
+                Action::Request(env) => self.request(&env).await,
+                Action::Apply(cmd) => {
+                    let pbx = self.pbx.clone();
+                    let tx = self.done_tx.clone();
+                    let kind = cmd.kind();
+                    self.in_flight += 1;
+                    tokio::spawn(async move {
+                        let started = Instant::now();
+                        let result = pbx.setvar(&cmd.variable(), &cmd.setvar_value()).await;
+                        let _ = tx.send(Done::Apply {
+                            target: cmd.target,
+                            kind,
+                            started,
+                            result,
+                        });
+                    });
+                }
+                Action::QueryLocal(keys) => self.query(keys),
+            }
+        }
+    }
+
+    async fn send(&mut self, env: &Envelope, stream: bool) {
+        let bytes = match self.keys.seal(env, &self.cfg.limits) {
+            Ok(b) => Bytes::from(b),
+            Err(e) => {
+                warn!(error = %e, body = env.body.type_name(), "cannot encode envelope; dropped");
+                return;
+            }
+        };
+        let kind = match &env.body {
+            Body::Update(u) => Some(u.value.kind()),
+            _ => None,
+        };
+        match self.transport.publish(env.topic(), bytes).await {
+            Ok(_) => {
+                if let Some(k) = kind {
+                    self.counters.published += 1;
+                    if let Some(m) = self.metrics() {
+                        m.updates_published
+                            .get_or_create(&metrics::KindLabels {
+                                kind: metric_kind(k),
+                            })
+                            .inc();
+                    }
+                }
+            }
+            Err(e) => {
+                if stream {
+                    self.counters.publish_failed += 1;
+                }
+                debug!(error = %e, body = env.body.type_name(), "not published (no hub)");
+            }
+        }
+    }
+
+    async fn request(&mut self, env: &Envelope) {
+        let bytes = match self.keys.seal(env, &self.cfg.limits) {
+            Ok(b) => Bytes::from(b),
+            Err(e) => {
+                warn!(error = %e, "cannot encode snapshot request");
+                return;
+            }
+        };
+        let exclude: Vec<usize> = match self.last_snapshot_hub {
+            Some((h, _)) if self.hubs > 1 => vec![h],
+            _ => Vec::new(),
+        };
+        let mut r = self
+            .transport
+            .request_snapshot(bytes.clone(), &exclude)
+            .await;
+        if r.is_err() && !exclude.is_empty() {
+            r = self.transport.request_snapshot(bytes, &[]).await;
+        }
+        match r {
+            Ok(hub) => {
+                debug!(hub, "snapshot requested");
+                self.counters.snapshot_requests += 1;
+                self.last_snapshot_hub = Some((hub, Instant::now()));
+            }
+            Err(e) => debug!(error = %e, "snapshot request not sent (no hub); retried on connect"),
+        }
+    }
+
+    fn start_sync(&mut self) {
+        self.sync_id += 1;
+        self.sync_in_flight = true;
+        let id = self.sync_id;
+        let pbx = self.pbx.clone();
+        let filter = self.filter.clone();
+        let presence = self.node.config().policy.config().presence;
+        let devices = self.node.config().policy.config().device_state;
+        let tx = self.done_tx.clone();
+        tokio::spawn(async move {
+            let result = full_sync(&pbx, &filter, devices, presence).await;
+            let _ = tx.send(Done::Sync { id, result });
+        });
+    }
+
+    fn query(&mut self, keys: Vec<String>) {
+        let keys: Vec<String> = keys.into_iter().filter(|k| self.filter.allows(k)).collect();
+        if keys.is_empty() {
+            return;
+        }
+        self.counters.queried += keys.len() as u64;
+        let pbx = self.pbx.clone();
+        let tx = self.done_tx.clone();
+        tokio::spawn(async move {
+            let events = query_devices(&pbx, keys).await;
+            let _ = tx.send(Done::Query { events });
+        });
+    }
+
+    // ----- status -------------------------------------------------------------------------
+
+    fn refresh_status(&mut self) {
+        let now = wall_now();
+        let table = self.node.table();
+        let origins = self.node.origins();
+        let down = self.node.config().policy.down_state();
+        let me = self.node.origin().to_owned();
+        let mut devices = Vec::new();
+        for key in table.device_keys() {
+            let Some(per) = table.device(key) else {
+                continue;
+            };
+            let agg = table
+                .aggregate(key, origins, down, None)
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_else(|| "UNKNOWN".to_owned());
+            let entry = self
+                .changed
+                .entry(key.clone())
+                .or_insert_with(|| (agg.clone(), now.0));
+            if entry.0 != agg {
+                *entry = (agg.clone(), now.0);
+            }
+            devices.push(DeviceView {
+                key: key.clone(),
+                aggregate: agg,
+                changed_ms: entry.1,
+                origins: per
+                    .iter()
+                    .map(|(o, e)| {
+                        let v = if origins.is_down(o) && o != &me {
+                            down.as_str()
+                        } else {
+                            e.value.as_str()
+                        };
+                        (o.clone(), v.to_owned())
+                    })
+                    .collect(),
+            });
+        }
+        let presence: Vec<PresenceView> = table
+            .presence_entries()
+            .map(|(k, w)| PresenceView {
+                key: k.clone(),
+                status: w.value.status.as_str().to_owned(),
+                subtype: w.value.subtype.clone(),
+                message: w.value.message.clone(),
+                origin: w.origin.clone(),
+                changed_ms: w.updated.0,
+            })
+            .collect();
+        let mut origin_views: Vec<OriginView> = vec![OriginView {
+            name: me.clone(),
+            up: !self.node.is_local_down(),
+            epoch: self.node.epoch().0,
+            last_seq: self.node.seq(),
+            last_seen_ms_ago: Some(0),
+            lag_ms: None,
+            detail: Some(if self.node.is_local_down() {
+                "this agent: local Asterisk not connected".to_owned()
+            } else {
+                "this agent".to_owned()
+            }),
+        }];
+        let (mut up, mut dn) = (0i64, 0i64);
+        for (name, info) in origins.iter() {
+            if name == &me {
+                continue;
+            }
+            if info.down.is_some() {
+                dn += 1;
+            } else {
+                up += 1;
+            }
+            origin_views.push(OriginView {
+                name: name.clone(),
+                up: info.down.is_none(),
+                epoch: info.epoch.0,
+                last_seq: info.last_seq,
+                last_seen_ms_ago: Some(now.since(info.last_seen)),
+                lag_ms: None,
+                detail: info.down.map(|d| format!("down: {:?}", d.reason)),
+            });
+        }
+        if let Some(m) = self.metrics() {
+            m.origins_up.set(up);
+            m.origins_down.set(dn);
+        }
+        self.counters.snapshot_done = self.node.snapshot_done();
+        self.counters.pbx_up = self.pbx_up;
+        let counters = self.counters.clone();
+        let events = self.hooks.events.clone();
+        self.status.write(|c| {
+            if let Some(ev) = &events
+                && ev.receiver_count() > 0
+            {
+                let old_dev: HashMap<&str, &DeviceView> = c
+                    .state
+                    .devices
+                    .iter()
+                    .map(|d| (d.key.as_str(), d))
+                    .collect();
+                for d in &devices {
+                    if old_dev.get(d.key.as_str()).is_none_or(|o| *o != d) {
+                        ev.publish(StatusEvent::Device(d.clone()));
+                    }
+                }
+                let old_p: HashMap<&str, &PresenceView> = c
+                    .state
+                    .presence
+                    .iter()
+                    .map(|d| (d.key.as_str(), d))
+                    .collect();
+                for p in &presence {
+                    if old_p.get(p.key.as_str()).is_none_or(|o| *o != p) {
+                        ev.publish(StatusEvent::Presence(p.clone()));
+                    }
+                }
+                let old_o: HashMap<&str, &OriginView> =
+                    c.origins.iter().map(|o| (o.name.as_str(), o)).collect();
+                for o in &origin_views {
+                    if old_o
+                        .get(o.name.as_str())
+                        .is_none_or(|p| p.up != o.up || p.epoch != o.epoch)
+                    {
+                        ev.publish(StatusEvent::Origin(o.clone()));
+                    }
+                }
+                if devices.len() < c.state.devices.len() || presence.len() < c.state.presence.len()
+                {
+                    ev.publish(StatusEvent::Resync);
+                }
+            }
+            c.state = StateView { devices, presence };
+            c.origins = origin_views;
+            c.counters = counters;
+        });
+    }
+}
+
+/// Lists the local state: cached devices, presence, and hint devices missing from the cache
+/// (Getvar over AMI; hint-derived over res_zmq_manager, see the module docs).
+async fn full_sync(
+    pbx: &Pbx,
+    filter: &DeviceFilter,
+    devices: bool,
+    presence: bool,
+) -> Result<Vec<LocalEvent>, PbxError> {
+    let mut items = Vec::new();
+    let mut listed = BTreeSet::new();
+    if devices {
+        for d in pbx.list_devices().await? {
+            if filter.allows(&d.device)
+                && let Some(e) = device_event(&d.device, &d.state)
+            {
+                listed.insert(d.device.clone());
+                items.push(e);
+            }
+        }
+        let hints = pbx.list_hints().await?;
+        let mut missing = BTreeSet::new();
+        for h in &hints {
+            for dev in hint_devices(&h.hint) {
+                if filter.allows(dev) && !listed.contains(dev) {
+                    missing.insert(dev.to_owned());
+                }
+            }
+        }
+        if !missing.is_empty() {
+            if pbx.supports_getvar() {
+                items.extend(getvar_devices(pbx, missing.into_iter().collect()).await);
+            } else {
+                items.extend(derive_from_hints(&hints, &missing));
+            }
+        }
+    }
+    if presence {
+        for p in pbx.list_presence().await? {
+            if let Some(e) = presence_event(&p.presentity, &p.status, &p.subtype, &p.message) {
+                items.push(e);
+            }
+        }
+    }
+    Ok(items)
+}
+
+async fn getvar_devices(pbx: &Pbx, keys: Vec<String>) -> Vec<LocalEvent> {
+    futures::stream::iter(keys)
+        .map(|k| async move {
+            match pbx.device_state(&k).await {
+                Ok(v) => device_event(&k, &v),
+                Err(e) => {
+                    debug!(device = %k, error = %e, "Getvar failed");
+                    None
+                }
+            }
+        })
+        .buffer_unordered(8)
+        .filter_map(|x| async move { x })
+        .collect()
+        .await
+}
+
+/// Device states read back from hint states, for hints holding exactly one device that is
+/// one of `wanted` (the extension state of a one-device hint is that device's state).
+fn derive_from_hints(
+    hints: &[hintfed_asterisk::HintItem],
+    wanted: &BTreeSet<String>,
+) -> Vec<LocalEvent> {
+    let mut out = Vec::new();
+    let mut seen = BTreeSet::new();
+    for h in hints {
+        let devs: Vec<&str> = hint_devices(&h.hint).collect();
+        if let [dev] = devs.as_slice()
+            && wanted.contains(*dev)
+            && seen.insert((*dev).to_owned())
+            && let Some(state) = extension_status_to_device_state(h.status)
+            && let Some(e) = device_event(dev, state)
+        {
+            out.push(e);
+        }
+    }
+    out
+}
+
+async fn query_devices(pbx: &Pbx, keys: Vec<String>) -> Vec<LocalEvent> {
+    if pbx.supports_getvar() {
+        return getvar_devices(pbx, keys).await;
+    }
+    match pbx.list_hints().await {
+        Ok(hints) => derive_from_hints(&hints, &keys.into_iter().collect()),
+        Err(e) => {
+            debug!(error = %e, "ExtensionStateList failed; devices not queried");
+            Vec::new()
+        }
+    }
+}
