@@ -9,6 +9,8 @@
 //! [`CodecError`] and the connection should be dropped (the decoder never buffers more than
 //! `max_message` bytes of one message, nor more than `max_line` bytes without a line end).
 
+use std::borrow::Cow;
+
 use bytes::{Buf, BufMut, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
 
@@ -126,8 +128,9 @@ impl AmiCodec {
         self.limits
     }
 
-    /// Takes the next line (without its line end) off `buf`, or `None` if no line end yet.
-    fn next_line(&mut self, buf: &mut BytesMut) -> Result<Option<String>, CodecError> {
+    /// Finds the next line in `buf`: `(length without its line end, length with it)`, or
+    /// `None` if no line end yet. Counts the line towards the message size.
+    fn next_line(&mut self, buf: &BytesMut) -> Result<Option<(usize, usize)>, CodecError> {
         // The caller may hand a different or shortened buffer: never index past its end.
         self.scanned = self.scanned.min(buf.len());
         let Some(pos) = buf[self.scanned..].iter().position(|&b| b == b'\n') else {
@@ -150,10 +153,59 @@ impl AmiCodec {
                 limit: self.limits.max_line,
             });
         }
-        let line = String::from_utf8_lossy(&buf[..line_len]).into_owned();
-        buf.advance(end + 1);
         self.current_size += end + 1;
-        Ok(Some(line))
+        Ok(Some((line_len, end + 1)))
+    }
+
+    /// Applies one line (without its line end); a frame when it completes one.
+    fn handle_line(&mut self, line: &[u8]) -> Result<Option<Frame>, CodecError> {
+        if self.expect_banner {
+            self.expect_banner = false;
+            self.current_size = 0;
+            return Ok(Some(Frame::Banner(
+                String::from_utf8_lossy(line).into_owned(),
+            )));
+        }
+        if self.current_size > self.limits.max_message {
+            return Err(CodecError::MessageTooLarge {
+                limit: self.limits.max_message,
+            });
+        }
+        if self.follows {
+            if let Some(rest) = line.strip_suffix(END_COMMAND.as_bytes()) {
+                if !rest.is_empty() {
+                    self.push_header("Output", &String::from_utf8_lossy(rest))?;
+                }
+                self.follows = false;
+                return Ok(None);
+            }
+            // Headers that precede the raw output keep their names; the rest is output.
+            let (k, v) = split_header(line);
+            let before_output = self.current.get("Output").is_none();
+            if before_output
+                && (k.eq_ignore_ascii_case("Privilege")
+                    || k.eq_ignore_ascii_case("ActionID")
+                    || k.eq_ignore_ascii_case("Message"))
+            {
+                self.push_header(&k, &v)?;
+            } else {
+                self.push_header("Output", &String::from_utf8_lossy(line))?;
+            }
+            return Ok(None);
+        }
+        if line.is_empty() {
+            if self.current.is_empty() {
+                self.current_size = 0;
+                return Ok(None);
+            }
+            return Ok(Some(Frame::Message(self.take_message())));
+        }
+        let (k, v) = split_header(line);
+        if k.eq_ignore_ascii_case("Response") && v.eq_ignore_ascii_case("Follows") {
+            self.follows = true;
+        }
+        self.push_header(&k, &v)?;
+        Ok(None)
     }
 
     fn push_header(&mut self, key: &str, value: &str) -> Result<(), CodecError> {
@@ -174,11 +226,20 @@ impl AmiCodec {
 }
 
 /// Splits `Key: Value` at the first colon; one space after the colon belongs to the separator.
-fn split_header(line: &str) -> (&str, &str) {
-    match line.split_once(':') {
-        Some((k, v)) => (k.trim(), v.strip_prefix(' ').unwrap_or(v)),
-        None => (line.trim(), ""),
-    }
+/// Invalid UTF-8 is replaced (U+FFFD), never an error.
+fn split_header(line: &[u8]) -> (Cow<'_, str>, Cow<'_, str>) {
+    let (k, v) = match line.iter().position(|&b| b == b':') {
+        Some(i) => {
+            let v = &line[i + 1..];
+            (&line[..i], v.strip_prefix(b" ").unwrap_or(v))
+        }
+        None => (line, &line[line.len()..]),
+    };
+    let key = match String::from_utf8_lossy(k) {
+        Cow::Borrowed(k) => Cow::Borrowed(k.trim()),
+        Cow::Owned(k) => Cow::Owned(k.trim().to_owned()),
+    };
+    (key, String::from_utf8_lossy(v))
 }
 
 impl Decoder for AmiCodec {
@@ -187,53 +248,14 @@ impl Decoder for AmiCodec {
 
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
         loop {
-            let Some(line) = self.next_line(buf)? else {
+            let Some((line_len, consumed)) = self.next_line(buf)? else {
                 return Ok(None);
             };
-            if self.expect_banner {
-                self.expect_banner = false;
-                self.current_size = 0;
-                return Ok(Some(Frame::Banner(line)));
+            let frame = self.handle_line(&buf[..line_len]);
+            buf.advance(consumed);
+            if let Some(frame) = frame? {
+                return Ok(Some(frame));
             }
-            if self.current_size > self.limits.max_message {
-                return Err(CodecError::MessageTooLarge {
-                    limit: self.limits.max_message,
-                });
-            }
-            if self.follows {
-                if let Some(rest) = line.strip_suffix(END_COMMAND) {
-                    if !rest.is_empty() {
-                        self.push_header("Output", rest)?;
-                    }
-                    self.follows = false;
-                    continue;
-                }
-                // Headers that precede the raw output keep their names; the rest is output.
-                let (k, v) = split_header(&line);
-                let before_output = self.current.get("Output").is_none();
-                if before_output
-                    && (k.eq_ignore_ascii_case("Privilege")
-                        || k.eq_ignore_ascii_case("ActionID")
-                        || k.eq_ignore_ascii_case("Message"))
-                {
-                    self.push_header(k, v)?;
-                } else {
-                    self.push_header("Output", &line)?;
-                }
-                continue;
-            }
-            if line.is_empty() {
-                if self.current.is_empty() {
-                    self.current_size = 0;
-                    continue;
-                }
-                return Ok(Some(Frame::Message(self.take_message())));
-            }
-            let (k, v) = split_header(&line);
-            if k.eq_ignore_ascii_case("Response") && v.eq_ignore_ascii_case("Follows") {
-                self.follows = true;
-            }
-            self.push_header(k, v)?;
         }
     }
 

@@ -258,7 +258,7 @@ fn devicestatelist_500_recv_raw() {
     let frames = decode_whole(AmiCodec::client(), &bytes);
     assert_every_offset_windowed(&bytes, &frames);
     // Whole-capture splits at a spread of offsets, plus small reads.
-    for at in (0..=bytes.len()).step_by(97).chain([bytes.len() - 1]) {
+    for at in (0..=bytes.len()).step_by(1009).chain([bytes.len() - 1]) {
         let (a, b) = bytes.split_at(at);
         assert_eq!(decode_chunks(AmiCodec::client(), [a, b]), frames, "at {at}");
     }
