@@ -270,3 +270,25 @@ async fn hub_refuses_connections_beyond_its_cap() {
     assert_eq!(n, 0);
     assert_eq!(hub.stats().refused_connections, 1);
 }
+
+#[tokio::test]
+async fn link_recovers_within_2s_after_a_long_hub_outage() {
+    let (hub, _rx) = HubBind::bind(HubBindConfig::new("tcp://127.0.0.1:0"))
+        .await
+        .expect("bind");
+    let endpoint = hub.router_endpoint().to_owned();
+    let (link, mut link_rx) = HubLink::connect(HubLinkConfig::new(endpoint.clone())).expect("link");
+    assert!(link.wait_connected(SETUP).await);
+    hub.shutdown().await;
+    // Stay down until the backoff has reached its cap (several failed attempts).
+    let mut poll = tokio::time::interval(Duration::from_millis(20));
+    let deadline = Instant::now() + SETUP;
+    while link.stats().connect_failures < 5 {
+        assert!(Instant::now() < deadline, "link stopped retrying");
+        poll.tick().await;
+    }
+    let (hub, mut hub_rx) = HubBind::bind(HubBindConfig::new(endpoint))
+        .await
+        .expect("rebind");
+    both_ways(&hub, &mut hub_rx, &link, &mut link_rx, RECOVERY).await;
+}
