@@ -15,6 +15,7 @@
 //!   for res_zmq_manager's command and event sockets.
 //! - [`legacy`]: [`PullBind`] and [`PubBind`], the original zmq-ami-broker server's sockets.
 //! - [`error`]: [`TransportError`], [`SendError`], [`RequestError`].
+//! - `guard` (private): the ZMTP size guard in front of every bound socket.
 //!
 //! Each supervisor is one Tokio task that owns its sockets; the public handles are cheap
 //! clones talking to it over bounded channels (each type documents its full/closed policy),
@@ -36,8 +37,13 @@
 //! DEALER and the hub heartbeats on the PUB). Recovery after a peer comes back therefore takes
 //! at most about one backoff step plus one connect attempt (< 1 s with the defaults), well
 //! within the 2 s requirement. Oversize incoming messages are dropped and counted (see
-//! [`Limits`]); the crate has already read them into memory by then, so expose hub ports only
-//! to trusted networks. Confidentiality/authentication is left to the envelope HMAC (no CURVE).
+//! [`Limits`]). Because the crate reserves memory for whatever frame length a peer announces
+//! (a single TCP client announcing a 1 TiB frame aborts the process — verified), every *bound*
+//! socket ([`HubBind`], [`PullBind`], [`PubBind`]) listens through a ZMTP-aware TCP guard that
+//! forwards to the real socket on loopback and closes any connection announcing an oversize
+//! frame or message before it is buffered; it also caps simultaneous connections. Connecting
+//! sockets ([`HubLink`], [`ReqClient`], [`SubClient`]) trust their peer (our hub, the local
+//! Asterisk). Confidentiality/authentication is left to the envelope HMAC (no CURVE).
 //!
 //! # The federation transport interface
 //! [`FederationTransport`] is what the agent needs from any transport (ZeroMQ hubs now, Kafka

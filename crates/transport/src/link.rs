@@ -161,8 +161,8 @@ impl Backoff {
 ///
 /// The zeromq crate itself has **no** message size limit: it buffers a whole multipart message
 /// (whatever length the peer announces) before handing it over. These limits make the
-/// supervisor drop and count oversize messages so they never reach the application; they
-/// cannot stop the crate from allocating the announced size first.
+/// supervisor drop and count oversize messages so they never reach the application; bound
+/// sockets additionally enforce them on the wire (see the crate docs on the guard).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Maximum total payload bytes of one multipart message (default 1 MiB).
