@@ -260,7 +260,7 @@ impl Hub {
     fn serve_snapshot(&mut self, to: &str, request_id: u64) {
         self.stats.snapshots_served += 1;
         let entries = self.replica.table.snapshot();
-        let summaries = self.replica.origins.summaries();
+        let summaries = self.replica.summaries();
         let max_bytes = self.cfg.chunk_max_bytes.max(1);
         let max_items = self.cfg.chunk_max_entries.max(1);
         let mut chunks = 0u32;

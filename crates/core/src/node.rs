@@ -557,13 +557,12 @@ impl Node {
         if self.cfg.snapshots {
             let retry = self.cfg.snapshot_retry_ms;
             match &self.snapshot {
-                Some(s) if !s.complete => {
-                    if now.since(s.sent_at) >= retry {
-                        self.request_snapshot(now)
-                    }
+                Some(s) if !s.complete && now.since(s.sent_at) >= retry => {
+                    self.request_snapshot(now)
                 }
-                // At most one gap-driven request per retry period.
-                Some(s) if now.since(s.sent_at) < retry => {}
+                // Incomplete and not yet due, or complete but recent: at most one request
+                // per retry period.
+                Some(s) if !s.complete || now.since(s.sent_at) < retry => {}
                 _ if !self.replica.gaps(now, self.cfg.gap_grace_ms).is_empty() => {
                     self.stats.gaps += 1;
                     self.request_snapshot(now);

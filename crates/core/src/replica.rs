@@ -129,6 +129,21 @@ impl Replica {
         out
     }
 
+    /// Summaries of every origin for a snapshot. `last_seq` is the origin's *contiguous*
+    /// sequence here (everything up to it was received), so a receiver never takes a hole
+    /// of ours as covered.
+    pub fn summaries(&self) -> Vec<OriginSummary> {
+        let mut out = self.origins.summaries();
+        for s in &mut out {
+            if let Some(t) = self.seqs.get(&s.origin)
+                && t.epoch() == s.epoch
+            {
+                s.last_seq = s.last_seq.min(t.contiguous());
+            }
+        }
+        out
+    }
+
     /// Merges one snapshot entry. Returns whether the table changed.
     pub fn merge_entry(&mut self, e: &SnapshotEntry, now: Millis) -> bool {
         self.table

@@ -57,6 +57,11 @@ impl SeqTracker {
         self.epoch
     }
 
+    /// Every sequence up to this one was received or covered.
+    pub fn contiguous(&self) -> u64 {
+        self.contiguous
+    }
+
     /// Highest sequence received or covered.
     pub fn highest(&self) -> u64 {
         self.above.last().copied().unwrap_or(0).max(self.contiguous)

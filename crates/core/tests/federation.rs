@@ -355,7 +355,7 @@ proptest! {
             apply_op(&mut w, o);
         }
         heal(&mut w);
-        prop_assert!(w.settle(SETTLE_MS), "devices {:?} presence {:?} {} {}", w.device_mismatches(), w.presence_mismatches(), w.dump_presence(), w.dump_device("PJSIP/1"));
+        prop_assert!(w.settle(SETTLE_MS), "devices {:?} presence {:?} {} {}", w.device_mismatches(), w.presence_mismatches(), w.dump_presence(), (0..4).map(|d| w.dump_device(&phone(d))).collect::<String>());
 
         // No loop: once converged, nothing but heartbeats flows.
         w.run(2_000);
