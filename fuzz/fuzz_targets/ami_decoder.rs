@@ -50,9 +50,10 @@ fn run(banner: bool, data: &[u8], chunk: usize) -> (Vec<Frame>, bool) {
 /// A decoded message that the encoder accepts and that is plain (no raw command output)
 /// decodes back to itself.
 fn check_round_trip(m: &Message) {
-    let follows = m.headers().iter().any(|(k, v)| {
-        k.eq_ignore_ascii_case("Response") && v.eq_ignore_ascii_case("Follows")
-    });
+    let follows = m
+        .headers()
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case("Response") && v.eq_ignore_ascii_case("Follows"));
     if follows {
         return;
     }
