@@ -289,6 +289,11 @@ impl Subscription {
     pub fn try_recv(&mut self) -> Result<ClientEvent, broadcast::error::TryRecvError> {
         self.rx.try_recv()
     }
+
+    /// The underlying broadcast receiver, e.g. to wrap it in a `tokio_stream` adapter.
+    pub fn into_inner(self) -> broadcast::Receiver<ClientEvent> {
+        self.rx
+    }
 }
 
 enum Request {
@@ -325,7 +330,11 @@ pub struct AmiClient {
 
 impl AmiClient {
     /// Spawns the connection task (on the current Tokio runtime) and returns at once; the task
-    /// connects, logs in and keeps reconnecting until [`AmiClient::shutdown`].
+    /// connects, logs in and keeps reconnecting until [`AmiClient::shutdown`] or until every
+    /// handle is dropped.
+    ///
+    /// # Panics
+    /// Outside a Tokio runtime (as `tokio::spawn` does).
     pub fn start(config: ClientConfig) -> Self {
         let (req_tx, req_rx) = mpsc::channel(config.request_buffer.max(1));
         let (ev_tx, _) = broadcast::channel(config.event_buffer.max(1));
@@ -582,7 +591,12 @@ impl Connection {
                     format!("login refused: {message}")
                 }
                 Err(e) => {
-                    warn!(error = %e, attempt, "AMI connection attempt failed");
+                    // A server down for long: say so at once, then only now and then.
+                    if attempt == 1 || attempt.is_multiple_of(10) {
+                        warn!(error = %e, attempt, "AMI connection attempt failed");
+                    } else {
+                        debug!(error = %e, attempt, "AMI connection attempt failed");
+                    }
                     e.to_string()
                 }
             };
