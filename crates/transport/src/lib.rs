@@ -115,4 +115,12 @@ pub trait FederationTransport: Send + Sync {
 
     /// The number of reachable sources, kept current.
     fn connected(&self) -> watch::Receiver<usize>;
+
+    /// Total number of source (re)connections so far; it changes whenever any source link
+    /// comes up, including a quick flap that leaves [`FederationTransport::connected`]
+    /// unchanged (a hub restarted between two polls). Transports without such links keep the
+    /// default: a channel that never changes.
+    fn link_ups(&self) -> watch::Receiver<u64> {
+        watch::channel(0).1
+    }
 }

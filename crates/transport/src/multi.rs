@@ -39,6 +39,7 @@ struct Inner {
     incoming: Mutex<Option<mpsc::Receiver<Incoming>>>,
     next: AtomicUsize,
     connected: watch::Receiver<usize>,
+    link_ups: watch::Receiver<u64>,
     _cancel: CancelOnDrop,
 }
 
@@ -78,10 +79,12 @@ impl MultiHub {
             .map(|(i, c)| HubLink::connect_with(c, i, in_tx.clone()))
             .collect::<Result<Vec<_>, _>>()?;
         let (count_tx, count_rx) = watch::channel(0usize);
+        let (ups_tx, ups_rx) = watch::channel(0u64);
         let cancel = CancellationToken::new();
         tokio::spawn(count_connected(
             links.iter().map(HubLink::status).collect(),
             count_tx,
+            ups_tx,
             cancel.clone(),
         ));
         Ok(Self {
@@ -90,6 +93,7 @@ impl MultiHub {
                 incoming: Mutex::new(Some(in_rx)),
                 next: AtomicUsize::new(0),
                 connected: count_rx,
+                link_ups: ups_rx,
                 _cancel: CancelOnDrop(cancel),
             }),
         })
@@ -159,6 +163,13 @@ impl MultiHub {
         self.inner.connected.clone()
     }
 
+    /// A receiver of the total number of link (re)connections so far: it changes on every
+    /// hub link coming up, even when a quick flap leaves [`MultiHub::connected`] unchanged.
+    /// Use it to say hello / republish to a hub that restarted.
+    pub fn link_ups(&self) -> watch::Receiver<u64> {
+        self.inner.link_ups.clone()
+    }
+
     /// Waits until at least one hub is connected or `timeout` elapses.
     pub async fn wait_connected(&self, timeout: Duration) -> bool {
         let mut rx = self.inner.connected.clone();
@@ -171,9 +182,17 @@ impl MultiHub {
 async fn count_connected(
     mut statuses: Vec<watch::Receiver<LinkStatus>>,
     tx: watch::Sender<usize>,
+    ups_tx: watch::Sender<u64>,
     cancel: CancellationToken,
 ) {
     loop {
+        // Count ups before publishing the count, so an observer that sees n connected hubs
+        // also sees every one of those connections in `link_ups`.
+        for s in &mut statuses {
+            if s.has_changed().unwrap_or(false) && *s.borrow_and_update() == LinkStatus::Connected {
+                ups_tx.send_modify(|u| *u += 1);
+            }
+        }
         let n = statuses
             .iter()
             .filter(|s| *s.borrow() == LinkStatus::Connected)
@@ -189,6 +208,12 @@ async fn count_connected(
         };
         if result.is_err() {
             statuses.swap_remove(index);
+            continue;
+        }
+        // Every change that lands on Connected is a (re)connection, even when a quick
+        // Connected → Connecting → Connected flap was coalesced by the watch channel.
+        if *statuses[index].borrow_and_update() == LinkStatus::Connected {
+            ups_tx.send_modify(|u| *u += 1);
         }
     }
 }
@@ -220,5 +245,9 @@ impl FederationTransport for MultiHub {
 
     fn connected(&self) -> watch::Receiver<usize> {
         MultiHub::connected(self)
+    }
+
+    fn link_ups(&self) -> watch::Receiver<u64> {
+        MultiHub::link_ups(self)
     }
 }

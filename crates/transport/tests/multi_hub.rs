@@ -60,6 +60,7 @@ async fn multi_hub_publishes_everywhere_and_falls_back() {
     let mut incoming = multi.take_incoming().expect("first take");
     assert!(multi.take_incoming().is_none());
     wait_count(&multi, 2, SETUP).await;
+    assert!(*multi.link_ups().borrow() >= 2);
 
     // publish reaches both hubs as [topic, payload].
     let m0 = publish_until_received(&multi, &mut rx0, b"u1", SETUP).await;
@@ -152,6 +153,9 @@ async fn multi_hub_publishes_everywhere_and_falls_back() {
         .expect("rebind");
     wait_count(&multi, 2, RECOVERY).await;
     publish_until_received(&multi, &mut rx1, b"u3", RECOVERY).await;
+    // Two first connections plus hub 1's reconnection.
+    assert!(*multi.link_ups().borrow() >= 3);
+    assert_eq!(multi.links()[1].stats().reconnects, 1);
 }
 
 #[tokio::test]
