@@ -32,7 +32,8 @@ pub struct ReqClientConfig {
     pub connect_attempt_timeout: Duration,
     /// Delays between background reconnect attempts while idle.
     pub backoff: BackoffConfig,
-    /// Size limits for requests and replies.
+    /// Size limits for requests and replies (default 16 MiB, 16 frames: a list reply of a
+    /// large PBX is one big JSON frame).
     pub limits: Limits,
     /// Requests that may wait behind the one in flight (default 64).
     pub queue_capacity: usize,
@@ -46,7 +47,10 @@ impl ReqClientConfig {
             request_timeout: Duration::from_millis(1000),
             connect_attempt_timeout: Duration::from_millis(250),
             backoff: BackoffConfig::default(),
-            limits: Limits::default(),
+            limits: Limits {
+                max_message_bytes: 16 * 1024 * 1024,
+                ..Limits::default()
+            },
             queue_capacity: 64,
         }
     }
