@@ -165,6 +165,7 @@ impl Pbx {
                 }
                 let client = AmiClient::start(cfg);
                 tokio::spawn(ami_pump(
+                    client.clone(),
                     client.subscribe(),
                     Arc::clone(&signals),
                     shared,
@@ -189,6 +190,7 @@ impl Pbx {
                 if !shared {
                     let client = AmiClient::start(ClientConfig::clone(cfg));
                     tokio::spawn(ami_pump(
+                        client.clone(),
                         client.subscribe(),
                         Arc::clone(&signals),
                         true,
@@ -336,14 +338,39 @@ impl Pbx {
 }
 
 /// Forwards an AMI client's lifecycle and (when `events`) its state events.
+///
+/// The client may have logged in before `sub` was taken (its task runs on another worker as
+/// soon as it is spawned), so its `Connected` event may be missed: a session already up when
+/// the pump starts is reported at once, and its `Connected` event, if it arrives anyway, is
+/// skipped by generation.
 async fn ami_pump(
+    client: AmiClient,
     mut sub: hintfed_ami::Subscription,
     signals: Arc<Signals>,
     events: bool,
     lifecycle: bool,
 ) {
+    let mut seen_generation = 0u64;
+    if let hintfed_ami::ConnectionState::Connected { generation, .. } = client.status() {
+        seen_generation = generation;
+        let ok = if lifecycle {
+            signals.up().await
+        } else {
+            signals
+                .send(PbxEvent::Resync {
+                    reason: "AMI event connection established".into(),
+                })
+                .await
+        };
+        if !ok {
+            return;
+        }
+    }
+    // The pump must not keep the client alive: only its subscription.
+    drop(client);
     loop {
         let ok = match sub.recv().await {
+            Ok(ClientEvent::Connected { generation, .. }) if generation <= seen_generation => true,
             Ok(ClientEvent::Connected { generation, .. }) => {
                 debug!(generation, "AMI session up");
                 if lifecycle {

@@ -1,0 +1,409 @@
+//! The relay against in-process simulated Asterisks (hintfed-sim over real AMI TCP) and an
+//! in-memory [`FederationTransport`] bus (the kind the broker plugs in): propagation of
+//! device and presence states, no loop, forged messages rejected, down state on loss and
+//! recovery, reload of the device filter.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hintfed_agent::relay::{DeviceFilter, Relay, RelayConfig, RelayHandle, RelayHooks, now_millis};
+use hintfed_ami::ClientConfig;
+use hintfed_asterisk::{ActionsVia, EventsVia, Pbx, PbxConfig};
+use hintfed_core::{Epoch, KeyRing, Node, NodeConfig};
+use hintfed_sim::{DeviceState as SimState, SimConfig, SimHandle, SimServer};
+use hintfed_transport::{Channel, FederationTransport, Incoming, TransportError};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+/// Every port sees everything published by every port (itself included), like a hub's PUB.
+#[derive(Clone, Default)]
+struct Bus {
+    ports: Arc<Mutex<Vec<mpsc::Sender<Incoming>>>>,
+}
+
+struct Port {
+    bus: Bus,
+    rx: Mutex<Option<mpsc::Receiver<Incoming>>>,
+    connected: watch::Receiver<usize>,
+    _connected_tx: watch::Sender<usize>,
+}
+
+impl Bus {
+    fn port(&self) -> (Port, mpsc::Sender<Incoming>) {
+        let (tx, rx) = mpsc::channel(4096);
+        self.ports.lock().expect("lock").push(tx.clone());
+        let (ctx, crx) = watch::channel(1);
+        (
+            Port {
+                bus: self.clone(),
+                rx: Mutex::new(Some(rx)),
+                connected: crx,
+                _connected_tx: ctx,
+            },
+            tx,
+        )
+    }
+}
+
+impl FederationTransport for Port {
+    async fn publish(&self, topic: &str, payload: Bytes) -> Result<usize, TransportError> {
+        let ports = self.bus.ports.lock().expect("lock").clone();
+        let frames = vec![Bytes::copy_from_slice(topic.as_bytes()), payload];
+        let mut n = 0;
+        for p in ports {
+            if p.try_send(Incoming {
+                hub: 0,
+                channel: Channel::Fanout,
+                frames: frames.clone(),
+            })
+            .is_ok()
+            {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
+    fn take_incoming(&self) -> Option<mpsc::Receiver<Incoming>> {
+        self.rx.lock().expect("lock").take()
+    }
+
+    async fn request_snapshot(
+        &self,
+        _payload: Bytes,
+        _exclude: &[usize],
+    ) -> Result<usize, TransportError> {
+        Err(TransportError::NotConnected)
+    }
+
+    fn connected(&self) -> watch::Receiver<usize> {
+        self.connected.clone()
+    }
+}
+
+const EXTENSIONS: &str = "\
+[phones]
+exten => 100,hint,PJSIP/100
+exten => 200,hint,PJSIP/200
+exten => 300,hint,PJSIP/300
+exten => 1100,hint,Custom:PJSIP/100
+exten => 1200,hint,Custom:PJSIP/200
+";
+
+async fn sim(name: &str) -> SimHandle {
+    let dialplan = hintfed_sim::extensions::parse(EXTENSIONS).expect("dialplan");
+    SimServer::spawn(SimConfig {
+        name: Some(name.to_owned()),
+        dialplan,
+        ..SimConfig::default()
+    })
+    .await
+    .expect("sim")
+}
+
+struct Member {
+    sim: SimHandle,
+    handle: RelayHandle,
+    inject: mpsc::Sender<Incoming>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn member(bus: &Bus, name: &str, keys: &str, origin_timeout_ms: u64) -> Member {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let sim = sim(name).await;
+    let ami = ClientConfig::new(sim.local_addr().to_string(), "admin", "adminsecret");
+    let mut ami_fast = ami.clone();
+    ami_fast.backoff_initial = Duration::from_millis(50);
+    ami_fast.backoff_max = Duration::from_millis(200);
+    let (pbx, events) = Pbx::start(PbxConfig::new(
+        EventsVia::Ami(Box::new(ami_fast.clone())),
+        ActionsVia::Ami(Box::new(ami_fast)),
+    ))
+    .expect("pbx");
+    let mut nc = NodeConfig::new(name);
+    nc.snapshots = false;
+    nc.origin_timeout_ms = origin_timeout_ms;
+    nc.heartbeat_interval_ms = 100;
+    let now = now_millis();
+    let node = Node::new(nc, Epoch(now.0), now);
+    let (port, inject) = bus.port();
+    let mut rc = RelayConfig::new(name);
+    rc.keys = KeyRing::from_secrets([keys]);
+    rc.filter = DeviceFilter::new(None, Some("^Custom:")).expect("filter");
+    rc.tick = Duration::from_millis(20);
+    let relay = Relay::new(node, (pbx, events), port, rc, RelayHooks::default()).expect("relay");
+    let handle = relay.handle();
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let task = tokio::spawn(async move {
+        relay.run(s).await.expect("relay run");
+    });
+    Member {
+        sim,
+        handle,
+        inject,
+        stop,
+        task,
+    }
+}
+
+async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn synced(m: &Member) {
+    let h = m.handle.clone();
+    eventually("full sync", || h.status().counters().full_syncs >= 1).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_and_presence_propagate_without_loop() {
+    let bus = Bus::default();
+    let a = member(&bus, "pbx-a", "k", 3_000).await;
+    let b = member(&bus, "pbx-b", "k", 3_000).await;
+    synced(&a).await;
+    synced(&b).await;
+
+    a.sim
+        .set_device_state("PJSIP/100", SimState::Inuse)
+        .expect("set");
+    eventually("Custom:PJSIP/100 INUSE on b", || {
+        b.sim.getvar("DEVICE_STATE(Custom:PJSIP/100)") == "INUSE"
+    })
+    .await;
+    // The mirror on a is never written (a never applies its own origin).
+    assert_ne!(a.sim.getvar("DEVICE_STATE(Custom:PJSIP/100)"), "INUSE");
+
+    // Set it the way a dialplan would, with a comma in the message (e form).
+    b.sim
+        .setvar(
+            "PRESENCE_STATE(CustomPresence:alice)",
+            &hintfed_core::Presence::new(
+                hintfed_core::PresenceStatus::Dnd,
+                "lunch",
+                "back at 2, maybe",
+            )
+            .to_setvar_value(),
+        )
+        .expect("presence");
+    eventually("presence on a", || {
+        a.sim.getvar("PRESENCE_STATE(CustomPresence:alice,value)") == "dnd"
+    })
+    .await;
+    eventually("presence message intact on a", || {
+        a.sim.getvar("PRESENCE_STATE(CustomPresence:alice,message)") == "back at 2, maybe"
+            && a.sim.getvar("PRESENCE_STATE(CustomPresence:alice,subtype)") == "lunch"
+    })
+    .await;
+
+    // No loop: after settling, Setvar counts stay put.
+    let settle = |s: &SimHandle| s.stats().setvar_total;
+    let mut last = (settle(&a.sim), settle(&b.sim));
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = (settle(&a.sim), settle(&b.sim));
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    assert!(
+        last.0 <= 10 && last.1 <= 10,
+        "bounded Setvars: {last:?} a={:?} b={:?} ca={:?} cb={:?}",
+        a.sim.stats(),
+        b.sim.stats(),
+        a.handle.status().counters(),
+        b.handle.status().counters()
+    );
+
+    // One more change costs exactly one Setvar on b and none on a.
+    a.sim
+        .set_device_state("PJSIP/100", SimState::NotInuse)
+        .expect("set");
+    eventually("NOT_INUSE on b", || {
+        b.sim.getvar("DEVICE_STATE(Custom:PJSIP/100)") == "NOT_INUSE"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        (settle(&a.sim), settle(&b.sim)),
+        (last.0, last.1 + 1),
+        "one change, one write"
+    );
+
+    for m in [a, b] {
+        m.stop.cancel();
+        m.task.await.expect("join");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_and_unsigned_messages_are_rejected() {
+    let bus = Bus::default();
+    let a = member(&bus, "pbx-a", "right-key", 3_000).await;
+    synced(&a).await;
+    // An impostor on the same bus, signing with the wrong key.
+    let evil = member(&bus, "pbx-evil", "wrong-key", 3_000).await;
+    synced(&evil).await;
+    evil.sim
+        .set_device_state("PJSIP/200", SimState::Busy)
+        .expect("set");
+    // Raw garbage and an unsigned envelope straight into a's inbound stream.
+    let unsigned = br#"{"env":{"v":1,"origin":"x","epoch":1,"seq":1,"body":{"type":"heartbeat"}}}"#;
+    for payload in [&b"not json"[..], &unsigned[..]] {
+        a.inject
+            .send(Incoming {
+                hub: 0,
+                channel: Channel::Fanout,
+                frames: vec![
+                    Bytes::from_static(b"control"),
+                    Bytes::copy_from_slice(payload),
+                ],
+            })
+            .await
+            .expect("inject");
+    }
+    let h = a.handle.clone();
+    eventually("rejects counted", || {
+        let c = h.status().counters();
+        c.rejects.get("bad_mac").copied().unwrap_or(0) >= 1
+            && c.rejects.get("malformed").copied().unwrap_or(0) >= 1
+            && c.rejects.get("unsigned").copied().unwrap_or(0) >= 1
+    })
+    .await;
+    // Give the forged BUSY every chance to land, then check it did not.
+    let e = evil.handle.clone();
+    eventually("evil published", || e.status().counters().published >= 1).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_ne!(a.sim.getvar("DEVICE_STATE(Custom:PJSIP/200)"), "BUSY");
+    for m in [a, evil] {
+        m.stop.cancel();
+        m.task.await.expect("join");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_origin_goes_down_state_and_comes_back() {
+    let bus = Bus::default();
+    let a = member(&bus, "pbx-a", "k", 600).await;
+    let b = member(&bus, "pbx-b", "k", 600).await;
+    synced(&a).await;
+    synced(&b).await;
+    a.sim
+        .set_device_state("PJSIP/100", SimState::Inuse)
+        .expect("set");
+    eventually("INUSE on b", || {
+        b.sim.getvar("DEVICE_STATE(Custom:PJSIP/100)") == "INUSE"
+    })
+    .await;
+    // a's relay dies (like a killed agent): b times it out.
+    a.stop.cancel();
+    a.task.await.expect("join");
+    eventually("UNAVAILABLE on b", || {
+        b.sim.getvar("DEVICE_STATE(Custom:PJSIP/100)") == "UNAVAILABLE"
+    })
+    .await;
+    // A new relay for the same Asterisk: its full sync revives the origin.
+    let sim_a = a.sim;
+    let a2 = {
+        let ami = ClientConfig::new(sim_a.local_addr().to_string(), "admin", "adminsecret");
+        let (pbx, events) = Pbx::start(PbxConfig::new(
+            EventsVia::Ami(Box::new(ami.clone())),
+            ActionsVia::Ami(Box::new(ami)),
+        ))
+        .expect("pbx");
+        let mut nc = NodeConfig::new("pbx-a");
+        nc.snapshots = false;
+        nc.origin_timeout_ms = 600;
+        nc.heartbeat_interval_ms = 100;
+        let now = now_millis();
+        let node = Node::new(nc, Epoch(now.0), now);
+        let (port, _inject) = bus.port();
+        let mut rc = RelayConfig::new("pbx-a");
+        rc.keys = KeyRing::from_secrets(["k"]);
+        rc.filter = DeviceFilter::new(None, Some("^Custom:")).expect("filter");
+        let relay =
+            Relay::new(node, (pbx, events), port, rc, RelayHooks::default()).expect("relay");
+        let stop = CancellationToken::new();
+        let s = stop.clone();
+        let task = tokio::spawn(async move { relay.run(s).await.expect("run") });
+        (stop, task)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
+    while b.sim.getvar("DEVICE_STATE(Custom:PJSIP/100)") != "INUSE" {
+        if tokio::time::Instant::now() > deadline {
+            use hintfed_daemon::http::StatusSource;
+            panic!(
+                "INUSE again on b: b={:?} origins={:?} state={:?} simA={:?}",
+                b.handle.status().counters(),
+                b.handle.status().origins(),
+                b.handle.status().state(),
+                sim_a.stats()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // The Asterisk behind b restarts: every remote state is applied again.
+    b.sim.restart(Duration::ZERO);
+    assert_ne!(b.sim.getvar("DEVICE_STATE(Custom:PJSIP/100)"), "INUSE");
+    eventually("re-applied after restart", || {
+        b.sim.getvar("DEVICE_STATE(Custom:PJSIP/100)") == "INUSE"
+    })
+    .await;
+
+    a2.0.cancel();
+    a2.1.await.expect("join");
+    b.stop.cancel();
+    b.task.await.expect("join");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_changes_the_device_filter() {
+    let bus = Bus::default();
+    let a = member(&bus, "pbx-a", "k", 3_000).await;
+    let b = member(&bus, "pbx-b", "k", 3_000).await;
+    synced(&a).await;
+    synced(&b).await;
+    assert!(
+        a.handle
+            .reload(
+                DeviceFilter::new(Some("^PJSIP/3"), Some("^Custom:")).expect("filter"),
+                KeyRing::from_secrets(["k"]),
+            )
+            .await
+    );
+    let h = a.handle.clone();
+    eventually("resync after reload", || {
+        h.status().counters().full_syncs >= 2
+    })
+    .await;
+    a.sim
+        .set_device_state("PJSIP/100", SimState::Inuse)
+        .expect("set");
+    a.sim
+        .set_device_state("PJSIP/300", SimState::Ringing)
+        .expect("set");
+    eventually("included device propagates", || {
+        b.sim.getvar("DEVICE_STATE(Custom:PJSIP/300)") == "RINGING"
+    })
+    .await;
+    assert_ne!(
+        b.sim.getvar("DEVICE_STATE(Custom:PJSIP/100)"),
+        "INUSE",
+        "excluded by the reloaded filter"
+    );
+    for m in [a, b] {
+        m.stop.cancel();
+        m.task.await.expect("join");
+    }
+}
