@@ -212,7 +212,8 @@ pub enum ClientError {
 /// Where the connection stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ConnectionState {
-    /// Connecting or logging in (attempt counts from 1 since the last good session).
+    /// Connecting or logging in (attempt counts from 1 since the last session that lasted at
+    /// least `backoff_max`).
     Connecting {
         /// Attempt number.
         attempt: u32,
@@ -549,8 +550,8 @@ impl Connection {
             let reason = match connected {
                 Ok((conn, banner, early_events)) => {
                     generation += 1;
-                    attempt = 0;
                     auth_streak = false;
+                    let session_start = Instant::now();
                     info!(generation, %banner, "AMI logged in");
                     self.state.send_replace(ConnectionState::Connected {
                         generation,
@@ -563,6 +564,11 @@ impl Connection {
                         let _ = self.events.send(ClientEvent::Event(ev));
                     }
                     let end = self.serve(conn).await;
+                    // A session that lasted resets the backoff; one that drops at once (a
+                    // flapping server) keeps it growing.
+                    if session_start.elapsed() >= self.config.backoff_max {
+                        attempt = 0;
+                    }
                     let reason = match end {
                         End::Stop => {
                             let _ = self.events.send(ClientEvent::Disconnected {
