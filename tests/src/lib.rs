@@ -6,7 +6,11 @@
 //!   drop, so a failing test leaves nothing behind.
 //! - [`free_port`] / [`free_port_pair`] pick loopback ports; [`wait_until`] polls a condition
 //!   with a deadline instead of sleeping.
+//! - [`fed`] starts a whole federation (simulated Asterisks, hubs, agents, res_zmq_manager
+//!   stand-ins) with AMI test clients and HTTP/metrics probes.
 #![forbid(unsafe_code)]
+
+pub mod fed;
 
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
@@ -125,7 +129,10 @@ impl Proc {
         let lines = Arc::new(Mutex::new(Vec::new()));
         let out = child.stdout.take().expect("piped stdout");
         let err = child.stderr.take().expect("piped stderr");
-        for stream in [Box::new(out) as Box<dyn std::io::Read + Send>, Box::new(err)] {
+        for stream in [
+            Box::new(out) as Box<dyn std::io::Read + Send>,
+            Box::new(err),
+        ] {
             let lines = Arc::clone(&lines);
             let name = name.to_owned();
             std::thread::spawn(move || {

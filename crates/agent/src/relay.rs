@@ -309,6 +309,7 @@ pub struct Relay<T: FederationTransport> {
     transport: T,
     incoming: mpsc::Receiver<Incoming>,
     connected: watch::Receiver<usize>,
+    link_ups: watch::Receiver<u64>,
     keys: KeyRing,
     verifier: Verifier,
     filter: DeviceFilter,
@@ -346,6 +347,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
         let filter = cfg.filter.clone();
         let incoming = transport.take_incoming().ok_or(RelayError::IncomingTaken)?;
         let connected = transport.connected();
+        let link_ups = transport.link_ups();
         let (control_tx, control_rx) = mpsc::channel(8);
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Ok(Relay {
@@ -356,6 +358,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
             transport,
             incoming,
             connected,
+            link_ups,
             keys,
             filter,
             cfg,
@@ -430,6 +433,10 @@ impl<T: FederationTransport + 'static> Relay<T> {
                 }
                 Some(done) = self.done_rx.recv() => self.on_done(done),
                 Ok(()) = self.connected.changed() => self.on_connected_changed(),
+                Ok(()) = self.link_ups.changed() => {
+                    self.link_ups.borrow_and_update();
+                    self.on_link_up();
+                }
                 Some(ctl) = self.control_rx.recv() => self.on_control(ctl),
                 _ = tick.tick() => self.on_tick(),
             }
@@ -672,20 +679,25 @@ impl<T: FederationTransport + 'static> Relay<T> {
         }
         if n > before {
             info!(hubs = n, "hub link up");
-            if let Some(m) = self.metrics() {
-                m.reconnect("hub");
-            }
-            // Introduce ourselves so a hub can address replies at once.
-            let hello = self.node.hello(
-                Role::Agent,
-                concat!("hintfed-agent ", env!("CARGO_PKG_VERSION")),
-            );
-            self.pending_hello = Some(hello);
-            if !self.node.snapshot_done() {
-                self.node.request_snapshot(wall_now());
-            }
+            self.on_link_up();
         } else if n < before {
             warn!(hubs = n, "hub link lost");
+        }
+    }
+
+    /// A hub link came (back) up: introduce ourselves (so the hub can address replies at
+    /// once) and fetch a snapshot if none completed yet.
+    fn on_link_up(&mut self) {
+        if let Some(m) = self.metrics() {
+            m.reconnect("hub");
+        }
+        let hello = self.node.hello(
+            Role::Agent,
+            concat!("hintfed-agent ", env!("CARGO_PKG_VERSION")),
+        );
+        self.pending_hello = Some(hello);
+        if !self.node.snapshot_done() {
+            self.node.request_snapshot(wall_now());
         }
     }
 

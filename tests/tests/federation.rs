@@ -1,0 +1,353 @@
+//! End-to-end: the agent/server topology over AMI with the real binaries — one `hintfed-sim`
+//! serving three Asterisks (pbx-a, pbx-b, pbx-c), two `hintfed-server` hubs, three
+//! `hintfed-agent`s. Each test builds its own federation (own ports, own processes).
+//!
+//! Needs the binaries: `cargo build -p hintfed-sim -p hintfed-server -p hintfed-agent`.
+
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use bytes::Bytes;
+use hintfed_e2e::fed::{Federation, Via, http_get, metric};
+use zeromq::{Socket, SocketSend};
+
+const ALL: [&str; 3] = ["pbx-a", "pbx-b", "pbx-c"];
+const WITHIN: Duration = Duration::from_secs(10);
+
+async fn full() -> Federation {
+    let mut f = Federation::start(&ALL, Via::Ami).await;
+    f.add_hub().await;
+    f.add_hub().await;
+    for n in ALL {
+        f.add_agent(n).await;
+    }
+    f
+}
+
+/// `PRESENCE_STATE` value with a comma in the message (the `e` form, base64 fields).
+fn presence_value(status: &str, subtype: &str, message: &str) -> String {
+    let e = base64::engine::general_purpose::STANDARD;
+    format!("{status},{},{},e", e.encode(subtype), e.encode(message))
+}
+
+async fn wait_presence(f: &Federation, on: &[&str], status: &str, subtype: &str, message: &str) {
+    for n in on {
+        let a = f.ami(n);
+        assert!(
+            hintfed_e2e::wait_until(WITHIN, || async {
+                a.presence_field("CustomPresence:alice", "value").await == status
+                    && a.presence_field("CustomPresence:alice", "subtype").await == subtype
+                    && a.presence_field("CustomPresence:alice", "message").await == message
+            })
+            .await,
+            "presence on {n}: {:?} {:?} {:?}",
+            a.presence_field("CustomPresence:alice", "value").await,
+            a.presence_field("CustomPresence:alice", "subtype").await,
+            a.presence_field("CustomPresence:alice", "message").await,
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_and_presence_propagate_once_without_loop() {
+    let f = full().await;
+
+    f.ami("pbx-a").set_device("PJSIP/100", "INUSE").await;
+    assert!(
+        f.wait_custom("PJSIP/100", "INUSE", &["pbx-b", "pbx-c"], WITHIN)
+            .await,
+        "Custom:PJSIP/100 INUSE on pbx-b and pbx-c"
+    );
+    // Never mirrored back onto its own origin.
+    assert_ne!(f.ami("pbx-a").custom("PJSIP/100").await, "INUSE");
+
+    f.ami("pbx-c")
+        .setvar(
+            "PRESENCE_STATE(CustomPresence:alice)",
+            &presence_value("dnd", "lunch", "back at 2, maybe"),
+        )
+        .await;
+    wait_presence(&f, &["pbx-a", "pbx-b"], "dnd", "lunch", "back at 2, maybe").await;
+
+    // No loop: once settled, one phone change costs exactly one Setvar on each other
+    // Asterisk and none on its own, although the simulator emits it twice (as Asterisk does).
+    let before = f.settled_setvars().await;
+    let m0 = f.agent_metrics("pbx-a").await;
+    f.ami("pbx-a").set_device("PJSIP/100", "BUSY").await;
+    assert!(
+        f.wait_custom("PJSIP/100", "BUSY", &["pbx-b", "pbx-c"], WITHIN)
+            .await
+    );
+    let after = f.settled_setvars().await;
+    assert_eq!(after["pbx-a"], before["pbx-a"], "{before:?} -> {after:?}");
+    assert_eq!(
+        after["pbx-b"],
+        before["pbx-b"] + 1,
+        "{before:?} -> {after:?}"
+    );
+    assert_eq!(
+        after["pbx-c"],
+        before["pbx-c"] + 1,
+        "{before:?} -> {after:?}"
+    );
+    // The duplicate event was read twice and forwarded once.
+    let m1 = f.agent_metrics("pbx-a").await;
+    let events = |m: &str| {
+        metric(
+            m,
+            "hintfed_events_in_total",
+            &["source=\"pbx-a\"", "kind=\"device\""],
+        )
+    };
+    let published = |m: &str| metric(m, "hintfed_updates_published_total", &["kind=\"device\""]);
+    assert_eq!(events(&m1) - events(&m0), 2, "events in:\n{m1}");
+    assert_eq!(published(&m1) - published(&m0), 1, "published:\n{m1}");
+
+    // The status API shows the device with each origin's report.
+    let state = http_get(&f.agents["pbx-b"].http, "/api/state").await;
+    let v: serde_json::Value = serde_json::from_str(&state).expect("state JSON");
+    let dev = v["devices"]
+        .as_array()
+        .expect("devices")
+        .iter()
+        .find(|d| d["key"] == "PJSIP/100")
+        .expect("PJSIP/100 listed");
+    assert_eq!(dev["origins"]["pbx-a"], "BUSY", "{dev}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_hub_loses_nothing_and_a_restarted_hub_rebuilds_its_table() {
+    let mut f = full().await;
+    f.ami("pbx-a").set_device("PJSIP/100", "INUSE").await;
+    assert!(
+        f.wait_custom("PJSIP/100", "INUSE", &["pbx-b", "pbx-c"], WITHIN)
+            .await
+    );
+
+    f.kill_hub(0);
+    f.ami("pbx-b").set_device("PJSIP/200", "RINGING").await;
+    assert!(
+        f.wait_custom("PJSIP/200", "RINGING", &["pbx-a", "pbx-c"], WITHIN)
+            .await,
+        "propagates through the remaining hub"
+    );
+
+    // hub-1 comes back empty and rebuilds its table from the agents.
+    f.start_hub(0).await;
+    let http = f.hubs[0].http.clone();
+    assert!(
+        hintfed_e2e::wait_until(WITHIN, || {
+            let http = http.clone();
+            async move {
+                let s = http_get(&http, "/api/state").await;
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&s) else {
+                    return false;
+                };
+                let find = |k: &str| {
+                    v["devices"]
+                        .as_array()
+                        .and_then(|a| a.iter().find(|d| d["key"] == k).cloned())
+                };
+                find("PJSIP/100").is_some_and(|d| d["origins"]["pbx-a"] == "INUSE")
+                    && find("PJSIP/200").is_some_and(|d| d["origins"]["pbx-b"] == "RINGING")
+            }
+        })
+        .await,
+        "restarted hub rebuilt its table: {}",
+        http_get(&f.hubs[0].http, "/api/state").await
+    );
+
+    // Now only the restarted hub carries the federation.
+    f.kill_hub(1);
+    f.ami("pbx-c").set_device("PJSIP/300", "INUSE").await;
+    assert!(
+        f.wait_custom("PJSIP/300", "INUSE", &["pbx-a", "pbx-b"], WITHIN)
+            .await,
+        "propagates through the restarted hub"
+    );
+    assert_eq!(f.ami("pbx-b").custom("PJSIP/100").await, "INUSE");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_started_last_receives_the_full_state() {
+    let mut f = Federation::start(&ALL, Via::Ami).await;
+    f.add_hub().await;
+    f.add_hub().await;
+    f.add_agent("pbx-a").await;
+    f.add_agent("pbx-b").await;
+    f.ami("pbx-a").set_device("PJSIP/100", "INUSE").await;
+    f.ami("pbx-b").set_device("PJSIP/200", "BUSY").await;
+    f.ami("pbx-b")
+        .setvar(
+            "PRESENCE_STATE(CustomPresence:alice)",
+            &presence_value("away", "meeting", "until 3, then free"),
+        )
+        .await;
+    assert!(
+        f.wait_custom("PJSIP/100", "INUSE", &["pbx-b"], WITHIN)
+            .await
+    );
+    assert!(f.wait_custom("PJSIP/200", "BUSY", &["pbx-a"], WITHIN).await);
+
+    f.add_agent("pbx-c").await;
+    assert!(
+        f.wait_custom("PJSIP/100", "INUSE", &["pbx-c"], WITHIN)
+            .await
+    );
+    assert!(f.wait_custom("PJSIP/200", "BUSY", &["pbx-c"], WITHIN).await);
+    wait_presence(
+        &f,
+        &["pbx-c", "pbx-a"],
+        "away",
+        "meeting",
+        "until 3, then free",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_asterisk_gets_every_remote_state_back() {
+    let f = full().await;
+    f.ami("pbx-a").set_device("PJSIP/100", "INUSE").await;
+    f.ami("pbx-c").set_device("PJSIP/300", "RINGING").await;
+    f.ami("pbx-a")
+        .setvar(
+            "PRESENCE_STATE(CustomPresence:alice)",
+            &presence_value("xa", "trip", "back monday, maybe"),
+        )
+        .await;
+    assert!(
+        f.wait_custom("PJSIP/100", "INUSE", &["pbx-b"], WITHIN)
+            .await
+    );
+    assert!(
+        f.wait_custom("PJSIP/300", "RINGING", &["pbx-b"], WITHIN)
+            .await
+    );
+    wait_presence(&f, &["pbx-b"], "xa", "trip", "back monday, maybe").await;
+
+    let writes_before = f.ami("pbx-b").stat("SetvarTotal").await;
+    f.ami("pbx-b").restart().await;
+    assert!(
+        hintfed_e2e::wait_until(WITHIN, || async {
+            f.ami("pbx-b").stat("Restarts").await == 1
+        })
+        .await
+    );
+    assert!(
+        f.wait_custom("PJSIP/100", "INUSE", &["pbx-b"], WITHIN)
+            .await
+    );
+    assert!(
+        f.wait_custom("PJSIP/300", "RINGING", &["pbx-b"], WITHIN)
+            .await
+    );
+    wait_presence(&f, &["pbx-b"], "xa", "trip", "back monday, maybe").await;
+    assert!(
+        f.ami("pbx-b").stat("SetvarTotal").await >= writes_before + 3,
+        "states were written again after the restart"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agent_turns_its_phones_unavailable_elsewhere_and_restores_them() {
+    let mut f = full().await;
+    f.ami("pbx-a").set_device("PJSIP/100", "INUSE").await;
+    assert!(
+        f.wait_custom("PJSIP/100", "INUSE", &["pbx-b", "pbx-c"], WITHIN)
+            .await
+    );
+    let killed = Instant::now();
+    f.kill_agent("pbx-a");
+    assert!(
+        f.wait_custom("PJSIP/100", "UNAVAILABLE", &["pbx-b", "pbx-c"], WITHIN)
+            .await,
+        "down_state applied after origin_timeout"
+    );
+    // origin_timeout is 3 s; allow one more timeout for detection and the write.
+    let took = killed.elapsed();
+    assert!(
+        took < Duration::from_secs(6),
+        "UNAVAILABLE after {took:?}, origin_timeout 3s"
+    );
+
+    f.start_agent("pbx-a").await;
+    assert!(
+        f.wait_custom("PJSIP/100", "INUSE", &["pbx-b", "pbx-c"], WITHIN)
+            .await,
+        "restored when the agent returns"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forged_messages_are_rejected() {
+    let mut f = Federation::start(&ALL, Via::Ami).await;
+    f.add_hub().await;
+    f.add_agent("pbx-a").await;
+    f.add_agent("pbx-b").await;
+    // pbx-c's agent signs with the wrong key: nothing it says is believed.
+    let http = format!("127.0.0.1:{}", hintfed_e2e::free_port());
+    let cfg = f.write_agent_config("pbx-c", "not-the-shared-key", &http);
+    let evil = hintfed_e2e::Proc::spawn_with_env(
+        "agent-evil",
+        &hintfed_e2e::bin_path("hintfed-agent"),
+        &["--config".to_owned(), cfg.display().to_string()],
+        &[("HINTFED_ASTERISK_SECRET", hintfed_e2e::fed::AMI_SECRET)],
+    );
+    // A raw DEALER peer sends garbage and an unsigned envelope to the hub.
+    let mut dealer = zeromq::DealerSocket::new();
+    dealer
+        .connect(&format!("tcp://127.0.0.1:{}", f.hubs[0].port))
+        .await
+        .expect("dealer connect");
+    let unsigned = r#"{"env":{"v":1,"origin":"pbx-x","epoch":1,"seq":1,"body":{"type":"update","key":"PJSIP/100","value":{"device":"BUSY"},"ts":{"wall":1,"logical":0}}}}"#;
+    for payload in [&b"not json at all"[..], unsigned.as_bytes()] {
+        let msg: zeromq::ZmqMessage = vec![
+            Bytes::from_static(b"state.device"),
+            Bytes::copy_from_slice(payload),
+        ]
+        .try_into()
+        .expect("frames");
+        dealer.send(msg).await.expect("dealer send");
+    }
+    f.ami("pbx-c").set_device("PJSIP/300", "BUSY").await;
+
+    let hub_http = f.hubs[0].http.clone();
+    assert!(
+        hintfed_e2e::wait_until(WITHIN, || {
+            let hub_http = hub_http.clone();
+            async move {
+                let m = http_get(&hub_http, "/metrics").await;
+                metric(&m, "hintfed_rejects_total", &["bad_mac"]) >= 1
+                    && metric(&m, "hintfed_rejects_total", &["malformed"]) >= 1
+                    && metric(&m, "hintfed_rejects_total", &["unsigned"]) >= 1
+            }
+        })
+        .await,
+        "hub counted the rejects: {}",
+        http_get(&f.hubs[0].http, "/metrics").await
+    );
+    // A legitimate change made after the forged one arrives; the forged one never does.
+    f.ami("pbx-b").set_device("PJSIP/200", "INUSE").await;
+    assert!(
+        f.wait_custom("PJSIP/200", "INUSE", &["pbx-a"], WITHIN)
+            .await
+    );
+    assert_ne!(f.ami("pbx-a").custom("PJSIP/300").await, "BUSY");
+    assert_ne!(f.ami("pbx-b").custom("PJSIP/300").await, "BUSY");
+    // The impostor, in turn, rejects the hub's messages.
+    assert!(
+        hintfed_e2e::wait_until(WITHIN, || {
+            let http = http.clone();
+            async move {
+                metric(
+                    &http_get(&http, "/metrics").await,
+                    "hintfed_rejects_total",
+                    &["bad_mac"],
+                ) >= 1
+            }
+        })
+        .await
+    );
+    drop(evil);
+}
