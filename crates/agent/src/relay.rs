@@ -1104,3 +1104,59 @@ async fn query_devices(pbx: &Pbx, keys: Vec<String>) -> Vec<LocalEvent> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hint(hint: &str, status: i32) -> hintfed_asterisk::HintItem {
+        hintfed_asterisk::HintItem {
+            exten: "1".into(),
+            context: "phones".into(),
+            hint: hint.into(),
+            status,
+            status_text: String::new(),
+        }
+    }
+
+    #[test]
+    fn filter_include_and_exclude() {
+        let f = DeviceFilter::new(Some("^PJSIP/"), Some("^Custom:|/9")).expect("valid");
+        assert!(f.allows("PJSIP/100"));
+        assert!(!f.allows("PJSIP/900"));
+        assert!(!f.allows("SIP/100"));
+        assert!(!f.allows("Custom:PJSIP/100"));
+        assert!(DeviceFilter::default().allows("anything"));
+        assert!(DeviceFilter::new(Some("("), None).is_err());
+    }
+
+    #[test]
+    fn hint_states_are_split_back_only_for_one_device_hints() {
+        let hints = [
+            hint("PJSIP/101", 1),
+            hint("PJSIP/100&Custom:PJSIP/100", 1),
+            hint("PJSIP/102,CustomPresence:bob", 4),
+            hint("PJSIP/103", -1),
+        ];
+        let wanted: BTreeSet<String> = ["PJSIP/100", "PJSIP/101", "PJSIP/102", "PJSIP/103"]
+            .into_iter()
+            .map(str::to_owned)
+            .collect();
+        let got = derive_from_hints(&hints, &wanted);
+        assert_eq!(
+            got,
+            vec![
+                LocalEvent::device("PJSIP/101", DeviceState::Inuse),
+                LocalEvent::device("PJSIP/102", DeviceState::Unavailable),
+            ],
+            "a mixed hint (100) and an unknown extension state (103) are not guessed"
+        );
+    }
+
+    #[test]
+    fn events_with_unknown_words_are_dropped() {
+        assert_eq!(device_event("PJSIP/1", "SLEEPING"), None);
+        assert!(presence_event("CustomPresence:a", "dnd", "x", "y, z").is_some());
+        assert_eq!(presence_event("CustomPresence:a", "bogus", "", ""), None);
+    }
+}

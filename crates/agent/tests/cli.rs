@@ -1,0 +1,233 @@
+//! The `hintfed-agent` binary: configuration errors exit 64 with one line, `--check-config`
+//! masks secrets, `--help` has examples, SIGHUP reloads (and says what changed), SIGTERM
+//! exits 0. The daemon runs here without any Asterisk or hub reachable.
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_hintfed-agent");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+fn config(dir: &Path, body: &str) -> String {
+    let p = dir.join("agent.ini");
+    std::fs::write(&p, body).expect("write");
+    p.display().to_string()
+}
+
+fn good(extra_federation: &str) -> String {
+    format!(
+        "[general]\nname = pbx-a\n\n[asterisk]\nhost = 127.0.0.1\nport = {}\nusername = hintfed\nsecret = very-secret-ami\n\n[federation]\nservers = tcp://127.0.0.1:{}\nshared_key = very-secret-key\norigin_timeout = 3s\n{extra_federation}",
+        free_port(),
+        free_port()
+    )
+}
+
+fn run(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN).args(args).output().expect("run");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn bad_configurations_exit_64_with_one_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        (
+            good("").replace("name = pbx-a\n", ""),
+            "[general] name: missing (required)",
+        ),
+        (
+            good("").replace("port = ", "port = x"),
+            "[asterisk] port: \"x",
+        ),
+        (
+            good("").replace("host = 127.0.0.1\n", "source = kafka\n"),
+            "[asterisk] source: \"kafka\" is not built yet",
+        ),
+        (
+            good("transport = kafka\n"),
+            "[federation] transport: \"kafka\" is not built yet",
+        ),
+        (
+            good("exclude = ([\n"),
+            "[federation] exclude: \"([\" is not a valid regular expression",
+        ),
+    ];
+    for (text, want) in cases {
+        let path = config(dir.path(), &text);
+        let (code, _out, err) = run(&["--config", &path]);
+        assert_eq!(code, 64, "{err}");
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(lines.len(), 1, "one line: {err:?}");
+        assert!(
+            lines[0].starts_with(&format!("config error: {path}: {want}")),
+            "{err}"
+        );
+        assert!(!err.contains("very-secret"), "{err}");
+    }
+    let (code, _, err) = run(&["--config", "/nonexistent/agent.ini"]);
+    assert_eq!(code, 64, "{err}");
+}
+
+#[test]
+fn check_config_prints_the_effective_config_with_secrets_masked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = config(dir.path(), &good(""));
+    let out = Command::new(BIN)
+        .args(["--config", &path, "--check-config"])
+        .env("HINTFED_FEDERATION_DOWN_STATE", "BUSY")
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(stdout.contains("name = pbx-a"), "{stdout}");
+    assert!(stdout.contains("down_state = BUSY"), "{stdout}");
+    assert!(stdout.contains("HINTFED_FEDERATION_DOWN_STATE"), "{stdout}");
+    assert!(stdout.contains("origin_timeout = 3s"), "{stdout}");
+    assert!(stdout.contains("****"), "{stdout}");
+    assert!(!stdout.contains("very-secret"), "{stdout}");
+    assert!(!stderr.contains("very-secret"), "{stderr}");
+}
+
+#[test]
+fn help_has_examples_and_says_kafka_is_not_built() {
+    let (code, out, _) = run(&["--help"]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("hintfed-agent --config /etc/hintfed/agent.ini"),
+        "{out}"
+    );
+    assert!(out.contains("kafka"), "{out}");
+    assert!(out.contains("SIGHUP"), "{out}");
+    let (code, out, _) = run(&["--version"]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("hintfed-agent "), "{out}");
+}
+
+struct Daemon {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Daemon {
+    fn start(config: &str) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["--config", config])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let err = child.stderr.take().expect("stderr");
+        let l = Arc::clone(&lines);
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                l.lock().expect("lock").push(line);
+            }
+        });
+        Daemon { child, lines }
+    }
+
+    fn wait_line(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(l) = self
+                .lines
+                .lock()
+                .expect("lock")
+                .iter()
+                .find(|l| l.contains(needle))
+            {
+                return l.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no line with {needle:?} in {:?}",
+                self.lines.lock().expect("lock")
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([format!("-{sig}"), self.child.id().to_string()])
+            .status()
+            .expect("kill")
+            .success();
+        assert!(ok);
+    }
+
+    fn wait_exit(&mut self) -> Option<i32> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Ok(Some(s)) = self.child.try_wait() {
+                return s.code();
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn sighup_reloads_filter_and_keys_and_sigterm_exits_0() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let text = good("");
+    let path = config(dir.path(), &text);
+    let mut d = Daemon::start(&path);
+    d.wait_line("agent starting");
+
+    std::fs::write(
+        &path,
+        text.replace(
+            "shared_key = very-secret-key",
+            "shared_keys = new-secret-key, very-secret-key",
+        ) + "include = ^PJSIP/\n",
+    )
+    .expect("rewrite");
+    d.signal("HUP");
+    let line = d.wait_line("reload: applying");
+    assert!(line.contains("include"), "{line}");
+    assert!(line.contains("shared keys replaced (1 -> 2)"), "{line}");
+    assert!(!line.contains("secret-key"), "{line}");
+
+    // An invalid file on reload changes nothing and keeps the daemon running.
+    std::fs::write(&path, text.replace("port = ", "port = x")).expect("rewrite");
+    d.signal("HUP");
+    d.wait_line("reload: configuration invalid");
+
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(), Some(0));
+    assert!(
+        !d.lines
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|l| l.contains("very-secret")),
+        "secrets never logged"
+    );
+}
