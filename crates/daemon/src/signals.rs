@@ -34,8 +34,9 @@ impl ReloadReceiver {
 }
 
 impl Signals {
-    /// Register the handlers and spawn the task that watches them. Call inside a tokio
-    /// runtime. Once registered, SIGHUP no longer terminates the process.
+    /// Register the handlers and spawn the task that watches them for the life of the
+    /// process. Call inside a tokio runtime. Once registered, SIGINT, SIGTERM and SIGHUP no
+    /// longer have their default effect: they only act through these handles.
     pub fn install() -> std::io::Result<Self> {
         let mut int = signal(SignalKind::interrupt())?;
         let mut term = signal(SignalKind::terminate())?;
@@ -61,8 +62,8 @@ impl Signals {
                         tracing::info!(signal = "SIGHUP", "reload requested");
                         reload_tx.send_modify(|n| *n += 1);
                     }
-                    // Every receiver and the Signals handle are gone: nothing to notify.
-                    () = reload_tx.closed() => break,
+                    // Signal streams do not end; if they ever did, stop watching.
+                    else => break,
                 }
             }
         });
