@@ -6,8 +6,9 @@
 //! - [`PbxEvent`]s: `Up` → [`Node::on_local_restored`] (or [`Node::on_local_restarted`] when
 //!   no `Down` came in between) and a full sync; `Resync` → a full sync; `Down` →
 //!   [`Node::on_local_lost`]; device and presence changes → [`Node::on_local_event`];
-//! - inbound transport messages → [`Verifier::verify`] (rejects counted by reason) →
-//!   [`Node::on_remote`];
+//! - inbound transport messages → [`Verifier::verify`] (rejects counted by reason in
+//!   `hintfed_rejects_total`, except duplicates, which every second hub produces and which
+//!   only [`RelayCounters::rejects`] counts) → [`Node::on_remote`];
 //! - a tick ([`RelayConfig::tick`]) → [`Node::tick`], snapshot fallback, status and gauges;
 //! - completions of the work it spawned: `Setvar`s ([`Node::on_apply_result`]), full syncs
 //!   ([`Node::on_local_full_sync`]) and local queries (fed back as local events);
@@ -31,6 +32,11 @@
 //! cannot be split back): devices in mixed hints and not cached stay unknown until their next
 //! change. Local events arriving while a full sync is in flight are held and replayed after
 //! it, so a change racing the lists is never overwritten by an older listed value.
+//!
+//! A failed full sync is retried after a second; local events keep being held meanwhile.
+//! On shutdown the relay does not announce its origin down: a restart for an upgrade leaves
+//! the lamps as they are, and an agent that does not come back is timed out by everyone after
+//! `origin_timeout`.
 //!
 //! # Filtering
 //! `include`/`exclude` are applied here ([`DeviceFilter`]), not in the node's policy, so they
@@ -259,6 +265,12 @@ enum Done {
     },
 }
 
+/// Delay before a failed full sync is tried again.
+const SYNC_RETRY: Duration = Duration::from_secs(1);
+
+/// Local events held while a full sync runs (beyond: dropped, and the sync is repeated).
+const MAX_HELD: usize = 65_536;
+
 fn wall_now() -> Millis {
     Millis(
         SystemTime::now()
@@ -324,7 +336,9 @@ pub struct Relay<T: FederationTransport> {
     pbx_up: bool,
     sync_id: u64,
     sync_in_flight: bool,
+    sync_retry_at: Option<Instant>,
     held: Vec<LocalEvent>,
+    held_overflow: bool,
     in_flight: usize,
     last_snapshot_hub: Option<(usize, Instant)>,
     hubs: usize,
@@ -372,7 +386,9 @@ impl<T: FederationTransport + 'static> Relay<T> {
             pbx_up: false,
             sync_id: 0,
             sync_in_flight: false,
+            sync_retry_at: None,
             held: Vec::new(),
+            held_overflow: false,
             in_flight: 0,
             last_snapshot_hub: None,
             hubs: 0,
@@ -499,8 +515,10 @@ impl<T: FederationTransport + 'static> Relay<T> {
                 warn!(%reason, "Asterisk lost; announcing this origin down");
                 self.pbx_up = false;
                 self.sync_in_flight = false;
+                self.sync_retry_at = None;
                 self.sync_id += 1;
                 self.held.clear();
+                self.held_overflow = false;
                 self.node.on_local_lost(now);
                 self.ready("asterisk", Err(format!("Asterisk not reachable: {reason}")));
             }
@@ -534,7 +552,11 @@ impl<T: FederationTransport + 'static> Relay<T> {
 
     fn local_event(&mut self, now: Millis, e: LocalEvent) {
         if self.sync_in_flight {
-            self.held.push(e);
+            if self.held.len() < MAX_HELD {
+                self.held.push(e);
+            } else {
+                self.held_overflow = true;
+            }
             return;
         }
         let kind = e.value.kind();
@@ -584,12 +606,13 @@ impl<T: FederationTransport + 'static> Relay<T> {
             Err(e) => {
                 let reason = e.reason().as_str();
                 *self.counters.rejects.entry(reason.to_owned()).or_insert(0) += 1;
+                if e.reason() == hintfed_core::RejectReason::Duplicate {
+                    // Normal with several hubs (each forwards every message): counted here,
+                    // not as a reject in the metrics, so alerts on rejects stay meaningful.
+                    return;
+                }
                 if let Some(m) = self.metrics() {
                     m.reject(reason);
-                }
-                if e.reason() == hintfed_core::RejectReason::Duplicate {
-                    // Normal with several hubs.
-                    return;
                 }
                 debug!(hub = msg.hub, error = %e, "inbound message rejected");
             }
@@ -619,12 +642,15 @@ impl<T: FederationTransport + 'static> Relay<T> {
                         for e in std::mem::take(&mut self.held) {
                             self.local_event(now, e);
                         }
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "full sync failed; retrying");
-                        if self.pbx_up {
+                        if std::mem::take(&mut self.held_overflow) {
+                            warn!("events dropped while the full sync ran; listing again");
                             self.start_sync();
                         }
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "full sync failed; retrying in 1s");
+                        self.sync_in_flight = true;
+                        self.sync_retry_at = Some(Instant::now() + SYNC_RETRY);
                     }
                 }
             }
@@ -721,6 +747,14 @@ impl<T: FederationTransport + 'static> Relay<T> {
     fn on_tick(&mut self) {
         let now = wall_now();
         self.node.tick(now);
+        if let Some(at) = self.sync_retry_at
+            && Instant::now() >= at
+        {
+            self.sync_retry_at = None;
+            if self.pbx_up {
+                self.start_sync();
+            }
+        }
         if !self.node.snapshot_done()
             && let Some((_, at)) = self.last_snapshot_hub
             && at.elapsed() >= self.cfg.snapshot_timeout
@@ -838,6 +872,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
     }
 
     fn start_sync(&mut self) {
+        self.sync_retry_at = None;
         self.sync_id += 1;
         self.sync_in_flight = true;
         let id = self.sync_id;
