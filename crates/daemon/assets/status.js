@@ -20,9 +20,9 @@
     return e;
   }
   function lamp(state) {
-    const s = state || "none";
-    const span = el("span", "lamp " + (/^[A-Z_]+$/.test(s) ? s : "UNKNOWN"), state ? (LABEL[s] || s) : "–");
-    if (state) span.title = s;
+    if (!state) return el("span", "lamp none", "–");
+    const span = el("span", "lamp " + (/^[A-Z_]+$/.test(state) ? state : "UNKNOWN"), LABEL[state] || state);
+    span.title = state;
     return span;
   }
   function ago(ms) {

@@ -52,8 +52,11 @@ class Cdp:
         self.from_child_r, from_child_w = os.pipe()
 
         def setup():
-            os.dup2(to_child_r, 3)
-            os.dup2(from_child_w, 4)
+            # Duplicate out of the way first: the pipes may already be fds 3..6, and
+            # dup2(fd, fd) would keep their close-on-exec flag.
+            a, b = os.dup(to_child_r), os.dup(from_child_w)
+            os.dup2(a, 3, inheritable=True)
+            os.dup2(b, 4, inheritable=True)
 
         args = [
             chromium, "--headless=new", "--no-sandbox", "--disable-gpu",
@@ -61,7 +64,7 @@ class Cdp:
             "--remote-debugging-pipe", f"--user-data-dir={profile}",
             f"--window-size={width},{height}", "about:blank",
         ]
-        self.proc = subprocess.Popen(args, preexec_fn=setup, pass_fds=(to_child_r, from_child_w),
+        self.proc = subprocess.Popen(args, preexec_fn=setup, close_fds=False,
                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         os.close(to_child_r)
         os.close(from_child_w)
@@ -109,7 +112,7 @@ class Cdp:
     def close(self):
         try:
             self.send("Browser.close", session=False, timeout=5)
-        except SystemExit:
+        except (SystemExit, OSError):
             pass
         try:
             self.proc.wait(timeout=5)
