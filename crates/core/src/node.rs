@@ -194,11 +194,31 @@ pub struct NodeStats {
 struct PendingSnapshot {
     id: u64,
     sent_at: Millis,
-    /// Per answering hub: indices of the chunks received and summaries buffered until its
-    /// end.
-    hubs: BTreeMap<String, (BTreeSet<u32>, Vec<OriginSummary>)>,
+    /// Per answering hub: its partial answer.
+    hubs: BTreeMap<String, PartialAnswer>,
     /// Whether one hub's answer completed.
     complete: bool,
+}
+
+#[derive(Clone, Debug, Default)]
+struct PartialAnswer {
+    /// Indices of the chunks received.
+    seen: BTreeSet<u32>,
+    /// Summaries, applied only once the answer is complete.
+    summaries: Vec<OriginSummary>,
+    /// Number of chunks announced by the end, once it arrived (it may overtake chunks).
+    expected: Option<u32>,
+    /// Already applied (later duplicates are ignored).
+    done: bool,
+}
+
+impl PartialAnswer {
+    fn is_complete(&self) -> bool {
+        !self.done
+            && self
+                .expected
+                .is_some_and(|n| self.seen.len() == n as usize && self.seen.iter().all(|i| *i < n))
+    }
 }
 
 /// Summaries kept at most per snapshot (a hostile hub cannot grow them without bound).
@@ -738,12 +758,12 @@ impl Node {
     ) {
         match &mut self.snapshot {
             Some(s) if s.id == request_id && (s.hubs.len() < 64 || s.hubs.contains_key(hub)) => {
-                let (seen, sums) = s.hubs.entry(hub.to_owned()).or_default();
-                if !seen.insert(index) {
+                let part = s.hubs.entry(hub.to_owned()).or_default();
+                if !part.seen.insert(index) {
                     return; // duplicate chunk
                 }
-                let room = MAX_SNAPSHOT_ORIGINS.saturating_sub(sums.len());
-                sums.extend(origins.iter().take(room).cloned());
+                let room = MAX_SNAPSHOT_ORIGINS.saturating_sub(part.summaries.len());
+                part.summaries.extend(origins.iter().take(room).cloned());
             }
             _ => {
                 self.stats.snapshot_rejected += 1;
@@ -769,29 +789,36 @@ impl Node {
                 self.recompute(e.value.kind(), &e.key);
             }
         }
+        self.finish_answer_if_complete(now, hub);
     }
 
     fn on_snapshot_end(&mut self, now: Millis, hub: &str, request_id: u64, chunks: u32) {
-        let (received, summaries) = match &mut self.snapshot {
-            Some(s) if s.id == request_id => match s.hubs.remove(hub) {
-                Some(h) => h,
-                // Nothing buffered: a duplicate end, or an answer without chunks.
-                None if chunks == 0 => Default::default(),
-                None => return,
-            },
+        match &mut self.snapshot {
+            Some(s) if s.id == request_id && (s.hubs.len() < 64 || s.hubs.contains_key(hub)) => {
+                s.hubs.entry(hub.to_owned()).or_default().expected = Some(chunks);
+            }
             _ => {
                 self.stats.snapshot_rejected += 1;
                 return;
             }
+        }
+        // If a chunk was lost, what arrived is merged (merges are monotone) and, unless
+        // another hub completes, the retry asks again.
+        self.finish_answer_if_complete(now, hub);
+    }
+
+    /// Applies one hub's answer once all its chunks and its end arrived (in any order).
+    fn finish_answer_if_complete(&mut self, now: Millis, hub: &str) {
+        let summaries = match &mut self.snapshot {
+            Some(s) if s.hubs.get(hub).is_some_and(PartialAnswer::is_complete) => {
+                s.complete = true;
+                // Keep the record, marked done, so duplicates of this answer are ignored.
+                let part = s.hubs.entry(hub.to_owned()).or_default();
+                part.done = true;
+                std::mem::take(&mut part.summaries)
+            }
+            _ => return,
         };
-        if received.len() != chunks as usize || received.iter().any(|i| *i >= chunks) {
-            // A chunk was lost: what arrived is merged (merges are monotone); unless another
-            // hub completes, the retry asks again.
-            return;
-        }
-        if let Some(s) = &mut self.snapshot {
-            s.complete = true;
-        }
         let mut listed = BTreeSet::new();
         for sum in &summaries {
             if sum.origin == self.cfg.origin {

@@ -396,6 +396,9 @@ impl World {
                         }
                     }
                     Action::Request(env) => {
+                        if std::env::var("DEBUG_SNAP").is_ok() && i == 0 {
+                            eprintln!("SNAP t={} pbx-0 requests {:?}", self.now.0, env.body);
+                        }
                         let bytes = self.seal(&env);
                         for h in 0..self.hubs.len() {
                             self.send(Addr::Node(i), Addr::Hub(h), bytes.clone());
@@ -481,6 +484,24 @@ impl World {
                 let Ok(env) = a.verifier.verify(&p.bytes) else {
                     return;
                 };
+                if std::env::var("DEBUG_SNAP").is_ok()
+                    && i == 0
+                    && matches!(
+                        env.body,
+                        Body::SnapshotChunk { .. } | Body::SnapshotEnd { .. }
+                    )
+                {
+                    let d = match &env.body {
+                        Body::SnapshotChunk {
+                            request_id, index, ..
+                        } => format!("chunk {request_id} #{index}"),
+                        Body::SnapshotEnd { request_id, chunks } => {
+                            format!("end {request_id} n={chunks}")
+                        }
+                        _ => String::new(),
+                    };
+                    eprintln!("SNAP t={} pbx-0 <- {} {}", now.0, env.origin, d);
+                }
                 if std::env::var("DEBUG_SIM").is_ok() && i == 2 {
                     let d = match &env.body {
                         Body::SnapshotChunk { origins, .. } => format!(

@@ -1,0 +1,623 @@
+//! Unit-level tests of the [`Node`] and [`Hub`] state machines, driven by hand.
+
+use hintfed_core::envelope::Envelope;
+use hintfed_core::{
+    Action, ApplyCmd, Body, DeviceState, Epoch, HlcTimestamp, Hub, HubAction, HubConfig, Ingest,
+    KeyRing, Limits, LocalEvent, Millis, Node, NodeConfig, Policy, PolicyConfig, Presence,
+    PresenceStatus, Role, Update, Value, open,
+};
+
+fn publishes(actions: &[Action]) -> Vec<&Envelope> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Publish(e) => Some(e),
+            _ => None,
+        })
+        .collect()
+}
+
+fn updates(actions: &[Action]) -> Vec<&Update> {
+    publishes(actions)
+        .into_iter()
+        .filter_map(|e| match &e.body {
+            Body::Update(u) => Some(u),
+            _ => None,
+        })
+        .collect()
+}
+
+fn applies(actions: &[Action]) -> Vec<&ApplyCmd> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Apply(c) => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+fn cfg(name: &str) -> NodeConfig {
+    let mut c = NodeConfig::new(name);
+    c.snapshots = false;
+    c
+}
+
+/// A node that synced an empty local state.
+fn synced(name: &str) -> Node {
+    let mut n = Node::new(cfg(name), Epoch(1), Millis(0));
+    n.on_local_full_sync(Millis(0), Vec::new());
+    n.take_actions();
+    n
+}
+
+fn up(origin: &str, epoch: u64, seq: u64, key: &str, v: DeviceState) -> Envelope {
+    Envelope::new(
+        origin,
+        Epoch(epoch),
+        seq,
+        Body::Update(Update {
+            key: key.into(),
+            value: Value::Device(v),
+            ts: HlcTimestamp {
+                wall: seq,
+                counter: 0,
+            },
+        }),
+    )
+}
+
+#[test]
+fn local_changes_are_published_once_and_filtered_by_policy() {
+    let mut n = synced("pbx-a");
+    for _ in 0..2 {
+        // Real Asterisk emits every change twice.
+        n.on_local_event(
+            Millis(1),
+            LocalEvent::device("PJSIP/100", DeviceState::Inuse),
+        );
+    }
+    n.on_local_event(
+        Millis(1),
+        LocalEvent::device("Custom:foo", DeviceState::Inuse),
+    );
+    let a = n.take_actions();
+    let u = updates(&a);
+    assert_eq!(u.len(), 1);
+    assert_eq!(u[0].key, "PJSIP/100");
+    assert_eq!(n.stats().suppressed, 1);
+    assert_eq!(n.stats().filtered, 1);
+    let e = publishes(&a)[0];
+    assert_eq!(
+        (e.origin.as_str(), e.epoch, e.seq),
+        ("pbx-a", Epoch(1), 3),
+        "after begin+end"
+    );
+
+    // never_send.
+    let mut c = cfg("pbx-a");
+    c.policy = Policy::new(PolicyConfig {
+        never_send: vec![DeviceState::Unknown],
+        ..PolicyConfig::default()
+    })
+    .unwrap();
+    let mut n = Node::new(c, Epoch(1), Millis(0));
+    n.on_local_full_sync(
+        Millis(0),
+        vec![LocalEvent::device("PJSIP/1", DeviceState::Unknown)],
+    );
+    assert!(updates(&n.take_actions()).is_empty());
+}
+
+#[test]
+fn remote_states_are_aggregated_mapped_and_applied_never_own() {
+    let mut n = synced("pbx-a");
+    n.on_remote(
+        Millis(1),
+        &up("pbx-b", 1, 1, "PJSIP/1", DeviceState::Ringing),
+    );
+    n.on_remote(
+        Millis(1),
+        &up("pbx-c", 1, 1, "PJSIP/1", DeviceState::Onhold),
+    );
+    n.on_remote(
+        Millis(1),
+        &up("pbx-b", 1, 2, "PJSIP/2", DeviceState::Unknown),
+    );
+    n.on_remote(Millis(1), &up("pbx-a", 1, 9, "PJSIP/3", DeviceState::Busy));
+    let a = n.take_actions();
+    let ap = applies(&a);
+    // PJSIP/1 was first applied as RINGING, then (pipelined, conflated while in flight)
+    // RINGINUSE waits for the first write.
+    assert_eq!(ap[0].variable(), "DEVICE_STATE(Custom:PJSIP/1)");
+    assert_eq!(ap[0].setvar_value(), "RINGING");
+    assert!(
+        ap.iter()
+            .any(|c| c.target == "Custom:PJSIP/2" && c.setvar_value() == "NOT_INUSE")
+    );
+    assert!(
+        !ap.iter().any(|c| c.target.contains("PJSIP/3")),
+        "own origin never applied"
+    );
+    n.on_apply_result(Millis(2), "Custom:PJSIP/1", true);
+    let a = n.take_actions();
+    assert_eq!(applies(&a)[0].setvar_value(), "RINGINUSE");
+    assert_eq!(n.remote_value("PJSIP/1"), Some(DeviceState::Ringinuse));
+    // Echo of our own write is swallowed (here with Custom: included by policy it would
+    // otherwise be published).
+    let mut c = cfg("pbx-x");
+    c.policy = Policy::new(PolicyConfig {
+        exclude: vec![],
+        ..PolicyConfig::default()
+    })
+    .unwrap();
+    let mut x = Node::new(c, Epoch(1), Millis(0));
+    x.on_local_full_sync(Millis(0), vec![]);
+    x.take_actions();
+    x.on_remote(Millis(1), &up("pbx-b", 1, 1, "PJSIP/1", DeviceState::Busy));
+    assert_eq!(applies(&x.take_actions()).len(), 1);
+    x.on_apply_result(Millis(2), "Custom:PJSIP/1", true);
+    x.on_local_event(
+        Millis(3),
+        LocalEvent::device("Custom:PJSIP/1", DeviceState::Busy),
+    );
+    x.on_local_event(
+        Millis(3),
+        LocalEvent::device("Custom:PJSIP/1", DeviceState::Busy),
+    );
+    assert!(updates(&x.take_actions()).is_empty());
+    assert_eq!(x.stats().echoes, 2);
+}
+
+#[test]
+fn apply_window_bounds_outstanding_writes() {
+    let mut c = cfg("pbx-a");
+    c.apply.in_flight = 3;
+    let mut n = Node::new(c, Epoch(1), Millis(0));
+    n.on_local_full_sync(Millis(0), vec![]);
+    for i in 0..10u64 {
+        n.on_remote(
+            Millis(1),
+            &up("pbx-b", 1, i + 1, &format!("PJSIP/{i}"), DeviceState::Inuse),
+        );
+    }
+    let first = n.take_actions();
+    assert_eq!(applies(&first).len(), 3);
+    n.on_apply_result(Millis(2), &applies(&first)[0].target, true);
+    assert_eq!(applies(&n.take_actions()).len(), 1);
+}
+
+#[test]
+fn lost_asterisk_announces_down_and_restore_starts_a_new_epoch() {
+    let mut a = synced("pbx-a");
+    let mut b = synced("pbx-b");
+    a.on_local_event(Millis(1), LocalEvent::device("PJSIP/1", DeviceState::Inuse));
+    for e in publishes(&a.take_actions()) {
+        b.on_remote(Millis(1), e);
+    }
+    assert_eq!(applies(&b.take_actions())[0].setvar_value(), "INUSE");
+    b.on_apply_result(Millis(1), "Custom:PJSIP/1", true);
+    a.on_local_lost(Millis(5));
+    let lost = a.take_actions();
+    assert!(matches!(publishes(&lost)[0].body, Body::OriginDown { .. }));
+    for e in publishes(&lost) {
+        b.on_remote(Millis(5), e);
+    }
+    assert_eq!(applies(&b.take_actions())[0].setvar_value(), "UNAVAILABLE");
+    b.on_apply_result(Millis(5), "Custom:PJSIP/1", true);
+    // Events while lost are ignored.
+    a.on_local_event(Millis(6), LocalEvent::device("PJSIP/1", DeviceState::Busy));
+    assert!(a.take_actions().is_empty());
+    a.on_local_restored(Millis(100));
+    assert_eq!(a.epoch(), Epoch(100));
+    a.on_local_full_sync(
+        Millis(100),
+        vec![LocalEvent::device("PJSIP/1", DeviceState::NotInuse)],
+    );
+    let sync = a.take_actions();
+    assert!(publishes(&sync).iter().all(|e| e.epoch == Epoch(100)));
+    for (i, e) in publishes(&sync).iter().enumerate() {
+        b.on_remote(Millis(100), e);
+        if i + 1 < publishes(&sync).len() {
+            // Before the end of the full sync the origin stays down: no flicker.
+            assert!(applies(&b.take_actions()).is_empty());
+        }
+    }
+    assert_eq!(applies(&b.take_actions())[0].setvar_value(), "NOT_INUSE");
+}
+
+#[test]
+fn silent_origin_goes_down_after_the_timeout_and_returns() {
+    let mut b = synced("pbx-b");
+    b.on_remote(Millis(0), &up("pbx-a", 1, 1, "PJSIP/1", DeviceState::Inuse));
+    b.take_actions();
+    b.on_apply_result(Millis(0), "Custom:PJSIP/1", true);
+    b.tick(Millis(15_000));
+    assert!(applies(&b.take_actions()).is_empty());
+    b.tick(Millis(15_001));
+    assert_eq!(applies(&b.take_actions())[0].setvar_value(), "UNAVAILABLE");
+    b.on_apply_result(Millis(15_001), "Custom:PJSIP/1", true);
+    b.on_remote(
+        Millis(16_000),
+        &Envelope::new("pbx-a", Epoch(1), 2, Body::Heartbeat { local_down: false }),
+    );
+    assert_eq!(applies(&b.take_actions())[0].setvar_value(), "INUSE");
+}
+
+#[test]
+fn gap_requests_snapshot_and_snapshot_merges_from_every_hub() {
+    let mut c = NodeConfig::new("pbx-a");
+    c.gap_grace_ms = 100;
+    c.snapshot_retry_ms = 1_000;
+    let mut n = Node::new(c, Epoch(1), Millis(0));
+    let start = n.take_actions();
+    let Some(Action::Request(req)) = start.first() else {
+        panic!("snapshot requested at start: {start:?}")
+    };
+    let Body::SnapshotRequest { request_id } = req.body else {
+        panic!()
+    };
+    n.on_local_full_sync(Millis(0), vec![]);
+    n.take_actions();
+    // A hub answers with one chunk and the end.
+    let mut hub = Hub::new(HubConfig::new("hub-1"), Epoch(1), Millis(0));
+    assert_eq!(
+        hub.on_envelope(Millis(0), &up("pbx-b", 1, 1, "PJSIP/9", DeviceState::Busy)),
+        Ingest::Forward
+    );
+    hub.take_actions();
+    hub.on_envelope(Millis(0), req);
+    for a in hub.take_actions() {
+        let HubAction::SendTo { to, envelope } = a else {
+            panic!()
+        };
+        assert_eq!(to, "pbx-a");
+        n.on_remote(Millis(1), &envelope);
+    }
+    assert!(n.snapshot_done());
+    assert_eq!(applies(&n.take_actions())[0].target, "Custom:PJSIP/9");
+    assert_ne!(request_id, 0);
+    // pbx-b's seq 2 is lost, 3 arrives: a gap, a new snapshot after the grace period.
+    n.on_remote(
+        Millis(2_000),
+        &up("pbx-b", 1, 3, "PJSIP/9", DeviceState::Inuse),
+    );
+    n.take_actions();
+    n.tick(Millis(2_050));
+    assert!(
+        !n.take_actions()
+            .iter()
+            .any(|a| matches!(a, Action::Request(_)))
+    );
+    n.tick(Millis(2_200));
+    assert!(
+        n.take_actions()
+            .iter()
+            .any(|a| matches!(a, Action::Request(_)))
+    );
+    assert_eq!(n.stats().gaps, 1);
+}
+
+#[test]
+fn snapshot_with_a_lost_chunk_is_asked_again_and_stale_answers_are_rejected() {
+    let mut c = NodeConfig::new("pbx-a");
+    c.snapshot_retry_ms = 1_000;
+    let mut n = Node::new(c, Epoch(1), Millis(0));
+    let Some(Action::Request(req)) = n.take_actions().into_iter().next() else {
+        panic!()
+    };
+    let mut cfg = HubConfig::new("hub-1");
+    cfg.chunk_max_entries = 2;
+    let mut hub = Hub::new(cfg, Epoch(1), Millis(0));
+    for i in 1..=5 {
+        hub.on_envelope(
+            Millis(0),
+            &up("pbx-b", 1, i, &format!("PJSIP/{i}"), DeviceState::Busy),
+        );
+    }
+    hub.take_actions();
+    hub.on_envelope(Millis(0), &req);
+    let answer: Vec<Envelope> = hub
+        .take_actions()
+        .into_iter()
+        .map(|a| match a {
+            HubAction::SendTo { envelope, .. } => envelope,
+            HubAction::Publish(_) => panic!(),
+        })
+        .collect();
+    assert!(answer.len() >= 4, "several chunks and an end");
+    for (i, e) in answer.iter().enumerate() {
+        if i != 1 {
+            n.on_remote(Millis(1), e);
+        }
+    }
+    assert!(!n.snapshot_done());
+    n.tick(Millis(1_001));
+    let retry = n.take_actions();
+    assert!(retry.iter().any(|a| matches!(a, Action::Request(_))));
+    // The old answer is now stale.
+    n.on_remote(Millis(1_002), &answer[1]);
+    assert_eq!(n.stats().snapshot_rejected, 1);
+}
+
+#[test]
+fn presence_last_writer_wins_and_listing_does_not_override_newer_remote_writes() {
+    let mut a = synced("pbx-a");
+    let p = |s| Presence::new(s, "x,y", "ü");
+    let remote = Envelope::new(
+        "pbx-b",
+        Epoch(1),
+        1,
+        Body::Update(Update {
+            key: "CustomPresence:alice".into(),
+            value: Value::Presence(p(PresenceStatus::Dnd)),
+            ts: HlcTimestamp {
+                wall: 50,
+                counter: 0,
+            },
+        }),
+    );
+    a.on_remote(Millis(10), &remote);
+    let ap = a.take_actions();
+    assert_eq!(
+        applies(&ap)[0].variable(),
+        "PRESENCE_STATE(CustomPresence:alice)"
+    );
+    assert!(applies(&ap)[0].setvar_value().ends_with(",e"));
+    a.on_apply_result(Millis(10), "CustomPresence:alice", true);
+    // Echo swallowed.
+    a.on_local_event(
+        Millis(11),
+        LocalEvent::presence("CustomPresence:alice", p(PresenceStatus::Dnd)),
+    );
+    assert!(updates(&a.take_actions()).is_empty());
+    // A reconnect lists an older value: the remote winner is re-applied, nothing published.
+    a.on_local_lost(Millis(20));
+    a.on_local_restored(Millis(30));
+    a.on_local_full_sync(
+        Millis(30),
+        vec![LocalEvent::presence(
+            "CustomPresence:alice",
+            p(PresenceStatus::Away),
+        )],
+    );
+    let acts = a.take_actions();
+    assert!(updates(&acts).is_empty());
+    assert_eq!(
+        applies(&acts)[0].value,
+        Value::Presence(p(PresenceStatus::Dnd))
+    );
+    // A real local change afterwards wins (HLC after the observed remote write).
+    a.on_apply_result(Millis(31), "CustomPresence:alice", true);
+    a.on_local_event(
+        Millis(40),
+        LocalEvent::presence("CustomPresence:alice", p(PresenceStatus::Chat)),
+    );
+    let u = a.take_actions();
+    let u = updates(&u);
+    assert_eq!(u.len(), 1);
+    assert!(
+        u[0].ts
+            > HlcTimestamp {
+                wall: 50,
+                counter: 0
+            }
+    );
+}
+
+#[test]
+fn restarted_agent_queries_devices_it_published_before() {
+    let mut c = NodeConfig::new("pbx-a");
+    c.snapshot_retry_ms = 1_000;
+    let mut n = Node::new(c, Epoch(500), Millis(500));
+    let Some(Action::Request(req)) = n.take_actions().into_iter().next() else {
+        panic!()
+    };
+    let mut hub = Hub::new(HubConfig::new("hub-1"), Epoch(1), Millis(0));
+    // The previous incarnation published two devices.
+    hub.on_envelope(Millis(0), &up("pbx-a", 1, 1, "PJSIP/1", DeviceState::Inuse));
+    hub.on_envelope(Millis(0), &up("pbx-a", 1, 2, "PJSIP/2", DeviceState::Busy));
+    hub.take_actions();
+    n.on_local_full_sync(
+        Millis(500),
+        vec![LocalEvent::device("PJSIP/1", DeviceState::NotInuse)],
+    );
+    n.take_actions();
+    hub.on_envelope(Millis(500), &req);
+    for a in hub.take_actions() {
+        if let HubAction::SendTo { envelope, .. } = a {
+            n.on_remote(Millis(501), &envelope);
+        }
+    }
+    let acts = n.take_actions();
+    assert!(
+        acts.contains(&Action::QueryLocal(vec!["PJSIP/2".to_owned()])),
+        "{acts:?}"
+    );
+}
+
+#[test]
+fn hub_dedupes_forwards_and_resyncs() {
+    let mut hub = Hub::new(HubConfig::new("hub-1"), Epoch(7), Millis(0));
+    let e = up("pbx-a", 1, 1, "PJSIP/1", DeviceState::Inuse);
+    assert_eq!(hub.on_envelope(Millis(0), &e), Ingest::Forward);
+    assert_eq!(hub.on_envelope(Millis(0), &e), Ingest::Duplicate);
+    assert_eq!(
+        hub.on_envelope(Millis(0), &up("pbx-a", 0, 5, "x", DeviceState::Inuse)),
+        Ingest::Stale
+    );
+    assert_eq!(
+        hub.on_envelope(
+            Millis(0),
+            &Envelope::new("hub-1", Epoch(1), 1, Body::Heartbeat { local_down: false })
+        ),
+        Ingest::Ignored
+    );
+    // An agent the hub never heard of, already at seq 40 (the hub restarted): resync.
+    let hello = Envelope::new(
+        "pbx-b",
+        Epoch(3),
+        40,
+        Body::Hello {
+            role: Role::Agent,
+            software: "t".into(),
+        },
+    );
+    assert_eq!(hub.on_envelope(Millis(1), &hello), Ingest::Handled);
+    let acts = hub.take_actions();
+    assert!(acts.iter().any(|a| matches!(a, HubAction::SendTo { to, envelope } if to == "pbx-b" && matches!(envelope.body, Body::ResyncRequest { .. }))));
+    // A gap in pbx-a's stream: resync after the grace period.
+    hub.on_envelope(Millis(10), &up("pbx-a", 1, 3, "PJSIP/1", DeviceState::Busy));
+    hub.tick(Millis(1_000));
+    let acts = hub.take_actions();
+    assert!(
+        acts.iter()
+            .any(|a| matches!(a, HubAction::SendTo { to, .. } if to == "pbx-a"))
+    );
+    assert!(
+        acts.iter().any(
+            |a| matches!(a, HubAction::Publish(e) if matches!(e.body, Body::Heartbeat { .. }))
+        )
+    );
+    // The republished full sync closes the gap: no more requests.
+    hub.on_envelope(
+        Millis(1_001),
+        &Envelope::new("pbx-a", Epoch(1), 4, Body::FullSyncBegin),
+    );
+    hub.on_envelope(
+        Millis(1_001),
+        &up("pbx-a", 1, 5, "PJSIP/1", DeviceState::Busy),
+    );
+    hub.on_envelope(
+        Millis(1_001),
+        &Envelope::new("pbx-a", Epoch(1), 6, Body::FullSyncEnd { begin_seq: 4 }),
+    );
+    hub.tick(Millis(10_000));
+    assert!(
+        !hub.take_actions()
+            .iter()
+            .any(|a| matches!(a, HubAction::SendTo { .. }))
+    );
+}
+
+#[test]
+fn hub_announces_silent_origins_down() {
+    let mut hub = Hub::new(HubConfig::new("hub-1"), Epoch(7), Millis(0));
+    hub.on_envelope(Millis(0), &up("pbx-a", 1, 1, "PJSIP/1", DeviceState::Inuse));
+    hub.tick(Millis(15_001));
+    let acts = hub.take_actions();
+    let down: Vec<_> = acts
+        .iter()
+        .filter_map(|a| match a {
+            HubAction::Publish(e) => match &e.body {
+                Body::OriginDown {
+                    origin, last_seq, ..
+                } => Some((origin.clone(), *last_seq, e.origin.clone())),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    assert_eq!(down, vec![("pbx-a".to_owned(), 1, "hub-1".to_owned())]);
+    assert!(hub.origins().is_down("pbx-a"));
+}
+
+#[test]
+fn snapshot_chunks_are_bounded_and_fit_the_wire_limit() {
+    let mut hub = Hub::new(HubConfig::new("hub-1"), Epoch(7), Millis(0));
+    let big = "x".repeat(500);
+    for i in 1..=400u64 {
+        let env = Envelope::new(
+            "pbx-a",
+            Epoch(1),
+            i,
+            Body::Update(Update {
+                key: format!("PJSIP/{i}{}", &big[..200]),
+                value: Value::Presence(Presence::new(
+                    PresenceStatus::Dnd,
+                    big.clone(),
+                    big.clone(),
+                )),
+                ts: HlcTimestamp::ZERO,
+            }),
+        );
+        hub.on_envelope(Millis(0), &env);
+    }
+    hub.take_actions();
+    hub.on_envelope(
+        Millis(0),
+        &Envelope::new(
+            "pbx-b",
+            Epoch(1),
+            0,
+            Body::SnapshotRequest { request_id: 9 },
+        ),
+    );
+    let keys = KeyRing::from_secrets(["s"]);
+    let limits = Limits::default();
+    let mut chunks = 0;
+    for a in hub.take_actions() {
+        let HubAction::SendTo { envelope, .. } = a else {
+            panic!()
+        };
+        let bytes = keys
+            .seal(&envelope, &limits)
+            .expect("every chunk fits the limit");
+        assert!(bytes.len() <= limits.max_message_bytes);
+        assert_eq!(open(&bytes, &keys, &limits).unwrap(), envelope);
+        if let Body::SnapshotChunk { entries, .. } = &envelope.body {
+            chunks += 1;
+            assert!(!entries.is_empty() || chunks > 1);
+        }
+        if let Body::SnapshotEnd { chunks: n, .. } = envelope.body {
+            assert_eq!(n, chunks);
+        }
+    }
+    assert!(chunks > 1);
+}
+
+#[test]
+fn broker_style_relays_share_state_in_process() {
+    // One Node per Asterisk, snapshots off, each one's publishes delivered to the others.
+    let mut relays: Vec<Node> = ["console-1", "console-2", "console-3"]
+        .iter()
+        .map(|n| Node::new(cfg(n), Epoch(1), Millis(0)))
+        .collect();
+    let mut pending: Vec<(usize, Envelope)> = Vec::new();
+    for (i, r) in relays.iter_mut().enumerate() {
+        r.on_local_full_sync(Millis(0), vec![]);
+        pending.extend(
+            publishes(&r.take_actions())
+                .into_iter()
+                .map(|e| (i, e.clone())),
+        );
+    }
+    relays[0].on_local_event(
+        Millis(1),
+        LocalEvent::device("SIP/100", DeviceState::Ringing),
+    );
+    pending.extend(
+        publishes(&relays[0].take_actions())
+            .into_iter()
+            .map(|e| (0, e.clone())),
+    );
+    let mut written = Vec::new();
+    while let Some((from, e)) = pending.pop() {
+        for (j, r) in relays.iter_mut().enumerate() {
+            if j != from {
+                r.on_remote(Millis(2), &e);
+                for c in applies(&r.take_actions()) {
+                    written.push((j, c.target.clone(), c.setvar_value()));
+                }
+            }
+        }
+    }
+    written.sort();
+    assert_eq!(
+        written,
+        vec![
+            (1, "Custom:SIP/100".to_owned(), "RINGING".to_owned()),
+            (2, "Custom:SIP/100".to_owned(), "RINGING".to_owned())
+        ]
+    );
+}
