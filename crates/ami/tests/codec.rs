@@ -573,6 +573,9 @@ fn arb_message() -> impl Strategy<Value = Message> {
 }
 
 proptest! {
+    // Enough to cover the generators; keeps this binary quick on CI's 2 cores.
+    #![proptest_config(ProptestConfig::with_cases(128))]
+
     #[test]
     fn round_trip(msgs in proptest::collection::vec(arb_message(), 1..6), split in any::<prop::sample::Index>()) {
         let msgs: Vec<Message> = msgs.into_iter().filter(|m| !m.is_empty()).collect();
