@@ -127,6 +127,14 @@ impl Ami {
         let _ = self.send(Message::action("SimRestart")).await;
     }
 
+    /// `SimRestart` with `DownSeconds`: the Asterisk stays unreachable that long.
+    pub async fn restart_down(&self, seconds: f64) {
+        let _ = self
+            .client
+            .send(Message::action("SimRestart").with("DownSeconds", seconds.to_string()))
+            .await;
+    }
+
     /// `PRESENCE_STATE(<presentity>,<field>)`.
     pub async fn presence_field(&self, presentity: &str, field: &str) -> String {
         self.getvar(&format!("PRESENCE_STATE({presentity},{field})"))

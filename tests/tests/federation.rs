@@ -370,3 +370,58 @@ async fn forged_messages_are_rejected() {
     );
     drop(evil);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_keep_their_state_while_every_hub_is_gone_and_resync_on_return() {
+    let mut f = full().await;
+    f.ami("pbx-a").set_device("PJSIP/100", "INUSE").await;
+    assert!(
+        f.wait_custom("PJSIP/100", "INUSE", &["pbx-b"], WITHIN)
+            .await
+    );
+    f.kill_hub(0);
+    f.kill_hub(1);
+    // Changed while no hub is reachable: not lost, sent when a hub is back.
+    f.ami("pbx-a").set_device("PJSIP/100", "RINGING").await;
+    assert_eq!(f.ami("pbx-b").custom("PJSIP/100").await, "INUSE");
+    f.start_hub(1).await;
+    assert!(
+        f.wait_custom("PJSIP/100", "RINGING", &["pbx-b", "pbx-c"], WITHIN)
+            .await,
+        "resynced through the returning hub"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_asterisk_is_announced_down_and_recovers_with_a_full_sync() {
+    let f = full().await;
+    f.ami("pbx-a").set_device("PJSIP/100", "INUSE").await;
+    assert!(
+        f.wait_custom("PJSIP/100", "INUSE", &["pbx-b", "pbx-c"], WITHIN)
+            .await
+    );
+    // pbx-a's Asterisk restarts and stays unreachable for a while: its agent says so at once
+    // (before any origin_timeout), and its phones show down_state elsewhere.
+    f.ami("pbx-a").restart_down(3.0).await;
+    assert!(
+        f.wait_custom("PJSIP/100", "UNAVAILABLE", &["pbx-b", "pbx-c"], WITHIN)
+            .await,
+        "down_state while pbx-a's Asterisk is unreachable"
+    );
+    let ready = http_get(&f.agents["pbx-a"].http, "/readyz").await;
+    assert!(
+        !ready.starts_with("ready"),
+        "agent not ready without Asterisk: {ready}"
+    );
+    // Back (idle after its restart): the agent's full sync replaces the old INUSE.
+    assert!(
+        f.wait_custom("PJSIP/100", "NOT_INUSE", &["pbx-b", "pbx-c"], WITHIN)
+            .await,
+        "pbx-a's full sync after recovery"
+    );
+    f.ami("pbx-a").set_device("PJSIP/100", "BUSY").await;
+    assert!(
+        f.wait_custom("PJSIP/100", "BUSY", &["pbx-b", "pbx-c"], WITHIN)
+            .await
+    );
+}
