@@ -53,6 +53,9 @@ use serde::{Serialize, Serializer};
 /// Exit status for an invalid configuration or command line (64, `EX_USAGE` in sysexits.h).
 pub const EXIT_CONFIG: u8 = 64;
 
+/// Largest configuration file accepted (4 MiB).
+pub const MAX_FILE_BYTES: u64 = 4 << 20;
+
 /// Prefix of the environment variables that override the file.
 pub const ENV_PREFIX: &str = "HINTFED";
 
@@ -257,6 +260,17 @@ impl ConfigFile {
     /// lacks them (e.g. `["general", "asterisk", "http"]`).
     pub fn load(path: &Path, env_sections: &[&str]) -> Result<Self, ConfigError> {
         let label = path.display().to_string();
+        let len = std::fs::metadata(path)
+            .map_err(|e| ConfigError::file(label.clone(), format!("cannot read: {e}")))?
+            .len();
+        if len > MAX_FILE_BYTES {
+            return Err(ConfigError::file(
+                label,
+                format!(
+                    "{len} bytes is too large for a configuration file (limit {MAX_FILE_BYTES})"
+                ),
+            ));
+        }
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigError::file(label.clone(), format!("cannot read: {e}")))?;
         Self::parse(&label, &text, std::env::vars(), env_sections)
@@ -939,10 +953,32 @@ mod tests {
             "semi;colon#hash",
             r"C:\Windows\n",
             "ünïcödé",
+            "[x]",
+            r"ends with \",
+            r#""fully quoted""#,
+            "'single'",
+            r"a\;b",
+            "tab\there",
         ];
         for v in nasty {
             let cfg = parse(&format!("[s]\nk = {v}\n")).expect(v);
             assert_eq!(cfg.get("s", "k"), Some(v));
+        }
+    }
+
+    proptest::proptest! {
+        /// Whatever printable value is written (bar what the format reserves: leading or
+        /// trailing blanks, a blank followed by `;`/`#`), the same text comes back, through
+        /// the config crate.
+        #[test]
+        fn any_value_round_trips(v in "[ -~\u{a0}-\u{17f}]{0,40}") {
+            let v = v.trim().to_owned();
+            let reserved = v.starts_with([';', '#'])
+                || v.contains(" ;")
+                || v.contains(" #");
+            proptest::prop_assume!(!reserved);
+            let cfg = parse(&format!("[s]\nk = {v}\n")).expect("parse");
+            proptest::prop_assert_eq!(cfg.get("s", "k"), Some(v.as_str()));
         }
     }
 

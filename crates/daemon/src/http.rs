@@ -453,13 +453,7 @@ async fn events(State(s): State<AppState>) -> Response {
         .map(move |item| {
             // The permit lives as long as the stream: dropping the client frees the slot.
             let _slot = &permit;
-            let ev = match item {
-                Ok(ev) => ev,
-                Err(BroadcastStreamRecvError::Lagged(_)) => StatusEvent::Resync,
-            };
-            let data =
-                serde_json::to_string(&ev).unwrap_or_else(|_| "{\"type\":\"resync\"}".to_owned());
-            Ok::<Event, Infallible>(Event::default().data(data))
+            Ok::<Event, Infallible>(Event::default().data(sse_data(item)))
         })
         .take_until(s.ctx.shutdown.clone().cancelled_owned());
     let mut r = Sse::new(stream)
@@ -468,6 +462,15 @@ async fn events(State(s): State<AppState>) -> Response {
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     r
+}
+
+/// The `data:` of one SSE item: the event as JSON, or `resync` for a client that lagged.
+fn sse_data(item: Result<StatusEvent, BroadcastStreamRecvError>) -> String {
+    let ev = match item {
+        Ok(ev) => ev,
+        Err(BroadcastStreamRecvError::Lagged(_)) => StatusEvent::Resync,
+    };
+    serde_json::to_string(&ev).unwrap_or_else(|_| "{\"type\":\"resync\"}".to_owned())
 }
 
 /// A bound, not yet running HTTP server.
@@ -607,6 +610,26 @@ mod tests {
             o,
             StatusEvent::Origin(OriginView { up: false, .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn lagging_client_gets_resync_then_continues() {
+        let (tx, rx) = broadcast::channel(2);
+        let mut stream = BroadcastStream::new(rx).map(sse_data);
+        for i in 0..5 {
+            let _ = tx.send(StatusEvent::Origin(OriginView {
+                name: format!("pbx-{i}"),
+                up: true,
+                epoch: 1,
+                last_seq: i,
+                last_seen_ms_ago: None,
+                lag_ms: None,
+                detail: None,
+            }));
+        }
+        assert_eq!(stream.next().await.as_deref(), Some(r#"{"type":"resync"}"#));
+        let next = stream.next().await.expect("newest events follow");
+        assert!(next.contains(r#""name":"pbx-3""#), "{next}");
     }
 
     #[test]
