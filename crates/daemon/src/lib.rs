@@ -28,3 +28,7 @@ pub mod logging;
 pub mod metrics;
 pub mod run;
 pub mod signals;
+
+// Outside the library: `examples/status_demo.rs` serves the status page with made-up, changing
+// data; `scripts/status_page_check.py` drives it in headless Chromium (live update without
+// reload, no JavaScript exception, screenshot).
