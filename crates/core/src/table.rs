@@ -1,6 +1,6 @@
 //! The table of known state. Devices: per key, per origin, the latest value with its
 //! `(epoch, seq)`, timestamp and arrival time; the value shown for a device is the
-//! [`aggregate`](crate::state::aggregate) over origins, a down origin counting as the
+//! [`aggregate`](crate::state::aggregate()) over origins, a down origin counting as the
 //! policy's `down_state`. Presence: per key one last-writer-wins register, the newest write
 //! by `(hlc timestamp, origin)`.
 //!

@@ -360,7 +360,7 @@ proptest! {
         // No loop: once converged, nothing but heartbeats flows.
         w.run(2_000);
         let (updates, applies) = (w.total_updates(), w.applies);
-        w.trace = std::env::var("DEBUG_SIM").is_ok();
+        w.trace = std::env::var("FED_TRACE").is_ok();
         w.run(5_000);
         w.trace = false;
         prop_assert_eq!(w.total_updates(), updates);

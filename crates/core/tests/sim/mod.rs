@@ -396,9 +396,6 @@ impl World {
                         }
                     }
                     Action::Request(env) => {
-                        if std::env::var("DEBUG_SNAP").is_ok() && i == 0 {
-                            eprintln!("SNAP t={} pbx-0 requests {:?}", self.now.0, env.body);
-                        }
                         let bytes = self.seal(&env);
                         for h in 0..self.hubs.len() {
                             self.send(Addr::Node(i), Addr::Hub(h), bytes.clone());
@@ -484,61 +481,8 @@ impl World {
                 let Ok(env) = a.verifier.verify(&p.bytes) else {
                     return;
                 };
-                if std::env::var("DEBUG_SNAP").is_ok()
-                    && i == 0
-                    && matches!(
-                        env.body,
-                        Body::SnapshotChunk { .. } | Body::SnapshotEnd { .. }
-                    )
-                {
-                    let d = match &env.body {
-                        Body::SnapshotChunk {
-                            request_id, index, ..
-                        } => format!("chunk {request_id} #{index}"),
-                        Body::SnapshotEnd { request_id, chunks } => {
-                            format!("end {request_id} n={chunks}")
-                        }
-                        _ => String::new(),
-                    };
-                    eprintln!("SNAP t={} pbx-0 <- {} {}", now.0, env.origin, d);
-                }
-                if std::env::var("DEBUG_SIM").is_ok() && i == 2 {
-                    let d = match &env.body {
-                        Body::SnapshotChunk { origins, .. } => format!(
-                            "{:?}",
-                            origins
-                                .iter()
-                                .filter(|o| o.origin == "pbx-1")
-                                .collect::<Vec<_>>()
-                        ),
-                        Body::Heartbeat { local_down } => format!("hb {local_down}"),
-                        Body::OriginDown { origin, .. } => format!("down {origin}"),
-                        b => b.type_name().to_owned(),
-                    };
-                    if env.origin == "pbx-1" || env.origin.starts_with("hub") {
-                        eprintln!(
-                            "t={} pbx-2 <- {} {:?} {} {}",
-                            now.0, env.origin, env.epoch, env.seq, d
-                        );
-                    }
-                }
                 self.delivered += 1;
-                let before = node.origins().get("pbx-1").map(|i| i.down);
                 node.on_remote(now, &env);
-                let after = node.origins().get("pbx-1").map(|i| i.down);
-                if std::env::var("DEBUG_SIM").is_ok() && before != after {
-                    eprintln!(
-                        "DOWNCHANGE t={} {} pbx-1 {:?} -> {:?} by {} {:?} {} {:?}",
-                        now.0,
-                        self.agents[i].name,
-                        before,
-                        after,
-                        env.origin,
-                        env.epoch,
-                        env.seq,
-                        env.body
-                    );
-                }
                 self.process_node_actions(i);
             }
         }
