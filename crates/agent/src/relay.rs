@@ -322,6 +322,8 @@ pub struct Relay<T: FederationTransport> {
     incoming: mpsc::Receiver<Incoming>,
     connected: watch::Receiver<usize>,
     link_ups: watch::Receiver<u64>,
+    /// Whether the transport reports link ups (else a rising connected count stands for one).
+    link_ups_reported: bool,
     keys: KeyRing,
     verifier: Verifier,
     filter: DeviceFilter,
@@ -362,6 +364,8 @@ impl<T: FederationTransport + 'static> Relay<T> {
         let incoming = transport.take_incoming().ok_or(RelayError::IncomingTaken)?;
         let connected = transport.connected();
         let link_ups = transport.link_ups();
+        // The trait's default is a channel whose sender is already gone.
+        let link_ups_reported = link_ups.has_changed().is_ok();
         let (control_tx, control_rx) = mpsc::channel(8);
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Ok(Relay {
@@ -373,6 +377,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
             incoming,
             connected,
             link_ups,
+            link_ups_reported,
             keys,
             filter,
             cfg,
@@ -705,7 +710,9 @@ impl<T: FederationTransport + 'static> Relay<T> {
         }
         if n > before {
             info!(hubs = n, "hub link up");
-            self.on_link_up();
+            if !self.link_ups_reported {
+                self.on_link_up();
+            }
         } else if n < before {
             warn!(hubs = n, "hub link lost");
         }
