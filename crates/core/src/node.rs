@@ -22,6 +22,25 @@
 //! write was our own: a different listed value is then a local change made while we were
 //! away, and it is published.
 //!
+//! Snapshots are requested from every hub and every answer is merged; a hub that missed part
+//! of an origin's stream asks that origin to republish ([`Body::ResyncRequest`]), and the
+//! node republishes its last sent values plus its own still-winning presence writes (with
+//! their original timestamps, so the republish changes nothing where it is known). Known
+//! limit: a presence write that every hub missed and whose origin restarted before
+//! republishing it is lost (the others converge on the previous winner).
+//!
+//! # Daemon loop (agent)
+//! 1. `Node::new(config, Epoch(unix_ms_now), now)`; send [`Node::hello`] to each hub.
+//! 2. On connecting to Asterisk: list devices and presence, then
+//!    [`Node::on_local_full_sync`] (after a loss: [`Node::on_local_restored`] first; after an
+//!    Asterisk restart seen on a live connection: [`Node::on_local_restarted`]).
+//! 3. Feed `DeviceStateChange`/`PresenceStateChange` to [`Node::on_local_event`], verified
+//!    envelopes from the hubs to [`Node::on_remote`], call [`Node::tick`] every ~100 ms, and
+//!    [`Node::on_local_lost`] when the Asterisk connection drops.
+//! 4. After every call drain [`Node::poll_action`]: seal and send `Publish` to every hub and
+//!    `Request` to every hub, write `Apply` with `Setvar` and report it with
+//!    [`Node::on_apply_result`], answer `QueryLocal` with the devices' current states.
+//!
 //! A broker runs one `Node` per Asterisk connection (they are cheap, keyed by origin name)
 //! and delivers each node's [`Action::Publish`] envelopes to all the others, with
 //! [`NodeConfig::snapshots`] off.
@@ -56,6 +75,9 @@ pub struct NodeConfig {
     pub gap_grace_ms: u64,
     /// A snapshot not complete after this long is requested again. Default 5 000 ms.
     pub snapshot_retry_ms: u64,
+    /// Resync requests arriving within this long after a republish are ignored (several hubs
+    /// ask at once; the one republish reaches them all). Default 1 000 ms.
+    pub resync_min_interval_ms: u64,
     /// Whether snapshots exist (hub topologies). Off for the broker, whose relays exchange
     /// envelopes in process.
     pub snapshots: bool,
@@ -75,6 +97,7 @@ impl NodeConfig {
             heartbeat_interval_ms: 1_000,
             gap_grace_ms: 2_000,
             snapshot_retry_ms: 5_000,
+            resync_min_interval_ms: 1_000,
             snapshots: true,
             apply: ApplyConfig::default(),
             echo: EchoConfig::default(),
@@ -246,6 +269,7 @@ pub struct Node {
     buffered_presence: Vec<(String, Presence)>,
     query: BTreeSet<String>,
     applied: BTreeSet<String>,
+    last_republish: Option<Millis>,
     stats: NodeStats,
 }
 
@@ -275,6 +299,7 @@ impl Node {
             buffered_presence: Vec::new(),
             query: BTreeSet::new(),
             applied: BTreeSet::new(),
+            last_republish: None,
             stats: NodeStats::default(),
         };
         n.request_snapshot(now);
@@ -508,8 +533,12 @@ impl Node {
                 self.on_snapshot_end(now, &env.origin, *request_id, *chunks)
             }
             Body::ResyncRequest { origin } => {
-                if *origin == self.cfg.origin && self.synced_once && !self.local_down {
+                let recent = self
+                    .last_republish
+                    .is_some_and(|t| now.since(t) < self.cfg.resync_min_interval_ms);
+                if *origin == self.cfg.origin && self.synced_once && !self.local_down && !recent {
                     self.stats.resyncs += 1;
+                    self.last_republish = Some(now);
                     self.republish(now);
                 }
             }
