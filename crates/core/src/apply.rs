@@ -299,6 +299,48 @@ mod tests {
     }
 
     #[test]
+    fn random_pushes_end_with_the_last_value_per_key_and_respect_the_window() {
+        use proptest::prelude::*;
+        let states = [Inuse, NotInuse, Busy, Ringing];
+        proptest!(ProptestConfig::with_cases(200), |(
+            ops in proptest::collection::vec((0..5usize, 0..4usize, any::<bool>()), 1..60),
+            window in 1..4usize,
+        )| {
+            let mut a = q(100, window);
+            let mut last = std::collections::HashMap::new();
+            let mut in_flight: Vec<String> = Vec::new();
+            for (k, s, complete) in ops {
+                let key = format!("k{k}");
+                a.push(key.clone(), d(states[s]));
+                last.insert(key, d(states[s]));
+                while let Some((t, _)) = a.next_write() {
+                    prop_assert!(!in_flight.contains(&t), "one write per target at a time");
+                    in_flight.push(t);
+                }
+                prop_assert!(a.in_flight_len() <= window);
+                if complete && !in_flight.is_empty() {
+                    let t = in_flight.remove(0);
+                    a.complete(&t, true);
+                }
+            }
+            // Drain everything.
+            loop {
+                while let Some((t, _)) = a.next_write() {
+                    in_flight.push(t);
+                }
+                if in_flight.is_empty() {
+                    break;
+                }
+                let t = in_flight.remove(0);
+                a.complete(&t, true);
+            }
+            for (k, v) in last {
+                prop_assert_eq!(a.held(&k), Some(&v));
+            }
+        });
+    }
+
+    #[test]
     fn full_queue_refuses_and_flags() {
         let mut a = q(2, 1);
         a.push("a".into(), d(Inuse));

@@ -322,6 +322,43 @@ mod tests {
     }
 
     #[test]
+    fn merge_order_does_not_matter() {
+        use proptest::prelude::*;
+        let states = [Inuse, NotInuse, Busy, Ringing, Unavailable];
+        proptest!(ProptestConfig::with_cases(200), |(
+            ups in proptest::collection::vec((0..3usize, 1..3u64, 1..20u64, 0..3usize, 0..5usize, any::<bool>()), 1..40),
+            seed in any::<u64>(),
+        )| {
+            // One (origin, epoch, seq) is one message: keep the first of each.
+            let mut seen = std::collections::BTreeSet::new();
+            let ups: Vec<_> = ups.into_iter().filter(|u| seen.insert((u.0, u.1, u.2))).collect();
+            let build = |order: &[usize]| {
+                let mut t = Table::new();
+                for &i in order {
+                    let (o, e, s, k, st, pres) = ups[i];
+                    let origin = format!("o{o}");
+                    let key = format!("k{k}");
+                    let v = if pres {
+                        Value::Presence(Presence::new(PresenceStatus::ALL[st], "", ""))
+                    } else {
+                        Value::Device(states[st])
+                    };
+                    t.apply(&origin, Epoch(e), s, &key, &v, ts(s * 10 + e), Millis(0));
+                }
+                t.snapshot()
+            };
+            let order: Vec<usize> = (0..ups.len()).collect();
+            let mut shuffled = order.clone();
+            let mut x = seed | 1;
+            for i in (1..shuffled.len()).rev() {
+                x ^= x << 13; x ^= x >> 7; x ^= x << 17;
+                shuffled.swap(i, (x % (i as u64 + 1)) as usize);
+            }
+            prop_assert_eq!(build(&order), build(&shuffled));
+        });
+    }
+
+    #[test]
     fn presence_is_last_writer_wins_with_origin_tiebreak() {
         let mut t = Table::new();
         let p = |s| Value::Presence(Presence::new(s, "", ""));
