@@ -4,6 +4,8 @@
 //!   and the list items ([`PresenceItem`], [`HintItem`]) read from AMI messages.
 //! - [`zmq`] — the res_zmq_manager JSON mapping: an action [`Message`](hintfed_ami::Message)
 //!   to one JSON object, a reply array back to messages, an event frame to a message.
+//! - [`kafka`] — app_ami_kafka records (JSON or AMI text bodies) read back as messages, and
+//!   (feature `kafka`, on by default) `kafka::KafkaSource`, the reader of that topic.
 //! - [`pbx`] — [`Pbx`], the handle the agent and the broker use. Events come from one
 //!   endpoint (AMI TCP, or the module's PUB socket), actions go to one endpoint (AMI TCP, or
 //!   the module's REP socket); both may be the same AMI connection.
@@ -17,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod event;
+pub mod kafka;
 pub mod pbx;
 pub mod zmq;
 

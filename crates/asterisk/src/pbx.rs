@@ -27,6 +27,10 @@ pub enum EventsVia {
         /// `tcp://host:port`.
         endpoint: String,
     },
+    /// The Kafka topic app_ami_kafka writes (events only: actions still need AMI or
+    /// res_zmq_manager, whose link also says whether Asterisk is up).
+    #[cfg(feature = "kafka")]
+    Kafka(Box<crate::kafka::KafkaSourceConfig>),
 }
 
 /// Where actions (`Setvar`, the state lists) go.
@@ -111,6 +115,8 @@ pub struct Pbx {
     // Kept so the event clients live as long as the handle.
     _events_ami: Option<AmiClient>,
     _events_zmq: Option<SubClient>,
+    #[cfg(feature = "kafka")]
+    _events_kafka: Option<Arc<crate::kafka::KafkaSource>>,
 }
 
 struct Signals {
@@ -154,6 +160,8 @@ impl Pbx {
 
         let mut events_ami = None;
         let mut events_zmq = None;
+        #[cfg(feature = "kafka")]
+        let mut events_kafka = None;
         let actions = match &config.actions {
             ActionsVia::Ami(actions_cfg) => {
                 let shared =
@@ -207,6 +215,15 @@ impl Pbx {
                 tokio::spawn(zmq_events(sub.status(), frames, Arc::clone(&signals)));
                 events_zmq = Some(sub);
             }
+            #[cfg(feature = "kafka")]
+            EventsVia::Kafka(cfg) => {
+                let src = crate::kafka::KafkaSource::start(
+                    crate::kafka::KafkaSourceConfig::clone(cfg),
+                    signals.tx.clone(),
+                )
+                .map_err(|e| PbxError::NotConnected(e.to_string()))?;
+                events_kafka = Some(Arc::new(src));
+            }
         }
         Ok((
             Self {
@@ -214,6 +231,8 @@ impl Pbx {
                 up,
                 _events_ami: events_ami,
                 _events_zmq: events_zmq,
+                #[cfg(feature = "kafka")]
+                _events_kafka: events_kafka,
             },
             rx,
         ))

@@ -104,13 +104,15 @@ pub struct FederationConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct LegacyConfig {
     /// The PULL legacy agents PUSH to.
+    #[serde(rename = "legacy_pull")]
     pub pull: String,
     /// The PUB legacy agents subscribe to.
+    #[serde(rename = "legacy_pub")]
     pub publish: String,
     /// A legacy agent silent this long stops being heartbeated (its devices go down
     /// everywhere); `None`: heartbeated for as long as the hub runs (legacy agents only speak
     /// on changes).
-    #[serde(serialize_with = "ser::opt_duration")]
+    #[serde(rename = "legacy_timeout", serialize_with = "ser::opt_duration")]
     pub timeout: Option<Duration>,
 }
 
@@ -127,6 +129,7 @@ pub struct ListenConfig {
     #[serde(serialize_with = "ser::duration")]
     pub heartbeat_interval: Duration,
     /// Legacy sockets, when both `legacy_pull` and `legacy_pub` are set.
+    #[serde(flatten)]
     pub legacy: Option<LegacyConfig>,
 }
 

@@ -115,6 +115,10 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 4096)]
     pub event_buffer: usize,
 
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub kafka: crate::kafka::KafkaArgs,
+
     /// Log filter (tracing EnvFilter syntax); RUST_LOG wins when set.
     #[arg(long, default_value = "info")]
     pub log: String,

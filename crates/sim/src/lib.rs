@@ -12,6 +12,8 @@
 //!   shared state, event broadcast, load tasks;
 //! - `session` serves one TCP connection (banner, actions in, responses and events out) and
 //!   `actions` answers each action;
+//! - [`kafka`] (the app_ami_kafka mode) publishes every event of a server to a Kafka topic,
+//!   laid out like the real module's records (JSON or AMI text bodies);
 //! - [`load`] parses scripts and generates seeded random phone changes;
 //! - [`cli`] turns the command line into [`SimConfig`]s for the thin `hintfed-sim` binary.
 #![forbid(unsafe_code)]
@@ -20,6 +22,7 @@ mod actions;
 pub mod cli;
 pub mod event;
 pub mod extensions;
+pub mod kafka;
 pub mod load;
 pub mod server;
 mod session;

@@ -19,6 +19,7 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    let kafka = args.kafka.clone();
     let configs = match args.into_configs() {
         Ok(c) => c,
         Err(e) => {
@@ -39,7 +40,13 @@ async fn main() -> anyhow::Result<()> {
         out.flush()?;
         handles.push(handle);
     }
+    // The app_ami_kafka mode (--kafka-brokers): every server's events to a topic too.
+    let publishers = kafka
+        .start(&handles)
+        .await
+        .context("starting the app_ami_kafka publishers")?;
     signals.wait().await?;
+    drop(publishers);
     tracing::info!("signal received: shutting down");
     for h in handles {
         h.shutdown().await;

@@ -453,6 +453,13 @@ impl SimHandle {
         self.shared.lock().blackhole_until = None;
     }
 
+    /// Every manager event this server emits from now on, in state order (what the
+    /// app_ami_kafka mode publishes). Lagging more than [`SimConfig::event_buffer`] loses
+    /// events.
+    pub fn subscribe_events(&self) -> broadcast::Receiver<Arc<SimEvent>> {
+        self.shared.events.subscribe()
+    }
+
     /// A snapshot of the counters.
     pub fn stats(&self) -> SimStats {
         self.shared.lock().stats.clone()
