@@ -85,7 +85,7 @@ pub struct ServerStats {
     pub duplicates: u64,
     /// Rejected input by reason (`unsigned`, `bad_mac`, `malformed`, `too_large`, `replay`,
     /// `duplicate`, `wrong_version`, `overload`, `legacy_malformed`, `legacy_too_large`,
-    /// `legacy_origin_conflict`, `legacy_too_many_origins`).
+    /// `legacy_origin_conflict`, `legacy_too_many_origins`, `origin_is_hub_name`).
     pub rejects: BTreeMap<String, u64>,
     /// Snapshots served.
     pub snapshots_served: u64,
@@ -568,6 +568,13 @@ impl Runtime {
             }
         };
         lock(&self.state).stats.accepted += 1;
+        if env.origin == self.name {
+            self.reject("origin_is_hub_name");
+            if let Some(s) = self.warn.allow() {
+                tracing::warn!(peer = %peer_id(&identity), origin = %env.origin, suppressed = s, "a peer uses this hub's name as its origin; dropped (give hubs and agents distinct names)");
+            }
+            return;
+        }
         self.note_peer(&identity, &env.origin, now);
         if self.synthetic.contains_key(&env.origin) {
             // A real agent took the name of a legacy agent bridged here: refuse, it would
@@ -688,9 +695,15 @@ impl Runtime {
         };
         let down = info.down.is_some();
         let before = self.known.insert(origin.to_owned(), down);
-        if before == Some(down) || (before.is_none() && !down) {
-            if before.is_none() {
-                tracing::info!(%origin, epoch = info.epoch.0, "new origin");
+        if before == Some(down) {
+            return;
+        }
+        if before.is_none() && !down {
+            tracing::info!(%origin, epoch = info.epoch.0, "new origin");
+            if self.hooks.events.receiver_count() > 0
+                && let Some(v) = status::origin_view(s.hub.origins(), origin, now)
+            {
+                self.hooks.events.publish(StatusEvent::Origin(v));
             }
             return;
         }

@@ -44,6 +44,7 @@ async fn updates_fan_out_with_topics_and_the_hub_heartbeats() {
         })
     })
     .await;
+    let mut events = hub.hooks.events.subscribe();
     a.full_sync(vec![dev("PJSIP/100", DeviceState::NotInuse)]);
     a.event(dev("PJSIP/100", DeviceState::Inuse));
     a.event(LocalEvent::presence(
@@ -96,6 +97,29 @@ async fn updates_fan_out_with_topics_and_the_hub_heartbeats() {
     assert!(
         metrics.contains("hintfed_updates_received_total{kind=\"device\"}"),
         "{metrics}"
+    );
+    // Live events for the status page: the origin, the device row, the presence row.
+    let mut seen = Vec::new();
+    while let Ok(ev) = events.try_recv() {
+        seen.push(ev);
+    }
+    use hintfed_daemon::http::StatusEvent;
+    assert!(
+        seen.iter()
+            .any(|e| matches!(e, StatusEvent::Origin(o) if o.name == "pbx-a" && o.up)),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(
+            |e| matches!(e, StatusEvent::Device(d) if d.key == "PJSIP/100" && d.aggregate == "INUSE")
+        ),
+        "{seen:?}"
+    );
+    assert!(
+        seen.iter().any(
+            |e| matches!(e, StatusEvent::Presence(p) if p.status == "dnd" && p.subtype == "lunch")
+        ),
+        "{seen:?}"
     );
     let stats = hub.handle.stats();
     assert!(stats.forwarded >= 4, "{stats:?}");
@@ -363,4 +387,61 @@ async fn two_hubs_run_side_by_side_and_losing_one_loses_nothing() {
     })
     .await;
     assert!(h2.handle.stats().forwarded >= 2);
+}
+
+#[tokio::test]
+async fn shared_keys_can_be_replaced_at_run_time() {
+    let hub = TestHub::start(with_key(TestHub::config("hub-t6"))).await;
+    let raw = raw_link(&hub.endpoint()).await;
+    let l = CoreLimits::default();
+    let new = KeyRing::from_secrets(["rotated"]);
+    let send = |seq: u64| {
+        let bytes = new
+            .seal(&update("pbx-r", seq, "PJSIP/1"), &l)
+            .expect("seal");
+        raw.try_send(vec![
+            Bytes::from_static(b"state.device"),
+            Bytes::from(bytes),
+        ])
+        .expect("queued");
+    };
+    send(1);
+    hub.wait_stats("unknown key refused", |s| s.rejected("bad_mac") == 1)
+        .await;
+    // As SIGHUP does: the new key first (it signs), the old one still accepted.
+    assert!(
+        hub.handle
+            .set_keys(KeyRing::from_secrets(["rotated", "test-secret"]))
+            .await
+    );
+    send(2);
+    hub.wait_stats("new key accepted", |s| s.accepted == 1)
+        .await;
+    // Agents still on the old key keep working during the rotation.
+    let eps = vec![hub.endpoint()];
+    let mut a = FakeAgent::connect("pbx-a", &eps, keys()).await;
+    a.full_sync(vec![dev("PJSIP/100", DeviceState::Busy)]);
+    let h = hub.handle.clone();
+    hub.wait_stats("old-key agent accepted", |_| {
+        h.state_view().devices.iter().any(|d| d.key == "PJSIP/100")
+    })
+    .await;
+    assert_eq!(hub.handle.stats().rejected("bad_mac"), 1);
+}
+
+#[tokio::test]
+async fn a_peer_using_the_hub_name_is_refused() {
+    let hub = TestHub::start(with_key(TestHub::config("hub-t7"))).await;
+    let raw = raw_link(&hub.endpoint()).await;
+    let bytes = keys()
+        .seal(&update("hub-t7", 1, "PJSIP/1"), &CoreLimits::default())
+        .expect("seal");
+    raw.try_send(vec![
+        Bytes::from_static(b"state.device"),
+        Bytes::from(bytes),
+    ])
+    .expect("queued");
+    hub.wait_stats("counted", |s| s.rejected("origin_is_hub_name") == 1)
+        .await;
+    assert!(hub.handle.state_view().devices.is_empty());
 }

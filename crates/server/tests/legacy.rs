@@ -26,12 +26,46 @@ fn pyzmq_available() -> bool {
     ok
 }
 
+type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+
+/// Starts the pyzmq legacy agent `name` waiting for PJSIP/100 (optionally in a state) and
+/// waits until its sockets exist.
+async fn spawn_legacy(
+    hub: &TestHub,
+    name: &str,
+    want_state: &[&str],
+) -> (tokio::process::Child, Lines) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/py/legacy_agent.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .args([
+            hub.handle.legacy_pull_endpoint().expect("pull"),
+            hub.handle.legacy_pub_endpoint().expect("pub"),
+            name,
+            "PJSIP/100",
+        ])
+        .args(want_state)
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("spawn python3");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let ready = tokio::time::timeout(Duration::from_secs(15), lines.next_line())
+        .await
+        .expect("python start")
+        .expect("read");
+    assert_eq!(ready.as_deref(), Some("ready"));
+    (child, lines)
+}
+
 #[tokio::test]
 async fn legacy_agents_and_the_federation_see_each_other() {
     if !pyzmq_available() {
         return;
     }
     let mut cfg = TestHub::config("hub-legacy");
+    cfg.federation.origin_timeout = Duration::from_secs(3);
+    cfg.server.heartbeat_interval = Duration::from_millis(200);
     cfg.federation.shared_keys = vec![hintfed_daemon::config::Secret::new("k")];
     cfg.server.legacy = Some(hintfed_server::config::LegacyConfig {
         pull: "tcp://127.0.0.1:0".into(),
@@ -46,25 +80,7 @@ async fn legacy_agents_and_the_federation_see_each_other() {
     a.full_sync(vec![]);
     b.full_sync(vec![]);
 
-    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/py/legacy_agent.py");
-    let mut child = Command::new("python3")
-        .arg(script)
-        .args([
-            hub.handle.legacy_pull_endpoint().expect("pull"),
-            hub.handle.legacy_pub_endpoint().expect("pub"),
-            "Moscow",
-            "PJSIP/100",
-        ])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("spawn python3");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let ready = tokio::time::timeout(Duration::from_secs(15), lines.next_line())
-        .await
-        .expect("python start")
-        .expect("read");
-    assert_eq!(ready.as_deref(), Some("ready"));
+    let (mut child, mut lines) = spawn_legacy(&hub, "Moscow", &[]).await;
 
     // Federation → legacy: pbx-a's phone changes until the legacy agent saw one.
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -79,7 +95,10 @@ async fn legacy_agents_and_the_federation_see_each_other() {
         };
         tokio::select! {
             s = child.wait() => break s.expect("wait"),
-            () = b.pump(Duration::from_millis(100)) => {}
+            () = async {
+                a.pump(Duration::from_millis(30)).await;
+                b.pump(Duration::from_millis(30)).await;
+            } => {}
         }
     };
     let out = lines.next_line().await.expect("read").unwrap_or_default();
@@ -128,4 +147,24 @@ async fn legacy_agents_and_the_federation_see_each_other() {
             .encode()
             .contains("hintfed_rejects_total{reason=\"legacy_malformed\"}")
     );
+
+    // pbx-a falls silent: legacy agents are told its devices are down_state.
+    let (mut child, mut lines) = spawn_legacy(&hub, "Kiev", &["UNAVAILABLE"]).await;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        assert!(
+            Instant::now() < deadline,
+            "no down_state reached the legacy agent"
+        );
+        tokio::select! {
+            s = child.wait() => break s.expect("wait"),
+            () = b.pump(Duration::from_millis(50)) => {}
+        }
+    };
+    let out = lines.next_line().await.expect("read").unwrap_or_default();
+    assert!(status.success(), "legacy agent failed: {out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("json");
+    assert_eq!(v["body"]["origin"], "pbx-a");
+    assert_eq!(v["body"]["x_data"]["State"], "UNAVAILABLE");
+    drop(a);
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A zmq-ami-broker agent (its util.py wire format) for hintfed-server's legacy bridge test.
 
-Usage: legacy_agent.py PULL_ENDPOINT PUB_ENDPOINT NAME WANT_DEVICE
+Usage: legacy_agent.py PULL_ENDPOINT PUB_ENDPOINT NAME WANT_DEVICE [WANT_STATE]
 
 PUSHes some garbage first (the server must count and drop it), then, every 100 ms, a
 DeviceStateChange of SIP/200 (INUSE) plus two states the original agents never replicated
@@ -9,7 +9,8 @@ DeviceStateChange of SIP/200 (INUSE) plus two states the original agents never r
 "[NAME]" like the original agents. Prints "ready" once its sockets exist; when an
 AsteriskEvent for WANT_DEVICE from another origin arrived and one of its own messages came
 back (the server republishes legacy messages unchanged), prints the former as JSON
-{"target", "body", "own_seen"} and exits 0 (1 after 15 s without both).
+{"target", "body", "own_seen"} and exits 0 (1 after 15 s without both). With WANT_STATE,
+only an event with that State counts.
 """
 import json
 import sys
@@ -30,6 +31,7 @@ def event(origin, device, state):
 
 def main():
     pull_ep, pub_ep, name, want = sys.argv[1:5]
+    want_state = sys.argv[5] if len(sys.argv) > 5 else None
     ctx = zmq.Context()
     push = ctx.socket(zmq.PUSH)
     push.setsockopt(zmq.LINGER, 0)
@@ -62,7 +64,8 @@ def main():
                 own_seen += 1
                 continue
             x = msg.get("x_data") or {}
-            if msg.get("msg_type") == "AsteriskEvent" and x.get("Device") == want:
+            if (msg.get("msg_type") == "AsteriskEvent" and x.get("Device") == want
+                    and want_state in (None, x.get("State"))):
                 found = {"target": target.decode(), "body": msg}
         if found is not None and own_seen > 0:
             found["own_seen"] = own_seen
