@@ -232,6 +232,7 @@ fn setvar(shared: &Arc<Shared>, req: &Message) -> Outcome {
         match inner.pbx.setvar(var, header(req, "Value")) {
             Ok(evs) => {
                 inner.stats.setvar_accepted += 1;
+                crate::trace::record(shared.cfg.name.as_deref(), "set", var, header(req, "Value"));
                 shared.emit(&mut inner, evs);
                 return Outcome::reply(ack(req, "Variable Set"));
             }

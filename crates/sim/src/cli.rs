@@ -115,6 +115,12 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 4096)]
     pub event_buffer: usize,
 
+    /// Write a timing line per phone change and per accepted Setvar (every server of this
+    /// process) to FILE: `<unix-ns> <name> dev <device> <STATE>` / `<unix-ns> <name> set <var>
+    /// <value>` (used by hintfed-bench for propagation latency).
+    #[arg(long, value_name = "FILE")]
+    pub trace: Option<PathBuf>,
+
     #[command(flatten)]
     #[allow(missing_docs)]
     pub kafka: crate::kafka::KafkaArgs,

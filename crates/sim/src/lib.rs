@@ -15,7 +15,9 @@
 //! - [`kafka`] (the app_ami_kafka mode) publishes every event of a server to a Kafka topic,
 //!   laid out like the real module's records (JSON or AMI text bodies);
 //! - [`load`] parses scripts and generates seeded random phone changes;
-//! - [`cli`] turns the command line into [`SimConfig`]s for the thin `hintfed-sim` binary.
+//! - [`cli`] turns the command line into [`SimConfig`]s for the thin `hintfed-sim` binary;
+//! - [`trace`] optionally writes a timestamped line per phone change and per accepted `Setvar`
+//!   (all servers of the process, one clock) for `hintfed-bench`'s latency figures.
 #![forbid(unsafe_code)]
 
 mod actions;
@@ -27,6 +29,7 @@ pub mod load;
 pub mod server;
 mod session;
 pub mod state;
+pub mod trace;
 
 pub use event::SimEvent;
 pub use extensions::{Dialplan, Hint};

@@ -19,6 +19,9 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    if let Some(path) = &args.trace {
+        hintfed_sim::trace::install(path).with_context(|| format!("--trace {}", path.display()))?;
+    }
     let kafka = args.kafka.clone();
     let configs = match args.into_configs() {
         Ok(c) => c,

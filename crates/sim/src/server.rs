@@ -226,6 +226,7 @@ impl Shared {
     ) -> Result<(), SetvarError> {
         let mut inner = self.lock();
         let evs = inner.pbx.set_device_state(device, state)?;
+        crate::trace::record(self.cfg.name.as_deref(), "dev", device, state.as_str());
         self.emit(&mut inner, evs);
         Ok(())
     }

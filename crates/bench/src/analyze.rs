@@ -1,0 +1,159 @@
+//! Reads the simulator's timing trace (`hintfed-sim --trace`, see `hintfed_sim::trace`) and
+//! turns it into propagation latencies and per-server Setvar counts.
+//!
+//! A phone change `dev` of device D on origin S at t0 is delivered to server R by the first
+//! `set` of `DEVICE_STATE(Custom:D)` on R with the same value at or after t0, provided it
+//! comes before the next change of D to that same value (which it could also belong to). A
+//! change with no such Setvar was conflated away (a newer value overtook it in the apply
+//! queue, which is allowed) or lost; the two are not told apart here, the final convergence
+//! check is what proves nothing was lost for good.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use anyhow::Context as _;
+
+/// What the trace says about one run.
+#[derive(Debug, Default)]
+pub struct Analysis {
+    /// Phone changes seen on the origins (from `start_ns` on).
+    pub changes: u64,
+    /// Deliveries expected: changes × (servers − 1).
+    pub expected: u64,
+    /// Sorted latencies of matched deliveries, in microseconds.
+    pub latencies_us: Vec<f64>,
+    /// Setvar lines per server (from `start_ns` on).
+    pub sets: HashMap<String, u64>,
+    /// First and last Setvar time (ns) per server.
+    pub set_span: HashMap<String, (u128, u128)>,
+    /// Time (ns) of the last Setvar of any server.
+    pub last_set_ns: u128,
+    /// Time (ns) of the last change on any origin.
+    pub last_change_ns: u128,
+}
+
+impl Analysis {
+    /// The `q` quantile (0..=1) of the latencies in milliseconds; `None` without samples.
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        let n = self.latencies_us.len();
+        if n == 0 {
+            return None;
+        }
+        let i = ((q * n as f64).ceil() as usize).clamp(1, n) - 1;
+        Some(self.latencies_us[i] / 1000.0)
+    }
+}
+
+/// Analyses `path` from `start_ns` on, for devices whose name starts with `prefix`, over the
+/// servers `servers`.
+pub fn analyze(
+    path: &Path,
+    start_ns: u128,
+    prefix: &str,
+    servers: &[String],
+) -> anyhow::Result<Analysis> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    // device -> [(t, origin, value)]
+    let mut devs: HashMap<&str, Vec<(u128, &str, &str)>> = HashMap::new();
+    // (server, device) -> [(t, value)]
+    let mut sets: HashMap<(&str, &str), Vec<(u128, &str)>> = HashMap::new();
+    let mut a = Analysis::default();
+    for line in text.lines() {
+        let mut it = line.splitn(5, ' ');
+        let (Some(t), Some(server), Some(kind), Some(key), Some(value)) =
+            (it.next(), it.next(), it.next(), it.next(), it.next())
+        else {
+            continue;
+        };
+        let Ok(t) = t.parse::<u128>() else { continue };
+        if t < start_ns {
+            continue;
+        }
+        match kind {
+            "dev" if key.starts_with(prefix) => {
+                devs.entry(key).or_default().push((t, server, value));
+                a.last_change_ns = a.last_change_ns.max(t);
+            }
+            "set" => {
+                let Some(dev) = key
+                    .strip_prefix("DEVICE_STATE(Custom:")
+                    .and_then(|k| k.strip_suffix(')'))
+                else {
+                    continue;
+                };
+                if !dev.starts_with(prefix) {
+                    continue;
+                }
+                sets.entry((server, dev)).or_default().push((t, value));
+                *a.sets.entry(server.to_owned()).or_default() += 1;
+                let span = a.set_span.entry(server.to_owned()).or_insert((t, t));
+                span.0 = span.0.min(t);
+                span.1 = span.1.max(t);
+                a.last_set_ns = a.last_set_ns.max(t);
+            }
+            _ => {}
+        }
+    }
+    for list in sets.values_mut() {
+        list.sort_by_key(|e| e.0);
+    }
+    let same = |x: &str, y: &str| x.trim().eq_ignore_ascii_case(y.trim());
+    for (dev, evs) in &devs {
+        for (i, (t0, origin, value)) in evs.iter().enumerate() {
+            a.changes += 1;
+            let limit = evs[i + 1..]
+                .iter()
+                .find(|(_, _, v)| same(v, value))
+                .map_or(u128::MAX, |e| e.0);
+            for r in servers.iter().filter(|r| r.as_str() != *origin) {
+                a.expected += 1;
+                let Some(list) = sets.get(&(r.as_str(), *dev)) else {
+                    continue;
+                };
+                let from = list.partition_point(|(t, _)| *t < *t0);
+                if let Some((t, _)) = list[from..]
+                    .iter()
+                    .take_while(|(t, _)| *t < limit)
+                    .find(|(_, v)| same(v, value))
+                {
+                    a.latencies_us.push((t - t0) as f64 / 1000.0);
+                }
+            }
+        }
+    }
+    a.latencies_us.sort_by(f64::total_cmp);
+    Ok(a)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_deliveries_and_skips_conflated_changes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("t");
+        std::fs::write(
+            &p,
+            "\
+1000 a dev PJSIP/b0n0 INUSE
+2000 a dev PJSIP/b0n0 NOT_INUSE
+3000 a dev PJSIP/b0n0 BUSY
+4000 b set DEVICE_STATE(Custom:PJSIP/b0n0) INUSE
+9000 b set DEVICE_STATE(Custom:PJSIP/b0n0) BUSY
+5000 c set DEVICE_STATE(Custom:PJSIP/b0n0) BUSY
+500 b set DEVICE_STATE(Custom:PJSIP/b0n0) NOT_INUSE
+",
+        )
+        .expect("write");
+        let servers = ["a", "b", "c"].map(str::to_owned);
+        let a = analyze(&p, 0, "PJSIP/b", &servers).expect("analyze");
+        assert_eq!(a.changes, 3);
+        assert_eq!(a.expected, 6);
+        // b: INUSE after 3 us, BUSY after 6 us (NOT_INUSE at 500 ns precedes the change);
+        // c: BUSY after 2 us.
+        assert_eq!(a.latencies_us, vec![2.0, 3.0, 6.0]);
+        assert_eq!(a.quantile_ms(0.5), Some(0.003));
+        assert_eq!(a.sets["b"], 3);
+    }
+}

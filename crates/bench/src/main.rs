@@ -1,0 +1,124 @@
+//! `hintfed-bench`: a load tool that stands up a hintfed federation on one machine from the
+//! real binaries (`hintfed-sim`, `hintfed-server`, `hintfed-agent`, taken from the folder of
+//! this executable), drives phone activity, and prints figures as a table and as JSON next to
+//! ceilings measured in the same run.
+//!
+//! Modules: `run` (topology, load, drain, convergence, report) uses `procs` (child daemons,
+//! ports, /proc CPU and RSS), `ami` (a raw pipelined AMI connection), `ceiling` (raw ZeroMQ
+//! PUB/SUB between two processes, pipelined Setvar/s of an Asterisk) and `analyze` (latency
+//! from the simulator's `--trace` file).
+#![forbid(unsafe_code)]
+
+mod ami;
+mod analyze;
+mod ceiling;
+mod procs;
+mod run;
+
+use clap::Parser as _;
+
+/// hintfed-bench: measure a hintfed federation against ceilings measured in the same run.
+///
+/// Build everything in one profile first:
+///   cargo build --release -p hintfed-sim -p hintfed-server -p hintfed-agent -p hintfed-bench
+/// then e.g.:
+///   target/release/hintfed-bench run --servers 10 --rate 1000 --duration 10
+///   target/release/hintfed-bench setvar-ceiling --asterisk 10.0.0.5:5038 --ami-secret ...
+#[derive(clap::Parser)]
+#[command(name = "hintfed-bench", version, verbatim_doc_comment)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(clap::Subcommand)]
+enum Cmd {
+    /// Stand up a topology, drive load, print the figures (table on stdout, JSON last).
+    Run(run::RunArgs),
+    /// Only the pipelined Setvar/s ceiling of one Asterisk (simulator or real).
+    SetvarCeiling {
+        /// host:port of the AMI.
+        #[arg(long)]
+        asterisk: String,
+        /// AMI user.
+        #[arg(long, default_value = "admin")]
+        ami_user: String,
+        /// AMI secret.
+        #[arg(
+            long,
+            env = "HINTFED_BENCH_SECRET",
+            default_value = "adminsecret",
+            hide_env_values = true
+        )]
+        ami_secret: String,
+        /// Setvar to send.
+        #[arg(long, default_value_t = 100_000)]
+        count: u64,
+        /// Unanswered actions allowed.
+        #[arg(long, default_value_t = 512)]
+        window: u64,
+    },
+    /// Only the raw ZeroMQ PUB/SUB ceiling between two processes.
+    ZmqCeiling {
+        /// Messages.
+        #[arg(long, default_value_t = 500_000)]
+        count: u64,
+        /// Payload bytes.
+        #[arg(long, default_value_t = 200)]
+        size: usize,
+    },
+    /// (helper) The publisher process of the ZeroMQ ceiling.
+    #[command(hide = true)]
+    ZmqPub {
+        /// Endpoint to bind.
+        #[arg(long)]
+        endpoint: String,
+        /// Messages.
+        #[arg(long)]
+        count: u64,
+        /// Payload bytes.
+        #[arg(long)]
+        size: usize,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Run(args) => {
+            let json_path = args.json.clone();
+            let report = run::run(args).await?;
+            let text = serde_json::to_string_pretty(&report)?;
+            println!("{text}");
+            if let Some(p) = json_path {
+                std::fs::write(&p, text + "\n")?;
+            }
+        }
+        Cmd::SetvarCeiling {
+            asterisk,
+            ami_user,
+            ami_secret,
+            count,
+            window,
+        } => {
+            let c = ceiling::setvar(&asterisk, &ami_user, &ami_secret, count, window, 1000).await?;
+            println!(
+                "{}",
+                serde_json::json!({"setvar_per_sec": c.per_sec, "sent": c.sent, "accepted": c.accepted, "window": c.window})
+            );
+        }
+        Cmd::ZmqCeiling { count, size } => {
+            let c = ceiling::zmq_pubsub(count, size).await?;
+            println!(
+                "{}",
+                serde_json::json!({"msgs_per_sec": c.msgs_per_sec, "sent": c.sent, "received": c.received, "size": c.size})
+            );
+        }
+        Cmd::ZmqPub {
+            endpoint,
+            count,
+            size,
+        } => ceiling::zmq_pub(&endpoint, count, size).await?,
+    }
+    Ok(())
+}

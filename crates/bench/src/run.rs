@@ -1,0 +1,529 @@
+//! `hintfed-bench run`: the whole measurement.
+//!
+//! 1. One `hintfed-sim` serves `--servers` simulated Asterisks plus one spare (`ceiling`),
+//!    with `--trace` on.
+//! 2. Ceilings: pipelined Setvar/s on the spare (or on `--asterisk`), raw ZeroMQ PUB/SUB
+//!    messages/s between two processes.
+//! 3. `--hubs` `hintfed-server` and one `hintfed-agent` per Asterisk (AMI source and apply,
+//!    HMAC on), each ready (`/readyz`).
+//! 4. Load: one pipelined AMI connection per origin sends `SimSetDeviceState` at
+//!    `--rate`/servers per second for `--duration`, over `--devices` phones per server
+//!    (`PJSIP/b<s>n<j>`, states cycling INUSE, NOT_INUSE, RINGING, BUSY).
+//! 5. Drain: until no server's `SetvarTotal` moves for a second.
+//! 6. Convergence: `DeviceStateList` of every server holds, for every other origin's phone,
+//!    `Custom:<phone>` equal to the last state driven on its origin.
+//! 7. CPU seconds over the load window and peak RSS (VmHWM) of every daemon; latency and
+//!    Setvar rates from the trace ([`crate::analyze`]).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::Context as _;
+use serde_json::json;
+
+use crate::ami::{self, Conn};
+use crate::ceiling;
+use crate::procs::{self, Daemon, Usage};
+
+/// Options of `run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunArgs {
+    /// Simulated Asterisk servers (one agent each).
+    #[arg(long, default_value_t = 3)]
+    pub servers: usize,
+    /// Hubs (`hintfed-server`); every agent talks to all of them.
+    #[arg(long, default_value_t = 1)]
+    pub hubs: usize,
+    /// Phones per server.
+    #[arg(long, default_value_t = 100)]
+    pub devices: usize,
+    /// Phone changes per second, in total over all servers.
+    #[arg(long, default_value_t = 1000.0)]
+    pub rate: f64,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Unanswered actions allowed per load connection.
+    #[arg(long, default_value_t = 512)]
+    pub window: u64,
+    /// Setvar sent for the Setvar ceiling (0: skip).
+    #[arg(long, default_value_t = 100_000)]
+    pub setvar_count: u64,
+    /// Messages sent for the ZeroMQ PUB/SUB ceiling (0: skip).
+    #[arg(long, default_value_t = 500_000)]
+    pub zmq_count: u64,
+    /// Payload bytes per ZeroMQ ceiling message (about one signed envelope).
+    #[arg(long, default_value_t = 200)]
+    pub zmq_size: usize,
+    /// Measure the Setvar ceiling on this real Asterisk (host:port) instead of the simulator.
+    #[arg(long)]
+    pub asterisk: Option<String>,
+    /// AMI user (simulator and --asterisk).
+    #[arg(long, default_value = "admin")]
+    pub ami_user: String,
+    /// AMI secret (simulator and --asterisk).
+    #[arg(
+        long,
+        env = "HINTFED_BENCH_SECRET",
+        default_value = "adminsecret",
+        hide_env_values = true
+    )]
+    pub ami_secret: String,
+    /// Write the JSON report here as well.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Keep configs, logs and the trace in this folder (default: a temporary folder).
+    #[arg(long)]
+    pub keep: Option<PathBuf>,
+    /// `origin_timeout` of agents and hubs.
+    #[arg(long, default_value = "15s")]
+    pub origin_timeout: String,
+    /// Log level of the daemons.
+    #[arg(long, default_value = "warn")]
+    pub log: String,
+}
+
+const STATES: [&str; 4] = ["INUSE", "NOT_INUSE", "RINGING", "BUSY"];
+const SHARED_KEY: &str = "bench-shared-key";
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos()
+}
+
+fn device(s: usize, j: usize) -> String {
+    format!("PJSIP/b{s}n{j}")
+}
+
+/// Runs the benchmark; returns the JSON report (also printed with a table).
+pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
+    anyhow::ensure!(a.servers >= 2, "--servers must be at least 2");
+    anyhow::ensure!(a.hubs >= 1, "--hubs must be at least 1");
+    anyhow::ensure!(a.devices >= 1, "--devices must be at least 1");
+    anyhow::ensure!(
+        a.rate > 0.0 && a.duration > 0.0,
+        "--rate and --duration must be > 0"
+    );
+    let tmp = tempfile::tempdir()?;
+    let dir = match &a.keep {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => tmp.path().to_path_buf(),
+    };
+    let tck = procs::clk_tck();
+    let names: Vec<String> = (0..a.servers).map(|i| format!("pbx-{i}")).collect();
+
+    // 1. Simulators.
+    let trace = dir.join("trace.log");
+    let mut addrs = BTreeMap::new();
+    let mut sim_args = Vec::new();
+    for n in names.iter().chain(std::iter::once(&"ceiling".to_owned())) {
+        let addr = format!("127.0.0.1:{}", procs::free_port()?);
+        sim_args.extend(["--listen".into(), addr.clone(), "--name".into(), n.clone()]);
+        addrs.insert(n.clone(), addr);
+    }
+    sim_args.extend([
+        "--trace".into(),
+        trace.display().to_string(),
+        "--log".into(),
+        a.log.clone(),
+        "--username".into(),
+        a.ami_user.clone(),
+        "--event-buffer".into(),
+        "65536".into(),
+    ]);
+    let secret_env = [("HINTFED_SIM_SECRET", a.ami_secret.as_str())];
+    let sim = Daemon::spawn(
+        "sim",
+        &procs::sibling("hintfed-sim")?,
+        &sim_args,
+        &secret_env,
+        &dir,
+    )?;
+    for (n, addr) in &addrs {
+        let ok = procs::wait_until(Duration::from_secs(15), || async {
+            Conn::login(addr, &a.ami_user, &a.ami_secret).await.is_ok()
+        })
+        .await;
+        anyhow::ensure!(
+            ok,
+            "simulated Asterisk {n} did not come up (see {})",
+            sim.log.display()
+        );
+    }
+
+    // 2. Ceilings.
+    eprintln!("measuring ceilings ...");
+    let setvar_ceiling = if a.setvar_count > 0 {
+        let target = a
+            .asterisk
+            .clone()
+            .unwrap_or_else(|| addrs["ceiling"].clone());
+        Some(
+            ceiling::setvar(
+                &target,
+                &a.ami_user,
+                &a.ami_secret,
+                a.setvar_count,
+                a.window,
+                1000,
+            )
+            .await
+            .context("Setvar ceiling")?,
+        )
+    } else {
+        None
+    };
+    let zmq_ceiling = if a.zmq_count > 0 {
+        Some(
+            ceiling::zmq_pubsub(a.zmq_count, a.zmq_size)
+                .await
+                .context("ZeroMQ ceiling")?,
+        )
+    } else {
+        None
+    };
+
+    // 3. Hubs and agents.
+    eprintln!("starting {} hub(s) and {} agent(s) ...", a.hubs, a.servers);
+    let mut hubs = Vec::new();
+    let mut hub_eps = Vec::new();
+    for i in 0..a.hubs {
+        let name = format!("hub-{i}");
+        let port = procs::free_port_pair()?;
+        let http = format!("127.0.0.1:{}", procs::free_port()?);
+        let cfg = dir.join(format!("{name}.ini"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[general]\nname = {name}\nlog_level = {log}\n\n[federation]\nshared_key = {SHARED_KEY}\norigin_timeout = {ot}\n\n[server]\nlisten = tcp://127.0.0.1:{port}\n\n[http]\nlisten = {http}\n",
+                log = a.log,
+                ot = a.origin_timeout,
+            ),
+        )?;
+        let d = Daemon::spawn(
+            &name,
+            &procs::sibling("hintfed-server")?,
+            &["--config".into(), cfg.display().to_string()],
+            &[],
+            &dir,
+        )?;
+        hub_eps.push(format!("tcp://127.0.0.1:{port}"));
+        hubs.push((d, http));
+    }
+    for (d, http) in &hubs {
+        let ok = procs::wait_until(Duration::from_secs(15), || async {
+            procs::http_get(http, "/healthz").await.contains("ok")
+        })
+        .await;
+        anyhow::ensure!(ok, "{} did not come up (see {})", d.name, d.log.display());
+    }
+    let mut agents = Vec::new();
+    for n in &names {
+        let (host, port) = addrs[n].rsplit_once(':').context("host:port")?;
+        let http = format!("127.0.0.1:{}", procs::free_port()?);
+        let cfg = dir.join(format!("agent-{n}.ini"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[general]\nname = {n}\nlog_level = {log}\n\n[asterisk]\nsource = ami\napply = ami\nhost = {host}\nport = {port}\nusername = {user}\n\n[federation]\nservers = {servers}\nshared_key = {SHARED_KEY}\norigin_timeout = {ot}\n\n[http]\nlisten = {http}\n",
+                log = a.log,
+                user = a.ami_user,
+                servers = hub_eps.join(", "),
+                ot = a.origin_timeout,
+            ),
+        )?;
+        let d = Daemon::spawn(
+            &format!("agent-{n}"),
+            &procs::sibling("hintfed-agent")?,
+            &["--config".into(), cfg.display().to_string()],
+            &[("HINTFED_ASTERISK_SECRET", a.ami_secret.as_str())],
+            &dir,
+        )?;
+        agents.push((d, http));
+    }
+    for (d, http) in &agents {
+        let ok = procs::wait_until(Duration::from_secs(20), || async {
+            procs::http_get(http, "/readyz").await.starts_with("ready")
+        })
+        .await;
+        anyhow::ensure!(ok, "{} not ready (see {})", d.name, d.log.display());
+    }
+
+    // 4. Load.
+    let mut daemons: Vec<(&str, u32)> = vec![("sim (all servers)", sim.pid())];
+    daemons.extend(hubs.iter().map(|(d, _)| (d.name.as_str(), d.pid())));
+    daemons.extend(agents.iter().map(|(d, _)| (d.name.as_str(), d.pid())));
+    let before: Vec<Usage> = daemons
+        .iter()
+        .map(|(_, p)| procs::usage(*p, tck).unwrap_or_default())
+        .collect();
+    eprintln!(
+        "driving {} changes/s over {} servers x {} phones for {} s ...",
+        a.rate, a.servers, a.devices, a.duration
+    );
+    let start_ns = now_ns();
+    let t0 = Instant::now();
+    let per_server = a.rate / a.servers as f64;
+    let mut drivers = Vec::new();
+    for (s, n) in names.iter().enumerate() {
+        let conn = Conn::login(&addrs[n], &a.ami_user, &a.ami_secret).await?;
+        let (dur, devices, window) = (a.duration, a.devices, a.window);
+        drivers.push(tokio::spawn(async move {
+            let mut pipe = conn.into_pipe();
+            let mut k = 0u64;
+            loop {
+                let el = t0.elapsed().as_secs_f64();
+                if el >= dur {
+                    break;
+                }
+                let due = (el * per_server) as u64;
+                while k < due {
+                    let j = (k % devices as u64) as usize;
+                    let round = (k / devices as u64) as usize;
+                    let dev = device(s, j);
+                    pipe.send(
+                        &[
+                            ("Action", "SimSetDeviceState"),
+                            ("Device", &dev),
+                            ("State", STATES[round % 4]),
+                        ],
+                        window,
+                    )
+                    .await?;
+                    k += 1;
+                }
+                pipe.flush().await?;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            let (answered, ok) = pipe.drain(Duration::from_secs(30)).await?;
+            anyhow::Ok((k, answered, ok))
+        }));
+    }
+    let mut driven = Vec::new();
+    for d in drivers {
+        driven.push(d.await??);
+    }
+    let load_secs = t0.elapsed().as_secs_f64();
+    let load_end_ns = now_ns();
+
+    // 5. Drain.
+    let mut probes = Vec::new();
+    for n in &names {
+        probes.push(Conn::login(&addrs[n], &a.ami_user, &a.ami_secret).await?);
+    }
+    let mut last: Vec<u64> = Vec::new();
+    let mut stable_since = Instant::now();
+    let drain_deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < drain_deadline {
+        let mut now = Vec::new();
+        for p in &mut probes {
+            let m = p.request(&[("Action", "SimStats")]).await?;
+            now.push(
+                ami::get(&m, "SetvarTotal")
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0),
+            );
+        }
+        if now != last {
+            last = now;
+            stable_since = Instant::now();
+        } else if stable_since.elapsed() >= Duration::from_secs(1) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let after: Vec<Usage> = daemons
+        .iter()
+        .map(|(_, p)| procs::usage(*p, tck).unwrap_or_default())
+        .collect();
+
+    // 6. Convergence.
+    let mut mismatches = 0u64;
+    let mut checked = 0u64;
+    let mut example = None;
+    for (r, p) in probes.iter_mut().enumerate() {
+        let items = p.list(&[("Action", "DeviceStateList")]).await?;
+        let mut have = std::collections::HashMap::new();
+        for m in &items {
+            if let (Some(d), Some(st)) = (ami::get(m, "Device"), ami::get(m, "State")) {
+                have.insert(d.to_owned(), st.to_owned());
+            }
+        }
+        for (s, (k, _, _)) in driven.iter().enumerate() {
+            for j in 0..a.devices.min(*k as usize) {
+                // The last change of phone j was number k' = the largest k' < k with
+                // k' % devices == j.
+                let dn = a.devices as u64;
+                let last_k = j as u64 + dn * ((*k - 1 - j as u64) / dn);
+                let want = STATES[((last_k / a.devices as u64) as usize) % 4];
+                let key = if s == r {
+                    device(s, j)
+                } else {
+                    format!("Custom:{}", device(s, j))
+                };
+                checked += 1;
+                let got = have.get(&key).map(String::as_str).unwrap_or("(absent)");
+                if !got.eq_ignore_ascii_case(want) {
+                    mismatches += 1;
+                    example.get_or_insert(format!("{} {key}: {got}, want {want}", names[r]));
+                }
+            }
+        }
+    }
+
+    // 7. Figures.
+    tokio::time::sleep(Duration::from_millis(400)).await; // the trace flushes every 100 ms
+    let an = crate::analyze::analyze(&trace, start_ns, "PJSIP/b", &names)?;
+    let offered: u64 = driven.iter().map(|d| d.0).sum();
+    let accepted: u64 = driven.iter().map(|d| d.2).sum();
+    let drain_ms = an.last_set_ns.saturating_sub(load_end_ns) as f64 / 1e6;
+    let setvar_rates: BTreeMap<String, f64> = names
+        .iter()
+        .map(|n| {
+            let c = an.sets.get(n).copied().unwrap_or(0);
+            (n.clone(), c as f64 / load_secs)
+        })
+        .collect();
+    let updates_per_sec = an.changes as f64 / load_secs;
+    let delivered = an.latencies_us.len() as u64;
+    let daemon_json: Vec<serde_json::Value> = daemons
+        .iter()
+        .zip(before.iter().zip(&after))
+        .map(|((name, pid), (b, e))| {
+            json!({
+                "name": name, "pid": pid,
+                "cpu_percent": 100.0 * (e.cpu_secs - b.cpu_secs) / load_secs.max(1e-9),
+                "peak_rss_mib": e.peak_rss_kib as f64 / 1024.0,
+                "rss_mib": e.rss_kib as f64 / 1024.0,
+            })
+        })
+        .collect();
+    let max_setvar_rate = setvar_rates.values().copied().fold(0.0, f64::max);
+    let report = json!({
+        "topology": {"servers": a.servers, "hubs": a.hubs, "devices_per_server": a.devices,
+                      "rate_offered": a.rate, "duration_s": a.duration},
+        "ceilings": {
+            "setvar_per_sec": setvar_ceiling.map(|c| c.per_sec),
+            "setvar_target": a.asterisk.clone().unwrap_or_else(|| "simulator".into()),
+            "zmq_pubsub_msgs_per_sec": zmq_ceiling.map(|c| c.msgs_per_sec),
+            "zmq_msg_bytes": a.zmq_size,
+            "zmq_received_of_sent": zmq_ceiling.map(|c| format!("{}/{}", c.received, c.sent)),
+        },
+        "load": {"changes_sent": offered, "changes_accepted": accepted,
+                 "changes_traced": an.changes, "load_secs": load_secs,
+                 "updates_per_sec": updates_per_sec},
+        "propagation": {
+            "expected_deliveries": an.expected, "matched_deliveries": delivered,
+            "unmatched_conflated_or_lost": an.expected.saturating_sub(delivered),
+            "p50_ms": an.quantile_ms(0.5), "p99_ms": an.quantile_ms(0.99),
+            "p999_ms": an.quantile_ms(0.999), "max_ms": an.quantile_ms(1.0),
+            "drain_after_load_ms": drain_ms,
+        },
+        "setvar_per_sec_per_server": setvar_rates,
+        "ratios": {
+            "max_setvar_rate_to_setvar_ceiling": setvar_ceiling.map(|c| max_setvar_rate / c.per_sec),
+            "fanout_msgs_to_zmq_ceiling": zmq_ceiling.map(|c| updates_per_sec * a.servers as f64 / c.msgs_per_sec),
+        },
+        "daemons": daemon_json,
+        "convergence": {"checked": checked, "mismatches": mismatches, "converged": mismatches == 0,
+                        "example": example},
+        "logs": dir.display().to_string(),
+    });
+    print_table(&report);
+    // Daemons stop here (dropped); keep the temp dir alive until then.
+    drop(probes);
+    for (mut d, _) in agents.into_iter().chain(hubs) {
+        d.stop(Duration::from_secs(2));
+    }
+    drop(sim);
+    drop(tmp);
+    Ok(report)
+}
+
+fn f(v: &serde_json::Value) -> String {
+    match v.as_f64() {
+        Some(x) if x >= 100.0 => format!("{x:.0}"),
+        Some(x) => format!("{x:.3}"),
+        None if v.is_null() => "n/a".to_owned(),
+        None => v.to_string(),
+    }
+}
+
+fn print_table(r: &serde_json::Value) {
+    let t = &r["topology"];
+    println!(
+        "topology: {} servers, {} hub(s), {} phones/server, offered {} changes/s for {} s",
+        t["servers"], t["hubs"], t["devices_per_server"], t["rate_offered"], t["duration_s"]
+    );
+    let c = &r["ceilings"];
+    println!(
+        "ceilings: Setvar {} /s ({}), ZeroMQ PUB/SUB {} msg/s of {} B (received {})",
+        f(&c["setvar_per_sec"]),
+        c["setvar_target"].as_str().unwrap_or("?"),
+        f(&c["zmq_pubsub_msgs_per_sec"]),
+        c["zmq_msg_bytes"],
+        c["zmq_received_of_sent"].as_str().unwrap_or("n/a")
+    );
+    let l = &r["load"];
+    println!(
+        "load: {} sent, {} traced, {} updates/s sustained over {} s",
+        l["changes_sent"],
+        l["changes_traced"],
+        f(&l["updates_per_sec"]),
+        f(&l["load_secs"])
+    );
+    let p = &r["propagation"];
+    println!(
+        "propagation: p50 {} ms, p99 {} ms, p99.9 {} ms, max {} ms; {}/{} deliveries matched ({} conflated or lost); drain {} ms",
+        f(&p["p50_ms"]),
+        f(&p["p99_ms"]),
+        f(&p["p999_ms"]),
+        f(&p["max_ms"]),
+        p["matched_deliveries"],
+        p["expected_deliveries"],
+        p["unmatched_conflated_or_lost"],
+        f(&p["drain_after_load_ms"])
+    );
+    if let Some(m) = r["setvar_per_sec_per_server"].as_object() {
+        let parts: Vec<String> = m.iter().map(|(k, v)| format!("{k} {}", f(v))).collect();
+        println!("setvar/s per server: {}", parts.join(", "));
+    }
+    let q = &r["ratios"];
+    println!(
+        "ratios: busiest server Setvar/s / Setvar ceiling = {}; fan-out msg/s / ZeroMQ ceiling = {}",
+        f(&q["max_setvar_rate_to_setvar_ceiling"]),
+        f(&q["fanout_msgs_to_zmq_ceiling"])
+    );
+    println!("{:<22} {:>8} {:>14}", "daemon", "cpu %", "peak RSS MiB");
+    if let Some(ds) = r["daemons"].as_array() {
+        for d in ds {
+            println!(
+                "{:<22} {:>8} {:>14}",
+                d["name"].as_str().unwrap_or("?"),
+                f(&d["cpu_percent"]),
+                f(&d["peak_rss_mib"])
+            );
+        }
+    }
+    let v = &r["convergence"];
+    println!(
+        "convergence: {} ({} checked, {} mismatches{})",
+        if v["converged"].as_bool() == Some(true) {
+            "CONVERGED"
+        } else {
+            "NOT CONVERGED"
+        },
+        v["checked"],
+        v["mismatches"],
+        v["example"]
+            .as_str()
+            .map(|e| format!("; e.g. {e}"))
+            .unwrap_or_default()
+    );
+}
