@@ -159,14 +159,7 @@ pub fn start(
         let events = Arc::new(EventCounts::default());
         let verbose = cfg.general.verbose_messages || server.ami_trace;
         let (tx, rx) = mpsc::channel(4096);
-        tokio::spawn(tap(
-            server.name.clone(),
-            raw,
-            tx,
-            events.clone(),
-            verbose,
-            stop.clone(),
-        ));
+        tokio::spawn(tap(server.name.clone(), raw, tx, events.clone(), verbose));
         let now = now_millis();
         let node = Node::new(node_config(cfg, server), Epoch(now.0), now);
         let bus_stats = port.stats();
@@ -226,11 +219,12 @@ async fn tap(
     tx: mpsc::Sender<PbxEvent>,
     counts: Arc<EventCounts>,
     verbose: bool,
-    stop: CancellationToken,
 ) {
+    // Ends when the relay is gone (its receiver dropped) or the Pbx stopped; not on the
+    // shutdown token, so the relay sees its shutdown rather than a closed event stream.
     loop {
         let ev = tokio::select! {
-            () = stop.cancelled() => return,
+            () = tx.closed() => return,
             ev = raw.recv() => match ev {
                 Some(ev) => ev,
                 None => return,

@@ -1,0 +1,312 @@
+//! The broker against three simulated Asterisks (hintfed-sim, in process, over real AMI TCP)
+//! and, for res_zmq_manager reachability, the pyzmq stand-in of `tests/py/`: device and
+//! presence propagation, no loop, aggregation, a dead server not delaying the others,
+//! restart re-apply, down state on loss. The binary's own behaviour (original config file,
+//! exit 64, positional FILE, count_messages, SIGTERM) is in `tests/binary.rs`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use hintfed_core::{Presence, PresenceStatus};
+use hintfed_sim::DeviceState as S;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_and_presence_propagate_without_loop_and_aggregate() {
+    let sims = [sim("pbx-a").await, sim("pbx-b").await, sim("pbx-c").await];
+    let sections: Vec<String> = sims
+        .iter()
+        .enumerate()
+        .map(|(i, s)| ami_section(&format!("s{i}"), &format!("Console {}", i + 1), s))
+        .collect();
+    let b = Broker::start(&config("presence = yes\n", &sections)).await;
+    b.synced().await;
+    quiescent(&sims).await;
+
+    let before: Vec<u64> = sims.iter().map(|s| s.stats().setvar_total).collect();
+    sims[0]
+        .set_device_state("PJSIP/100", S::Inuse)
+        .expect("set");
+    eventually("Custom:PJSIP/100 INUSE on the two others", || {
+        custom(&sims[1], "PJSIP/100") == "INUSE" && custom(&sims[2], "PJSIP/100") == "INUSE"
+    })
+    .await;
+    // A marker after it: once it landed, anything the first change could cause has too.
+    sims[0]
+        .set_device_state("PJSIP/200", S::Ringing)
+        .expect("set");
+    eventually("marker on the two others", || {
+        custom(&sims[1], "PJSIP/200") == "RINGING" && custom(&sims[2], "PJSIP/200") == "RINGING"
+    })
+    .await;
+    let delta: Vec<u64> = sims
+        .iter()
+        .zip(&before)
+        .map(|(s, b)| s.stats().setvar_total - b)
+        .collect();
+    assert_eq!(
+        delta,
+        vec![0, 2, 2],
+        "one Setvar per change per other server, none back"
+    );
+    assert_ne!(
+        custom(&sims[0], "PJSIP/100"),
+        "INUSE",
+        "never mirrored to its origin"
+    );
+
+    // Presence with a comma in the message, set on the third server.
+    let before: Vec<u64> = sims.iter().map(|s| s.stats().setvar_total).collect();
+    let p = Presence::new(PresenceStatus::Dnd, "lunch", "back at 2, maybe");
+    sims[2]
+        .setvar("PRESENCE_STATE(CustomPresence:alice)", &p.to_setvar_value())
+        .expect("presence");
+    for s in &sims[..2] {
+        eventually("presence with its message on the others", || {
+            s.getvar("PRESENCE_STATE(CustomPresence:alice,value)") == "dnd"
+                && s.getvar("PRESENCE_STATE(CustomPresence:alice,subtype)") == "lunch"
+                && s.getvar("PRESENCE_STATE(CustomPresence:alice,message)") == "back at 2, maybe"
+        })
+        .await;
+    }
+    sims[0]
+        .set_device_state("PJSIP/200", S::NotInuse)
+        .expect("set");
+    eventually("marker", || {
+        custom(&sims[1], "PJSIP/200") == "NOT_INUSE" && custom(&sims[2], "PJSIP/200") == "NOT_INUSE"
+    })
+    .await;
+    let delta: Vec<u64> = sims
+        .iter()
+        .zip(&before)
+        .map(|(s, b)| s.stats().setvar_total - b)
+        .collect();
+    // First: the presence; second: the presence and the marker; third (where the dialplan
+    // wrote it, not counted as an AMI action): the marker only — the mirrors' echoes are
+    // suppressed by value, so nothing comes back to it.
+    assert_eq!(
+        delta,
+        vec![1, 2, 1],
+        "presence: one write per other server, no echo"
+    );
+
+    // A change made within 3 s of the mirrored one is not lost (the original's window).
+    let p2 = Presence::new(PresenceStatus::Available, "", "");
+    sims[1]
+        .setvar(
+            "PRESENCE_STATE(CustomPresence:alice)",
+            &p2.to_setvar_value(),
+        )
+        .expect("presence");
+    for s in [&sims[0], &sims[2]] {
+        eventually("quick second presence change", || {
+            s.getvar("PRESENCE_STATE(CustomPresence:alice,value)") == "available"
+        })
+        .await;
+    }
+
+    // The same device on two servers: aggregated by Asterisk's rules on the third.
+    sims[0]
+        .set_device_state("PJSIP/300", S::Inuse)
+        .expect("set");
+    sims[1]
+        .set_device_state("PJSIP/300", S::Ringing)
+        .expect("set");
+    eventually("RINGING + INUSE = RINGINUSE on the third", || {
+        custom(&sims[2], "PJSIP/300") == "RINGINUSE"
+    })
+    .await;
+    eventually("each of the two sees the other's", || {
+        custom(&sims[0], "PJSIP/300") == "RINGING" && custom(&sims[1], "PJSIP/300") == "INUSE"
+    })
+    .await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_server_does_not_delay_the_others() {
+    let sims = [sim("pbx-a").await, sim("pbx-b").await, sim("pbx-c").await];
+    let sections: Vec<String> = sims
+        .iter()
+        .enumerate()
+        .map(|(i, s)| ami_section(&format!("s{i}"), &format!("pbx {i}"), s))
+        .collect();
+    let b = Broker::start(&config("", &sections)).await;
+    b.synced().await;
+    quiescent(&sims).await;
+
+    let states = [
+        S::Inuse,
+        S::NotInuse,
+        S::Busy,
+        S::NotInuse,
+        S::Ringing,
+        S::NotInuse,
+    ];
+    let mut baseline = Duration::ZERO;
+    for st in states {
+        baseline = baseline.max(propagate(&sims[0], &sims[1], st).await);
+    }
+    // The third hangs: it reads every action and answers none.
+    sims[2].blackhole(None);
+    let hung_before = sims[2].stats().blackholed_actions;
+    let mut during = Duration::ZERO;
+    for st in states {
+        during = during.max(propagate(&sims[0], &sims[1], st).await);
+    }
+    assert!(
+        sims[2].stats().blackholed_actions > hung_before,
+        "the broker did write to the hung server meanwhile"
+    );
+    // The original broker waited out each request to a dead server in turn (the AMI action
+    // timeout is at least 5 s); a relay per server must not: stay well under a fraction of
+    // it, and within a generous multiple of the baseline.
+    let bound = (baseline * 20).max(Duration::from_millis(1250));
+    assert!(
+        during < bound,
+        "propagation between the live servers took {during:?} (baseline {baseline:?}, bound {bound:?})"
+    );
+    sims[2].unblackhole();
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_reapplies_and_a_lost_server_goes_down_state() {
+    let sims = [sim("pbx-a").await, sim("pbx-b").await, sim("pbx-c").await];
+    let sections: Vec<String> = sims
+        .iter()
+        .enumerate()
+        .map(|(i, s)| ami_section(&format!("s{i}"), &format!("pbx {i}"), s))
+        .collect();
+    let b = Broker::start(&config("down_state = UNAVAILABLE\n", &sections)).await;
+    b.synced().await;
+
+    sims[0].set_device_state("PJSIP/100", S::Busy).expect("set");
+    // A phone only the third server has (the hinted ones are reported idle by every server,
+    // and idle outranks UNAVAILABLE in Asterisk's aggregate).
+    sims[2].set_device_state("PJSIP/c1", S::Inuse).expect("set");
+    eventually("states applied", || {
+        custom(&sims[1], "PJSIP/100") == "BUSY"
+            && custom(&sims[1], "PJSIP/c1") == "INUSE"
+            && custom(&sims[0], "PJSIP/c1") == "INUSE"
+    })
+    .await;
+
+    // The second restarts: its Custom: devices with '/' do not survive; the broker re-applies.
+    let syncs = b.full_syncs(1);
+    sims[1].restart(Duration::ZERO);
+    eventually("restart seen", || b.full_syncs(1) > syncs).await;
+    eventually("every remote state back on the restarted server", || {
+        custom(&sims[1], "PJSIP/100") == "BUSY" && custom(&sims[1], "PJSIP/c1") == "INUSE"
+    })
+    .await;
+
+    // The third is lost (its Asterisk goes away): its devices show down_state elsewhere.
+    sims[2].restart(Duration::from_secs(60));
+    eventually(
+        "the lost server's device is UNAVAILABLE on the others",
+        || {
+            custom(&sims[0], "PJSIP/c1") == "UNAVAILABLE"
+                && custom(&sims[1], "PJSIP/c1") == "UNAVAILABLE"
+        },
+    )
+    .await;
+    // The others keep working meanwhile.
+    sims[0]
+        .set_device_state("PJSIP/100", S::NotInuse)
+        .expect("set");
+    eventually("live pair unaffected", || {
+        custom(&sims[1], "PJSIP/100") == "NOT_INUSE"
+    })
+    .await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn res_zmq_manager_servers_through_the_standin() {
+    if !python_with_zmq() {
+        eprintln!("skipped: python3 with pyzmq not available");
+        return;
+    }
+    let sims = [sim("pbx-a").await, sim("pbx-b").await, sim("pbx-c").await];
+    // a: events and actions over res_zmq_manager; b: AMI; c: mixed (events from
+    // res_zmq_manager, actions over AMI).
+    let mut za = Standin::start(&sims[0]).await;
+    let mut zc = Standin::start(&sims[2]).await;
+    let sections = vec![
+        format!(
+            "[za]\nname = Console 1\naddr = 127.0.0.1\ncmd_port = {}\nevt_port = {}\nami_trace = no\n",
+            za.cmd, za.evt
+        ),
+        ami_section("b", "Console 2", &sims[1]),
+        format!(
+            "[zc]\nname = Console 3\naddr = 127.0.0.1\ncmd_port = {}\nevt_port = {}\nami_port = {}\nusername = admin\nsecret = adminsecret\n",
+            zc.cmd,
+            zc.evt,
+            sims[2].local_addr().port()
+        ),
+    ];
+    let b = Broker::start(&config("presence = yes\n", &sections)).await;
+    b.synced().await;
+
+    sims[0]
+        .set_device_state("PJSIP/100", S::Inuse)
+        .expect("set");
+    eventually("zmq events → AMI and mixed", || {
+        custom(&sims[1], "PJSIP/100") == "INUSE" && custom(&sims[2], "PJSIP/100") == "INUSE"
+    })
+    .await;
+    sims[1].set_device_state("PJSIP/200", S::Busy).expect("set");
+    eventually("AMI events → Setvar over res_zmq_manager", || {
+        custom(&sims[0], "PJSIP/200") == "BUSY" && custom(&sims[2], "PJSIP/200") == "BUSY"
+    })
+    .await;
+    sims[2]
+        .set_device_state("PJSIP/300", S::Ringing)
+        .expect("set");
+    eventually("mixed server's events", || {
+        custom(&sims[0], "PJSIP/300") == "RINGING" && custom(&sims[1], "PJSIP/300") == "RINGING"
+    })
+    .await;
+    let p = Presence::new(PresenceStatus::Away, "meeting", "room 4, floor 2");
+    sims[1]
+        .setvar("PRESENCE_STATE(CustomPresence:bob)", &p.to_setvar_value())
+        .expect("presence");
+    eventually("presence through res_zmq_manager keeps its message", || {
+        sims[0].getvar("PRESENCE_STATE(CustomPresence:bob,message)") == "room 4, floor 2"
+            && sims[2].getvar("PRESENCE_STATE(CustomPresence:bob,value)") == "away"
+    })
+    .await;
+
+    // The res_zmq_manager server hangs (SIGUSR1: requests read, never answered, no events):
+    // the two others keep propagating promptly.
+    let mut baseline = Duration::ZERO;
+    let states = [S::Inuse, S::NotInuse, S::Busy, S::NotInuse];
+    for st in states {
+        baseline = baseline.max(propagate(&sims[1], &sims[2], st).await);
+    }
+    za.blackhole();
+    let mut during = Duration::ZERO;
+    for st in states {
+        during = during.max(propagate(&sims[1], &sims[2], st).await);
+    }
+    let bound = (baseline * 20).max(Duration::from_millis(500));
+    assert!(
+        during < bound,
+        "propagation between the live servers took {during:?} (baseline {baseline:?}, bound {bound:?})"
+    );
+    // Nobody sent Getvar through res_zmq_manager (the stand-in exits 139 if anyone does).
+    za.assert_alive();
+    zc.assert_alive();
+    b.stop().await;
+}
+
+/// Sets `PJSIP/timed` (a phone no other server reports) to `st` on `from` and returns how
+/// long until `to` shows it.
+async fn propagate(from: &hintfed_sim::SimHandle, to: &hintfed_sim::SimHandle, st: S) -> Duration {
+    let t0 = Instant::now();
+    from.set_device_state("PJSIP/timed", st).expect("set");
+    eventually("propagation", || custom(to, "PJSIP/timed") == st.as_str()).await;
+    t0.elapsed()
+}
