@@ -1,0 +1,266 @@
+//! The built `hintfed-broker` binary: the original zmq-ami-broker `example_config.ini` loads
+//! as is, a bad file exits 64 with one line naming file, section, key and problem, and a run
+//! with the positional FILE propagates between two simulated Asterisks, logs message counts
+//! and every message when asked, serves the status API and stops cleanly on SIGTERM.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use hintfed_sim::DeviceState as S;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const BIN: &str = env!("CARGO_BIN_EXE_hintfed-broker");
+/// Byte for byte `shared/fixtures/zmq-ami-broker/example_config.ini`.
+const ORIGINAL: &str = include_str!("data/example_config.ini");
+
+fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
+    let p = dir.path().join(name);
+    std::fs::write(&p, text).expect("write");
+    p.display().to_string()
+}
+
+#[test]
+fn the_original_example_config_loads_as_is() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = write(&dir, "example_config.ini", ORIGINAL);
+    for args in [
+        vec![file.as_str(), "--check-config"],
+        vec!["--config", &file, "--check-config"],
+    ] {
+        let out = Command::new(BIN).args(&args).output().expect("run");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(stderr.contains("configuration OK"), "{stderr}");
+        assert!(
+            !stderr.contains("warning"),
+            "no warnings for the original: {stderr}"
+        );
+        for want in [
+            "[server-1]",
+            "name = Console 1",
+            "cmd_port = 33333",
+            "evt_port = 44444",
+            "[server-2]",
+            "name = Console 2",
+            "sections = server-1, server-2",
+            "request_timeout = 1s",
+        ] {
+            assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");
+        }
+    }
+}
+
+#[test]
+fn a_bad_file_exits_64_naming_file_section_key_and_problem() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        (
+            ORIGINAL.replace("cmd_port = 44444", "cmd_port = 70000"),
+            "[server-2] cmd_port: \"70000\" is not a port number",
+        ),
+        (
+            ORIGINAL.replace(
+                "sections = server-1, server-2",
+                "sections = server-1, server-9",
+            ),
+            "[servers] sections: \"server-9\" is listed but the file has no [server-9] section",
+        ),
+        (
+            ORIGINAL.replace("log_level = info", "log_level = chatty"),
+            "[general] log_level:",
+        ),
+        (
+            ORIGINAL.replace(
+                "name = Console 2\naddr = 192.168.56.101\n",
+                "name = Console 2\n",
+            ),
+            "[server-2] addr: missing",
+        ),
+    ];
+    for (text, want) in cases {
+        let file = write(&dir, "broken.ini", &text);
+        let out = Command::new(BIN).arg(&file).output().expect("run");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{stderr}");
+        let line = stderr.trim_end();
+        assert!(!line.contains('\n'), "one line: {stderr:?}");
+        assert!(
+            line.starts_with(&format!("config error: {file}: ")),
+            "{line}"
+        );
+        assert!(line.contains(want), "want {want:?} in {line:?}");
+    }
+    let out = Command::new(BIN)
+        .arg(dir.path().join("missing.ini"))
+        .output()
+        .expect("run");
+    assert_eq!(out.status.code(), Some(64));
+}
+
+#[test]
+fn help_and_version() {
+    let out = Command::new(BIN).arg("--help").output().expect("run");
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0));
+    for want in [
+        "[FILE]",
+        "--config",
+        "--check-config",
+        "--log-format",
+        "-v",
+        "-q",
+        "Examples:",
+        "hintfed-broker /etc/hintfed/broker.ini",
+    ] {
+        assert!(help.contains(want), "missing {want:?} in help:\n{help}");
+    }
+    let out = Command::new(BIN).arg("--version").output().expect("run");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("hintfed-broker "));
+}
+
+struct Proc {
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+}
+
+impl Proc {
+    fn spawn(args: &[&str]) -> Proc {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let lines = Arc::new(Mutex::new(Vec::new()));
+        let l2 = lines.clone();
+        let err = child.stderr.take().expect("stderr");
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                l2.lock().expect("lock").push(line);
+            }
+        });
+        Proc { child, lines }
+    }
+
+    fn has(&self, needle: &str) -> bool {
+        self.lines
+            .lock()
+            .expect("lock")
+            .iter()
+            .any(|l| l.contains(needle))
+    }
+
+    fn dump(&self) -> String {
+        self.lines.lock().expect("lock").join("\n")
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, text))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_with_the_positional_file_counts_and_stops_on_sigterm() {
+    let a = sim("pbx-a").await;
+    let b = sim("pbx-b").await;
+    let http = free_port();
+    let text = format!(
+        "{}\n[http]\nlisten = 127.0.0.1:{http}\n",
+        config(
+            "count_messages = yes\ncount_interval = 200ms\nverbose_messages = yes\n",
+            &[
+                ami_section("server-1", "Console 1", &a),
+                ami_section("server-2", "Console 2", &b)
+            ],
+        )
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = write(&dir, "broker.ini", &text);
+    // Set before the broker connects: its full sync (DeviceStateList) picks it up.
+    a.set_device_state("PJSIP/100", S::Inuse).expect("set");
+    let mut p = Proc::spawn(&[&file]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while custom(&b, "PJSIP/100") != "INUSE" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no propagation:\n{}",
+            p.dump()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // And a change while it runs.
+    a.set_device_state("PJSIP/200", S::Busy).expect("set");
+    eventually("live change", || custom(&b, "PJSIP/200") == "BUSY").await;
+    eventually("count and verbose log lines", || {
+        p.has("message counts") && p.has("event DeviceStateChange") && p.has("PJSIP/100")
+    })
+    .await;
+    let mut ready = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while ready.is_none() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no /readyz 200:\n{}",
+            p.dump()
+        );
+        if let Some((200, _)) = http_get(http, "/readyz").await {
+            ready = Some(());
+        } else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let (code, origins) = http_get(http, "/api/origins").await.expect("origins");
+    assert_eq!(code, 200);
+    assert!(
+        origins.contains("Console 1") && origins.contains("Console 2"),
+        "{origins}"
+    );
+    let (code, metrics) = http_get(http, "/metrics").await.expect("metrics");
+    assert_eq!(code, 200);
+    assert!(
+        metrics.contains("Console 1"),
+        "per-server labels: {metrics}"
+    );
+
+    let ok = Command::new("kill")
+        .args(["-TERM", &p.child.id().to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(s) = p.child.try_wait().expect("try_wait") {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no exit after SIGTERM"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(status.code(), Some(0), "{}", p.dump());
+}
