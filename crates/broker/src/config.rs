@@ -644,6 +644,23 @@ mod tests {
     }
 
     #[test]
+    fn annotated_example_loads_without_warnings() {
+        let file = ConfigFile::parse(
+            "example_broker.ini",
+            include_str!("../example_broker.ini"),
+            Vec::<(String, String)>::new(),
+            ENV_SECTIONS,
+        )
+        .expect("parse");
+        let c = BrokerConfig::from_file(&file).expect("valid");
+        assert!(file.warnings().is_empty(), "{:?}", file.warnings());
+        assert_eq!(c.servers.len(), 3);
+        assert_eq!(c.servers[2].asterisk.source, Via::Zmq);
+        assert_eq!(c.servers[2].asterisk.apply, Via::Ami);
+        assert!(c.general.presence);
+    }
+
+    #[test]
     fn ami_and_mixed_sections() {
         let c = load(
             "[servers]\nsections = a, b, c\n[a]\naddr = 10.0.0.1\nami_port = 5038\nusername = u\nsecret = s\n\
