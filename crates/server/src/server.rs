@@ -20,6 +20,8 @@ use hintfed_transport::{
     Frames, HubBind, HubBindConfig, Limits, PubBind, PullBind, RouterMessage, StatsSnapshot,
     TransportError,
 };
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use tokio::sync::mpsc;
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
@@ -32,6 +34,8 @@ use crate::status;
 pub const MAX_LEGACY_ORIGINS: usize = 1024;
 /// Most peers (routing identities) remembered; the least recently heard is forgotten first.
 pub const MAX_PEERS: usize = 65_536;
+/// Most ROUTER messages handled before their output is sent.
+const BATCH: usize = 255;
 /// Rate limit of warnings about rejected input: at most this many per [`WARN_WINDOW`].
 const WARN_BURST: u32 = 10;
 const WARN_WINDOW: Duration = Duration::from_secs(10);
@@ -347,6 +351,7 @@ impl Server {
         } = self;
         let keys = cfg.key_ring();
         let limits = core_limits(&cfg);
+        let counters = Counters::new(&hooks.metrics);
         let mut rt = Runtime {
             verifier: Verifier::new(keys.clone(), limits.clone()),
             keys,
@@ -364,6 +369,7 @@ impl Server {
             legacy_on: legacy.is_some(),
             next_legacy_hb: Millis(0),
             outbox: Vec::new(),
+            counters,
             warn: RateLimit::default(),
             seen_transport: StatsSnapshot::default(),
             seen_pull: StatsSnapshot::default(),
@@ -388,7 +394,16 @@ impl Server {
             tokio::select! {
                 () = shutdown.cancelled() => break Ok(()),
                 msg = router_rx.recv() => match msg {
-                    Some(m) => rt.on_router(m),
+                    Some(m) => {
+                        rt.on_router(m);
+                        // Take what else is queued before sending (fewer wake-ups under load).
+                        for _ in 0..BATCH {
+                            match router_rx.try_recv() {
+                                Ok(m) => rt.on_router(m),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => break Err(ServerError::Closed),
                 },
                 frames = async {
@@ -503,9 +518,38 @@ struct Runtime {
     legacy_on: bool,
     next_legacy_hb: Millis,
     outbox: Vec<Out>,
+    counters: Counters,
     warn: RateLimit,
     seen_transport: StatsSnapshot,
     seen_pull: StatsSnapshot,
+}
+
+/// The per-kind counters, looked up once (a family lookup takes a lock and a hash).
+struct Counters {
+    received: [Counter; 3],
+    published: [Counter; 3],
+}
+
+const KINDS: [MetricKind; 3] = [MetricKind::Device, MetricKind::Presence, MetricKind::Other];
+
+fn kind_index(kind: MetricKind) -> usize {
+    match kind {
+        MetricKind::Device => 0,
+        MetricKind::Presence => 1,
+        MetricKind::Other => 2,
+    }
+}
+
+impl Counters {
+    fn new(m: &Metrics) -> Self {
+        let family = |f: &Family<KindLabels, Counter>| {
+            KINDS.map(|kind| f.get_or_create(&KindLabels { kind }).clone())
+        };
+        Counters {
+            received: family(&m.updates_received),
+            published: family(&m.updates_published),
+        }
+    }
 }
 
 fn metric_kind(env: &Envelope) -> MetricKind {
@@ -626,16 +670,8 @@ impl Runtime {
         };
         if ingest == Ingest::Forward {
             let kind = metric_kind(env);
-            self.hooks
-                .metrics
-                .updates_received
-                .get_or_create(&KindLabels { kind })
-                .inc();
-            self.hooks
-                .metrics
-                .updates_published
-                .get_or_create(&KindLabels { kind })
-                .inc();
+            self.counters.received[kind_index(kind)].inc();
+            self.counters.published[kind_index(kind)].inc();
             self.outbox.push(Out::Publish(vec![
                 Bytes::from_static(env.topic().as_bytes()),
                 payload,
@@ -694,6 +730,9 @@ impl Runtime {
             return;
         };
         let down = info.down.is_some();
+        if self.known.get(origin) == Some(&down) {
+            return;
+        }
         let before = self.known.insert(origin.to_owned(), down);
         if before == Some(down) {
             return;
@@ -765,13 +804,7 @@ impl Runtime {
                             s.stats.origin_down_notices += 1;
                         }
                     }
-                    self.hooks
-                        .metrics
-                        .updates_published
-                        .get_or_create(&KindLabels {
-                            kind: MetricKind::Other,
-                        })
-                        .inc();
+                    self.counters.published[kind_index(MetricKind::Other)].inc();
                     self.outbox.push(Out::Publish(vec![
                         Bytes::from_static(env.topic().as_bytes()),
                         Bytes::from(bytes),
