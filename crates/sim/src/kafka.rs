@@ -10,8 +10,8 @@
 //! - body, `format = ami`: `EntityID:` and `SystemName:` lines **before** the event (which
 //!   carries its own `SystemName` again), CRLF line ends, a trailing empty line.
 //!
-//! One difference from the module: [`KafkaPublisher::start`] creates a missing topic (the
-//! module does not), so tests need no separate step.
+//! One difference from the module: [`KafkaPublisher::start`] creates the topic when it is
+//! missing (the module does not), so tests need no separate step.
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -21,7 +21,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::config::ClientConfig;
 use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use tokio::sync::broadcast;
 use tracing::{debug, warn};
 
@@ -226,39 +226,63 @@ impl KafkaPublisher {
     ) -> Result<Self, KafkaSimError> {
         let mut cc = ClientConfig::new();
         cc.set("bootstrap.servers", &cfg.brokers);
-        let admin: AdminClient<_> = cc
-            .create()
-            .map_err(|e| KafkaSimError::Client(e.to_string()))?;
-        let topic = NewTopic::new(&cfg.topic, 1, TopicReplication::Fixed(1));
-        let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
-        match admin.create_topics([&topic], &opts).await {
-            Ok(results) => {
-                for r in results {
-                    match r {
-                        Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                        Err((t, code)) => {
-                            return Err(KafkaSimError::CreateTopic {
-                                topic: t,
-                                reason: code.to_string(),
-                            });
-                        }
-                    }
-                }
-            }
-            Err(e) => {
-                return Err(KafkaSimError::CreateTopic {
-                    topic: cfg.topic.clone(),
-                    reason: e.to_string(),
-                });
-            }
-        }
         let producer: FutureProducer = cc
+            .clone()
             .set("linger.ms", "1")
             .create()
             .map_err(|e| KafkaSimError::Client(e.to_string()))?;
+        let exists = {
+            let p = producer.clone();
+            let topic = cfg.topic.clone();
+            tokio::task::spawn_blocking(move || {
+                p.client()
+                    .fetch_metadata(Some(&topic), Duration::from_secs(10))
+                    .is_ok_and(|md| {
+                        md.topics().iter().any(|t| {
+                            t.name() == topic && t.error().is_none() && !t.partitions().is_empty()
+                        })
+                    })
+            })
+            .await
+            .unwrap_or(false)
+        };
+        if !exists {
+            create_topic(&cc, &cfg.topic).await?;
+        }
         let task = tokio::spawn(publish(producer, cfg, events));
         Ok(KafkaPublisher { task })
     }
+}
+
+/// Creates `name` (one partition, so per-key order is total order).
+async fn create_topic(cc: &ClientConfig, name: &str) -> Result<(), KafkaSimError> {
+    let admin: AdminClient<_> = cc
+        .create()
+        .map_err(|e| KafkaSimError::Client(e.to_string()))?;
+    let topic = NewTopic::new(name, 1, TopicReplication::Fixed(1));
+    let opts = AdminOptions::new()
+        .operation_timeout(Some(Duration::from_secs(10)))
+        .request_timeout(Some(Duration::from_secs(10)));
+    let results =
+        admin
+            .create_topics([&topic], &opts)
+            .await
+            .map_err(|e| KafkaSimError::CreateTopic {
+                topic: name.to_owned(),
+                reason: e.to_string(),
+            })?;
+    for r in results {
+        match r {
+            Ok(_) | Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, code)) => {
+                return Err(KafkaSimError::CreateTopic {
+                    topic: t,
+                    reason: code.to_string(),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 async fn publish(

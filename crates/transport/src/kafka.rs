@@ -272,6 +272,25 @@ pub struct KafkaStats {
     pub self_resyncs: u64,
 }
 
+/// Replaces the keys of a running [`KafkaTransport`] (see [`KafkaTransport::keys_handle`]).
+#[derive(Clone)]
+pub struct KafkaKeys {
+    cmd_tx: mpsc::UnboundedSender<Cmd>,
+}
+
+impl fmt::Debug for KafkaKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaKeys").finish_non_exhaustive()
+    }
+}
+
+impl KafkaKeys {
+    /// Replaces the keys; false when the transport is gone.
+    pub fn set(&self, keys: KeyRing) -> bool {
+        self.cmd_tx.send(Cmd::SetKeys(keys)).is_ok()
+    }
+}
+
 /// Which topic and key an envelope is published under; `None`: not published on Kafka.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Route {
@@ -578,6 +597,14 @@ impl KafkaTransport {
     /// Replaces the keys that verify records and seal local snapshots (SIGHUP).
     pub fn set_keys(&self, keys: KeyRing) {
         let _ = self.cmd_tx.send(Cmd::SetKeys(keys));
+    }
+
+    /// A handle that replaces the keys later, for whoever reloads the configuration while
+    /// the transport itself is owned by the relay.
+    pub fn keys_handle(&self) -> KafkaKeys {
+        KafkaKeys {
+            cmd_tx: self.cmd_tx.clone(),
+        }
     }
 
     /// The counters so far.
