@@ -207,6 +207,44 @@ async fn serves_agents_and_http_then_exits_0_on_sigterm() {
     assert!(origins.contains("\"pbx-a\""), "{origins}");
 
     let pid = child.0.id().to_string();
+    // SIGHUP: the shared keys are re-read (rotation: a new key first, the old one kept).
+    std::fs::write(
+        &path,
+        format!(
+            "[general]\nname = hub-bin\n[federation]\nshared_keys = rotated, s3cret\n\
+             [server]\nlisten = tcp://127.0.0.1:{port}\n[http]\nlisten = 127.0.0.1:{http}\n"
+        ),
+    )
+    .expect("rewrite config");
+    let hup = Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .expect("kill");
+    assert!(hup.success());
+    let mut n = FakeAgent::connect("pbx-n", &eps, KeyRing::from_secrets(["rotated"])).await;
+    n.full_sync(vec![]);
+    let deadline = Instant::now() + WITHIN;
+    let mut state = DeviceState::Ringing;
+    loop {
+        // Until the reload is applied the hub refuses the new key; keep changing state.
+        n.event(LocalEvent::device("PJSIP/200", state));
+        state = if state == DeviceState::Ringing {
+            DeviceState::Busy
+        } else {
+            DeviceState::Ringing
+        };
+        n.pump(Duration::from_millis(50)).await;
+        let body = tokio::task::spawn_blocking(move || get(http, "/api/state"))
+            .await
+            .expect("get");
+        if body.is_some_and(|(_, b)| b.contains("PJSIP/200")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "new key never accepted after SIGHUP"
+        );
+    }
     let killed = Command::new("kill")
         .args(["-TERM", &pid])
         .status()
