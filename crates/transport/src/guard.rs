@@ -39,6 +39,38 @@ pub(crate) struct Inspector {
     message_frames: usize,
 }
 
+/// Rate limit of the guard's warnings: at most one per kind per second (process-wide); the
+/// ones held back are counted and reported with the next (a flood must not flood the log).
+struct WarnLimit {
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+    held_back: std::sync::atomic::AtomicU64,
+}
+
+impl WarnLimit {
+    const fn new() -> Self {
+        Self {
+            last: std::sync::Mutex::new(None),
+            held_back: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(held back since the last warning)` when a warning may be logged now.
+    fn allow(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let now = std::time::Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| now.duration_since(t) < std::time::Duration::from_secs(1)) {
+            self.held_back.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        *last = Some(now);
+        Some(self.held_back.swap(0, Ordering::Relaxed))
+    }
+}
+
+static REFUSED_WARN: WarnLimit = WarnLimit::new();
+static OVERSIZE_WARN: WarnLimit = WarnLimit::new();
+
 /// A peer announced more than the limits allow.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct Violation;
@@ -168,7 +200,9 @@ impl Guard {
                     Ok((stream, peer)) => {
                         let Ok(slot) = slots.clone().try_acquire_owned() else {
                             stats.refused_connections();
-                            tracing::warn!(%peer, max_connections, "too many connections; refused");
+                            if let Some(held_back) = REFUSED_WARN.allow() {
+                                tracing::warn!(%peer, max_connections, held_back, "too many connections; refused");
+                            }
                             continue;
                         };
                         let token = token.clone();
@@ -236,7 +270,9 @@ async fn forward(
             };
             if inspector.feed(&buf[..n]).is_err() {
                 stats.dropped_oversize();
-                tracing::warn!(%peer, "peer announced an oversize ZeroMQ message; connection closed");
+                if let Some(held_back) = OVERSIZE_WARN.allow() {
+                    tracing::warn!(%peer, held_back, "peer announced an oversize ZeroMQ message; connection closed");
+                }
                 return;
             }
             if inner_w.write_all(&buf[..n]).await.is_err() {
@@ -321,6 +357,18 @@ pub(crate) async fn guard_socket<S: zeromq::Socket>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn warnings_are_rate_limited_and_count_what_was_held_back() {
+        let w = WarnLimit::new();
+        assert_eq!(w.allow(), Some(0));
+        assert_eq!(w.allow(), None);
+        assert_eq!(w.allow(), None);
+        // A second later the next warning reports the two held back.
+        *w.last.lock().expect("lock") =
+            Some(std::time::Instant::now() - std::time::Duration::from_secs(2));
+        assert_eq!(w.allow(), Some(2));
+    }
 
     fn limits() -> Limits {
         Limits {
