@@ -3,7 +3,7 @@
 //! For each server section: [`Pbx::start`] with the agent's [`pbx_config`] → a tap task
 //! (counts for `count_messages`, log lines for `verbose_messages`/`ami_trace`) → a
 //! [`Relay`] driving a [`Node`] (origin = the section's `name`, snapshots off) whose
-//! transport is that server's [`BusPort`]. What one relay publishes reaches every other
+//! transport is that server's [`BusPort`](crate::bus::BusPort). What one relay publishes reaches every other
 //! relay, which applies it to its own Asterisk (`Setvar DEVICE_STATE(Custom:<device>)`,
 //! `Setvar PRESENCE_STATE(CustomPresence:<name>)`). Everything the agent does — echo
 //! suppression by value, aggregation, apply queue, resync on (re)connect and restart,

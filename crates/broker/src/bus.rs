@@ -4,8 +4,10 @@
 //!
 //! # Full-channel policy
 //! Each port's inbound queue is bounded ([`BusConfig::capacity`], default 8192 messages).
-//! `publish` never waits: it `try_send`s to each other port, and when a port's queue is full
-//! the message is dropped *for that port only*, counted ([`BusPortStats::dropped`]) and the
+//! `publish` never waits for a receiver: it `try_send`s to each other port; when a port's
+//! queue is full it yields once (so that relay can run and drain, which matters on a busy or
+//! single-threaded runtime) and tries again, and if the queue is still full the message is
+//! dropped *for that port only*, counted ([`BusPortStats::dropped`]) and the
 //! (receiver, sender) pair is remembered. A slow relay therefore never stalls the others (the
 //! original broker's flaw was waiting on each server in turn). Because the broker's nodes run
 //! with snapshots off, a dropped update would otherwise stay lost until the key changes
@@ -272,13 +274,23 @@ impl BusPort {
         self.stats.clone()
     }
 
-    /// Delivers `[topic, payload]` to every other port; returns how many took it.
+    /// Delivers `[topic, payload]` to every other port without waiting; returns how many took
+    /// it (a full queue drops the message for that port, see the module docs).
     pub fn send(&self, topic: &str, payload: Bytes) -> usize {
+        let (delivered, full) = self.offer(topic, payload);
+        self.dropped(full.into_iter().map(|(r, _)| r));
+        delivered
+    }
+
+    /// Tries every other port once; returns the number delivered and the messages refused by
+    /// full queues (by port index).
+    fn offer(&self, topic: &str, payload: Bytes) -> (usize, Vec<(usize, Incoming)>) {
         self.stats.published.fetch_add(1, Ordering::Relaxed);
         let topic = Bytes::copy_from_slice(topic.as_bytes());
-        let mut slots = self.bus.slots();
+        let slots = self.bus.slots();
         let mut delivered = 0;
-        for (i, s) in slots.iter_mut().enumerate() {
+        let mut full = Vec::new();
+        for (i, s) in slots.iter().enumerate() {
             if i == self.index {
                 continue;
             }
@@ -292,24 +304,60 @@ impl BusPort {
                     s.stats.received.fetch_add(1, Ordering::Relaxed);
                     delivered += 1;
                 }
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    let n = s.stats.dropped.fetch_add(1, Ordering::Relaxed);
-                    if n == 0 || s.lost_from.is_empty() {
-                        warn!(to = %s.origin, "bus: relay inbound queue full; message dropped (repaired by a republish)");
-                    }
-                    s.lost_from.insert(self.index);
-                }
+                Err(mpsc::error::TrySendError::Full(msg)) => full.push((i, msg)),
                 // The receiving relay stopped; nothing to do.
                 Err(mpsc::error::TrySendError::Closed(_)) => {}
             }
         }
-        delivered
+        (delivered, full)
+    }
+
+    /// One more try for each refused message; returns how many went through.
+    fn retry(&self, full: Vec<(usize, Incoming)>) -> (usize, Vec<usize>) {
+        let slots = self.bus.slots();
+        let mut delivered = 0;
+        let mut still = Vec::new();
+        for (r, msg) in full {
+            let Some(s) = slots.get(r) else { continue };
+            match s.tx.try_send(msg) {
+                Ok(()) => {
+                    s.stats.received.fetch_add(1, Ordering::Relaxed);
+                    delivered += 1;
+                }
+                Err(mpsc::error::TrySendError::Full(_)) => still.push(r),
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+            }
+        }
+        (delivered, still)
+    }
+
+    /// Records drops for these receiving ports (the repair asks us to republish later).
+    fn dropped(&self, ports: impl IntoIterator<Item = usize>) {
+        let mut slots = self.bus.slots();
+        for r in ports {
+            let Some(s) = slots.get_mut(r) else { continue };
+            let n = s.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            if n == 0 || s.lost_from.is_empty() {
+                warn!(to = %s.origin, "bus: relay inbound queue full; message dropped (repaired by a republish)");
+            }
+            s.lost_from.insert(self.index);
+        }
     }
 }
 
 impl FederationTransport for BusPort {
+    /// Like [`BusPort::send`], except that when a receiver's queue is full it yields once
+    /// (letting that relay run, which matters most on a busy or single-threaded runtime)
+    /// and tries again before dropping. It never waits for a receiver beyond that yield.
     async fn publish(&self, topic: &str, payload: Bytes) -> Result<usize, TransportError> {
-        Ok(self.send(topic, payload))
+        let (mut delivered, full) = self.offer(topic, payload);
+        if !full.is_empty() {
+            tokio::task::yield_now().await;
+            let (more, still) = self.retry(full);
+            delivered += more;
+            self.dropped(still);
+        }
+        Ok(delivered)
     }
 
     fn take_incoming(&self) -> Option<mpsc::Receiver<Incoming>> {

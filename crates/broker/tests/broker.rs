@@ -310,3 +310,140 @@ async fn propagate(from: &hintfed_sim::SimHandle, to: &hintfed_sim::SimHandle, s
     eventually("propagation", || custom(to, "PJSIP/timed") == st.as_str()).await;
     t0.elapsed()
 }
+
+/// A burst published while one relay does not read at all (not started yet) overflows its
+/// bus queue: the bus drops for that relay only, and once it reads again the sender is asked
+/// to republish, so every state still lands (the full-queue policy of `hintfed_broker::bus`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drops_for_a_stalled_relay_are_repaired_by_a_republish() {
+    use hintfed_agent::agent::pbx_config;
+    use hintfed_agent::relay::{Relay, RelayHooks, now_millis};
+    use hintfed_asterisk::Pbx;
+    use hintfed_broker::broker::{node_config, relay_config};
+    use hintfed_broker::bus::{BusConfig, InProcessBus};
+    use hintfed_broker::config::{BrokerConfig, ENV_SECTIONS};
+    use hintfed_core::{Epoch, Node};
+    use hintfed_daemon::config::ConfigFile;
+    use tokio_util::sync::CancellationToken;
+
+    let sims = [sim("pbx-a").await, sim("pbx-b").await];
+    let sections: Vec<String> = sims
+        .iter()
+        .enumerate()
+        .map(|(i, s)| ami_section(&format!("s{i}"), &format!("pbx {i}"), s))
+        .collect();
+    let text = config("", &sections);
+    let file = ConfigFile::parse("b.ini", &text, Vec::<(String, String)>::new(), ENV_SECTIONS)
+        .expect("parse");
+    let cfg = BrokerConfig::from_file(&file).expect("valid");
+    let bus = InProcessBus::new(BusConfig { capacity: 16 });
+    let ports: Vec<_> = cfg
+        .servers
+        .iter()
+        .map(|s| bus.port(s.name.clone()))
+        .collect();
+    let stop = CancellationToken::new();
+    tokio::spawn(
+        bus.clone()
+            .run_repair(Duration::from_millis(50), stop.clone()),
+    );
+    let mut ports = ports.into_iter();
+    let spawn_relay = |i: usize, port| {
+        let server = &cfg.servers[i];
+        let pbx = Pbx::start(pbx_config(&server.asterisk)).expect("pbx");
+        let now = now_millis();
+        let node = Node::new(node_config(&cfg, server), Epoch(now.0), now);
+        let relay = Relay::new(
+            node,
+            pbx,
+            port,
+            relay_config(&cfg, server),
+            RelayHooks::default(),
+        )
+        .expect("relay");
+        let status = relay.handle().status();
+        tokio::spawn(relay.run(stop.clone()));
+        status
+    };
+    let port_a = ports.next().expect("port a");
+    let a_stats = port_a.stats();
+    let a = spawn_relay(0, port_a);
+    let port_b = ports.next().expect("port b");
+    let b_stats = port_b.stats();
+    eventually("a synced", || a.counters().full_syncs >= 1).await;
+    let n = 100;
+    for i in 0..n {
+        sims[0]
+            .set_device_state(&format!("PJSIP/burst{i}"), S::Busy)
+            .expect("set");
+    }
+    eventually("b's queue overflowed", || b_stats.snapshot().2 > 0).await;
+    let a_published = a.counters().published;
+    eventually("a published the burst", || {
+        a.counters().published >= a_published.max(n)
+    })
+    .await;
+    // Now the stalled relay starts reading.
+    let b = spawn_relay(1, port_b);
+    eventually("b synced", || b.counters().full_syncs >= 1).await;
+    eventually(
+        "every device of the burst on the stalled relay's server",
+        || (0..n).all(|i| custom(&sims[1], &format!("PJSIP/burst{i}")) == "BUSY"),
+    )
+    .await;
+    assert!(
+        a_stats.snapshot().3 > 0,
+        "the repair asked the sender to republish"
+    );
+    assert!(
+        a.counters().accepted > 0,
+        "the sender got the resync request"
+    );
+    stop.cancel();
+}
+
+/// A burst larger than a relay's bus queue: whatever the bus drops for the lagging relay is
+/// repaired by the sender's republish (the full-queue policy of `hintfed_broker::bus`), so
+/// every state still lands. On one thread the receiving relay cannot keep up with the burst.
+#[tokio::test(flavor = "current_thread")]
+async fn a_burst_beyond_the_bus_queue_still_lands_everywhere() {
+    let sims = [sim("pbx-a").await, sim("pbx-b").await];
+    let sections: Vec<String> = sims
+        .iter()
+        .enumerate()
+        .map(|(i, s)| ami_section(&format!("s{i}"), &format!("pbx {i}"), s))
+        .collect();
+    let b = Broker::start(&config("bus_capacity = 16\n", &sections)).await;
+    b.synced().await;
+    let n = 150;
+    for i in 0..n {
+        sims[0]
+            .set_device_state(&format!("PJSIP/burst{i}"), S::Busy)
+            .expect("set");
+    }
+    let relays = &b.running.as_ref().expect("running").relays;
+    let landed = || {
+        (0..n)
+            .filter(|i| custom(&sims[1], &format!("PJSIP/burst{i}")) == "BUSY")
+            .count()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while landed() < n {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} of {n} landed; bus {:?} / {:?}; relay {:?}",
+            landed(),
+            relays[1].bus.snapshot(),
+            relays[0].bus.snapshot(),
+            relays[1].status.counters()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let (_, _, dropped, _) = relays[1].bus.snapshot();
+    let (_, _, _, resyncs) = relays[0].bus.snapshot();
+    eprintln!("dropped for the lagging relay: {dropped}, resyncs asked of the sender: {resyncs}");
+    if dropped > 0 {
+        assert!(resyncs > 0, "drops are repaired by a republish");
+    }
+    b.stop().await;
+}
