@@ -260,7 +260,7 @@ async fn tap(
 /// With `verbose_messages`: a listening port on the bus that logs every update crossing it.
 async fn trace_bus(bus: InProcessBus, _servers: usize, stop: CancellationToken) {
     use hintfed_transport::FederationTransport as _;
-    let port = bus.port("verbose_messages");
+    let port = bus.observer_port("verbose_messages");
     let Some(mut rx) = port.take_incoming() else {
         return;
     };

@@ -85,6 +85,8 @@ struct Slot {
     stats: Arc<BusPortStats>,
     /// Senders (port indices) whose messages to this port were dropped and not yet repaired.
     lost_from: BTreeSet<usize>,
+    /// Drops to an observer (the `verbose_messages` logger) are counted, never repaired.
+    observer: bool,
 }
 
 #[derive(Debug)]
@@ -126,15 +128,26 @@ impl InProcessBus {
     /// Adds a port for the relay of `origin`. Messages published before a port exists do not
     /// reach it (the broker creates every port before starting any relay).
     pub fn port(&self, origin: impl Into<String>) -> BusPort {
+        self.add_port(origin.into(), false)
+    }
+
+    /// Adds a port that only listens (e.g. a logger): it receives everything, and what it
+    /// misses when its queue is full is counted but not repaired (no republish for it).
+    pub fn observer_port(&self, name: impl Into<String>) -> BusPort {
+        self.add_port(name.into(), true)
+    }
+
+    fn add_port(&self, origin: String, observer: bool) -> BusPort {
         let (tx, rx) = mpsc::channel(self.inner.cfg.capacity.max(1));
         let stats = Arc::new(BusPortStats::default());
         let mut slots = self.inner.slots();
         let index = slots.len();
         slots.push(Slot {
-            origin: origin.into(),
+            origin,
             tx,
             stats: stats.clone(),
             lost_from: BTreeSet::new(),
+            observer,
         });
         let (connected, _) = watch::channel(1);
         BusPort {
@@ -337,6 +350,9 @@ impl BusPort {
         for r in ports {
             let Some(s) = slots.get_mut(r) else { continue };
             let n = s.stats.dropped.fetch_add(1, Ordering::Relaxed);
+            if s.observer {
+                continue;
+            }
             if n == 0 || s.lost_from.is_empty() {
                 warn!(to = %s.origin, "bus: relay inbound queue full; message dropped (repaired by a republish)");
             }
@@ -433,5 +449,19 @@ mod tests {
             .expect("valid envelope");
         assert_eq!(env.body, Body::ResyncRequest { origin: "a".into() });
         assert_eq!(bus.repair(), 0, "repaired once");
+    }
+
+    #[tokio::test]
+    async fn drops_to_an_observer_are_not_repaired() {
+        let bus = InProcessBus::new(BusConfig { capacity: 2 });
+        let a = bus.port("a");
+        let log = bus.observer_port("log");
+        let mut rl = log.take_incoming().expect("take");
+        for i in 0..5u8 {
+            a.send("t", Bytes::from(vec![i]));
+        }
+        assert_eq!(log.stats().snapshot().2, 3);
+        while rl.try_recv().is_ok() {}
+        assert_eq!(bus.repair(), 0);
     }
 }
