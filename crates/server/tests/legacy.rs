@@ -122,6 +122,10 @@ async fn legacy_agents_and_the_federation_see_each_other() {
     assert!(b.node.table().device("SIP/202").is_none());
     let stats = hub.handle.stats();
     assert!(stats.rejected("legacy_malformed") >= 3, "{stats:?}");
+    hub.wait_stats("oversize legacy message counted", |s| {
+        s.rejected("legacy_too_large") >= 1
+    })
+    .await;
     assert!(stats.legacy_skipped >= 2, "{stats:?}");
     assert_eq!(
         stats.legacy_federated, 1,

@@ -9,7 +9,7 @@ DeviceStateChange of SIP/200 (INUSE) plus two states the original agents never r
 "[NAME]" like the original agents. Prints "ready" once its sockets exist; when an
 AsteriskEvent for WANT_DEVICE from another origin arrived and one of its own messages came
 back (the server republishes legacy messages unchanged), prints the former as JSON
-{"target", "body", "own_seen"} and exits 0 (1 after 15 s without both). With WANT_STATE,
+{"target", "body", "own_seen"}, sends one oversize message (to be dropped) and exits 0 (1 after 15 s without both). With WANT_STATE,
 only an event with that State counts.
 """
 import json
@@ -69,6 +69,10 @@ def main():
                 found = {"target": target.decode(), "body": msg}
         if found is not None and own_seen > 0:
             found["own_seen"] = own_seen
+            # Last, an oversize message: the server drops it (and this connection).
+            push.setsockopt(zmq.LINGER, 2000)
+            push.send_multipart([b"[*]", b"x" * 100000])
+            push.close()
             print(json.dumps(found), flush=True)
             return 0
     return 1
