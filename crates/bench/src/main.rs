@@ -3,7 +3,8 @@
 //! this executable), drives phone activity, and prints figures as a table and as JSON next to
 //! ceilings measured in the same run.
 //!
-//! Modules: `run` (topology, load, drain, convergence, report) uses `procs` (child daemons,
+//! Modules: `hubbench` (the hub alone: a signing publisher and N subscribers around one
+//! `hintfed-server`), `run` (topology, load, drain, convergence, report) uses `procs` (child daemons,
 //! ports, /proc CPU and RSS), `ami` (a raw pipelined AMI connection), `ceiling` (raw ZeroMQ
 //! PUB/SUB between two processes, pipelined Setvar/s of an Asterisk) and `analyze` (latency
 //! from the simulator's `--trace` file).
@@ -12,6 +13,7 @@
 mod ami;
 mod analyze;
 mod ceiling;
+mod hubbench;
 mod procs;
 mod run;
 
@@ -35,6 +37,8 @@ struct Cli {
 enum Cmd {
     /// Stand up a topology, drive load, print the figures (table on stdout, JSON last).
     Run(run::RunArgs),
+    /// The hub alone: one hintfed-server, an in-process signing publisher, N subscribers.
+    Hub(hubbench::HubArgs),
     /// Only the pipelined Setvar/s ceiling of one Asterisk (simulator or real).
     SetvarCeiling {
         /// host:port of the AMI.
@@ -93,6 +97,10 @@ async fn main() -> anyhow::Result<()> {
             if let Some(p) = json_path {
                 std::fs::write(&p, text + "\n")?;
             }
+        }
+        Cmd::Hub(args) => {
+            let report = hubbench::run(args).await?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
         }
         Cmd::SetvarCeiling {
             asterisk,
