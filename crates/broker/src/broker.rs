@@ -289,12 +289,14 @@ async fn trace_bus(bus: InProcessBus, _servers: usize, stop: CancellationToken) 
     }
 }
 
-/// Logs the message counts of every relay every `interval` (`count_messages = yes`).
+/// Every `interval`: sets the bus queue gauges (`hintfed_queue_depth{queue="bus <name>"}`)
+/// and, with `log` (`count_messages = yes`), logs the message counts of every relay.
 pub async fn count_loop(
     relays: Vec<RelayInfo>,
     bus: InProcessBus,
     metrics: Option<Arc<Metrics>>,
     interval: Duration,
+    log: bool,
     stop: CancellationToken,
 ) {
     let mut t = tokio::time::interval(interval);
@@ -310,21 +312,23 @@ pub async fn count_loop(
             let c = r.status.counters();
             let (published, received, dropped, resyncs) = r.bus.snapshot();
             let queued = queues.iter().find(|q| q.0 == r.name).map_or(0, |q| q.1);
-            info!(
-                server = %r.name,
-                up = c.pbx_up,
-                device_events = r.events.device.load(Ordering::Relaxed),
-                presence_events = r.events.presence.load(Ordering::Relaxed),
-                updates_sent = published,
-                updates_received = received,
-                bus_dropped = dropped,
-                bus_queued = queued,
-                resyncs_requested = resyncs,
-                setvar_ok = c.applies_ok,
-                setvar_failed = c.applies_failed,
-                full_syncs = c.full_syncs,
-                "message counts"
-            );
+            if log {
+                info!(
+                    server = %r.name,
+                    up = c.pbx_up,
+                    device_events = r.events.device.load(Ordering::Relaxed),
+                    presence_events = r.events.presence.load(Ordering::Relaxed),
+                    updates_sent = published,
+                    updates_received = received,
+                    bus_dropped = dropped,
+                    bus_queued = queued,
+                    resyncs_requested = resyncs,
+                    setvar_ok = c.applies_ok,
+                    setvar_failed = c.applies_failed,
+                    full_syncs = c.full_syncs,
+                    "message counts"
+                );
+            }
             if let Some(m) = &metrics {
                 m.set_queue_depth(
                     &format!("bus {}", r.name),
@@ -392,15 +396,19 @@ pub async fn run(cfg: BrokerConfig, ctx: Context) -> anyhow::Result<()> {
         presence = cfg.general.presence,
         "broker running"
     );
-    if cfg.general.count_messages {
-        tokio::spawn(count_loop(
-            broker.relays.clone(),
-            broker.bus.clone(),
-            Some(ctx.metrics.clone()),
-            cfg.general.count_interval,
-            ctx.shutdown.clone(),
-        ));
-    }
+    let interval = if cfg.general.count_messages {
+        cfg.general.count_interval
+    } else {
+        cfg.general.count_interval.min(Duration::from_secs(5))
+    };
+    tokio::spawn(count_loop(
+        broker.relays.clone(),
+        broker.bus.clone(),
+        Some(ctx.metrics.clone()),
+        interval,
+        cfg.general.count_messages,
+        ctx.shutdown.clone(),
+    ));
     let mut ctx = ctx;
     let mut wait = tokio::spawn(broker.wait());
     loop {

@@ -245,6 +245,10 @@ async fn runs_with_the_positional_file_counts_and_stops_on_sigterm() {
         metrics.contains("Console 1"),
         "per-server labels: {metrics}"
     );
+    assert!(
+        metrics.contains("queue=\"bus Console 2\""),
+        "bus queue gauge: {metrics}"
+    );
 
     let ok = Command::new("kill")
         .args(["-TERM", &p.child.id().to_string()])
