@@ -466,14 +466,17 @@ async fn zmq_liveness(req: ReqClient, signals: Arc<Signals>, interval: Duration)
     }
 }
 
-/// Reads res_zmq_manager's event frames; a reconnect of the SUB link or a `FullyBooted`
-/// (Asterisk just started) is reported as [`PbxEvent::Up`]: resync and re-apply.
+/// Reads res_zmq_manager's event frames; a reconnect of the SUB link (while the action link
+/// still counts Asterisk up) or a `FullyBooted` (Asterisk just started) is reported as
+/// [`PbxEvent::Up`]: resync and re-apply.
 async fn zmq_events(
     mut status: tokio::sync::watch::Receiver<LinkStatus>,
     mut frames: mpsc::Receiver<hintfed_transport::Frames>,
     signals: Arc<Signals>,
 ) {
     let mut was_connected = false;
+    // The `Up` count when the link was lost (None before the first connection).
+    let mut generation_at_loss: Option<u64> = None;
     loop {
         tokio::select! {
             changed = status.changed() => {
@@ -481,10 +484,29 @@ async fn zmq_events(
                     return;
                 }
                 let now = *status.borrow_and_update() == LinkStatus::Connected;
-                // The module's sockets come back only with a new Asterisk process: treat a
-                // reconnect like a restart (list local state, re-apply remote state).
-                if now && !was_connected && !signals.up().await {
-                    return;
+                // The module's sockets come back only with a new Asterisk process: a
+                // reconnect not yet reported by the action link (no `Up` since the loss while
+                // actions still answer) is a restart: `Up` (list local state, re-apply remote
+                // state). Otherwise the action link reports (or reported) the `Up`, but events
+                // published before this SUB joined are lost: `Resync` (list local state again).
+                // While actions are down, their `Up` will come with a full sync anyway.
+                if now && !was_connected && signals.up.load(Ordering::SeqCst) {
+                    let restart = generation_at_loss
+                        .is_some_and(|g| g == signals.generation.load(Ordering::SeqCst));
+                    let ok = if restart {
+                        signals.up().await
+                    } else {
+                        signals
+                            .send(PbxEvent::Resync {
+                                reason: "res_zmq_manager event link (re)connected".into(),
+                            })
+                            .await
+                    };
+                    if !ok {
+                        return;
+                    }
+                } else if !now && was_connected {
+                    generation_at_loss = Some(signals.generation.load(Ordering::SeqCst));
                 }
                 was_connected = now;
             }
