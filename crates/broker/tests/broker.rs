@@ -247,7 +247,10 @@ async fn res_zmq_manager_servers_through_the_standin() {
             sims[2].local_addr().port()
         ),
     ];
-    let b = Broker::start(&config("presence = yes\n", &sections)).await;
+    // A short request timeout: a hung res_zmq_manager is declared lost sooner.
+    let text = config("presence = yes\n", &sections)
+        .replace("request_timeout = 1000", "request_timeout = 400");
+    let b = Broker::start(&text).await;
     b.synced().await;
 
     sims[0]
@@ -255,6 +258,13 @@ async fn res_zmq_manager_servers_through_the_standin() {
         .expect("set");
     eventually("zmq events → AMI and mixed", || {
         custom(&sims[1], "PJSIP/100") == "INUSE" && custom(&sims[2], "PJSIP/100") == "INUSE"
+    })
+    .await;
+    sims[0]
+        .set_device_state("PJSIP/za1", S::Inuse)
+        .expect("set");
+    eventually("a phone only the zmq server has", || {
+        custom(&sims[1], "PJSIP/za1") == "INUSE" && custom(&sims[2], "PJSIP/za1") == "INUSE"
     })
     .await;
     sims[1].set_device_state("PJSIP/200", S::Busy).expect("set");
@@ -296,6 +306,12 @@ async fn res_zmq_manager_servers_through_the_standin() {
         during < bound,
         "propagation between the live servers took {during:?} (baseline {baseline:?}, bound {bound:?})"
     );
+    // The hung server is lost (its pings go unanswered): its phone shows down_state.
+    eventually("the hung server's phone UNAVAILABLE on the others", || {
+        custom(&sims[1], "PJSIP/za1") == "UNAVAILABLE"
+            && custom(&sims[2], "PJSIP/za1") == "UNAVAILABLE"
+    })
+    .await;
     // Nobody sent Getvar through res_zmq_manager (the stand-in exits 139 if anyone does).
     za.assert_alive();
     zc.assert_alive();
