@@ -2,7 +2,8 @@
 //!
 //! ```ini
 //! [general]
-//! name = hub-1              ; this hub's name on the wire (default: hub@<hostname>)
+//! name = hub-1              ; this hub's name on the wire, unique among hubs and agents
+//!                           ; (default: hub@<hostname>:<listen port>)
 //! log_level = info
 //!
 //! [federation]
@@ -83,7 +84,7 @@ pub const DEFAULT_MAX_MESSAGE: usize = 64 * 1024;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct GeneralConfig {
     /// The hub's name: the origin of its heartbeats and notices. Must differ from every
-    /// agent's origin name.
+    /// agent's origin name and from every other hub's (default `hub@<hostname>:<port>`).
     pub name: String,
 }
 
@@ -180,15 +181,19 @@ impl ServerConfig {
     }
 }
 
-fn default_name() -> String {
+/// `hub@<hostname>:<port>` (the port keeps two hubs on one host apart), `hub` without a
+/// hostname.
+fn default_name(port: u16) -> String {
     let host = std::env::var("HOSTNAME")
         .ok()
         .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty() && h.len() <= 100 && !h.chars().any(char::is_control));
-    match host {
-        Some(h) => format!("hub@{h}"),
-        None => "hub".to_owned(),
+    match (host, port) {
+        (Some(h), 0) => format!("hub@{h}"),
+        (Some(h), p) => format!("hub@{h}:{p}"),
+        (None, 0) => "hub".to_owned(),
+        (None, p) => format!("hub:{p}"),
     }
 }
 
@@ -217,7 +222,7 @@ pub fn load(file: &ConfigFile) -> Result<ServerConfig, ConfigError> {
         .collect();
     general.warn_unknown_keys(&known_general);
     let name = match general.str("name") {
-        None => default_name(),
+        None => None,
         Some(n) => {
             if n.len() > 128 || n.chars().any(char::is_control) {
                 return Err(general.error(
@@ -225,7 +230,7 @@ pub fn load(file: &ConfigFile) -> Result<ServerConfig, ConfigError> {
                     "must be at most 128 bytes without control characters",
                 ));
             }
-            n.to_owned()
+            Some(n.to_owned())
         }
     };
 
@@ -331,6 +336,7 @@ pub fn load(file: &ConfigFile) -> Result<ServerConfig, ConfigError> {
     };
 
     file.section("http").reject_unknown_keys(HTTP_KEYS)?;
+    let name = name.unwrap_or_else(|| default_name(endpoint_port(&listen).unwrap_or(0)));
 
     Ok(ServerConfig {
         general: GeneralConfig { name },
@@ -362,6 +368,9 @@ mod tests {
     fn defaults_and_full_file() {
         let c = parse("[general]\nname = hub-1\n").expect("valid");
         assert_eq!(c.general.name, "hub-1");
+        let d = parse("[server]\nlisten = tcp://127.0.0.1:7100\n").expect("valid");
+        assert!(d.general.name.starts_with("hub"), "{}", d.general.name);
+        assert!(d.general.name.ends_with(":7100"), "{}", d.general.name);
         assert_eq!(c.server.listen, DEFAULT_LISTEN);
         assert!(c.federation.shared_keys.is_empty());
         assert!(c.server.legacy.is_none());

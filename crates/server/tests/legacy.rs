@@ -172,3 +172,60 @@ async fn legacy_agents_and_the_federation_see_each_other() {
     assert_eq!(v["body"]["x_data"]["State"], "UNAVAILABLE");
     drop(a);
 }
+
+async fn push_once(hub: &TestHub, name: &str, device: &str, state: &str) {
+    let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/py/legacy_push.py");
+    let status = Command::new("python3")
+        .arg(script)
+        .args([
+            hub.handle.legacy_pull_endpoint().expect("pull"),
+            name,
+            device,
+            state,
+        ])
+        .kill_on_drop(true)
+        .status()
+        .await
+        .expect("python3");
+    assert!(status.success());
+}
+
+#[tokio::test]
+async fn a_silent_legacy_agent_goes_down_after_legacy_timeout_and_comes_back() {
+    if !pyzmq_available() {
+        return;
+    }
+    let mut cfg = TestHub::config("hub-legacy-2");
+    cfg.federation.origin_timeout = Duration::from_millis(2000);
+    cfg.server.heartbeat_interval = Duration::from_millis(100);
+    cfg.server.legacy = Some(hintfed_server::config::LegacyConfig {
+        pull: "tcp://127.0.0.1:0".into(),
+        publish: "tcp://127.0.0.1:0".into(),
+        timeout: Some(Duration::from_millis(300)),
+    });
+    let hub = TestHub::start(cfg).await;
+    let mut b = FakeAgent::connect("pbx-b", &[hub.endpoint()], KeyRing::default()).await;
+    b.full_sync(vec![]);
+    push_once(&hub, "Paris", "SIP/300", "INUSE").await;
+    b.wait("Paris's device", |b| {
+        device_of(b, "SIP/300", "Paris") == Some(DeviceState::Inuse)
+    })
+    .await;
+    // Paris says nothing more: no more heartbeats from the hub for it, then origin down.
+    b.wait("Paris down", |b| b.node.origins().is_down("Paris"))
+        .await;
+    assert!(
+        hub.handle
+            .origins_view()
+            .iter()
+            .any(|o| o.name == "Paris" && !o.up)
+    );
+    assert_eq!(hub.handle.state_view().devices[0].aggregate, "UNAVAILABLE");
+    // It speaks again: up again, with its new state.
+    push_once(&hub, "Paris", "SIP/300", "BUSY").await;
+    b.wait("Paris up again", |b| {
+        !b.node.origins().is_down("Paris")
+            && device_of(b, "SIP/300", "Paris") == Some(DeviceState::Busy)
+    })
+    .await;
+}
