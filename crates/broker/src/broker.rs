@@ -11,6 +11,13 @@
 //!
 //! Independence: each relay is its own task, each `Setvar` its own task, and the bus never
 //! blocks a publisher (see [`crate::bus`]), so a slow or dead Asterisk delays nobody else.
+//!
+//! Operability: every relay reports to the daemon's shared metrics with the server's name as
+//! label (`hintfed_events_in_total{source="Console 1"}`, applies, echoes, reconnects) plus
+//! `hintfed_queue_depth{queue="bus <name>"}` and `{queue="apply <name>"}`; readiness has one
+//! `<name> asterisk` and one `<name> federation` condition per server, so `/readyz` answers
+//! 503 naming the server while any Asterisk is unreachable; [`BrokerStatus`] feeds
+//! `/api/state`, `/api/origins` and the status page. SIGHUP reloads `log_level` only.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
