@@ -250,6 +250,18 @@ async fn runs_with_the_positional_file_counts_and_stops_on_sigterm() {
         "bus queue gauge: {metrics}"
     );
 
+    // SIGHUP reloads (log_level) and keeps running.
+    let ok = Command::new("kill")
+        .args(["-HUP", &p.child.id().to_string()])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok);
+    eventually("reload logged", || p.has("reload: log_level applied")).await;
+    assert!(
+        p.child.try_wait().expect("try_wait").is_none(),
+        "still running"
+    );
+
     let ok = Command::new("kill")
         .args(["-TERM", &p.child.id().to_string()])
         .status()
