@@ -34,6 +34,8 @@
 //! it, so a change racing the lists is never overwritten by an older listed value.
 //!
 //! A failed full sync is retried after a second; local events keep being held meanwhile.
+//! Failed writes (refused, or timed out while Asterisk did not answer) are written again a
+//! second later ([`Node::retry_failed_writes`]), and again while they keep failing.
 //! On shutdown the relay does not announce its origin down: a restart for an upgrade leaves
 //! the lamps as they are, and an agent that does not come back is timed out by everyone after
 //! `origin_timeout`.
@@ -268,6 +270,9 @@ enum Done {
 /// Delay before a failed full sync is tried again.
 const SYNC_RETRY: Duration = Duration::from_secs(1);
 
+/// Delay before writes that failed are tried again.
+const WRITE_RETRY: Duration = Duration::from_secs(1);
+
 /// Local events held while a full sync runs (beyond: dropped, and the sync is repeated).
 const MAX_HELD: usize = 65_536;
 
@@ -342,6 +347,7 @@ pub struct Relay<T: FederationTransport> {
     held: Vec<LocalEvent>,
     held_overflow: bool,
     in_flight: usize,
+    write_retry_at: Option<Instant>,
     last_snapshot_hub: Option<(usize, Instant)>,
     hubs: usize,
     pending_hello: Option<Envelope>,
@@ -395,6 +401,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
             held: Vec::new(),
             held_overflow: false,
             in_flight: 0,
+            write_retry_at: None,
             last_snapshot_hub: None,
             hubs: 0,
             pending_hello: None,
@@ -682,8 +689,10 @@ impl<T: FederationTransport + 'static> Relay<T> {
         self.in_flight = self.in_flight.saturating_sub(1);
         let ok = result.is_ok();
         if let Err(e) = &result {
-            warn!(%target, kind = kind.as_str(), error = %e, "write to Asterisk failed");
+            warn!(%target, kind = kind.as_str(), error = %e, "write to Asterisk failed; retried later");
             self.counters.applies_failed += 1;
+            self.write_retry_at
+                .get_or_insert_with(|| Instant::now() + WRITE_RETRY);
         } else {
             self.counters.applies_ok += 1;
         }
@@ -754,6 +763,15 @@ impl<T: FederationTransport + 'static> Relay<T> {
     fn on_tick(&mut self) {
         let now = wall_now();
         self.node.tick(now);
+        if let Some(at) = self.write_retry_at
+            && Instant::now() >= at
+        {
+            self.write_retry_at = None;
+            if self.pbx_up {
+                debug!("writing again what failed");
+                self.node.retry_failed_writes(now);
+            }
+        }
         if let Some(at) = self.sync_retry_at
             && Instant::now() >= at
         {

@@ -120,6 +120,7 @@ async fn member(bus: &Bus, name: &str, keys: &str, origin_timeout_ms: u64) -> Me
     let mut ami_fast = ami.clone();
     ami_fast.backoff_initial = Duration::from_millis(50);
     ami_fast.backoff_max = Duration::from_millis(200);
+    ami_fast.action_timeout = Duration::from_millis(500);
     let (pbx, events) = Pbx::start(PbxConfig::new(
         EventsVia::Ami(Box::new(ami_fast.clone())),
         ActionsVia::Ami(Box::new(ami_fast)),
@@ -402,6 +403,34 @@ async fn reload_changes_the_device_filter() {
         "INUSE",
         "excluded by the reloaded filter"
     );
+    for m in [a, b] {
+        m.stop.cancel();
+        m.task.await.expect("join");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_that_time_out_are_retried() {
+    let bus = Bus::default();
+    let a = member(&bus, "pbx-a", "k", 3_000).await;
+    let b = member(&bus, "pbx-b", "k", 3_000).await;
+    synced(&a).await;
+    synced(&b).await;
+    // b's Asterisk stops answering (the connection stays open): the write times out.
+    b.sim.blackhole(Some(Duration::from_millis(1500)));
+    a.sim
+        .set_device_state("PJSIP/100", SimState::Inuse)
+        .expect("set");
+    let h = b.handle.clone();
+    eventually("the write failed", || {
+        h.status().counters().applies_failed >= 1
+    })
+    .await;
+    // Once it answers again, the failed write is made again.
+    eventually("INUSE on b after the blackhole", || {
+        b.sim.getvar("DEVICE_STATE(Custom:PJSIP/100)") == "INUSE"
+    })
+    .await;
     for m in [a, b] {
         m.stop.cancel();
         m.task.await.expect("join");

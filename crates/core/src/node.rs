@@ -514,6 +514,16 @@ impl Node {
         self.pump(now);
     }
 
+    /// Writes again what failed: every remote state is pushed to the apply queue, which skips
+    /// the values the local Asterisk is known to hold, so only targets whose last write failed
+    /// (or was never confirmed) are written. A failed write is otherwise not retried until
+    /// its value changes; call this some time after failures (e.g. writes that timed out
+    /// while Asterisk did not answer), not in a tight loop.
+    pub fn retry_failed_writes(&mut self, now: Millis) {
+        self.reapply_all();
+        self.pump(now);
+    }
+
     // ----- remote side ------------------------------------------------------------------
 
     /// An envelope from the federation, already verified ([`crate::auth::Verifier`]). Stream
