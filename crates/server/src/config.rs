@@ -2,8 +2,6 @@
 //!
 //! ```ini
 //! [general]
-//! name = hub-1              ; this hub's name on the wire, unique among hubs and agents
-//!                           ; (default: hub@<hostname>:<listen port>)
 //! log_level = info
 //!
 //! [federation]
@@ -12,6 +10,8 @@
 //! down_state = UNAVAILABLE  ; what legacy agents are told a down origin's devices are
 //!
 //! [server]
+//! name = hub-1                         ; this hub's name on the wire, unique among hubs and
+//!                                      ; agents (default hub@<host>:<port>)
 //! listen = tcp://0.0.0.0:5560          ; ROUTER on P, PUB on P+1
 //! snapshot_chunk = 1000                ; most entries per snapshot chunk
 //! max_message_bytes = 65536            ; largest accepted federation message
@@ -42,9 +42,9 @@ use serde::Serialize;
 pub const ENV_SECTIONS: &[&str] = &["general", "federation", "server", "http"];
 
 /// Keys of `[general]` the server reads (beside the common ones).
-const SERVER_GENERAL_KEYS: &[&str] = &["name"];
+const SERVER_GENERAL_KEYS: &[&str] = &[];
 /// Agent keys of `[general]` accepted and ignored in a shared file.
-const AGENT_GENERAL_KEYS: &[&str] = &["device_state", "presence"];
+const AGENT_GENERAL_KEYS: &[&str] = &["name", "device_state", "presence"];
 /// Keys of `[federation]` the server reads.
 const SERVER_FEDERATION_KEYS: &[&str] =
     &["shared_key", "shared_keys", "origin_timeout", "down_state"];
@@ -57,9 +57,13 @@ const AGENT_FEDERATION_KEYS: &[&str] = &[
     "device_template",
     "presence_include",
     "presence_exclude",
+    "never_send",
+    "unknown_as",
+    "heartbeat_interval",
 ];
 /// Keys of `[server]`.
 const SERVER_KEYS: &[&str] = &[
+    "name",
     "listen",
     "snapshot_chunk",
     "max_message_bytes",
@@ -221,19 +225,6 @@ pub fn load(file: &ConfigFile) -> Result<ServerConfig, ConfigError> {
         .copied()
         .collect();
     general.warn_unknown_keys(&known_general);
-    let name = match general.str("name") {
-        None => None,
-        Some(n) => {
-            if n.len() > 128 || n.chars().any(char::is_control) {
-                return Err(general.error(
-                    "name",
-                    "must be at most 128 bytes without control characters",
-                ));
-            }
-            Some(n.to_owned())
-        }
-    };
-
     let fed = file.section("federation");
     let known_fed: Vec<&str> = SERVER_FEDERATION_KEYS
         .iter()
@@ -269,6 +260,20 @@ pub fn load(file: &ConfigFile) -> Result<ServerConfig, ConfigError> {
 
     let srv = file.section("server");
     srv.reject_unknown_keys(SERVER_KEYS)?;
+    // The hub's name lives in [server]: in a file shared with an agent, [general] name is the
+    // agent's origin name, and a hub must never take it.
+    let name = match srv.str("name") {
+        None => None,
+        Some(n) => {
+            if n.len() > 128 || n.chars().any(char::is_control) {
+                return Err(srv.error(
+                    "name",
+                    "must be at most 128 bytes without control characters",
+                ));
+            }
+            Some(n.to_owned())
+        }
+    };
     let listen = srv
         .parse_with("listen", |v| check_endpoint(v, true))?
         .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
@@ -366,7 +371,7 @@ mod tests {
 
     #[test]
     fn defaults_and_full_file() {
-        let c = parse("[general]\nname = hub-1\n").expect("valid");
+        let c = parse("[server]\nname = hub-1\n").expect("valid");
         assert_eq!(c.general.name, "hub-1");
         let d = parse("[server]\nlisten = tcp://127.0.0.1:7100\n").expect("valid");
         assert!(d.general.name.starts_with("hub"), "{}", d.general.name);
@@ -381,6 +386,8 @@ mod tests {
              legacy_pull = tcp://127.0.0.1:55556\nlegacy_pub = tcp://127.0.0.1:55555\n",
         )
         .expect("valid");
+        // In a file shared with an agent, [general] name is the agent's, never the hub's.
+        assert_ne!(c.general.name, "hub-2");
         assert_eq!(c.federation.shared_keys.len(), 2);
         assert_eq!(c.key_ring().len(), 2);
         assert_eq!(c.federation.origin_timeout, Duration::from_secs(3));

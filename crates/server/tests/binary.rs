@@ -111,7 +111,7 @@ fn check_config_prints_the_effective_config_with_secrets_masked() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = write_config(
         &dir,
-        "[general]\nname = hub-1\n[federation]\nshared_key = hunter2\n[server]\nlisten = tcp://127.0.0.1:5560\n",
+        "[federation]\nshared_key = hunter2\n[server]\nname = hub-1\nlisten = tcp://127.0.0.1:5560\n",
     );
     let out = Command::new(BIN)
         .arg("--config")
@@ -150,7 +150,7 @@ async fn serves_agents_and_http_then_exits_0_on_sigterm() {
     let path = write_config(
         &dir,
         &format!(
-            "[general]\nname = hub-bin\n[federation]\nshared_key = s3cret\n\
+            "[federation]\nshared_key = s3cret\n\
              [server]\nlisten = tcp://127.0.0.1:{port}\n[http]\nlisten = 127.0.0.1:{http}\n"
         ),
     );
@@ -211,7 +211,7 @@ async fn serves_agents_and_http_then_exits_0_on_sigterm() {
     std::fs::write(
         &path,
         format!(
-            "[general]\nname = hub-bin\n[federation]\nshared_keys = rotated, s3cret\n\
+            "[federation]\nshared_keys = rotated, s3cret\n\
              [server]\nlisten = tcp://127.0.0.1:{port}\n[http]\nlisten = 127.0.0.1:{http}\n"
         ),
     )
