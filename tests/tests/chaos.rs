@@ -434,7 +434,7 @@ async fn federation_converges_after_random_faults() {
                 c.set_phone(s, j).await;
             }
         }
-        if step % 4 == 0 {
+        if step.is_multiple_of(4) {
             c.fault().await;
         }
         c.resume_due(false);
@@ -457,8 +457,8 @@ async fn federation_converges_after_random_faults() {
             c.start(Target::Hub(i));
         }
     }
-    for s in 0..SERVERS.len() {
-        if c.f.agents[SERVERS[s]].proc.is_none() {
+    for (s, name) in SERVERS.iter().enumerate() {
+        if c.f.agents[*name].proc.is_none() {
             c.start(Target::Agent(s));
         }
     }

@@ -181,7 +181,7 @@ pub async fn run(a: HubArgs) -> anyhow::Result<serde_json::Value> {
                 sent += 1;
             }
         }
-        if sent % 256 == 0 {
+        if sent.is_multiple_of(256) {
             tokio::task::yield_now().await;
         }
     }
