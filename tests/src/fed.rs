@@ -306,7 +306,7 @@ impl Federation {
         std::fs::write(
             &config,
             format!(
-                "[general]\nname = {name}\nlog_level = info\n\n[federation]\nshared_key = {key}\norigin_timeout = {ot}\n\n[server]\nlisten = tcp://127.0.0.1:{port}\nheartbeat_interval = 500ms\n\n[http]\nlisten = {http}\n",
+                "[general]\nlog_level = info\n\n[federation]\nshared_key = {key}\norigin_timeout = {ot}\n\n[server]\nname = {name}\nlisten = tcp://127.0.0.1:{port}\nheartbeat_interval = 500ms\n\n[http]\nlisten = {http}\n",
                 key = self.key,
                 ot = self.origin_timeout,
             ),
