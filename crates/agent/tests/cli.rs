@@ -231,3 +231,18 @@ fn sighup_reloads_filter_and_keys_and_sigterm_exits_0() {
         "secrets never logged"
     );
 }
+
+#[test]
+fn the_annotated_example_config_loads() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../example_config.ini");
+    if !path.exists() {
+        return;
+    }
+    let out = Command::new(BIN)
+        .args(["--config", &path.display().to_string(), "--check-config"])
+        .output()
+        .expect("run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("name = pbx-a"));
+}
