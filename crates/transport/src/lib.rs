@@ -14,6 +14,9 @@
 //! - [`req`] / [`sub`]: [`ReqClient`] (lazy-pirate REQ) and [`SubClient`] (SUB, prefix `{`)
 //!   for res_zmq_manager's command and event sockets.
 //! - [`legacy`]: [`PullBind`] and [`PubBind`], the original zmq-ami-broker server's sockets.
+//! - [`kafka`]: [`kafka::KafkaTransport`], the federation over a Kafka cluster (compacted
+//!   state topic as the snapshot, heartbeat topic; librdkafka via `rdkafka`). Implements
+//!   [`FederationTransport`] and uses `hintfed-core` to verify records and answer snapshots.
 //! - [`error`]: [`TransportError`], [`SendError`], [`RequestError`].
 //! - `guard` (private): the ZMTP size guard in front of every bound socket.
 //!
@@ -69,6 +72,7 @@ use tokio::sync::{mpsc, watch};
 pub mod error;
 mod guard;
 pub mod hub;
+pub mod kafka;
 pub mod legacy;
 pub mod link;
 pub mod multi;
