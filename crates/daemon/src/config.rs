@@ -1182,7 +1182,7 @@ mod tests {
         .expect("render");
         assert_eq!(
             text,
-            "[asterisk]\nhost = 127.0.0.1\ninclude = \nrequest_timeout = 1s 500ms\nsecret = ****\nservers = a, b\ntls = false\n"
+            "[asterisk]\nhost = 127.0.0.1\nsecret = ****\nrequest_timeout = 1s 500ms\nservers = a, b\ntls = false\ninclude = \n"
         );
     }
 }

@@ -285,7 +285,7 @@ fn effective_config_masks_secrets_and_shows_defaults() {
     let text = run::effective_config(&SPEC, &cfg, &common, &typed).expect("render");
     assert!(
         text.contains(
-            "[asterisk]\nhost = 127.0.0.1\nport = 5038\nrequest_timeout = 1s\nsecret = ****\n"
+            "[asterisk]\nhost = 127.0.0.1\nport = 5038\nsecret = ****\nrequest_timeout = 1s\n"
         ),
         "{text}"
     );
