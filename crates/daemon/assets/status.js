@@ -37,8 +37,10 @@
     return ago(Math.max(0, Date.now() - ms)) + " ago";
   }
   function matches(key) { return !filter || key.toLowerCase().includes(filter); }
+  // Device columns: the origins that report devices (a hub, or an origin without devices
+  // yet, has no column of empty cells).
   function columns() {
-    const names = new Set(origins.keys());
+    const names = new Set();
     for (const d of devices.values()) for (const o of Object.keys(d.origins || {})) names.add(o);
     return Array.from(names).sort();
   }
@@ -53,9 +55,10 @@
   function renderDevices(flashKey) {
     const cols = columns();
     const head = $("devices").tHead.rows[0];
-    head.replaceChildren(el("th", "key", "Device"));
+    // Aggregate first (what every lamp shows; visible without scrolling on a phone), then
+    // the state reported by each origin.
+    head.replaceChildren(el("th", "key", "Device"), el("th", "agg", "Aggregate"));
     for (const c of cols) head.appendChild(el("th", null, c));
-    head.appendChild(el("th", null, "Aggregate"));
     const tbody = $("devices").tBodies[0];
     tbody.replaceChildren();
     const keys = Array.from(devices.keys()).filter(matches).sort();
@@ -64,14 +67,14 @@
       const tr = el("tr");
       tr.dataset.key = k;
       tr.appendChild(el("td", "key", k));
+      const agg = el("td", "agg");
+      agg.appendChild(lamp(d.aggregate));
+      tr.appendChild(agg);
       for (const c of cols) {
         const td = el("td");
         td.appendChild(lamp((d.origins || {})[c]));
         tr.appendChild(td);
       }
-      const agg = el("td");
-      agg.appendChild(lamp(d.aggregate));
-      tr.appendChild(agg);
       if (k === flashKey) tr.classList.add("flash");
       tbody.appendChild(tr);
     }
@@ -88,7 +91,10 @@
       const tr = el("tr");
       tr.dataset.key = k;
       tr.appendChild(el("td", "key", k));
-      tr.appendChild(el("td", null, p.status));
+      const st = el("td");
+      const pill = el("span", "lamp presence p-" + (/^[a-z_]+$/.test(p.status) ? p.status : "not_set"), p.status);
+      st.appendChild(pill);
+      tr.appendChild(st);
       tr.appendChild(el("td", null, p.subtype || ""));
       tr.appendChild(el("td", "msg", p.message || ""));
       tr.appendChild(el("td", null, p.origin || ""));
@@ -116,11 +122,11 @@
       const h = el("td");
       h.appendChild(el("span", "lamp " + (o.up ? "up" : "down"), o.up ? "up" : "down"));
       tr.appendChild(h);
-      tr.appendChild(el("td", null, o.epoch));
-      tr.appendChild(el("td", null, o.last_seq));
       tr.appendChild(el("td", null, o.last_seen_ms_ago === null || o.last_seen_ms_ago === undefined ? "–" : ago(o.last_seen_ms_ago) + " ago"));
       tr.appendChild(el("td", null, ago(o.lag_ms)));
       tr.appendChild(el("td", "msg", o.detail || ""));
+      tr.appendChild(el("td", null, o.last_seq));
+      tr.appendChild(el("td", null, o.epoch));
       if (n === flashKey) tr.classList.add("flash");
       tbody.appendChild(tr);
     }
