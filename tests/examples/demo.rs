@@ -261,6 +261,8 @@ fn pbx_name(i: usize) -> String {
 /// One change seen on its home server, waiting to show on the others.
 struct Pending {
     origin: usize,
+    /// Wall-clock time it was seen on its home server.
+    wall: String,
     what: String,
     value: String,
     at: Instant,
@@ -280,6 +282,12 @@ struct Observer {
     names: Vec<String>,
     /// `PJSIP/1003` or `CustomPresence:alice` → the change in flight.
     pending: HashMap<String, Pending>,
+    /// Arrivals read before the origin's own event (the observer's sessions are separate
+    /// connections; when the observer itself is starved of CPU their order is lost):
+    /// (key, server) → (value, when).
+    early: HashMap<(String, usize), (String, Instant)>,
+    /// The last value each key took on its home server.
+    last_started: HashMap<String, (usize, String)>,
     stats: Stats,
 }
 
@@ -291,33 +299,46 @@ impl Observer {
     }
 
     fn started(&mut self, key: &str, origin: usize, value: String, at: Instant) {
-        if let Some(p) = self.pending.get(key)
-            && p.origin == origin
-            && p.value == value
-        {
-            return; // Asterisk repeats events
+        // Asterisk repeats events (also after the change has been seen everywhere).
+        let last = (origin, value.clone());
+        if self.last_started.get(key) == Some(&last) {
+            return;
         }
+        self.last_started.insert(key.to_owned(), last);
         if self.pending.remove(key).is_some() {
             self.stats.superseded += 1;
         }
         self.stats.changes += 1;
+        let early: Vec<(usize, Instant)> = (0..self.names.len())
+            .filter_map(|i| {
+                let (v, t) = self.early.remove(&(key.to_owned(), i))?;
+                (v == value && at.saturating_duration_since(t) < Duration::from_millis(200))
+                    .then_some((i, t))
+            })
+            .collect();
         self.pending.insert(
             key.to_owned(),
             Pending {
                 origin,
+                wall: clock(),
                 what: key.to_owned(),
-                value,
+                value: value.clone(),
                 at,
                 seen: BTreeMap::new(),
             },
         );
+        for (i, t) in early {
+            self.arrived(key, i, &value, t);
+        }
     }
 
     fn arrived(&mut self, key: &str, on: usize, value: &str, at: Instant) {
-        let Some(p) = self.pending.get_mut(key) else {
+        let Some(p) = self.pending.get_mut(key).filter(|p| p.value == value) else {
+            self.early
+                .insert((key.to_owned(), on), (value.to_owned(), at));
             return;
         };
-        if p.origin == on || p.value != value || p.seen.contains_key(&on) {
+        if p.origin == on || p.seen.contains_key(&on) {
             return;
         }
         p.seen.insert(on, at.saturating_duration_since(p.at));
@@ -372,7 +393,7 @@ impl Observer {
             .collect();
         println!(
             "{}  {:<6} {:<22} {:<22} → {}{suffix}",
-            clock(),
+            p.wall,
             self.names[p.origin],
             p.what,
             p.value,
@@ -610,8 +631,8 @@ async fn start(args: &Args, quiet: &Arc<AtomicBool>) -> anyhow::Result<Federatio
         std::fs::write(
             &config,
             format!(
-                "[general]\nname = {name}\nlog_level = info\n\n[federation]\nshared_key = {key}\n\n\
-                 [server]\nlisten = tcp://127.0.0.1:{port}\n\n[http]\nlisten = {http}\n"
+                "[general]\nlog_level = info\n\n[federation]\nshared_key = {key}\n\n\
+                 [server]\nname = {name}\nlisten = tcp://127.0.0.1:{port}\n\n[http]\nlisten = {http}\n"
             ),
         )
         .context("write hub config")?;
@@ -767,6 +788,8 @@ async fn main() -> anyhow::Result<()> {
     let mut obs = Observer {
         names: names.clone(),
         pending: HashMap::new(),
+        early: HashMap::new(),
+        last_started: HashMap::new(),
         stats: Stats::default(),
     };
     let mut tick = tokio::time::interval(Duration::from_millis(250));
