@@ -335,3 +335,72 @@ async fn three_agents(bootstrap: &str) {
         "unexpected rejects: {rejects:?}"
     );
 }
+
+/// The real binaries: `hintfed-sim` (two Asterisks) and two `hintfed-agent` processes with
+/// `[federation] transport = kafka`, against the mock cluster (it listens on loopback TCP).
+/// Needs the binaries (`cargo build --bins`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_binaries_federate_over_kafka() {
+    use hintfed_e2e::fed::{AMI_SECRET, AMI_USER, Federation, Via, http_get};
+    use hintfed_e2e::{Proc, bin_path, free_port, wait_until};
+
+    let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
+    for t in ["hintfed.state", "hintfed.heartbeat"] {
+        mock.create_topic(t, 1, 1).expect("topic");
+    }
+    let bootstrap = mock.bootstrap_servers();
+    let f = Federation::start(&["pbx-a", "pbx-b"], Via::Ami).await;
+    let mut agents = Vec::new();
+    for n in ["pbx-a", "pbx-b"] {
+        let http = format!("127.0.0.1:{}", free_port());
+        let (host, port) = f.addrs[n].rsplit_once(':').expect("host:port");
+        let config = f.dir.path().join(format!("kafka-agent-{n}.ini"));
+        std::fs::write(
+            &config,
+            format!(
+                "[general]\nname = {n}\n\n[asterisk]\nhost = {host}\nport = {port}\n\
+                 username = {AMI_USER}\n\n[federation]\ntransport = kafka\n\
+                 shared_key = kafka-e2e-key\norigin_timeout = 3s\nheartbeat_interval = 500ms\n\n\
+                 [kafka]\nbrokers = {bootstrap}\nsocket.keepalive.enable = true\n\n\
+                 [http]\nlisten = {http}\n"
+            ),
+        )
+        .expect("write config");
+        let proc = Proc::spawn_with_env(
+            &format!("agent-{n}"),
+            &bin_path("hintfed-agent"),
+            &["--config".to_owned(), config.display().to_string()],
+            &[("HINTFED_ASTERISK_SECRET", AMI_SECRET)],
+        );
+        let h = http.clone();
+        assert!(
+            wait_until(DEADLINE, || {
+                let h = h.clone();
+                async move { http_get(&h, "/readyz").await.starts_with("ready") }
+            })
+            .await,
+            "agent {n} not ready: {}",
+            http_get(&http, "/readyz").await
+        );
+        agents.push(proc);
+    }
+    f.ami("pbx-a").set_device("PJSIP/100", "INUSE").await;
+    assert!(
+        f.wait_custom("PJSIP/100", "INUSE", &["pbx-b"], DEADLINE)
+            .await,
+        "Custom:PJSIP/100 INUSE on pbx-b"
+    );
+    f.ami("pbx-b").set_device("PJSIP/200", "RINGING").await;
+    assert!(
+        f.wait_custom("PJSIP/200", "RINGING", &["pbx-a"], DEADLINE)
+            .await,
+        "Custom:PJSIP/200 RINGING on pbx-a"
+    );
+    // SIGKILL pbx-a's agent: its phone turns to down_state on pbx-b.
+    agents[0].kill();
+    assert!(
+        f.wait_custom("PJSIP/100", "UNAVAILABLE", &["pbx-b"], DEADLINE)
+            .await,
+        "Custom:PJSIP/100 UNAVAILABLE on pbx-b after the agent died"
+    );
+}

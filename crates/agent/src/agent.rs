@@ -6,13 +6,15 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use hintfed_ami::{ClientConfig, TlsConfig};
+use hintfed_asterisk::kafka::{KafkaSourceConfig, OwnServer};
 use hintfed_asterisk::{ActionsVia, EventsVia, Pbx, PbxConfig};
 use hintfed_core::{Epoch, Node, NodeConfig};
 use hintfed_daemon::run::Context;
-use hintfed_transport::{MultiHub, MultiHubConfig, ReqClientConfig};
+use hintfed_transport::kafka::{KafkaConfig, KafkaKeys, KafkaTransport};
+use hintfed_transport::{FederationTransport, MultiHub, MultiHubConfig, ReqClientConfig};
 use tracing::{info, warn};
 
-use crate::config::{AgentConfig, AsteriskConfig, Via};
+use crate::config::{AgentConfig, AsteriskConfig, KafkaSection, Via};
 use crate::relay::{Relay, RelayConfig, RelayHooks, now_millis};
 
 /// Shortest timeout given to AMI actions: list actions on a large Asterisk take longer than
@@ -44,14 +46,31 @@ pub fn ami_client_config(a: &AsteriskConfig) -> ClientConfig {
 
 /// The [`PbxConfig`] of `[asterisk]`.
 pub fn pbx_config(a: &AsteriskConfig) -> PbxConfig {
+    pbx_config_with(a, None)
+}
+
+/// The [`PbxConfig`] of `[asterisk]`, with the librdkafka properties of `[kafka]` for the
+/// app_ami_kafka source (`source = kafka`).
+pub fn pbx_config_with(a: &AsteriskConfig, kafka: Option<&KafkaSection>) -> PbxConfig {
     let events = match a.source {
+        Via::Kafka => {
+            let own = OwnServer {
+                system_name: a.kafka_system_name.clone(),
+                entity_id: a.kafka_entity_id.clone(),
+            };
+            let mut k = KafkaSourceConfig::new(a.kafka_brokers.clone().unwrap_or_default(), own);
+            k.topic = a.kafka_topic.clone();
+            k.properties = kafka.map(KafkaSection::property_pairs).unwrap_or_default();
+            EventsVia::Kafka(Box::new(k))
+        }
         Via::Ami => EventsVia::Ami(Box::new(ami_client_config(a))),
         Via::Zmq => EventsVia::Zmq {
             endpoint: a.zmq_evt.clone(),
         },
     };
     let actions = match a.apply {
-        Via::Ami => ActionsVia::Ami(Box::new(ami_client_config(a))),
+        // Kafka is refused for apply when the configuration is read.
+        Via::Ami | Via::Kafka => ActionsVia::Ami(Box::new(ami_client_config(a))),
         Via::Zmq => {
             let mut r = ReqClientConfig::new(a.zmq_cmd.clone());
             r.request_timeout = a.request_timeout;
@@ -83,18 +102,53 @@ pub fn relay_config(cfg: &AgentConfig) -> RelayConfig {
     r
 }
 
+/// The Kafka transport settings of the whole configuration (`transport = kafka`).
+pub fn kafka_config(cfg: &AgentConfig, k: &KafkaSection) -> KafkaConfig {
+    let mut c = KafkaConfig::new(k.brokers.clone(), cfg.general.name.clone());
+    c.topic = k.topic.clone();
+    c.heartbeat_topic = k.heartbeat_topic.clone();
+    c.keys = cfg.federation.keyring();
+    c.properties = k.property_pairs();
+    c.origin_timeout = cfg.federation.origin_timeout;
+    c.heartbeat_lookback = cfg.federation.origin_timeout * 2;
+    c
+}
+
 /// Runs the agent until `ctx.shutdown` (the daemon future given to `hintfed_daemon::run`).
-pub async fn run(cfg: AgentConfig, mut ctx: Context) -> anyhow::Result<()> {
-    let (pbx, pbx_events) =
-        Pbx::start(pbx_config(&cfg.asterisk)).context("cannot start the Asterisk connection")?;
-    let hubs = MultiHub::connect(MultiHubConfig::new(cfg.federation.servers.clone()))
-        .context("cannot start the hub links")?;
+pub async fn run(cfg: AgentConfig, ctx: Context) -> anyhow::Result<()> {
+    let (pbx, pbx_events) = Pbx::start(pbx_config_with(&cfg.asterisk, cfg.kafka.as_ref()))
+        .context("cannot start the Asterisk connection")?;
+    if cfg.federation.transport == "kafka" {
+        let k = cfg
+            .kafka
+            .as_ref()
+            .context("[kafka] is required with transport = kafka")?;
+        let transport = KafkaTransport::start(kafka_config(&cfg, k))
+            .await
+            .context("cannot start the Kafka transport")?;
+        let keys = transport.keys_handle();
+        drive(cfg, ctx, (pbx, pbx_events), transport, Some(keys)).await
+    } else {
+        let hubs = MultiHub::connect(MultiHubConfig::new(cfg.federation.servers.clone()))
+            .context("cannot start the hub links")?;
+        drive(cfg, ctx, (pbx, pbx_events), hubs, None).await
+    }
+}
+
+/// The relay over `transport` and the reload loop.
+async fn drive<T: FederationTransport + 'static>(
+    cfg: AgentConfig,
+    mut ctx: Context,
+    (pbx, pbx_events): (Pbx, tokio::sync::mpsc::Receiver<hintfed_asterisk::PbxEvent>),
+    transport: T,
+    kafka_keys: Option<KafkaKeys>,
+) -> anyhow::Result<()> {
     let now = now_millis();
     let node = Node::new(node_config(&cfg), Epoch(now.0), now);
     let relay = Relay::new(
         node,
         (pbx, pbx_events),
-        hubs,
+        transport,
         relay_config(&cfg),
         RelayHooks {
             metrics: Some(ctx.metrics.clone()),
@@ -108,6 +162,7 @@ pub async fn run(cfg: AgentConfig, mut ctx: Context) -> anyhow::Result<()> {
     info!(
         origin = %cfg.general.name,
         source = ?cfg.asterisk.source,
+        transport = cfg.federation.transport,
         apply = ?cfg.asterisk.apply,
         hubs = cfg.federation.servers.len(),
         signed = !cfg.federation.shared_keys.is_empty(),
@@ -169,6 +224,9 @@ pub async fn run(cfg: AgentConfig, mut ctx: Context) -> anyhow::Result<()> {
                     info!("reload: include, exclude and keys unchanged");
                 } else {
                     info!(changes = %changed.join("; "), "reload: applying");
+                    if let Some(k) = &kafka_keys {
+                        k.set(next.keys.clone());
+                    }
                     handle.reload(next.filter.clone(), next.keys.clone()).await;
                 }
                 current = next;

@@ -11,7 +11,7 @@
 //! log_level = info
 //!
 //! [asterisk]
-//! source = ami              ; ami | zmq   (kafka: parsed, not built yet)
+//! source = ami              ; ami | zmq | kafka (app_ami_kafka's topic; apply stays ami/zmq)
 //! apply = ami               ; ami | zmq
 //! host = 127.0.0.1
 //! port = 5038
@@ -21,10 +21,14 @@
 //! zmq_evt = tcp://127.0.0.1:33333
 //! zmq_cmd = tcp://127.0.0.1:44444
 //! request_timeout = 1000    ; ms
+//! kafka_topic = asterisk_ami  ; source = kafka: the topic app_ami_kafka writes
+//! kafka_brokers = ...       ; default: [kafka] brokers
+//! kafka_system_name = pbx-a ; whose records are ours (default: [general] name)
+//! kafka_entity_id = ...     ; or/and by EntityID
 //!
 //! [federation]
-//! transport = zmq           ; zmq   (kafka: parsed, not built yet)
-//! servers = tcp://hub-1:5560, tcp://hub-2:5560
+//! transport = zmq           ; zmq | kafka
+//! servers = tcp://hub-1:5560, tcp://hub-2:5560   ; zmq only
 //! shared_key = ...          ; or shared_keys = k1, k2 (the first signs, all verify)
 //! include = ^PJSIP/         ; one regex: local devices to federate (default: all)
 //! exclude = ^Custom:        ; one regex: local devices never federated
@@ -35,14 +39,20 @@
 //! heartbeat_interval = 1s
 //! down_state = UNAVAILABLE
 //!
+//! [kafka]                   ; transport = kafka (see docs/kafka.md)
+//! brokers = kafka-1:9092, kafka-2:9092
+//! topic = hintfed.state     ; compacted state topic
+//! heartbeat_topic = hintfed.heartbeat
+//! ; any key with a dot is a librdkafka property, passed through (values never logged):
+//! ; security.protocol = SASL_SSL, sasl.mechanism = SCRAM-SHA-512, sasl.username = ...
+//!
 //! [http]
 //! listen = 127.0.0.1:9480
 //! ```
 //!
 //! Limitations, stated: `[general] name` is required (the SystemName Asterisk reports is not
 //! used as a default); `include`/`exclude` hold one regular expression each (a regex may
-//! contain commas); `source = kafka` and `transport = kafka` are recognised and refused with
-//! "not built yet".
+//! contain commas).
 
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -81,12 +91,18 @@ pub mod defaults {
     pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
     /// `[federation] down_state`.
     pub const DOWN_STATE: &str = "UNAVAILABLE";
+    /// `[asterisk] kafka_topic` (app_ami_kafka's default).
+    pub const KAFKA_SOURCE_TOPIC: &str = "asterisk_ami";
+    /// `[kafka] topic`.
+    pub const KAFKA_TOPIC: &str = "hintfed.state";
+    /// `[kafka] heartbeat_topic`.
+    pub const KAFKA_HEARTBEAT_TOPIC: &str = "hintfed.heartbeat";
     /// `[federation] unknown_as`.
     pub const UNKNOWN_AS: &str = "NOT_INUSE";
 }
 
 /// Sections this daemon reads (also the sections environment variables may create).
-pub const SECTIONS: &[&str] = &["general", "asterisk", "federation", "http"];
+pub const SECTIONS: &[&str] = &["general", "asterisk", "federation", "kafka", "http"];
 
 const GENERAL: &[&str] = &["name", "device_state", "presence"];
 const ASTERISK: &[&str] = &[
@@ -103,7 +119,12 @@ const ASTERISK: &[&str] = &[
     "zmq_evt",
     "zmq_cmd",
     "request_timeout",
+    "kafka_topic",
+    "kafka_brokers",
+    "kafka_system_name",
+    "kafka_entity_id",
 ];
+const KAFKA: &[&str] = &["brokers", "topic", "heartbeat_topic"];
 const FEDERATION: &[&str] = &[
     "transport",
     "servers",
@@ -127,6 +148,8 @@ pub enum Via {
     Ami,
     /// res_zmq_manager's sockets.
     Zmq,
+    /// app_ami_kafka's topic (events only).
+    Kafka,
 }
 
 /// `[general]`.
@@ -170,6 +193,15 @@ pub struct AsteriskConfig {
     /// Timeout of one action.
     #[serde(serialize_with = "ser::duration")]
     pub request_timeout: Duration,
+    /// `source = kafka`: app_ami_kafka's topic.
+    pub kafka_topic: String,
+    /// `source = kafka`: its brokers (default: `[kafka] brokers`).
+    pub kafka_brokers: Option<String>,
+    /// `source = kafka`: the system name whose records are this Asterisk's (default:
+    /// `[general] name`).
+    pub kafka_system_name: Option<String>,
+    /// `source = kafka`: the entity id whose records are this Asterisk's.
+    pub kafka_entity_id: Option<String>,
 }
 
 impl AsteriskConfig {
@@ -182,7 +214,7 @@ impl AsteriskConfig {
 /// `[federation]`.
 #[derive(Debug, Clone, Serialize)]
 pub struct FederationConfig {
-    /// Always `zmq` in this build.
+    /// `zmq` or `kafka`.
     pub transport: &'static str,
     /// Hub endpoints `tcp://host:P`.
     pub servers: Vec<String>,
@@ -243,6 +275,31 @@ pub struct AgentConfig {
     pub asterisk: AsteriskConfig,
     /// `[federation]`.
     pub federation: FederationConfig,
+    /// `[kafka]`, when the transport or the event source is Kafka.
+    pub kafka: Option<KafkaSection>,
+}
+
+/// `[kafka]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct KafkaSection {
+    /// `bootstrap.servers`, comma-joined.
+    pub brokers: String,
+    /// The compacted state topic.
+    pub topic: String,
+    /// The heartbeat topic.
+    pub heartbeat_topic: String,
+    /// librdkafka properties passed through (every key with a dot); values masked in output.
+    pub properties: Vec<(String, Secret)>,
+}
+
+impl KafkaSection {
+    /// The properties as librdkafka takes them.
+    pub fn property_pairs(&self) -> Vec<(String, String)> {
+        self.properties
+            .iter()
+            .map(|(k, v)| (k.clone(), v.expose().to_owned()))
+            .collect()
+    }
 }
 
 /// What SIGHUP may change without a restart.
@@ -267,14 +324,16 @@ impl AgentConfig {
             file.warn(e);
         }
         let general = general(file)?;
-        let asterisk = asterisk(file)?;
+        let mut asterisk = asterisk(file)?;
         let federation = federation(file, &general)?;
+        let kafka = kafka(file, &federation, &mut asterisk, &general)?;
         let http = file.section("http");
         http.reject_unknown_keys(HTTP_KEYS)?;
         Ok(AgentConfig {
             general,
             asterisk,
             federation,
+            kafka,
         })
     }
 
@@ -320,10 +379,7 @@ fn via(s: &Section<'_>, key: &str, allow_kafka: bool) -> Result<Via, ConfigError
     match s.one_of(key, allowed)? {
         None | Some("ami") => Ok(Via::Ami),
         Some("zmq") => Ok(Via::Zmq),
-        Some(_) => Err(s.error(
-            key,
-            "\"kafka\" is not built yet in this version (Kafka support is a separate issue); use ami or zmq",
-        )),
+        Some(_) => Ok(Via::Kafka),
     }
 }
 
@@ -389,6 +445,13 @@ fn asterisk(file: &ConfigFile) -> Result<AsteriskConfig, ConfigError> {
         zmq_evt: endpoint(&s, "zmq_evt", defaults::ZMQ_EVT)?,
         zmq_cmd: endpoint(&s, "zmq_cmd", defaults::ZMQ_CMD)?,
         request_timeout,
+        kafka_topic: s
+            .str("kafka_topic")
+            .unwrap_or(defaults::KAFKA_SOURCE_TOPIC)
+            .to_owned(),
+        kafka_brokers: s.string("kafka_brokers"),
+        kafka_system_name: s.string("kafka_system_name"),
+        kafka_entity_id: s.string("kafka_entity_id"),
     })
 }
 
@@ -420,17 +483,12 @@ fn regex(s: &Section<'_>, key: &str, default: Option<&str>) -> Result<Option<Str
 fn federation(file: &ConfigFile, general: &GeneralConfig) -> Result<FederationConfig, ConfigError> {
     let s = file.section("federation");
     s.reject_unknown_keys(FEDERATION)?;
-    match s.one_of("transport", &["zmq", "kafka"])? {
-        None | Some("zmq") => {}
-        Some(_) => {
-            return Err(s.error(
-                "transport",
-                "\"kafka\" is not built yet in this version (Kafka support is a separate issue); use zmq",
-            ));
-        }
-    }
+    let transport = match s.one_of("transport", &["zmq", "kafka"])? {
+        None | Some("zmq") => "zmq",
+        Some(_) => "kafka",
+    };
     let servers = s.list("servers");
-    if servers.is_empty() {
+    if servers.is_empty() && transport == "zmq" {
         return Err(s.error(
             "servers",
             "missing (required): at least one tcp://host:port hub",
@@ -516,7 +574,7 @@ fn federation(file: &ConfigFile, general: &GeneralConfig) -> Result<FederationCo
         PolicyError::Regex { .. } => s.error("include", e.to_string()),
     })?;
     Ok(FederationConfig {
-        transport: "zmq",
+        transport,
         servers,
         shared_keys,
         include,
@@ -529,6 +587,87 @@ fn federation(file: &ConfigFile, general: &GeneralConfig) -> Result<FederationCo
         down_state: down_state.as_str().to_owned(),
         policy,
     })
+}
+
+fn kafka(
+    file: &ConfigFile,
+    federation: &FederationConfig,
+    asterisk: &mut AsteriskConfig,
+    general: &GeneralConfig,
+) -> Result<Option<KafkaSection>, ConfigError> {
+    let s = file.section("kafka");
+    // Every key with a dot is a librdkafka property; the others must be known.
+    let unknown: Vec<String> = s
+        .entries()
+        .iter()
+        .filter(|e| !e.key.contains('.') && !KAFKA.contains(&e.key.as_str()))
+        .map(|e| e.key.clone())
+        .collect();
+    if let Some(k) = unknown.first() {
+        return Err(s.error(
+            k,
+            format!(
+                "unknown key (known: {}; librdkafka properties contain a dot)",
+                KAFKA.join(", ")
+            ),
+        ));
+    }
+    let source_kafka = asterisk.source == Via::Kafka;
+    if asterisk.apply == Via::Kafka {
+        return Err(file.error("asterisk", "apply", "Kafka is one-way: use ami or zmq"));
+    }
+    let transport_kafka = federation.transport == "kafka";
+    if !transport_kafka && !source_kafka {
+        if s.exists() {
+            file.warn(s.error(
+                "brokers",
+                "[kafka] is ignored: neither transport nor source is kafka",
+            ));
+        }
+        return Ok(None);
+    }
+    let brokers = s.list("brokers").join(",");
+    if transport_kafka && brokers.is_empty() {
+        return Err(s.error(
+            "brokers",
+            "missing (required with [federation] transport = kafka)",
+        ));
+    }
+    if source_kafka {
+        if asterisk.kafka_brokers.is_none() {
+            if brokers.is_empty() {
+                return Err(file.error(
+                    "asterisk",
+                    "kafka_brokers",
+                    "missing (required with source = kafka unless [kafka] brokers is set)",
+                ));
+            }
+            asterisk.kafka_brokers = Some(brokers.clone());
+        }
+        if asterisk.kafka_system_name.is_none() && asterisk.kafka_entity_id.is_none() {
+            asterisk.kafka_system_name = Some(general.name.clone());
+        }
+    }
+    let topic = s.str("topic").unwrap_or(defaults::KAFKA_TOPIC).to_owned();
+    let heartbeat_topic = s
+        .str("heartbeat_topic")
+        .unwrap_or(defaults::KAFKA_HEARTBEAT_TOPIC)
+        .to_owned();
+    if transport_kafka && topic == heartbeat_topic {
+        return Err(s.error("heartbeat_topic", "must differ from topic"));
+    }
+    let properties = s
+        .entries()
+        .iter()
+        .filter(|e| e.key.contains('.'))
+        .map(|e| (e.key.clone(), Secret::new(e.value.clone())))
+        .collect();
+    Ok(Some(KafkaSection {
+        brokers,
+        topic,
+        heartbeat_topic,
+        properties,
+    }))
 }
 
 #[cfg(test)]
@@ -595,12 +734,15 @@ shared_key = k1
                 "config error: agent.ini: [asterisk] port: \"abc\" is not a port number (1-65535)",
             ),
             (
-                &GOOD.replace("username = hintfed\n", "source = kafka\n"),
-                "config error: agent.ini: [asterisk] source: \"kafka\" is not built yet",
+                &GOOD.replace(
+                    "username = hintfed\n",
+                    "username = hintfed\nsource = kafka\n",
+                ),
+                "config error: agent.ini: [asterisk] kafka_brokers: missing (required with source = kafka unless [kafka] brokers is set)",
             ),
             (
                 &GOOD.replace("shared_key = k1\n", "transport = kafka\n"),
-                "config error: agent.ini: [federation] transport: \"kafka\" is not built yet",
+                "config error: agent.ini: [kafka] brokers: missing (required with [federation] transport = kafka)",
             ),
             (
                 &GOOD.replace("servers = tcp://127.0.0.1:5560, tcp://127.0.0.1:5570\n", ""),

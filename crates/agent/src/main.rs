@@ -7,10 +7,10 @@ use hintfed_daemon::cli::{CommonArgs, after_help};
 use hintfed_daemon::run::{self, DaemonSpec};
 
 const ABOUT: &str = "Relays device and presence state between one Asterisk and the hintfed \
-federation hubs (hintfed-server). Reads events over AMI or res_zmq_manager, publishes them, \
-and applies every other server's states as Custom: devices and CustomPresence: presence. \
-[asterisk] source = kafka and [federation] transport = kafka are recognised but not built yet \
-in this version (a clear configuration error, exit 64).";
+federation hubs (hintfed-server) or a Kafka cluster ([federation] transport = kafka). Reads \
+events over AMI, res_zmq_manager or app_ami_kafka's topic ([asterisk] source = kafka), \
+publishes them, and applies every other server's states as Custom: devices and \
+CustomPresence: presence.";
 
 #[derive(Debug, Parser)]
 #[command(
