@@ -71,8 +71,9 @@ impl Broker {
         let child = tokio::process::Command::new(bin)
             .arg("broker")
             .args(["--listener-url", &url, "--advertised-listener-url", &url])
-            .arg("--storage-engine")
-            .arg(format!("sqlite://{}/tansu.db", dir.path().display()))
+            // tansu reads the URL's path relative to its working directory.
+            .args(["--storage-engine", "sqlite://tansu.db"])
+            .current_dir(dir.path())
             .stdout(Stdio::null())
             .stderr(log)
             .kill_on_drop(true)
