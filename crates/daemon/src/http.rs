@@ -43,7 +43,10 @@
 //! # Bounds
 //! At most [`HttpLimits::max_connections`] connections (further ones wait in the kernel's
 //! accept queue), at most [`HttpLimits::max_event_clients`] `/events` streams (`503` beyond),
-//! request bodies capped at 16 KiB (no endpoint takes one), only `GET`/`HEAD`.
+//! request bodies capped at 16 KiB (no endpoint takes one), only `GET`/`HEAD`. A connection
+//! that sends nothing within [`HttpLimits::first_byte_timeout`] is closed, so peers that
+//! connect and never speak cannot hold every slot (a peer that trickles bytes still can, up to
+//! the connection cap).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -305,6 +308,9 @@ pub struct HttpLimits {
     pub max_connections: usize,
     /// Concurrent `/events` streams (default 32).
     pub max_event_clients: usize,
+    /// A connection that sends no byte this long after it was accepted is closed
+    /// (default 5 s).
+    pub first_byte_timeout: std::time::Duration,
 }
 
 impl Default for HttpLimits {
@@ -312,6 +318,7 @@ impl Default for HttpLimits {
         Self {
             max_connections: 256,
             max_event_clients: 32,
+            first_byte_timeout: std::time::Duration::from_secs(5),
         }
     }
 }
@@ -499,6 +506,7 @@ impl HttpServer {
         let listener = LimitedListener {
             inner: self.listener,
             slots: Arc::new(Semaphore::new(self.ctx.limits.max_connections.max(1))),
+            first_byte_timeout: self.ctx.limits.first_byte_timeout,
         };
         axum::serve(listener, router(self.ctx))
             .with_graceful_shutdown(shutdown.cancelled_owned())
@@ -510,6 +518,7 @@ impl HttpServer {
 struct LimitedListener {
     inner: TcpListener,
     slots: Arc<Semaphore>,
+    first_byte_timeout: std::time::Duration,
 }
 
 impl axum::serve::Listener for LimitedListener {
@@ -526,6 +535,7 @@ impl axum::serve::Listener for LimitedListener {
             LimitedIo {
                 io,
                 _permit: permit,
+                first_byte: Some(Box::pin(tokio::time::sleep(self.first_byte_timeout))),
             },
             addr,
         )
@@ -536,10 +546,12 @@ impl axum::serve::Listener for LimitedListener {
     }
 }
 
-/// A connection holding its slot.
+/// A connection holding its slot; closed if its first byte does not arrive in time.
 struct LimitedIo {
     io: TcpStream,
     _permit: Option<OwnedSemaphorePermit>,
+    /// Deadline for the first byte; `None` once one arrived.
+    first_byte: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl AsyncRead for LimitedIo {
@@ -548,7 +560,21 @@ impl AsyncRead for LimitedIo {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if let Some(deadline) = self.first_byte.as_mut() {
+            match &polled {
+                Poll::Ready(Ok(())) if buf.filled().len() > before => self.first_byte = None,
+                Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                    return Poll::Ready(Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "no request within the first-byte timeout",
+                    )));
+                }
+                _ => {}
+            }
+        }
+        polled
     }
 }
 

@@ -116,6 +116,7 @@ impl CommonConfig {
             http_limits: HttpLimits {
                 max_connections: positive("max_connections", defaults.max_connections)?,
                 max_event_clients: positive("max_event_clients", defaults.max_event_clients)?,
+                ..defaults
             },
         })
     }

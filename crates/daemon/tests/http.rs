@@ -247,6 +247,7 @@ async fn events_stream_pushes_changes_caps_clients_and_ends_on_shutdown() {
     let s = start(HttpLimits {
         max_connections: 16,
         max_event_clients: 1,
+        ..HttpLimits::default()
     })
     .await;
     let mut es = TcpStream::connect(s.addr).await.expect("connect");
@@ -345,6 +346,7 @@ async fn connection_cap_queues_rather_than_refuses() {
     let s = start(HttpLimits {
         max_connections: 1,
         max_event_clients: 4,
+        ..HttpLimits::default()
     })
     .await;
     // Hold the only connection slot with an idle keep-alive connection.
@@ -371,4 +373,29 @@ async fn connection_cap_queues_rather_than_refuses() {
     assert_eq!(r.status, 200);
     s.ctx.shutdown.cancel();
     let _ = tokio::time::timeout(DEADLINE, s.task).await.expect("stops");
+}
+
+#[tokio::test]
+async fn silent_connections_lose_their_slot_after_the_first_byte_timeout() {
+    let s = start(HttpLimits {
+        max_connections: 2,
+        first_byte_timeout: Duration::from_millis(300),
+        ..HttpLimits::default()
+    })
+    .await;
+    // Peers that connect and never speak take every slot ...
+    let mut silent = Vec::new();
+    for _ in 0..4 {
+        silent.push(TcpStream::connect(s.addr).await.expect("connect"));
+    }
+    // ... and are closed by the server once the first-byte timeout passes, so a real request
+    // is served (within DEADLINE; without the timeout it would wait forever).
+    let r = get(s.addr, "/healthz").await;
+    assert_eq!(r.status, 200);
+    let mut buf = [0u8; 1];
+    let closed = tokio::time::timeout(DEADLINE, silent[0].read(&mut buf))
+        .await
+        .expect("silent connection closed within the deadline");
+    assert!(matches!(closed, Ok(0) | Err(_)), "{closed:?}");
+    s.ctx.shutdown.cancel();
 }
