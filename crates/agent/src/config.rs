@@ -455,6 +455,111 @@ fn asterisk(file: &ConfigFile) -> Result<AsteriskConfig, ConfigError> {
     })
 }
 
+/// The federation policy keys, read the same way by the agent (`[federation]`) and the
+/// broker (`[general]`): include/exclude, never_send, unknown_as, down_state,
+/// device_template, origin_timeout, heartbeat_interval.
+#[derive(Debug, Clone)]
+pub struct PolicyKeys {
+    /// `include`: one regex, local devices to federate (default: all).
+    pub include: Option<String>,
+    /// `exclude`: one regex, local devices never federated (default `^Custom:`).
+    pub exclude: Option<String>,
+    /// `never_send`, as written.
+    pub never_send_names: Vec<String>,
+    /// `never_send`, parsed.
+    pub never_send: Vec<DeviceState>,
+    /// `unknown_as`.
+    pub unknown_as: DeviceState,
+    /// `down_state`.
+    pub down_state: DeviceState,
+    /// `device_template`.
+    pub device_template: String,
+    /// `origin_timeout`.
+    pub origin_timeout: Duration,
+    /// `heartbeat_interval`.
+    pub heartbeat_interval: Duration,
+}
+
+impl PolicyKeys {
+    /// Reads and checks the policy keys of section `s` (defaults from [`defaults`]).
+    pub fn read(s: &Section<'_>) -> Result<Self, ConfigError> {
+        let include = regex(s, "include", None)?;
+        let exclude = regex(s, "exclude", Some(defaults::EXCLUDE))?;
+        let never_send_names = s.list("never_send");
+        let mut never_send = Vec::new();
+        for n in &never_send_names {
+            never_send.push(
+                DeviceState::from_str(n)
+                    .map_err(|_| s.error("never_send", format!("{n:?} is not a device state")))?,
+            );
+        }
+        let unknown_as = state(s, "unknown_as", defaults::UNKNOWN_AS)?;
+        let down_state = state(s, "down_state", defaults::DOWN_STATE)?;
+        let device_template = s
+            .str("device_template")
+            .unwrap_or(defaults::DEVICE_TEMPLATE)
+            .to_owned();
+        let origin_timeout = s.duration_or("origin_timeout", defaults::ORIGIN_TIMEOUT)?;
+        let heartbeat_interval =
+            s.duration_or("heartbeat_interval", defaults::HEARTBEAT_INTERVAL)?;
+        if heartbeat_interval < Duration::from_millis(10) {
+            return Err(s.error("heartbeat_interval", "must be at least 10ms"));
+        }
+        if origin_timeout <= heartbeat_interval * 2 {
+            return Err(s.error(
+                "origin_timeout",
+                format!(
+                    "must be more than twice heartbeat_interval ({})",
+                    humantime::format_duration(heartbeat_interval)
+                ),
+            ));
+        }
+        Ok(Self {
+            include,
+            exclude,
+            never_send_names,
+            never_send,
+            unknown_as,
+            down_state,
+            device_template,
+            origin_timeout,
+            heartbeat_interval,
+        })
+    }
+
+    /// The core policy for these keys, validated (errors name the key in section `s`).
+    pub fn policy(
+        &self,
+        s: &Section<'_>,
+        device_state: bool,
+        presence: bool,
+    ) -> Result<PolicyConfig, ConfigError> {
+        let policy = PolicyConfig {
+            device_state,
+            presence,
+            include: self.include.iter().cloned().collect(),
+            exclude: self.exclude.iter().cloned().collect(),
+            never_send: self.never_send.clone(),
+            unknown_substitute: self.unknown_as,
+            device_template: self.device_template.clone(),
+            down_state: self.down_state,
+        };
+        Policy::new(policy.clone()).map_err(|e| match e {
+            PolicyError::Template(_) => s.error("device_template", e.to_string()),
+            PolicyError::Unwritable("down_state") => s.error(
+                "down_state",
+                "cannot be UNKNOWN (Asterisk refuses to write it)",
+            ),
+            PolicyError::Unwritable(_) => s.error(
+                "unknown_as",
+                "cannot be UNKNOWN (Asterisk refuses to write it)",
+            ),
+            PolicyError::Regex { .. } => s.error("include", e.to_string()),
+        })?;
+        Ok(policy)
+    }
+}
+
 fn state(s: &Section<'_>, key: &str, default: &str) -> Result<DeviceState, ConfigError> {
     let v = s.str(key).unwrap_or(default);
     DeviceState::from_str(v).map_err(|_| {
@@ -521,58 +626,19 @@ fn federation(file: &ConfigFile, general: &GeneralConfig) -> Result<FederationCo
             "not set: federation messages are neither signed nor authenticated",
         ));
     }
-    let include = regex(&s, "include", None)?;
-    let exclude = regex(&s, "exclude", Some(defaults::EXCLUDE))?;
-    let never_send_names = s.list("never_send");
-    let mut never_send = Vec::new();
-    for n in &never_send_names {
-        never_send.push(
-            DeviceState::from_str(n)
-                .map_err(|_| s.error("never_send", format!("{n:?} is not a device state")))?,
-        );
-    }
-    let unknown_as = state(&s, "unknown_as", defaults::UNKNOWN_AS)?;
-    let down_state = state(&s, "down_state", defaults::DOWN_STATE)?;
-    let device_template = s
-        .str("device_template")
-        .unwrap_or(defaults::DEVICE_TEMPLATE)
-        .to_owned();
-    let origin_timeout = s.duration_or("origin_timeout", defaults::ORIGIN_TIMEOUT)?;
-    let heartbeat_interval = s.duration_or("heartbeat_interval", defaults::HEARTBEAT_INTERVAL)?;
-    if heartbeat_interval < Duration::from_millis(10) {
-        return Err(s.error("heartbeat_interval", "must be at least 10ms"));
-    }
-    if origin_timeout <= heartbeat_interval * 2 {
-        return Err(s.error(
-            "origin_timeout",
-            format!(
-                "must be more than twice heartbeat_interval ({})",
-                humantime::format_duration(heartbeat_interval)
-            ),
-        ));
-    }
-    let policy = PolicyConfig {
-        device_state: general.device_state,
-        presence: general.presence,
-        include: include.iter().cloned().collect(),
-        exclude: exclude.iter().cloned().collect(),
-        never_send,
-        unknown_substitute: unknown_as,
-        device_template: device_template.clone(),
+    let keys = PolicyKeys::read(&s)?;
+    let policy = keys.policy(&s, general.device_state, general.presence)?;
+    let PolicyKeys {
+        include,
+        exclude,
+        never_send_names,
+        unknown_as,
         down_state,
-    };
-    Policy::new(policy.clone()).map_err(|e| match e {
-        PolicyError::Template(_) => s.error("device_template", e.to_string()),
-        PolicyError::Unwritable("down_state") => s.error(
-            "down_state",
-            "cannot be UNKNOWN (Asterisk refuses to write it)",
-        ),
-        PolicyError::Unwritable(_) => s.error(
-            "unknown_as",
-            "cannot be UNKNOWN (Asterisk refuses to write it)",
-        ),
-        PolicyError::Regex { .. } => s.error("include", e.to_string()),
-    })?;
+        device_template,
+        origin_timeout,
+        heartbeat_interval,
+        ..
+    } = keys;
     Ok(FederationConfig {
         transport,
         servers,

@@ -52,15 +52,13 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::str::FromStr;
 use std::time::Duration;
 
-use hintfed_agent::config::{AsteriskConfig, Via};
+use hintfed_agent::config::{AsteriskConfig, PolicyKeys, Via};
 use hintfed_agent::relay::DeviceFilter;
-use hintfed_core::{DeviceState, Policy, PolicyConfig, PolicyError};
+use hintfed_core::{Policy, PolicyConfig};
 use hintfed_daemon::config::{ConfigError, ConfigFile, Section, ser};
 use hintfed_daemon::run::{GENERAL_KEYS, HTTP_KEYS};
-use regex::Regex;
 use serde::Serialize;
 
 /// Every default of the broker configuration.
@@ -329,31 +327,6 @@ impl Serialize for BrokerConfig {
     }
 }
 
-fn state(s: &Section<'_>, key: &str, default: &str) -> Result<DeviceState, ConfigError> {
-    let v = s.str(key).unwrap_or(default);
-    DeviceState::from_str(v).map_err(|_| {
-        s.error(
-            key,
-            format!("{v:?} is not a device state (NOT_INUSE, INUSE, BUSY, UNAVAILABLE, RINGING, RINGINUSE, ONHOLD, INVALID, UNKNOWN)"),
-        )
-    })
-}
-
-fn regex(s: &Section<'_>, key: &str, default: Option<&str>) -> Result<Option<String>, ConfigError> {
-    let v = s.string(key).or(default.map(str::to_owned));
-    if let Some(p) = &v {
-        Regex::new(p).map_err(|e| {
-            let text = e.to_string();
-            let last = text.lines().last().unwrap_or("").trim().to_owned();
-            s.error(
-                key,
-                format!("{p:?} is not a valid regular expression: {last}"),
-            )
-        })?;
-    }
-    Ok(v)
-}
-
 fn general(file: &ConfigFile) -> Result<GeneralConfig, ConfigError> {
     let s = file.section("general");
     let known: Vec<&str> = ORIGINAL_GENERAL
@@ -371,36 +344,7 @@ fn general(file: &ConfigFile) -> Result<GeneralConfig, ConfigError> {
     if count_interval < Duration::from_millis(100) {
         return Err(s.error("count_interval", "must be at least 100ms"));
     }
-    let include = regex(&s, "include", None)?;
-    let exclude = regex(&s, "exclude", Some(defaults::EXCLUDE))?;
-    let mut never_send = Vec::new();
-    let never_send_names = s.list("never_send");
-    for n in &never_send_names {
-        never_send.push(
-            DeviceState::from_str(n)
-                .map_err(|_| s.error("never_send", format!("{n:?} is not a device state")))?,
-        );
-    }
-    let unknown_as = state(&s, "unknown_as", defaults::UNKNOWN_AS)?;
-    let down_state = state(&s, "down_state", defaults::DOWN_STATE)?;
-    let device_template = s
-        .str("device_template")
-        .unwrap_or(defaults::DEVICE_TEMPLATE)
-        .to_owned();
-    let origin_timeout = s.duration_or("origin_timeout", defaults::ORIGIN_TIMEOUT)?;
-    let heartbeat_interval = s.duration_or("heartbeat_interval", defaults::HEARTBEAT_INTERVAL)?;
-    if heartbeat_interval < Duration::from_millis(10) {
-        return Err(s.error("heartbeat_interval", "must be at least 10ms"));
-    }
-    if origin_timeout <= heartbeat_interval * 2 {
-        return Err(s.error(
-            "origin_timeout",
-            format!(
-                "must be more than twice heartbeat_interval ({})",
-                humantime::format_duration(heartbeat_interval)
-            ),
-        ));
-    }
+    let keys = PolicyKeys::read(&s)?;
     let bus_capacity = match s.number::<usize>("bus_capacity")? {
         None => defaults::BUS_CAPACITY,
         Some(n) if n < 16 => return Err(s.error("bus_capacity", "must be at least 16")),
@@ -408,28 +352,18 @@ fn general(file: &ConfigFile) -> Result<GeneralConfig, ConfigError> {
     };
     let device_state = s.bool_or("device_state", true)?;
     let presence = s.bool_or("presence", false)?;
-    let policy = PolicyConfig {
-        device_state,
-        presence,
-        include: include.iter().cloned().collect(),
-        exclude: exclude.iter().cloned().collect(),
-        never_send,
-        unknown_substitute: unknown_as,
-        device_template: device_template.clone(),
+    let policy = keys.policy(&s, device_state, presence)?;
+    let PolicyKeys {
+        include,
+        exclude,
+        never_send_names,
+        unknown_as,
         down_state,
-    };
-    Policy::new(policy.clone()).map_err(|e| match e {
-        PolicyError::Template(_) => s.error("device_template", e.to_string()),
-        PolicyError::Unwritable("down_state") => s.error(
-            "down_state",
-            "cannot be UNKNOWN (Asterisk refuses to write it)",
-        ),
-        PolicyError::Unwritable(_) => s.error(
-            "unknown_as",
-            "cannot be UNKNOWN (Asterisk refuses to write it)",
-        ),
-        PolicyError::Regex { .. } => s.error("include", e.to_string()),
-    })?;
+        device_template,
+        origin_timeout,
+        heartbeat_interval,
+        ..
+    } = keys;
     Ok(GeneralConfig {
         device_state,
         presence,
