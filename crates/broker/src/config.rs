@@ -61,7 +61,9 @@ use hintfed_daemon::config::{ConfigError, ConfigFile, Section, ser};
 use hintfed_daemon::run::{GENERAL_KEYS, HTTP_KEYS};
 use serde::Serialize;
 
-/// Every default of the broker configuration.
+/// Every default of the broker configuration. The federation policy keys (down_state,
+/// unknown_as, include/exclude, device_template, origin_timeout, heartbeat_interval) are read
+/// by [`PolicyKeys`] with the agent's defaults (`hintfed_agent::config::defaults`).
 pub mod defaults {
     use std::time::Duration;
 
@@ -69,18 +71,6 @@ pub mod defaults {
     pub const REQUEST_TIMEOUT: Duration = Duration::from_millis(1000);
     /// `[general] count_interval`.
     pub const COUNT_INTERVAL: Duration = Duration::from_secs(60);
-    /// `[general] down_state`.
-    pub const DOWN_STATE: &str = "UNAVAILABLE";
-    /// `[general] unknown_as`.
-    pub const UNKNOWN_AS: &str = "NOT_INUSE";
-    /// `[general] exclude`.
-    pub const EXCLUDE: &str = "^Custom:";
-    /// `[general] device_template`.
-    pub const DEVICE_TEMPLATE: &str = "Custom:{device}";
-    /// `[general] origin_timeout`.
-    pub const ORIGIN_TIMEOUT: Duration = Duration::from_secs(15);
-    /// `[general] heartbeat_interval`.
-    pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(1);
     /// `[general] bus_capacity`.
     pub const BUS_CAPACITY: usize = 8192;
     /// AMI port when `tls = yes` and `ami_port` is not given.
