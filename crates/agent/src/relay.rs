@@ -1007,7 +1007,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
                 epoch: info.epoch.0,
                 last_seq: info.last_seq,
                 last_seen_ms_ago: Some(now.since(info.last_seen)),
-                lag_ms: None,
+                lag_ms: info.lag_ms,
                 detail: info.down.map(|d| format!("down: {:?}", d.reason)),
             });
         }

@@ -9,7 +9,7 @@
 //! [`Ingest::Forward`] publish the frame as received (or re-sealed) to every subscriber;
 //! call [`Hub::tick`] periodically; send every [`HubAction`].
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::envelope::{Body, Envelope, OriginSummary, SnapshotEntry};
 use crate::liveness::Origins;
@@ -224,7 +224,10 @@ impl Hub {
                 reason: "silent for longer than origin_timeout".to_owned(),
             });
         }
-        for origin in self.replica.gaps(now, self.cfg.gap_grace_ms) {
+        for origin in self
+            .replica
+            .gaps(now, self.cfg.gap_grace_ms, &BTreeSet::new())
+        {
             let due = self
                 .resync_sent
                 .get(&origin)

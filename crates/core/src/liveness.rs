@@ -11,7 +11,9 @@
 //!   unreachable, its last values are still right);
 //! - otherwise (it restarted, or had lost its Asterisk): only with the end of a full sync
 //!   newer than the down notice, so stale values never light up between the restart and the
-//!   moment its full sync has replaced them.
+//!   moment its full sync has replaced them;
+//! - or when a hub's snapshot summary says it is up at a position newer than the down mark
+//!   (the hub saw that full sync end; we missed it, e.g. while disconnected).
 
 use std::collections::BTreeMap;
 
@@ -56,6 +58,10 @@ pub struct OriginInfo {
     pub last_seen: Millis,
     /// Set while the origin is down.
     pub down: Option<Down>,
+    /// Age of its last device update on arrival: the receiver's clock minus the update's
+    /// timestamp (the origin's clock), so it includes the clocks' skew; `None` before the
+    /// first update.
+    pub lag_ms: Option<u64>,
 }
 
 /// What observing a stream message changed.
@@ -121,6 +127,7 @@ impl Origins {
                 last_seq: 0,
                 last_seen: now,
                 down: None,
+                lag_ms: None,
             }
         });
         if epoch < info.epoch {
@@ -150,6 +157,14 @@ impl Origins {
         out
     }
 
+    /// Records the lag of a device update from `origin` stamped `ts_wall_ms` (its clock) and
+    /// received at `now`.
+    pub fn note_lag(&mut self, origin: &str, ts_wall_ms: u64, now: Millis) {
+        if let Some(info) = self.map.get_mut(origin) {
+            info.lag_ms = Some(now.0.saturating_sub(ts_wall_ms));
+        }
+    }
+
     /// Marks `origin` down because it said so (in the message `(epoch, seq)`). Returns
     /// whether it was up before.
     pub fn mark_self_down(&mut self, origin: &str, epoch: Epoch, seq: u64, now: Millis) -> bool {
@@ -158,6 +173,7 @@ impl Origins {
             last_seq: seq,
             last_seen: now,
             down: None,
+            lag_ms: None,
         });
         match info.down {
             Some(d) if d.reason == DownReason::SelfAnnounced => false,
@@ -181,6 +197,7 @@ impl Origins {
             last_seq,
             last_seen: now,
             down: None,
+            lag_ms: None,
         });
         if info.down.is_some() || (info.epoch, info.last_seq) > (epoch, last_seq) {
             return false;
@@ -242,34 +259,41 @@ impl Origins {
                     last_seq: s.last_seq,
                     last_seen: now,
                     down: s.down.map(down_mark),
+                    lag_ms: None,
                 },
             );
             return true;
         };
         let theirs = (s.epoch, s.last_seq);
         let ours = (info.epoch, info.last_seq);
-        // Only strictly newer knowledge counts: a hub at the same position may still miss a
-        // message we have (e.g. the full-sync end that revived the origin here).
-        if theirs <= ours {
+        // The hub saw the origin up after our down mark: e.g. it restarted while we were
+        // away and we missed the end of its full sync, which the hub saw (and whose values
+        // this snapshot carries). That revives it here, even when we have heard more of its
+        // current epoch than the hub summarised (its summary counts only what it holds
+        // without a hole). A down mark newer than the summary stands.
+        let revive = s.down.is_none()
+            && s.epoch >= info.epoch
+            && info.down.is_some_and(|d| (d.epoch, d.seq) < theirs);
+        // Otherwise only strictly newer knowledge counts: a hub at the same position may
+        // still miss a message we have (e.g. the full-sync end that revived the origin here).
+        if theirs <= ours && !revive {
             return false;
         }
         let mut changed = false;
         if s.epoch > info.epoch {
             info.epoch = s.epoch;
+            info.last_seq = s.last_seq;
             changed = true;
+        } else {
+            info.last_seq = info.last_seq.max(s.last_seq);
         }
-        info.last_seq = s.last_seq;
         info.last_seen = info.last_seen.max(now);
-        match (s.down, info.down) {
-            (Some(r), None) => {
-                info.down = Some(down_mark(r));
-                changed = true;
-            }
-            (None, Some(_)) => {
-                info.down = None;
-                changed = true;
-            }
-            _ => {}
+        if revive {
+            info.down = None;
+            changed = true;
+        } else if let (Some(r), None) = (s.down, info.down) {
+            info.down = Some(down_mark(r));
+            changed = true;
         }
         changed
     }
@@ -330,6 +354,36 @@ mod tests {
         assert!(!o.notify_down("a", Epoch(1), 9, Millis(1)));
         assert!(o.notify_down("a", Epoch(1), 10, Millis(1)));
         assert!(o.observe("a", Epoch(1), 11, false, Millis(2)).revived);
+    }
+
+    #[test]
+    fn a_hub_that_saw_the_missed_full_sync_end_revives_the_origin() {
+        let mut o = Origins::new(1000);
+        o.observe("a", Epoch(1), 5, false, Millis(0));
+        o.expire(Millis(2000));
+        // It restarted meanwhile; we missed its full sync and only hear its heartbeats.
+        assert!(!o.observe("a", Epoch(2), 9, false, Millis(2001)).revived);
+        let up = |epoch, last_seq, down| OriginSummary {
+            origin: "a".into(),
+            epoch: Epoch(epoch),
+            last_seq,
+            down,
+        };
+        assert!(
+            !o.apply_summary(&up(2, 4, Some(DownReason::Silent)), Millis(2002)),
+            "the hub thinks it down too"
+        );
+        assert!(o.is_down("a"));
+        assert!(o.apply_summary(&up(2, 4, None), Millis(2003)));
+        assert!(!o.is_down("a"));
+        assert_eq!(o.get("a").map(|i| i.last_seq), Some(9), "never goes back");
+
+        // A hub summary older than a self-announced down does not revive.
+        let mut o = Origins::new(1000);
+        o.observe("a", Epoch(2), 3, false, Millis(0));
+        o.mark_self_down("a", Epoch(2), 8, Millis(1));
+        assert!(!o.apply_summary(&up(2, 5, None), Millis(2)));
+        assert!(o.is_down("a"));
     }
 
     #[test]

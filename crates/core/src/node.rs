@@ -75,8 +75,9 @@ pub struct NodeConfig {
     pub gap_grace_ms: u64,
     /// A snapshot not complete after this long is requested again. Default 5 000 ms.
     pub snapshot_retry_ms: u64,
-    /// Resync requests arriving within this long after a republish are ignored (several hubs
-    /// ask at once; the one republish reaches them all). Default 1 000 ms.
+    /// Republishes asked for by hubs are at least this far apart: a request arriving sooner
+    /// after the last one is answered once this long has passed, together with any other
+    /// request arriving meanwhile (several hubs often ask at once). Default 1 000 ms.
     pub resync_min_interval_ms: u64,
     /// Whether snapshots exist (hub topologies). Off for the broker, whose relays exchange
     /// envelopes in process.
@@ -244,6 +245,10 @@ impl PartialAnswer {
     }
 }
 
+/// Hubs answering one snapshot request, and hubs remembered, at most (a hostile peer cannot
+/// grow them without bound).
+const MAX_HUBS: usize = 64;
+
 /// Summaries kept at most per snapshot (a hostile hub cannot grow them without bound).
 const MAX_SNAPSHOT_ORIGINS: usize = 100_000;
 
@@ -269,7 +274,12 @@ pub struct Node {
     buffered_presence: Vec<(String, Presence)>,
     query: BTreeSet<String>,
     applied: BTreeSet<String>,
+    /// Hubs that answered a snapshot: their own streams (heartbeats, down notices) carry no
+    /// state a snapshot could repair, so a hole in them never asks for one.
+    hubs: BTreeSet<String>,
     last_republish: Option<Millis>,
+    /// A deferred republish (a hub asked too soon after the last one).
+    republish_due: Option<Millis>,
     stats: NodeStats,
 }
 
@@ -299,7 +309,9 @@ impl Node {
             buffered_presence: Vec::new(),
             query: BTreeSet::new(),
             applied: BTreeSet::new(),
+            hubs: BTreeSet::new(),
             last_republish: None,
+            republish_due: None,
             stats: NodeStats::default(),
         };
         n.request_snapshot(now);
@@ -543,13 +555,14 @@ impl Node {
                 self.on_snapshot_end(now, &env.origin, *request_id, *chunks)
             }
             Body::ResyncRequest { origin } => {
-                let recent = self
-                    .last_republish
-                    .is_some_and(|t| now.since(t) < self.cfg.resync_min_interval_ms);
-                if *origin == self.cfg.origin && self.synced_once && !self.local_down && !recent {
+                if *origin == self.cfg.origin && self.synced_once && !self.local_down {
                     self.stats.resyncs += 1;
-                    self.last_republish = Some(now);
-                    self.republish(now);
+                    match self.last_republish {
+                        Some(t) if now.since(t) < self.cfg.resync_min_interval_ms => {
+                            self.republish_due = Some(t.plus(self.cfg.resync_min_interval_ms));
+                        }
+                        _ => self.republish_for_hubs(now),
+                    }
                 }
             }
             Body::Hello { .. } | Body::SnapshotRequest { .. } => {}
@@ -622,12 +635,22 @@ impl Node {
                 // Incomplete and not yet due, or complete but recent: at most one request
                 // per retry period.
                 Some(s) if !s.complete || now.since(s.sent_at) < retry => {}
-                _ if !self.replica.gaps(now, self.cfg.gap_grace_ms).is_empty() => {
+                _ if !self
+                    .replica
+                    .gaps(now, self.cfg.gap_grace_ms, &self.hubs)
+                    .is_empty() =>
+                {
                     self.stats.gaps += 1;
                     self.request_snapshot(now);
                 }
                 _ => {}
             }
+        }
+        if self.republish_due.is_some_and(|t| now >= t) {
+            if self.synced_once && !self.local_down {
+                self.republish_for_hubs(now);
+            }
+            self.republish_due = None;
         }
         self.echo.expire(now);
         if self.apply.take_overflow() && self.apply.pending_len() == 0 {
@@ -757,6 +780,13 @@ impl Node {
         }
     }
 
+    /// A republish asked for by hubs.
+    fn republish_for_hubs(&mut self, now: Millis) {
+        self.last_republish = Some(now);
+        self.republish_due = None;
+        self.republish(now);
+    }
+
     fn republish(&mut self, now: Millis) {
         let begin = self.publish(now, Body::FullSyncBegin);
         let mut devices: Vec<(String, Value)> = self
@@ -796,7 +826,9 @@ impl Node {
         origins: &[OriginSummary],
     ) {
         match &mut self.snapshot {
-            Some(s) if s.id == request_id && (s.hubs.len() < 64 || s.hubs.contains_key(hub)) => {
+            Some(s)
+                if s.id == request_id && (s.hubs.len() < MAX_HUBS || s.hubs.contains_key(hub)) =>
+            {
                 let part = s.hubs.entry(hub.to_owned()).or_default();
                 if !part.seen.insert(index) {
                     return; // duplicate chunk
@@ -833,7 +865,9 @@ impl Node {
 
     fn on_snapshot_end(&mut self, now: Millis, hub: &str, request_id: u64, chunks: u32) {
         match &mut self.snapshot {
-            Some(s) if s.id == request_id && (s.hubs.len() < 64 || s.hubs.contains_key(hub)) => {
+            Some(s)
+                if s.id == request_id && (s.hubs.len() < MAX_HUBS || s.hubs.contains_key(hub)) =>
+            {
                 s.hubs.entry(hub.to_owned()).or_default().expected = Some(chunks);
             }
             _ => {
@@ -858,17 +892,21 @@ impl Node {
             }
             _ => return,
         };
-        let mut listed = BTreeSet::new();
         for sum in &summaries {
             if sum.origin == self.cfg.origin {
                 continue;
             }
-            listed.insert(sum.origin.clone());
             if self.replica.apply_summary(sum, now) {
                 self.recompute_origin(&sum.origin);
             }
         }
-        self.replica.cover_unlisted(&listed, now);
+        // Origins the answer does not list stay as they are: a hub that just restarted knows
+        // nobody yet, and its answer must not close the holes it cannot fill (the origins
+        // republish when it asks them to). Only the hub's own stream is covered.
+        if self.hubs.len() < MAX_HUBS {
+            self.hubs.insert(hub.to_owned());
+        }
+        self.replica.cover_origin(hub, now);
         self.snapshot_done = true;
         self.stats.snapshots_completed += 1;
         for (k, p) in std::mem::take(&mut self.buffered_presence) {

@@ -88,6 +88,11 @@ impl Replica {
         if obs.new_epoch || obs.revived {
             out.dirty_origins.push(origin.to_owned());
         }
+        if let Body::Update(u) = &env.body
+            && u.kind() == Kind::Device
+        {
+            self.origins.note_lag(origin, u.ts.wall, now);
+        }
         match &env.body {
             Body::Update(u)
                 if self
@@ -161,27 +166,19 @@ impl Replica {
         changed
     }
 
-    /// After a complete snapshot: closes the gaps of origins the snapshot did not describe
-    /// (e.g. other hubs), which no snapshot from that hub could ever close.
-    pub fn cover_unlisted(&mut self, listed: &BTreeSet<String>, now: Millis) {
-        for (o, t) in &mut self.seqs {
-            if !listed.contains(o) {
-                t.cover_all(now);
-            }
-        }
-    }
-
-    /// Closes the gaps of `origin` (it republished its full state).
+    /// Closes the gaps of `origin`: it republished its full state, or it is a hub whose
+    /// complete snapshot answer is, by definition, current with its own stream.
     pub fn cover_origin(&mut self, origin: &str, now: Millis) {
         if let Some(t) = self.seqs.get_mut(origin) {
             t.cover_all(now);
         }
     }
 
-    /// Origins with a gap open since at least `grace_ms`.
-    pub fn gaps(&self, now: Millis, grace_ms: u64) -> Vec<String> {
+    /// Origins with a gap open since at least `grace_ms`, except those in `ignore`.
+    pub fn gaps(&self, now: Millis, grace_ms: u64, ignore: &BTreeSet<String>) -> Vec<String> {
         self.seqs
             .iter()
+            .filter(|(o, _)| !ignore.contains(*o))
             .filter(|(_, t)| t.gap_since().is_some_and(|s| now.since(s) >= grace_ms))
             .map(|(o, _)| o.clone())
             .collect()
@@ -225,8 +222,11 @@ mod tests {
             SeqStatus::Duplicate
         );
         r.ingest(&up(4, "d", DeviceState::Busy), false, Millis(10));
-        assert_eq!(r.gaps(Millis(10), 0), vec!["a".to_owned()]);
-        assert!(r.gaps(Millis(10), 5).is_empty(), "grace");
+        assert_eq!(
+            r.gaps(Millis(10), 0, &BTreeSet::new()),
+            vec!["a".to_owned()]
+        );
+        assert!(r.gaps(Millis(10), 5, &BTreeSet::new()).is_empty(), "grace");
         r.ingest(
             &Envelope::new("a", Epoch(1), 5, Body::FullSyncBegin),
             false,
@@ -238,10 +238,30 @@ mod tests {
             Millis(12),
         );
         assert!(
-            r.gaps(Millis(100), 0).is_empty(),
+            r.gaps(Millis(100), 0, &BTreeSet::new()).is_empty(),
             "the full sync superseded the hole"
         );
         assert!(r.table.device("d").is_none(), "not reported in the sync");
+    }
+
+    #[test]
+    fn lag_is_the_age_of_the_last_device_update_on_arrival() {
+        let mut r = Replica::new(1000);
+        let mut e = up(1, "d", DeviceState::Inuse);
+        if let Body::Update(u) = &mut e.body {
+            u.ts = HlcTimestamp {
+                wall: 100,
+                counter: 0,
+            };
+        }
+        r.ingest(&e, false, Millis(130));
+        assert_eq!(r.origins.get("a").and_then(|i| i.lag_ms), Some(30));
+        r.ingest(
+            &Envelope::new("a", Epoch(1), 2, Body::Heartbeat { local_down: false }),
+            false,
+            Millis(500),
+        );
+        assert_eq!(r.origins.get("a").and_then(|i| i.lag_ms), Some(30));
     }
 
     #[test]

@@ -72,14 +72,19 @@ impl SeqTracker {
         self.gap_since
     }
 
-    fn advance(&mut self, now: Millis) {
+    /// Moves `contiguous` over what arrived; `from` is where it stood before the change.
+    /// A hole that remains above a closed one counts as open since `now`: its messages may
+    /// still be on their way (e.g. a republish reordered in flight), and the grace period
+    /// of the hole that was closed must not hurry a request for this one.
+    fn advance(&mut self, from: u64, now: Millis) {
         while self.above.remove(&(self.contiguous + 1)) {
             self.contiguous += 1;
         }
         self.above.retain(|s| *s > self.contiguous);
         if self.above.is_empty() && self.overflow_at.is_none() {
             self.gap_since = None;
-        } else if self.gap_since.is_none() {
+        } else if self.gap_since.is_none() || (self.contiguous > from && self.overflow_at.is_none())
+        {
             self.gap_since = Some(now);
         }
     }
@@ -103,6 +108,7 @@ impl SeqTracker {
         if seq <= self.contiguous || self.above.contains(&seq) {
             return SeqStatus::Duplicate;
         }
+        let from = self.contiguous;
         if self.above.len() >= SeqTracker::MAX_OUT_OF_ORDER {
             // Too much out of order: jump and keep a gap open until covered.
             self.above.clear();
@@ -111,7 +117,7 @@ impl SeqTracker {
         } else {
             self.above.insert(seq);
         }
-        self.advance(now);
+        self.advance(from, now);
         SeqStatus::New
     }
 
@@ -124,13 +130,14 @@ impl SeqTracker {
         if epoch > self.epoch {
             self.reset(epoch);
         }
+        let from = self.contiguous;
         if up_to > self.contiguous {
             self.contiguous = up_to;
         }
         if self.overflow_at.is_some_and(|at| up_to >= at) {
             self.overflow_at = None;
         }
-        self.advance(now);
+        self.advance(from, now);
     }
 
     /// Covers everything received so far: closes every gap.
@@ -191,6 +198,23 @@ mod tests {
         assert_eq!(t.observe(Epoch(1), 3, Millis(1)), SeqStatus::Duplicate);
         t.observe(Epoch(1), 9, Millis(2));
         t.cover_all(Millis(3));
+        assert_eq!(t.gap_since(), None);
+    }
+
+    #[test]
+    fn a_hole_left_above_a_closed_one_gets_its_own_grace() {
+        let mut t = SeqTracker::new(Epoch(1), 1, false);
+        t.observe(Epoch(1), 1, Millis(0));
+        t.observe(Epoch(1), 3, Millis(0));
+        t.observe(Epoch(1), 5, Millis(1));
+        assert_eq!(t.gap_since(), Some(Millis(0)));
+        t.observe(Epoch(1), 2, Millis(10));
+        assert_eq!(t.gap_since(), Some(Millis(10)), "4 is still on its way");
+        t.observe(Epoch(1), 7, Millis(11));
+        assert_eq!(t.gap_since(), Some(Millis(10)), "the open hole is still 4");
+        t.cover(Epoch(1), 5, Millis(20));
+        assert_eq!(t.gap_since(), Some(Millis(20)));
+        t.observe(Epoch(1), 6, Millis(21));
         assert_eq!(t.gap_since(), None);
     }
 

@@ -330,6 +330,74 @@ fn heal(w: &mut World) {
     }
 }
 
+/// The body of [`federation_converges_under_faults`], callable for one case.
+fn converges_under_faults(seed: u64, ops: &[Op], victim: usize) -> Result<(), TestCaseError> {
+    let mut w = World::new(3, 2, seed);
+    w.faults = Faults {
+        max_delay_ms: 300,
+        drop_percent: 10,
+        dup_percent: 10,
+    };
+    w.trace = std::env::var("FED_TRACE_ALL").is_ok();
+    w.run(500);
+    for o in ops {
+        apply_op(&mut w, o);
+    }
+    heal(&mut w);
+    prop_assert!(
+        w.settle(SETTLE_MS),
+        "devices {:?} presence {:?} {} {}",
+        w.device_mismatches(),
+        w.presence_mismatches(),
+        w.dump_presence(),
+        (0..4).map(|d| w.dump_device(&phone(d))).collect::<String>()
+    );
+
+    // No loop: once converged, nothing but heartbeats flows.
+    w.run(2_000);
+    let (updates, applies) = (w.total_updates(), w.applies);
+    w.trace = std::env::var("FED_TRACE").is_ok();
+    w.run(5_000);
+    w.trace = false;
+    prop_assert_eq!(w.total_updates(), updates);
+    prop_assert_eq!(w.applies, applies);
+    prop_assert!(w.device_mismatches().is_empty());
+
+    // A dead origin's devices reach UNAVAILABLE everywhere, then recover.
+    w.kill_agent(victim);
+    w.run(ORIGIN_TIMEOUT + 2_000);
+    prop_assert!(
+        w.device_mismatches().is_empty(),
+        "down: {:?}",
+        w.device_mismatches()
+    );
+    w.start_agent(victim);
+    prop_assert!(w.settle(SETTLE_MS), "recovery: {:?}", w.device_mismatches());
+    prop_assert!(w.presence_mismatches().is_empty());
+    Ok(())
+}
+
+/// Found by the property test: a restarted hub asked an origin to resync, the republish
+/// reached it reordered, and the hole left above the closed one was asked for again at once
+/// (ignored by the origin as too soon), so the hub's retry republished long after the
+/// federation had converged.
+#[test]
+fn a_restarted_hub_is_repaired_by_one_republish() {
+    use Op::*;
+    let ops = [
+        KillHub(0),
+        Wait(1079),
+        AsteriskLost(1),
+        Wait(928),
+        AsteriskBack(0, false),
+        KillAgent(2),
+        Phone(0, 3, 2),
+        Phone(1, 0, 5),
+        Wait(946),
+    ];
+    converges_under_faults(15291509127031539495, &ops, 1).unwrap();
+}
+
 proptest! {
     // FED_CASES=n runs more cases (default kept small so the suite stays fast).
     #![proptest_config(ProptestConfig {
@@ -348,32 +416,7 @@ proptest! {
         ops in proptest::collection::vec(op(3), 1..40),
         victim in 0..3usize,
     ) {
-        let mut w = World::new(3, 2, seed);
-        w.faults = Faults { max_delay_ms: 300, drop_percent: 10, dup_percent: 10 };
-        w.run(500);
-        for o in &ops {
-            apply_op(&mut w, o);
-        }
-        heal(&mut w);
-        prop_assert!(w.settle(SETTLE_MS), "devices {:?} presence {:?} {} {}", w.device_mismatches(), w.presence_mismatches(), w.dump_presence(), (0..4).map(|d| w.dump_device(&phone(d))).collect::<String>());
-
-        // No loop: once converged, nothing but heartbeats flows.
-        w.run(2_000);
-        let (updates, applies) = (w.total_updates(), w.applies);
-        w.trace = std::env::var("FED_TRACE").is_ok();
-        w.run(5_000);
-        w.trace = false;
-        prop_assert_eq!(w.total_updates(), updates);
-        prop_assert_eq!(w.applies, applies);
-        prop_assert!(w.device_mismatches().is_empty());
-
-        // A dead origin's devices reach UNAVAILABLE everywhere, then recover.
-        w.kill_agent(victim);
-        w.run(ORIGIN_TIMEOUT + 2_000);
-        prop_assert!(w.device_mismatches().is_empty(), "down: {:?}", w.device_mismatches());
-        w.start_agent(victim);
-        prop_assert!(w.settle(SETTLE_MS), "recovery: {:?}", w.device_mismatches());
-        prop_assert!(w.presence_mismatches().is_empty());
+        converges_under_faults(seed, &ops, victim)?;
     }
 
     /// Without faults, the number of published updates is bounded by the real changes plus

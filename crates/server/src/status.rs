@@ -65,7 +65,7 @@ pub fn origin_view(origins: &Origins, name: &str, now: Millis) -> Option<OriginV
         epoch: info.epoch.0,
         last_seq: info.last_seq,
         last_seen_ms_ago: Some(now.since(info.last_seen)),
-        lag_ms: None,
+        lag_ms: info.lag_ms,
         detail: info.down.map(|d| reason_text(d.reason).to_owned()),
     })
 }

@@ -396,6 +396,12 @@ impl World {
                         }
                     }
                     Action::Request(env) => {
+                        if self.trace {
+                            eprintln!(
+                                "TRACE t={} {} requests {:?}",
+                                self.now.0, self.agents[i].name, env.body
+                            );
+                        }
                         let bytes = self.seal(&env);
                         for h in 0..self.hubs.len() {
                             self.send(Addr::Node(i), Addr::Hub(h), bytes.clone());
@@ -449,6 +455,17 @@ impl World {
                     }
                 }
                 HubAction::SendTo { to, envelope } => {
+                    if self.trace
+                        && !matches!(
+                            envelope.body,
+                            Body::SnapshotChunk { .. } | Body::SnapshotEnd { .. }
+                        )
+                    {
+                        eprintln!(
+                            "TRACE t={} hub-{h} sends {to} {:?}",
+                            self.now.0, envelope.body
+                        );
+                    }
                     let bytes = self.seal(&envelope);
                     if let Some(i) = self.agents.iter().position(|a| a.name == to) {
                         self.send(Addr::Hub(h), Addr::Node(i), bytes);
