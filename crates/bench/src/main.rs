@@ -4,7 +4,9 @@
 //! ceilings measured in the same run.
 //!
 //! Modules: `hubbench` (the hub alone: a signing publisher and N subscribers around one
-//! `hintfed-server`), `run` (topology, load, drain, convergence, report) uses `procs` (child daemons,
+//! `hintfed-server`), `snapshot` (a new agent's time to hold a full hub table) and `memory`
+//! (the hub's RSS with many keys and agent-equivalent peers), both built on `fill`
+//! (in-process origins and snapshot clients), `run` (topology, load, drain, convergence, report) uses `procs` (child daemons,
 //! ports, /proc CPU and RSS), `ami` (a raw pipelined AMI connection), `ceiling` (raw ZeroMQ
 //! PUB/SUB between two processes, pipelined Setvar/s of an Asterisk) and `analyze` (latency
 //! from the simulator's `--trace` file).
@@ -13,9 +15,12 @@
 mod ami;
 mod analyze;
 mod ceiling;
+mod fill;
 mod hubbench;
+mod memory;
 mod procs;
 mod run;
+mod snapshot;
 
 use clap::Parser as _;
 
@@ -39,6 +44,10 @@ enum Cmd {
     Run(run::RunArgs),
     /// The hub alone: one hintfed-server, an in-process signing publisher, N subscribers.
     Hub(hubbench::HubArgs),
+    /// A new agent's time to hold every key of a full hub (and to write them to its Asterisk).
+    Snapshot(snapshot::SnapshotArgs),
+    /// The hub's RSS with many keys and many agent-equivalent peers.
+    Memory(memory::MemoryArgs),
     /// Only the pipelined Setvar/s ceiling of one Asterisk (simulator or real).
     SetvarCeiling {
         /// host:port of the AMI.
@@ -98,6 +107,16 @@ async fn main() -> anyhow::Result<()> {
                 std::fs::write(&p, text + "\n")?;
             }
         }
+        Cmd::Snapshot(args) => {
+            let json_path = args.json.clone();
+            let report = snapshot::run(args).await?;
+            emit(&report, json_path.as_deref())?;
+        }
+        Cmd::Memory(args) => {
+            let json_path = args.json.clone();
+            let report = memory::run(args).await?;
+            emit(&report, json_path.as_deref())?;
+        }
         Cmd::Hub(args) => {
             let report = hubbench::run(args).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
@@ -127,6 +146,16 @@ async fn main() -> anyhow::Result<()> {
             count,
             size,
         } => ceiling::zmq_pub(&endpoint, count, size).await?,
+    }
+    Ok(())
+}
+
+/// Prints the JSON report and writes it to `path` when given.
+fn emit(report: &serde_json::Value, path: Option<&std::path::Path>) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(report)?;
+    println!("{text}");
+    if let Some(p) = path {
+        std::fs::write(p, text + "\n")?;
     }
     Ok(())
 }

@@ -196,3 +196,114 @@ where
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A started `hintfed-server`: the daemon and its ROUTER endpoint.
+pub struct Hub {
+    /// The process.
+    pub daemon: Daemon,
+    /// `tcp://127.0.0.1:P` (ROUTER; the PUB is P+1).
+    pub endpoint: String,
+}
+
+/// Starts one `hintfed-server` named `name` in `dir` (shared key [`crate::fill::KEY`]) and
+/// waits for its `/healthz`.
+pub async fn start_hub(
+    dir: &Path,
+    name: &str,
+    origin_timeout: &str,
+    log: &str,
+) -> anyhow::Result<Hub> {
+    let port = free_port_pair()?;
+    let http = format!("127.0.0.1:{}", free_port()?);
+    let cfg = dir.join(format!("{name}.ini"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "[general]\nname = {name}\nlog_level = {log}\n\n[federation]\nshared_key = {key}\norigin_timeout = {origin_timeout}\n\n[server]\nlisten = tcp://127.0.0.1:{port}\n\n[http]\nlisten = {http}\n",
+            key = crate::fill::KEY,
+        ),
+    )?;
+    let daemon = Daemon::spawn(
+        name,
+        &sibling("hintfed-server")?,
+        &["--config".into(), cfg.display().to_string()],
+        &[],
+        dir,
+    )?;
+    let up = wait_until(Duration::from_secs(15), || async {
+        http_get(&http, "/healthz").await.contains("ok")
+    })
+    .await;
+    anyhow::ensure!(up, "{name} did not come up (see {})", daemon.log.display());
+    Ok(Hub {
+        daemon,
+        endpoint: format!("tcp://127.0.0.1:{port}"),
+    })
+}
+
+/// The value of the first sample of `name` (exact metric name, any labels) in a Prometheus
+/// or OpenMetrics text exposition.
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        let rest = if let Some(r) = rest.strip_prefix('{') {
+            r.split_once('}')?.1
+        } else {
+            rest
+        };
+        if !rest.starts_with(' ') {
+            return None;
+        }
+        rest.split_whitespace().next()?.parse().ok()
+    })
+}
+
+/// The machine: CPUs and the 1/5/15-minute load averages (from `/proc/loadavg`).
+pub fn machine() -> serde_json::Value {
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
+    serde_json::json!({"cpus": cpus, "loadavg": parse_loadavg(&load)})
+}
+
+/// The three load averages of a `/proc/loadavg` line.
+pub fn parse_loadavg(line: &str) -> Vec<f64> {
+    line.split_whitespace()
+        .take(3)
+        .filter_map(|v| v.parse().ok())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_metric_samples() {
+        let text = "# HELP hintfed_snapshot_entries x\n# TYPE hintfed_snapshot_entries histogram\nhintfed_snapshot_entries_sum 100000.0\nhintfed_snapshot_entries_count 210\nhintfed_queue_depth{queue=\"apply\"} 7\nhintfed_snapshot_entries_sum_x 3\n";
+        assert_eq!(
+            metric_value(text, "hintfed_snapshot_entries_sum"),
+            Some(100_000.0)
+        );
+        assert_eq!(
+            metric_value(text, "hintfed_snapshot_entries_count"),
+            Some(210.0)
+        );
+        assert_eq!(metric_value(text, "hintfed_queue_depth"), Some(7.0));
+        assert_eq!(metric_value(text, "hintfed_snapshot"), None);
+    }
+
+    #[test]
+    fn reads_loadavg() {
+        assert_eq!(
+            parse_loadavg("15.20 17.01 12.00 3/900 1234\n"),
+            vec![15.2, 17.01, 12.0]
+        );
+        assert!(parse_loadavg("").is_empty());
+    }
+
+    #[test]
+    fn reads_own_usage() {
+        let u = usage(std::process::id(), clk_tck()).expect("own /proc");
+        assert!(u.peak_rss_kib >= u.rss_kib && u.rss_kib > 0);
+    }
+}

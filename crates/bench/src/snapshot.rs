@@ -1,0 +1,272 @@
+//! `hintfed-bench snapshot`: how fast a new agent holds a hub's whole table.
+//!
+//! 1. One `hintfed-server`; `--origins` in-process origins ([`crate::fill::Fleet`]) publish
+//!    `--keys` device keys in total and keep heartbeating.
+//! 2. A probe ([`crate::fill::SnapshotClient`]) asks the hub for snapshots until one holds
+//!    every key: the table is full. Its last fetch time is the same snapshot read by an
+//!    already running process (no process start, no apply).
+//! 3. Ceilings, same run: decoding and verifying the same chunk payloads in this process; raw
+//!    ZeroMQ PUB/SUB between two processes moving the same number of messages of the same
+//!    size (time = chunks / msg/s).
+//! 4. One real `hintfed-agent` (with a simulated Asterisk of its own) is started; from its
+//!    process start the tool polls every 10 ms: `/healthz` (up), `/metrics`
+//!    `hintfed_snapshot_entries_sum` ≥ keys (entries received into its table), its log line
+//!    `snapshot complete` (the node completed the snapshot), and the simulator's
+//!    `SetvarTotal` ≥ keys (every key written to its Asterisk as `Custom:`).
+//! 5. The agent's peak RSS after the snapshot and at the end.
+
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use serde_json::json;
+
+use crate::ami::{self, Conn};
+use crate::fill::{self, Fleet, SnapshotClient};
+use crate::procs::{self, Daemon};
+
+/// Options of `snapshot`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SnapshotArgs {
+    /// Device keys the hub holds.
+    #[arg(long, default_value_t = 100_000)]
+    pub keys: usize,
+    /// Origins publishing them (in this process).
+    #[arg(long, default_value_t = 10)]
+    pub origins: usize,
+    /// How long to wait for the agent to write every key to its Asterisk (seconds).
+    #[arg(long, default_value_t = 60.0)]
+    pub apply_timeout: f64,
+    /// Keep configs and logs in this folder (default: a temporary folder).
+    #[arg(long)]
+    pub keep: Option<std::path::PathBuf>,
+    /// Write the JSON report here as well.
+    #[arg(long)]
+    pub json: Option<std::path::PathBuf>,
+}
+
+/// Fills the hub and waits until a probe snapshot holds `keys` distinct keys; returns the
+/// last probe snapshot and how long filling took.
+pub async fn fill_hub(
+    fleet: &Fleet,
+    probe: &mut SnapshotClient,
+    keys: usize,
+    origins: usize,
+) -> anyhow::Result<(fill::Snapshot, f64)> {
+    let t0 = Instant::now();
+    let deadline = t0 + Duration::from_secs(180);
+    while fleet
+        .stats
+        .synced
+        .load(std::sync::atomic::Ordering::Relaxed)
+        < origins as u64
+    {
+        anyhow::ensure!(!fleet.failed(), "an origin failed while publishing");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "origins did not publish in 180 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    loop {
+        let s = probe.fetch(true, Duration::from_secs(60)).await?;
+        if s.distinct_keys >= keys as u64 {
+            return Ok((s, t0.elapsed().as_secs_f64()));
+        }
+        anyhow::ensure!(!fleet.failed(), "an origin failed while publishing");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the hub held only {} of {keys} keys after 180 s",
+            s.distinct_keys
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// Runs the snapshot benchmark; returns the JSON report (also printed as a table).
+pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
+    anyhow::ensure!(
+        a.keys >= 1 && a.origins >= 1,
+        "--keys and --origins must be >= 1"
+    );
+    let machine_before = procs::machine();
+    let tmp = tempfile::tempdir()?;
+    let dir = match &a.keep {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => tmp.path().to_path_buf(),
+    };
+    let tck = procs::clk_tck();
+    let mut hub = procs::start_hub(&dir, "hub-0", "300s", "warn").await?;
+    eprintln!(
+        "filling the hub with {} keys from {} origins ...",
+        a.keys, a.origins
+    );
+    let fleet = Fleet::start(&hub.endpoint, a.origins, a.keys);
+    let mut probe = SnapshotClient::connect(&hub.endpoint, "probe").await?;
+    let (snap, fill_secs) = fill_hub(&fleet, &mut probe, a.keys, a.origins).await?;
+    // A second fetch now that the table is still: the in-process figure.
+    let snap2 = probe.fetch(false, Duration::from_secs(60)).await?;
+    let hub_usage = procs::usage(hub.daemon.pid(), tck).unwrap_or_default();
+
+    // Ceilings.
+    eprintln!("measuring ceilings ...");
+    let decode = fill::decode_secs(&snap.payloads);
+    let chunk_size = (snap.bytes / snap.chunks.max(1)) as usize;
+    let zcount = (snap.chunks * 20).max(2000);
+    let z = crate::ceiling::zmq_pubsub(zcount, chunk_size).await?;
+    let zmq_secs = snap.chunks as f64 / z.msgs_per_sec;
+
+    // The new agent and its Asterisk.
+    let sim_addr = format!("127.0.0.1:{}", procs::free_port()?);
+    let sim = Daemon::spawn(
+        "sim",
+        &procs::sibling("hintfed-sim")?,
+        &[
+            "--listen".into(),
+            sim_addr.clone(),
+            "--name".into(),
+            "pbx-new".into(),
+            "--log".into(),
+            "warn".into(),
+        ],
+        &[],
+        &dir,
+    )?;
+    let up = procs::wait_until(Duration::from_secs(15), || async {
+        Conn::login(&sim_addr, "admin", "adminsecret").await.is_ok()
+    })
+    .await;
+    anyhow::ensure!(up, "simulator did not come up (see {})", sim.log.display());
+    let mut stats_conn = Conn::login(&sim_addr, "admin", "adminsecret").await?;
+    let (host, port) = sim_addr.rsplit_once(':').context("host:port")?;
+    let http = format!("127.0.0.1:{}", procs::free_port()?);
+    let cfg = dir.join("agent-new.ini");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[general]\nname = pbx-new\nlog_level = info\n\n[asterisk]\nsource = ami\napply = ami\nhost = {host}\nport = {port}\nusername = admin\n\n[federation]\nservers = {ep}\nshared_key = {key}\norigin_timeout = 300s\n\n[http]\nlisten = {http}\n",
+            ep = hub.endpoint,
+            key = fill::KEY,
+        ),
+    )?;
+    eprintln!("starting the new agent ...");
+    let t0 = Instant::now();
+    let mut agent = Daemon::spawn(
+        "agent-new",
+        &procs::sibling("hintfed-agent")?,
+        &["--config".into(), cfg.display().to_string()],
+        &[("HINTFED_ASTERISK_SECRET", "adminsecret")],
+        &dir,
+    )?;
+    let (mut t_http, mut t_entries, mut t_complete, mut t_applied) = (None, None, None, None);
+    let mut rss_at_complete = None;
+    let mut applied = 0u64;
+    let mut last_stats = Instant::now() - Duration::from_secs(1);
+    let deadline = t0 + Duration::from_secs_f64(a.apply_timeout);
+    while Instant::now() < deadline && t_applied.is_none() {
+        if t_http.is_none() && procs::http_get(&http, "/healthz").await.contains("ok") {
+            t_http = Some(t0.elapsed().as_secs_f64());
+        }
+        if t_http.is_some() && t_entries.is_none() {
+            let m = procs::http_get(&http, "/metrics").await;
+            if procs::metric_value(&m, "hintfed_snapshot_entries_sum")
+                .is_some_and(|v| v >= a.keys as f64)
+            {
+                t_entries = Some(t0.elapsed().as_secs_f64());
+            }
+        }
+        if t_complete.is_none()
+            && std::fs::read_to_string(&agent.log)
+                .unwrap_or_default()
+                .contains("snapshot complete")
+        {
+            t_complete = Some(t0.elapsed().as_secs_f64());
+            rss_at_complete = procs::usage(agent.pid(), tck).map(|u| u.peak_rss_kib);
+        }
+        if last_stats.elapsed() >= Duration::from_millis(100) {
+            last_stats = Instant::now();
+            let m = stats_conn.request(&[("Action", "SimStats")]).await?;
+            applied = ami::get(&m, "SetvarTotal")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if applied >= a.keys as u64 {
+                t_applied = Some(t0.elapsed().as_secs_f64());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let agent_end = procs::usage(agent.pid(), tck).unwrap_or_default();
+    let agent_secs = t0.elapsed().as_secs_f64();
+    let report = json!({
+        "mode": "snapshot",
+        "keys": a.keys, "origins": a.origins,
+        "machine_before": machine_before,
+        "hub": {"fill_secs": fill_secs, "peak_rss_mib": hub_usage.peak_rss_kib as f64 / 1024.0,
+                "rss_mib": hub_usage.rss_kib as f64 / 1024.0},
+        "snapshot": {"entries": snap.entries, "distinct_keys": snap.distinct_keys,
+                     "chunks": snap.chunks, "bytes": snap.bytes,
+                     "in_process_fetch_secs": snap2.secs},
+        "ceilings": {"decode_verify_secs": decode,
+                     "zmq_pubsub_msgs_per_sec": z.msgs_per_sec, "zmq_msg_bytes": chunk_size,
+                     "zmq_secs_for_same_messages": zmq_secs,
+                     "zmq_received_of_sent": format!("{}/{}", z.received, z.sent)},
+        "agent": {
+            "healthz_secs": t_http,
+            "entries_received_secs": t_entries,
+            "snapshot_complete_secs": t_complete,
+            "all_applied_secs": t_applied,
+            "applied_at_end": applied,
+            "apply_rate_per_sec": applied as f64 / (agent_secs - t_complete.unwrap_or(0.0)).max(1e-9),
+            "cpu_secs": agent_end.cpu_secs,
+            "peak_rss_mib_at_snapshot": rss_at_complete.map(|k| k as f64 / 1024.0),
+            "peak_rss_mib": agent_end.peak_rss_kib as f64 / 1024.0,
+        },
+        "ratios": {
+            "snapshot_complete_to_in_process_fetch": t_complete.map(|t| t / snap2.secs.max(1e-9)),
+            "snapshot_complete_to_zmq_same_messages": t_complete.map(|t| t / zmq_secs.max(1e-9)),
+        },
+        "target": {"snapshot_within_1s": t_complete.is_some_and(|t| t <= 1.0)},
+        "machine_after": procs::machine(),
+        "logs": dir.display().to_string(),
+    });
+    let opt = |v: Option<f64>| v.map_or("not reached".to_owned(), |t| format!("{t:.3} s"));
+    println!(
+        "hub: {} keys from {} origins in {:.1} s; snapshot {} entries in {} chunks, {:.1} MiB; hub peak RSS {:.1} MiB",
+        a.keys,
+        a.origins,
+        fill_secs,
+        snap.entries,
+        snap.chunks,
+        snap.bytes as f64 / 1048576.0,
+        hub_usage.peak_rss_kib as f64 / 1024.0
+    );
+    println!(
+        "ceilings: in-process snapshot fetch {:.3} s; decode+verify {:.3} s; raw ZeroMQ PUB/SUB for {} msgs of {} B {:.3} s ({:.0} msg/s)",
+        snap2.secs, decode, snap.chunks, chunk_size, zmq_secs, z.msgs_per_sec
+    );
+    println!(
+        "new agent (from process start): /healthz {}, {} entries received {}, snapshot complete {}, all {} written to its Asterisk {} ({} written at the end)",
+        opt(t_http),
+        a.keys,
+        opt(t_entries),
+        opt(t_complete),
+        a.keys,
+        opt(t_applied),
+        applied
+    );
+    println!(
+        "new agent: peak RSS {} MiB after the snapshot, {:.1} MiB at the end; CPU {:.2} s",
+        rss_at_complete.map_or("n/a".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
+        agent_end.peak_rss_kib as f64 / 1024.0,
+        agent_end.cpu_secs
+    );
+    agent.stop(Duration::from_secs(2));
+    drop(sim);
+    drop(probe);
+    fleet.stop().await?;
+    hub.daemon.stop(Duration::from_secs(2));
+    drop(tmp);
+    Ok(report)
+}
