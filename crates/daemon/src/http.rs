@@ -41,12 +41,19 @@
 //! channel is bounded; a slow client loses events, never slows the daemon).
 //!
 //! # Bounds
-//! At most [`HttpLimits::max_connections`] connections (further ones wait in the kernel's
-//! accept queue), at most [`HttpLimits::max_event_clients`] `/events` streams (`503` beyond),
-//! request bodies capped at 16 KiB (no endpoint takes one), only `GET`/`HEAD`. A connection
-//! that sends nothing within [`HttpLimits::first_byte_timeout`] is closed, so peers that
-//! connect and never speak cannot hold every slot (a peer that trickles bytes still can, up to
-//! the connection cap).
+//! Served by hyper's HTTP/1.1 connection directly (not `axum::serve`, which offers no
+//! timeouts and logs nothing). At most [`HttpLimits::max_connections`] connections: at the
+//! cap the oldest connection that has not sent a whole request is closed to make room (a
+//! flood of silent or trickling peers cannot lock real clients out), and when every slot is
+//! a real client new ones wait in the accept path. At most [`HttpLimits::max_event_clients`]
+//! `/events` streams (`503` beyond). A connection that sends nothing within
+//! [`HttpLimits::first_byte_timeout`], or whose request head is not complete within
+//! [`HttpLimits::head_timeout`] (slowloris; also the keep-alive idle timeout), or that reads
+//! nothing of a response for [`HttpLimits::write_timeout`], is closed. Request heads are
+//! capped at [`MAX_HEAD_BYTES`] and [`MAX_HEADERS`] (`431`), announced bodies at
+//! [`MAX_BODY_BYTES`] (`413`); only `GET`/`HEAD` are routed. Each of these, and malformed
+//! requests (`400`), is logged as a warning naming the peer address, at most 10 lines per
+//! 10 s ([`WarnLimiter`]; the next line counts the ones held back).
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -54,14 +61,18 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::body::Body;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, State};
+use axum::http::{HeaderValue, Request, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::StreamExt;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -69,8 +80,12 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
 use tokio_stream::wrappers::BroadcastStream;
 use tokio_stream::wrappers::errors::BroadcastStreamRecvError;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt as _;
+use tracing::{debug, warn};
 
 use crate::metrics::{self, Metrics};
+use crate::ratelimit::WarnLimiter;
 
 /// One device row of the status table.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -304,13 +319,22 @@ impl Readiness {
 /// Limits of the HTTP server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HttpLimits {
-    /// Concurrent connections (default 256).
+    /// Concurrent connections (default 256). At the cap, the oldest connection that has not
+    /// sent a whole request yet is closed to make room; when there is none, new connections
+    /// wait.
     pub max_connections: usize,
     /// Concurrent `/events` streams (default 32).
     pub max_event_clients: usize,
     /// A connection that sends no byte this long after it was accepted is closed
     /// (default 5 s).
-    pub first_byte_timeout: std::time::Duration,
+    pub first_byte_timeout: Duration,
+    /// A request head (request line and headers) must be complete this long after the
+    /// server started waiting for it, or the connection is closed: cuts slow clients that
+    /// trickle header bytes, and is also the keep-alive idle timeout (default 10 s).
+    pub head_timeout: Duration,
+    /// A write that makes no progress this long (a peer that never reads) closes the
+    /// connection (default 30 s).
+    pub write_timeout: Duration,
 }
 
 impl Default for HttpLimits {
@@ -318,7 +342,9 @@ impl Default for HttpLimits {
         Self {
             max_connections: 256,
             max_event_clients: 32,
-            first_byte_timeout: std::time::Duration::from_secs(5),
+            first_byte_timeout: Duration::from_secs(5),
+            head_timeout: Duration::from_secs(10),
+            write_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -500,58 +526,286 @@ impl HttpServer {
     }
 
     /// Serve until `ctx.shutdown` is cancelled, then finish in-flight requests (SSE streams
-    /// end at once).
+    /// end at once) and return once every connection closed.
     pub async fn run(self) -> std::io::Result<()> {
-        let shutdown = self.ctx.shutdown.clone();
-        let listener = LimitedListener {
-            inner: self.listener,
-            slots: Arc::new(Semaphore::new(self.ctx.limits.max_connections.max(1))),
-            first_byte_timeout: self.ctx.limits.first_byte_timeout,
-        };
-        axum::serve(listener, router(self.ctx))
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
+        let Self { listener, ctx } = self;
+        let shutdown = ctx.shutdown.clone();
+        let limits = ctx.limits;
+        let shared = Arc::new(Shared {
+            router: router(ctx),
+            limits,
+            shutdown: shutdown.clone(),
+            waiting: Mutex::new(BTreeMap::new()),
+            warn: WarnLimiter::default(),
+        });
+        let slots = Arc::new(Semaphore::new(limits.max_connections.max(1)));
+        let tracker = TaskTracker::new();
+        let mut next_id = 0u64;
+        loop {
+            let accepted = tokio::select! {
+                () = shutdown.cancelled() => break,
+                r = listener.accept() => r,
+            };
+            let (stream, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of file descriptors and the like: log, back off a little, go on.
+                    if let Some(suppressed) = shared.warn.allow() {
+                        warn!(error = %e, suppressed, "HTTP: accept failed");
+                    }
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        () = tokio::time::sleep(ACCEPT_BACKOFF) => continue,
+                    }
+                }
+            };
+            let permit = match slots.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    // At the cap: shed the oldest connection that has not sent a request yet
+                    // (a flood of silent or trickling peers must not lock others out); when
+                    // every connection is a real client, this one waits for a free slot.
+                    let shed = shared.shed_oldest_waiting();
+                    if let Some(suppressed) = shared.warn.allow() {
+                        match shed {
+                            Some(victim) => warn!(
+                                %peer, closed = %victim, max_connections = limits.max_connections,
+                                suppressed,
+                                "HTTP: too many connections; closed the oldest one that sent no request"
+                            ),
+                            None => warn!(
+                                %peer, max_connections = limits.max_connections, suppressed,
+                                "HTTP: too many connections; this one waits for a free slot"
+                            ),
+                        }
+                    }
+                    tokio::select! {
+                        () = shutdown.cancelled() => break,
+                        p = slots.clone().acquire_owned() => match p {
+                            Ok(p) => p,
+                            // Never closed; stop serving rather than spin if it ever is.
+                            Err(_) => break,
+                        },
+                    }
+                }
+            };
+            let _ = stream.set_nodelay(true);
+            let id = next_id;
+            next_id += 1;
+            let evict = CancellationToken::new();
+            shared
+                .waiting
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(id, (peer, evict.clone()));
+            tracker.spawn(serve_connection(
+                shared.clone(),
+                stream,
+                peer,
+                id,
+                evict,
+                permit,
+            ));
+        }
+        drop(listener);
+        tracker.close();
+        tracker.wait().await;
+        Ok(())
     }
 }
 
-/// Accepts a connection only when a slot is free.
-struct LimitedListener {
-    inner: TcpListener,
-    slots: Arc<Semaphore>,
-    first_byte_timeout: std::time::Duration,
+/// Wait after a failed `accept` (e.g. out of file descriptors) before the next one.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// What every connection task shares.
+struct Shared {
+    router: Router,
+    limits: HttpLimits,
+    shutdown: CancellationToken,
+    /// Connections that have not sent a whole request head yet (oldest first), the ones
+    /// shed when the connection cap is reached.
+    waiting: Mutex<BTreeMap<u64, (SocketAddr, CancellationToken)>>,
+    /// One budget for every warning about a peer.
+    warn: WarnLimiter,
 }
 
-impl axum::serve::Listener for LimitedListener {
-    type Io = LimitedIo;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        // The semaphore is never closed, so acquire cannot fail; if it ever did, fall back
-        // to accepting without a permit rather than stopping the server.
-        let permit = self.slots.clone().acquire_owned().await.ok();
-        let (io, addr) = axum::serve::Listener::accept(&mut self.inner).await;
-        let _ = io.set_nodelay(true);
-        (
-            LimitedIo {
-                io,
-                _permit: permit,
-                first_byte: Some(Box::pin(tokio::time::sleep(self.first_byte_timeout))),
-            },
-            addr,
-        )
+impl Shared {
+    fn shed_oldest_waiting(&self) -> Option<SocketAddr> {
+        let (_, (peer, token)) = self
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop_first()?;
+        token.cancel();
+        Some(peer)
     }
 
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.inner.local_addr()
+    fn not_waiting(&self, id: u64) {
+        self.waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&id);
     }
 }
 
-/// A connection holding its slot; closed if its first byte does not arrive in time.
+/// Removes a connection from the waiting list however its task ends.
+struct Registered {
+    shared: Arc<Shared>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.shared.not_waiting(self.id);
+    }
+}
+
+/// One connection: HTTP/1.1 with the head timeout (which also bounds the keep-alive idle
+/// time, as hyper reads the next head while idle), the head size cap, the first-byte and
+/// write-stall timeouts of [`LimitedIo`]; problems are logged with the peer address.
+async fn serve_connection(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+    evict: CancellationToken,
+    _permit: OwnedSemaphorePermit,
+) {
+    let _registered = Registered {
+        shared: shared.clone(),
+        id,
+    };
+    let limits = shared.limits;
+    let io = TokioIo::new(LimitedIo {
+        io: stream,
+        first_byte: Some(Box::pin(tokio::time::sleep(limits.first_byte_timeout))),
+        write_timeout: limits.write_timeout,
+        write_stall: None,
+    });
+    let svc_shared = shared.clone();
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let shared = svc_shared.clone();
+        async move {
+            // A whole head arrived: a real request, no longer sheddable.
+            shared.not_waiting(id);
+            Ok::<_, Infallible>(handle_request(&shared, peer, req).await)
+        }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.head_timeout)
+        .max_buf_size(MAX_HEAD_BYTES)
+        .max_headers(MAX_HEADERS);
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = evict.cancelled() => return, // shed at the cap (logged there); dropping closes
+        () = shared.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        report(&shared, peer, &e);
+    }
+}
+
+/// Longest request head accepted (request line and headers; beyond: `431`, closed).
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// Most headers in a request (beyond: `431`, closed).
+pub const MAX_HEADERS: usize = 64;
+/// Largest request body announced (beyond: `413`, closed). No endpoint takes a body.
+pub const MAX_BODY_BYTES: u64 = 16 * 1024;
+
+async fn handle_request(shared: &Shared, peer: SocketAddr, mut req: Request<Incoming>) -> Response {
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY_BYTES) {
+        if let Some(suppressed) = shared.warn.allow() {
+            warn!(%peer, content_length = announced, suppressed, "HTTP: request body too large; closed");
+        }
+        let mut r = (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n").into_response();
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return r;
+    }
+    req.extensions_mut().insert(ConnectInfo(peer));
+    match shared.router.clone().oneshot(req.map(Body::new)).await {
+        Ok(r) => r,
+        Err(never) => match never {},
+    }
+}
+
+/// Logs why a connection failed, when it is the peer's doing (rate-limited, with the peer).
+fn report(shared: &Shared, peer: SocketAddr, e: &hyper::Error) {
+    let io_timeout = std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<std::io::Error>())
+        .filter(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        .map(ToString::to_string);
+    let problem = if e.is_parse_too_large() {
+        "request head too large".to_owned()
+    } else if e.is_parse() {
+        "malformed request".to_owned()
+    } else if e.is_timeout() {
+        "request head not complete within head_timeout (slow client)".to_owned()
+    } else if let Some(t) = io_timeout {
+        t
+    } else {
+        debug!(%peer, error = %e, "HTTP connection ended with an error");
+        return;
+    };
+    if let Some(suppressed) = shared.warn.allow() {
+        warn!(%peer, %problem, error = %e, suppressed, "HTTP: bad client; connection closed");
+    }
+}
+
+/// A connection closed if its first byte does not arrive in time, or if a write makes no
+/// progress for `write_timeout` (a peer that never reads).
 struct LimitedIo {
     io: TcpStream,
-    _permit: Option<OwnedSemaphorePermit>,
     /// Deadline for the first byte; `None` once one arrived.
     first_byte: Option<Pin<Box<tokio::time::Sleep>>>,
+    write_timeout: Duration,
+    /// Running while a write is blocked; reset by any progress.
+    write_stall: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl LimitedIo {
+    fn check_stall(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let timeout = self.write_timeout;
+        let stall = self
+            .write_stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        if stall.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the peer read nothing within the write timeout",
+            )));
+        }
+        Poll::Pending
+    }
+
+    fn track_write<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        match polled {
+            Poll::Pending => match self.check_stall(cx) {
+                Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+                _ => Poll::Pending,
+            },
+            ready => {
+                self.write_stall = None;
+                ready
+            }
+        }
+    }
 }
 
 impl AsyncRead for LimitedIo {
@@ -584,15 +838,18 @@ impl AsyncWrite for LimitedIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.track_write(cx, polled)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.track_write(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
+        let polled = Pin::new(&mut self.io).poll_shutdown(cx);
+        self.track_write(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -600,7 +857,8 @@ impl AsyncWrite for LimitedIo {
         cx: &mut Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.track_write(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {

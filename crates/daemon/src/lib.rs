@@ -14,6 +14,8 @@
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`, `/api/state`, `/api/origins`, `/events` (SSE)
 //!   and the embedded status page, fed by the daemon through [`http::StatusSource`], a
 //!   readiness `watch` and a broadcast of [`http::StatusEvent`]s.
+//! - [`ratelimit`]: [`ratelimit::WarnLimiter`], the budget of the warnings about hostile
+//!   peers (each names the peer address).
 //! - [`run`]: wires it together for a binary: args → config (exit 64) → logging → HTTP →
 //!   the daemon future until a signal → drain → exit status.
 //!
@@ -26,6 +28,7 @@ pub mod config;
 pub mod http;
 pub mod logging;
 pub mod metrics;
+pub mod ratelimit;
 pub mod run;
 pub mod signals;
 

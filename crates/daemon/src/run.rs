@@ -60,7 +60,12 @@ pub const EXIT_FAILURE: u8 = 1;
 /// Keys of `[general]` read by this crate (add them to the daemon's known keys).
 pub const GENERAL_KEYS: &[&str] = &["log_level", "shutdown_grace"];
 /// Keys of `[http]` read by this crate.
-pub const HTTP_KEYS: &[&str] = &["listen", "max_connections", "max_event_clients"];
+pub const HTTP_KEYS: &[&str] = &[
+    "listen",
+    "max_connections",
+    "max_event_clients",
+    "head_timeout",
+];
 /// Default `[general] shutdown_grace`.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -76,7 +81,7 @@ pub struct DaemonSpec {
 }
 
 /// The settings this crate reads: `[general] log_level`, `[general] shutdown_grace`,
-/// `[http] listen`, `max_connections`, `max_event_clients`.
+/// `[http] listen`, `max_connections`, `max_event_clients`, `head_timeout`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CommonConfig {
     /// `[general] log_level` as written (validated).
@@ -86,7 +91,7 @@ pub struct CommonConfig {
     pub shutdown_grace: Duration,
     /// `[http] listen`; `None` = no HTTP listener.
     pub http_listen: Option<SocketAddr>,
-    /// `[http] max_connections`, `max_event_clients`.
+    /// `[http] max_connections`, `max_event_clients`, `head_timeout`.
     #[serde(skip)]
     pub http_limits: HttpLimits,
 }
@@ -116,6 +121,12 @@ impl CommonConfig {
             http_limits: HttpLimits {
                 max_connections: positive("max_connections", defaults.max_connections)?,
                 max_event_clients: positive("max_event_clients", defaults.max_event_clients)?,
+                head_timeout: match http.duration_or("head_timeout", defaults.head_timeout)? {
+                    d if d.is_zero() => {
+                        return Err(http.error("head_timeout", "must be greater than 0"));
+                    }
+                    d => d,
+                },
                 ..defaults
             },
         })
@@ -216,6 +227,11 @@ pub fn effective_config<C: Serialize>(
                     .or_insert_with(|| common.http_limits.max_connections.into());
                 h.entry("max_event_clients")
                     .or_insert_with(|| common.http_limits.max_event_clients.into());
+                h.entry("head_timeout").or_insert_with(|| {
+                    Value::String(
+                        humantime::format_duration(common.http_limits.head_timeout).to_string(),
+                    )
+                });
             }
         }
     }

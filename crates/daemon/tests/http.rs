@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hintfed_daemon::http::{
@@ -98,14 +98,33 @@ struct Resp {
 }
 
 async fn raw(addr: SocketAddr, request: &[u8]) -> String {
+    raw_from(addr, request).await.1
+}
+
+/// Sends `request` (the server may close before taking all of it) and reads until the
+/// server closes; returns this client's address (as the server sees it) and the answer.
+async fn raw_from(addr: SocketAddr, request: &[u8]) -> (SocketAddr, String) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.write_all(request).await.expect("write");
+    let me = s.local_addr().expect("local addr");
+    let _ = s.write_all(request).await;
     let mut buf = Vec::new();
-    tokio::time::timeout(DEADLINE, s.read_to_end(&mut buf))
-        .await
-        .expect("response within deadline")
-        .expect("read");
-    String::from_utf8_lossy(&buf).into_owned()
+    let _ = tokio::time::timeout(DEADLINE, async {
+        let mut chunk = [0u8; 4096];
+        loop {
+            match s.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await
+    .map_err(|_| {
+        panic!(
+            "no close within the deadline; got {:?}",
+            String::from_utf8_lossy(&buf)
+        )
+    });
+    (me, String::from_utf8_lossy(&buf).into_owned())
 }
 
 async fn request(addr: SocketAddr, method: &str, path: &str) -> Resp {
@@ -308,35 +327,211 @@ async fn events_stream_pushes_changes_caps_clients_and_ends_on_shutdown() {
         .expect("serve ok");
 }
 
+/// Log lines captured from the server (the tests run on a current-thread runtime, so every
+/// task the server spawns logs through the thread's default subscriber).
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Captured {
+    fn install(&self) -> tracing::subscriber::DefaultGuard {
+        let sub = tracing_subscriber::fmt()
+            .with_writer(self.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::DEBUG)
+            .finish();
+        tracing::subscriber::set_default(sub)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().expect("lock")).into_owned()
+    }
+
+    /// The warning lines naming `peer`.
+    fn warnings_about(&self, peer: SocketAddr) -> Vec<String> {
+        let needle = format!("peer={peer}");
+        self.text()
+            .lines()
+            .filter(|l| l.contains(" WARN ") && l.contains(&needle))
+            .map(str::to_owned)
+            .collect()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().expect("lock").extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
 #[tokio::test]
-async fn hostile_requests_do_not_hurt() {
+async fn hostile_requests_do_not_hurt_and_are_logged_with_the_peer() {
+    let logs = Captured::default();
+    let _guard = logs.install();
     let s = start(HttpLimits::default()).await;
-    let garbage = raw(s.addr, b"\x00\xffBLAH BLAH\r\n\r\n").await;
+    let (peer, garbage) = raw_from(s.addr, b"\x00\xffBLAH BLAH\r\n\r\n").await;
     assert!(
         garbage.is_empty() || garbage.starts_with("HTTP/1.1 400"),
         "{garbage:?}"
     );
+    let w = logs.warnings_about(peer);
+    assert!(
+        w.iter().any(|l| l.contains("malformed request")),
+        "no warning naming {peer}: {}",
+        logs.text()
+    );
+
     let huge_header = format!(
         "GET /healthz HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
         "a".repeat(1 << 20)
     );
-    let r = raw(s.addr, huge_header.as_bytes()).await;
+    let (peer, r) = raw_from(s.addr, huge_header.as_bytes()).await;
     assert!(
-        r.is_empty() || r.starts_with("HTTP/1.1 431") || r.starts_with("HTTP/1.1 400"),
+        r.is_empty() || r.starts_with("HTTP/1.1 431"),
         "{}",
         &r[..r.len().min(80)]
     );
+    assert!(
+        logs.warnings_about(peer)
+            .iter()
+            .any(|l| l.contains("request head too large")),
+        "no oversize-head warning naming {peer}: {}",
+        logs.text()
+    );
+
     let big_body = format!(
         "POST /api/state HTTP/1.1\r\nHost: t\r\nContent-Length: 10000000\r\nConnection: close\r\n\r\n{}",
         "x".repeat(1024)
     );
-    let r = raw(s.addr, big_body.as_bytes()).await;
-    assert!(r.starts_with("HTTP/1.1 405"), "{}", &r[..r.len().min(80)]);
+    let (peer, r) = raw_from(s.addr, big_body.as_bytes()).await;
+    assert!(r.starts_with("HTTP/1.1 413"), "{}", &r[..r.len().min(80)]);
+    assert!(
+        logs.warnings_about(peer)
+            .iter()
+            .any(|l| l.contains("request body too large")),
+        "no oversize-body warning naming {peer}: {}",
+        logs.text()
+    );
     let traversal = get(s.addr, "/../../etc/passwd").await;
     assert_eq!(traversal.status, 404);
     // Still serving.
     let r = get(s.addr, "/healthz").await;
     assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
+    s.ctx.shutdown.cancel();
+    let _ = tokio::time::timeout(DEADLINE, s.task).await.expect("stops");
+}
+
+#[tokio::test]
+async fn a_slowloris_is_cut_at_the_head_timeout_while_others_are_served() {
+    let logs = Captured::default();
+    let _guard = logs.install();
+    let s = start(HttpLimits {
+        head_timeout: Duration::from_millis(500),
+        ..HttpLimits::default()
+    })
+    .await;
+    let slow = TcpStream::connect(s.addr).await.expect("connect");
+    let peer = slow.local_addr().expect("addr");
+    let (mut rd, mut wr) = slow.into_split();
+    // One header byte every 100 ms, forever: the head never completes.
+    let trickle = tokio::spawn(async move {
+        let head = b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Slow: ";
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut sent = 0usize;
+        loop {
+            tick.tick().await;
+            let b = head.get(sent).copied().unwrap_or(b'a');
+            if wr.write_all(&[b]).await.is_err() {
+                return sent;
+            }
+            sent += 1;
+        }
+    });
+    // Others are served meanwhile.
+    assert_eq!(get(s.addr, "/healthz").await.status, 200);
+    // The server closes the trickling connection (each byte arrived within the first-byte
+    // and any per-read timeout; only a whole-head deadline can cut it).
+    let mut buf = [0u8; 256];
+    let closed = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match rd.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // hyper may answer 408 first
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "slowloris still connected after {DEADLINE:?}"
+    );
+    let sent = tokio::time::timeout(DEADLINE, trickle)
+        .await
+        .expect("writer notices the close")
+        .expect("join");
+    assert!(sent > 3, "the client did trickle bytes ({sent})");
+    assert!(
+        logs.warnings_about(peer)
+            .iter()
+            .any(|l| l.contains("slow client")),
+        "no slow-client warning naming {peer}: {}",
+        logs.text()
+    );
+    assert_eq!(get(s.addr, "/healthz").await.status, 200);
+    s.ctx.shutdown.cancel();
+    let _ = tokio::time::timeout(DEADLINE, s.task).await.expect("stops");
+}
+
+#[tokio::test]
+async fn a_flood_of_idle_connections_does_not_lock_out_a_real_request() {
+    let logs = Captured::default();
+    let _guard = logs.install();
+    // Timeouts far beyond the test deadline: only shedding at the cap can make room.
+    let s = start(HttpLimits {
+        max_connections: 8,
+        first_byte_timeout: Duration::from_secs(600),
+        head_timeout: Duration::from_secs(600),
+        ..HttpLimits::default()
+    })
+    .await;
+    let mut flood = Vec::new();
+    for _ in 0..40 {
+        flood.push(TcpStream::connect(s.addr).await.expect("connect"));
+    }
+    let r = get(s.addr, "/healthz").await;
+    assert_eq!((r.status, r.body.as_str()), (200, "ok\n"));
+    let text = logs.text();
+    assert!(
+        text.lines().any(|l| l.contains(" WARN ")
+            && l.contains("too many connections")
+            && l.contains("peer=127.0.0.1:")),
+        "no connection-cap warning with a peer: {text}"
+    );
+    // The oldest idle connections were closed to make room.
+    let mut buf = [0u8; 1];
+    let first = tokio::time::timeout(DEADLINE, flood[0].read(&mut buf))
+        .await
+        .expect("oldest idle connection closed");
+    assert!(matches!(first, Ok(0) | Err(_)), "{first:?}");
+    // The log stays bounded however many were shed.
+    let cap_lines = text
+        .lines()
+        .filter(|l| l.contains("too many connections"))
+        .count();
+    assert!(
+        cap_lines <= 11,
+        "{cap_lines} cap warnings: not rate-limited"
+    );
     s.ctx.shutdown.cancel();
     let _ = tokio::time::timeout(DEADLINE, s.task).await.expect("stops");
 }
