@@ -14,10 +14,19 @@
 //!
 //! Operability: every relay reports to the daemon's shared metrics with the server's name as
 //! label (`hintfed_events_in_total{source="Console 1"}`, applies, echoes, reconnects) plus
-//! `hintfed_queue_depth{queue="bus <name>"}` and `{queue="apply <name>"}`; readiness has one
+//! `hintfed_queue_depth{queue="bus <name>"}` and `{queue="apply <name>"}`. Each relay gets its
+//! own `origins_up`/`origins_down` gauges ([`Metrics::with_own_origin_gauges`]): the exported
+//! ones are the broker's (one origin per configured server, up while the broker is connected
+//! to its Asterisk, as on `/api/origins`), set by [`update_origin_gauges`]. Readiness has one
 //! `<name> asterisk` and one `<name> federation` condition per server, so `/readyz` answers
 //! 503 naming the server while any Asterisk is unreachable; [`BrokerStatus`] feeds
-//! `/api/state`, `/api/origins` and the status page. SIGHUP reloads `log_level` only.
+//! `/api/state`, `/api/origins` and the status page.
+//!
+//! SIGHUP ([`reload`]): `log_level` (through the daemon crate) and the `include`/`exclude`
+//! rules (every relay swaps its device filter and runs a full sync, which withdraws devices
+//! no longer federated); everything else (servers, policy, intervals) is logged as taking
+//! effect after a restart. The broker has no HMAC keys to reload: its relays talk over the
+//! in-process bus, which never leaves the process and is not signed.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,7 +34,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use hintfed_agent::agent::pbx_config;
-use hintfed_agent::relay::{Relay, RelayConfig, RelayHooks, RelayStatus, now_millis};
+use hintfed_agent::relay::{Relay, RelayConfig, RelayHandle, RelayHooks, RelayStatus, now_millis};
 use hintfed_asterisk::{Pbx, PbxEvent};
 use hintfed_core::{Body, Epoch, KeyRing, Limits, Node, NodeConfig};
 use hintfed_daemon::http::{OriginView, Readiness, StateView, StatusEvents, StatusSource};
@@ -61,6 +70,11 @@ pub struct RelayInfo {
     pub bus: Arc<BusPortStats>,
     /// Events read from its Asterisk.
     pub events: Arc<EventCounts>,
+    /// Control of the relay (SIGHUP reload).
+    pub handle: RelayHandle,
+    /// The metrics handles the relay writes (its `origins_up`/`origins_down` are its own
+    /// view, not exported), when the broker has metrics.
+    pub metrics: Option<Arc<Metrics>>,
 }
 
 /// Where the broker reports (all optional).
@@ -170,19 +184,24 @@ pub fn start(
         let now = now_millis();
         let node = Node::new(node_config(cfg, server), Epoch(now.0), now);
         let bus_stats = port.stats();
+        let relay_metrics = hooks
+            .metrics
+            .as_ref()
+            .map(|m| Arc::new(m.with_own_origin_gauges()));
         let relay = Relay::new(
             node,
             (pbx, rx),
             port,
             relay_config(cfg, server),
             RelayHooks {
-                metrics: hooks.metrics.clone(),
+                metrics: relay_metrics.clone(),
                 events: hooks.events.clone(),
                 readiness: hooks.readiness.clone(),
                 readiness_prefix: format!("{} ", server.name),
             },
         )?;
-        let status = relay.handle().status();
+        let handle = relay.handle();
+        let status = handle.status();
         let name = server.name.clone();
         let token = stop.clone();
         tasks.spawn(async move {
@@ -202,6 +221,8 @@ pub fn start(
             status,
             bus: bus_stats,
             events,
+            handle,
+            metrics: relay_metrics,
         });
     }
     tokio::spawn(
@@ -346,6 +367,130 @@ pub async fn count_loop(
     }
 }
 
+/// The broker's origin counts: one origin per server, up while its relay is connected to
+/// its Asterisk (the same rule as `/api/origins`). Returns `(up, down)`.
+pub fn origin_counts(relays: &[RelayInfo]) -> (i64, i64) {
+    let up = relays.iter().filter(|r| r.status.counters().pbx_up).count();
+    let up = i64::try_from(up).unwrap_or(i64::MAX);
+    let all = i64::try_from(relays.len()).unwrap_or(i64::MAX);
+    (up, all - up)
+}
+
+/// Sets the exported `hintfed_origins_up`/`hintfed_origins_down` from [`origin_counts`].
+pub fn update_origin_gauges(relays: &[RelayInfo], metrics: &Metrics) {
+    let (up, down) = origin_counts(relays);
+    metrics.origins_up.set(up);
+    metrics.origins_down.set(down);
+}
+
+/// How often the origin gauges are refreshed.
+pub const ORIGIN_GAUGE_INTERVAL: Duration = Duration::from_secs(1);
+
+async fn origin_gauge_loop(relays: Vec<RelayInfo>, metrics: Arc<Metrics>, stop: CancellationToken) {
+    let mut t = tokio::time::interval(ORIGIN_GAUGE_INTERVAL);
+    t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = t.tick() => update_origin_gauges(&relays, &metrics),
+        }
+    }
+}
+
+/// What a [`reload`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReloadReport {
+    /// Changes applied now (e.g. `exclude None -> Some("^PJSIP/9")`).
+    pub applied: Vec<String>,
+    /// Changes read but only effective after a restart (e.g. `[servers]`).
+    pub need_restart: Vec<String>,
+}
+
+/// Applies the reloadable part of `new` to the running relays (SIGHUP): the `include`/
+/// `exclude` rules (each relay swaps its filter and resyncs). Changes that need a restart
+/// are reported, not applied. `log_level` is applied by [`Context::reload_config`]. Logs
+/// what it did.
+pub async fn reload(
+    current: &BrokerConfig,
+    new: &BrokerConfig,
+    relays: &[RelayInfo],
+) -> ReloadReport {
+    let (g, n) = (&current.general, &new.general);
+    let mut report = ReloadReport::default();
+    if g.include != n.include {
+        report
+            .applied
+            .push(format!("include {:?} -> {:?}", g.include, n.include));
+    }
+    if g.exclude != n.exclude {
+        report
+            .applied
+            .push(format!("exclude {:?} -> {:?}", g.exclude, n.exclude));
+    }
+    let servers = |c: &BrokerConfig| {
+        c.servers
+            .iter()
+            .map(|s| {
+                (
+                    s.section.clone(),
+                    s.name.clone(),
+                    s.asterisk.clone(),
+                    s.ami_trace,
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    if servers(current) != servers(new) {
+        report
+            .need_restart
+            .push("[servers] and server sections".into());
+    }
+    let restart_keys: [(&str, bool); 11] = [
+        ("device_state", g.device_state != n.device_state),
+        ("presence", g.presence != n.presence),
+        ("request_timeout", g.request_timeout != n.request_timeout),
+        ("count_messages", g.count_messages != n.count_messages),
+        ("verbose_messages", g.verbose_messages != n.verbose_messages),
+        ("count_interval", g.count_interval != n.count_interval),
+        ("down_state", g.down_state != n.down_state),
+        ("origin_timeout", g.origin_timeout != n.origin_timeout),
+        (
+            "heartbeat_interval",
+            g.heartbeat_interval != n.heartbeat_interval,
+        ),
+        (
+            "device_template, unknown_as, never_send",
+            g.device_template != n.device_template
+                || g.unknown_as != n.unknown_as
+                || g.never_send != n.never_send,
+        ),
+        ("bus_capacity", g.bus_capacity != n.bus_capacity),
+    ];
+    for (key, changed) in restart_keys {
+        if changed {
+            report.need_restart.push(format!("[general] {key}"));
+        }
+    }
+    if !report.need_restart.is_empty() {
+        warn!(
+            keys = %report.need_restart.join(", "),
+            "reload: these changes take effect after a restart"
+        );
+    }
+    if report.applied.is_empty() {
+        info!("reload: include and exclude unchanged");
+        return report;
+    }
+    let filter = n.device_filter();
+    info!(changes = %report.applied.join("; "), relays = relays.len(), "reload: applying to every relay (full sync each)");
+    for r in relays {
+        if !r.handle.reload(filter.clone(), KeyRing::default()).await {
+            warn!(server = %r.name, "reload: relay gone; not applied");
+        }
+    }
+    report
+}
+
 /// [`StatusSource`] of the whole broker: the state table of a relay whose Asterisk is up
 /// (every relay's table holds every server's reports), and one origin row per server.
 #[derive(Debug, Clone)]
@@ -416,6 +561,13 @@ pub async fn run(cfg: BrokerConfig, ctx: Context) -> anyhow::Result<()> {
         cfg.general.count_messages,
         ctx.shutdown.clone(),
     ));
+    tokio::spawn(origin_gauge_loop(
+        broker.relays.clone(),
+        ctx.metrics.clone(),
+        ctx.shutdown.clone(),
+    ));
+    let relays = broker.relays.clone();
+    let mut current = cfg;
     let mut ctx = ctx;
     let mut wait = tokio::spawn(broker.wait());
     loop {
@@ -425,8 +577,14 @@ pub async fn run(cfg: BrokerConfig, ctx: Context) -> anyhow::Result<()> {
                 if n.is_none() {
                     return (&mut wait).await.map_err(|e| anyhow::anyhow!("broker task failed: {e}"))?;
                 }
-                match ctx.reload_config() {
-                    Ok(_) => info!("reload: log_level applied; the other broker settings take effect after a restart"),
+                let new = ctx
+                    .reload_config()
+                    .and_then(|file| BrokerConfig::from_file(&file));
+                match new {
+                    Ok(new) => {
+                        reload(&current, &new, &relays).await;
+                        current = new;
+                    }
                     Err(e) => warn!(error = %e, "reload: configuration invalid; nothing changed"),
                 }
             }

@@ -250,13 +250,16 @@ async fn runs_with_the_positional_file_counts_and_stops_on_sigterm() {
         "bus queue gauge: {metrics}"
     );
 
-    // SIGHUP reloads (log_level) and keeps running.
+    // SIGHUP reloads (log_level, include/exclude; the file is unchanged) and keeps running.
     let ok = Command::new("kill")
         .args(["-HUP", &p.child.id().to_string()])
         .status()
         .is_ok_and(|s| s.success());
     assert!(ok);
-    eventually("reload logged", || p.has("reload: log_level applied")).await;
+    eventually("reload logged", || {
+        p.has("reload: include and exclude unchanged")
+    })
+    .await;
     assert!(
         p.child.try_wait().expect("try_wait").is_none(),
         "still running"

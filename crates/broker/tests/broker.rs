@@ -463,3 +463,118 @@ async fn a_burst_beyond_the_bus_queue_still_lands_everywhere() {
     }
     b.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reload_applies_exclude_to_every_relay() {
+    let sims = [sim("pbx-a").await, sim("pbx-b").await];
+    let sections: Vec<String> = sims
+        .iter()
+        .enumerate()
+        .map(|(i, s)| ami_section(&format!("s{i}"), &format!("pbx {i}"), s))
+        .collect();
+    let before = config("", &sections);
+    let b = Broker::start(&before).await;
+    b.synced().await;
+    sims[0]
+        .set_device_state("PJSIP/200", S::Inuse)
+        .expect("set");
+    eventually("PJSIP/200 federated before the reload", || {
+        custom(&sims[1], "PJSIP/200") == "INUSE"
+    })
+    .await;
+
+    // The new file excludes PJSIP/200 and changes a restart-only key.
+    let after = config(
+        "exclude = ^Custom:|^PJSIP/200$\nbus_capacity = 64\n",
+        &sections,
+    );
+    let syncs: Vec<u64> = (0..2).map(|i| b.full_syncs(i)).collect();
+    let report = hintfed_broker::broker::reload(
+        &Broker::config(&before),
+        &Broker::config(&after),
+        b.relays(),
+    )
+    .await;
+    assert_eq!(
+        report.applied,
+        vec!["exclude Some(\"^Custom:\") -> Some(\"^Custom:|^PJSIP/200$\")".to_owned()]
+    );
+    assert_eq!(
+        report.need_restart,
+        vec!["[general] bus_capacity".to_owned()]
+    );
+    eventually("every relay resynced after the reload", || {
+        (0..2).all(|i| b.full_syncs(i) > syncs[i])
+    })
+    .await;
+
+    // An excluded device no longer propagates; the others still do (marker after it).
+    sims[0].set_device_state("PJSIP/200", S::Busy).expect("set");
+    sims[0]
+        .set_device_state("PJSIP/100", S::Ringing)
+        .expect("set");
+    eventually("marker propagates", || {
+        custom(&sims[1], "PJSIP/100") == "RINGING"
+    })
+    .await;
+    assert_ne!(
+        custom(&sims[1], "PJSIP/200"),
+        "BUSY",
+        "an excluded device was federated after the reload"
+    );
+    // Same file again: nothing to apply.
+    let same = hintfed_broker::broker::reload(
+        &Broker::config(&after),
+        &Broker::config(&after),
+        b.relays(),
+    )
+    .await;
+    assert_eq!(same, Default::default());
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_gauges_count_every_server_not_the_last_relay_view() {
+    use std::sync::Arc;
+    let sims = [sim("pbx-a").await, sim("pbx-b").await, sim("pbx-c").await];
+    let sections: Vec<String> = sims
+        .iter()
+        .enumerate()
+        .map(|(i, s)| ami_section(&format!("s{i}"), &format!("pbx {i}"), s))
+        .collect();
+    let metrics = Arc::new(hintfed_daemon::metrics::Metrics::new("hintfed-broker", "0"));
+    let b = Broker::start_with(
+        &config("", &sections),
+        hintfed_broker::broker::BrokerHooks {
+            metrics: Some(metrics.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+    b.synced().await;
+    // Each relay sees the two others up (its own view, private to it) ...
+    eventually("every relay sees two other origins up", || {
+        b.relays()
+            .iter()
+            .all(|r| r.metrics.as_ref().is_some_and(|m| m.origins_up.get() == 2))
+    })
+    .await;
+    // ... while the exported gauges count the broker's three servers, whatever the relays
+    // wrote last.
+    hintfed_broker::broker::update_origin_gauges(b.relays(), &metrics);
+    assert_eq!(
+        (metrics.origins_up.get(), metrics.origins_down.get()),
+        (3, 0)
+    );
+    assert!(metrics.encode().contains("hintfed_origins_up 3"));
+
+    // The third Asterisk goes away: 2 up, 1 down.
+    sims[2].restart(Duration::from_secs(60));
+    eventually("third server counted down", || {
+        hintfed_broker::broker::update_origin_gauges(b.relays(), &metrics);
+        (metrics.origins_up.get(), metrics.origins_down.get()) == (2, 1)
+    })
+    .await;
+    assert!(metrics.encode().contains("hintfed_origins_down 1"));
+    b.stop().await;
+}

@@ -318,6 +318,29 @@ impl Metrics {
             .set(depth);
     }
 
+    /// Handles for one of several components that each report `origins_up`/`origins_down`
+    /// from their own point of view (the broker's relays): every family is shared with
+    /// `self`, except those two gauges, which are private to the copy (never exported), so
+    /// the owner computes the process-wide values itself instead of the last writer winning.
+    pub fn with_own_origin_gauges(&self) -> Metrics {
+        Metrics {
+            registry: Registry::default(),
+            events_in: self.events_in.clone(),
+            updates_published: self.updates_published.clone(),
+            updates_received: self.updates_received.clone(),
+            applies: self.applies.clone(),
+            apply_latency: self.apply_latency.clone(),
+            echoes_suppressed: self.echoes_suppressed.clone(),
+            rejects: self.rejects.clone(),
+            queue_depth: self.queue_depth.clone(),
+            reconnects: self.reconnects.clone(),
+            origins_up: Gauge::default(),
+            origins_down: Gauge::default(),
+            snapshot_entries: self.snapshot_entries.clone(),
+            process_start_time: self.process_start_time.clone(),
+        }
+    }
+
     /// The OpenMetrics text exposition (serve with [`CONTENT_TYPE`]).
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -379,5 +402,18 @@ mod tests {
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }
+    }
+
+    #[test]
+    fn own_origin_gauges_share_everything_else() {
+        let m = Metrics::new("hintfed-test", "1.2.3");
+        let part = m.with_own_origin_gauges();
+        part.event_in("pbx-a", Kind::Device);
+        part.origins_up.set(7);
+        m.origins_up.set(3);
+        let text = m.encode();
+        assert!(text.contains("hintfed_events_in_total{source=\"pbx-a\",kind=\"device\"} 1"));
+        assert!(text.contains("hintfed_origins_up 3"), "{text}");
+        assert_eq!(part.origins_up.get(), 7);
     }
 }

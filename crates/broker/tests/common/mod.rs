@@ -107,6 +107,21 @@ pub struct Broker {
 
 impl Broker {
     pub async fn start(text: &str) -> Broker {
+        Self::start_with(text, BrokerHooks::default()).await
+    }
+
+    pub fn config(text: &str) -> BrokerConfig {
+        let file = ConfigFile::parse(
+            "broker.ini",
+            text,
+            Vec::<(String, String)>::new(),
+            ENV_SECTIONS,
+        )
+        .expect("config parses");
+        BrokerConfig::from_file(&file).expect("config valid")
+    }
+
+    pub async fn start_with(text: &str, hooks: BrokerHooks) -> Broker {
         let file = ConfigFile::parse(
             "broker.ini",
             text,
@@ -117,14 +132,14 @@ impl Broker {
         let cfg = BrokerConfig::from_file(&file).expect("config valid");
         assert!(file.warnings().is_empty(), "{:?}", file.warnings());
         let stop = CancellationToken::new();
-        let running = broker::start(&cfg, BrokerHooks::default(), stop.clone()).expect("start");
+        let running = broker::start(&cfg, hooks, stop.clone()).expect("start");
         Broker {
             running: Some(running),
             stop,
         }
     }
 
-    fn relays(&self) -> &[broker::RelayInfo] {
+    pub fn relays(&self) -> &[broker::RelayInfo] {
         &self.running.as_ref().expect("running").relays
     }
 
