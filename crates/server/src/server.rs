@@ -1080,16 +1080,19 @@ impl Runtime {
     }
 
     /// Sends what the last step queued. Returns false when the hub sockets are gone.
+    /// Consecutive publications go to the socket task as one batch (one queue operation).
     async fn flush(&mut self, bind: &HubBind, legacy_pub: Option<&PubBind>) -> bool {
-        for out in self.outbox.drain(..) {
+        let mut batch: Vec<Frames> = Vec::new();
+        for out in std::mem::take(&mut self.outbox) {
             match out {
-                Out::Publish(frames) => {
-                    if bind.publish(frames).await.is_err() {
-                        return false;
-                    }
-                }
+                Out::Publish(frames) => batch.push(frames),
                 Out::Reply(identity, frames) => {
-                    if bind.reply(identity, frames).await.is_err() {
+                    if bind
+                        .publish_batch(std::mem::take(&mut batch))
+                        .await
+                        .is_err()
+                        || bind.reply(identity, frames).await.is_err()
+                    {
                         return false;
                     }
                 }
@@ -1100,6 +1103,6 @@ impl Runtime {
                 }
             }
         }
-        true
+        bind.publish_batch(batch).await.is_ok()
     }
 }

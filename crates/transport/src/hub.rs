@@ -19,7 +19,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use zeromq::{
-    DealerSocket, PubSocket, RouterSocket, Socket, SocketRecv, SocketSend, SubSocket, ZmqError,
+    DealerSocket, PubSocket, RouterRecvHalf, RouterSendHalf, RouterSocket, Socket, SocketRecv,
+    SocketSend, SubSocket, ZmqError,
 };
 
 use crate::error::{SendError, TransportError};
@@ -483,6 +484,7 @@ pub struct RouterMessage {
 enum BindCmd {
     Reply(Bytes, Frames),
     Publish(Frames),
+    PublishBatch(Vec<Frames>),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -497,9 +499,13 @@ enum BindCmd {
 ///   identity that is gone, or whose peer queue stays full past `send_timeout`, is dropped and
 ///   counted. The PUB drops messages for a slow subscriber (zeromq crate policy: per-subscriber
 ///   queue of 100 000 messages).
-/// - inbound ([`RouterMessage`]): bounded (`inbound_capacity`); when full the newest message is
-///   dropped and counted as `dropped_inbound_full`. [`PING`] messages are answered here and
-///   never delivered.
+/// - outbound batches ([`HubBind::publish_batch`]): one queue slot for many publications, so
+///   a busy server pays one channel operation per batch instead of one per message.
+/// - inbound ([`RouterMessage`]): bounded (`inbound_capacity`) with backpressure: when the
+///   channel is full the ROUTER is not read until the application takes a message, so ZeroMQ
+///   and TCP hold back the senders; nothing is dropped for overload. [`PING`] messages are
+///   answered by the receiving task and never delivered (they wait behind queued data, which
+///   the application drains well within a link's silence timeout).
 #[derive(Debug, Clone)]
 pub struct HubBind {
     tx: mpsc::Sender<BindCmd>,
@@ -577,6 +583,18 @@ impl HubBind {
         }
         self.tx
             .send(BindCmd::Publish(frames))
+            .await
+            .map_err(|_| SendError::Closed)
+    }
+
+    /// Queues many messages for the PUB in one queue slot (each: first frame = topic; waits
+    /// for queue space). Empty messages are skipped.
+    pub async fn publish_batch(&self, batch: Vec<Frames>) -> Result<(), SendError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.tx
+            .send(BindCmd::PublishBatch(batch))
             .await
             .map_err(|_| SendError::Closed)
     }
@@ -701,9 +719,37 @@ struct BindTask {
 }
 
 impl BindTask {
-    async fn run(mut self) {
-        let period = self
-            .config
+    async fn run(self) {
+        let BindTask {
+            router,
+            mut publisher,
+            guards,
+            mut rx,
+            inbound,
+            stats,
+            cancel,
+            config,
+        } = self;
+        let (send_half, recv_half) = router.split();
+        // The ROUTER is read by its own task so that a full inbound channel stops the reading
+        // (backpressure) without stopping replies and publications here.
+        let receiver = tokio::spawn(
+            RouterReceiver {
+                recv: recv_half,
+                send: send_half.clone(),
+                inbound,
+                stats: stats.clone(),
+                limits: config.limits,
+                send_timeout: config.send_timeout,
+            }
+            .run(),
+        );
+        let mut sender = RouterSender {
+            send: send_half,
+            stats: stats.clone(),
+            send_timeout: config.send_timeout,
+        };
+        let period = config
             .heartbeat_interval
             .unwrap_or(Duration::from_secs(3600));
         let mut heartbeat = tokio::time::interval(period);
@@ -711,67 +757,116 @@ impl BindTask {
         let mut ack = None;
         loop {
             tokio::select! {
-                () = self.cancel.cancelled() => break,
-                cmd = self.rx.recv() => match cmd {
+                () = cancel.cancelled() => break,
+                cmd = rx.recv() => match cmd {
                     None => break,
                     Some(BindCmd::Shutdown(tx)) => { ack = Some(tx); break; }
-                    Some(BindCmd::Reply(identity, frames)) => self.reply(identity, frames).await,
+                    Some(BindCmd::Reply(identity, frames)) => sender.reply(identity, frames).await,
                     Some(BindCmd::Publish(frames)) => {
-                        if let Some(msg) = to_message(frames) {
-                            match self.publisher.send(msg).await {
-                                Ok(()) => self.stats.messages_out(),
-                                Err(_) => self.stats.dropped_outbound(),
-                            }
+                        publish(&mut publisher, &stats, frames).await;
+                    }
+                    Some(BindCmd::PublishBatch(batch)) => {
+                        for frames in batch {
+                            publish(&mut publisher, &stats, frames).await;
                         }
                     }
                 },
-                r = self.router.recv() => match r {
-                    Ok(msg) => self.received(msg.into_vec()).await,
-                    Err(error) => tracing::debug!(%error, "router receive error"),
-                },
-                _ = heartbeat.tick(), if self.config.heartbeat_interval.is_some() => {
+                _ = heartbeat.tick(), if config.heartbeat_interval.is_some() => {
                     let hb = zeromq::ZmqMessage::from(HEARTBEAT_TOPIC);
-                    let _ = self.publisher.send(hb).await;
+                    let _ = publisher.send(hb).await;
                 }
             }
         }
-        let [g1, g2] = self.guards;
+        receiver.abort();
+        let _ = receiver.await;
+        let [g1, g2] = guards;
         g1.shutdown().await;
         g2.shutdown().await;
-        let _ = self.router.close().await;
-        let _ = self.publisher.close().await;
+        drop(sender);
+        let _ = publisher.close().await;
         if let Some(tx) = ack {
             let _ = tx.send(());
         }
     }
+}
 
-    async fn received(&mut self, mut frames: Frames) {
-        if frames.is_empty() {
-            return;
-        }
-        let identity = frames.remove(0);
-        if frames.len() == 1 && frames[0] == PING {
-            self.reply(identity, vec![Bytes::from_static(PONG)]).await;
-            return;
-        }
-        if frames.is_empty() || !self.config.limits.accepts(&frames) {
-            self.stats.dropped_oversize();
-            return;
-        }
-        self.stats.messages_in();
-        if let Err(mpsc::error::TrySendError::Full(_)) =
-            self.inbound.try_send(RouterMessage { identity, frames })
-        {
-            self.stats.dropped_inbound_full();
+async fn publish(publisher: &mut PubSocket, stats: &LinkStats, frames: Frames) {
+    if let Some(msg) = to_message(frames) {
+        match publisher.send(msg).await {
+            Ok(()) => stats.messages_out(),
+            Err(_) => stats.dropped_outbound(),
         }
     }
+}
 
+/// Reads the ROUTER: answers pings, checks limits, and hands messages to the application,
+/// waiting while its channel is full.
+struct RouterReceiver {
+    recv: RouterRecvHalf,
+    send: RouterSendHalf,
+    inbound: mpsc::Sender<RouterMessage>,
+    stats: Arc<LinkStats>,
+    limits: Limits,
+    send_timeout: Duration,
+}
+
+impl RouterReceiver {
+    async fn run(mut self) {
+        let mut pong = RouterSender {
+            send: self.send.clone(),
+            stats: self.stats.clone(),
+            send_timeout: self.send_timeout,
+        };
+        loop {
+            let frames = match self.recv.recv().await {
+                Ok(msg) => msg.into_vec(),
+                Err(error) => {
+                    tracing::debug!(%error, "router receive error");
+                    // NoMessage: no peer stream is left; wait for one instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            };
+            let mut frames = frames.into_iter();
+            let Some(identity) = frames.next() else {
+                continue;
+            };
+            let frames: Frames = frames.collect();
+            if frames.len() == 1 && frames[0] == PING {
+                pong.reply(identity, vec![Bytes::from_static(PONG)]).await;
+                continue;
+            }
+            if frames.is_empty() || !self.limits.accepts(&frames) {
+                self.stats.dropped_oversize();
+                continue;
+            }
+            self.stats.messages_in();
+            // Backpressure: wait for room rather than drop.
+            if self
+                .inbound
+                .send(RouterMessage { identity, frames })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    }
+}
+
+struct RouterSender {
+    send: RouterSendHalf,
+    stats: Arc<LinkStats>,
+    send_timeout: Duration,
+}
+
+impl RouterSender {
     async fn reply(&mut self, identity: Bytes, mut frames: Frames) {
         frames.insert(0, identity);
         let Some(msg) = to_message(frames) else {
             return;
         };
-        match tokio::time::timeout(self.config.send_timeout, self.router.send(msg)).await {
+        match tokio::time::timeout(self.send_timeout, self.send.send(msg)).await {
             Ok(Ok(())) => self.stats.messages_out(),
             Ok(Err(_)) => self.stats.dropped_outbound(),
             Err(_) => {
