@@ -92,6 +92,49 @@ async fn connected(multi: &MultiHub) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A token bucket for one origin's publishing: at most `rate` messages/s, bursts of up to
+/// 100 ms worth; idle time is not saved up.
+pub struct Pace {
+    rate: f64,
+    start: Instant,
+    sent: f64,
+}
+
+impl Pace {
+    /// At most `rate` messages/s (0 or less: unlimited).
+    pub fn new(rate: f64) -> Self {
+        Self {
+            rate,
+            start: Instant::now(),
+            sent: 0.0,
+        }
+    }
+
+    /// How long to wait before sending one more message at `now` (and counts it).
+    pub fn delay(&mut self, now: Instant) -> Duration {
+        if self.rate <= 0.0 {
+            return Duration::ZERO;
+        }
+        let due = self.start + Duration::from_secs_f64(self.sent / self.rate);
+        if now > due + Duration::from_millis(100) {
+            // Idle for a while: start a new window.
+            self.start = now;
+            self.sent = 0.0;
+        }
+        self.sent += 1.0;
+        let due = self.start + Duration::from_secs_f64((self.sent - 1.0) / self.rate);
+        due.saturating_duration_since(now + Duration::from_millis(100))
+    }
+
+    /// Waits as [`Pace::delay`] says.
+    pub async fn wait(&mut self) {
+        let d = self.delay(Instant::now());
+        if !d.is_zero() {
+            tokio::time::sleep(d).await;
+        }
+    }
+}
+
 /// Counters shared by the origins of a [`Fleet`].
 #[derive(Debug, Default)]
 pub struct FleetStats {
@@ -116,8 +159,10 @@ pub struct Fleet {
 
 impl Fleet {
     /// Starts `origins` origins on `endpoint` (`tcp://host:port` of the hub's ROUTER) with
-    /// `keys` keys in total. Each connects, says hello and publishes its full sync.
-    pub fn start(endpoint: &str, origins: usize, keys: usize) -> Self {
+    /// `keys` keys in total. Each connects, says hello and publishes its full sync; all
+    /// together publish at most `max_rate` messages/s (0: unlimited), so that the fill does
+    /// not overflow the hub's bounded ingress (which drops, and then asks for resyncs).
+    pub fn start(endpoint: &str, origins: usize, keys: usize, max_rate: f64) -> Self {
         let stats = Arc::new(FleetStats::default());
         let (rate, rate_rx) = watch::channel(0.0);
         let (stop, stop_rx) = watch::channel(false);
@@ -130,6 +175,7 @@ impl Fleet {
                     rate_rx.clone(),
                     stop_rx.clone(),
                     stats.clone(),
+                    max_rate / origins.max(1) as f64,
                 ))
             })
             .collect();
@@ -168,8 +214,10 @@ async fn origin_task(
     mut rate: watch::Receiver<f64>,
     mut stop: watch::Receiver<bool>,
     stats: Arc<FleetStats>,
+    max_rate: f64,
 ) -> anyhow::Result<()> {
     let name = format!("origin-{o}");
+    let mut pace = Pace::new(max_rate);
     let multi = MultiHub::connect(MultiHubConfig::new([endpoint]))?;
     let mut incoming = multi.take_incoming().context("incoming stream")?;
     connected(&multi).await?;
@@ -191,6 +239,7 @@ async fn origin_task(
     let pump = |node: &mut Node| node.take_actions();
     for act in pump(&mut node) {
         if let Action::Publish(env) = act {
+            pace.wait().await;
             send_blocking(&multi, &seal(&ring, &limits, &env)?).await?;
             stats.published.fetch_add(1, Ordering::Relaxed);
         }
@@ -240,6 +289,7 @@ async fn origin_task(
         }
         for act in pump(&mut node) {
             if let Action::Publish(env) = act {
+                pace.wait().await;
                 send_blocking(&multi, &seal(&ring, &limits, &env)?).await?;
                 stats.published.fetch_add(1, Ordering::Relaxed);
             }
@@ -413,6 +463,20 @@ mod tests {
             let (lo, hi) = (v.iter().min().copied(), v.iter().max().copied());
             assert!(hi.unwrap_or(0) - lo.unwrap_or(0) <= 1, "{v:?}");
         }
+    }
+
+    #[test]
+    fn pace_allows_a_100ms_burst_then_spaces_messages() {
+        let mut p = Pace::new(1000.0);
+        let t = p.start;
+        // 100 ms worth (100 messages) pass at once, then one per millisecond.
+        for _ in 0..101 {
+            assert_eq!(p.delay(t), Duration::ZERO);
+        }
+        assert_eq!(p.delay(t), Duration::from_millis(1));
+        // Long idle: a new window, no debt.
+        assert_eq!(p.delay(t + Duration::from_secs(5)), Duration::ZERO);
+        assert_eq!(Pace::new(0.0).delay(t), Duration::ZERO);
     }
 
     #[test]

@@ -56,6 +56,7 @@ const KEY: &str = "bench-shared-key";
 
 /// Runs the hub benchmark; returns the JSON report (also printed as a table).
 pub async fn run(a: HubArgs) -> anyhow::Result<serde_json::Value> {
+    let machine_before = procs::machine();
     let dir = tempfile::tempdir()?;
     let tck = procs::clk_tck();
     let zmq = if a.zmq_count > 0 {
@@ -211,6 +212,8 @@ pub async fn run(a: HubArgs) -> anyhow::Result<serde_json::Value> {
     let ingest_rate = min as f64 / secs;
     let fanout_rate = total as f64 / secs;
     let report = json!({
+        "machine_before": machine_before,
+        "machine_after": procs::machine(),
         "subscribers": a.subscribers,
         "updates_sent": sent,
         "send_secs": send_secs,

@@ -28,6 +28,10 @@ pub struct MemoryArgs {
     /// Origins publishing them (in this process).
     #[arg(long, default_value_t = 10)]
     pub origins: usize,
+    /// Messages/s the origins publish at most while filling (0: unlimited; the hub drops
+    /// at ingress when flooded, then asks for resyncs).
+    #[arg(long, default_value_t = 20_000.0)]
+    pub fill_rate: f64,
     /// Agent-equivalent peers that fetch a snapshot at once and then receive the fan-out.
     #[arg(long, default_value_t = 50)]
     pub agents: usize,
@@ -57,7 +61,7 @@ pub async fn run(a: MemoryArgs) -> anyhow::Result<serde_json::Value> {
         "filling the hub with {} keys from {} origins ...",
         a.keys, a.origins
     );
-    let fleet = Fleet::start(&hub.endpoint, a.origins, a.keys);
+    let fleet = Fleet::start(&hub.endpoint, a.origins, a.keys, a.fill_rate);
     let mut probe = SnapshotClient::connect(&hub.endpoint, "probe").await?;
     let (snap, fill_secs) =
         crate::snapshot::fill_hub(&fleet, &mut probe, a.keys, a.origins).await?;

@@ -107,6 +107,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
         a.rate > 0.0 && a.duration > 0.0,
         "--rate and --duration must be > 0"
     );
+    let machine_before = procs::machine();
     let tmp = tempfile::tempdir()?;
     let dir = match &a.keep {
         Some(d) => {
@@ -406,6 +407,8 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
         .collect();
     let max_setvar_rate = setvar_rates.values().copied().fold(0.0, f64::max);
     let report = json!({
+        "machine_before": machine_before,
+        "machine_after": procs::machine(),
         "topology": {"servers": a.servers, "hubs": a.hubs, "devices_per_server": a.devices,
                       "rate_offered": a.rate, "duration_s": a.duration},
         "ceilings": {
