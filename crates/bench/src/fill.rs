@@ -250,15 +250,11 @@ async fn origin_task(
     // Driving: updates due since `since` at the current rate.
     let mut since = Instant::now();
     let mut done_at_rate = 0u64;
+    let mut cur_rate = 0.0;
     let mut k = 0u64;
     loop {
         tokio::select! {
             r = stop.changed() => if r.is_err() || *stop.borrow() { break },
-            r = rate.changed() => {
-                if r.is_err() { break }
-                since = Instant::now();
-                done_at_rate = 0;
-            }
             m = incoming.recv() => {
                 let Some(Incoming { channel, frames, .. }) = m else { break };
                 if channel == Channel::Reply
@@ -272,7 +268,13 @@ async fn origin_task(
                 }
             }
             _ = tick.tick() => {
-                let r = *rate.borrow();
+                let r = *rate.borrow_and_update();
+                if r != cur_rate {
+                    // A new rate counts from now.
+                    cur_rate = r;
+                    since = Instant::now();
+                    done_at_rate = 0;
+                }
                 if r > 0.0 && keys > 0 {
                     let due = (since.elapsed().as_secs_f64() * r) as u64;
                     while done_at_rate < due {

@@ -102,6 +102,7 @@ pub async fn run(a: MemoryArgs) -> anyhow::Result<serde_json::Value> {
         .map(|(c, _)| c.load(Ordering::Relaxed))
         .collect();
     let driven0 = fleet.stats.driven.load(Ordering::Relaxed);
+    let published0 = fleet.stats.published.load(Ordering::Relaxed);
     let u0 = procs::usage(hub.daemon.pid(), tck).unwrap_or_default();
     let t0 = Instant::now();
     fleet.set_rate_per_origin(a.rate / a.origins as f64);
@@ -109,6 +110,7 @@ pub async fn run(a: MemoryArgs) -> anyhow::Result<serde_json::Value> {
     fleet.set_rate_per_origin(0.0);
     let load_secs = t0.elapsed().as_secs_f64();
     let driven = fleet.stats.driven.load(Ordering::Relaxed) - driven0;
+    let published = fleet.stats.published.load(Ordering::Relaxed) - published0;
     // Let the fan-out drain.
     let mut last = 0u64;
     let mut stable = Instant::now();
@@ -130,6 +132,10 @@ pub async fn run(a: MemoryArgs) -> anyhow::Result<serde_json::Value> {
         .map(|((c, _), b)| c.load(Ordering::Relaxed) - b)
         .collect();
     let min_got = got.iter().copied().min().unwrap_or(0);
+    let mut sorted = got.clone();
+    sorted.sort_unstable();
+    let med_got = sorted.get(sorted.len() / 2).copied().unwrap_or(0);
+    let max_got = sorted.last().copied().unwrap_or(0);
     let mib = |k: u64| k as f64 / 1024.0;
     let report = json!({
         "mode": "memory",
@@ -142,8 +148,9 @@ pub async fn run(a: MemoryArgs) -> anyhow::Result<serde_json::Value> {
         "hub_peak_rss_mib": mib(u1.peak_rss_kib),
         "snapshots": {"p50_secs": times.get(times.len() / 2), "max_secs": times.last(),
                       "short_of_keys": short},
-        "fanout": {"driven": driven, "updates_per_sec": driven as f64 / load_secs,
-                   "received_min_per_peer": min_got,
+        "fanout": {"driven": driven, "published": published, "updates_per_sec": driven as f64 / load_secs,
+                   "received_min_per_peer": min_got, "received_median_per_peer": med_got,
+                   "received_max_per_peer": max_got,
                    "hub_cpu_percent": 100.0 * (u1.cpu_secs - u0.cpu_secs) / load_secs},
         "target": {"hub_peak_le_64_mib": u1.peak_rss_kib <= 64 * 1024},
         "machine_after": procs::machine(),
@@ -159,7 +166,7 @@ pub async fn run(a: MemoryArgs) -> anyhow::Result<serde_json::Value> {
         mib(u1.peak_rss_kib)
     );
     println!(
-        "snapshots: {} peers at once, p50 {:.2} s, max {:.2} s, {} short of {} keys; fan-out: {} updates at {:.0}/s, slowest peer got {}, hub CPU {:.0}%",
+        "snapshots: {} peers at once, p50 {:.2} s, max {:.2} s, {} short of {} keys; fan-out: {} updates at {:.0}/s, peers got min {} / median {} / max {}, hub CPU {:.0}%",
         a.agents,
         times.get(times.len() / 2).copied().unwrap_or(0.0),
         times.last().copied().unwrap_or(0.0),
@@ -168,6 +175,8 @@ pub async fn run(a: MemoryArgs) -> anyhow::Result<serde_json::Value> {
         driven,
         driven as f64 / load_secs,
         min_got,
+        med_got,
+        max_got,
         100.0 * (u1.cpu_secs - u0.cpu_secs) / load_secs
     );
     for (_, h) in counters {
