@@ -41,7 +41,7 @@ pub(crate) struct Inspector {
 
 /// Rate limit of the guard's warnings: at most one per kind per second (process-wide); the
 /// ones held back are counted and reported with the next (a flood must not flood the log).
-struct WarnLimit {
+pub(crate) struct WarnLimit {
     last: std::sync::Mutex<Option<std::time::Instant>>,
     held_back: std::sync::atomic::AtomicU64,
 }
@@ -55,7 +55,7 @@ impl WarnLimit {
     }
 
     /// `Some(held back since the last warning)` when a warning may be logged now.
-    fn allow(&self) -> Option<u64> {
+    pub(crate) fn allow(&self) -> Option<u64> {
         use std::sync::atomic::Ordering;
         let now = std::time::Instant::now();
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
@@ -68,8 +68,8 @@ impl WarnLimit {
     }
 }
 
-static REFUSED_WARN: WarnLimit = WarnLimit::new();
-static OVERSIZE_WARN: WarnLimit = WarnLimit::new();
+pub(crate) static REFUSED_WARN: WarnLimit = WarnLimit::new();
+pub(crate) static OVERSIZE_WARN: WarnLimit = WarnLimit::new();
 
 /// A peer announced more than the limits allow.
 #[derive(Debug, PartialEq, Eq)]

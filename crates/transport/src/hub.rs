@@ -19,11 +19,12 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use zeromq::{
-    DealerSocket, PubSocket, RouterRecvHalf, RouterSendHalf, RouterSocket, Socket, SocketRecv,
-    SocketSend, SubSocket, ZmqError,
+    DealerSocket, RouterRecvHalf, RouterSendHalf, RouterSocket, Socket, SocketRecv, SocketSend,
+    SubSocket, ZmqError,
 };
 
 use crate::error::{SendError, TransportError};
+use crate::fanout::Fanout;
 use crate::guard::{self, Guard};
 use crate::link::{
     Backoff, BackoffConfig, CancelOnDrop, DEFAULT_MAX_CONNECTIONS, Frames, Limits, LinkStats,
@@ -497,8 +498,9 @@ enum BindCmd {
 /// - outbound ([`HubBind::reply`], [`HubBind::publish`]): one bounded queue
 ///   (`outbound_capacity`); callers wait for space (backpressure on the server). A reply to an
 ///   identity that is gone, or whose peer queue stays full past `send_timeout`, is dropped and
-///   counted. The PUB drops messages for a slow subscriber (zeromq crate policy: per-subscriber
-///   queue of 100 000 messages).
+///   counted. The PUB (ZMTP spoken directly: each message encoded once, the same bytes queued
+///   to every subscriber) drops the newest message for a subscriber whose queue of 100 000
+///   messages is full, counted as `dropped_outbound`; the others are not held back.
 /// - outbound batches ([`HubBind::publish_batch`]): one queue slot for many publications, so
 ///   a busy server pays one channel operation per batch instead of one per message.
 /// - inbound ([`RouterMessage`]): bounded (`inbound_capacity`) with backpressure: when the
@@ -533,15 +535,15 @@ impl HubBind {
         let (shared, status_tx) = Shared::new();
         let bound = bind_pair(&config, &shared.stats).await?;
         let (router_ep, pub_ep) = (bound.router_endpoint, bound.pub_endpoint);
-        let (router, publisher) = (bound.router, bound.publisher);
+        let router = bound.router;
         let (tx, rx) = mpsc::channel(config.outbound_capacity);
         let (in_tx, in_rx) = mpsc::channel(config.inbound_capacity);
         status_tx.send_replace(LinkStatus::Connected);
         let cancel = CancellationToken::new();
         let task = BindTask {
             router,
-            publisher,
-            guards: bound.guards,
+            fanout: bound.fanout,
+            guard: bound.guard,
             rx,
             inbound: in_tx,
             stats: shared.stats.clone(),
@@ -631,8 +633,8 @@ impl HubBind {
 
 struct Bound {
     router: RouterSocket,
-    publisher: PubSocket,
-    guards: [Guard; 2],
+    fanout: Fanout,
+    guard: Guard,
     router_endpoint: String,
     pub_endpoint: String,
 }
@@ -679,7 +681,6 @@ async fn bind_pair(
         }
     };
     let mut router = RouterSocket::new();
-    let mut publisher = PubSocket::new();
     let (g1, router_endpoint) = guard::guard_socket(
         &mut router,
         router_listener,
@@ -689,19 +690,24 @@ async fn bind_pair(
         stats.clone(),
     )
     .await?;
-    let (g2, pub_endpoint) = guard::guard_socket(
-        &mut publisher,
+    let pub_port = pub_listener
+        .local_addr()
+        .map_err(|e| guard::bind_error(&config.endpoint, e))?
+        .port();
+    let pub_endpoint = tcp_endpoint(
+        pub_host.trim_start_matches('[').trim_end_matches(']'),
+        pub_port,
+    );
+    let fanout = Fanout::start(
         pub_listener,
-        &pub_host,
         config.limits,
         config.max_connections,
         stats.clone(),
-    )
-    .await?;
+    );
     Ok(Bound {
         router,
-        publisher,
-        guards: [g1, g2],
+        fanout,
+        guard: g1,
         router_endpoint,
         pub_endpoint,
     })
@@ -709,8 +715,8 @@ async fn bind_pair(
 
 struct BindTask {
     router: RouterSocket,
-    publisher: PubSocket,
-    guards: [Guard; 2],
+    fanout: Fanout,
+    guard: Guard,
     rx: mpsc::Receiver<BindCmd>,
     inbound: mpsc::Sender<RouterMessage>,
     stats: Arc<LinkStats>,
@@ -722,8 +728,8 @@ impl BindTask {
     async fn run(self) {
         let BindTask {
             router,
-            mut publisher,
-            guards,
+            mut fanout,
+            guard,
             mut rx,
             inbound,
             stats,
@@ -762,39 +768,25 @@ impl BindTask {
                     None => break,
                     Some(BindCmd::Shutdown(tx)) => { ack = Some(tx); break; }
                     Some(BindCmd::Reply(identity, frames)) => sender.reply(identity, frames).await,
-                    Some(BindCmd::Publish(frames)) => {
-                        publish(&mut publisher, &stats, frames).await;
-                    }
+                    Some(BindCmd::Publish(frames)) => fanout.publish(&frames),
                     Some(BindCmd::PublishBatch(batch)) => {
-                        for frames in batch {
-                            publish(&mut publisher, &stats, frames).await;
+                        for frames in &batch {
+                            fanout.publish(frames);
                         }
                     }
                 },
                 _ = heartbeat.tick(), if config.heartbeat_interval.is_some() => {
-                    let hb = zeromq::ZmqMessage::from(HEARTBEAT_TOPIC);
-                    let _ = publisher.send(hb).await;
+                    fanout.publish(&vec![Bytes::from_static(HEARTBEAT_TOPIC.as_bytes())]);
                 }
             }
         }
         receiver.abort();
         let _ = receiver.await;
-        let [g1, g2] = guards;
-        g1.shutdown().await;
-        g2.shutdown().await;
+        guard.shutdown().await;
+        fanout.shutdown().await;
         drop(sender);
-        let _ = publisher.close().await;
         if let Some(tx) = ack {
             let _ = tx.send(());
-        }
-    }
-}
-
-async fn publish(publisher: &mut PubSocket, stats: &LinkStats, frames: Frames) {
-    if let Some(msg) = to_message(frames) {
-        match publisher.send(msg).await {
-            Ok(()) => stats.messages_out(),
-            Err(_) => stats.dropped_outbound(),
         }
     }
 }

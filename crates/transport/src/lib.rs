@@ -18,7 +18,9 @@
 //!   state topic as the snapshot, heartbeat topic; librdkafka via `rdkafka`). Implements
 //!   [`FederationTransport`] and uses `hintfed-core` to verify records and answer snapshots.
 //! - [`error`]: [`TransportError`], [`SendError`], [`RequestError`].
-//! - `guard` (private): the ZMTP size guard in front of every bound socket.
+//! - `guard` (private): the ZMTP size guard in front of the bound zeromq sockets.
+//! - `fanout` (private): the hub's PUB, ZMTP 3.0 spoken directly (encode once, queue the
+//!   same bytes to every subscriber), with the same limits as the guard.
 //!
 //! Each supervisor is one Tokio task that owns its sockets; the public handles are cheap
 //! clones talking to it over bounded channels (each type documents its full/closed policy),
@@ -44,7 +46,10 @@
 //! (a single TCP client announcing a 1 TiB frame aborts the process — verified), every *bound*
 //! socket ([`HubBind`], [`PullBind`], [`PubBind`]) listens through a ZMTP-aware TCP guard that
 //! forwards to the real socket on loopback and closes any connection announcing an oversize
-//! frame or message before it is buffered; it also caps simultaneous connections. Connecting
+//! frame or message before it is buffered; it also caps simultaneous connections. The hub's
+//! PUB ([`HubBind`], port P+1) is not a zeromq socket at all: the private `fanout` module speaks
+//! ZMTP 3.0 on the listener itself with the same limits and connection cap (the proxy's byte
+//! copies and the crate's per-subscriber re-encoding cost more than half of the hub's CPU). Connecting
 //! sockets ([`HubLink`], [`ReqClient`], [`SubClient`]) trust their peer (our hub, the local
 //! Asterisk). Confidentiality/authentication is left to the envelope HMAC (no CURVE).
 //!
@@ -70,6 +75,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 pub mod error;
+mod fanout;
 mod guard;
 pub mod hub;
 pub mod kafka;

@@ -1,0 +1,494 @@
+//! The hub's PUB side, speaking ZMTP 3.0 (NULL mechanism) directly on the public listener:
+//! each published message is encoded once and the same bytes are queued to every subscriber,
+//! instead of the `zeromq` crate's PUB behind the byte-copying guard (which cloned and
+//! re-encoded every message per subscriber and copied every byte through a loopback proxy).
+//!
+//! Per subscriber connection one task: greeting and READY exchange (bounded in time), then it
+//! reads subscriptions (ZMTP 3.0 messages `\x01prefix` / `\x00prefix`, or 3.1 `SUBSCRIBE` /
+//! `CANCEL` commands; `PING` commands are answered) with the size [`Limits`] enforced before a
+//! frame body is buffered, and writes the queued messages matching its subscriptions in
+//! batches. Policies: a subscriber whose queue ([`SUBSCRIBER_QUEUE`] messages) is full loses
+//! the newest message (counted as `dropped_outbound`), so one slow or deaf subscriber never
+//! holds back the others or the hub; connections beyond `max_connections` are refused and
+//! counted; a peer announcing an oversize frame is disconnected and counted.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::guard::{OVERSIZE_WARN, REFUSED_WARN};
+use crate::link::{Frames, Limits, LinkStats};
+
+/// Messages queued per subscriber before the newest are dropped for it.
+pub(crate) const SUBSCRIBER_QUEUE: usize = 100_000;
+/// Largest ZMTP command body accepted from a subscriber.
+const MAX_COMMAND: usize = 64 * 1024;
+/// A peer must complete the greeting and READY exchange within this.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Bytes gathered before one write to a subscriber.
+const WRITE_BATCH: usize = 64 * 1024;
+/// Most subscriptions one peer may hold.
+const MAX_SUBSCRIPTIONS: usize = 1024;
+
+/// One published message: its first frame (for prefix matching) and its whole wire encoding.
+pub(crate) struct Encoded {
+    topic: Bytes,
+    wire: Bytes,
+}
+
+/// Encodes `frames` (first frame = topic) as one ZMTP message.
+pub(crate) fn encode(frames: &Frames) -> Option<Arc<Encoded>> {
+    let topic = frames.first()?.clone();
+    let len: usize = frames.iter().map(|f| f.len() + 9).sum();
+    let mut wire = BytesMut::with_capacity(len);
+    let last = frames.len() - 1;
+    for (i, f) in frames.iter().enumerate() {
+        let more = if i < last { 0x01 } else { 0x00 };
+        match u8::try_from(f.len()) {
+            Ok(n) => {
+                wire.extend_from_slice(&[more, n]);
+            }
+            Err(_) => {
+                wire.extend_from_slice(&[more | 0x02]);
+                wire.extend_from_slice(&(f.len() as u64).to_be_bytes());
+            }
+        }
+        wire.extend_from_slice(f);
+    }
+    Some(Arc::new(Encoded {
+        topic,
+        wire: wire.freeze(),
+    }))
+}
+
+/// The subscribers known to the owner of the PUB: what [`Fanout::publish`] queues to.
+pub(crate) struct Fanout {
+    subscribers: Vec<mpsc::Sender<Arc<Encoded>>>,
+    joined: mpsc::Receiver<mpsc::Sender<Arc<Encoded>>>,
+    stats: Arc<LinkStats>,
+    cancel: CancellationToken,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Fanout {
+    /// Starts accepting subscribers on `listener`.
+    pub(crate) fn start(
+        listener: TcpListener,
+        limits: Limits,
+        max_connections: usize,
+        stats: Arc<LinkStats>,
+    ) -> Self {
+        let cancel = CancellationToken::new();
+        let (join_tx, joined) = mpsc::channel(256);
+        let task = tokio::spawn(accept_loop(
+            listener,
+            limits,
+            max_connections,
+            stats.clone(),
+            join_tx,
+            cancel.clone(),
+        ));
+        Fanout {
+            subscribers: Vec::new(),
+            joined,
+            stats,
+            cancel,
+            task: Some(task),
+        }
+    }
+
+    /// Takes in the subscribers that completed their handshake since the last call.
+    fn take_joined(&mut self) {
+        while let Ok(s) = self.joined.try_recv() {
+            self.subscribers.push(s);
+        }
+    }
+
+    /// Queues one message to every subscriber (its task filters by subscription).
+    pub(crate) fn publish(&mut self, frames: &Frames) {
+        self.take_joined();
+        if self.subscribers.is_empty() {
+            return;
+        }
+        let Some(msg) = encode(frames) else { return };
+        let stats = &self.stats;
+        let mut sent = false;
+        self.subscribers.retain(|s| match s.try_send(msg.clone()) {
+            Ok(()) => {
+                sent = true;
+                true
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                stats.dropped_outbound();
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+        if sent {
+            stats.messages_out();
+        }
+    }
+
+    /// Stops accepting, closes every subscriber connection and waits for the listener to close.
+    pub(crate) async fn shutdown(mut self) {
+        self.cancel.cancel();
+        self.subscribers.clear();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Fanout {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    limits: Limits,
+    max_connections: usize,
+    stats: Arc<LinkStats>,
+    join_tx: mpsc::Sender<mpsc::Sender<Arc<Encoded>>>,
+    cancel: CancellationToken,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
+    loop {
+        let accepted = tokio::select! {
+            () = cancel.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    stats.refused_connections();
+                    if let Some(held_back) = REFUSED_WARN.allow() {
+                        tracing::warn!(%peer, max_connections, held_back, "too many connections; refused");
+                    }
+                    continue;
+                };
+                let cancel = cancel.clone();
+                let stats = stats.clone();
+                let join_tx = join_tx.clone();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    tokio::select! {
+                        () = cancel.cancelled() => {}
+                        () = serve(stream, peer, limits, &stats, join_tx) => {}
+                    }
+                });
+            }
+            Err(error) => tracing::warn!(%error, "accept failed"),
+        }
+    }
+}
+
+/// Our greeting: ZMTP 3.0, NULL mechanism, as-server.
+fn greeting() -> [u8; 64] {
+    let mut g = [0u8; 64];
+    g[0] = 0xff;
+    g[9] = 0x7f;
+    g[10] = 3;
+    g[11] = 0;
+    g[12..16].copy_from_slice(b"NULL");
+    g[32] = 1;
+    g
+}
+
+fn command(name: &[u8], body: &[u8]) -> Vec<u8> {
+    let len = 1 + name.len() + body.len();
+    let mut out = Vec::with_capacity(len + 9);
+    match u8::try_from(len) {
+        Ok(n) => out.extend_from_slice(&[0x04, n]),
+        Err(_) => {
+            out.push(0x06);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+    out.extend_from_slice(body);
+    out
+}
+
+fn ready() -> Vec<u8> {
+    let mut props = Vec::new();
+    props.push(11);
+    props.extend_from_slice(b"Socket-Type");
+    props.extend_from_slice(&3u32.to_be_bytes());
+    props.extend_from_slice(b"PUB");
+    command(b"READY", &props)
+}
+
+/// One frame read from a subscriber.
+struct Frame {
+    command: bool,
+    more: bool,
+    body: Bytes,
+}
+
+/// Why a subscriber connection ends.
+enum End {
+    Closed,
+    Oversize,
+}
+
+/// Incremental reader of a subscriber's frames with the size limits checked on the header.
+struct Reader {
+    read: OwnedReadHalf,
+    buf: BytesMut,
+    limits: Limits,
+}
+
+impl Reader {
+    /// The next complete frame, reading as needed.
+    async fn frame(&mut self) -> Result<Frame, End> {
+        loop {
+            if let Some(f) = self.parse()? {
+                return Ok(f);
+            }
+            self.fill().await?;
+        }
+    }
+
+    async fn fill(&mut self) -> Result<(), End> {
+        self.buf.reserve(4096);
+        match self.read.read_buf(&mut self.buf).await {
+            Ok(0) | Err(_) => Err(End::Closed),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    fn parse(&mut self) -> Result<Option<Frame>, End> {
+        let Some(&flags) = self.buf.first() else {
+            return Ok(None);
+        };
+        let long = flags & 0x02 != 0;
+        let head = if long { 9 } else { 2 };
+        if self.buf.len() < head {
+            return Ok(None);
+        }
+        let len = if long {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&self.buf[1..9]);
+            u64::from_be_bytes(b)
+        } else {
+            u64::from(self.buf[1])
+        };
+        let command = flags & 0x04 != 0;
+        let max = if command {
+            MAX_COMMAND
+        } else {
+            self.limits.max_message_bytes
+        };
+        if len > max as u64 {
+            return Err(End::Oversize);
+        }
+        let len = len as usize;
+        if self.buf.len() < head + len {
+            return Ok(None);
+        }
+        self.buf.advance(head);
+        let body = self.buf.split_to(len).freeze();
+        Ok(Some(Frame {
+            command,
+            more: flags & 0x01 != 0,
+            body,
+        }))
+    }
+}
+
+async fn handshake(stream: TcpStream, limits: Limits) -> Result<(Reader, OwnedWriteHalf), End> {
+    let (mut read, mut write) = stream.into_split();
+    let mut out = greeting().to_vec();
+    out.extend(ready());
+    write.write_all(&out).await.map_err(|_| End::Closed)?;
+    let mut peer = [0u8; 64];
+    read.read_exact(&mut peer).await.map_err(|_| End::Closed)?;
+    if peer[0] != 0xff || peer[9] != 0x7f || peer[10] < 3 || &peer[12..16] != b"NULL" {
+        return Err(End::Closed);
+    }
+    let mut reader = Reader {
+        read,
+        buf: BytesMut::with_capacity(4096),
+        limits,
+    };
+    let first = reader.frame().await?;
+    if !first.command || !first.body.starts_with(b"\x05READY") {
+        return Err(End::Closed);
+    }
+    Ok((reader, write))
+}
+
+async fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    limits: Limits,
+    stats: &LinkStats,
+    join_tx: mpsc::Sender<mpsc::Sender<Arc<Encoded>>>,
+) {
+    let _ = stream.set_nodelay(true);
+    let end = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(stream, limits)).await {
+        Err(_) => End::Closed,
+        Ok(Err(e)) => e,
+        Ok(Ok((reader, write))) => {
+            let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
+            if join_tx.send(tx).await.is_err() {
+                return;
+            }
+            run(reader, write, rx).await
+        }
+    };
+    if let End::Oversize = end {
+        stats.dropped_oversize();
+        if let Some(held_back) = OVERSIZE_WARN.allow() {
+            tracing::warn!(%peer, held_back, "peer announced an oversize ZeroMQ message; connection closed");
+        }
+    }
+}
+
+async fn run(
+    mut reader: Reader,
+    mut write: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<Arc<Encoded>>,
+) -> End {
+    let mut subscriptions: Vec<Bytes> = Vec::new();
+    let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH);
+    // Whether the next message frame starts a message (not a continuation).
+    let mut at_start = true;
+    loop {
+        tokio::select! {
+            f = reader.frame() => {
+                let f = match f {
+                    Ok(f) => f,
+                    Err(e) => return e,
+                };
+                if f.command {
+                    handle_command(&f.body, &mut subscriptions, &mut out);
+                } else {
+                    if at_start {
+                        handle_subscription(&f.body, &mut subscriptions);
+                    }
+                    at_start = !f.more;
+                }
+                if !out.is_empty() {
+                    if write.write_all(&out).await.is_err() {
+                        return End::Closed;
+                    }
+                    out.clear();
+                }
+            }
+            m = rx.recv() => {
+                let Some(m) = m else { return End::Closed };
+                let mut next = Some(m);
+                while let Some(m) = next.take() {
+                    if matches(&subscriptions, &m.topic) {
+                        out.extend_from_slice(&m.wire);
+                    }
+                    if out.len() >= WRITE_BATCH {
+                        break;
+                    }
+                    next = rx.try_recv().ok();
+                }
+                if !out.is_empty() {
+                    if write.write_all(&out).await.is_err() {
+                        return End::Closed;
+                    }
+                    out.clear();
+                }
+            }
+        }
+    }
+}
+
+fn matches(subscriptions: &[Bytes], topic: &[u8]) -> bool {
+    subscriptions.iter().any(|s| topic.starts_with(s))
+}
+
+fn subscribe(subscriptions: &mut Vec<Bytes>, prefix: Bytes) {
+    if subscriptions.len() < MAX_SUBSCRIPTIONS {
+        subscriptions.push(prefix);
+    }
+}
+
+fn unsubscribe(subscriptions: &mut Vec<Bytes>, prefix: &[u8]) {
+    if let Some(i) = subscriptions.iter().position(|s| s.as_ref() == prefix) {
+        subscriptions.swap_remove(i);
+    }
+}
+
+fn handle_subscription(body: &Bytes, subscriptions: &mut Vec<Bytes>) {
+    match body.first() {
+        Some(1) => subscribe(subscriptions, body.slice(1..)),
+        Some(0) => unsubscribe(subscriptions, &body[1..]),
+        _ => {}
+    }
+}
+
+fn handle_command(body: &Bytes, subscriptions: &mut Vec<Bytes>, out: &mut Vec<u8>) {
+    let Some(&n) = body.first() else { return };
+    let n = usize::from(n);
+    if body.len() < 1 + n {
+        return;
+    }
+    let name = &body[1..1 + n];
+    let rest = body.slice(1 + n..);
+    match name {
+        b"SUBSCRIBE" => subscribe(subscriptions, rest),
+        b"CANCEL" => unsubscribe(subscriptions, &rest),
+        b"PING" => {
+            // PING: 2-byte TTL, then a context echoed in the PONG.
+            let context = rest.get(2..).unwrap_or_default();
+            out.extend(command(b"PONG", context));
+        }
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_short_and_long_frames() {
+        let big = Bytes::from(vec![7u8; 300]);
+        let m = encode(&vec![Bytes::from_static(b"ab"), big]).expect("frames");
+        assert_eq!(&m.topic[..], b"ab");
+        assert_eq!(&m.wire[..4], &[0x01, 2, b'a', b'b']);
+        assert_eq!(m.wire[4], 0x02);
+        assert_eq!(&m.wire[5..13], &300u64.to_be_bytes());
+        assert_eq!(m.wire.len(), 4 + 9 + 300);
+        assert!(encode(&Vec::new()).is_none());
+    }
+
+    #[test]
+    fn subscriptions_and_commands() {
+        let mut subs = Vec::new();
+        let mut out = Vec::new();
+        handle_subscription(&Bytes::from_static(b"\x01state."), &mut subs);
+        assert!(matches(&subs, b"state.dev"));
+        assert!(!matches(&subs, b"other"));
+        handle_subscription(&Bytes::from_static(b"\x00state."), &mut subs);
+        assert!(!matches(&subs, b"state.dev"));
+        handle_command(&Bytes::from_static(b"\x09SUBSCRIBE"), &mut subs, &mut out);
+        assert!(matches(&subs, b"anything"));
+        handle_command(&Bytes::from_static(b"\x06CANCEL"), &mut subs, &mut out);
+        assert!(subs.is_empty());
+        handle_command(
+            &Bytes::from_static(b"\x04PING\x00\x10ctx"),
+            &mut subs,
+            &mut out,
+        );
+        assert_eq!(out, command(b"PONG", b"ctx"));
+        assert_eq!(&out[..2], &[0x04, 8]);
+    }
+}
