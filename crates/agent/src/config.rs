@@ -5,7 +5,7 @@
 //!
 //! ```ini
 //! [general]
-//! name = pbx-a              ; required: origin name, unique per Asterisk
+//! name = pbx-a              ; origin name, unique per Asterisk (default: the host name)
 //! device_state = yes
 //! presence = yes
 //! log_level = info
@@ -50,8 +50,11 @@
 //! listen = 127.0.0.1:9480
 //! ```
 //!
-//! Limitations, stated: `[general] name` is required (the SystemName Asterisk reports is not
-//! used as a default); `include`/`exclude` hold one regular expression each (a regex may
+//! `[general] name` defaults to the host name (`/proc/sys/kernel/hostname`, else
+//! `/etc/hostname`, else `$HOSTNAME`), with a configuration warning (logged once at start and
+//! printed by `--check-config`, whose output shows the name in force); an explicit empty
+//! `name =` is an error, as is no name at all when the host name cannot be read.
+//! Limitations, stated: the SystemName Asterisk reports is not used as a default; `include`/`exclude` hold one regular expression each (a regex may
 //! contain commas).
 
 use std::path::PathBuf;
@@ -155,7 +158,7 @@ pub enum Via {
 /// `[general]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct GeneralConfig {
-    /// Origin name (required).
+    /// Origin name (default: the host name).
     pub name: String,
     /// Federate device states.
     pub device_state: bool,
@@ -349,11 +352,43 @@ impl AgentConfig {
     }
 }
 
+/// The host name: `/proc/sys/kernel/hostname`, else `/etc/hostname`, else `$HOSTNAME`
+/// (first non-empty, trimmed).
+pub fn host_name() -> Option<String> {
+    ["/proc/sys/kernel/hostname", "/etc/hostname"]
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .chain(std::env::var("HOSTNAME").ok())
+        .map(|h| h.trim().to_owned())
+        .find(|h| !h.is_empty())
+}
+
 fn general(file: &ConfigFile) -> Result<GeneralConfig, ConfigError> {
     let s = file.section("general");
     let known: Vec<&str> = GENERAL.iter().chain(GENERAL_KEYS).copied().collect();
     s.reject_unknown_keys(&known)?;
-    let name = s.required("name")?.to_owned();
+    let name = match s.get("name") {
+        Some(v) if v.trim().is_empty() => {
+            return Err(s.error(
+                "name",
+                "empty: give the origin name, or remove the key to use the host name",
+            ));
+        }
+        Some(v) => v.trim().to_owned(),
+        None => {
+            let host = host_name().ok_or_else(|| {
+                s.error(
+                    "name",
+                    "missing, and the host name cannot be read to default it: set the origin name",
+                )
+            })?;
+            file.warn(s.error(
+                "name",
+                format!("not set; using the host name {host:?} as the origin name"),
+            ));
+            host
+        }
+    };
     if name.len() > 128 {
         return Err(s.error("name", "longer than 128 bytes"));
     }
@@ -761,6 +796,28 @@ shared_key = k1
     }
 
     #[test]
+    fn name_defaults_to_the_host_name_with_one_warning() {
+        let text = GOOD.replace("name = pbx-a\n", "");
+        let file = ConfigFile::parse("agent.ini", &text, Vec::<(String, String)>::new(), SECTIONS)
+            .expect("parse");
+        let c = AgentConfig::from_file(&file).expect("valid without a name");
+        let host = host_name().expect("this machine has a host name");
+        assert_eq!(c.general.name, host);
+        let w: Vec<String> = file.warnings().iter().map(ToString::to_string).collect();
+        assert_eq!(
+            w,
+            vec![format!(
+                "config error: agent.ini: [general] name: not set; using the host name {host:?} as the origin name"
+            )]
+        );
+        // An explicit name: no warning.
+        let file = ConfigFile::parse("agent.ini", GOOD, Vec::<(String, String)>::new(), SECTIONS)
+            .expect("parse");
+        AgentConfig::from_file(&file).expect("valid");
+        assert!(file.warnings().is_empty());
+    }
+
+    #[test]
     fn minimal_file_gets_defaults() {
         let c = load(GOOD).expect("valid");
         assert_eq!(c.general.name, "pbx-a");
@@ -792,8 +849,8 @@ shared_key = k1
     fn one_line_errors_name_file_section_key_problem() {
         let cases: &[(&str, &str)] = &[
             (
-                "[asterisk]\nusername=u\nsecret=s\n[federation]\nservers=tcp://h:1\n",
-                "config error: agent.ini: [general] name: missing (required)",
+                "[general]\nname =\n[asterisk]\nusername=u\nsecret=s\n[federation]\nservers=tcp://h:1\nshared_key=k\n",
+                "config error: agent.ini: [general] name: empty: give the origin name, or remove the key to use the host name",
             ),
             (
                 &GOOD.replace("username = hintfed\n", "username = hintfed\nport = abc\n"),

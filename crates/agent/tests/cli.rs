@@ -46,8 +46,8 @@ fn bad_configurations_exit_64_with_one_line() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cases = [
         (
-            good("").replace("name = pbx-a\n", ""),
-            "[general] name: missing (required)",
+            good("").replace("name = pbx-a\n", "name =\n"),
+            "[general] name: empty",
         ),
         (
             good("").replace("port = ", "port = x"),
@@ -80,6 +80,30 @@ fn bad_configurations_exit_64_with_one_line() {
     }
     let (code, _, err) = run(&["--config", "/nonexistent/agent.ini"]);
     assert_eq!(code, 64, "{err}");
+}
+
+#[test]
+fn check_config_without_a_name_uses_the_host_name_and_warns() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = config(dir.path(), &good("").replace("name = pbx-a\n", ""));
+    let out = Command::new(BIN)
+        .args(["--config", &path, "--check-config"])
+        .output()
+        .expect("run");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    let host = hintfed_agent::config::host_name().expect("host name");
+    assert!(stdout.contains(&format!("name = {host}\n")), "{stdout}");
+    let warnings: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("warning:"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{stderr}");
+    assert!(
+        warnings[0].contains("[general] name: not set; using the host name"),
+        "{stderr}"
+    );
 }
 
 #[test]
