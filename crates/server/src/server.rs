@@ -369,6 +369,7 @@ impl Server {
             legacy_on: legacy.is_some(),
             next_legacy_hb: Millis(0),
             outbox: Vec::new(),
+            replies_queued: false,
             counters,
             warn: RateLimit::default(),
             seen_transport: StatsSnapshot::default(),
@@ -396,8 +397,13 @@ impl Server {
                 msg = router_rx.recv() => match msg {
                     Some(m) => {
                         rt.on_router(m);
-                        // Take what else is queued before sending (fewer wake-ups under load).
+                        // Take what else is queued before sending (fewer wake-ups under load),
+                        // but send a snapshot answer before serving the next request: several
+                        // agents asking at once must not hold all their answers in memory.
                         for _ in 0..BATCH {
+                            if rt.replies_queued {
+                                break;
+                            }
                             match router_rx.try_recv() {
                                 Ok(m) => rt.on_router(m),
                                 Err(_) => break,
@@ -518,6 +524,8 @@ struct Runtime {
     legacy_on: bool,
     next_legacy_hb: Millis,
     outbox: Vec<Out>,
+    /// Whether the outbox holds replies (snapshot chunks, resync requests).
+    replies_queued: bool,
     counters: Counters,
     warn: RateLimit,
     seen_transport: StatsSnapshot,
@@ -846,6 +854,7 @@ impl Runtime {
                     let Some(bytes) = self.seal(&envelope) else {
                         continue;
                     };
+                    self.replies_queued = true;
                     self.outbox.push(Out::Reply(
                         identity,
                         vec![
@@ -1083,6 +1092,7 @@ impl Runtime {
     /// Consecutive publications go to the socket task as one batch (one queue operation).
     async fn flush(&mut self, bind: &HubBind, legacy_pub: Option<&PubBind>) -> bool {
         let mut batch: Vec<Frames> = Vec::new();
+        self.replies_queued = false;
         for out in std::mem::take(&mut self.outbox) {
             match out {
                 Out::Publish(frames) => batch.push(frames),
