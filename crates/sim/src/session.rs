@@ -4,10 +4,12 @@
 //! [`SimConfig::limits`](crate::SimConfig)), answers them through [`crate::actions`], and
 //! forwards broadcast events that pass its `Events` mask. Every write is bounded by the
 //! configured `writetimeout`; a session that cannot keep up with the event stream is closed.
-//! A decoding error (garbage, oversize input) closes only this connection.
+//! A decoding error (garbage, oversize input) closes only this connection. Warnings about a
+//! bad peer (bad input, slow reader) name its address and are rate-limited process-wide
+//! ([`WARNINGS_PER_WINDOW`] per [`WARN_WINDOW`]; the next one logged counts those held back).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
@@ -22,6 +24,42 @@ use crate::server::Shared;
 
 /// The login banner (AMI version 13.0.0, what Asterisk 13 to 23 announce).
 pub const BANNER: &str = "Asterisk Call Manager/13.0.0\r\n";
+
+/// Most warnings about bad peers logged per [`WARN_WINDOW`].
+pub const WARNINGS_PER_WINDOW: u32 = 10;
+/// The window of [`WARNINGS_PER_WINDOW`].
+pub const WARN_WINDOW: Duration = Duration::from_secs(10);
+
+/// (window start, logged in this window, held back since the last logged).
+type Budget = Mutex<(Option<Instant>, u32, u64)>;
+
+static WARN_BUDGET: Budget = Mutex::new((None, 0, 0));
+
+/// Whether a warning about a peer may be logged now: `Some(held back so far)`, or `None`
+/// (counted).
+fn warn_allowed(budget: &Budget, now: Instant) -> Option<u64> {
+    let mut b = budget.lock().unwrap_or_else(PoisonError::into_inner);
+    if b.0
+        .is_none_or(|start| now.saturating_duration_since(start) >= WARN_WINDOW)
+    {
+        b.0 = Some(now);
+        b.1 = 0;
+    }
+    if b.1 < WARNINGS_PER_WINDOW {
+        b.1 += 1;
+        Some(std::mem::take(&mut b.2))
+    } else {
+        b.2 += 1;
+        None
+    }
+}
+
+/// A rate-limited warning about `peer`.
+fn warn_peer(id: u64, peer: SocketAddr, problem: &str, detail: &str) {
+    if let Some(suppressed) = warn_allowed(&WARN_BUDGET, Instant::now()) {
+        tracing::warn!(session = id, %peer, detail, suppressed, "{problem}: closing connection");
+    }
+}
 
 /// Per-connection state the actions read and change.
 pub(crate) struct SessionCtx {
@@ -76,7 +114,13 @@ async fn recv_event(
 type Sink = futures::stream::SplitSink<Framed<TcpStream, AmiCodec>, Message>;
 
 /// Sends `msgs`, each write bounded by `wt`. `false` when the connection must go.
-async fn send_all(sink: &mut Sink, msgs: Vec<Message>, wt: Duration, id: u64) -> bool {
+async fn send_all(
+    sink: &mut Sink,
+    msgs: Vec<Message>,
+    wt: Duration,
+    id: u64,
+    peer: SocketAddr,
+) -> bool {
     for m in msgs {
         match tokio::time::timeout(wt, sink.feed(m)).await {
             Ok(Ok(())) => {}
@@ -85,7 +129,7 @@ async fn send_all(sink: &mut Sink, msgs: Vec<Message>, wt: Duration, id: u64) ->
                 return false;
             }
             Err(_) => {
-                tracing::warn!(session = id, "write timed out: dropping slow reader");
+                warn_peer(id, peer, "slow reader", "write timed out");
                 return false;
             }
         }
@@ -97,7 +141,7 @@ async fn send_all(sink: &mut Sink, msgs: Vec<Message>, wt: Duration, id: u64) ->
             false
         }
         Err(_) => {
-            tracing::warn!(session = id, "write timed out: dropping slow reader");
+            warn_peer(id, peer, "slow reader", "write timed out");
             false
         }
     }
@@ -169,7 +213,7 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                         }
                     }
                 }
-                send_all(&mut sink, last, wt, id).await;
+                send_all(&mut sink, last, wt, id, peer).await;
                 break;
             }
             ev = recv_event(&mut ctx.rx) => match ev {
@@ -177,13 +221,13 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                     if !ctx.authenticated || !ev.passes(ctx.mask) || ctx.blackholed(shared) {
                         continue;
                     }
-                    if !send_all(&mut sink, vec![ev.message.clone()], wt, id).await {
+                    if !send_all(&mut sink, vec![ev.message.clone()], wt, id, peer).await {
                         shared.lock().stats.slow_readers_dropped += 1;
                         break;
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
-                    tracing::warn!(session = id, missed = n, "slow reader: closing connection");
+                    warn_peer(id, peer, "slow reader", &format!("missed {n} events"));
                     shared.lock().stats.slow_readers_dropped += 1;
                     break;
                 }
@@ -192,7 +236,7 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
             frame = source.next() => match frame {
                 None => break,
                 Some(Err(e)) => {
-                    tracing::warn!(session = id, error = %e, "bad input: closing connection");
+                    warn_peer(id, peer, "bad input", &e.to_string());
                     break;
                 }
                 Some(Ok(Frame::Banner(_))) => {}
@@ -202,7 +246,7 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                         continue;
                     }
                     let out = crate::actions::handle(shared, &mut ctx, &m).await;
-                    if !send_all(&mut sink, out.replies, wt, id).await || out.close {
+                    if !send_all(&mut sink, out.replies, wt, id, peer).await || out.close {
                         break;
                     }
                 }
@@ -210,4 +254,29 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
         }
     }
     let _ = tokio::time::timeout(wt, sink.close()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_warnings_are_rate_limited_per_window() {
+        let budget: Budget = Mutex::new((None, 0, 0));
+        let t0 = Instant::now();
+        let allowed: Vec<Option<u64>> = (0..WARNINGS_PER_WINDOW + 3)
+            .map(|_| warn_allowed(&budget, t0))
+            .collect();
+        assert!(
+            allowed[..WARNINGS_PER_WINDOW as usize]
+                .iter()
+                .all(Option::is_some)
+        );
+        assert!(
+            allowed[WARNINGS_PER_WINDOW as usize..]
+                .iter()
+                .all(Option::is_none)
+        );
+        assert_eq!(warn_allowed(&budget, t0 + WARN_WINDOW), Some(3));
+    }
 }
