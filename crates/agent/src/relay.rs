@@ -184,11 +184,21 @@ pub struct RelayCounters {
     pub hubs_connected: usize,
 }
 
+/// The shared status: rows by key, so a refresh replaces only the rows that changed.
 #[derive(Debug, Default)]
 struct StatusCache {
-    state: StateView,
+    devices: BTreeMap<String, DeviceView>,
+    presence: BTreeMap<String, PresenceView>,
     origins: Vec<OriginView>,
     counters: RelayCounters,
+}
+
+/// What every status row depends on beside its own table entries: when it changes, every row
+/// is rebuilt.
+#[derive(Debug, PartialEq, Eq)]
+struct StatusSig {
+    down: DeviceState,
+    down_origins: Vec<String>,
 }
 
 /// Cheap read access to a relay's state: implements [`StatusSource`] for `/api/state` and
@@ -222,7 +232,10 @@ impl RelayStatus {
 
 impl StatusSource for RelayStatus {
     fn state(&self) -> StateView {
-        self.read(|c| c.state.clone())
+        self.read(|c| StateView {
+            devices: c.devices.values().cloned().collect(),
+            presence: c.presence.values().cloned().collect(),
+        })
     }
 
     fn origins(&self) -> Vec<OriginView> {
@@ -353,6 +366,10 @@ pub struct Relay<T: FederationTransport> {
     pending_hello: Option<Envelope>,
     dirty: bool,
     changed: HashMap<String, (String, u64)>,
+    /// Table version the status rows reflect (`None`: rebuild every row).
+    status_seen: Option<u64>,
+    /// Origins down (and the down state) when the rows were built.
+    status_sig: Option<StatusSig>,
 }
 
 impl<T: FederationTransport + 'static> Relay<T> {
@@ -407,6 +424,8 @@ impl<T: FederationTransport + 'static> Relay<T> {
             pending_hello: None,
             dirty: true,
             changed: HashMap::new(),
+            status_seen: None,
+            status_sig: None,
         })
     }
 
@@ -459,7 +478,18 @@ impl<T: FederationTransport + 'static> Relay<T> {
                         n += 1;
                     }
                 }
-                Some(done) = self.done_rx.recv() => self.on_done(done),
+                Some(done) = self.done_rx.recv() => {
+                    self.on_done(done);
+                    // Completions come in bursts (pipelined writes): free every slot first.
+                    let mut n = 0;
+                    while n < 256 {
+                        match self.done_rx.try_recv() {
+                            Ok(d) => self.on_done(d),
+                            Err(_) => break,
+                        }
+                        n += 1;
+                    }
+                }
                 Ok(()) = self.connected.changed() => self.on_connected_changed(),
                 Ok(()) = self.link_ups.changed() => {
                     self.link_ups.borrow_and_update();
@@ -928,56 +958,85 @@ impl<T: FederationTransport + 'static> Relay<T> {
 
     // ----- status -------------------------------------------------------------------------
 
+    /// Refreshes the shared status: the device and presence rows of the keys the table
+    /// journal names as changed since the last refresh (every key on the first refresh, when
+    /// the journal overflowed, or when an origin went down or came back, which changes how
+    /// every row reads), the origin rows and the counters.
     fn refresh_status(&mut self) {
         let now = wall_now();
         let table = self.node.table();
         let origins = self.node.origins();
         let down = self.node.config().policy.down_state();
         let me = self.node.origin().to_owned();
-        let mut devices = Vec::new();
-        for key in table.device_keys() {
-            let Some(per) = table.device(key) else {
-                continue;
-            };
-            let agg = table
-                .aggregate(key, origins, down, None)
-                .map(|s| s.as_str().to_owned())
-                .unwrap_or_else(|| "UNKNOWN".to_owned());
-            let entry = self
-                .changed
-                .entry(key.clone())
-                .or_insert_with(|| (agg.clone(), now.0));
-            if entry.0 != agg {
-                *entry = (agg.clone(), now.0);
+        let sig = StatusSig {
+            down,
+            down_origins: origins
+                .iter()
+                .filter(|(_, i)| i.down.is_some())
+                .map(|(n, _)| n.clone())
+                .collect(),
+        };
+        let since = self.status_seen.unwrap_or_else(|| table.version());
+        let journal = table.changes_since(since);
+        let incremental = self.status_seen.is_some() && self.status_sig.as_ref() == Some(&sig);
+        let keys: BTreeSet<String> = match journal {
+            Some(changed) if incremental => changed.map(str::to_owned).collect(),
+            _ => {
+                // Every key the table or the current view holds (rows may have to go).
+                let mut all: BTreeSet<String> = table.device_keys().cloned().collect();
+                all.extend(table.presence_entries().map(|(k, _)| k.clone()));
+                self.status.read(|c| {
+                    all.extend(c.devices.keys().cloned());
+                    all.extend(c.presence.keys().cloned());
+                });
+                all
             }
-            devices.push(DeviceView {
-                key: key.clone(),
-                aggregate: agg,
-                changed_ms: entry.1,
-                origins: per
-                    .iter()
-                    .map(|(o, e)| {
-                        let v = if origins.is_down(o) && o != &me {
-                            down.as_str()
-                        } else {
-                            e.value.as_str()
-                        };
-                        (o.clone(), v.to_owned())
-                    })
-                    .collect(),
+        };
+        self.status_seen = Some(table.version());
+        self.status_sig = Some(sig);
+        let mut devices: Vec<(String, Option<DeviceView>)> = Vec::with_capacity(keys.len());
+        let mut presence: Vec<(String, Option<PresenceView>)> = Vec::new();
+        for key in keys {
+            let dv = table.device(&key).map(|per| {
+                let agg = table
+                    .aggregate(&key, origins, down, None)
+                    .map(|s| s.as_str().to_owned())
+                    .unwrap_or_else(|| "UNKNOWN".to_owned());
+                let entry = self
+                    .changed
+                    .entry(key.clone())
+                    .or_insert_with(|| (agg.clone(), now.0));
+                if entry.0 != agg {
+                    *entry = (agg.clone(), now.0);
+                }
+                DeviceView {
+                    key: key.clone(),
+                    aggregate: agg,
+                    changed_ms: entry.1,
+                    origins: per
+                        .iter()
+                        .map(|(o, e)| {
+                            let v = if origins.is_down(o) && o != &me {
+                                down.as_str()
+                            } else {
+                                e.value.as_str()
+                            };
+                            (o.clone(), v.to_owned())
+                        })
+                        .collect(),
+                }
             });
-        }
-        let presence: Vec<PresenceView> = table
-            .presence_entries()
-            .map(|(k, w)| PresenceView {
-                key: k.clone(),
+            let pv = table.presence(&key).map(|w| PresenceView {
+                key: key.clone(),
                 status: w.value.status.as_str().to_owned(),
                 subtype: w.value.subtype.clone(),
                 message: w.value.message.clone(),
                 origin: w.origin.clone(),
                 changed_ms: w.updated.0,
-            })
-            .collect();
+            });
+            presence.push((key.clone(), pv));
+            devices.push((key, dv));
+        }
         let mut origin_views: Vec<OriginView> = vec![OriginView {
             name: me.clone(),
             up: !self.node.is_local_down(),
@@ -1018,33 +1077,44 @@ impl<T: FederationTransport + 'static> Relay<T> {
         self.counters.snapshot_done = self.node.snapshot_done();
         self.counters.pbx_up = self.pbx_up;
         let counters = self.counters.clone();
-        let events = self.hooks.events.clone();
+        let events = self
+            .hooks
+            .events
+            .clone()
+            .filter(|ev| ev.receiver_count() > 0);
         self.status.write(|c| {
-            if let Some(ev) = &events
-                && ev.receiver_count() > 0
-            {
-                let old_dev: HashMap<&str, &DeviceView> = c
-                    .state
-                    .devices
-                    .iter()
-                    .map(|d| (d.key.as_str(), d))
-                    .collect();
-                for d in &devices {
-                    if old_dev.get(d.key.as_str()).is_none_or(|o| *o != d) {
-                        ev.publish(StatusEvent::Device(d.clone()));
+            let (dev_before, pres_before) = (c.devices.len(), c.presence.len());
+            for (key, dv) in devices {
+                match dv {
+                    Some(d) => {
+                        if let Some(ev) = &events
+                            && c.devices.get(&key).is_none_or(|o| *o != d)
+                        {
+                            ev.publish(StatusEvent::Device(d.clone()));
+                        }
+                        c.devices.insert(key, d);
+                    }
+                    None => {
+                        c.devices.remove(&key);
                     }
                 }
-                let old_p: HashMap<&str, &PresenceView> = c
-                    .state
-                    .presence
-                    .iter()
-                    .map(|d| (d.key.as_str(), d))
-                    .collect();
-                for p in &presence {
-                    if old_p.get(p.key.as_str()).is_none_or(|o| *o != p) {
-                        ev.publish(StatusEvent::Presence(p.clone()));
+            }
+            for (key, pv) in presence {
+                match pv {
+                    Some(p) => {
+                        if let Some(ev) = &events
+                            && c.presence.get(&key).is_none_or(|o| *o != p)
+                        {
+                            ev.publish(StatusEvent::Presence(p.clone()));
+                        }
+                        c.presence.insert(key, p);
+                    }
+                    None => {
+                        c.presence.remove(&key);
                     }
                 }
+            }
+            if let Some(ev) = &events {
                 let old_o: HashMap<&str, &OriginView> =
                     c.origins.iter().map(|o| (o.name.as_str(), o)).collect();
                 for o in &origin_views {
@@ -1055,12 +1125,10 @@ impl<T: FederationTransport + 'static> Relay<T> {
                         ev.publish(StatusEvent::Origin(o.clone()));
                     }
                 }
-                if devices.len() < c.state.devices.len() || presence.len() < c.state.presence.len()
-                {
+                if c.devices.len() < dev_before || c.presence.len() < pres_before {
                     ev.publish(StatusEvent::Resync);
                 }
             }
-            c.state = StateView { devices, presence };
             c.origins = origin_views;
             c.counters = counters;
         });

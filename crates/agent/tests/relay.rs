@@ -436,3 +436,66 @@ async fn writes_that_time_out_are_retried() {
         m.task.await.expect("join");
     }
 }
+
+/// The status rows of `key` on `m`: (aggregate, per-origin states).
+fn status_row(m: &Member, key: &str) -> Option<(String, Vec<(String, String)>)> {
+    use hintfed_daemon::http::StatusSource;
+    m.handle
+        .status()
+        .state()
+        .devices
+        .into_iter()
+        .find(|d| d.key == key)
+        .map(|d| (d.aggregate, d.origins.into_iter().collect()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_view_follows_every_change_and_origin_loss() {
+    // The view is refreshed from the keys changed since the last refresh (and rebuilt whole
+    // when an origin goes down): it must still end on the latest state of every key.
+    let bus = Bus::default();
+    let a = member(&bus, "pbx-a", "k", 600).await;
+    let b = member(&bus, "pbx-b", "k", 600).await;
+    synced(&a).await;
+    synced(&b).await;
+    let states = [
+        SimState::Inuse,
+        SimState::Ringing,
+        SimState::Busy,
+        SimState::NotInuse,
+    ];
+    for round in 0..4 {
+        for i in 0..50 {
+            a.sim
+                .set_device_state(&format!("PJSIP/7{i:02}"), states[(round + i) % 4])
+                .expect("set");
+        }
+    }
+    // Last round: device i holds states[(3 + i) % 4].
+    for i in [0usize, 1, 2, 3, 49] {
+        let want = ["NOT_INUSE", "INUSE", "RINGING", "BUSY"][i % 4];
+        let key = format!("PJSIP/7{i:02}");
+        eventually("b's status shows the latest state", || {
+            status_row(&b, &key).is_some_and(|(agg, per)| {
+                agg == want && per == [("pbx-a".to_owned(), want.to_owned())]
+            })
+        })
+        .await;
+    }
+    let key = "PJSIP/700";
+    eventually("a's own row", || {
+        status_row(&a, key).is_some_and(|(agg, _)| agg == "NOT_INUSE")
+    })
+    .await;
+    // a dies: every row of a on b reads as down, although none of its entries changed.
+    a.stop.cancel();
+    a.task.await.expect("join");
+    eventually("rows of a lost origin read UNAVAILABLE", || {
+        status_row(&b, key).is_some_and(|(agg, per)| {
+            agg == "UNAVAILABLE" && per == [("pbx-a".to_owned(), "UNAVAILABLE".to_owned())]
+        })
+    })
+    .await;
+    b.stop.cancel();
+    b.task.await.expect("join");
+}

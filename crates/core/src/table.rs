@@ -8,8 +8,13 @@
 //! arrival (stream, snapshot, duplicates). A full-sync end sets a per-origin floor: device
 //! entries of that origin older than the sync's begin are dropped, and older ones arriving
 //! late are refused.
+//!
+//! A bounded change journal ([`Table::version`], [`Table::changes_since`]) names the keys
+//! changed recently, so a status view can be refreshed for those keys only. It records
+//! nothing until the first [`Table::changes_since`] call (tables nobody watches pay nothing).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::envelope::SnapshotEntry;
 use crate::hlc::{HlcTimestamp, wins};
@@ -49,12 +54,54 @@ pub struct PresenceEntry {
     pub updated: Millis,
 }
 
+/// Keys the journal remembers at most; a reader further behind rebuilds from the table.
+pub const JOURNAL_CAP: usize = 16_384;
+
+/// The change journal: the keys of the last changes, oldest first.
+#[derive(Debug, Default)]
+struct Journal {
+    /// Set by the first reader; until then nothing is recorded.
+    on: AtomicBool,
+    /// Version of the first key in `keys`.
+    base: u64,
+    keys: VecDeque<String>,
+}
+
+impl Clone for Journal {
+    fn clone(&self) -> Self {
+        Journal {
+            on: AtomicBool::new(self.on.load(Ordering::Relaxed)),
+            base: self.base,
+            keys: self.keys.clone(),
+        }
+    }
+}
+
+impl Journal {
+    fn record(&mut self, key: &str) {
+        if !self.on.load(Ordering::Relaxed) {
+            self.base += 1;
+            return;
+        }
+        if self.keys.len() >= JOURNAL_CAP {
+            self.keys.pop_front();
+            self.base += 1;
+        }
+        self.keys.push_back(key.to_owned());
+    }
+
+    fn version(&self) -> u64 {
+        self.base + self.keys.len() as u64
+    }
+}
+
 /// The table of known state.
 #[derive(Clone, Debug, Default)]
 pub struct Table {
     devices: BTreeMap<String, BTreeMap<String, DeviceEntry>>,
     presence: BTreeMap<String, PresenceEntry>,
     floors: BTreeMap<String, (Epoch, u64)>,
+    journal: Journal,
 }
 
 impl Table {
@@ -96,6 +143,7 @@ impl Table {
                         updated: now,
                     },
                 );
+                self.journal.record(key);
                 true
             }
             Value::Presence(p) => {
@@ -109,6 +157,7 @@ impl Table {
                     }
                     return false;
                 }
+                self.journal.record(key);
                 self.presence.insert(
                     key.to_owned(),
                     PresenceEntry {
@@ -145,7 +194,29 @@ impl Table {
             }
             !per_origin.is_empty()
         });
+        for k in &dropped {
+            self.journal.record(k);
+        }
         dropped
+    }
+
+    /// Number of changes so far (device entries written or dropped, presence winners
+    /// replaced); see [`Table::changes_since`].
+    pub fn version(&self) -> u64 {
+        self.journal.version()
+    }
+
+    /// The keys (device or presence, in order, possibly repeated) changed after `version`
+    /// (a value of [`Table::version`]); `None` when the journal no longer reaches that far
+    /// back (more than [`JOURNAL_CAP`] changes since, or `version` taken before the first call
+    /// of this method switched the journal on): then look at every key. The first call
+    /// returns `None` unless `version` is the current one.
+    pub fn changes_since(&self, version: u64) -> Option<impl Iterator<Item = &str>> {
+        self.journal.on.store(true, Ordering::Relaxed);
+        let j = &self.journal;
+        let skip = version.checked_sub(j.base)?;
+        let skip = usize::try_from(skip).ok().filter(|s| *s <= j.keys.len())?;
+        Some(j.keys.range(skip..).map(String::as_str))
     }
 
     /// The per-origin entries of device `key`.
@@ -410,5 +481,45 @@ mod tests {
         t.end_full_sync("b", Epoch(1), 100);
         assert!(t.presence("CustomPresence:x").is_some());
         assert_eq!(t.snapshot().len(), 1);
+    }
+
+    #[test]
+    fn journal_names_changed_keys_once_switched_on() {
+        let mut t = Table::new();
+        dev(&mut t, "a", 1, 1, "d1", Inuse);
+        let v0 = t.version();
+        assert_eq!(v0, 1, "changes are counted before anyone reads");
+        assert!(
+            t.changes_since(0).is_none(),
+            "nothing recorded before the first read"
+        );
+        assert_eq!(t.changes_since(v0).map(Iterator::count), Some(0));
+        dev(&mut t, "a", 1, 2, "d2", Busy);
+        dev(&mut t, "a", 1, 1, "d2", Inuse); // older: refused, not a change
+        dev(&mut t, "b", 1, 1, "d1", Ringing);
+        let got: Vec<&str> = t.changes_since(v0).expect("journal reaches back").collect();
+        assert_eq!(got, ["d2", "d1"]);
+        let v1 = t.version();
+        assert_eq!(v1, v0 + 2);
+        t.end_full_sync("a", Epoch(1), 3);
+        let got: Vec<&str> = t.changes_since(v1).expect("journal reaches back").collect();
+        assert_eq!(got, ["d1", "d2"], "dropped entries are changes too");
+        assert!(t.changes_since(t.version() + 1).is_none());
+    }
+
+    #[test]
+    fn journal_overflow_asks_for_a_full_look() {
+        let mut t = Table::new();
+        let v0 = t.version();
+        assert!(t.changes_since(v0).is_some());
+        for i in 0..=JOURNAL_CAP as u64 {
+            dev(&mut t, "a", 1, i + 1, &format!("d{i}"), Inuse);
+        }
+        assert!(t.changes_since(v0).is_none(), "too far behind");
+        let recent: Vec<&str> = t
+            .changes_since(t.version() - 1)
+            .expect("recent changes kept")
+            .collect();
+        assert_eq!(recent, [format!("d{JOURNAL_CAP}").as_str()]);
     }
 }
