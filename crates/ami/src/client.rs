@@ -474,6 +474,9 @@ impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
 type Conn = Framed<Box<dyn Io>, AmiCodec>;
 
+/// Actions buffered at most before one flush writes them out.
+const MAX_BATCH: usize = 64;
+
 /// Why a session ended.
 enum End {
     /// Shut down on request: stop.
@@ -783,7 +786,21 @@ impl Connection {
                         break End::Stop;
                     }
                     Some(req) => {
-                        if let Err(reason) = self.submit(&mut conn, req, &mut pending).await {
+                        // Take what else is queued and write it all with one flush (one
+                        // syscall for a burst of pipelined actions).
+                        let mut r = self.submit(&mut conn, req, &mut pending);
+                        let mut n = 1;
+                        while r.is_ok() && n < MAX_BATCH {
+                            match self.requests.try_recv() {
+                                Ok(req) => r = self.submit(&mut conn, req, &mut pending),
+                                Err(_) => break,
+                            }
+                            n += 1;
+                        }
+                        if r.is_ok() {
+                            r = self.flush(&mut conn).await;
+                        }
+                        if let Err(reason) = r {
                             break End::Lost(reason);
                         }
                     }
@@ -824,8 +841,22 @@ impl Connection {
         }
     }
 
-    /// Sends a caller's action; `Err` means the connection failed.
-    async fn submit(
+    /// Writes out what [`Connection::submit`] buffered, bounded in time like
+    /// [`Connection::write`].
+    async fn flush(&self, conn: &mut Conn) -> Result<(), String> {
+        match timeout(self.config.action_timeout, SinkExt::<&Message>::flush(conn)).await {
+            Err(_) => Err(format!(
+                "write stalled for {:?}",
+                self.config.action_timeout
+            )),
+            Ok(Err(e)) => Err(e.to_string()),
+            Ok(Ok(())) => Ok(()),
+        }
+    }
+
+    /// Buffers a caller's action (written by the next [`Connection::flush`]); `Err` means
+    /// the connection failed.
+    fn submit(
         &mut self,
         conn: &mut Conn,
         req: Request,
@@ -847,14 +878,15 @@ impl Connection {
             return Ok(());
         }
         msg.set("ActionID", id.clone());
-        // Encode first: a bad action is the caller's error, not the connection's.
-        let mut probe = bytes::BytesMut::new();
-        if let Err(e) = tokio_util::codec::Encoder::encode(conn.codec_mut(), &msg, &mut probe) {
+        // Encode aside first: a bad action is the caller's error, not the connection's.
+        let mut encoded = bytes::BytesMut::new();
+        if let Err(e) = tokio_util::codec::Encoder::encode(conn.codec_mut(), &msg, &mut encoded) {
             entry.fail(ClientError::InvalidAction(e.to_string()));
             return Ok(());
         }
         pending.insert(id, entry);
-        self.write(conn, &msg).await
+        conn.write_buffer_mut().extend_from_slice(&encoded);
+        Ok(())
     }
 
     /// Routes one received message to its pending action, its pending list, or subscribers.
