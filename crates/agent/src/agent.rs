@@ -21,6 +21,11 @@ use crate::relay::{Relay, RelayConfig, RelayHooks, now_millis};
 /// the 1 s `request_timeout` meant for single res_zmq_manager requests.
 pub const MIN_AMI_ACTION_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// `Setvar`s the agent keeps in flight towards its Asterisk (the apply queue's window; the
+/// core default of 8 held an agent to 8 per round trip, far below what one AMI connection
+/// takes pipelined). Writes of one target are still never reordered.
+pub const APPLY_WINDOW: usize = 128;
+
 /// The AMI client settings of `[asterisk]`.
 pub fn ami_client_config(a: &AsteriskConfig) -> ClientConfig {
     let mut c = ClientConfig::new(
@@ -91,6 +96,7 @@ pub fn node_config(cfg: &AgentConfig) -> NodeConfig {
     n.policy = f.node_policy();
     n.origin_timeout_ms = u64::try_from(f.origin_timeout.as_millis()).unwrap_or(u64::MAX);
     n.heartbeat_interval_ms = u64::try_from(f.heartbeat_interval.as_millis()).unwrap_or(u64::MAX);
+    n.apply.in_flight = APPLY_WINDOW;
     n
 }
 
