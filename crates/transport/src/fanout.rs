@@ -7,13 +7,15 @@
 //! reads subscriptions (ZMTP 3.0 messages `\x01prefix` / `\x00prefix`, or 3.1 `SUBSCRIBE` /
 //! `CANCEL` commands; `PING` commands are answered) with the size [`Limits`] enforced before a
 //! frame body is buffered, and writes the queued messages matching its subscriptions in
-//! batches. Policies: a subscriber whose queue ([`SUBSCRIBER_QUEUE`] messages) is full loses
-//! the newest message (counted as `dropped_outbound`), so one slow or deaf subscriber never
+//! batches. Messages published together are encoded once and queued as one shared batch per
+//! subscriber. Policies: a subscriber whose queue ([`SUBSCRIBER_QUEUE`] messages) has no room
+//! for a batch loses that batch (counted per message as `dropped_outbound`), so one slow or deaf subscriber never
 //! holds back the others or the hub; connections beyond `max_connections` are refused and
 //! counted; a peer announcing an oversize frame is disconnected and counted.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -69,10 +71,19 @@ pub(crate) fn encode(frames: &Frames) -> Option<Arc<Encoded>> {
     }))
 }
 
+/// Messages published together, shared by every subscriber's queue.
+type Batch = Arc<[Arc<Encoded>]>;
+
+/// The owner's end of one subscriber's queue: batches, and how many messages they hold.
+struct Queue {
+    tx: mpsc::UnboundedSender<Batch>,
+    queued: Arc<AtomicUsize>,
+}
+
 /// The subscribers known to the owner of the PUB: what [`Fanout::publish`] queues to.
 pub(crate) struct Fanout {
-    subscribers: Vec<mpsc::Sender<Arc<Encoded>>>,
-    joined: mpsc::Receiver<mpsc::Sender<Arc<Encoded>>>,
+    subscribers: Vec<Queue>,
+    joined: mpsc::Receiver<Queue>,
     stats: Arc<LinkStats>,
     cancel: CancellationToken,
     task: Option<JoinHandle<()>>,
@@ -114,26 +125,45 @@ impl Fanout {
 
     /// Queues one message to every subscriber (its task filters by subscription).
     pub(crate) fn publish(&mut self, frames: &Frames) {
+        self.publish_batch(std::slice::from_ref(frames));
+    }
+
+    /// Queues messages to every subscriber: each is encoded once and the whole batch is one
+    /// shared queue entry per subscriber. A subscriber without room for the whole batch loses
+    /// it (counted per message as `dropped_outbound`).
+    pub(crate) fn publish_batch(&mut self, batch: &[Frames]) {
         self.take_joined();
         if self.subscribers.is_empty() {
             return;
         }
-        let Some(msg) = encode(frames) else { return };
+        let encoded: Batch = batch.iter().filter_map(encode).collect();
+        let n = encoded.len();
+        if n == 0 {
+            return;
+        }
         let stats = &self.stats;
         let mut sent = false;
-        self.subscribers.retain(|s| match s.try_send(msg.clone()) {
-            Ok(()) => {
-                sent = true;
-                true
+        self.subscribers.retain(|q| {
+            if q.tx.is_closed() {
+                return false;
             }
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                stats.dropped_outbound();
-                true
+            if q.queued.load(Ordering::Acquire) + n > SUBSCRIBER_QUEUE {
+                for _ in 0..n {
+                    stats.dropped_outbound();
+                }
+                return true;
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            q.queued.fetch_add(n, Ordering::AcqRel);
+            if q.tx.send(encoded.clone()).is_err() {
+                return false;
+            }
+            sent = true;
+            true
         });
         if sent {
-            stats.messages_out();
+            for _ in 0..n {
+                stats.messages_out();
+            }
         }
     }
 
@@ -158,7 +188,7 @@ async fn accept_loop(
     limits: Limits,
     max_connections: usize,
     stats: Arc<LinkStats>,
-    join_tx: mpsc::Sender<mpsc::Sender<Arc<Encoded>>>,
+    join_tx: mpsc::Sender<Queue>,
     cancel: CancellationToken,
 ) {
     let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
@@ -334,18 +364,23 @@ async fn serve(
     peer: SocketAddr,
     limits: Limits,
     stats: &LinkStats,
-    join_tx: mpsc::Sender<mpsc::Sender<Arc<Encoded>>>,
+    join_tx: mpsc::Sender<Queue>,
 ) {
     let _ = stream.set_nodelay(true);
     let end = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(stream, limits)).await {
         Err(_) => End::Closed,
         Ok(Err(e)) => e,
         Ok(Ok((reader, write))) => {
-            let (tx, rx) = mpsc::channel(SUBSCRIBER_QUEUE);
-            if join_tx.send(tx).await.is_err() {
+            let (tx, rx) = mpsc::unbounded_channel();
+            let queued = Arc::new(AtomicUsize::new(0));
+            let queue = Queue {
+                tx,
+                queued: queued.clone(),
+            };
+            if join_tx.send(queue).await.is_err() {
                 return;
             }
-            run(reader, write, rx).await
+            run(reader, write, rx, &queued).await
         }
     };
     if let End::Oversize = end {
@@ -359,7 +394,8 @@ async fn serve(
 async fn run(
     mut reader: Reader,
     mut write: OwnedWriteHalf,
-    mut rx: mpsc::Receiver<Arc<Encoded>>,
+    mut rx: mpsc::UnboundedReceiver<Batch>,
+    queued: &AtomicUsize,
 ) -> End {
     let mut subscriptions: Vec<Bytes> = Vec::new();
     let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH);
@@ -387,16 +423,22 @@ async fn run(
                     out.clear();
                 }
             }
-            m = rx.recv() => {
-                let Some(m) = m else { return End::Closed };
-                let mut next = Some(m);
-                while let Some(m) = next.take() {
-                    if matches(&subscriptions, &m.topic) {
-                        out.extend_from_slice(&m.wire);
+            b = rx.recv() => {
+                let Some(b) = b else { return End::Closed };
+                let mut next = Some(b);
+                while let Some(b) = next.take() {
+                    for m in b.iter() {
+                        if matches(&subscriptions, &m.topic) {
+                            out.extend_from_slice(&m.wire);
+                            if out.len() >= WRITE_BATCH {
+                                if write.write_all(&out).await.is_err() {
+                                    return End::Closed;
+                                }
+                                out.clear();
+                            }
+                        }
                     }
-                    if out.len() >= WRITE_BATCH {
-                        break;
-                    }
+                    queued.fetch_sub(b.len(), Ordering::AcqRel);
                     next = rx.try_recv().ok();
                 }
                 if !out.is_empty() {

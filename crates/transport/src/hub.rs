@@ -769,11 +769,7 @@ impl BindTask {
                     Some(BindCmd::Shutdown(tx)) => { ack = Some(tx); break; }
                     Some(BindCmd::Reply(identity, frames)) => sender.reply(identity, frames).await,
                     Some(BindCmd::Publish(frames)) => fanout.publish(&frames),
-                    Some(BindCmd::PublishBatch(batch)) => {
-                        for frames in &batch {
-                            fanout.publish(frames);
-                        }
-                    }
+                    Some(BindCmd::PublishBatch(batch)) => fanout.publish_batch(&batch),
                 },
                 _ = heartbeat.tick(), if config.heartbeat_interval.is_some() => {
                     fanout.publish(&vec![Bytes::from_static(HEARTBEAT_TOPIC.as_bytes())]);
