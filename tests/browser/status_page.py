@@ -15,10 +15,14 @@ Steps (each prints one `ok:` line; any failure prints `FAIL: ...` and exits 1):
     that state;
  4. with --presence KEY --message TEXT: print `READY-PRESENCE`, wait until the presence row KEY
     shows TEXT (set by the caller), marker intact;
- 5. save a phone-size screenshot (--screenshot) and a desktop-size one (--screenshot-desktop);
+ 5. with --lag-origin NAME: the Lag cell of origin NAME in the origins table shows a duration
+    ("3 ms", "1.2 s"), not "–" and not "... ago";
+ 6. save a phone-size screenshot (--screenshot) and a desktop-size one (--screenshot-desktop);
     fail on any JavaScript exception or console error; print `PASS`.
 
-Exit status 0 when everything passed. Without Chromium it prints `SKIP: ...` and exits 77.
+The only DevTools client of the repository: it also drives the daemon crate's made-up demo
+(`cargo run -p hintfed-daemon --example status_demo`, then --url with its address and a key it
+shows). Exit status 0 when everything passed. Without Chromium it prints `SKIP: ...` and exits 77.
 """
 import argparse
 import base64
@@ -184,6 +188,7 @@ def main():
     ap.add_argument("--state", required=True, help="expected lamp class, e.g. INUSE")
     ap.add_argument("--presence", help="presence row key to wait for after the device")
     ap.add_argument("--message", help="presence message expected in that row")
+    ap.add_argument("--lag-origin", help="origin whose Lag cell must show a duration")
     ap.add_argument("--screenshot", required=True)
     ap.add_argument("--screenshot-desktop")
     ap.add_argument("--timeout", type=float, default=20)
@@ -241,6 +246,19 @@ def main():
             if cdp.eval("window.__hintfedMarker") != "no-reload":
                 fail("the page reloaded instead of updating live")
             print(f"ok: presence {a.presence} shows {a.message!r} live", flush=True)
+
+        if a.lag_origin:
+            lag = ("(() => {"
+                   " const heads = Array.from(document.querySelectorAll('#origins thead th')).map(t => t.textContent);"
+                   " const col = heads.indexOf('Lag');"
+                   " const row = Array.from(document.querySelectorAll('#origins tbody tr'))"
+                   f".find(r => r.dataset.key === {json.dumps(a.lag_origin)});"
+                   " return col < 0 || !row || !row.cells[col] ? null : row.cells[col].textContent; })()")
+            pattern = r"^\d+(\.\d+)? (ms|s|min|h)$"
+            poll(cdp, f"new RegExp({json.dumps(pattern)}).test({lag} || '')", deadline,
+                 f"the Lag cell of origin {a.lag_origin} never showed a duration "
+                 f"(it shows {cdp.eval(lag)!r})")
+            print(f"ok: origin {a.lag_origin} lag cell shows {cdp.eval(lag)!r}", flush=True)
 
         # Let the row flash animation (1.2 s) finish, so the screenshot shows the plain colours.
         cdp.eval("document.getAnimations().forEach(a => { if (a.animationName === 'flash') a.finish(); })")

@@ -3,7 +3,8 @@
 //! HTTP, the simulator's AMI) gets garbage bytes, oversize frames and lines, a bounded
 //! connection flood, peers that connect and never speak, and peers that never read. After the
 //! abuse the daemons are still running, a phone change still propagates, resident memory grew
-//! by less than [`RSS_GROWTH_CAP_KIB`], and the hub logged a warning naming the peer address.
+//! by less than [`RSS_GROWTH_CAP_KIB`], and the hub (ZeroMQ and HTTP), the agent (HTTP) and
+//! the simulator logged warnings naming the peer address.
 //!
 //! The socket-level unit cases (malformed, unsigned, forged, duplicate, oversize messages
 //! counted per reason) live in `crates/server/tests/hub.rs` and
@@ -274,6 +275,24 @@ async fn http_ports_survive_garbage_oversize_floods_and_silent_peers() {
         );
         drop(held);
     }
+    // Each daemon logged the malformed and oversize requests as warnings naming the peer.
+    for (who, proc) in [
+        ("hub", f.hubs[0].proc.as_ref().expect("hub")),
+        ("agent", f.agents["pbx-a"].proc.as_ref().expect("agent")),
+    ] {
+        for problem in ["malformed request", "request head too large"] {
+            let logged = wait_until(WITHIN, || async {
+                proc.lines().iter().map(|l| plain(l)).any(|l| {
+                    l.contains("WARN") && l.contains(problem) && l.contains("peer=127.0.0.1:")
+                })
+            })
+            .await;
+            assert!(
+                logged,
+                "no {problem:?} warning with the peer address in the {who} log"
+            );
+        }
+    }
     propagates(&f, "RINGING").await;
     let (h1, a1) = (rss_kib(hub_pid), rss_kib(agent_pid));
     assert!(
@@ -324,6 +343,17 @@ async fn simulator_ami_survives_garbage_oversize_floods_and_silent_or_non_readin
     assert!(
         !f.sim.lines().iter().any(|l| l.contains("panicked")),
         "the simulator panicked"
+    );
+    let logged =
+        wait_until(WITHIN, || async {
+            f.sim.lines().iter().map(|l| plain(l)).any(|l| {
+                l.contains("WARN") && l.contains("bad input") && l.contains("peer=127.0.0.1:")
+            })
+        })
+        .await;
+    assert!(
+        logged,
+        "no bad-input warning with the peer address in the simulator log"
     );
     drop(deaf);
 }

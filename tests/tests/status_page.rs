@@ -2,7 +2,8 @@
 //! serving pbx-a and pbx-b, one hub, two agents; pbx-b's agent page is opened in Chromium
 //! (`tests/browser/status_page.py`, DevTools over a pipe, stdlib Python), then a phone on
 //! pbx-a changes state (`SimSetDeviceState`) and a presence is set there: both must appear on
-//! the page without a reload, in the BLF colour of the state. Screenshots (phone size and
+//! the page without a reload, in the BLF colour of the state; the origins table shows pbx-a's
+//! lag as a duration (the age of its last device update on arrival). Screenshots (phone size and
 //! desktop size) are saved under the target directory and their paths printed.
 //!
 //! Skipped, with the reason printed, when Chromium or python3 is missing (`.ci/run` installs
@@ -116,6 +117,8 @@ async fn a_phone_change_appears_on_the_status_page_without_reload() {
         "CustomPresence:alice".into(),
         "--message".into(),
         "back at 2".into(),
+        "--lag-origin".into(),
+        "pbx-a".into(),
         "--screenshot".into(),
         phone_png.display().to_string(),
         "--screenshot-desktop".into(),

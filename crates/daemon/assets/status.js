@@ -194,6 +194,19 @@
     }
   }
 
+  // Origins' last seen and lag change with every message, which is not pushed as an event
+  // (only health and epoch changes are): refetch the (short) origin list now and then.
+  async function refreshOrigins() {
+    if (buffered) return;
+    try {
+      const orig = await getJSON("api/origins");
+      if (buffered) return;
+      origins.clear();
+      for (const o of orig || []) origins.set(o.name, o);
+      renderOrigins();
+    } catch (e) { /* the next event or refresh tries again */ }
+  }
+
   function connect() {
     const live = $("live");
     const es = new EventSource("events");
@@ -218,9 +231,10 @@
     }).catch(() => {});
     load();
     connect();
-    // Keep the relative times honest.
+    // Keep the relative times, origins' last seen and lag honest.
     setInterval(() => {
       for (const td of document.querySelectorAll("#presence td.changed")) td.textContent = when(Number(td.dataset.ms));
+      refreshOrigins();
     }, 5000);
   });
 })();

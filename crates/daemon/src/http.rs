@@ -59,6 +59,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -676,15 +677,20 @@ async fn serve_connection(
         id,
     };
     let limits = shared.limits;
+    let read_total = Arc::new(AtomicU64::new(0));
+    let read_at_last_head = Arc::new(AtomicU64::new(0));
     let io = TokioIo::new(LimitedIo {
+        read_total: read_total.clone(),
         io: stream,
         first_byte: Some(Box::pin(tokio::time::sleep(limits.first_byte_timeout))),
         write_timeout: limits.write_timeout,
         write_stall: None,
     });
     let svc_shared = shared.clone();
+    let (svc_total, svc_at_head) = (read_total.clone(), read_at_last_head.clone());
     let service = hyper::service::service_fn(move |req: Request<Incoming>| {
         let shared = svc_shared.clone();
+        svc_at_head.store(svc_total.load(Ordering::Relaxed), Ordering::Relaxed);
         async move {
             // A whole head arrived: a real request, no longer sheddable.
             shared.not_waiting(id);
@@ -708,7 +714,15 @@ async fn serve_connection(
         }
     };
     if let Err(e) = result {
-        report(&shared, peer, &e);
+        // Nothing read since the last whole request: an idle keep-alive connection (browsers
+        // keep them), not a slow client.
+        let at_head = read_at_last_head.load(Ordering::Relaxed);
+        let idle_keep_alive = at_head > 0 && read_total.load(Ordering::Relaxed) == at_head;
+        if idle_keep_alive && e.is_timeout() {
+            debug!(%peer, "HTTP keep-alive connection idle past head_timeout; closed");
+        } else {
+            report(&shared, peer, &e);
+        }
     }
 }
 
@@ -768,6 +782,8 @@ fn report(shared: &Shared, peer: SocketAddr, e: &hyper::Error) {
 /// progress for `write_timeout` (a peer that never reads).
 struct LimitedIo {
     io: TcpStream,
+    /// Bytes read so far.
+    read_total: Arc<AtomicU64>,
     /// Deadline for the first byte; `None` once one arrived.
     first_byte: Option<Pin<Box<tokio::time::Sleep>>>,
     write_timeout: Duration,
@@ -816,6 +832,11 @@ impl AsyncRead for LimitedIo {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        let got = buf.filled().len().saturating_sub(before);
+        if got > 0 {
+            self.read_total
+                .fetch_add(u64::try_from(got).unwrap_or(u64::MAX), Ordering::Relaxed);
+        }
         if let Some(deadline) = self.first_byte.as_mut() {
             match &polled {
                 Poll::Ready(Ok(())) if buf.filled().len() > before => self.first_byte = None,

@@ -33,5 +33,5 @@ pub mod run;
 pub mod signals;
 
 // Outside the library: `examples/status_demo.rs` serves the status page with made-up, changing
-// data; `scripts/status_page_check.py` drives it in headless Chromium (live update without
-// reload, no JavaScript exception, screenshot).
+// data; `tests/browser/status_page.py` (the repository's one DevTools client) can drive it in
+// headless Chromium (live update without reload, no JavaScript exception, screenshot).

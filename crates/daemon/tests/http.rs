@@ -488,6 +488,22 @@ async fn a_slowloris_is_cut_at_the_head_timeout_while_others_are_served() {
         logs.text()
     );
     assert_eq!(get(s.addr, "/healthz").await.status, 200);
+
+    // An idle keep-alive connection (a browser's) is closed at the head timeout too, but
+    // quietly: it is not a bad client.
+    let mut idle = TcpStream::connect(s.addr).await.expect("connect");
+    let idle_peer = idle.local_addr().expect("addr");
+    idle.write_all(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await
+        .expect("write");
+    let mut acc = String::new();
+    read_until(&mut idle, &mut acc, "ok\n").await;
+    let closed = tokio::time::timeout(DEADLINE, idle.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0) | Err(_))),
+        "idle keep-alive connection not closed: {closed:?}"
+    );
+    assert!(logs.warnings_about(idle_peer).is_empty(), "{}", logs.text());
     s.ctx.shutdown.cancel();
     let _ = tokio::time::timeout(DEADLINE, s.task).await.expect("stops");
 }
