@@ -660,3 +660,54 @@ async fn shutdown_logs_off() {
     assert_eq!(client.status(), ConnectionState::Stopped);
     assert!(server_side.await.expect("join"), "client closed the socket");
 }
+
+#[tokio::test]
+async fn a_burst_of_pipelined_actions_is_written_in_order_and_each_answered() {
+    // More actions than one flush batch, queued at once: every one reaches the server once,
+    // whole, and each caller gets its own answer whatever the order of the answers.
+    let server = FakeServer::bind().await;
+    let client = AmiClient::start(server.config());
+    let mut peer = server.accept_logged_in().await;
+    assert!(client.wait_connected(PATIENCE).await);
+    let n = 200;
+    let var = |i: usize| format!("DEVICE_STATE(Custom:{i})");
+    let calls = tokio::spawn({
+        let client = client.clone();
+        async move {
+            futures::future::join_all(
+                (0..n).map(|i| client.send(actions::setvar(&var(i), "INUSE"))),
+            )
+            .await
+        }
+    });
+    let mut received = Vec::new();
+    for _ in 0..n {
+        received.push(peer.recv_action().await);
+    }
+    let got: Vec<String> = received
+        .iter()
+        .map(|m| m.get("Variable").expect("variable").to_owned())
+        .collect();
+    assert_eq!(
+        got,
+        (0..n).map(var).collect::<Vec<_>>(),
+        "all, in queue order"
+    );
+    for m in received.iter().rev() {
+        let v = m.get("Variable").expect("variable").to_owned();
+        peer.send(reply(m, "Success").with("Message", v)).await;
+    }
+    let answers = timeout(PATIENCE, calls)
+        .await
+        .expect("answers in time")
+        .expect("join");
+    for (i, a) in answers.into_iter().enumerate() {
+        let a = a.expect("answered");
+        assert_eq!(
+            a.get("Message"),
+            Some(var(i).as_str()),
+            "routed by ActionID"
+        );
+    }
+    client.shutdown().await;
+}
