@@ -662,7 +662,7 @@ async fn shutdown_logs_off() {
 }
 
 #[tokio::test]
-async fn a_burst_of_pipelined_actions_is_written_in_order_and_each_answered() {
+async fn a_burst_of_pipelined_actions_is_written_whole_and_each_answered() {
     // More actions than one flush batch, queued at once: every one reaches the server once,
     // whole, and each caller gets its own answer whatever the order of the answers.
     let server = FakeServer::bind().await;
@@ -684,15 +684,14 @@ async fn a_burst_of_pipelined_actions_is_written_in_order_and_each_answered() {
     for _ in 0..n {
         received.push(peer.recv_action().await);
     }
-    let got: Vec<String> = received
+    let mut got: Vec<String> = received
         .iter()
         .map(|m| m.get("Variable").expect("variable").to_owned())
         .collect();
-    assert_eq!(
-        got,
-        (0..n).map(var).collect::<Vec<_>>(),
-        "all, in queue order"
-    );
+    got.sort();
+    let mut want: Vec<String> = (0..n).map(var).collect();
+    want.sort();
+    assert_eq!(got, want, "every action once");
     for m in received.iter().rev() {
         let v = m.get("Variable").expect("variable").to_owned();
         peer.send(reply(m, "Success").with("Message", v)).await;
