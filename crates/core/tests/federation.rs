@@ -5,6 +5,7 @@ mod sim;
 
 use hintfed_core::{DeviceState, Presence, PresenceStatus};
 use proptest::prelude::*;
+use proptest::test_runner::RngSeed;
 use sim::{Faults, ORIGIN_TIMEOUT, World};
 
 const SETTLE_MS: u64 = 30_000;
@@ -399,9 +400,16 @@ fn a_restarted_hub_is_repaired_by_one_republish() {
 }
 
 proptest! {
-    // FED_CASES=n runs more cases (default kept small so the suite stays fast).
+    // FED_CASES=n runs more cases (default kept small so the suite stays fast). The default
+    // run is deterministic (a fixed seed: the suite never fails by chance); FED_SEED=<n>
+    // explores other cases, FED_SEED=random a new set each run.
     #![proptest_config(ProptestConfig {
         cases: std::env::var("FED_CASES").ok().and_then(|v| v.parse().ok()).unwrap_or(12),
+        rng_seed: match std::env::var("FED_SEED").ok().as_deref() {
+            Some("random") => RngSeed::Random,
+            Some(n) => RngSeed::Fixed(n.parse().expect("FED_SEED is a number or 'random'")),
+            None => RngSeed::Fixed(0x6869_6e74_6665_64),
+        },
         max_shrink_iters: 50,
         ..ProptestConfig::default()
     })]
