@@ -354,8 +354,10 @@ fn converges_under_faults(seed: u64, ops: &[Op], victim: usize) -> Result<(), Te
         (0..4).map(|d| w.dump_device(&phone(d))).collect::<String>()
     );
 
-    // No loop: once converged, nothing but heartbeats flows.
-    w.run(2_000);
+    // No loop: once converged and the repairs still under way are done (a hub that asked
+    // for a resync whose request was lost asks again after its 5 s retry), nothing but
+    // heartbeats flows.
+    w.run(8_000);
     let (updates, applies) = (w.total_updates(), w.applies);
     w.trace = std::env::var("FED_TRACE").is_ok();
     w.run(5_000);
