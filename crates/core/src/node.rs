@@ -414,11 +414,14 @@ impl Node {
             self.stats.ignored_while_down += 1;
             return;
         }
-        self.note_held(&event);
         if self.echo.is_echo(&event.key, &event.value, now) {
+            // The write's own confirmation already recorded what Asterisk holds; an echo read
+            // late (events and action responses travel apart) may be of an earlier write and
+            // must not overwrite it.
             self.stats.echoes += 1;
             return;
         }
+        self.note_held(&event);
         self.local_change(now, event.key, event.value);
         self.pump(now);
     }

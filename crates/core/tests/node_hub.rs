@@ -621,3 +621,33 @@ fn broker_style_relays_share_state_in_process() {
         ]
     );
 }
+
+/// Events and action responses travel apart: the echo of an earlier write read after a later
+/// write was confirmed must not make the node believe Asterisk holds the earlier value (it
+/// would then skip writing that value when it is due again).
+#[test]
+fn a_late_echo_of_an_earlier_write_does_not_hide_the_later_one() {
+    let mut n = synced("pbx-a");
+    let target = "Custom:PJSIP/1";
+    let mut write = |n: &mut Node, seq: u64, v: DeviceState| {
+        n.on_remote(Millis(seq), &up("pbx-b", 1, seq, "PJSIP/1", v));
+        let a = n.take_actions();
+        let w = applies(&a);
+        assert_eq!(w.len(), 1, "one write of {v:?}");
+        assert_eq!(w[0].value, Value::Device(v));
+        n.on_apply_result(Millis(seq), target, true);
+    };
+    write(&mut n, 1, DeviceState::Inuse);
+    write(&mut n, 2, DeviceState::Ringing);
+    // The first write's echoes arrive only now (twice, as Asterisk emits them); the
+    // second's are still on their way.
+    for _ in 0..2 {
+        n.on_local_event(Millis(3), LocalEvent::device(target, DeviceState::Inuse));
+    }
+    assert_eq!(
+        n.apply_queue().held(target),
+        Some(&Value::Device(DeviceState::Ringing))
+    );
+    // INUSE is due again: it is written, since Asterisk holds RINGING.
+    write(&mut n, 4, DeviceState::Inuse);
+}
