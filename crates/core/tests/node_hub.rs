@@ -629,7 +629,7 @@ fn broker_style_relays_share_state_in_process() {
 fn a_late_echo_of_an_earlier_write_does_not_hide_the_later_one() {
     let mut n = synced("pbx-a");
     let target = "Custom:PJSIP/1";
-    let mut write = |n: &mut Node, seq: u64, v: DeviceState| {
+    let write = |n: &mut Node, seq: u64, v: DeviceState| {
         n.on_remote(Millis(seq), &up("pbx-b", 1, seq, "PJSIP/1", v));
         let a = n.take_actions();
         let w = applies(&a);
