@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::guard::{OVERSIZE_WARN, REFUSED_WARN};
+use crate::guard::{OVERSIZE_WARN, accept_bounded};
 use crate::link::{Frames, Limits, LinkStats};
 
 /// Messages queued per subscriber before the newest are dropped for it.
@@ -191,35 +191,17 @@ async fn accept_loop(
     join_tx: mpsc::Sender<Queue>,
     cancel: CancellationToken,
 ) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
-    loop {
-        let accepted = tokio::select! {
-            () = cancel.cancelled() => break,
-            a = listener.accept() => a,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let Ok(slot) = slots.clone().try_acquire_owned() else {
-                    stats.refused_connections();
-                    if let Some(held_back) = REFUSED_WARN.allow() {
-                        tracing::warn!(%peer, max_connections, held_back, "too many connections; refused");
-                    }
-                    continue;
-                };
-                let cancel = cancel.clone();
-                let stats = stats.clone();
-                let join_tx = join_tx.clone();
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    tokio::select! {
-                        () = cancel.cancelled() => {}
-                        () = serve(stream, peer, limits, &stats, join_tx) => {}
-                    }
-                });
-            }
-            Err(error) => tracing::warn!(%error, "accept failed"),
-        }
-    }
+    accept_bounded(
+        listener,
+        max_connections,
+        stats,
+        cancel,
+        move |stream, peer, stats| {
+            let join_tx = join_tx.clone();
+            async move { serve(stream, peer, limits, &stats, join_tx).await }
+        },
+    )
+    .await;
 }
 
 /// Our greeting: ZMTP 3.0, NULL mechanism, as-server.

@@ -171,6 +171,49 @@ impl Inspector {
     }
 }
 
+/// Accepts connections on `listener` until `cancel`, at most `max_connections` at once (more
+/// are refused, counted and warned about, rate-limited, with the peer address), and runs
+/// `serve` for each one until it ends or `cancel`.
+pub(crate) async fn accept_bounded<F, Fut>(
+    listener: TcpListener,
+    max_connections: usize,
+    stats: Arc<LinkStats>,
+    cancel: CancellationToken,
+    serve: F,
+) where
+    F: Fn(TcpStream, SocketAddr, Arc<LinkStats>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
+    loop {
+        let accepted = tokio::select! {
+            () = cancel.cancelled() => break,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let Ok(slot) = slots.clone().try_acquire_owned() else {
+                    stats.refused_connections();
+                    if let Some(held_back) = REFUSED_WARN.allow() {
+                        tracing::warn!(%peer, max_connections, held_back, "too many connections; refused");
+                    }
+                    continue;
+                };
+                let cancel = cancel.clone();
+                let work = serve(stream, peer, stats.clone());
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    tokio::select! {
+                        () = cancel.cancelled() => {}
+                        () = work => {}
+                    }
+                });
+            }
+            Err(error) => tracing::warn!(%error, "accept failed"),
+        }
+    }
+}
+
 /// A running guard: public listener → loopback zeromq socket.
 #[derive(Debug)]
 pub(crate) struct Guard {
@@ -188,39 +231,13 @@ impl Guard {
         stats: Arc<LinkStats>,
     ) -> Self {
         let cancel = CancellationToken::new();
-        let token = cancel.clone();
-        let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
-        let task = tokio::spawn(async move {
-            loop {
-                let accepted = tokio::select! {
-                    () = token.cancelled() => break,
-                    a = listener.accept() => a,
-                };
-                match accepted {
-                    Ok((stream, peer)) => {
-                        let Ok(slot) = slots.clone().try_acquire_owned() else {
-                            stats.refused_connections();
-                            if let Some(held_back) = REFUSED_WARN.allow() {
-                                tracing::warn!(%peer, max_connections, held_back, "too many connections; refused");
-                            }
-                            continue;
-                        };
-                        let token = token.clone();
-                        let stats = stats.clone();
-                        tokio::spawn(async move {
-                            let _slot = slot;
-                            tokio::select! {
-                                () = token.cancelled() => {}
-                                () = forward(stream, peer, inner, limits, &stats) => {}
-                            }
-                        });
-                    }
-                    Err(error) => {
-                        tracing::warn!(%error, "accept failed");
-                    }
-                }
-            }
-        });
+        let task = tokio::spawn(accept_bounded(
+            listener,
+            max_connections,
+            stats,
+            cancel.clone(),
+            move |stream, peer, stats| async move { forward(stream, peer, inner, limits, &stats).await },
+        ));
         Self {
             cancel,
             task: Some(task),
