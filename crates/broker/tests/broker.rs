@@ -127,11 +127,7 @@ async fn device_and_presence_propagate_without_loop_and_aggregate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_server_does_not_delay_the_others() {
     let sims = [sim("pbx-a").await, sim("pbx-b").await, sim("pbx-c").await];
-    let sections: Vec<String> = sims
-        .iter()
-        .enumerate()
-        .map(|(i, s)| ami_section(&format!("s{i}"), &format!("pbx {i}"), s))
-        .collect();
+    let sections = sections(&sims);
     let b = Broker::start(&config("", &sections)).await;
     b.synced().await;
     quiescent(&sims).await;
@@ -174,11 +170,7 @@ async fn a_dead_server_does_not_delay_the_others() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restart_reapplies_and_a_lost_server_goes_down_state() {
     let sims = [sim("pbx-a").await, sim("pbx-b").await, sim("pbx-c").await];
-    let sections: Vec<String> = sims
-        .iter()
-        .enumerate()
-        .map(|(i, s)| ami_section(&format!("s{i}"), &format!("pbx {i}"), s))
-        .collect();
+    let sections = sections(&sims);
     let b = Broker::start(&config("down_state = UNAVAILABLE\n", &sections)).await;
     b.synced().await;
 
@@ -343,11 +335,7 @@ async fn drops_for_a_stalled_relay_are_repaired_by_a_republish() {
     use tokio_util::sync::CancellationToken;
 
     let sims = [sim("pbx-a").await, sim("pbx-b").await];
-    let sections: Vec<String> = sims
-        .iter()
-        .enumerate()
-        .map(|(i, s)| ami_section(&format!("s{i}"), &format!("pbx {i}"), s))
-        .collect();
+    let sections = sections(&sims);
     let text = config("", &sections);
     let file = ConfigFile::parse("b.ini", &text, Vec::<(String, String)>::new(), ENV_SECTIONS)
         .expect("parse");
@@ -424,11 +412,7 @@ async fn drops_for_a_stalled_relay_are_repaired_by_a_republish() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_burst_beyond_the_bus_queue_still_lands_everywhere() {
     let sims = [sim("pbx-a").await, sim("pbx-b").await];
-    let sections: Vec<String> = sims
-        .iter()
-        .enumerate()
-        .map(|(i, s)| ami_section(&format!("s{i}"), &format!("pbx {i}"), s))
-        .collect();
+    let sections = sections(&sims);
     let b = Broker::start(&config("bus_capacity = 16\n", &sections)).await;
     b.synced().await;
     let n = 150;
@@ -467,11 +451,7 @@ async fn a_burst_beyond_the_bus_queue_still_lands_everywhere() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sighup_reload_applies_exclude_to_every_relay() {
     let sims = [sim("pbx-a").await, sim("pbx-b").await];
-    let sections: Vec<String> = sims
-        .iter()
-        .enumerate()
-        .map(|(i, s)| ami_section(&format!("s{i}"), &format!("pbx {i}"), s))
-        .collect();
+    let sections = sections(&sims);
     let before = config("", &sections);
     let b = Broker::start(&before).await;
     b.synced().await;
@@ -537,11 +517,7 @@ async fn sighup_reload_applies_exclude_to_every_relay() {
 async fn origin_gauges_count_every_server_not_the_last_relay_view() {
     use std::sync::Arc;
     let sims = [sim("pbx-a").await, sim("pbx-b").await, sim("pbx-c").await];
-    let sections: Vec<String> = sims
-        .iter()
-        .enumerate()
-        .map(|(i, s)| ami_section(&format!("s{i}"), &format!("pbx {i}"), s))
-        .collect();
+    let sections = sections(&sims);
     let metrics = Arc::new(hintfed_daemon::metrics::Metrics::new("hintfed-broker", "0"));
     let b = Broker::start_with(
         &config("", &sections),

@@ -39,6 +39,14 @@ pub async fn sim(name: &str) -> SimHandle {
     .expect("sim")
 }
 
+/// One `[s<i>]` AMI section per simulator, named `pbx <i>`.
+pub fn sections(sims: &[SimHandle]) -> Vec<String> {
+    sims.iter()
+        .enumerate()
+        .map(|(i, s)| ami_section(&format!("s{i}"), &format!("pbx {i}"), s))
+        .collect()
+}
+
 /// A server section reaching `s` over AMI.
 pub fn ami_section(section: &str, name: &str, s: &SimHandle) -> String {
     format!(
