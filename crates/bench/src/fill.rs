@@ -422,8 +422,11 @@ impl SnapshotClient {
 
     /// Keeps reading (and counting) fan-out in a background task until the client is
     /// dropped; returns the counter.
-    pub fn count_fanout_in_background(self) -> (Arc<AtomicU64>, tokio::task::JoinHandle<()>) {
+    pub fn count_fanout_in_background(
+        self,
+    ) -> (Arc<AtomicU64>, MultiHub, tokio::task::JoinHandle<()>) {
         let counter = self.fanout.clone();
+        let multi = self.multi.clone();
         let mut me = self;
         let h = tokio::spawn(async move {
             while let Some(m) = me.incoming.recv().await {
@@ -432,7 +435,7 @@ impl SnapshotClient {
                 }
             }
         });
-        (counter, h)
+        (counter, multi, h)
     }
 }
 

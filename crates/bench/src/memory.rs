@@ -99,7 +99,7 @@ pub async fn run(a: MemoryArgs) -> anyhow::Result<serde_json::Value> {
         .collect();
     let base: Vec<u64> = counters
         .iter()
-        .map(|(c, _)| c.load(Ordering::Relaxed))
+        .map(|(c, _, _)| c.load(Ordering::Relaxed))
         .collect();
     let driven0 = fleet.stats.driven.load(Ordering::Relaxed);
     let published0 = fleet.stats.published.load(Ordering::Relaxed);
@@ -117,7 +117,7 @@ pub async fn run(a: MemoryArgs) -> anyhow::Result<serde_json::Value> {
     while stable.elapsed() < Duration::from_secs(1) {
         let total: u64 = counters
             .iter()
-            .map(|(c, _)| c.load(Ordering::Relaxed))
+            .map(|(c, _, _)| c.load(Ordering::Relaxed))
             .sum();
         if total != last {
             last = total;
@@ -129,7 +129,7 @@ pub async fn run(a: MemoryArgs) -> anyhow::Result<serde_json::Value> {
     let got: Vec<u64> = counters
         .iter()
         .zip(&base)
-        .map(|((c, _), b)| c.load(Ordering::Relaxed) - b)
+        .map(|((c, _, _), b)| c.load(Ordering::Relaxed) - b)
         .collect();
     let min_got = got.iter().copied().min().unwrap_or(0);
     let mut sorted = got.clone();
@@ -179,7 +179,19 @@ pub async fn run(a: MemoryArgs) -> anyhow::Result<serde_json::Value> {
         max_got,
         100.0 * (u1.cpu_secs - u0.cpu_secs) / load_secs
     );
-    for (_, h) in counters {
+    let links: Vec<_> = counters
+        .iter()
+        .filter_map(|(_, m, _)| m.links().first().map(|l| l.stats()))
+        .collect();
+    let sum = |f: fn(&hintfed_transport::StatsSnapshot) -> u64| links.iter().map(f).sum::<u64>();
+    eprintln!(
+        "peer links (sum over peers): reconnects {}, silence timeouts {}, messages in {}, dropped inbound full {}",
+        sum(|s| s.reconnects),
+        sum(|s| s.silence_timeouts),
+        sum(|s| s.messages_in),
+        sum(|s| s.dropped_inbound_full)
+    );
+    for (_, _, h) in counters {
         h.abort();
     }
     fleet.stop().await?;
