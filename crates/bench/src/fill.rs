@@ -300,6 +300,12 @@ async fn origin_task(
     Ok(())
 }
 
+/// Whether fan-out `frames` carry a state update (topic `state.`), not a heartbeat or a
+/// control message.
+pub fn is_update(frames: &[Bytes]) -> bool {
+    frames.first().is_some_and(|t| t.starts_with(b"state."))
+}
+
 /// What one snapshot answer held.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -390,7 +396,9 @@ impl SnapshotClient {
                 .map_err(|_| anyhow::anyhow!("snapshot not complete within {timeout:?}"))?
                 .context("hub link closed")?;
             if m.channel == Channel::Fanout {
-                self.fanout.fetch_add(1, Ordering::Relaxed);
+                if is_update(&m.frames) {
+                    self.fanout.fetch_add(1, Ordering::Relaxed);
+                }
                 continue;
             }
             let Some(p) = m.frames.last() else { continue };
@@ -430,7 +438,7 @@ impl SnapshotClient {
         let mut me = self;
         let h = tokio::spawn(async move {
             while let Some(m) = me.incoming.recv().await {
-                if m.channel == Channel::Fanout {
+                if m.channel == Channel::Fanout && is_update(&m.frames) {
                     me.fanout.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -482,6 +490,14 @@ mod tests {
         // Long idle: a new window, no debt.
         assert_eq!(p.delay(t + Duration::from_secs(5)), Duration::ZERO);
         assert_eq!(Pace::new(0.0).delay(t), Duration::ZERO);
+    }
+
+    #[test]
+    fn only_state_topics_count_as_updates() {
+        let f = |t: &'static [u8]| vec![Bytes::from_static(t), Bytes::from_static(b"{}")];
+        assert!(is_update(&f(b"state.device")));
+        assert!(!is_update(&f(b"control")));
+        assert!(!is_update(&[]));
     }
 
     #[test]

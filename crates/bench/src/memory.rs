@@ -114,7 +114,8 @@ pub async fn run(a: MemoryArgs) -> anyhow::Result<serde_json::Value> {
     // Let the fan-out drain.
     let mut last = 0u64;
     let mut stable = Instant::now();
-    while stable.elapsed() < Duration::from_secs(1) {
+    let drain_deadline = Instant::now() + Duration::from_secs(10);
+    while stable.elapsed() < Duration::from_secs(1) && Instant::now() < drain_deadline {
         let total: u64 = counters
             .iter()
             .map(|(c, _, _)| c.load(Ordering::Relaxed))
