@@ -7,7 +7,8 @@
 //!    already running process (no process start, no apply).
 //! 3. Ceilings, same run: decoding and verifying the same chunk payloads in this process; raw
 //!    ZeroMQ PUB/SUB between two processes moving the same number of messages of the same
-//!    size (time = chunks / msg/s).
+//!    size (time = chunks / msg/s); pipelined Setvar/s of a spare server of the agent's
+//!    simulator (the floor of writing every key to an Asterisk).
 //! 4. One real `hintfed-agent` (with a simulated Asterisk of its own) is started; from its
 //!    process start the tool polls every 10 ms: `/healthz` (up), `/metrics`
 //!    `hintfed_snapshot_entries_sum` ≥ keys (entries received into its table), its log line
@@ -129,6 +130,7 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
 
     // The new agent and its Asterisk.
     let sim_addr = format!("127.0.0.1:{}", procs::free_port()?);
+    let spare_addr = format!("127.0.0.1:{}", procs::free_port()?);
     let sim = Daemon::spawn(
         "sim",
         &procs::sibling("hintfed-sim")?,
@@ -137,17 +139,34 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
             sim_addr.clone(),
             "--name".into(),
             "pbx-new".into(),
+            "--listen".into(),
+            spare_addr.clone(),
+            "--name".into(),
+            "ceiling".into(),
             "--log".into(),
             "warn".into(),
         ],
         &[],
         &dir,
     )?;
-    let up = procs::wait_until(Duration::from_secs(15), || async {
-        Conn::login(&sim_addr, "admin", "adminsecret").await.is_ok()
-    })
-    .await;
-    anyhow::ensure!(up, "simulator did not come up (see {})", sim.log.display());
+    for addr in [&sim_addr, &spare_addr] {
+        let up = procs::wait_until(Duration::from_secs(15), || async {
+            Conn::login(addr, "admin", "adminsecret").await.is_ok()
+        })
+        .await;
+        anyhow::ensure!(up, "simulator did not come up (see {})", sim.log.display());
+    }
+    // The Setvar ceiling of the same simulator (a spare server of the same process): the
+    // floor of writing every key to an Asterisk.
+    let setvar = crate::ceiling::setvar(
+        &spare_addr,
+        "admin",
+        "adminsecret",
+        a.keys as u64,
+        512,
+        a.keys as u64,
+    )
+    .await?;
     let mut stats_conn = Conn::login(&sim_addr, "admin", "adminsecret").await?;
     let (host, port) = sim_addr.rsplit_once(':').context("host:port")?;
     let http = format!("127.0.0.1:{}", procs::free_port()?);
@@ -220,7 +239,9 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
         "ceilings": {"decode_verify_secs": decode,
                      "zmq_pubsub_msgs_per_sec": z.msgs_per_sec, "zmq_msg_bytes": chunk_size,
                      "zmq_secs_for_same_messages": zmq_secs,
-                     "zmq_received_of_sent": format!("{}/{}", z.received, z.sent)},
+                     "zmq_received_of_sent": format!("{}/{}", z.received, z.sent),
+                     "setvar_per_sec": setvar.per_sec,
+                     "setvar_secs_for_all_keys": a.keys as f64 / setvar.per_sec},
         "agent": {
             "healthz_secs": t_http,
             "entries_received_secs": t_entries,
@@ -235,6 +256,7 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
         "ratios": {
             "snapshot_complete_to_in_process_fetch": t_complete.map(|t| t / snap2.secs.max(1e-9)),
             "snapshot_complete_to_zmq_same_messages": t_complete.map(|t| t / zmq_secs.max(1e-9)),
+            "apply_rate_to_setvar_ceiling": applied as f64 / (agent_secs - t_complete.unwrap_or(0.0)).max(1e-9) / setvar.per_sec,
         },
         "target": {"snapshot_within_1s": t_complete.is_some_and(|t| t <= 1.0)},
         "machine_after": procs::machine(),
@@ -252,8 +274,15 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
         hub_usage.peak_rss_kib as f64 / 1024.0
     );
     println!(
-        "ceilings: in-process snapshot fetch {:.3} s; decode+verify {:.3} s; raw ZeroMQ PUB/SUB for {} msgs of {} B {:.3} s ({:.0} msg/s)",
-        snap2.secs, decode, snap.chunks, chunk_size, zmq_secs, z.msgs_per_sec
+        "ceilings: in-process snapshot fetch {:.3} s; decode+verify {:.3} s; raw ZeroMQ PUB/SUB for {} msgs of {} B {:.3} s ({:.0} msg/s); pipelined Setvar {:.0}/s ({:.2} s for every key)",
+        snap2.secs,
+        decode,
+        snap.chunks,
+        chunk_size,
+        zmq_secs,
+        z.msgs_per_sec,
+        setvar.per_sec,
+        a.keys as f64 / setvar.per_sec
     );
     println!(
         "new agent (from process start): /healthz {}, {} entries received {}, snapshot complete {}, all {} written to its Asterisk {} ({} written at the end)",
