@@ -23,6 +23,21 @@ use hintfed_core::{
 use hintfed_transport::{Channel, Incoming, MultiHub, MultiHubConfig, SNAPSHOT_TOPIC};
 use tokio::sync::{mpsc, watch};
 
+/// How a hub is filled: how many keys, from how many origins, how fast.
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct FillArgs {
+    /// Device keys the hub holds.
+    #[arg(long, default_value_t = 100_000)]
+    pub keys: usize,
+    /// Origins publishing them (in this process).
+    #[arg(long, default_value_t = 10)]
+    pub origins: usize,
+    /// Messages/s the origins publish at most while filling (0: unlimited; the hub drops
+    /// at ingress when flooded, then asks for resyncs).
+    #[arg(long, default_value_t = 20_000.0)]
+    pub fill_rate: f64,
+}
+
 /// The shared HMAC key of every bench topology.
 pub const KEY: &str = "bench-shared-key";
 

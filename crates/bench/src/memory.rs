@@ -16,22 +16,15 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::fill::{Fleet, SnapshotClient};
+use crate::fill::{self, Fleet, SnapshotClient};
 use crate::procs;
 
 /// Options of `memory`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct MemoryArgs {
-    /// Device keys the hub holds.
-    #[arg(long, default_value_t = 100_000)]
-    pub keys: usize,
-    /// Origins publishing them (in this process).
-    #[arg(long, default_value_t = 10)]
-    pub origins: usize,
-    /// Messages/s the origins publish at most while filling (0: unlimited; the hub drops
-    /// at ingress when flooded, then asks for resyncs).
-    #[arg(long, default_value_t = 20_000.0)]
-    pub fill_rate: f64,
+    /// The keys the hub is filled with.
+    #[command(flatten)]
+    pub fill: fill::FillArgs,
     /// Agent-equivalent peers that fetch a snapshot at once and then receive the fan-out.
     #[arg(long, default_value_t = 50)]
     pub agents: usize,
@@ -48,8 +41,13 @@ pub struct MemoryArgs {
 
 /// Runs the memory benchmark; returns the JSON report (also printed as a table).
 pub async fn run(a: MemoryArgs) -> anyhow::Result<serde_json::Value> {
+    let fill::FillArgs {
+        keys,
+        origins,
+        fill_rate,
+    } = a.fill;
     anyhow::ensure!(
-        a.keys >= 1 && a.origins >= 1 && a.agents >= 1,
+        keys >= 1 && origins >= 1 && a.agents >= 1,
         "--keys, --origins and --agents must be >= 1"
     );
     let machine_before = procs::machine();
@@ -59,12 +57,11 @@ pub async fn run(a: MemoryArgs) -> anyhow::Result<serde_json::Value> {
     let empty = procs::usage(hub.daemon.pid(), tck).unwrap_or_default();
     eprintln!(
         "filling the hub with {} keys from {} origins ...",
-        a.keys, a.origins
+        keys, origins
     );
-    let fleet = Fleet::start(&hub.endpoint, a.origins, a.keys, a.fill_rate);
+    let fleet = Fleet::start(&hub.endpoint, origins, keys, fill_rate);
     let mut probe = SnapshotClient::connect(&hub.endpoint, "probe").await?;
-    let (snap, fill_secs) =
-        crate::snapshot::fill_hub(&fleet, &mut probe, a.keys, a.origins).await?;
+    let (snap, fill_secs) = crate::snapshot::fill_hub(&fleet, &mut probe, keys, origins).await?;
     drop(probe);
     let filled = procs::usage(hub.daemon.pid(), tck).unwrap_or_default();
 
@@ -83,7 +80,7 @@ pub async fn run(a: MemoryArgs) -> anyhow::Result<serde_json::Value> {
     let mut short = 0u64;
     for j in joins {
         let (c, s) = j.await??;
-        if s.entries < a.keys as u64 {
+        if s.entries < keys as u64 {
             short += 1;
         }
         times.push(s.secs);
@@ -105,7 +102,7 @@ pub async fn run(a: MemoryArgs) -> anyhow::Result<serde_json::Value> {
     let published0 = fleet.stats.published.load(Ordering::Relaxed);
     let u0 = procs::usage(hub.daemon.pid(), tck).unwrap_or_default();
     let t0 = Instant::now();
-    fleet.set_rate_per_origin(a.rate / a.origins as f64);
+    fleet.set_rate_per_origin(a.rate / origins as f64);
     tokio::time::sleep(Duration::from_secs_f64(a.duration)).await;
     fleet.set_rate_per_origin(0.0);
     let load_secs = t0.elapsed().as_secs_f64();
@@ -140,7 +137,7 @@ pub async fn run(a: MemoryArgs) -> anyhow::Result<serde_json::Value> {
     let mib = |k: u64| k as f64 / 1024.0;
     let report = json!({
         "mode": "memory",
-        "keys": a.keys, "origins": a.origins, "agents": a.agents,
+        "keys": keys, "origins": origins, "agents": a.agents,
         "machine_before": machine_before,
         "fill_secs": fill_secs,
         "snapshot_bytes": snap.bytes, "snapshot_chunks": snap.chunks,
@@ -159,7 +156,7 @@ pub async fn run(a: MemoryArgs) -> anyhow::Result<serde_json::Value> {
     println!(
         "hub RSS: empty {:.1} MiB, {} keys {:.1} MiB, after {} snapshots {:.1} MiB, end {:.1} MiB; PEAK {:.1} MiB",
         mib(empty.rss_kib),
-        a.keys,
+        keys,
         mib(filled.rss_kib),
         a.agents,
         mib(after_snapshots.rss_kib),
@@ -172,7 +169,7 @@ pub async fn run(a: MemoryArgs) -> anyhow::Result<serde_json::Value> {
         times.get(times.len() / 2).copied().unwrap_or(0.0),
         times.last().copied().unwrap_or(0.0),
         short,
-        a.keys,
+        keys,
         driven,
         driven as f64 / load_secs,
         min_got,

@@ -123,6 +123,20 @@ pub struct Usage {
     pub rss_kib: u64,
 }
 
+/// The folder for configs, logs and traces: `keep` (created) when given, else a temporary
+/// folder removed when the returned guard drops.
+pub fn work_dir(keep: Option<&Path>) -> anyhow::Result<(tempfile::TempDir, PathBuf)> {
+    let tmp = tempfile::tempdir()?;
+    let dir = match keep {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.to_path_buf()
+        }
+        None => tmp.path().to_path_buf(),
+    };
+    Ok((tmp, dir))
+}
+
 /// Clock ticks per second for `/proc/<pid>/stat` (getconf CLK_TCK; 100 when unknown).
 pub fn clk_tck() -> f64 {
     Command::new("getconf")

@@ -108,14 +108,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
         "--rate and --duration must be > 0"
     );
     let machine_before = procs::machine();
-    let tmp = tempfile::tempdir()?;
-    let dir = match &a.keep {
-        Some(d) => {
-            std::fs::create_dir_all(d)?;
-            d.clone()
-        }
-        None => tmp.path().to_path_buf(),
-    };
+    let (tmp, dir) = procs::work_dir(a.keep.as_deref())?;
     let tck = procs::clk_tck();
     let names: Vec<String> = (0..a.servers).map(|i| format!("pbx-{i}")).collect();
 

@@ -28,16 +28,9 @@ use crate::procs::{self, Daemon};
 /// Options of `snapshot`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SnapshotArgs {
-    /// Device keys the hub holds.
-    #[arg(long, default_value_t = 100_000)]
-    pub keys: usize,
-    /// Origins publishing them (in this process).
-    #[arg(long, default_value_t = 10)]
-    pub origins: usize,
-    /// Messages/s the origins publish at most while filling (0: unlimited; the hub drops
-    /// at ingress when flooded, then asks for resyncs).
-    #[arg(long, default_value_t = 20_000.0)]
-    pub fill_rate: f64,
+    /// The keys the hub is filled with.
+    #[command(flatten)]
+    pub fill: fill::FillArgs,
     /// How long to wait for the agent to write every key to its Asterisk (seconds).
     #[arg(long, default_value_t = 60.0)]
     pub apply_timeout: f64,
@@ -94,28 +87,26 @@ pub async fn fill_hub(
 
 /// Runs the snapshot benchmark; returns the JSON report (also printed as a table).
 pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
+    let fill::FillArgs {
+        keys,
+        origins,
+        fill_rate,
+    } = a.fill;
     anyhow::ensure!(
-        a.keys >= 1 && a.origins >= 1,
+        keys >= 1 && origins >= 1,
         "--keys and --origins must be >= 1"
     );
     let machine_before = procs::machine();
-    let tmp = tempfile::tempdir()?;
-    let dir = match &a.keep {
-        Some(d) => {
-            std::fs::create_dir_all(d)?;
-            d.clone()
-        }
-        None => tmp.path().to_path_buf(),
-    };
+    let (tmp, dir) = procs::work_dir(a.keep.as_deref())?;
     let tck = procs::clk_tck();
     let mut hub = procs::start_hub(&dir, "hub-0", "300s", "warn").await?;
     eprintln!(
         "filling the hub with {} keys from {} origins ...",
-        a.keys, a.origins
+        keys, origins
     );
-    let fleet = Fleet::start(&hub.endpoint, a.origins, a.keys, a.fill_rate);
+    let fleet = Fleet::start(&hub.endpoint, origins, keys, fill_rate);
     let mut probe = SnapshotClient::connect(&hub.endpoint, "probe").await?;
-    let (snap, fill_secs) = fill_hub(&fleet, &mut probe, a.keys, a.origins).await?;
+    let (snap, fill_secs) = fill_hub(&fleet, &mut probe, keys, origins).await?;
     // A second fetch now that the table is still: the in-process figure.
     let snap2 = probe.fetch(false, Duration::from_secs(60)).await?;
     let hub_usage = procs::usage(hub.daemon.pid(), tck).unwrap_or_default();
@@ -162,9 +153,9 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
         &spare_addr,
         "admin",
         "adminsecret",
-        a.keys as u64,
+        keys as u64,
         512,
-        a.keys as u64,
+        keys as u64,
     )
     .await?;
     let mut stats_conn = Conn::login(&sim_addr, "admin", "adminsecret").await?;
@@ -200,7 +191,7 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
         if t_http.is_some() && t_entries.is_none() {
             let m = procs::http_get(&http, "/metrics").await;
             if procs::metric_value(&m, "hintfed_snapshot_entries_sum")
-                .is_some_and(|v| v >= a.keys as f64)
+                .is_some_and(|v| v >= keys as f64)
             {
                 t_entries = Some(t0.elapsed().as_secs_f64());
             }
@@ -219,7 +210,7 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
             applied = ami::get(&m, "SetvarTotal")
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0);
-            if applied >= a.keys as u64 {
+            if applied >= keys as u64 {
                 t_applied = Some(t0.elapsed().as_secs_f64());
             }
         }
@@ -229,7 +220,7 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
     let agent_secs = t0.elapsed().as_secs_f64();
     let report = json!({
         "mode": "snapshot",
-        "keys": a.keys, "origins": a.origins,
+        "keys": keys, "origins": origins,
         "machine_before": machine_before,
         "hub": {"fill_secs": fill_secs, "peak_rss_mib": hub_usage.peak_rss_kib as f64 / 1024.0,
                 "rss_mib": hub_usage.rss_kib as f64 / 1024.0},
@@ -241,7 +232,7 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
                      "zmq_secs_for_same_messages": zmq_secs,
                      "zmq_received_of_sent": format!("{}/{}", z.received, z.sent),
                      "setvar_per_sec": setvar.per_sec,
-                     "setvar_secs_for_all_keys": a.keys as f64 / setvar.per_sec},
+                     "setvar_secs_for_all_keys": keys as f64 / setvar.per_sec},
         "agent": {
             "healthz_secs": t_http,
             "entries_received_secs": t_entries,
@@ -265,8 +256,8 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
     let opt = |v: Option<f64>| v.map_or("not reached".to_owned(), |t| format!("{t:.3} s"));
     println!(
         "hub: {} keys from {} origins in {:.1} s; snapshot {} entries in {} chunks, {:.1} MiB; hub peak RSS {:.1} MiB",
-        a.keys,
-        a.origins,
+        keys,
+        origins,
         fill_secs,
         snap.entries,
         snap.chunks,
@@ -282,15 +273,15 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
         zmq_secs,
         z.msgs_per_sec,
         setvar.per_sec,
-        a.keys as f64 / setvar.per_sec
+        keys as f64 / setvar.per_sec
     );
     println!(
         "new agent (from process start): /healthz {}, {} entries received {}, snapshot complete {}, all {} written to its Asterisk {} ({} written at the end)",
         opt(t_http),
-        a.keys,
+        keys,
         opt(t_entries),
         opt(t_complete),
-        a.keys,
+        keys,
         opt(t_applied),
         applied
     );
