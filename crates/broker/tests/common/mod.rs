@@ -118,18 +118,8 @@ impl Broker {
         Self::start_with(text, BrokerHooks::default()).await
     }
 
-    pub fn config(text: &str) -> BrokerConfig {
-        let file = ConfigFile::parse(
-            "broker.ini",
-            text,
-            Vec::<(String, String)>::new(),
-            ENV_SECTIONS,
-        )
-        .expect("config parses");
-        BrokerConfig::from_file(&file).expect("config valid")
-    }
-
-    pub async fn start_with(text: &str, hooks: BrokerHooks) -> Broker {
+    /// The file as parsed (for its warnings) and the broker configuration it gives.
+    fn parse(text: &str) -> (ConfigFile, BrokerConfig) {
         let file = ConfigFile::parse(
             "broker.ini",
             text,
@@ -138,6 +128,15 @@ impl Broker {
         )
         .expect("config parses");
         let cfg = BrokerConfig::from_file(&file).expect("config valid");
+        (file, cfg)
+    }
+
+    pub fn config(text: &str) -> BrokerConfig {
+        Self::parse(text).1
+    }
+
+    pub async fn start_with(text: &str, hooks: BrokerHooks) -> Broker {
+        let (file, cfg) = Self::parse(text);
         assert!(file.warnings().is_empty(), "{:?}", file.warnings());
         let stop = CancellationToken::new();
         let running = broker::start(&cfg, hooks, stop.clone()).expect("start");
