@@ -30,27 +30,16 @@ struct Cli {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("hintfed-agent: cannot start the runtime: {e}");
-            return std::process::ExitCode::from(run::EXIT_FAILURE);
-        }
-    };
     let spec = DaemonSpec {
         name: "hintfed-agent",
         version: env!("CARGO_PKG_VERSION"),
         env_sections: SECTIONS,
     };
-    let code = rt.block_on(run::run(
+    run::main(
         spec,
         &cli.common,
         None,
         AgentConfig::from_file,
         hintfed_agent::agent::run,
-    ));
-    std::process::ExitCode::from(code)
+    )
 }

@@ -35,27 +35,16 @@ struct Cli {
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("hintfed-broker: cannot start the runtime: {e}");
-            return std::process::ExitCode::from(run::EXIT_FAILURE);
-        }
-    };
     let spec = DaemonSpec {
         name: "hintfed-broker",
         version: env!("CARGO_PKG_VERSION"),
         env_sections: ENV_SECTIONS,
     };
-    let code = rt.block_on(run::run(
+    run::main(
         spec,
         &cli.common,
         cli.file.as_deref(),
         BrokerConfig::from_file,
         hintfed_broker::broker::run,
-    ));
-    std::process::ExitCode::from(code)
+    )
 }

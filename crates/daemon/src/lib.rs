@@ -16,8 +16,8 @@
 //!   readiness `watch` and a broadcast of [`http::StatusEvent`]s.
 //! - [`ratelimit`]: [`ratelimit::WarnLimiter`], the budget of the warnings about hostile
 //!   peers (each names the peer address).
-//! - [`run`]: wires it together for a binary: args → config (exit 64) → logging → HTTP →
-//!   the daemon future until a signal → drain → exit status.
+//! - [`run`]: wires it together for a binary: args → runtime → config (exit 64) → logging →
+//!   HTTP → the daemon future until a signal → drain → exit status.
 //!
 //! Flow: `run` loads a [`config::ConfigFile`], asks the daemon's loader for its typed config,
 //! builds a [`run::Context`] (shutdown token, reload receiver, metrics, readiness, events,

@@ -1,8 +1,8 @@
-//! The life cycle of a daemon binary, so each `main.rs` stays thin:
-//! parse args (the binary) → [`run`]: load the config (one line and exit 64 on error) →
-//! `--check-config` prints the effective config and exits 0 → init logging → install signals →
-//! start HTTP if `[http] listen` is set → run the daemon future with a [`Context`] → on
-//! SIGINT/SIGTERM mark not ready, wait for the daemon to drain for at most
+//! The life cycle of a daemon binary, so each `main.rs` stays thin: parse args (the binary)
+//! → [`main`]: build the tokio runtime → [`run`]: load the config (one line and exit 64 on
+//! error) → `--check-config` prints the effective config and exits 0 → init logging → install
+//! signals → start HTTP if `[http] listen` is set → run the daemon future with a [`Context`] →
+//! on SIGINT/SIGTERM mark not ready, wait for the daemon to drain for at most
 //! `[general] shutdown_grace` → stop HTTP → exit status.
 //!
 //! ```no_run
@@ -18,27 +18,26 @@
 //!
 //! fn load(file: &ConfigFile) -> Result<AgentConfig, ConfigError> { Ok(AgentConfig {}) }
 //!
-//! #[tokio::main]
-//! async fn main() -> std::process::ExitCode {
+//! fn main() -> std::process::ExitCode {
 //!     let cli = Cli::parse();
 //!     let spec = run::DaemonSpec {
 //!         name: "hintfed-agent",
 //!         version: env!("CARGO_PKG_VERSION"),
 //!         env_sections: &["general", "asterisk", "federation", "http"],
 //!     };
-//!     run::run(spec, &cli.common, None, load, |cfg, ctx| async move {
+//!     // The runtime, then `run::run` on it (embedders with their own runtime call `run`).
+//!     run::main(spec, &cli.common, None, load, |cfg, ctx| async move {
 //!         ctx.readiness.set("asterisk", Err("connecting".into()));
 //!         ctx.shutdown.cancelled().await; // the real work goes here
 //!         Ok(())
 //!     })
-//!     .await
-//!     .into()
 //! }
 //! ```
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -258,6 +257,46 @@ fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
+}
+
+/// The whole `main` of a daemon binary after it parsed its command line: build the
+/// multi-threaded tokio runtime and [`run`] the daemon on it. A runtime that cannot start is
+/// one line on stderr and [`EXIT_FAILURE`].
+///
+/// ```no_run
+/// # use hintfed_daemon::{cli::CommonArgs, config::{ConfigError, ConfigFile}, run};
+/// # fn load(_: &ConfigFile) -> Result<(), ConfigError> { Ok(()) }
+/// # let common = CommonArgs::default();
+/// # let spec = run::DaemonSpec { name: "hintfed-x", version: "0", env_sections: &[] };
+/// let status = run::main(spec, &common, None, load, |_cfg, ctx| async move {
+///     ctx.shutdown.cancelled().await;
+///     Ok(())
+/// });
+/// ```
+pub fn main<C, L, D, Fut>(
+    spec: DaemonSpec,
+    args: &CommonArgs,
+    fallback_config: Option<&Path>,
+    load: L,
+    daemon: D,
+) -> ExitCode
+where
+    C: Serialize,
+    L: FnOnce(&ConfigFile) -> Result<C, ConfigError>,
+    D: FnOnce(C, Context) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("{}: cannot start the runtime: {e}", spec.name);
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    ExitCode::from(rt.block_on(run(spec, args, fallback_config, load, daemon)))
 }
 
 /// Run a daemon (see the module docs). `fallback_config` is a positional config path for

@@ -24,15 +24,14 @@ struct Cli {
     common: CommonArgs,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let cli = Cli::parse();
     let spec = DaemonSpec {
         name: "hintfed-server",
         version: env!("CARGO_PKG_VERSION"),
         env_sections: config::ENV_SECTIONS,
     };
-    run::run(
+    run::main(
         spec,
         &cli.common,
         None,
@@ -68,6 +67,4 @@ async fn main() -> ExitCode {
             Ok(())
         },
     )
-    .await
-    .into()
 }
