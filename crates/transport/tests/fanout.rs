@@ -5,44 +5,23 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use hintfed_testkit::wait::eventually;
+use hintfed_testkit::zmtp;
 use hintfed_transport::{HubBind, HubBindConfig};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
+use tokio::io::AsyncWriteExt as _;
 use tokio::time::{Instant, timeout};
 use zeromq::{Socket, SocketRecv, SubSocket};
 
 const BURST: u32 = 50_000;
-
-/// A ZMTP 3.0 SUB handshake (greeting + READY) subscribing to everything, then nothing read.
-async fn deaf_subscriber(endpoint: &str) -> TcpStream {
-    let addr = endpoint.trim_start_matches("tcp://");
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let mut g = vec![0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0x7f, 3, 0];
-    let mut mech = b"NULL".to_vec();
-    mech.resize(20, 0);
-    g.extend(mech);
-    g.push(0);
-    g.extend([0u8; 31]);
-    let mut body = vec![5];
-    body.extend(b"READY");
-    body.push(11);
-    body.extend(b"Socket-Type");
-    body.extend(3u32.to_be_bytes());
-    body.extend(b"SUB");
-    g.push(0x04);
-    g.push(body.len() as u8);
-    g.extend(body);
-    g.extend([0x00, 0x01, 0x01]);
-    s.write_all(&g).await.expect("handshake");
-    s
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_reading_subscriber_gets_a_large_burst_beside_a_deaf_one() {
     let mut cfg = HubBindConfig::new("tcp://127.0.0.1:0");
     cfg.heartbeat_interval = None;
     let (bind, _rx) = HubBind::bind(cfg).await.expect("bind");
-    let _deaf = deaf_subscriber(bind.pub_endpoint()).await;
+    let _deaf = zmtp::deaf_subscriber(bind.pub_endpoint().trim_start_matches("tcp://"))
+        .await
+        .expect("raw SUB handshake");
     let mut subs = Vec::new();
     for _ in 0..3 {
         let mut s = SubSocket::new();
@@ -108,14 +87,15 @@ async fn a_subscriber_announcing_an_oversize_frame_is_disconnected_and_counted()
     let (bind, _rx) = HubBind::bind(HubBindConfig::new("tcp://127.0.0.1:0"))
         .await
         .expect("bind");
-    let mut s = deaf_subscriber(bind.pub_endpoint()).await;
-    let mut frame = vec![0x02];
-    frame.extend((1u64 << 40).to_be_bytes());
-    s.write_all(&frame).await.expect("write");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while bind.stats().dropped_oversize == 0 {
-        assert!(Instant::now() < deadline, "oversize frame never counted");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let mut s = zmtp::deaf_subscriber(bind.pub_endpoint().trim_start_matches("tcp://"))
+        .await
+        .expect("raw SUB handshake");
+    s.write_all(&zmtp::long_frame_header(1 << 40))
+        .await
+        .expect("write");
+    eventually("oversize frame counted", Duration::from_secs(10), || {
+        bind.stats().dropped_oversize > 0
+    })
+    .await;
     bind.shutdown().await;
 }

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
+use hintfed_testkit::zmtp;
 use hintfed_transport::{
     Channel, HubBind, HubBindConfig, HubLink, HubLinkConfig, Incoming, LinkStatus, RouterMessage,
 };
@@ -220,13 +221,10 @@ async fn hub_survives_a_peer_announcing_a_huge_frame() {
     let mut raw = tokio::net::TcpStream::connect(&addr)
         .await
         .expect("connect");
-    let mut greeting = vec![0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0x7f, 3, 0];
-    greeting.extend(b"NULL");
-    greeting.resize(64, 0);
-    raw.write_all(&greeting).await.expect("greeting");
-    let mut attack = vec![0x02];
-    attack.extend((1u64 << 40).to_be_bytes());
-    raw.write_all(&attack).await.expect("header");
+    raw.write_all(&zmtp::greeting()).await.expect("greeting");
+    raw.write_all(&zmtp::long_frame_header(1 << 40))
+        .await
+        .expect("header");
     // The hub closes the connection and counts it.
     let mut sink = Vec::new();
     timeout(SETUP, raw.read_to_end(&mut sink))

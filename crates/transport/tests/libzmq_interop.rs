@@ -2,12 +2,12 @@
 //! zmq-ami-broker use. Each test starts `tests/py/peer.py` and kills it when done.
 //! Tests are skipped (with a printed reason) only when python3 or pyzmq is missing.
 
-use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use bytes::Bytes;
+use hintfed_testkit::net::{free_port, free_port_pair};
 use hintfed_transport::{
     Channel, HubBind, HubBindConfig, HubLink, HubLinkConfig, Limits, PubBind, PullBind, ReqClient,
     ReqClientConfig, RequestError, SubClient, SubClientConfig,
@@ -79,24 +79,6 @@ fn pyzmq_available() -> bool {
         );
     }
     ok
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-/// A port P with P+1 also free (best effort: both were free a moment ago).
-fn free_port_pair() -> u16 {
-    loop {
-        let a = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let p = a.local_addr().expect("addr").port();
-        if p < u16::MAX && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-            return p;
-        }
-    }
 }
 
 fn b(s: &'static str) -> Bytes {

@@ -1,0 +1,82 @@
+//! The bytes of a raw ZMTP 3.0 peer (RFC 23, NULL mechanism), for tests that must behave in
+//! ways a ZeroMQ library never would: subscribe and then never read, or announce a frame far
+//! larger than any limit.
+
+use std::io;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpStream, ToSocketAddrs};
+
+/// A subscription to every topic as ZMTP 3.0 sends it: a one-byte message frame `\x01`.
+pub const SUBSCRIBE_ALL: [u8; 3] = [0x00, 0x01, 0x01];
+
+/// The 64-byte greeting: signature, version 3.0, mechanism `NULL`, as-server 0, filler.
+pub fn greeting() -> Vec<u8> {
+    let mut g = vec![0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0x7f, 3, 0];
+    let mut mech = b"NULL".to_vec();
+    mech.resize(20, 0);
+    g.extend(mech);
+    g.push(0);
+    g.extend([0u8; 31]);
+    g
+}
+
+/// A READY command (short command frame) announcing `socket_type`, e.g. `SUB`.
+pub fn ready(socket_type: &str) -> Vec<u8> {
+    let mut body = vec![5];
+    body.extend(b"READY");
+    body.push(11);
+    body.extend(b"Socket-Type");
+    body.extend(
+        u32::try_from(socket_type.len())
+            .expect("short")
+            .to_be_bytes(),
+    );
+    body.extend(socket_type.as_bytes());
+    let mut frame = vec![0x04, u8::try_from(body.len()).expect("short command")];
+    frame.extend(body);
+    frame
+}
+
+/// A whole SUB handshake subscribing to everything: greeting, READY, [`SUBSCRIBE_ALL`].
+pub fn sub_handshake() -> Vec<u8> {
+    let mut b = greeting();
+    b.extend(ready("SUB"));
+    b.extend(SUBSCRIBE_ALL);
+    b
+}
+
+/// The header of a long message frame announcing `len` bytes (flags 0x02, 8-byte length),
+/// without the bytes.
+pub fn long_frame_header(len: u64) -> Vec<u8> {
+    let mut h = vec![0x02];
+    h.extend(len.to_be_bytes());
+    h
+}
+
+/// Connects to `addr`, sends [`sub_handshake`] and returns the connection, which the caller
+/// then never reads: a subscriber whose receive window fills up.
+pub async fn deaf_subscriber(addr: impl ToSocketAddrs) -> io::Result<TcpStream> {
+    let mut s = TcpStream::connect(addr).await?;
+    s.write_all(&sub_handshake()).await?;
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_handshake_has_the_rfc_23_layout() {
+        let g = greeting();
+        assert_eq!(g.len(), 64);
+        assert_eq!((g[0], g[9], g[10], g[11]), (0xff, 0x7f, 3, 0));
+        assert_eq!(&g[12..16], b"NULL");
+        let r = ready("SUB");
+        assert_eq!(&r[..2], &[0x04, 25]);
+        assert_eq!(r.len(), 27);
+        assert!(r.ends_with(b"Socket-Type\x00\x00\x00\x03SUB"));
+        assert!(sub_handshake().ends_with(&SUBSCRIBE_ALL));
+        assert_eq!(long_frame_header(1 << 40), [2, 0, 0, 1, 0, 0, 0, 0, 0]);
+    }
+}
