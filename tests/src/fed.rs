@@ -10,7 +10,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use hintfed_ami::{AmiClient, ClientConfig, Message, actions};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{Proc, bin_path, free_port, free_port_pair, wait_until, workspace_root};
 
@@ -142,37 +141,9 @@ impl Ami {
     }
 }
 
-/// `GET path` on `addr` over HTTP/1.0; the body (empty on error).
-pub async fn http_get(addr: &str, path: &str) -> String {
-    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
-        return String::new();
-    };
-    let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    if s.write_all(req.as_bytes()).await.is_err() {
-        return String::new();
-    }
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut buf)).await;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    text.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default()
-}
-
-/// Sum of the samples of Prometheus family `name` (e.g. `hintfed_rejects_total`) whose
-/// labels contain every one of `labels` (e.g. `reason="bad_mac"`).
-pub fn metric(text: &str, name: &str, labels: &[&str]) -> u64 {
-    text.lines()
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
-        })
-        .filter(|l| labels.iter().all(|f| l.contains(f)))
-        .filter_map(|l| l.rsplit(' ').next())
-        .filter_map(|v| v.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .sum()
-}
+/// `GET path` on `addr`; the body (empty on error). Also [`metric`], the sum of a Prometheus
+/// family in a `/metrics` text.
+pub use hintfed_testkit::http::{get_body as http_get, metric};
 
 /// One hub.
 pub struct Hub {

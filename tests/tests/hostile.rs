@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use hintfed_e2e::fed::{Federation, Via, http_get};
 use hintfed_e2e::{free_port, wait_until};
+use hintfed_testkit::zmtp;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -130,44 +131,12 @@ async fn abuse(port: u16, oversize: &[u8]) -> Vec<TcpStream> {
     held
 }
 
-/// A ZMTP 3.0 greeting (NULL mechanism) followed by a frame header announcing `len` bytes.
+/// A ZMTP 3.0 greeting followed by a frame header announcing `len` bytes (and 1 KiB of them).
 fn zmtp_oversize(len: u64) -> Vec<u8> {
-    let mut g = vec![0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0x7f, 3, 0];
-    let mut mech = b"NULL".to_vec();
-    mech.resize(20, 0);
-    g.extend(mech);
-    g.push(0);
-    g.extend([0u8; 31]);
-    // A long message frame: flags 0x02, 8-byte length.
-    g.push(0x02);
-    g.extend(len.to_be_bytes());
+    let mut g = zmtp::greeting();
+    g.extend(zmtp::long_frame_header(len));
     g.extend([b'x'; 1024]);
     g
-}
-
-/// A ZMTP 3.0 SUB peer that subscribes to everything and then never reads.
-async fn never_reading_subscriber(port: u16) -> Option<TcpStream> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
-    let mut g = vec![0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0x7f, 3, 0];
-    let mut mech = b"NULL".to_vec();
-    mech.resize(20, 0);
-    g.extend(mech);
-    g.push(0);
-    g.extend([0u8; 31]);
-    // READY command with Socket-Type SUB.
-    let mut body = vec![5];
-    body.extend(b"READY");
-    body.push(11);
-    body.extend(b"Socket-Type");
-    body.extend(3u32.to_be_bytes());
-    body.extend(b"SUB");
-    g.push(0x04);
-    g.push(body.len() as u8);
-    g.extend(body);
-    // Subscribe to everything (ZMTP 3.0 form: a message frame "\x01").
-    g.extend([0x00, 0x01, 0x01]);
-    s.write_all(&g).await.ok()?;
-    Some(s)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,7 +168,7 @@ async fn hub_ports_survive_garbage_oversize_floods_and_silent_or_non_reading_pee
     let mut deaf = Vec::new();
     for p in [port + 1, publ] {
         for _ in 0..5 {
-            deaf.extend(never_reading_subscriber(p).await);
+            deaf.extend(zmtp::deaf_subscriber(("127.0.0.1", p)).await.ok());
         }
     }
     // Traffic for the deaf subscribers to choke on.
