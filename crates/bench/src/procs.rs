@@ -7,7 +7,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+// Loopback ports, the HTTP probe and polling with a deadline: the same as the tests', from
+// `crates/testkit`.
+pub use hintfed_testkit::http::get_body as http_get;
+pub use hintfed_testkit::net::{try_free_port as free_port, try_free_port_pair as free_port_pair};
+pub use hintfed_testkit::wait::wait_until;
 
 /// Path of a sibling binary (same folder as this executable).
 pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
@@ -20,27 +24,6 @@ pub fn sibling(name: &str) -> anyhow::Result<PathBuf> {
         p.display()
     );
     Ok(p)
-}
-
-/// A free loopback TCP port (free when returned).
-pub fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-/// A port P with P and P+1 free.
-pub fn free_port_pair() -> anyhow::Result<u16> {
-    for _ in 0..200 {
-        let p = free_port()?;
-        if p < u16::MAX
-            && std::net::TcpListener::bind(("127.0.0.1", p)).is_ok()
-            && std::net::TcpListener::bind(("127.0.0.1", p + 1)).is_ok()
-        {
-            return Ok(p);
-        }
-    }
-    anyhow::bail!("no free port pair")
 }
 
 /// One daemon; killed (SIGKILL) when dropped.
@@ -172,43 +155,6 @@ pub fn usage(pid: u32, tck: f64) -> Option<Usage> {
         peak_rss_kib: kib("VmHWM:"),
         rss_kib: kib("VmRSS:"),
     })
-}
-
-/// `GET path` over HTTP/1.0; the body (empty on error).
-pub async fn http_get(addr: &str, path: &str) -> String {
-    let Ok(Ok(mut s)) =
-        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await
-    else {
-        return String::new();
-    };
-    let req = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
-    if s.write_all(req.as_bytes()).await.is_err() {
-        return String::new();
-    }
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(3), s.read_to_end(&mut buf)).await;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    text.split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default()
-}
-
-/// Polls `cond` every 20 ms until it holds or `timeout` passes.
-pub async fn wait_until<F, Fut>(timeout: Duration, mut cond: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if cond().await {
-            return true;
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// A started `hintfed-server`: the daemon and its ROUTER endpoint.
