@@ -23,6 +23,7 @@ use hintfed_asterisk::{ActionsVia, EventsVia, Pbx, PbxConfig};
 use hintfed_core::{Epoch, KeyRing, Node, NodeConfig};
 use hintfed_sim::kafka::{KafkaFormat, KafkaPublisher, KafkaSimConfig, entity_id_for};
 use hintfed_sim::{DeviceState as SimState, SimConfig, SimHandle, SimServer};
+use hintfed_testkit::wait::eventually_within;
 use hintfed_transport::kafka::{KafkaConfig, KafkaTransport};
 use tokio_util::sync::CancellationToken;
 
@@ -62,10 +63,7 @@ struct Broker {
 impl Broker {
     async fn start(bin: &PathBuf) -> Broker {
         let dir = tempfile::tempdir().expect("tempdir");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("free port")
-            .port();
+        let port = hintfed_testkit::net::free_port();
         let url = format!("tcp://127.0.0.1:{port}");
         let log = std::fs::File::create(dir.path().join("tansu.log")).expect("log file");
         let child = tokio::process::Command::new(bin)
@@ -210,17 +208,9 @@ async fn member(bootstrap: &str, name: &str, source: Source) -> Member {
     }
 }
 
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 async fn ready(m: &Member) {
     let h = m.handle.clone();
-    eventually("full sync and snapshot", || {
+    eventually_within("full sync and snapshot", DEADLINE, || {
         let c = h.status().counters();
         c.full_syncs >= 1 && c.snapshot_done
     })
@@ -301,7 +291,7 @@ async fn three_agents(bootstrap: &str) {
             .to_setvar_value(),
         )
         .expect("presence");
-    eventually("presence on a", || {
+    eventually_within("presence on a", DEADLINE, || {
         a.sim.getvar("PRESENCE_STATE(CustomPresence:alice,value)") == "dnd"
     })
     .await;
@@ -309,7 +299,7 @@ async fn three_agents(bootstrap: &str) {
     // c starts last: everything so far comes from the compacted topic alone.
     let c = member(bootstrap, "pbx-c", Source::Ami).await;
     ready(&c).await;
-    eventually("c converged from the topic", || {
+    eventually_within("c converged from the topic", DEADLINE, || {
         c.sim.getvar("DEVICE_STATE(Custom:PJSIP/100)") == "INUSE"
             && c.sim.getvar("DEVICE_STATE(Custom:PJSIP/200)") == "RINGING"
             && c.sim.getvar("PRESENCE_STATE(CustomPresence:alice,value)") == "dnd"
@@ -323,7 +313,7 @@ async fn three_agents(bootstrap: &str) {
     // Kill a's agent (no goodbye): that device turns to down_state on b and c.
     a.task.abort();
     let _ = a.task.await;
-    eventually("a's device down on b and c", || {
+    eventually_within("a's device down on b and c", DEADLINE, || {
         b.sim.getvar("DEVICE_STATE(Custom:PJSIP/900)") == "UNAVAILABLE"
             && c.sim.getvar("DEVICE_STATE(Custom:PJSIP/900)") == "UNAVAILABLE"
     })

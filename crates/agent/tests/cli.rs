@@ -2,21 +2,15 @@
 //! masks secrets, `--help` has examples, SIGHUP reloads (and says what changed), SIGTERM
 //! exits 0. The daemon runs here without any Asterisk or hub reachable.
 
-use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
+
+use hintfed_testkit::net::free_port;
+use hintfed_testkit::process::Proc;
 
 const BIN: &str = env!("CARGO_BIN_EXE_hintfed-agent");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
-}
+const WITHIN: Duration = Duration::from_secs(10);
 
 fn config(dir: &Path, body: &str) -> String {
     let p = dir.join("agent.ini");
@@ -142,88 +136,24 @@ fn help_has_examples_and_mentions_kafka() {
     assert!(out.starts_with("hintfed-agent "), "{out}");
 }
 
-struct Daemon {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
+/// The line of `p` containing `needle`, within [`WITHIN`].
+async fn wait_line(p: &Proc, needle: &str) -> String {
+    p.wait_for_line(needle, WITHIN)
+        .await
+        .unwrap_or_else(|| panic!("no line with {needle:?} in {:?}", p.lines()))
 }
 
-impl Daemon {
-    fn start(config: &str) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["--config", config])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let err = child.stderr.take().expect("stderr");
-        let l = Arc::clone(&lines);
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                l.lock().expect("lock").push(line);
-            }
-        });
-        Daemon { child, lines }
-    }
-
-    fn wait_line(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Some(l) = self
-                .lines
-                .lock()
-                .expect("lock")
-                .iter()
-                .find(|l| l.contains(needle))
-            {
-                return l.clone();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no line with {needle:?} in {:?}",
-                self.lines.lock().expect("lock")
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([format!("-{sig}"), self.child.id().to_string()])
-            .status()
-            .expect("kill")
-            .success();
-        assert!(ok);
-    }
-
-    fn wait_exit(&mut self) -> Option<i32> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                return s.code();
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-#[test]
-fn sighup_reloads_filter_and_keys_and_sigterm_exits_0() {
+#[tokio::test]
+async fn sighup_reloads_filter_and_keys_and_sigterm_exits_0() {
     let dir = tempfile::tempdir().expect("tempdir");
     let text = good("");
     let path = config(dir.path(), &text);
-    let mut d = Daemon::start(&path);
-    d.wait_line("agent starting");
+    let mut d = Proc::spawn(
+        "agent",
+        Path::new(BIN),
+        &["--config".to_owned(), path.clone()],
+    );
+    wait_line(&d, "agent starting").await;
 
     std::fs::write(
         &path,
@@ -234,7 +164,7 @@ fn sighup_reloads_filter_and_keys_and_sigterm_exits_0() {
     )
     .expect("rewrite");
     d.signal("HUP");
-    let line = d.wait_line("reload: applying");
+    let line = wait_line(&d, "reload: applying").await;
     assert!(line.contains("include"), "{line}");
     assert!(line.contains("shared keys replaced (1 -> 2)"), "{line}");
     assert!(!line.contains("secret-key"), "{line}");
@@ -242,18 +172,11 @@ fn sighup_reloads_filter_and_keys_and_sigterm_exits_0() {
     // An invalid file on reload changes nothing and keeps the daemon running.
     std::fs::write(&path, text.replace("port = ", "port = x")).expect("rewrite");
     d.signal("HUP");
-    d.wait_line("reload: configuration invalid");
+    wait_line(&d, "reload: configuration invalid").await;
 
     d.signal("TERM");
-    assert_eq!(d.wait_exit(), Some(0));
-    assert!(
-        !d.lines
-            .lock()
-            .expect("lock")
-            .iter()
-            .any(|l| l.contains("very-secret")),
-        "secrets never logged"
-    );
+    assert_eq!(d.wait_exit(WITHIN).await, Some(0));
+    assert!(!d.has("very-secret"), "secrets never logged");
 }
 
 #[test]

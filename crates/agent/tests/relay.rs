@@ -12,6 +12,7 @@ use hintfed_ami::ClientConfig;
 use hintfed_asterisk::{ActionsVia, EventsVia, Pbx, PbxConfig};
 use hintfed_core::{Epoch, KeyRing, Node, NodeConfig};
 use hintfed_sim::{DeviceState as SimState, SimConfig, SimHandle, SimServer};
+use hintfed_testkit::wait::eventually;
 use hintfed_transport::{Channel, FederationTransport, Incoming, TransportError};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -150,14 +151,6 @@ async fn member(bus: &Bus, name: &str, keys: &str, origin_timeout_ms: u64) -> Me
         inject,
         stop,
         task,
-    }
-}
-
-async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(8);
-    while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 

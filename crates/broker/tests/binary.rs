@@ -5,16 +5,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::Duration;
 
 use common::*;
 use hintfed_sim::DeviceState as S;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use hintfed_testkit::http;
+use hintfed_testkit::process::Proc;
+use hintfed_testkit::wait::wait_until;
 
 const BIN: &str = env!("CARGO_BIN_EXE_hintfed-broker");
+const WITHIN: Duration = Duration::from_secs(10);
 /// Byte for byte `shared/fixtures/zmq-ami-broker/example_config.ini`.
 const ORIGINAL: &str = include_str!("data/example_config.ini");
 
@@ -124,65 +125,6 @@ fn help_and_version() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("hintfed-broker "));
 }
 
-struct Proc {
-    child: Child,
-    lines: Arc<Mutex<Vec<String>>>,
-}
-
-impl Proc {
-    fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn");
-        let lines = Arc::new(Mutex::new(Vec::new()));
-        let l2 = lines.clone();
-        let err = child.stderr.take().expect("stderr");
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                l2.lock().expect("lock").push(line);
-            }
-        });
-        Proc { child, lines }
-    }
-
-    fn has(&self, needle: &str) -> bool {
-        self.lines
-            .lock()
-            .expect("lock")
-            .iter()
-            .any(|l| l.contains(needle))
-    }
-
-    fn dump(&self) -> String {
-        self.lines.lock().expect("lock").join("\n")
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.ok()?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, text))
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_with_the_positional_file_counts_and_stops_on_sigterm() {
     let a = sim("pbx-a").await;
@@ -202,16 +144,10 @@ async fn runs_with_the_positional_file_counts_and_stops_on_sigterm() {
     let file = write(&dir, "broker.ini", &text);
     // Set before the broker connects: its full sync (DeviceStateList) picks it up.
     a.set_device_state("PJSIP/100", S::Inuse).expect("set");
-    let mut p = Proc::spawn(&[&file]);
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while custom(&b, "PJSIP/100") != "INUSE" {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no propagation:\n{}",
-            p.dump()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let mut cmd = Command::new(BIN);
+    cmd.arg(&file).env_remove("RUST_LOG");
+    let mut p = Proc::spawn_command("broker", cmd);
+    eventually("propagation", || custom(&b, "PJSIP/100") == "INUSE").await;
     // And a change while it runs.
     a.set_device_state("PJSIP/200", S::Busy).expect("set");
     eventually("live change", || custom(&b, "PJSIP/200") == "BUSY").await;
@@ -219,67 +155,41 @@ async fn runs_with_the_positional_file_counts_and_stops_on_sigterm() {
         p.has("message counts") && p.has("event DeviceStateChange") && p.has("PJSIP/100")
     })
     .await;
-    let mut ready = None;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while ready.is_none() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no /readyz 200:\n{}",
-            p.dump()
-        );
-        if let Some((200, _)) = http_get(http, "/readyz").await {
-            ready = Some(());
-        } else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-    let (code, origins) = http_get(http, "/api/origins").await.expect("origins");
-    assert_eq!(code, 200);
+    let http = ("127.0.0.1", http);
     assert!(
-        origins.contains("Console 1") && origins.contains("Console 2"),
-        "{origins}"
+        wait_until(WITHIN, || async {
+            http::get(http, "/readyz")
+                .await
+                .is_some_and(|r| r.status == 200)
+        })
+        .await,
+        "no /readyz 200"
     );
-    let (code, metrics) = http_get(http, "/metrics").await.expect("metrics");
-    assert_eq!(code, 200);
+    let origins = http::get(http, "/api/origins").await.expect("origins");
+    assert_eq!(origins.status, 200);
     assert!(
-        metrics.contains("Console 1"),
-        "per-server labels: {metrics}"
+        origins.body.contains("Console 1") && origins.body.contains("Console 2"),
+        "{origins:?}"
+    );
+    let metrics = http::get(http, "/metrics").await.expect("metrics");
+    assert_eq!(metrics.status, 200);
+    assert!(
+        metrics.body.contains("Console 1"),
+        "per-server labels: {metrics:?}"
     );
     assert!(
-        metrics.contains("queue=\"bus Console 2\""),
-        "bus queue gauge: {metrics}"
+        metrics.body.contains("queue=\"bus Console 2\""),
+        "bus queue gauge: {metrics:?}"
     );
 
     // SIGHUP reloads (log_level, include/exclude; the file is unchanged) and keeps running.
-    let ok = Command::new("kill")
-        .args(["-HUP", &p.child.id().to_string()])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok);
+    p.signal("HUP");
     eventually("reload logged", || {
         p.has("reload: include and exclude unchanged")
     })
     .await;
-    assert!(
-        p.child.try_wait().expect("try_wait").is_none(),
-        "still running"
-    );
+    assert_eq!(p.exit_code(), None, "still running");
 
-    let ok = Command::new("kill")
-        .args(["-TERM", &p.child.id().to_string()])
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(s) = p.child.try_wait().expect("try_wait") {
-            break s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no exit after SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(status.code(), Some(0), "{}", p.dump());
+    p.signal("TERM");
+    assert_eq!(p.wait_exit(WITHIN).await, Some(0), "exit after SIGTERM");
 }

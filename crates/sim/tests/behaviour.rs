@@ -8,16 +8,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use hintfed_ami::Message;
 use hintfed_sim::{DeviceState, RandomLoad, ScriptLine, ScriptStep, SimConfig};
+use hintfed_testkit::wait::eventually;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// Polls `cond` until it holds, panicking after [`DEADLINE`].
-async fn eventually(what: &str, cond: impl Fn() -> bool) {
-    let end = Instant::now() + DEADLINE;
-    while !cond() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-}
 
 fn setvar(var: &str, value: &str) -> Message {
     Message::action("Setvar")

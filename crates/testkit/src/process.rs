@@ -108,19 +108,25 @@ impl Proc {
         assert!(status.success(), "kill -{sig} {} failed", self.name);
     }
 
-    /// Waits for the process to exit (up to `timeout`); returns its exit code (-1 when killed
-    /// by a signal) if it exited.
+    /// The exit code (-1 when killed by a signal) if the process has exited; `None` while it
+    /// runs.
+    pub fn exit_code(&mut self) -> Option<i32> {
+        match self.child.try_wait() {
+            Ok(Some(s)) => Some(s.code().unwrap_or(-1)),
+            _ => None,
+        }
+    }
+
+    /// Waits for the process to exit (up to `timeout`); returns its [`Proc::exit_code`].
     pub async fn wait_exit(&mut self, timeout: Duration) -> Option<i32> {
-        let mut status = None;
+        let mut code = None;
         wait_until(timeout, || {
-            if let Ok(Some(s)) = self.child.try_wait() {
-                status = Some(s.code().unwrap_or(-1));
-            }
-            let done = status.is_some();
+            code = self.exit_code();
+            let done = code.is_some();
             async move { done }
         })
         .await;
-        status
+        code
     }
 
     /// Kills the process at once (SIGKILL) and reaps it.
@@ -162,6 +168,7 @@ mod tests {
     #[tokio::test]
     async fn a_signal_ends_a_sleeping_child() {
         let mut p = Proc::spawn("sleep", Path::new("sleep"), &["30".to_owned()]);
+        assert_eq!(p.exit_code(), None);
         p.signal("TERM");
         assert_eq!(p.wait_exit(Duration::from_secs(10)).await, Some(-1));
     }

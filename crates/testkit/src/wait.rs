@@ -30,8 +30,17 @@ where
     }
 }
 
-/// Polls `cond` every 5 ms until it holds; panics with `timed out: <what>` after `within`.
-pub async fn eventually(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
+/// How long [`eventually`] waits: long enough for a loaded 2-core CI machine, short enough
+/// that a broken test fails in seconds.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Polls `cond` every 5 ms until it holds; panics with `timed out: <what>` after [`DEADLINE`].
+pub async fn eventually(what: &str, cond: impl FnMut() -> bool) {
+    eventually_within(what, DEADLINE, cond).await;
+}
+
+/// [`eventually`] with another deadline.
+pub async fn eventually_within(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !cond() {
         assert!(Instant::now() < deadline, "timed out: {what}");
@@ -58,11 +67,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn eventually_returns_once_true_and_panics_after_the_deadline() {
         let start = Instant::now();
-        eventually("100 ms", Duration::from_secs(1), || {
-            start.elapsed() > Duration::from_millis(100)
-        })
-        .await;
-        let never = tokio::spawn(eventually("never", Duration::from_secs(1), || false));
+        eventually("100 ms", || start.elapsed() > Duration::from_millis(100)).await;
+        let never = tokio::spawn(eventually_within("never", Duration::from_secs(1), || false));
         let err = never.await.expect_err("panics");
         assert!(err.is_panic());
     }

@@ -1,15 +1,16 @@
 //! Helpers shared by the broker tests.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use hintfed_broker::broker::{self, BrokerHooks, RunningBroker};
 use hintfed_broker::config::{BrokerConfig, ENV_SECTIONS};
 use hintfed_daemon::config::ConfigFile;
 use hintfed_sim::{SimConfig, SimHandle, SimServer};
+pub use hintfed_testkit::net::free_port;
+use hintfed_testkit::process::Proc;
+pub use hintfed_testkit::wait::eventually;
 use tokio_util::sync::CancellationToken;
 
 pub const EXTENSIONS: &str = "\
@@ -76,14 +77,6 @@ pub fn config(general: &str, sections: &[String]) -> String {
 
 pub fn custom(s: &SimHandle, device: &str) -> String {
     s.getvar(&format!("DEVICE_STATE(Custom:{device})"))
-}
-
-pub async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while !cond() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
 }
 
 /// Waits until no simulator received a `Setvar` for 300 ms (initial syncs done).
@@ -183,20 +176,11 @@ pub fn python_with_zmq() -> bool {
         .is_ok_and(|s| s.success())
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("bind")
-        .local_addr()
-        .expect("addr")
-        .port()
-}
-
 /// The res_zmq_manager stand-in fronting one simulator.
 pub struct Standin {
-    child: Child,
+    proc: Proc,
     pub cmd: u16,
     pub evt: u16,
-    stderr: Arc<Mutex<Vec<String>>>,
 }
 
 impl Standin {
@@ -204,83 +188,39 @@ impl Standin {
         let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../../tests/py/zmq_manager_standin.py");
         let (cmd, evt) = (free_port(), free_port());
-        let mut child = Command::new("python3")
+        let mut command = Command::new("python3");
+        command
             .arg(script)
             .args(["--ami", &s.local_addr().to_string()])
             .args(["--username", "admin", "--secret", "adminsecret"])
             .args(["--evt", &format!("tcp://127.0.0.1:{evt}")])
-            .args(["--cmd", &format!("tcp://127.0.0.1:{cmd}")])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("python3");
-        let stdout = child.stdout.take().expect("stdout");
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let err = child.stderr.take().expect("stderr");
-        let e2 = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                e2.lock().expect("lock").push(line);
-            }
-        });
-        let ready = tokio::task::spawn_blocking(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            let ok = lines
-                .by_ref()
-                .map_while(Result::ok)
-                .any(|l| l.trim() == "ready");
-            // Keep draining so the child never blocks on a full pipe.
-            std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
-            ok
-        });
-        let ok = tokio::time::timeout(Duration::from_secs(10), ready)
-            .await
-            .expect("stand-in ready in time")
-            .expect("reader");
+            .args(["--cmd", &format!("tcp://127.0.0.1:{cmd}")]);
+        let proc = Proc::spawn_command("standin", command);
         assert!(
-            ok,
+            proc.wait_for_line("ready", Duration::from_secs(10))
+                .await
+                .is_some(),
             "stand-in did not get ready: {:?}",
-            stderr.lock().expect("lock")
+            proc.lines()
         );
-        Standin {
-            child,
-            cmd,
-            evt,
-            stderr,
-        }
+        Standin { proc, cmd, evt }
     }
 
     /// SIGUSR1: toggle blackhole.
     pub fn blackhole(&self) {
-        let ok = Command::new("kill")
-            .args(["-USR1", &self.child.id().to_string()])
-            .status()
-            .is_ok_and(|s| s.success());
-        assert!(ok, "kill -USR1");
+        self.proc.signal("USR1");
     }
 
     pub fn assert_alive(&mut self) {
-        let status = self.child.try_wait().expect("try_wait");
+        let status = self.proc.exit_code();
         assert!(
             status.is_none(),
             "stand-in exited {status:?}: {:?}",
-            self.stderr.lock().expect("lock")
+            self.proc.lines()
         );
         assert!(
-            !self
-                .stderr
-                .lock()
-                .expect("lock")
-                .iter()
-                .any(|l| l.contains("CRASH")),
+            !self.proc.has("CRASH"),
             "Getvar sent through res_zmq_manager"
         );
-    }
-}
-
-impl Drop for Standin {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
