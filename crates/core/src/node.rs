@@ -17,11 +17,10 @@
 //!   as the policy's `down_state` until its next full sync ends.
 //!
 //! Presence listed during a full sync (`PresenceStateList`) is published only when nobody
-//! else holds a write for the key, and then with the oldest timestamp ([`HlcTimestamp::ZERO`]):
-//! its time of setting is unknown (it may be a copy this node applied before it restarted), so
-//! any timestamped write wins over it and is applied locally instead. The exception is a key
-//! whose last write was our own: a different listed value is then a local change made while we
-//! were away, and it is published as a new write.
+//! else holds a newer write for the key: its time of setting is unknown, so a value written
+//! elsewhere meanwhile wins and is applied locally instead. The exception is a key whose last
+//! write was our own: a different listed value is then a local change made while we were
+//! away, and it is published.
 //!
 //! Snapshots are requested from every hub and every answer is merged; a hub that missed part
 //! of an origin's stream asks that origin to republish ([`Body::ResyncRequest`]), and the
@@ -756,19 +755,15 @@ impl Node {
             self.stats.filtered += 1;
             return;
         }
-        let ts = match self.replica.table.presence(&key) {
-            // Nobody here knows the key: the listing's time of setting is unknown, so it is
-            // published as the oldest possible write. Where it is a stale copy of a write
-            // applied here earlier (this node restarted and its snapshot came from a hub
-            // that knows less), every timestamped write of the key still wins over it.
-            None => HlcTimestamp::ZERO,
-            Some(w) if w.value == p => return,
-            // Our own last write differs from what Asterisk holds: changed locally while we
-            // were away, so newer than every write we know of.
-            Some(w) if w.origin == self.cfg.origin => self.hlc.now(now),
-            Some(_) => return,
+        let publish = match self.replica.table.presence(&key) {
+            None => true,
+            Some(w) if w.value == p => false,
+            Some(w) => w.origin == self.cfg.origin,
         };
-        self.publish_update(now, key, Value::Presence(p), ts);
+        if publish {
+            let ts = self.hlc.now(now);
+            self.publish_update(now, key, Value::Presence(p), ts);
+        }
     }
 
     /// Republishes the presence writes of this origin that are still winners, with their

@@ -406,49 +406,6 @@ fn presence_last_writer_wins_and_listing_does_not_override_newer_remote_writes()
 }
 
 #[test]
-fn listed_presence_nobody_knows_is_published_as_the_oldest_write() {
-    // A restarted node lists a presence it applied before (a stale copy); its snapshot came
-    // from a hub that knows nothing of the key. The listing is published with the smallest
-    // timestamp, so the origin's real write, whenever it was made, still wins everywhere.
-    let mut r = synced("pbx-r");
-    let p = |s| Presence::new(s, "", "");
-    r.on_local_full_sync(
-        Millis(1_000),
-        vec![LocalEvent::presence(
-            "CustomPresence:bob",
-            p(PresenceStatus::Away),
-        )],
-    );
-    let acts = r.take_actions();
-    let u = updates(&acts);
-    // Published (the full sync's own-winner republish may repeat it, same timestamp).
-    assert!(!u.is_empty());
-    assert!(u.iter().all(|u| u.ts == HlcTimestamp::ZERO));
-    let real = Envelope::new(
-        "pbx-b",
-        Epoch(1),
-        1,
-        Body::Update(Update {
-            key: "CustomPresence:bob".into(),
-            value: Value::Presence(p(PresenceStatus::Dnd)),
-            ts: HlcTimestamp {
-                wall: 5,
-                counter: 0,
-            },
-        }),
-    );
-    r.on_remote(Millis(1_001), &real);
-    let acts = r.take_actions();
-    assert_eq!(
-        applies(&acts)[0].value,
-        Value::Presence(p(PresenceStatus::Dnd))
-    );
-    assert!(updates(&acts).is_empty());
-    let w = r.table().presence("CustomPresence:bob").expect("winner");
-    assert_eq!(w.origin, "pbx-b");
-}
-
-#[test]
 fn restarted_agent_queries_devices_it_published_before() {
     let mut c = NodeConfig::new("pbx-a");
     c.snapshot_retry_ms = 1_000;
