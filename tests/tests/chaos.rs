@@ -350,9 +350,14 @@ impl Chaos {
         out
     }
 
-    /// Presentities whose agreed value is not the last one written on their origin (a write
-    /// made while the origin's agent was down or paused can lose to an older federated value:
-    /// reported, not asserted; the issue asks for presence identical everywhere).
+    /// Presentities whose agreed value is not the last one written on their origin: reported,
+    /// not asserted (the issue asks for presence identical everywhere). Two documented limits
+    /// of listing presence (`hintfed_core::node`) produce them under these faults: a write made
+    /// while the origin's agent was away can lose to a value written elsewhere meanwhile, and
+    /// a restarted agent whose snapshot came from hubs that know nothing of a presentity yet
+    /// (both just restarted) republishes the copy it applied earlier as a new write. Publishing
+    /// such listings with the oldest timestamp instead was tried (seed 77, 150 s): servers then
+    /// diverged, so it was reverted.
     async fn stale_presence(&self) -> Vec<String> {
         let mut out = Vec::new();
         for (s, want) in self.truth.presence.iter().enumerate() {

@@ -26,8 +26,10 @@
 //! of an origin's stream asks that origin to republish ([`Body::ResyncRequest`]), and the
 //! node republishes its last sent values plus its own still-winning presence writes (with
 //! their original timestamps, so the republish changes nothing where it is known). Known
-//! limit: a presence write that every hub missed and whose origin restarted before
-//! republishing it is lost (the others converge on the previous winner).
+//! limits: a presence write that every hub missed and whose origin restarted before
+//! republishing it is lost (the others converge on the previous winner); a restarted node
+//! whose snapshot came from hubs that know nothing of a presentity yet (restarted themselves)
+//! publishes the copy it applied earlier as a new write (everyone converges on that copy).
 //!
 //! # Daemon loop (agent)
 //! 1. `Node::new(config, Epoch(unix_ms_now), now)`; send [`Node::hello`] to each hub.
