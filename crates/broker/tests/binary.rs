@@ -12,7 +12,6 @@ use common::*;
 use hintfed_sim::DeviceState as S;
 use hintfed_testkit::http;
 use hintfed_testkit::process::Proc;
-use hintfed_testkit::wait::wait_until;
 
 const BIN: &str = env!("CARGO_BIN_EXE_hintfed-broker");
 const WITHIN: Duration = Duration::from_secs(10);
@@ -156,15 +155,8 @@ async fn runs_with_the_positional_file_counts_and_stops_on_sigterm() {
     })
     .await;
     let http = ("127.0.0.1", http);
-    assert!(
-        wait_until(WITHIN, || async {
-            http::get(http, "/readyz")
-                .await
-                .is_some_and(|r| r.status == 200)
-        })
-        .await,
-        "no /readyz 200"
-    );
+    let ready = http::get_until(http, "/readyz", WITHIN, |r| r.status == 200).await;
+    assert!(ready.is_some(), "no /readyz 200");
     let origins = http::get(http, "/api/origins").await.expect("origins");
     assert_eq!(origins.status, 200);
     assert!(

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use hintfed_core::{Presence, PresenceStatus};
 use hintfed_sim::DeviceState as S;
+use hintfed_testkit::process::pyzmq_available;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_and_presence_propagate_without_loop_and_aggregate() {
@@ -217,8 +218,7 @@ async fn restart_reapplies_and_a_lost_server_goes_down_state() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn res_zmq_manager_servers_through_the_standin() {
-    if !python_with_zmq() {
-        eprintln!("skipped: python3 with pyzmq not available");
+    if !pyzmq_available() {
         return;
     }
     let sims = [sim("pbx-a").await, sim("pbx-b").await, sim("pbx-c").await];

@@ -2,32 +2,16 @@
 
 mod common;
 
-use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::{FakeAgent, WITHIN};
 use hintfed_core::{DeviceState, KeyRing, LocalEvent};
+use hintfed_testkit::http;
+use hintfed_testkit::net::{free_port, free_port_pair};
+use hintfed_testkit::process::Proc;
 
 const BIN: &str = env!("CARGO_BIN_EXE_hintfed-server");
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn free_port_pair() -> u16 {
-    loop {
-        let a = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let p = a.local_addr().expect("addr").port();
-        if p < u16::MAX && TcpListener::bind(("127.0.0.1", p + 1)).is_ok() {
-            return p;
-        }
-    }
-}
 
 fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
     let path = dir.path().join("server.ini");
@@ -35,42 +19,12 @@ fn write_config(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
     path
 }
 
-/// One HTTP/1.1 GET; (status, body).
-fn get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .ok()?;
-    let mut text = String::new();
-    s.read_to_string(&mut text).ok()?;
-    let status = text.split(' ').nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-    Some((status, body))
-}
-
-fn wait_http(port: u16, path: &str, mut pred: impl FnMut(u16, &str) -> bool) -> String {
-    let deadline = Instant::now() + WITHIN;
-    loop {
-        if let Some((status, body)) = get(port, path)
-            && pred(status, &body)
-        {
-            return body;
-        }
-        assert!(Instant::now() < deadline, "GET {path} never satisfied");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// The body of `GET path` on the local `port` once `pred` holds for the reply.
+async fn wait_http(port: u16, path: &str, pred: impl FnMut(&http::Reply) -> bool) -> String {
+    http::get_until(("127.0.0.1", port), path, WITHIN, pred)
+        .await
+        .unwrap_or_else(|| panic!("GET {path} never satisfied"))
+        .body
 }
 
 #[test]
@@ -154,48 +108,33 @@ async fn serves_agents_and_http_then_exits_0_on_sigterm() {
              [server]\nlisten = tcp://127.0.0.1:{port}\n[http]\nlisten = 127.0.0.1:{http}\n"
         ),
     );
-    let child = Command::new(BIN)
-        .arg("--config")
-        .arg(&path)
-        .arg("-q")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn");
-    let mut child = Child(child);
-    tokio::task::spawn_blocking(move || {
-        wait_http(http, "/readyz", |s, _| s == 200);
-    })
-    .await
-    .expect("ready");
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--config").arg(&path).arg("-q");
+    let mut p = Proc::spawn_command("server", cmd);
+    wait_http(http, "/readyz", |r| r.status == 200).await;
     let eps = vec![format!("tcp://127.0.0.1:{port}")];
     let mut a = FakeAgent::connect("pbx-a", &eps, KeyRing::from_secrets(["s3cret"])).await;
     a.full_sync(vec![LocalEvent::device("PJSIP/100", DeviceState::Inuse)]);
-    let state = tokio::task::spawn_blocking(move || {
-        wait_http(http, "/api/state", |s, b| {
-            s == 200 && b.contains("PJSIP/100")
-        })
-    });
     // Keep the agent alive (heartbeats) while polling.
+    let deadline = Instant::now() + WITHIN;
     let state = loop {
-        if state.is_finished() {
-            break state.await.expect("state");
-        }
         a.pump(Duration::from_millis(20)).await;
+        if let Some(r) = http::get(("127.0.0.1", http), "/api/state").await
+            && r.status == 200
+            && r.body.contains("PJSIP/100")
+        {
+            break r.body;
+        }
+        assert!(Instant::now() < deadline, "GET /api/state never satisfied");
     };
     let v: serde_json::Value = serde_json::from_str(&state).expect("json");
     assert_eq!(v["devices"][0]["aggregate"], "INUSE");
     assert_eq!(v["devices"][0]["origins"]["pbx-a"], "INUSE");
-    let (metrics, origins) = tokio::task::spawn_blocking(move || {
-        (
-            wait_http(http, "/metrics", |s, b| {
-                s == 200 && b.contains("hintfed_origins_up 1")
-            }),
-            wait_http(http, "/api/origins", |s, _| s == 200),
-        )
+    let metrics = wait_http(http, "/metrics", |r| {
+        r.status == 200 && r.body.contains("hintfed_origins_up 1")
     })
-    .await
-    .expect("metrics");
+    .await;
+    let origins = wait_http(http, "/api/origins", |r| r.status == 200).await;
     assert!(
         metrics.contains("hintfed_build_info{daemon=\"hintfed-server\""),
         "{metrics}"
@@ -206,7 +145,6 @@ async fn serves_agents_and_http_then_exits_0_on_sigterm() {
     );
     assert!(origins.contains("\"pbx-a\""), "{origins}");
 
-    let pid = child.0.id().to_string();
     // SIGHUP: the shared keys are re-read (rotation: a new key first, the old one kept).
     std::fs::write(
         &path,
@@ -216,11 +154,7 @@ async fn serves_agents_and_http_then_exits_0_on_sigterm() {
         ),
     )
     .expect("rewrite config");
-    let hup = Command::new("kill")
-        .args(["-HUP", &pid])
-        .status()
-        .expect("kill");
-    assert!(hup.success());
+    p.signal("HUP");
     let mut n = FakeAgent::connect("pbx-n", &eps, KeyRing::from_secrets(["rotated"])).await;
     n.full_sync(vec![]);
     let deadline = Instant::now() + WITHIN;
@@ -234,10 +168,8 @@ async fn serves_agents_and_http_then_exits_0_on_sigterm() {
             DeviceState::Ringing
         };
         n.pump(Duration::from_millis(50)).await;
-        let body = tokio::task::spawn_blocking(move || get(http, "/api/state"))
-            .await
-            .expect("get");
-        if body.is_some_and(|(_, b)| b.contains("PJSIP/200")) {
+        let body = http::get_body(("127.0.0.1", http), "/api/state").await;
+        if body.contains("PJSIP/200") {
             break;
         }
         assert!(
@@ -245,18 +177,10 @@ async fn serves_agents_and_http_then_exits_0_on_sigterm() {
             "new key never accepted after SIGHUP"
         );
     }
-    let killed = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(killed.success());
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let status = loop {
-        if let Some(s) = child.0.try_wait().expect("try_wait") {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "no exit within 5 s of SIGTERM");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    assert_eq!(status.code(), Some(0));
+    p.signal("TERM");
+    assert_eq!(
+        p.wait_exit(Duration::from_secs(5)).await,
+        Some(0),
+        "exit 0 within 5 s of SIGTERM"
+    );
 }

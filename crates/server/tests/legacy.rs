@@ -8,23 +8,9 @@ use std::time::{Duration, Instant};
 
 use common::{FakeAgent, TestHub, device_of};
 use hintfed_core::{DeviceState, KeyRing, LocalEvent};
+use hintfed_testkit::process::pyzmq_available;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Command;
-
-fn pyzmq_available() -> bool {
-    let ok = std::process::Command::new("python3")
-        .args(["-c", "import zmq"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!(
-            "SKIPPED: python3 with pyzmq is not available (pip install -r tests/requirements.txt)"
-        );
-    }
-    ok
-}
 
 type Lines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
 

@@ -5,11 +5,14 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
+use tokio::time::Instant;
 
 /// How long connecting may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long reading the whole reply may take.
 const READ_TIMEOUT: Duration = Duration::from_secs(3);
+/// How often [`get_until`] asks.
+const POLL: Duration = Duration::from_millis(20);
 
 /// One HTTP reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -41,6 +44,28 @@ pub async fn get(addr: impl ToSocketAddrs, path: &str) -> Option<Reply> {
         head: head.to_owned(),
         body: body.to_owned(),
     })
+}
+
+/// `GET path` on `addr` every 20 ms until a reply satisfies `pred`; that reply, or `None`
+/// when none did within `within`.
+pub async fn get_until(
+    addr: impl ToSocketAddrs + Copy,
+    path: &str,
+    within: Duration,
+    mut pred: impl FnMut(&Reply) -> bool,
+) -> Option<Reply> {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(r) = get(addr, path).await
+            && pred(&r)
+        {
+            return Some(r);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        tokio::time::sleep(POLL).await;
+    }
 }
 
 /// The body of `GET path` on `addr` (empty when it failed).

@@ -1,7 +1,7 @@
 //! [`Proc`]: one child process (a daemon under test) whose stdout and stderr lines are
 //! collected (and echoed to the test's stderr under its name, so a failing test shows what the
 //! daemon said), signalled with kill(1), and killed when dropped so a failing test leaves
-//! nothing behind.
+//! nothing behind. [`pyzmq_available`] tells the tests that need pyzmq whether to run.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -140,6 +140,23 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Whether `python3` with pyzmq (the libzmq peers and stand-ins of the tests) is available;
+/// when not, says `SKIPPED: ...` on stderr for the caller to return early.
+pub fn pyzmq_available() -> bool {
+    let ok = Command::new("python3")
+        .args(["-c", "import zmq"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        eprintln!(
+            "SKIPPED: python3 with pyzmq is not available (pip install -r tests/requirements.txt)"
+        );
+    }
+    ok
 }
 
 #[cfg(test)]

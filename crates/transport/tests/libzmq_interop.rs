@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hintfed_testkit::net::{free_port, free_port_pair};
+use hintfed_testkit::process::pyzmq_available;
 use hintfed_transport::{
     Channel, HubBind, HubBindConfig, HubLink, HubLinkConfig, Limits, PubBind, PullBind, ReqClient,
     ReqClientConfig, RequestError, SubClient, SubClientConfig,
@@ -64,21 +65,6 @@ impl Drop for PyPeer {
         let _ = self.child.start_kill();
         let _ = self.child.try_wait();
     }
-}
-
-fn pyzmq_available() -> bool {
-    let ok = std::process::Command::new("python3")
-        .args(["-c", "import zmq"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!(
-            "SKIPPED: python3 with pyzmq is not available (pip install -r tests/requirements.txt)"
-        );
-    }
-    ok
 }
 
 fn b(s: &'static str) -> Bytes {

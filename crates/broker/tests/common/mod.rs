@@ -1,7 +1,7 @@
 //! Helpers shared by the broker tests.
 #![allow(dead_code)]
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use hintfed_broker::broker::{self, BrokerHooks, RunningBroker};
@@ -165,15 +165,6 @@ impl Broker {
                 .expect("clean stop");
         }
     }
-}
-
-pub fn python_with_zmq() -> bool {
-    Command::new("python3")
-        .args(["-c", "import zmq"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
 }
 
 /// The res_zmq_manager stand-in fronting one simulator.
