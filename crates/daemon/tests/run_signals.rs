@@ -10,7 +10,8 @@ use std::time::Duration;
 use hintfed_daemon::cli::CommonArgs;
 use hintfed_daemon::config::{ConfigError, ConfigFile};
 use hintfed_daemon::run::{self, DaemonSpec};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use hintfed_testkit::http;
+use hintfed_testkit::process::signal_self;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
@@ -23,30 +24,10 @@ fn load(_: &ConfigFile) -> Result<Cfg, ConfigError> {
     Ok(Cfg {})
 }
 
-fn kill(signal: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(std::process::id().to_string())
-        .status()
-        .expect("run kill");
-    assert!(status.success());
-}
-
+/// (status, body) of `GET path`.
 async fn get(addr: SocketAddr, path: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .expect("write");
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.expect("read");
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").expect("response");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .expect("status");
-    (status, body.to_owned())
+    let r = http::get(addr, path).await.expect("HTTP reply");
+    (r.status, r.body)
 }
 
 #[derive(Debug)]
@@ -120,7 +101,7 @@ async fn lifecycle_with_real_signals() {
         "[general]\nlog_level = debug\nshutdown_grace = 5s\n[http]\nlisten = 127.0.0.1:0\n",
     )
     .expect("rewrite config");
-    kill("HUP");
+    signal_self("HUP");
     match next(&mut notes).await {
         Note::Reloaded(level, effective) => {
             assert_eq!(level.as_deref(), Some("debug"));
@@ -132,7 +113,7 @@ async fn lifecycle_with_real_signals() {
         other => panic!("expected a reload, got {other:?}"),
     }
 
-    kill("TERM");
+    signal_self("TERM");
     assert!(matches!(next(&mut notes).await, Note::Draining));
     // During the drain the HTTP server still answers, and /readyz says why it is not ready.
     let drained = tokio::time::timeout(DEADLINE, async {

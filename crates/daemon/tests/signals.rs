@@ -5,15 +5,7 @@
 use std::time::Duration;
 
 use hintfed_daemon::signals::Signals;
-
-fn kill(signal: &str) {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(std::process::id().to_string())
-        .status()
-        .expect("run kill");
-    assert!(status.success());
-}
+use hintfed_testkit::process::signal_self;
 
 #[tokio::test]
 async fn sighup_reloads_and_sigterm_cancels() {
@@ -21,14 +13,14 @@ async fn sighup_reloads_and_sigterm_cancels() {
     // The signal task must keep watching even though nobody holds a receiver yet.
     tokio::task::yield_now().await;
     let mut reload = signals.reload_receiver();
-    kill("HUP");
+    signal_self("HUP");
     let n = tokio::time::timeout(Duration::from_secs(5), reload.recv())
         .await
         .expect("SIGHUP noticed");
     assert_eq!(n, Some(1));
     assert!(!signals.shutdown.is_cancelled());
     drop(reload);
-    kill("TERM");
+    signal_self("TERM");
     tokio::time::timeout(Duration::from_secs(5), signals.shutdown.cancelled())
         .await
         .expect("SIGTERM cancels the token");

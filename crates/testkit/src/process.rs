@@ -100,12 +100,11 @@ impl Proc {
 
     /// Sends a signal by name (`TERM`, `KILL`, `STOP`, `CONT`, `HUP`, `USR1`) with kill(1).
     pub fn signal(&self, sig: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.child.id().to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{sig} {} failed", self.name);
+        assert!(
+            send_signal(self.child.id(), sig),
+            "kill -{sig} {} failed",
+            self.name
+        );
     }
 
     /// The exit code (-1 when killed by a signal) if the process has exited; `None` while it
@@ -140,6 +139,25 @@ impl Drop for Proc {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Sends signal `sig` by name (`TERM`, `HUP`, ...) to process `pid` with kill(1) (also to
+/// the test process itself, `std::process::id()`); whether kill succeeded.
+pub fn send_signal(pid: u32, sig: &str) -> bool {
+    Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Sends signal `sig` to the test process itself (for tests of signal handling); panics when
+/// kill fails.
+pub fn signal_self(sig: &str) {
+    assert!(
+        send_signal(std::process::id(), sig),
+        "kill -{sig} (self) failed"
+    );
 }
 
 /// Whether `python3` with pyzmq (the libzmq peers and stand-ins of the tests) is available;
