@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use base64::Engine as _;
 use hintfed_ami::{AmiClient, ClientConfig, Message, actions};
 
 use crate::{Proc, bin_path, free_port, free_port_pair, wait_until, workspace_root};
@@ -139,6 +140,35 @@ impl Ami {
         self.getvar(&format!("PRESENCE_STATE({presentity},{field})"))
             .await
     }
+
+    /// The `value`, `subtype` and `message` fields of `PRESENCE_STATE(<presentity>)`.
+    pub async fn presence(&self, presentity: &str) -> (String, String, String) {
+        (
+            self.presence_field(presentity, "value").await,
+            self.presence_field(presentity, "subtype").await,
+            self.presence_field(presentity, "message").await,
+        )
+    }
+
+    /// Sets `PRESENCE_STATE(<presentity>)` as a dialplan would, in the `e` form (subtype and
+    /// message base64-encoded, so a comma in the message survives).
+    pub async fn set_presence(&self, presentity: &str, status: &str, subtype: &str, message: &str) {
+        let e = base64::engine::general_purpose::STANDARD;
+        let value = format!("{status},{},{},e", e.encode(subtype), e.encode(message));
+        self.setvar(&format!("PRESENCE_STATE({presentity})"), &value)
+            .await;
+    }
+}
+
+/// How many `Setvar`s each Asterisk received between two [`Federation::settled_setvars`].
+pub fn setvar_delta<'a>(
+    before: &'a BTreeMap<String, u64>,
+    after: &BTreeMap<String, u64>,
+) -> BTreeMap<&'a str, u64> {
+    before
+        .iter()
+        .map(|(n, b)| (n.as_str(), after.get(n).map_or(0, |a| a.saturating_sub(*b))))
+        .collect()
 }
 
 /// `GET path` on `addr`; the body (empty on error). Also [`metric`], the sum of a Prometheus
@@ -475,6 +505,27 @@ impl Federation {
         wait_until(within, || async {
             for n in on {
                 if self.ami(n).custom(device).await != state {
+                    return false;
+                }
+            }
+            true
+        })
+        .await
+    }
+
+    /// Waits until `PRESENCE_STATE(<presentity>)` on each of `on` reads `want` (status,
+    /// subtype, message).
+    pub async fn wait_presence(
+        &self,
+        presentity: &str,
+        want: (&str, &str, &str),
+        on: &[&str],
+        within: Duration,
+    ) -> bool {
+        wait_until(within, || async {
+            for n in on {
+                let (v, s, m) = self.ami(n).presence(presentity).await;
+                if (v.as_str(), s.as_str(), m.as_str()) != want {
                     return false;
                 }
             }
