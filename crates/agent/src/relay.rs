@@ -983,7 +983,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
             Some(changed) if incremental => changed.map(str::to_owned).collect(),
             _ => {
                 // Every key the table or the current view holds (rows may have to go).
-                let mut all: BTreeSet<String> = table.device_keys().cloned().collect();
+                let mut all: BTreeSet<String> = table.device_keys().map(str::to_owned).collect();
                 all.extend(table.presence_entries().map(|(k, _)| k.clone()));
                 self.status.read(|c| {
                     all.extend(c.devices.keys().cloned());
@@ -1016,12 +1016,12 @@ impl<T: FederationTransport + 'static> Relay<T> {
                     origins: per
                         .iter()
                         .map(|(o, e)| {
-                            let v = if origins.is_down(o) && o != &me {
+                            let v = if origins.is_down(o) && o != me {
                                 down.as_str()
                             } else {
                                 e.value.as_str()
                             };
-                            (o.clone(), v.to_owned())
+                            (o.to_owned(), v.to_owned())
                         })
                         .collect(),
                 }

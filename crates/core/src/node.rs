@@ -976,7 +976,12 @@ impl Node {
         if self.local_down {
             return;
         }
-        let keys: Vec<String> = self.replica.table.device_keys().cloned().collect();
+        let keys: Vec<String> = self
+            .replica
+            .table
+            .device_keys()
+            .map(str::to_owned)
+            .collect();
         for k in keys {
             self.recompute_device(&k);
         }

@@ -13,7 +13,7 @@
 //! changed recently, so a status view can be refreshed for those keys only. It records
 //! nothing until the first [`Table::changes_since`] call (tables nobody watches pay nothing).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::envelope::SnapshotEntry;
@@ -23,6 +23,9 @@ use crate::state::{DeviceState, Kind, Presence, Value, aggregate};
 use crate::time::{Epoch, Millis};
 
 /// One origin's latest report of one device.
+///
+/// Compact (48 bytes): the origin is a private index into the table's list of origin names
+/// (see [`DeviceEntries`] for the name).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeviceEntry {
     /// The state reported.
@@ -35,6 +38,105 @@ pub struct DeviceEntry {
     pub ts: HlcTimestamp,
     /// When it arrived here.
     pub updated: Millis,
+    /// Index of the origin in the table's interned names.
+    origin: u32,
+}
+
+/// The entries of one device key: one inline (the common case: a device is reported by
+/// its own PBX only), or several, sorted by origin name.
+#[derive(Clone, Debug)]
+enum Slot {
+    One(DeviceEntry),
+    Many(Vec<DeviceEntry>),
+}
+
+impl Slot {
+    fn as_slice(&self) -> &[DeviceEntry] {
+        match self {
+            Slot::One(e) => std::slice::from_ref(e),
+            Slot::Many(v) => v,
+        }
+    }
+
+    fn position(&self, origin: u32) -> Option<usize> {
+        self.as_slice().iter().position(|e| e.origin == origin)
+    }
+
+    /// Inserts `e` (whose origin is not present yet) keeping the entries sorted by name.
+    fn insert(&mut self, names: &[Box<str>], e: DeviceEntry) {
+        let name = |e: &DeviceEntry| &names[e.origin as usize];
+        let mut v = match std::mem::replace(self, Slot::Many(Vec::new())) {
+            Slot::One(first) => {
+                let mut v = Vec::with_capacity(2);
+                v.push(first);
+                v
+            }
+            Slot::Many(v) => v,
+        };
+        let at = v.partition_point(|x| name(x) < name(&e));
+        v.insert(at, e);
+        *self = Slot::Many(v);
+    }
+
+    /// Removes the entry at `i`; returns whether the slot is now empty.
+    fn remove(&mut self, i: usize) -> bool {
+        match self {
+            Slot::One(_) => true,
+            Slot::Many(v) => {
+                v.remove(i);
+                if v.len() == 1 {
+                    let e = v.pop().expect("one entry left");
+                    *self = Slot::One(e);
+                } else if v.is_empty() {
+                    return true;
+                }
+                false
+            }
+        }
+    }
+}
+
+/// The per-origin entries of one device key (see [`Table::device`]), sorted by origin name.
+#[derive(Clone, Copy)]
+pub struct DeviceEntries<'a> {
+    names: &'a [Box<str>],
+    entries: &'a [DeviceEntry],
+}
+
+impl<'a> DeviceEntries<'a> {
+    /// The entry of `origin`.
+    pub fn get(&self, origin: &str) -> Option<&'a DeviceEntry> {
+        self.iter().find(|(o, _)| *o == origin).map(|(_, e)| e)
+    }
+
+    /// Whether `origin` reports the key.
+    pub fn contains(&self, origin: &str) -> bool {
+        self.get(origin).is_some()
+    }
+
+    /// Every `(origin, entry)`, by origin name.
+    pub fn iter(&self) -> impl Iterator<Item = (&'a str, &'a DeviceEntry)> + use<'a> {
+        let names = self.names;
+        self.entries
+            .iter()
+            .map(move |e| (&*names[e.origin as usize], e))
+    }
+
+    /// Number of origins reporting the key (at least one).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Always false (a key without entries is not in the table); for symmetry with `len`.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+impl std::fmt::Debug for DeviceEntries<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_map().entries(self.iter()).finish()
+    }
 }
 
 /// The winning write of one presence key.
@@ -64,7 +166,7 @@ struct Journal {
     on: AtomicBool,
     /// Version of the first key in `keys`.
     base: u64,
-    keys: VecDeque<String>,
+    keys: VecDeque<Box<str>>,
 }
 
 impl Clone for Journal {
@@ -87,7 +189,7 @@ impl Journal {
             self.keys.pop_front();
             self.base += 1;
         }
-        self.keys.push_back(key.to_owned());
+        self.keys.push_back(key.into());
     }
 
     fn version(&self) -> u64 {
@@ -96,9 +198,18 @@ impl Journal {
 }
 
 /// The table of known state.
+///
+/// Layout (about 100–150 bytes per device key with one origin): a B-tree from the key (a
+/// `Box<str>`, stored once) to its entries, one of them inline; origin names interned once per
+/// table (entries hold a `u32` index). A B-tree rather than a hash map: iteration is sorted,
+/// and [`Table::device_range`] resumes after any key even while the table changes, which
+/// lets a snapshot be streamed from a cursor.
 #[derive(Clone, Debug, Default)]
 pub struct Table {
-    devices: BTreeMap<String, BTreeMap<String, DeviceEntry>>,
+    devices: BTreeMap<Box<str>, Slot>,
+    /// Interned origin names; never shrinks (bounded by the origins ever heard).
+    names: Vec<Box<str>>,
+    ids: HashMap<Box<str>, u32>,
     presence: BTreeMap<String, PresenceEntry>,
     floors: BTreeMap<String, (Epoch, u64)>,
     journal: Journal,
@@ -108,6 +219,16 @@ impl Table {
     /// An empty table.
     pub fn new() -> Self {
         Table::default()
+    }
+
+    fn origin_id(&mut self, origin: &str) -> u32 {
+        if let Some(id) = self.ids.get(origin) {
+            return *id;
+        }
+        let id = u32::try_from(self.names.len()).expect("fewer than 2^32 origins");
+        self.names.push(origin.into());
+        self.ids.insert(origin.into(), id);
+        id
     }
 
     /// Merges an update of `key` by `origin`. Returns whether the table changed.
@@ -127,22 +248,33 @@ impl Table {
                 if self.floors.get(origin).is_some_and(|f| (epoch, seq) < *f) {
                     return false;
                 }
-                let per_origin = self.devices.entry(key.to_owned()).or_default();
-                if let Some(cur) = per_origin.get(origin)
-                    && (cur.epoch, cur.seq) >= (epoch, seq)
-                {
-                    return false;
-                }
-                per_origin.insert(
-                    origin.to_owned(),
-                    DeviceEntry {
-                        value: *state,
-                        epoch,
-                        seq,
-                        ts,
-                        updated: now,
+                let id = self.origin_id(origin);
+                let entry = DeviceEntry {
+                    value: *state,
+                    epoch,
+                    seq,
+                    ts,
+                    updated: now,
+                    origin: id,
+                };
+                match self.devices.get_mut(key) {
+                    None => {
+                        self.devices.insert(key.into(), Slot::One(entry));
+                    }
+                    Some(slot) => match slot.position(id) {
+                        Some(i) => {
+                            let cur = match slot {
+                                Slot::One(e) => e,
+                                Slot::Many(v) => &mut v[i],
+                            };
+                            if (cur.epoch, cur.seq) >= (epoch, seq) {
+                                return false;
+                            }
+                            *cur = entry;
+                        }
+                        None => slot.insert(&self.names, entry),
                     },
-                );
+                }
                 self.journal.record(key);
                 true
             }
@@ -184,15 +316,15 @@ impl Table {
             *f = floor;
         }
         let mut dropped = Vec::new();
-        self.devices.retain(|key, per_origin| {
-            if per_origin
-                .get(origin)
-                .is_some_and(|e| (e.epoch, e.seq) < floor)
-            {
-                per_origin.remove(origin);
-                dropped.push(key.clone());
+        let Some(&id) = self.ids.get(origin) else {
+            return dropped;
+        };
+        self.devices.retain(|key, slot| match slot.position(id) {
+            Some(i) if (slot.as_slice()[i].epoch, slot.as_slice()[i].seq) < floor => {
+                dropped.push(key.to_string());
+                !slot.remove(i)
             }
-            !per_origin.is_empty()
+            _ => true,
         });
         for k in &dropped {
             self.journal.record(k);
@@ -216,12 +348,50 @@ impl Table {
         let j = &self.journal;
         let skip = version.checked_sub(j.base)?;
         let skip = usize::try_from(skip).ok().filter(|s| *s <= j.keys.len())?;
-        Some(j.keys.range(skip..).map(String::as_str))
+        Some(j.keys.range(skip..).map(|k| &**k))
+    }
+
+    fn entries<'a>(&'a self, slot: &'a Slot) -> DeviceEntries<'a> {
+        DeviceEntries {
+            names: &self.names,
+            entries: slot.as_slice(),
+        }
     }
 
     /// The per-origin entries of device `key`.
-    pub fn device(&self, key: &str) -> Option<&BTreeMap<String, DeviceEntry>> {
-        self.devices.get(key)
+    pub fn device(&self, key: &str) -> Option<DeviceEntries<'_>> {
+        self.devices.get(key).map(|s| self.entries(s))
+    }
+
+    /// Device keys with their entries, in key order, starting after `after` (from the first
+    /// key when `None`): a cursor that stays valid while the table changes.
+    pub fn device_range<'a>(
+        &'a self,
+        after: Option<&str>,
+    ) -> impl Iterator<Item = (&'a str, DeviceEntries<'a>)> + 'a {
+        use std::ops::Bound;
+        let lower = match after {
+            Some(k) => Bound::Excluded(k),
+            None => Bound::Unbounded,
+        };
+        self.devices
+            .range::<str, _>((lower, Bound::Unbounded))
+            .map(|(k, s)| (&**k, self.entries(s)))
+    }
+
+    /// Presence keys with their winners, in key order, starting after `after`.
+    pub fn presence_range<'a>(
+        &'a self,
+        after: Option<&str>,
+    ) -> impl Iterator<Item = (&'a str, &'a PresenceEntry)> + 'a {
+        use std::ops::Bound;
+        let lower = match after {
+            Some(k) => Bound::Excluded(k),
+            None => Bound::Unbounded,
+        };
+        self.presence
+            .range::<str, _>((lower, Bound::Unbounded))
+            .map(|(k, e)| (k.as_str(), e))
     }
 
     /// The aggregate state of device `key` over every origin but `exclude`, a down origin
@@ -233,10 +403,10 @@ impl Table {
         down_state: DeviceState,
         exclude: Option<&str>,
     ) -> Option<DeviceState> {
-        let per_origin = self.devices.get(key)?;
+        let per_origin = self.device(key)?;
         let mut states = per_origin
             .iter()
-            .filter(|(o, _)| Some(o.as_str()) != exclude)
+            .filter(|(o, _)| Some(*o) != exclude)
             .map(|(o, e)| {
                 if origins.is_down(o) {
                     down_state
@@ -254,9 +424,9 @@ impl Table {
         self.presence.get(key)
     }
 
-    /// Every device key.
-    pub fn device_keys(&self) -> impl Iterator<Item = &String> {
-        self.devices.keys()
+    /// Every device key, in order.
+    pub fn device_keys(&self) -> impl Iterator<Item = &str> {
+        self.devices.keys().map(|k| &**k)
     }
 
     /// Every presence key with its winner.
@@ -266,49 +436,67 @@ impl Table {
 
     /// The device keys `origin` reports.
     pub fn device_keys_of(&self, origin: &str) -> Vec<String> {
+        let Some(&id) = self.ids.get(origin) else {
+            return Vec::new();
+        };
         self.devices
             .iter()
-            .filter(|(_, m)| m.contains_key(origin))
-            .map(|(k, _)| k.clone())
+            .filter(|(_, s)| s.position(id).is_some())
+            .map(|(k, _)| k.to_string())
             .collect()
     }
 
-    /// Every entry, for a snapshot.
+    /// The snapshot entry of one device entry.
+    pub fn device_snapshot_entry(key: &str, origin: &str, e: &DeviceEntry) -> SnapshotEntry {
+        SnapshotEntry {
+            origin: origin.to_owned(),
+            epoch: e.epoch,
+            seq: e.seq,
+            key: key.to_owned(),
+            value: Value::Device(e.value),
+            ts: e.ts,
+        }
+    }
+
+    /// The snapshot entry of one presence winner.
+    pub fn presence_snapshot_entry(key: &str, e: &PresenceEntry) -> SnapshotEntry {
+        SnapshotEntry {
+            origin: e.origin.clone(),
+            epoch: e.epoch,
+            seq: e.seq,
+            key: key.to_owned(),
+            value: Value::Presence(e.value.clone()),
+            ts: e.ts,
+        }
+    }
+
+    /// Every entry, for a snapshot (devices by key then origin, then presence by key). A
+    /// hub streams its answer with [`Table::device_range`] instead.
     pub fn snapshot(&self) -> Vec<SnapshotEntry> {
         let mut out = Vec::new();
-        for (key, per_origin) in &self.devices {
-            for (origin, e) in per_origin {
-                out.push(SnapshotEntry {
-                    origin: origin.clone(),
-                    epoch: e.epoch,
-                    seq: e.seq,
-                    key: key.clone(),
-                    value: Value::Device(e.value),
-                    ts: e.ts,
-                });
+        for (key, per_origin) in self.device_range(None) {
+            for (origin, e) in per_origin.iter() {
+                out.push(Table::device_snapshot_entry(key, origin, e));
             }
         }
         for (key, e) in &self.presence {
-            out.push(SnapshotEntry {
-                origin: e.origin.clone(),
-                epoch: e.epoch,
-                seq: e.seq,
-                key: key.clone(),
-                value: Value::Presence(e.value.clone()),
-                ts: e.ts,
-            });
+            out.push(Table::presence_snapshot_entry(key, e));
         }
         out
     }
 
     /// Number of `(kind, key, origin)` entries.
     pub fn len(&self) -> usize {
-        self.devices.values().map(BTreeMap::len).sum::<usize>() + self.presence.len()
+        self.devices
+            .values()
+            .map(|s| s.as_slice().len())
+            .sum::<usize>()
+            + self.presence.len()
     }
 
     /// Whether the table is empty.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.devices.is_empty() && self.presence.is_empty()
     }
 
     /// Number of keys of `kind`.
@@ -521,5 +709,73 @@ mod tests {
             .expect("recent changes kept")
             .collect();
         assert_eq!(recent, [format!("d{JOURNAL_CAP}").as_str()]);
+    }
+
+    #[test]
+    fn several_origins_per_key_stay_sorted_and_shrink_back_to_one() {
+        let mut t = Table::new();
+        assert!(dev(&mut t, "c", 1, 1, "d", Inuse));
+        assert!(dev(&mut t, "a", 1, 1, "d", Busy));
+        assert!(dev(&mut t, "b", 1, 1, "d", Ringing));
+        let names: Vec<&str> = t.device("d").unwrap().iter().map(|(o, _)| o).collect();
+        assert_eq!(
+            names,
+            ["a", "b", "c"],
+            "sorted by origin name, not by arrival"
+        );
+        assert_eq!(t.device("d").unwrap().len(), 3);
+        assert_eq!(t.device("d").unwrap().get("b").unwrap().value, Ringing);
+        assert!(!t.device("d").unwrap().contains("x"));
+        assert!(
+            dev(&mut t, "b", 1, 2, "d", NotInuse),
+            "update in the middle"
+        );
+        assert_eq!(t.device("d").unwrap().get("b").unwrap().seq, 2);
+        assert_eq!(t.len(), 3);
+        assert_eq!(t.device_keys_of("b"), ["d"]);
+        assert!(t.device_keys_of("nobody").is_empty());
+        t.end_full_sync("a", Epoch(1), 5);
+        t.end_full_sync("c", Epoch(1), 5);
+        let left: Vec<(&str, DeviceState)> = t
+            .device("d")
+            .unwrap()
+            .iter()
+            .map(|(o, e)| (o, e.value))
+            .collect();
+        assert_eq!(left, [("b", NotInuse)]);
+        assert!(dev(&mut t, "c", 1, 6, "d", Busy), "above the floor");
+        assert!(!dev(&mut t, "c", 1, 4, "d", Busy), "below the floor");
+        let o = Origins::new(1000);
+        assert_eq!(t.aggregate("d", &o, Unavailable, None), Some(Busy));
+        assert_eq!(t.aggregate("d", &o, Unavailable, Some("c")), Some(NotInuse));
+        t.end_full_sync("b", Epoch(1), 9);
+        t.end_full_sync("c", Epoch(2), 1);
+        assert!(t.device("d").is_none());
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn device_range_resumes_after_a_key_while_the_table_changes() {
+        let mut t = Table::new();
+        for (i, k) in ["k1", "k3", "k5"].iter().enumerate() {
+            dev(&mut t, "a", 1, i as u64 + 1, k, Inuse);
+        }
+        let first: Vec<&str> = t.device_range(None).map(|(k, _)| k).take(2).collect();
+        assert_eq!(first, ["k1", "k3"]);
+        // Keys inserted before and after the cursor while it is parked.
+        dev(&mut t, "a", 1, 10, "k0", Busy);
+        dev(&mut t, "a", 1, 11, "k4", Busy);
+        let rest: Vec<&str> = t.device_range(Some("k3")).map(|(k, _)| k).collect();
+        assert_eq!(rest, ["k4", "k5"]);
+        assert_eq!(
+            t.device_range(Some("k2")).next().map(|(k, _)| k),
+            Some("k3")
+        );
+        assert_eq!(t.device_range(Some("zz")).count(), 0);
+        let p = Value::Presence(Presence::new(PresenceStatus::Dnd, "", ""));
+        t.apply("a", Epoch(1), 20, "P:x", &p, ts(1), Millis(0));
+        t.apply("a", Epoch(1), 21, "P:y", &p, ts(1), Millis(0));
+        let pk: Vec<&str> = t.presence_range(Some("P:x")).map(|(k, _)| k).collect();
+        assert_eq!(pk, ["P:y"]);
     }
 }

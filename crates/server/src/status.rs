@@ -18,14 +18,14 @@ pub fn device_view(
     let aggregate = table.aggregate(key, origins, down_state, None)?;
     let mut changed = Millis(0);
     let mut states = BTreeMap::new();
-    for (origin, e) in per_origin {
+    for (origin, e) in per_origin.iter() {
         changed = changed.max(e.updated);
         let shown = if origins.is_down(origin) {
             down_state
         } else {
             e.value
         };
-        states.insert(origin.clone(), shown.as_str().to_owned());
+        states.insert(origin.to_owned(), shown.as_str().to_owned());
     }
     Some(DeviceView {
         key: key.to_owned(),
