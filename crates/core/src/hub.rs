@@ -114,6 +114,56 @@ pub struct Hub {
     next_heartbeat: Millis,
     resync_sent: BTreeMap<String, Millis>,
     stats: HubStats,
+    /// Snapshot answers being streamed, served first come first served.
+    snapshots: VecDeque<Cursor>,
+}
+
+/// Where a streamed snapshot answer stands.
+#[derive(Debug)]
+struct Cursor {
+    to: String,
+    request_id: u64,
+    /// Chunks produced so far (the index of the next one).
+    index: u32,
+    /// Origin summaries as of the request (what the entries sent are at least as new as).
+    summaries: Vec<OriginSummary>,
+    phase: Phase,
+}
+
+#[derive(Debug)]
+enum Phase {
+    /// Device entries from key `.0` on (all keys when `None`), skipping its first `.1`
+    /// entries (a key whose entries did not all fit in the previous chunk).
+    Devices(Option<(String, usize)>),
+    /// Presence winners after this key (all when `None`).
+    Presence(Option<String>),
+    /// Origin summaries from this index.
+    Origins(usize),
+    /// Only the end is left.
+    End,
+}
+
+/// Counts the bytes a value encodes to without keeping them.
+struct ByteCount(usize);
+
+impl std::io::Write for ByteCount {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0 += buf.len();
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Encoded size of one chunk item (plus its separator); `max` when it cannot be encoded.
+fn encoded_size<T: serde::Serialize>(item: &T, max: usize) -> usize {
+    let mut n = ByteCount(1);
+    match serde_json::to_writer(&mut n, item) {
+        Ok(()) => n.0,
+        Err(_) => max,
+    }
 }
 
 impl Hub {
@@ -128,6 +178,7 @@ impl Hub {
             next_heartbeat: now,
             resync_sent: BTreeMap::new(),
             stats: HubStats::default(),
+            snapshots: VecDeque::new(),
         }
     }
 
@@ -156,14 +207,63 @@ impl Hub {
         &self.stats
     }
 
-    /// The next action, if any.
+    /// The next action, if any: queued actions first, then the next chunk of a snapshot
+    /// answer being streamed.
     pub fn poll_action(&mut self) -> Option<HubAction> {
-        self.actions.pop_front()
+        self.actions
+            .pop_front()
+            .or_else(|| self.next_snapshot_chunk())
     }
 
-    /// Every pending action.
+    /// Every pending action, including every chunk of every snapshot answer being streamed
+    /// (materialised whole: for tests and simulations; a daemon streams them with
+    /// [`Hub::take_queued_actions`] and [`Hub::next_snapshot_chunk`]).
     pub fn take_actions(&mut self) -> Vec<HubAction> {
+        let mut out: Vec<HubAction> = self.actions.drain(..).collect();
+        while let Some(a) = self.next_snapshot_chunk() {
+            out.push(a);
+        }
+        out
+    }
+
+    /// Every queued action except snapshot chunks (publications, resync requests).
+    pub fn take_queued_actions(&mut self) -> Vec<HubAction> {
         self.actions.drain(..).collect()
+    }
+
+    /// Drops the snapshot answer being streamed to `to` (e.g. its connection is gone).
+    pub fn cancel_snapshot(&mut self, to: &str) {
+        self.snapshots.retain(|c| c.to != to);
+    }
+
+    /// Number of snapshot answers being streamed.
+    pub fn snapshots_pending(&self) -> usize {
+        self.snapshots.len()
+    }
+
+    /// The next message of the oldest snapshot answer being streamed (a
+    /// [`Body::SnapshotChunk`] or, last, its [`Body::SnapshotEnd`]), made from the table as
+    /// it is now; `None` when no answer is pending. Answers are served one after the other,
+    /// so the daemon holds only the chunks it has in flight, however many peers ask at once.
+    ///
+    /// Consistency: the entries of a chunk are the table's current entries, each with its
+    /// version; the summaries (sent last) are those of the moment of the request. Every entry
+    /// sent is at least as new as at the request, and whatever changes after it reaches the
+    /// requester through the stream, so its merge (by version) converges.
+    pub fn next_snapshot_chunk(&mut self) -> Option<HubAction> {
+        let mut cur = self.snapshots.pop_front()?;
+        let body = self.make_chunk(&mut cur);
+        let to = cur.to.clone();
+        if matches!(body, Body::SnapshotEnd { .. }) {
+            self.stats.snapshots_served += 1;
+        } else {
+            self.stats.chunks_sent += 1;
+            self.snapshots.push_front(cur);
+        }
+        Some(HubAction::SendTo {
+            to,
+            envelope: self.control(body),
+        })
     }
 
     /// Ingests one verified envelope received at `now`.
@@ -260,64 +360,122 @@ impl Hub {
         });
     }
 
+    /// Queues a snapshot answer for `to`. A new request of a peer already waiting replaces
+    /// its old one in place (its old answer is useless to it: the node only accepts the
+    /// chunks of its latest request).
     fn serve_snapshot(&mut self, to: &str, request_id: u64) {
-        self.stats.snapshots_served += 1;
-        let entries = self.replica.table.snapshot();
-        let summaries = self.replica.summaries();
+        let cursor = Cursor {
+            to: to.to_owned(),
+            request_id,
+            index: 0,
+            summaries: self.replica.summaries(),
+            phase: Phase::Devices(None),
+        };
+        match self.snapshots.iter_mut().find(|c| c.to == to) {
+            Some(c) => *c = cursor,
+            None => self.snapshots.push_back(cursor),
+        }
+    }
+
+    /// The next chunk of `cur` (or its end), advancing it.
+    fn make_chunk(&self, cur: &mut Cursor) -> Body {
         let max_bytes = self.cfg.chunk_max_bytes.max(1);
         let max_items = self.cfg.chunk_max_entries.max(1);
-        let mut chunks = 0u32;
-        let mut cur_e: Vec<SnapshotEntry> = Vec::new();
-        let mut cur_o: Vec<OriginSummary> = Vec::new();
+        let table = &self.replica.table;
+        let mut entries: Vec<SnapshotEntry> = Vec::new();
+        let mut origins: Vec<OriginSummary> = Vec::new();
         let mut bytes = 0usize;
-        let mut flush = |hub: &mut Hub, e: &mut Vec<SnapshotEntry>, o: &mut Vec<OriginSummary>| {
-            if e.is_empty() && o.is_empty() {
-                return;
-            }
-            let envelope = hub.control(Body::SnapshotChunk {
-                request_id,
-                index: chunks,
-                entries: std::mem::take(e),
-                origins: std::mem::take(o),
-            });
-            hub.actions.push_back(HubAction::SendTo {
-                to: to.to_owned(),
-                envelope,
-            });
-            hub.stats.chunks_sent += 1;
-            chunks += 1;
+        // Whether an item of `size` still fits (the first one always does).
+        let fits = |bytes: usize, items: usize, size: usize| {
+            items == 0 || (bytes + size <= max_bytes && items < max_items)
         };
-        for e in entries {
-            let size = serde_json::to_vec(&e)
-                .map(|v| v.len() + 1)
-                .unwrap_or(max_bytes);
-            if !(cur_e.is_empty() && cur_o.is_empty())
-                && (bytes + size > max_bytes || cur_e.len() + cur_o.len() >= max_items)
-            {
-                flush(self, &mut cur_e, &mut cur_o);
-                bytes = 0;
+        loop {
+            match &mut cur.phase {
+                Phase::Devices(from) => {
+                    let (start, skip) = match from.take() {
+                        Some((k, n)) => (Some(k), n),
+                        None => (None, 0),
+                    };
+                    // The partly sent key first (if it still exists), then the keys after it.
+                    let head = start
+                        .as_deref()
+                        .and_then(|k| table.device(k).map(|d| (k, d)));
+                    let rest = table.device_range(start.as_deref());
+                    let mut stopped = None;
+                    'keys: for (i, (key, per)) in head.into_iter().chain(rest).enumerate() {
+                        let skip = if i == 0 && head.is_some() { skip } else { 0 };
+                        for (n, (origin, e)) in per.iter().enumerate().skip(skip) {
+                            let entry = Table::device_snapshot_entry(key, origin, e);
+                            let size = encoded_size(&entry, max_bytes);
+                            if !fits(bytes, entries.len(), size) {
+                                stopped = Some((key.to_owned(), n));
+                                break 'keys;
+                            }
+                            bytes += size;
+                            entries.push(entry);
+                        }
+                    }
+                    match stopped {
+                        Some(at) => {
+                            cur.phase = Phase::Devices(Some(at));
+                            break;
+                        }
+                        None => cur.phase = Phase::Presence(None),
+                    }
+                }
+                Phase::Presence(after) => {
+                    let mut last = after.take();
+                    let mut stopped = false;
+                    for (key, e) in table.presence_range(last.clone().as_deref()) {
+                        let entry = Table::presence_snapshot_entry(key, e);
+                        let size = encoded_size(&entry, max_bytes);
+                        if !fits(bytes, entries.len(), size) {
+                            stopped = true;
+                            break;
+                        }
+                        bytes += size;
+                        entries.push(entry);
+                        last = Some(key.to_owned());
+                    }
+                    if stopped {
+                        cur.phase = Phase::Presence(last);
+                        break;
+                    }
+                    cur.phase = Phase::Origins(0);
+                }
+                Phase::Origins(from) => {
+                    let mut next = *from;
+                    while let Some(o) = cur.summaries.get(next) {
+                        let size = encoded_size(o, max_bytes);
+                        if !fits(bytes, entries.len() + origins.len(), size) {
+                            break;
+                        }
+                        bytes += size;
+                        origins.push(o.clone());
+                        next += 1;
+                    }
+                    if next < cur.summaries.len() {
+                        cur.phase = Phase::Origins(next);
+                        break;
+                    }
+                    cur.phase = Phase::End;
+                }
+                Phase::End => break,
             }
-            bytes += size;
-            cur_e.push(e);
         }
-        for o in summaries {
-            let size = serde_json::to_vec(&o)
-                .map(|v| v.len() + 1)
-                .unwrap_or(max_bytes);
-            if !(cur_e.is_empty() && cur_o.is_empty())
-                && (bytes + size > max_bytes || cur_e.len() + cur_o.len() >= max_items)
-            {
-                flush(self, &mut cur_e, &mut cur_o);
-                bytes = 0;
-            }
-            bytes += size;
-            cur_o.push(o);
+        if entries.is_empty() && origins.is_empty() {
+            return Body::SnapshotEnd {
+                request_id: cur.request_id,
+                chunks: cur.index,
+            };
         }
-        flush(self, &mut cur_e, &mut cur_o);
-        let envelope = self.control(Body::SnapshotEnd { request_id, chunks });
-        self.actions.push_back(HubAction::SendTo {
-            to: to.to_owned(),
-            envelope,
-        });
+        let index = cur.index;
+        cur.index += 1;
+        Body::SnapshotChunk {
+            request_id: cur.request_id,
+            index,
+            entries,
+            origins,
+        }
     }
 }

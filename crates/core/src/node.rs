@@ -75,7 +75,8 @@ pub struct NodeConfig {
     /// How long a hole in an origin's stream may stay open before a snapshot is requested
     /// (messages may arrive reordered across hubs). Default 2 000 ms.
     pub gap_grace_ms: u64,
-    /// A snapshot not complete after this long is requested again. Default 5 000 ms.
+    /// A snapshot whose answer made no progress (no chunk arrived) for this long is requested
+    /// again. Default 5 000 ms.
     pub snapshot_retry_ms: u64,
     /// Republishes asked for by hubs are at least this far apart: a request arriving sooner
     /// after the last one is answered once this long has passed, together with any other
@@ -220,6 +221,9 @@ pub struct NodeStats {
 struct PendingSnapshot {
     id: u64,
     sent_at: Millis,
+    /// When the request was sent or a chunk or end of its answer last arrived: an answer
+    /// still streaming in (a hub serves many requests one after the other) is not asked again.
+    progress: Millis,
     /// Per answering hub: its partial answer.
     hubs: BTreeMap<String, PartialAnswer>,
     /// Whether one hub's answer completed.
@@ -608,6 +612,7 @@ impl Node {
         self.snapshot = Some(PendingSnapshot {
             id,
             sent_at: now,
+            progress: now,
             hubs: BTreeMap::new(),
             complete: false,
         });
@@ -634,7 +639,7 @@ impl Node {
         if self.cfg.snapshots {
             let retry = self.cfg.snapshot_retry_ms;
             match &self.snapshot {
-                Some(s) if !s.complete && now.since(s.sent_at) >= retry => {
+                Some(s) if !s.complete && now.since(s.progress) >= retry => {
                     self.request_snapshot(now)
                 }
                 // Incomplete and not yet due, or complete but recent: at most one request
@@ -834,6 +839,7 @@ impl Node {
             Some(s)
                 if s.id == request_id && (s.hubs.len() < MAX_HUBS || s.hubs.contains_key(hub)) =>
             {
+                s.progress = now;
                 let part = s.hubs.entry(hub.to_owned()).or_default();
                 if !part.seen.insert(index) {
                     return; // duplicate chunk
@@ -873,6 +879,7 @@ impl Node {
             Some(s)
                 if s.id == request_id && (s.hubs.len() < MAX_HUBS || s.hubs.contains_key(hub)) =>
             {
+                s.progress = now;
                 s.hubs.entry(hub.to_owned()).or_default().expected = Some(chunks);
             }
             _ => {

@@ -22,7 +22,7 @@ use hintfed_transport::{
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 
@@ -36,6 +36,9 @@ pub const MAX_LEGACY_ORIGINS: usize = 1024;
 pub const MAX_PEERS: usize = 65_536;
 /// Most ROUTER messages handled before their output is sent.
 const BATCH: usize = 255;
+/// Snapshot chunks sealed and not yet handed to a peer's connection, at most (over every
+/// answer being streamed): memory for snapshots stays a few chunks, however many ask.
+const SNAPSHOT_CHUNKS_IN_FLIGHT: usize = 8;
 /// Rate limit of warnings about rejected input: at most this many per [`WARN_WINDOW`].
 const WARN_BURST: u32 = 10;
 const WARN_WINDOW: Duration = Duration::from_secs(10);
@@ -370,6 +373,8 @@ impl Server {
             next_legacy_hb: Millis(0),
             outbox: Vec::new(),
             replies_queued: false,
+            snapshot_slots: Arc::new(Semaphore::new(SNAPSHOT_CHUNKS_IN_FLIGHT)),
+            snapshots_pending: false,
             counters,
             warn: RateLimit::default(),
             seen_transport: StatsSnapshot::default(),
@@ -429,6 +434,11 @@ impl Server {
                 _ = tick.tick() => {
                     let legacy_stats = legacy_parts.as_ref().map(|(p, _)| p.stats());
                     rt.on_tick(bind.stats(), legacy_stats, router_rx.len());
+                }
+                permit = rt.snapshot_slots.clone().acquire_owned(), if rt.snapshots_pending => {
+                    if let Ok(p) = permit {
+                        rt.stream_snapshots(Some(p));
+                    }
                 }
             }
             if !rt.flush(&bind, legacy_pub.as_ref()).await {
@@ -526,6 +536,11 @@ struct Runtime {
     outbox: Vec<Out>,
     /// Whether the outbox holds replies (snapshot chunks, resync requests).
     replies_queued: bool,
+    /// One permit per snapshot chunk in flight (released when the transport has taken the
+    /// chunk's bytes, see [`Held`]).
+    snapshot_slots: Arc<Semaphore>,
+    /// Whether the core has snapshot answers to stream.
+    snapshots_pending: bool,
     counters: Counters,
     warn: RateLimit,
     seen_transport: StatsSnapshot,
@@ -798,7 +813,7 @@ impl Runtime {
     /// Executes the core's pending actions. `current` is the origin and identity of the
     /// message being handled (the requester of a snapshot).
     fn take_actions(&mut self, now: Millis, current: Option<(&str, &Bytes)>) {
-        let actions = lock(&self.state).hub.take_actions();
+        let actions = lock(&self.state).hub.take_queued_actions();
         for action in actions {
             match action {
                 HubAction::Publish(env) => {
@@ -821,50 +836,89 @@ impl Runtime {
                         self.check_origin(origin, now);
                     }
                 }
-                HubAction::SendTo { to, envelope } => {
-                    let identity = match current {
-                        Some((origin, id)) if origin == to => Some(id.clone()),
-                        _ => self.origin_peer.get(&to).map(|(id, _)| id.clone()),
-                    };
-                    let Some(identity) = identity else {
-                        tracing::debug!(%to, kind = envelope.body.type_name(), "no connection known for origin; control message dropped");
-                        continue;
-                    };
-                    {
-                        let mut s = lock(&self.state);
-                        match &envelope.body {
-                            Body::SnapshotChunk { entries, .. } => {
-                                s.stats.chunks_sent += 1;
-                                self.hooks
-                                    .metrics
-                                    .snapshot_entries
-                                    .observe(entries.len() as f64);
-                            }
-                            Body::SnapshotEnd { chunks, .. } => {
-                                s.stats.snapshots_served += 1;
-                                tracing::debug!(%to, chunks, "snapshot served");
-                            }
-                            Body::ResyncRequest { .. } => {
-                                s.stats.resync_requests += 1;
-                                tracing::info!(origin = %to, "asking origin to republish its state");
-                            }
-                            _ => {}
-                        }
-                    }
-                    let Some(bytes) = self.seal(&envelope) else {
-                        continue;
-                    };
-                    self.replies_queued = true;
-                    self.outbox.push(Out::Reply(
-                        identity,
-                        vec![
-                            Bytes::from_static(envelope.topic().as_bytes()),
-                            Bytes::from(bytes),
-                        ],
-                    ));
-                }
+                HubAction::SendTo { to, envelope } => self.send_to(to, &envelope, current, None),
             }
         }
+        self.stream_snapshots(None);
+    }
+
+    /// Seals and queues a control envelope for the peer that uses origin `to`; a snapshot
+    /// chunk carries its in-flight `slot` until the transport has taken its bytes.
+    fn send_to(
+        &mut self,
+        to: String,
+        envelope: &Envelope,
+        current: Option<(&str, &Bytes)>,
+        slot: Option<OwnedSemaphorePermit>,
+    ) {
+        let identity = match current {
+            Some((origin, id)) if origin == to => Some(id.clone()),
+            _ => self.origin_peer.get(&to).map(|(id, _)| id.clone()),
+        };
+        let Some(identity) = identity else {
+            tracing::debug!(%to, kind = envelope.body.type_name(), "no connection known for origin; control message dropped");
+            if matches!(envelope.body, Body::SnapshotChunk { .. }) {
+                // Nobody to stream the rest of this answer to.
+                lock(&self.state).hub.cancel_snapshot(&to);
+            }
+            return;
+        };
+        {
+            let mut s = lock(&self.state);
+            match &envelope.body {
+                Body::SnapshotChunk { entries, .. } => {
+                    s.stats.chunks_sent += 1;
+                    self.hooks
+                        .metrics
+                        .snapshot_entries
+                        .observe(entries.len() as f64);
+                }
+                Body::SnapshotEnd { chunks, .. } => {
+                    s.stats.snapshots_served += 1;
+                    tracing::debug!(%to, chunks, "snapshot served");
+                }
+                Body::ResyncRequest { .. } => {
+                    s.stats.resync_requests += 1;
+                    tracing::info!(origin = %to, "asking origin to republish its state");
+                }
+                _ => {}
+            }
+        }
+        let Some(bytes) = self.seal(envelope) else {
+            return;
+        };
+        self.replies_queued = true;
+        self.outbox.push(Out::Reply(
+            identity,
+            vec![
+                Bytes::from_static(envelope.topic().as_bytes()),
+                match slot {
+                    Some(slot) => Bytes::from_owner(Held { bytes, _slot: slot }),
+                    None => Bytes::from(bytes),
+                },
+            ],
+        ));
+    }
+
+    /// Streams snapshot answers: seals chunks while in-flight slots are free (`first`: one
+    /// already taken).
+    fn stream_snapshots(&mut self, mut first: Option<OwnedSemaphorePermit>) {
+        loop {
+            let Some(slot) = first
+                .take()
+                .or_else(|| self.snapshot_slots.clone().try_acquire_owned().ok())
+            else {
+                break;
+            };
+            let next = lock(&self.state).hub.next_snapshot_chunk();
+            match next {
+                Some(HubAction::SendTo { to, envelope }) => {
+                    self.send_to(to, &envelope, None, Some(slot));
+                }
+                Some(HubAction::Publish(_)) | None => break,
+            }
+        }
+        self.snapshots_pending = lock(&self.state).hub.snapshots_pending() > 0;
     }
 
     fn seal(&mut self, env: &Envelope) -> Option<Vec<u8>> {
@@ -1114,5 +1168,17 @@ impl Runtime {
             }
         }
         bind.publish_batch(batch).await.is_ok()
+    }
+}
+
+/// The bytes of a snapshot chunk, holding its in-flight slot until dropped.
+struct Held {
+    bytes: Vec<u8>,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for Held {
+    fn as_ref(&self) -> &[u8] {
+        &self.bytes
     }
 }
