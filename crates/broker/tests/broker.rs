@@ -13,6 +13,32 @@ use hintfed_core::{Presence, PresenceStatus};
 use hintfed_sim::DeviceState as S;
 use hintfed_testkit::process::pyzmq_available;
 
+/// The `Setvar`s each simulator received so far.
+fn setvar_totals(sims: &[hintfed_sim::SimHandle]) -> Vec<u64> {
+    sims.iter().map(|s| s.stats().setvar_total).collect()
+}
+
+/// The `Setvar`s each simulator received since `before` ([`setvar_totals`]).
+fn setvar_delta(sims: &[hintfed_sim::SimHandle], before: &[u64]) -> Vec<u64> {
+    setvar_totals(sims)
+        .iter()
+        .zip(before)
+        .map(|(a, b)| a - b)
+        .collect()
+}
+
+/// Sets the marker phone `PJSIP/200` to `st` on the first simulator and waits until every
+/// other one mirrors it: anything an earlier change could cause has landed too.
+async fn marker(sims: &[hintfed_sim::SimHandle], st: S) {
+    sims[0].set_device_state("PJSIP/200", st).expect("set");
+    eventually("marker on the others", || {
+        sims[1..]
+            .iter()
+            .all(|s| custom(s, "PJSIP/200") == st.as_str())
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn device_and_presence_propagate_without_loop_and_aggregate() {
     let sims = [sim("pbx-a").await, sim("pbx-b").await, sim("pbx-c").await];
@@ -25,7 +51,7 @@ async fn device_and_presence_propagate_without_loop_and_aggregate() {
     b.synced().await;
     quiescent(&sims).await;
 
-    let before: Vec<u64> = sims.iter().map(|s| s.stats().setvar_total).collect();
+    let before = setvar_totals(&sims);
     sims[0]
         .set_device_state("PJSIP/100", S::Inuse)
         .expect("set");
@@ -34,20 +60,9 @@ async fn device_and_presence_propagate_without_loop_and_aggregate() {
     })
     .await;
     // A marker after it: once it landed, anything the first change could cause has too.
-    sims[0]
-        .set_device_state("PJSIP/200", S::Ringing)
-        .expect("set");
-    eventually("marker on the two others", || {
-        custom(&sims[1], "PJSIP/200") == "RINGING" && custom(&sims[2], "PJSIP/200") == "RINGING"
-    })
-    .await;
-    let delta: Vec<u64> = sims
-        .iter()
-        .zip(&before)
-        .map(|(s, b)| s.stats().setvar_total - b)
-        .collect();
+    marker(&sims, S::Ringing).await;
     assert_eq!(
-        delta,
+        setvar_delta(&sims, &before),
         vec![0, 2, 2],
         "one Setvar per change per other server, none back"
     );
@@ -58,7 +73,7 @@ async fn device_and_presence_propagate_without_loop_and_aggregate() {
     );
 
     // Presence with a comma in the message, set on the third server.
-    let before: Vec<u64> = sims.iter().map(|s| s.stats().setvar_total).collect();
+    let before = setvar_totals(&sims);
     let p = Presence::new(PresenceStatus::Dnd, "lunch", "back at 2, maybe");
     sims[2]
         .setvar("PRESENCE_STATE(CustomPresence:alice)", &p.to_setvar_value())
@@ -71,18 +86,8 @@ async fn device_and_presence_propagate_without_loop_and_aggregate() {
         })
         .await;
     }
-    sims[0]
-        .set_device_state("PJSIP/200", S::NotInuse)
-        .expect("set");
-    eventually("marker", || {
-        custom(&sims[1], "PJSIP/200") == "NOT_INUSE" && custom(&sims[2], "PJSIP/200") == "NOT_INUSE"
-    })
-    .await;
-    let delta: Vec<u64> = sims
-        .iter()
-        .zip(&before)
-        .map(|(s, b)| s.stats().setvar_total - b)
-        .collect();
+    marker(&sims, S::NotInuse).await;
+    let delta = setvar_delta(&sims, &before);
     // First: the presence; second: the presence and the marker; third (where the dialplan
     // wrote it, not counted as an AMI action): the marker only — the mirrors' echoes are
     // suppressed by value, so nothing comes back to it.
