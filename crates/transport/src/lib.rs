@@ -14,9 +14,10 @@
 //! - [`req`] / [`sub`]: [`ReqClient`] (lazy-pirate REQ) and [`SubClient`] (SUB, prefix `{`)
 //!   for res_zmq_manager's command and event sockets.
 //! - [`legacy`]: [`PullBind`] and [`PubBind`], the original zmq-ami-broker server's sockets.
-//! - [`kafka`]: [`kafka::KafkaTransport`], the federation over a Kafka cluster (compacted
-//!   state topic as the snapshot, heartbeat topic; librdkafka via `rdkafka`). Implements
-//!   [`FederationTransport`] and uses `hintfed-core` to verify records and answer snapshots.
+//! - `kafka` (feature `kafka`, on by default): `kafka::KafkaTransport`, the federation over a
+//!   Kafka cluster (compacted state topic as the snapshot, heartbeat topic; librdkafka via
+//!   `rdkafka`). Implements [`FederationTransport`] and uses `hintfed-core` to verify records
+//!   and answer snapshots.
 //! - [`error`]: [`TransportError`], [`SendError`], [`RequestError`].
 //! - `guard` (private): the ZMTP size guard in front of the bound zeromq sockets.
 //! - `fanout` (private): the hub's PUB, ZMTP 3.0 spoken directly (encode once, queue the
@@ -78,6 +79,7 @@ pub mod error;
 mod fanout;
 mod guard;
 pub mod hub;
+#[cfg(feature = "kafka")]
 pub mod kafka;
 pub mod legacy;
 pub mod link;

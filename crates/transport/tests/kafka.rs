@@ -3,6 +3,7 @@
 //! several partitions, heartbeats, forged records, a missing topic, brokers going down and
 //! coming back, a lost record making the origin republish. (The mock answers no CreateTopics:
 //! topic creation is covered by the end-to-end test against tansu.)
+#![cfg(feature = "kafka")]
 
 use std::time::Duration;
 
