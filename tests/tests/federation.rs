@@ -210,15 +210,19 @@ async fn a_restarted_asterisk_gets_every_remote_state_back() {
     f.ami("pbx-a")
         .set_presence(ALICE, "xa", "trip", "back monday, maybe")
         .await;
-    assert!(
-        f.wait_custom("PJSIP/100", "INUSE", &["pbx-b"], WITHIN)
-            .await
-    );
-    assert!(
-        f.wait_custom("PJSIP/300", "RINGING", &["pbx-b"], WITHIN)
-            .await
-    );
-    wait_presence(&f, &["pbx-b"], "xa", "trip", "back monday, maybe").await;
+    // What pbx-b must show of the others' state, before and after its restart.
+    let remote_state_on_b = || async {
+        assert!(
+            f.wait_custom("PJSIP/100", "INUSE", &["pbx-b"], WITHIN)
+                .await
+        );
+        assert!(
+            f.wait_custom("PJSIP/300", "RINGING", &["pbx-b"], WITHIN)
+                .await
+        );
+        wait_presence(&f, &["pbx-b"], "xa", "trip", "back monday, maybe").await;
+    };
+    remote_state_on_b().await;
 
     let writes_before = f.ami("pbx-b").stat("SetvarTotal").await;
     f.ami("pbx-b").restart().await;
@@ -228,15 +232,7 @@ async fn a_restarted_asterisk_gets_every_remote_state_back() {
         })
         .await
     );
-    assert!(
-        f.wait_custom("PJSIP/100", "INUSE", &["pbx-b"], WITHIN)
-            .await
-    );
-    assert!(
-        f.wait_custom("PJSIP/300", "RINGING", &["pbx-b"], WITHIN)
-            .await
-    );
-    wait_presence(&f, &["pbx-b"], "xa", "trip", "back monday, maybe").await;
+    remote_state_on_b().await;
     assert!(
         f.ami("pbx-b").stat("SetvarTotal").await >= writes_before + 3,
         "states were written again after the restart"
