@@ -930,6 +930,8 @@ impl<T: FederationTransport + 'static> Relay<T> {
         self.sync_retry_at = None;
         self.sync_id += 1;
         self.sync_in_flight = true;
+        // Writes that complete from now on are newer than what the listing may say.
+        self.node.local_listing_requested();
         let id = self.sync_id;
         let pbx = self.pbx.clone();
         let filter = self.filter.clone();

@@ -441,10 +441,14 @@ impl Node {
         }
         self.local_down = false;
         self.sent.clear();
-        self.apply.forget_held();
+        // What the listing says is believed only for targets no write of ours changed since
+        // it was asked (see `local_listing_requested`).
+        self.apply.listing_begins();
         let begin = self.publish(now, Body::FullSyncBegin);
         for item in items {
-            self.note_held(&item);
+            if is_apply_target(&item) {
+                self.apply.note_listed(&item.key, &item.value);
+            }
             match item.value {
                 Value::Device(_) => {
                     self.stats.local_events += 1;
@@ -476,9 +480,16 @@ impl Node {
         self.query.extend(own_old);
         self.publish(now, Body::FullSyncEnd { begin_seq: begin });
         self.synced_once = true;
+        self.apply.listing_done();
         self.flush_query();
         self.reapply_all();
         self.pump(now);
+    }
+
+    /// A listing of the local Asterisk (for [`Node::on_local_full_sync`]) is being asked now:
+    /// its items will not be believed for targets whose write completes after this call.
+    pub fn local_listing_requested(&mut self) {
+        self.apply.listing_requested();
     }
 
     /// The connection to the local Asterisk was lost: announces this origin down (its devices
@@ -711,14 +722,7 @@ impl Node {
 
     /// An event or listing item says what the local Asterisk holds for a possible target.
     fn note_held(&mut self, event: &LocalEvent) {
-        let is_target = match event.value {
-            Value::Presence(_) => true,
-            Value::Device(_) => event
-                .key
-                .get(..7)
-                .is_some_and(|p| p.eq_ignore_ascii_case("Custom:")),
-        };
-        if is_target {
+        if is_apply_target(event) {
             self.apply.note_held(&event.key, &event.value);
         }
     }
@@ -1022,5 +1026,16 @@ impl Node {
             self.actions
                 .push_back(Action::Apply(ApplyCmd { target, value }));
         }
+    }
+}
+/// Whether a local event or listing item names something the apply queue may write: a
+/// presence key or a `Custom:` device.
+fn is_apply_target(event: &LocalEvent) -> bool {
+    match event.value {
+        Value::Presence(_) => true,
+        Value::Device(_) => event
+            .key
+            .get(..7)
+            .is_some_and(|p| p.eq_ignore_ascii_case("Custom:")),
     }
 }
