@@ -125,11 +125,10 @@ mod tests {
     #[test]
     fn builders_name_their_action() {
         assert_eq!(
-            login_plain("admin", "wrong", None).headers(),
+            login_plain("admin", "wrong", None),
             Message::action("Login")
                 .with("Username", "admin")
                 .with("Secret", "wrong")
-                .headers()
         );
         assert_eq!(setvar("V", "1").get("Value"), Some("1"));
         assert_eq!(getvar("V").action_name(), Some("Getvar"));

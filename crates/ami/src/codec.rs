@@ -221,7 +221,10 @@ impl AmiCodec {
     fn take_message(&mut self) -> Message {
         self.current_size = 0;
         self.follows = false;
-        std::mem::take(&mut self.current)
+        // The next message is likely of the same shape (events of one kind come in runs):
+        // room for as much text and as many headers, so it grows without reallocating.
+        let next = Message::with_capacity(self.current.text_len(), self.current.len());
+        std::mem::replace(&mut self.current, next)
     }
 }
 

@@ -1,20 +1,52 @@
 //! [`Message`]: one AMI action, response or event.
 
 use std::fmt;
+use std::ops::Range;
 
 /// One AMI message: `Key: Value` headers in wire order.
 ///
 /// Duplicated keys are kept (several `Output:` or `Variable:` lines), lookups ignore ASCII case
 /// as Asterisk does, and values may be empty or contain `: `.
-#[derive(Clone, Default, PartialEq, Eq)]
+///
+/// The text of every header lives in one string and each header is a pair of ranges into
+/// it, so a decoded message costs two allocations however many headers it has.
+#[derive(Clone, Default)]
 pub struct Message {
-    headers: Vec<(String, String)>,
+    /// Keys and values, back to back.
+    text: String,
+    /// Per header: `text[start..split]` is the key, `text[split..end]` the value.
+    spans: Vec<Span>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Span {
+    start: usize,
+    split: usize,
+    end: usize,
+}
+
+impl Span {
+    fn key(self) -> Range<usize> {
+        self.start..self.split
+    }
+
+    fn value(self) -> Range<usize> {
+        self.split..self.end
+    }
 }
 
 impl Message {
     /// An empty message.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty message with room for `headers` headers of `bytes` bytes of text in all.
+    pub fn with_capacity(bytes: usize, headers: usize) -> Self {
+        Message {
+            text: String::with_capacity(bytes),
+            spans: Vec::with_capacity(headers),
+        }
     }
 
     /// An action message: `Action: <name>` as its first header.
@@ -24,64 +56,114 @@ impl Message {
 
     /// Builder form of [`Message::push`].
     #[must_use]
-    pub fn with(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+    pub fn with(mut self, key: impl AsRef<str>, value: impl AsRef<str>) -> Self {
         self.push(key, value);
         self
     }
 
     /// Appends a header, keeping any earlier header of the same name.
-    pub fn push(&mut self, key: impl Into<String>, value: impl Into<String>) {
-        self.headers.push((key.into(), value.into()));
+    pub fn push(&mut self, key: impl AsRef<str>, value: impl AsRef<str>) {
+        let start = self.text.len();
+        self.text.push_str(key.as_ref());
+        let split = self.text.len();
+        self.text.push_str(value.as_ref());
+        self.spans.push(Span {
+            start,
+            split,
+            end: self.text.len(),
+        });
+    }
+
+    fn key_of(&self, s: Span) -> &str {
+        &self.text[s.key()]
+    }
+
+    fn value_of(&self, s: Span) -> &str {
+        &self.text[s.value()]
     }
 
     /// Replaces the value of the first header named `key`, or appends it.
-    pub fn set(&mut self, key: &str, value: impl Into<String>) {
-        match self
-            .headers
-            .iter_mut()
-            .find(|(k, _)| k.eq_ignore_ascii_case(key))
-        {
-            Some((_, v)) => *v = value.into(),
-            None => self.headers.push((key.to_owned(), value.into())),
+    pub fn set(&mut self, key: &str, value: impl AsRef<str>) {
+        let found = self
+            .spans
+            .iter()
+            .position(|s| self.text[s.key()].eq_ignore_ascii_case(key));
+        match found {
+            Some(i) => {
+                let value = value.as_ref();
+                let s = self.spans[i];
+                if s.end == self.text.len() {
+                    // The last text written: replace in place.
+                    self.text.truncate(s.split);
+                    self.text.push_str(value);
+                    self.spans[i].end = self.text.len();
+                } else {
+                    // Move the header to the end of the text; the old bytes stay unused.
+                    let start = self.text.len();
+                    self.text.extend_from_within(s.key());
+                    let split = self.text.len();
+                    self.text.push_str(value);
+                    self.spans[i] = Span {
+                        start,
+                        split,
+                        end: self.text.len(),
+                    };
+                }
+            }
+            None => self.push(key, value),
         }
     }
 
     /// Removes every header named `key`; returns how many were removed.
     pub fn remove(&mut self, key: &str) -> usize {
-        let before = self.headers.len();
-        self.headers.retain(|(k, _)| !k.eq_ignore_ascii_case(key));
-        before - self.headers.len()
+        let before = self.spans.len();
+        let text = &self.text;
+        self.spans
+            .retain(|s| !text[s.key()].eq_ignore_ascii_case(key));
+        before - self.spans.len()
     }
 
     /// The value of the first header named `key` (ASCII case-insensitive).
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.headers
-            .iter()
+        self.headers()
             .find(|(k, _)| k.eq_ignore_ascii_case(key))
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v)
     }
 
     /// Every value of headers named `key`, in wire order.
     pub fn get_all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.headers
-            .iter()
+        self.headers()
             .filter(move |(k, _)| k.eq_ignore_ascii_case(key))
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v)
     }
 
-    /// All headers in wire order.
-    pub fn headers(&self) -> &[(String, String)] {
-        &self.headers
+    /// All headers in wire order, as `(key, value)`.
+    pub fn headers(&self) -> Headers<'_> {
+        Headers {
+            msg: self,
+            spans: self.spans.iter(),
+        }
+    }
+
+    /// The `index`-th header in wire order.
+    pub fn header(&self, index: usize) -> Option<(&str, &str)> {
+        let s = *self.spans.get(index)?;
+        Some((self.key_of(s), self.value_of(s)))
     }
 
     /// Number of headers.
     pub fn len(&self) -> usize {
-        self.headers.len()
+        self.spans.len()
     }
 
     /// True when the message has no header.
     pub fn is_empty(&self) -> bool {
-        self.headers.is_empty()
+        self.spans.is_empty()
+    }
+
+    /// Bytes of header text held (keys and values, without separators).
+    pub fn text_len(&self) -> usize {
+        self.text.len()
     }
 
     /// `Event:` value, when this is an event.
@@ -110,12 +192,50 @@ impl Message {
     }
 }
 
+/// The headers of a [`Message`] in wire order, from [`Message::headers`].
+#[derive(Clone, Debug)]
+pub struct Headers<'a> {
+    msg: &'a Message,
+    spans: std::slice::Iter<'a, Span>,
+}
+
+impl<'a> Iterator for Headers<'a> {
+    type Item = (&'a str, &'a str);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let s = *self.spans.next()?;
+        Some((self.msg.key_of(s), self.msg.value_of(s)))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.spans.size_hint()
+    }
+}
+
+impl DoubleEndedIterator for Headers<'_> {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        let s = *self.spans.next_back()?;
+        Some((self.msg.key_of(s), self.msg.value_of(s)))
+    }
+}
+
+impl ExactSizeIterator for Headers<'_> {}
+
+impl PartialEq for Message {
+    /// Equal when the headers are, in order (keys compared exactly).
+    fn eq(&self, other: &Self) -> bool {
+        self.len() == other.len() && self.headers().eq(other.headers())
+    }
+}
+
+impl Eq for Message {}
+
 impl fmt::Debug for Message {
     /// Headers as a list; the values of `Secret` and `Key` are masked so that a logged login
     /// action never shows a credential.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut list = f.debug_list();
-        for (k, v) in &self.headers {
+        for (k, v) in self.headers() {
             if k.eq_ignore_ascii_case("Secret") || k.eq_ignore_ascii_case("Key") {
                 list.entry(&format_args!("{k}: ****"));
             } else {
@@ -126,14 +246,13 @@ impl fmt::Debug for Message {
     }
 }
 
-impl<K: Into<String>, V: Into<String>> FromIterator<(K, V)> for Message {
+impl<K: AsRef<str>, V: AsRef<str>> FromIterator<(K, V)> for Message {
     fn from_iter<I: IntoIterator<Item = (K, V)>>(iter: I) -> Self {
-        Self {
-            headers: iter
-                .into_iter()
-                .map(|(k, v)| (k.into(), v.into()))
-                .collect(),
+        let mut m = Message::new();
+        for (k, v) in iter {
+            m.push(k, v);
         }
+        m
     }
 }
 
@@ -149,6 +268,45 @@ mod tests {
             .with("output", "b: c");
         assert_eq!(m.get("RESPONSE"), Some("Success"));
         assert_eq!(m.get_all("Output").collect::<Vec<_>>(), vec!["a", "b: c"]);
+        assert_eq!(m.header(2), Some(("output", "b: c")));
+        assert_eq!(m.header(3), None);
+    }
+
+    #[test]
+    fn set_replaces_in_place_or_moves_and_remove_drops_every_copy() {
+        let mut m = Message::action("Setvar")
+            .with("Variable", "V")
+            .with("Value", "1");
+        m.set("value", "22");
+        m.set("variable", "DEVICE_STATE(Custom:x)");
+        m.set("ActionID", "7");
+        assert_eq!(
+            m.headers().collect::<Vec<_>>(),
+            vec![
+                ("Action", "Setvar"),
+                ("Variable", "DEVICE_STATE(Custom:x)"),
+                ("Value", "22"),
+                ("ActionID", "7"),
+            ]
+        );
+        let same = Message::action("Setvar")
+            .with("Variable", "DEVICE_STATE(Custom:x)")
+            .with("Value", "22")
+            .with("ActionID", "7");
+        assert_eq!(m, same, "equality is by headers, not by layout");
+        m.push("value", "3");
+        assert_eq!(m.remove("VALUE"), 2);
+        assert_eq!(m.get("Value"), None);
+        assert_eq!(m.len(), 3);
+        assert_ne!(m, same);
+    }
+
+    #[test]
+    fn collects_from_pairs() {
+        let m: Message = [("Event", "X"), ("A", "")].into_iter().collect();
+        assert_eq!(m.event(), Some("X"));
+        assert_eq!(m.get("a"), Some(""));
+        assert_eq!(m.headers().len(), 2);
     }
 
     #[test]

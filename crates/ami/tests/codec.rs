@@ -195,10 +195,7 @@ fn session_recv_raw() {
         .find(|m| m.action_id() == Some("p1"))
         .expect("ping");
     assert_eq!(
-        ping.headers()
-            .iter()
-            .map(|(k, _)| k.as_str())
-            .collect::<Vec<_>>(),
+        ping.headers().map(|(k, _)| k).collect::<Vec<_>>(),
         ["Response", "ActionID", "Ping", "Timestamp"]
     );
     assert_eq!(ping.get("Ping"), Some("Pong"));

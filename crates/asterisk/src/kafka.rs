@@ -283,7 +283,7 @@ mod tests {
             .expect("a device record");
         assert!(r.value.starts_with("EntityID: "));
         let ev = parse(r);
-        assert_eq!(ev.message.headers()[0].0, "EntityID");
+        assert_eq!(ev.message.header(0).map(|h| h.0), Some("EntityID"));
         assert_eq!(ev.message.get_all("SystemName").count(), 2);
         let d = DeviceStateChange::from_message(&ev.message).expect("device event");
         assert_eq!(d.device, "Local/100@phones");

@@ -808,11 +808,8 @@ mod tests {
         let req = Message::action("Ping");
         assert_eq!(ack(&req, "x").get("ActionID"), None);
         let req = req.with("ActionID", "a1");
-        let keys: Vec<String> = error(&req, "x")
-            .headers()
-            .iter()
-            .map(|(k, _)| k.clone())
-            .collect();
+        let m = error(&req, "x");
+        let keys: Vec<&str> = m.headers().map(|(k, _)| k).collect();
         assert_eq!(keys, ["Response", "ActionID", "Message"]);
     }
 }

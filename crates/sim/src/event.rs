@@ -99,7 +99,7 @@ impl SimEvent {
             message.push("SystemName", sys);
         }
         for (k, v) in body.headers() {
-            message.push(k.clone(), v.clone());
+            message.push(k, v);
         }
         Self { category, message }
     }
@@ -146,12 +146,7 @@ mod tests {
                 .with("Device", "Custom:a")
                 .with("State", "INUSE"),
         );
-        let keys: Vec<&str> = ev
-            .message
-            .headers()
-            .iter()
-            .map(|(k, _)| k.as_str())
-            .collect();
+        let keys: Vec<&str> = ev.message.headers().map(|(k, _)| k).collect();
         assert_eq!(
             keys,
             ["Event", "Privilege", "SystemName", "Device", "State"]

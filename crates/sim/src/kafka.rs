@@ -148,7 +148,7 @@ pub fn body(
                 if k.eq_ignore_ascii_case("Event") || k.eq_ignore_ascii_case("SystemName") {
                     continue;
                 }
-                obj.insert(k.clone(), v.clone().into());
+                obj.insert(k.to_owned(), v.into());
             }
             serde_json::Value::Object(obj).to_string().into_bytes()
         }

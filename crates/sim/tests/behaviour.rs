@@ -483,7 +483,7 @@ async fn extension_state_command_getvar_and_list_commands() {
             "e1",
         )
         .await;
-    let keys: Vec<&str> = r.headers().iter().map(|(k, _)| k.as_str()).collect();
+    let keys: Vec<&str> = r.headers().map(|(k, _)| k).collect();
     assert_eq!(
         keys,
         [
@@ -551,7 +551,7 @@ async fn extension_state_command_getvar_and_list_commands() {
     assert_eq!(r.get("Value"), Some("bHVuY2g="));
 
     let (_, r) = c.action(Message::action("CoreStatus"), "cs").await;
-    let keys: Vec<&str> = r.headers().iter().map(|(k, _)| k.as_str()).collect();
+    let keys: Vec<&str> = r.headers().map(|(k, _)| k).collect();
     assert_eq!(
         keys,
         [

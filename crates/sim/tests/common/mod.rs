@@ -277,7 +277,7 @@ pub fn canonical(m: &Message) -> String {
         let v = if VARYING.iter().any(|x| x.eq_ignore_ascii_case(k)) {
             "*"
         } else {
-            v.as_str()
+            v
         };
         s.push_str(&format!("{k}: {v}\n"));
     }
