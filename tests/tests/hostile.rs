@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use hintfed_e2e::fed::{Federation, Via, http_get};
 use hintfed_e2e::{free_port, wait_until};
-use hintfed_testkit::zmtp;
+use hintfed_testkit::{process, zmtp};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -28,16 +28,9 @@ const FLOOD: usize = 300;
 /// Most a daemon's resident set may grow through the abuse.
 const RSS_GROWTH_CAP_KIB: u64 = 64 * 1024;
 
+/// Resident set of `pid` in KiB (0 when unreadable).
 fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(0)
+    process::rss_kib(pid).unwrap_or(0)
 }
 
 /// A log line without its ANSI colour escapes.

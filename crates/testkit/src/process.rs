@@ -1,7 +1,8 @@
 //! [`Proc`]: one child process (a daemon under test) whose stdout and stderr lines are
 //! collected (and echoed to the test's stderr under its name, so a failing test shows what the
 //! daemon said), signalled with kill(1), and killed when dropped so a failing test leaves
-//! nothing behind. [`pyzmq_available`] tells the tests that need pyzmq whether to run.
+//! nothing behind. Also: [`send_signal`] / [`signal_self`], [`rss_kib`] of any process, and
+//! [`pyzmq_available`] for the tests that need pyzmq.
 
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
@@ -141,6 +142,18 @@ impl Drop for Proc {
     }
 }
 
+/// The resident set size (`VmRSS`) of process `pid` in KiB, from `/proc/<pid>/status`.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// Sends signal `sig` by name (`TERM`, `HUP`, ...) to process `pid` with kill(1) (also to
 /// the test process itself, `std::process::id()`); whether kill succeeded.
 pub fn send_signal(pid: u32, sig: &str) -> bool {
@@ -198,6 +211,12 @@ mod tests {
                 .is_some()
         );
         assert!(p.has("out") && !p.has("nothing"));
+    }
+
+    #[test]
+    fn reads_its_own_resident_set() {
+        assert!(rss_kib(std::process::id()).is_some_and(|kib| kib > 0));
+        assert_eq!(rss_kib(u32::MAX), None);
     }
 
     #[tokio::test]
