@@ -11,6 +11,7 @@ use hintfed_daemon::http::{
     StateView, StatusEvent, StatusEvents, StatusSlot, StatusSource,
 };
 use hintfed_daemon::metrics::{Kind, Metrics};
+use hintfed_testkit::wait::eventually_within;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinHandle;
@@ -150,16 +151,6 @@ async fn get(addr: SocketAddr, path: &str) -> Resp {
     request(addr, "GET", path).await
 }
 
-async fn poll_until(mut cond: impl FnMut() -> bool) {
-    tokio::time::timeout(DEADLINE, async {
-        while !cond() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    })
-    .await
-    .expect("condition within deadline");
-}
-
 #[tokio::test]
 async fn health_ready_metrics_api_and_page() {
     let s = start(HttpLimits::default()).await;
@@ -282,7 +273,10 @@ async fn events_stream_pushes_changes_caps_clients_and_ends_on_shutdown() {
         "{acc}"
     );
     let events = s.ctx.events.clone();
-    poll_until(|| events.receiver_count() == 1).await;
+    eventually_within("one event client", DEADLINE, || {
+        events.receiver_count() == 1
+    })
+    .await;
 
     s.ctx.events.publish(StatusEvent::Device(device()));
     read_until(
@@ -306,7 +300,7 @@ async fn events_stream_pushes_changes_caps_clients_and_ends_on_shutdown() {
 
     // The first client leaves: its slot is freed.
     drop(es);
-    poll_until(|| events.receiver_count() == 0).await;
+    eventually_within("no event client", DEADLINE, || events.receiver_count() == 0).await;
     let mut es2 = TcpStream::connect(s.addr).await.expect("connect");
     es2.write_all(b"GET /events HTTP/1.1\r\nHost: t\r\n\r\n")
         .await
@@ -314,7 +308,10 @@ async fn events_stream_pushes_changes_caps_clients_and_ends_on_shutdown() {
     let mut acc2 = String::new();
     read_until(&mut es2, &mut acc2, "\r\n\r\n").await;
     assert!(acc2.starts_with("HTTP/1.1 200"), "{acc2}");
-    poll_until(|| events.receiver_count() == 1).await;
+    eventually_within("one event client", DEADLINE, || {
+        events.receiver_count() == 1
+    })
+    .await;
     s.ctx.events.publish(StatusEvent::Resync);
     read_until(&mut es2, &mut acc2, "data: {\"type\":\"resync\"}").await;
 
