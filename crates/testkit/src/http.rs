@@ -26,7 +26,7 @@ pub struct Reply {
 }
 
 /// `GET path` on `addr`; `None` when the daemon cannot be reached or the reply is not HTTP
-/// (a reply cut at [`READ_TIMEOUT`] is returned as far as it came).
+/// (a reply still coming after 3 s is returned as far as it came).
 pub async fn get(addr: impl ToSocketAddrs, path: &str) -> Option<Reply> {
     let mut s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(addr))
         .await
