@@ -13,7 +13,7 @@
 //! tried. Without any configured key, messages are sent as `{"env":{...}}` and accepted
 //! unsigned. With a key configured, a message without `mac` is rejected as unsigned.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 
 use base64::Engine;
@@ -32,16 +32,18 @@ type HmacSha256 = Hmac<Sha256>;
 #[derive(Clone)]
 pub struct Key {
     id: Option<String>,
-    secret: Vec<u8>,
+    /// HMAC state after absorbing the key (cloned per message instead of re-keying).
+    keyed: HmacSha256,
 }
 
 impl Key {
     /// A key with an optional id (sent as `kid` when signing with it).
     pub fn new(id: Option<String>, secret: impl Into<Vec<u8>>) -> Self {
-        Key {
-            id,
-            secret: secret.into(),
-        }
+        let secret: Vec<u8> = secret.into();
+        // HMAC accepts keys of any length; new_from_slice cannot fail for it.
+        let keyed = <HmacSha256 as Mac>::new_from_slice(&secret)
+            .expect("HMAC-SHA256 accepts keys of every length");
+        Key { id, keyed }
     }
 
     /// The key's id, if any.
@@ -50,9 +52,7 @@ impl Key {
     }
 
     fn mac(&self) -> HmacSha256 {
-        // HMAC accepts keys of any length; new_from_slice cannot fail for it.
-        <HmacSha256 as Mac>::new_from_slice(&self.secret)
-            .expect("HMAC-SHA256 accepts keys of every length")
+        self.keyed.clone()
     }
 }
 
@@ -286,6 +286,31 @@ struct VersionOnly {
     v: u64,
 }
 
+/// Splits `{"mac":"<44 base64 chars>","env":<env>}` (what [`KeyRing::seal`] writes with a key
+/// without id) into the MAC text and the raw `env` bytes; `None` for any other shape.
+fn split_sealed(bytes: &[u8]) -> Option<(&str, &[u8])> {
+    const HEAD: &[u8] = b"{\"mac\":\"";
+    const MID: &[u8] = b"\",\"env\":";
+    const TAG: usize = 44;
+    let rest = bytes.strip_prefix(HEAD)?;
+    let tag = rest.get(..TAG)?;
+    let rest = rest[TAG..].strip_prefix(MID)?;
+    let raw = rest.strip_suffix(b"}")?;
+    // Exactly one object, no surrounding whitespace (the general path would MAC without it).
+    if !(raw.starts_with(b"{") && raw.ends_with(b"}")) {
+        return None;
+    }
+    if !tag
+        .iter()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'+' | b'/' | b'='))
+    {
+        return None;
+    }
+    // ASCII checked above.
+    let tag = std::str::from_utf8(tag).ok()?;
+    Some((tag, raw))
+}
+
 /// Decodes and authenticates one wire message without replay checking: size limit, wire
 /// form, MAC (when `keys` is non-empty), version, envelope structure and [`Limits`]. Never
 /// panics on any input.
@@ -296,24 +321,58 @@ pub fn open(bytes: &[u8], keys: &KeyRing, limits: &Limits) -> Result<Envelope, R
             max: limits.max_message_bytes,
         });
     }
+    // The form `seal` writes without a key id, `{"mac":"<44 base64 chars>","env":{...}}`, is
+    // split without a JSON pass over the whole message: base64 holds no `"` or `\`, so such
+    // a message is valid JSON exactly when its `env` object is, which decoding checks. Any
+    // failure there takes the general path, so both accept exactly the same messages.
+    if let Some((mac, raw)) = split_sealed(bytes)
+        && let Ok(env) = open_parts(None, Some(mac), raw, keys, limits)
+    {
+        return Ok(env);
+    }
     let wire: WireIn<'_> =
         serde_json::from_slice(bytes).map_err(|e| Reject::Malformed(e.to_string()))?;
-    let raw = wire.env.get().as_bytes();
+    open_parts(
+        wire.kid.as_deref(),
+        wire.mac.as_deref(),
+        wire.env.get().as_bytes(),
+        keys,
+        limits,
+    )
+}
+
+/// MAC check, version and envelope decoding of the `env` bytes of a message.
+fn open_parts(
+    kid: Option<&str>,
+    mac: Option<&str>,
+    raw: &[u8],
+    keys: &KeyRing,
+    limits: &Limits,
+) -> Result<Envelope, Reject> {
     if !keys.is_empty() {
-        let Some(mac) = wire.mac.as_deref() else {
+        let Some(mac) = mac else {
             return Err(Reject::Unsigned);
         };
-        if !keys.check(wire.kid.as_deref(), mac, raw) {
+        if !keys.check(kid, mac, raw) {
             return Err(Reject::BadMac);
         }
     }
-    let version: VersionOnly =
-        serde_json::from_slice(raw).map_err(|e| Reject::Malformed(e.to_string()))?;
-    if version.v != u64::from(WIRE_VERSION) {
-        return Err(Reject::WrongVersion(version.v));
+    // Decode first; only a failure needs the version alone (a newer version may have another
+    // structure: report it as such rather than as malformed).
+    let env: Envelope = match serde_json::from_slice(raw) {
+        Ok(env) => env,
+        Err(e) => {
+            return match serde_json::from_slice::<VersionOnly>(raw) {
+                Ok(version) if version.v != u64::from(WIRE_VERSION) => {
+                    Err(Reject::WrongVersion(version.v))
+                }
+                _ => Err(Reject::Malformed(e.to_string())),
+            };
+        }
+    };
+    if env.v != WIRE_VERSION {
+        return Err(Reject::WrongVersion(u64::from(env.v)));
     }
-    let env: Envelope =
-        serde_json::from_slice(raw).map_err(|e| Reject::Malformed(e.to_string()))?;
     env.validate(limits)
         .map_err(|e| Reject::Malformed(e.to_string()))?;
     Ok(env)
@@ -341,8 +400,25 @@ pub struct ReplayGuard {
 struct Window {
     epoch: Epoch,
     top: u64,
-    seen: BTreeSet<u64>,
+    /// Which of the sequences `top - WINDOW + 1 ..= top` were seen: bit `seq % WINDOW`.
+    seen: [u64; (ReplayGuard::WINDOW / 64) as usize],
     touched: u64,
+}
+
+impl Window {
+    fn new(epoch: Epoch, touched: u64) -> Self {
+        Window {
+            epoch,
+            top: 0,
+            seen: [0; (ReplayGuard::WINDOW / 64) as usize],
+            touched,
+        }
+    }
+
+    fn bit(seq: u64) -> (usize, u64) {
+        let i = seq % ReplayGuard::WINDOW;
+        ((i / 64) as usize, 1u64 << (i % 64))
+    }
 }
 
 impl Default for ReplayGuard {
@@ -368,46 +444,52 @@ impl ReplayGuard {
     pub fn check(&mut self, origin: &str, epoch: Epoch, seq: u64) -> Result<(), Reject> {
         self.clock += 1;
         let clock = self.clock;
-        if !self.origins.contains_key(origin) && self.origins.len() >= self.max_origins {
-            let oldest = self
-                .origins
-                .iter()
-                .min_by_key(|(_, w)| w.touched)
-                .map(|(k, _)| k.clone());
-            if let Some(k) = oldest {
-                self.origins.remove(&k);
+        if !self.origins.contains_key(origin) {
+            if self.origins.len() >= self.max_origins {
+                let oldest = self
+                    .origins
+                    .iter()
+                    .min_by_key(|(_, w)| w.touched)
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = oldest {
+                    self.origins.remove(&k);
+                }
             }
+            self.origins
+                .insert(origin.to_owned(), Window::new(epoch, clock));
         }
-        let w = self.origins.entry(origin.to_owned()).or_insert(Window {
-            epoch,
-            top: 0,
-            seen: BTreeSet::new(),
-            touched: clock,
-        });
+        let Some(w) = self.origins.get_mut(origin) else {
+            return Err(Reject::Replay);
+        };
         if epoch < w.epoch {
             return Err(Reject::Replay);
         }
         if epoch > w.epoch {
-            *w = Window {
-                epoch,
-                top: 0,
-                seen: BTreeSet::new(),
-                touched: clock,
-            };
+            *w = Window::new(epoch, clock);
         }
         w.touched = clock;
         if seq + ReplayGuard::WINDOW <= w.top {
             return Err(Reject::Replay);
         }
-        if w.seen.contains(&seq) {
-            return Err(Reject::Duplicate);
-        }
-        w.seen.insert(seq);
         if seq > w.top {
+            // Slide: the sequences leaving the window share their bits with top+1..=seq.
+            if seq - w.top >= ReplayGuard::WINDOW {
+                w.seen = [0; (ReplayGuard::WINDOW / 64) as usize];
+            } else {
+                for s in w.top + 1..=seq {
+                    let (i, m) = Window::bit(s);
+                    w.seen[i] &= !m;
+                }
+            }
             w.top = seq;
-            let floor = w.top.saturating_sub(ReplayGuard::WINDOW - 1);
-            w.seen = w.seen.split_off(&floor);
+        } else {
+            let (i, m) = Window::bit(seq);
+            if w.seen[i] & m != 0 {
+                return Err(Reject::Duplicate);
+            }
         }
+        let (i, m) = Window::bit(seq);
+        w.seen[i] |= m;
         Ok(())
     }
 }
@@ -670,6 +752,79 @@ mod tests {
         g.check("b", Epoch(1), 1).unwrap();
         g.check("c", Epoch(1), 1).unwrap(); // evicts "a" (least recently active)
         assert!(g.origins.len() <= 2);
+    }
+
+    #[test]
+    fn window_slides_and_accepts_reordering_inside_it() {
+        let mut g = ReplayGuard::new(4);
+        for s in [1, 5, 3, 2, 4] {
+            g.check("a", Epoch(1), s).unwrap();
+        }
+        for s in 1..=5 {
+            assert_eq!(g.check("a", Epoch(1), s), Err(Reject::Duplicate));
+        }
+        // A jump of less than a window keeps what is still inside it.
+        g.check("a", Epoch(1), 900).unwrap();
+        assert_eq!(g.check("a", Epoch(1), 5), Err(Reject::Duplicate));
+        g.check("a", Epoch(1), 6).unwrap();
+        // Past a whole window: the old sequences are replays, the skipped ones in the window new.
+        g.check("a", Epoch(1), 900 + ReplayGuard::WINDOW).unwrap();
+        assert_eq!(g.check("a", Epoch(1), 900), Err(Reject::Replay));
+        g.check("a", Epoch(1), 901).unwrap();
+        assert_eq!(g.check("a", Epoch(1), 901), Err(Reject::Duplicate));
+        // A slot reused by the slide holds the new sequence only.
+        g.check("a", Epoch(1), 902 + ReplayGuard::WINDOW).unwrap();
+        g.check("a", Epoch(1), 903).unwrap();
+        // A newer epoch restarts, an older one is a replay.
+        g.check("a", Epoch(2), 1).unwrap();
+        assert_eq!(g.check("a", Epoch(1), 5000), Err(Reject::Replay));
+    }
+
+    #[test]
+    fn the_split_fast_path_accepts_exactly_what_the_general_path_does() {
+        let l = Limits::default();
+        let ring = KeyRing::from_secrets(["s"]);
+        let bytes = ring.seal(&env(1), &l).unwrap();
+        assert!(bytes.starts_with(br#"{"mac":""#));
+        assert!(split_sealed(&bytes).is_some());
+        assert_eq!(open(&bytes, &ring, &l).unwrap(), env(1));
+        let text = String::from_utf8(bytes.clone()).unwrap();
+        let (head, env_text) = text.split_once(r#""env":"#).unwrap();
+        let env_text = env_text.strip_suffix('}').unwrap();
+        // Other layouts of the same JSON: whitespace, a field after env, env first.
+        let variants = [
+            format!("{head}\"env\": {env_text} }}"),
+            format!("{head}\"env\":{env_text},\"x\":{{}}}}"),
+            format!("{{\"env\":{env_text},{}}}", &head[1..head.len() - 1]),
+        ];
+        for v in &variants {
+            assert_eq!(open(v.as_bytes(), &ring, &l).unwrap(), env(1), "{v}");
+        }
+        // Tampering anywhere fails either way.
+        let forged = text.replace("PJSIP/100", "PJSIP/101");
+        assert_eq!(open(forged.as_bytes(), &ring, &l), Err(Reject::BadMac));
+        let truncated = &bytes[..bytes.len() - 2];
+        assert!(matches!(
+            open(truncated, &ring, &l),
+            Err(Reject::Malformed(_))
+        ));
+        let mut trailing = bytes.clone();
+        trailing.extend_from_slice(b"x");
+        assert!(matches!(
+            open(&trailing, &ring, &l),
+            Err(Reject::Malformed(_))
+        ));
+        // A newer version is reported as such on both paths.
+        let v2 = r#"{"v":2,"origin":"pbx-a","what":"else"}"#;
+        let mut m = ring.keys[0].mac();
+        m.update(v2.as_bytes());
+        let tag = B64.encode(m.finalize().into_bytes());
+        let msg = format!("{{\"mac\":\"{tag}\",\"env\":{v2}}}");
+        assert!(split_sealed(msg.as_bytes()).is_some());
+        assert_eq!(
+            open(msg.as_bytes(), &ring, &l),
+            Err(Reject::WrongVersion(2))
+        );
     }
 
     #[test]

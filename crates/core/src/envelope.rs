@@ -111,7 +111,12 @@ pub enum Role {
 
 /// The payload of an envelope. JSON form: an object with `"type"` (snake_case variant name)
 /// and the variant's fields, e.g. `{"type":"full_sync_end","begin_seq":7}`.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Decoding an update whose `"type"` comes first (as this crate writes it) reads the fields
+/// straight into an [`Update`]; everything else is buffered and decoded as the derived
+/// internally tagged form (`BodyIn`, the same variants), which is what serde does for every
+/// internally tagged enum.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Body {
     /// Stream: a key changed at the origin.
@@ -182,6 +187,197 @@ pub enum Body {
         /// The origin asked.
         origin: String,
     },
+}
+
+/// [`Body`] as the derived internally tagged decoding sees it (the general path of its
+/// `Deserialize`). Same variants and attributes; keep the two in step (the round-trip tests
+/// cover every variant).
+#[derive(Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum BodyIn {
+    /// Stream: a key changed at the origin.
+    Update(Update),
+    /// Stream: the origin's complete state follows (its seq is the `begin_seq` of the end).
+    FullSyncBegin,
+    /// Stream: the full sync that began at `begin_seq` is complete: every device key of this
+    /// origin not updated since `begin_seq` no longer exists and is dropped.
+    FullSyncEnd {
+        /// Sequence of the matching [`Body::FullSyncBegin`].
+        begin_seq: u64,
+    },
+    /// Stream: the origin is alive (its envelope seq is its last seq).
+    Heartbeat {
+        /// True while the origin has lost its Asterisk (its devices count as down).
+        #[serde(default)]
+        local_down: bool,
+    },
+    /// Stream: `origin` is down. Sent by an origin about itself (lost its Asterisk), or by a
+    /// hub about an origin that fell silent.
+    OriginDown {
+        /// The origin that is down.
+        origin: String,
+        /// Its epoch as last seen.
+        epoch: Epoch,
+        /// Its last stream sequence seen by the sender.
+        last_seq: u64,
+        /// Human-readable reason.
+        reason: String,
+    },
+    /// Control: a peer introduces itself to a hub.
+    Hello {
+        /// What the peer is.
+        role: Role,
+        /// Software name and version, informational.
+        #[serde(default)]
+        software: String,
+    },
+    /// Control: ask a hub for its whole table.
+    SnapshotRequest {
+        /// Correlates the answer.
+        request_id: u64,
+    },
+    /// Control: part of a snapshot answer (bounded in size by construction).
+    SnapshotChunk {
+        /// The request answered.
+        request_id: u64,
+        /// Position of this chunk in the answer, from 0 (duplicates are recognised by it).
+        #[serde(default)]
+        index: u32,
+        /// Table entries.
+        #[serde(default)]
+        entries: Vec<SnapshotEntry>,
+        /// Origin summaries (applied only once the whole snapshot arrived).
+        #[serde(default)]
+        origins: Vec<OriginSummary>,
+    },
+    /// Control: the snapshot is complete.
+    SnapshotEnd {
+        /// The request answered.
+        request_id: u64,
+        /// Number of chunks sent before this end (lets the receiver detect a lost chunk).
+        chunks: u32,
+    },
+    /// Control: a hub asks `origin` to republish its full state (it missed part of its stream
+    /// or restarted).
+    ResyncRequest {
+        /// The origin asked.
+        origin: String,
+    },
+}
+
+impl From<BodyIn> for Body {
+    fn from(b: BodyIn) -> Self {
+        match b {
+            BodyIn::Update(u) => Body::Update(u),
+            BodyIn::FullSyncBegin => Body::FullSyncBegin,
+            BodyIn::FullSyncEnd { begin_seq } => Body::FullSyncEnd { begin_seq },
+            BodyIn::Heartbeat { local_down } => Body::Heartbeat { local_down },
+            BodyIn::OriginDown {
+                origin,
+                epoch,
+                last_seq,
+                reason,
+            } => Body::OriginDown {
+                origin,
+                epoch,
+                last_seq,
+                reason,
+            },
+            BodyIn::Hello { role, software } => Body::Hello { role, software },
+            BodyIn::SnapshotRequest { request_id } => Body::SnapshotRequest { request_id },
+            BodyIn::SnapshotChunk {
+                request_id,
+                index,
+                entries,
+                origins,
+            } => Body::SnapshotChunk {
+                request_id,
+                index,
+                entries,
+                origins,
+            },
+            BodyIn::SnapshotEnd { request_id, chunks } => Body::SnapshotEnd { request_id, chunks },
+            BodyIn::ResyncRequest { origin } => Body::ResyncRequest { origin },
+        }
+    }
+}
+
+/// A map key or tag value: the one this decoder looks for, or any other text.
+enum Word {
+    Wanted,
+    Other(String),
+}
+
+struct WordSeed(&'static str);
+
+impl<'de> serde::de::DeserializeSeed<'de> for WordSeed {
+    type Value = Word;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Word, D::Error> {
+        d.deserialize_str(self)
+    }
+}
+
+impl serde::de::Visitor<'_> for WordSeed {
+    type Value = Word;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a string")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Word, E> {
+        Ok(if v == self.0 {
+            Word::Wanted
+        } else {
+            Word::Other(v.to_owned())
+        })
+    }
+}
+
+struct BodyVisitor;
+
+impl<'de> serde::de::Visitor<'de> for BodyVisitor {
+    type Value = Body;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("an envelope body (an object with \"type\")")
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Body, A::Error> {
+        use serde::de::Error as _;
+        let mut buffered = serde_json::Map::new();
+        match map.next_key_seed(WordSeed("type"))? {
+            Some(Word::Wanted) => match map.next_value_seed(WordSeed("update"))? {
+                Word::Wanted => {
+                    let d = serde::de::value::MapAccessDeserializer::new(map);
+                    return Update::deserialize(d).map(Body::Update);
+                }
+                Word::Other(tag) => {
+                    buffered.insert("type".to_owned(), serde_json::Value::String(tag));
+                }
+            },
+            Some(Word::Other(key)) => {
+                let v: serde_json::Value = map.next_value()?;
+                buffered.insert(key, v);
+            }
+            None => {}
+        }
+        while let Some((k, v)) = map.next_entry::<String, serde_json::Value>()? {
+            if buffered.contains_key(&k) {
+                return Err(A::Error::custom(format_args!("duplicate field `{k}`")));
+            }
+            buffered.insert(k, v);
+        }
+        BodyIn::deserialize(serde_json::Value::Object(buffered))
+            .map(Body::from)
+            .map_err(A::Error::custom)
+    }
+}
+
+impl<'de> Deserialize<'de> for Body {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(BodyVisitor)
+    }
 }
 
 impl Body {
@@ -417,6 +613,34 @@ mod tests {
             let s = serde_json::to_string(&e).unwrap();
             assert!(s.contains(e.body.type_name()), "{s}");
             assert_eq!(serde_json::from_str::<Envelope>(&s).unwrap(), e);
+        }
+    }
+
+    #[test]
+    fn body_decodes_in_any_field_order_and_rejects_what_the_derived_form_rejects() {
+        let want = upd("PJSIP/1").body;
+        for text in [
+            r#"{"type":"update","key":"PJSIP/1","value":{"device":"INUSE"},"ts":{"wall":5,"counter":0}}"#,
+            r#"{"key":"PJSIP/1","type":"update","value":{"device":"INUSE"},"ts":{"wall":5,"counter":0},"extra":[1]}"#,
+            r#"{"value":{"device":"INUSE"},"ts":{"wall":5,"counter":0},"key":"PJSIP/1","type":"update"}"#,
+        ] {
+            assert_eq!(serde_json::from_str::<Body>(text).unwrap(), want, "{text}");
+        }
+        let end: Body = serde_json::from_str(r#"{"begin_seq":7,"type":"full_sync_end"}"#).unwrap();
+        assert_eq!(end, Body::FullSyncEnd { begin_seq: 7 });
+        let hb: Body = serde_json::from_str(r#"{"type":"heartbeat"}"#).unwrap();
+        assert_eq!(hb, Body::Heartbeat { local_down: false });
+        for bad in [
+            r#"{"key":"PJSIP/1"}"#,
+            r#"{"type":"nope"}"#,
+            r#"{"type":"update","key":"PJSIP/1"}"#,
+            r#"{"type":"full_sync_end"}"#,
+            r#"{"type":7}"#,
+            r#"["update"]"#,
+            r#"{"begin_seq":1,"begin_seq":2,"type":"full_sync_end"}"#,
+            "17",
+        ] {
+            assert!(serde_json::from_str::<Body>(bad).is_err(), "{bad}");
         }
     }
 
