@@ -1,26 +1,29 @@
-//! `hintfed-bench hub`: the hub alone. One real `hintfed-server` process; in this process a
-//! publisher made of the core's `Node` and the transport's `MultiHub` (exactly what
-//! hintfed-agent uses) signs and sends device updates as fast as the link takes them, and
-//! `--subscribers` plain ZeroMQ SUB sockets on the hub's PUB count what is fanned out. Reports
-//! updates/s ingested (received by the first subscriber) and delivered per subscriber, next
-//! to the raw ZeroMQ PUB/SUB ceiling measured in the same run, and the hub's CPU and peak RSS.
+//! `hintfed-bench hub`: the hub alone, with the load in other processes. One real
+//! `hintfed-server`; a `hub-pub` process (core `Node`, every update signed before the clock
+//! starts, written over one raw DEALER connection) publishes `--updates` device updates; a
+//! `hub-sub` process holds `--subscribers` raw SUB connections on the hub's PUB and counts the
+//! updates each one receives (see [`crate::hubproc`]).
 //!
-//! Everything shares the machine: the publisher and the subscribers run in this process, so
-//! on 2 cores the figure is a lower bound of what the hub alone could do.
+//! The ceiling is measured in the same run with the same receivers: the `zeromq` crate's PUB
+//! (the library the agents and the transport use) in its own process sends messages of the
+//! same size (topic + signed envelope of an update) to the same `hub-sub` process with the
+//! same fan-out. Both rates are counted the same way: messages the slowest subscriber got,
+//! divided by the time from the publisher's first write to the last message at any
+//! subscriber. The ratio is hub updates/s ÷ ceiling messages/s per subscriber; the hub
+//! verifies (MAC, replay guard), merges into its table and fans out every update, the ceiling
+//! only copies bytes. CPU of the hub, the publisher and the subscribers are reported so that
+//! who held the cores is visible.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
 
-use bytes::Bytes;
-use hintfed_core::envelope::Limits as CoreLimits;
-use hintfed_core::{
-    Action, DeviceState, Epoch, KeyRing, LocalEvent, Millis, Node, NodeConfig, Role,
-};
-use hintfed_transport::{MultiHub, MultiHubConfig};
+use anyhow::Context as _;
 use serde_json::json;
-use zeromq::{Socket as _, SocketRecv as _, SubSocket};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Lines};
+use tokio::process::{Child, ChildStdout, Command};
 
+use crate::hubproc::{SubResult, unix_ns};
 use crate::procs::{self, Daemon};
 
 /// Options of `hub`.
@@ -35,35 +38,185 @@ pub struct HubArgs {
     /// Distinct device keys.
     #[arg(long, default_value_t = 1000)]
     pub keys: usize,
-    /// Messages for the ZeroMQ ceiling (0: skip).
-    #[arg(long, default_value_t = 500_000)]
-    pub zmq_count: u64,
-    /// Payload bytes of the ZeroMQ ceiling messages.
-    #[arg(long, default_value_t = 200)]
-    pub zmq_size: usize,
+    /// Messages for the ZeroMQ fan-out ceiling (0: skip; default: as many as `--updates`).
+    #[arg(long)]
+    pub zmq_count: Option<u64>,
+    /// The hub binary to measure (default: `hintfed-server` beside this executable).
+    #[arg(long)]
+    pub server_bin: Option<PathBuf>,
+    /// Run `perf record -g --call-graph dwarf` on the hub during the load, into this file.
+    #[arg(long)]
+    pub perf: Option<PathBuf>,
+    /// Write the JSON report here too.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
 }
 
-fn now() -> Millis {
-    Millis(
-        SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_millis() as u64,
-    )
+/// The shared key of the hub bench.
+pub const KEY: &str = "bench-shared-key";
+
+/// A helper process of this binary with its stdout read line by line.
+struct Helper {
+    child: Child,
+    lines: Lines<BufReader<ChildStdout>>,
 }
 
-const KEY: &str = "bench-shared-key";
+impl Helper {
+    fn spawn(args: &[String], stdin: bool) -> anyhow::Result<Self> {
+        let exe = std::env::current_exe()?;
+        let mut child = Command::new(exe)
+            .args(args)
+            .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
+            .stdout(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawn helper")?;
+        let out = child.stdout.take().context("helper stdout")?;
+        Ok(Helper {
+            child,
+            lines: BufReader::new(out).lines(),
+        })
+    }
+
+    /// The next line starting with `prefix` (other lines are skipped), within `timeout`.
+    async fn line(&mut self, prefix: &str, timeout: Duration) -> anyhow::Result<String> {
+        tokio::time::timeout(timeout, async {
+            loop {
+                let l = self
+                    .lines
+                    .next_line()
+                    .await?
+                    .context("helper ended early")?;
+                if l.starts_with(prefix) {
+                    return Ok::<_, anyhow::Error>(l);
+                }
+            }
+        })
+        .await
+        .with_context(|| format!("no `{prefix}` line from a helper within {timeout:?}"))?
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+}
+
+/// Figures of one fan-out measurement.
+#[derive(Debug, Clone, Default)]
+struct Fanned {
+    /// Messages per second the slowest subscriber received.
+    per_sub: f64,
+    /// Messages per second summed over the subscribers.
+    total: f64,
+    min: u64,
+    max: u64,
+    secs: f64,
+}
+
+fn fanned(start_ns: u64, results: &[SubResult]) -> Fanned {
+    let last = results.iter().map(|r| r.last_ns).max().unwrap_or(0);
+    let secs = (last.saturating_sub(start_ns) as f64 / 1e9).max(1e-9);
+    let min = results.iter().map(|r| r.count).min().unwrap_or(0);
+    let max = results.iter().map(|r| r.count).max().unwrap_or(0);
+    let sum: u64 = results.iter().map(|r| r.count).sum();
+    Fanned {
+        per_sub: min as f64 / secs,
+        total: sum as f64 / secs,
+        min,
+        max,
+        secs,
+    }
+}
+
+fn sub_args(endpoint: &str, subs: usize, prefix: &str, expect: u64) -> Vec<String> {
+    vec![
+        "hub-sub".into(),
+        "--endpoint".into(),
+        endpoint.into(),
+        "--subs".into(),
+        subs.to_string(),
+        "--prefix".into(),
+        prefix.into(),
+        "--expect".into(),
+        expect.to_string(),
+    ]
+}
+
+async fn results(sub: &mut Helper, timeout: Duration) -> anyhow::Result<Vec<SubResult>> {
+    let l = sub.line("[", timeout).await?;
+    Ok(serde_json::from_str(&l)?)
+}
+
+/// The raw ZeroMQ fan-out ceiling: the `zeromq` crate's PUB (`zmq-pub` helper) to the
+/// `hub-sub` helper with `subs` connections, `count` messages of `size` bytes.
+async fn zmq_fanout(
+    subs: usize,
+    count: u64,
+    size: usize,
+    tck: f64,
+) -> anyhow::Result<(Fanned, serde_json::Value)> {
+    let port = procs::free_port()?;
+    let endpoint = format!("tcp://127.0.0.1:{port}");
+    let mut publ = Helper::spawn(
+        &[
+            "zmq-pub".into(),
+            "--endpoint".into(),
+            endpoint.clone(),
+            "--count".into(),
+            count.to_string(),
+            "--size".into(),
+            size.to_string(),
+        ],
+        true,
+    )?;
+    // Wait for the bind.
+    let addr = format!("127.0.0.1:{port}");
+    let bound = procs::wait_until(Duration::from_secs(10), || {
+        let addr = addr.clone();
+        async move { tokio::net::TcpStream::connect(addr).await.is_ok() }
+    })
+    .await;
+    anyhow::ensure!(bound, "zmq-pub helper did not bind");
+    let mut sub = Helper::spawn(&sub_args(&endpoint, subs, "d", count), false)?;
+    sub.line("ready", Duration::from_secs(20)).await?;
+    let (p0, s0) = (
+        procs::usage(publ.pid(), tck).unwrap_or_default(),
+        procs::usage(sub.pid(), tck).unwrap_or_default(),
+    );
+    let start = unix_ns();
+    let mut stdin = publ.child.stdin.take().context("zmq-pub stdin")?;
+    stdin.write_all(b"go\n").await?;
+    stdin.flush().await?;
+    let res = results(&mut sub, Duration::from_secs(300)).await?;
+    let (p1, s1) = (
+        procs::usage(publ.pid(), tck).unwrap_or_default(),
+        procs::usage(sub.pid(), tck).unwrap_or_default(),
+    );
+    let f = fanned(start, &res);
+    let cpu = json!({
+        "publisher_cpu_percent": 100.0 * (p1.cpu_secs - p0.cpu_secs) / f.secs,
+        "subscribers_cpu_percent": 100.0 * (s1.cpu_secs - s0.cpu_secs) / f.secs,
+    });
+    Ok((f, cpu))
+}
 
 /// Runs the hub benchmark; returns the JSON report (also printed as a table).
 pub async fn run(a: HubArgs) -> anyhow::Result<serde_json::Value> {
     let machine_before = procs::machine();
     let dir = tempfile::tempdir()?;
     let tck = procs::clk_tck();
-    let zmq = if a.zmq_count > 0 {
-        Some(crate::ceiling::zmq_pubsub(a.zmq_count, a.zmq_size).await?)
+    let (_, size) = crate::hubproc::presigned(1, 1, KEY)?;
+    let zmq_count = a.zmq_count.unwrap_or(a.updates);
+    let ceiling = if zmq_count > 0 {
+        eprintln!(
+            "ceiling: zeromq PUB -> {} subscribers, {zmq_count} x {size} B ...",
+            a.subscribers
+        );
+        Some(zmq_fanout(a.subscribers, zmq_count, size, tck).await?)
     } else {
         None
     };
+
     let port = procs::free_port_pair()?;
     let http = format!("127.0.0.1:{}", procs::free_port()?);
     let cfg = dir.path().join("hub.ini");
@@ -73,9 +226,13 @@ pub async fn run(a: HubArgs) -> anyhow::Result<serde_json::Value> {
             "[general]\nname = hub-bench\nlog_level = warn\n\n[federation]\nshared_key = {KEY}\n\n[server]\nlisten = tcp://127.0.0.1:{port}\n\n[http]\nlisten = {http}\n"
         ),
     )?;
+    let server_bin = match &a.server_bin {
+        Some(p) => p.clone(),
+        None => procs::sibling("hintfed-server")?,
+    };
     let mut hub = Daemon::spawn(
         "hub",
-        &procs::sibling("hintfed-server")?,
+        &server_bin,
         &["--config".into(), cfg.display().to_string()],
         &[],
         dir.path(),
@@ -86,165 +243,131 @@ pub async fn run(a: HubArgs) -> anyhow::Result<serde_json::Value> {
     .await;
     anyhow::ensure!(up, "hub did not come up (see {})", hub.log.display());
 
-    // Subscribers: count update messages (topic frame starting with "state.").
-    let counts: Vec<Arc<AtomicU64>> = (0..a.subscribers)
-        .map(|_| Arc::new(AtomicU64::new(0)))
-        .collect();
-    let mut subs = Vec::new();
-    for c in &counts {
-        let mut s = SubSocket::new();
-        s.subscribe("").await?;
-        s.connect(&format!("tcp://127.0.0.1:{}", port + 1)).await?;
-        let c = c.clone();
-        subs.push(tokio::spawn(async move {
-            while let Ok(m) = s.recv().await {
-                if m.get(0).is_some_and(|t| t.starts_with(b"state.")) {
-                    c.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }));
-    }
-
-    // Publisher.
-    let multi = MultiHub::connect(MultiHubConfig::new([format!("tcp://127.0.0.1:{port}")]))?;
-    let _incoming = multi.take_incoming();
-    let mut connected = multi.connected();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while *connected.borrow() < 1 {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "publisher not connected to the hub"
-        );
-        let _ = tokio::time::timeout(Duration::from_millis(100), connected.changed()).await;
-    }
-    let keys = KeyRing::from_secrets([KEY]);
-    let limits = CoreLimits::default();
-    let t = now();
-    let mut node = Node::new(NodeConfig::new("bench-origin"), Epoch(t.0), t);
-    let send = |multi: &MultiHub, env: &hintfed_core::Envelope| -> anyhow::Result<bool> {
-        let bytes = keys.seal(env, &limits)?;
-        let frames = vec![
-            Bytes::copy_from_slice(env.topic().as_bytes()),
-            Bytes::from(bytes),
-        ];
-        Ok(multi.send_all(&frames) > 0)
-    };
-    let hello = node.hello(Role::Agent, "hintfed-bench");
-    send(&multi, &hello)?;
-    node.on_local_full_sync(now(), Vec::new());
-    for act in node.take_actions() {
-        if let Action::Publish(env) = act {
-            send(&multi, &env)?;
-        }
-    }
-    // Let the subscriptions settle: wait until a probe update reaches every subscriber.
-    let states = [
-        DeviceState::Inuse,
-        DeviceState::NotInuse,
-        DeviceState::Ringing,
-        DeviceState::Busy,
-    ];
-    let mut probe = 0u64;
-    let settled = procs::wait_until(Duration::from_secs(10), || {
-        probe += 1;
-        node.on_local_event(
-            now(),
-            LocalEvent::device("probe", states[(probe % 4) as usize]),
-        );
-        for act in node.take_actions() {
-            if let Action::Publish(env) = act {
-                let _ = send(&multi, &env);
-            }
-        }
-        let ok = counts.iter().all(|c| c.load(Ordering::Relaxed) > 0);
-        async move { ok }
-    })
-    .await;
-    anyhow::ensure!(settled, "subscribers never received an update");
-    let base: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    eprintln!(
+        "hub: {} updates -> {} subscribers ...",
+        a.updates, a.subscribers
+    );
+    let pub_ep = format!("tcp://127.0.0.1:{}", port + 1);
+    let mut sub = Helper::spawn(
+        &sub_args(&pub_ep, a.subscribers, "state.", a.updates),
+        false,
+    )?;
+    // Ready once every connection got a message: the hub's transport heartbeat (1 s).
+    sub.line("ready", Duration::from_secs(20)).await?;
+    let mut publ = Helper::spawn(
+        &[
+            "hub-pub".into(),
+            "--endpoint".into(),
+            format!("tcp://127.0.0.1:{port}"),
+            "--updates".into(),
+            a.updates.to_string(),
+            "--keys".into(),
+            a.keys.to_string(),
+        ],
+        true,
+    )?;
+    let start_line = publ.line("start ", Duration::from_secs(120)).await?;
     let u0 = procs::usage(hub.pid(), tck).unwrap_or_default();
-    let t0 = Instant::now();
-    let mut sent = 0u64;
-    let mut blocked = 0u64;
-    let mut i = 0u64;
-    while sent < a.updates {
-        let key = format!("PJSIP/h{}", i % a.keys as u64);
-        let st = states[((i / a.keys as u64) % 4) as usize];
-        i += 1;
-        node.on_local_event(now(), LocalEvent::device(key, st));
-        for act in node.take_actions() {
-            if let Action::Publish(env) = act {
-                // The link queue is bounded: when full, yield until it takes the message.
-                while !send(&multi, &env)? {
-                    blocked += 1;
-                    tokio::time::sleep(Duration::from_micros(200)).await;
-                }
-                sent += 1;
-            }
-        }
-        if sent.is_multiple_of(256) {
-            tokio::task::yield_now().await;
-        }
-    }
-    let send_secs = t0.elapsed().as_secs_f64();
-    // Wait until the subscribers stop receiving.
-    let mut last = 0u64;
-    let mut stable = Instant::now();
-    let mut t_last = t0.elapsed();
-    while stable.elapsed() < Duration::from_millis(1000) {
-        let total: u64 = counts.iter().map(|c| c.load(Ordering::Relaxed)).sum();
-        if total != last {
-            last = total;
-            stable = Instant::now();
-            t_last = t0.elapsed();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let p0 = procs::usage(publ.pid(), tck).unwrap_or_default();
+    let s0 = procs::usage(sub.pid(), tck).unwrap_or_default();
+    let mut perf = match &a.perf {
+        Some(out) => Some(
+            std::process::Command::new("perf")
+                .args(["record", "-F", "499", "-g", "--call-graph", "dwarf,16384"])
+                .arg("-o")
+                .arg(out)
+                .args(["-p", &hub.pid().to_string()])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("spawn perf")?,
+        ),
+        None => None,
+    };
+    let start: u64 = start_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .context("start line")?;
+    let res = results(&mut sub, Duration::from_secs(600)).await?;
     let u1 = procs::usage(hub.pid(), tck).unwrap_or_default();
-    let secs = t_last.as_secs_f64().max(1e-9);
-    let got: Vec<u64> = counts
-        .iter()
-        .zip(&base)
-        .map(|(c, b)| c.load(Ordering::Relaxed) - b)
-        .collect();
-    let min = got.iter().copied().min().unwrap_or(0);
-    let total: u64 = got.iter().sum();
-    let ingest_rate = min as f64 / secs;
-    let fanout_rate = total as f64 / secs;
+    let p1 = procs::usage(publ.pid(), tck).unwrap_or_default();
+    let s1 = procs::usage(sub.pid(), tck).unwrap_or_default();
+    if let Some(p) = perf.as_mut() {
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &p.id().to_string()])
+            .status();
+        let _ = p.wait();
+    }
+    let metrics = procs::http_get(&http, "/metrics").await;
+    drop(publ);
+    let f = fanned(start, &res);
+    let hub_cpu = 100.0 * (u1.cpu_secs - u0.cpu_secs) / f.secs;
+    let hub_us_per_update = 1e6 * (u1.cpu_secs - u0.cpu_secs) / (f.min.max(1) as f64);
+    let ratio = ceiling.as_ref().map(|(c, _)| f.per_sub / c.per_sub);
     let report = json!({
         "machine_before": machine_before,
         "machine_after": procs::machine(),
         "subscribers": a.subscribers,
-        "updates_sent": sent,
-        "send_secs": send_secs,
-        "publisher_blocked_waits": blocked,
-        "received_per_subscriber_min": min,
-        "received_per_subscriber": got,
-        "updates_per_sec_through_hub": ingest_rate,
-        "messages_per_sec_fanned_out": fanout_rate,
-        "zmq_pubsub_msgs_per_sec": zmq.map(|z| z.msgs_per_sec),
-        "ratio_updates_per_sec_to_zmq_ceiling": zmq.map(|z| ingest_rate / z.msgs_per_sec),
-        "hub_cpu_percent": 100.0 * (u1.cpu_secs - u0.cpu_secs) / secs,
-        "hub_peak_rss_mib": u1.peak_rss_kib as f64 / 1024.0,
+        "message_bytes": size,
+        "hub": {
+            "server_bin": server_bin.display().to_string(),
+            "updates_sent": a.updates,
+            "received_per_subscriber": res.iter().map(|r| r.count).collect::<Vec<_>>(),
+            "received_per_subscriber_min": f.min,
+            "secs": f.secs,
+            "updates_per_sec_through_hub": f.per_sub,
+            "messages_per_sec_fanned_out": f.total,
+            "hub_cpu_percent": hub_cpu,
+            "hub_cpu_us_per_update": hub_us_per_update,
+            "hub_peak_rss_mib": u1.peak_rss_kib as f64 / 1024.0,
+            "publisher_cpu_percent": 100.0 * (p1.cpu_secs - p0.cpu_secs) / f.secs,
+            "subscribers_cpu_percent": 100.0 * (s1.cpu_secs - s0.cpu_secs) / f.secs,
+            "rejects_total": metrics
+                .lines()
+                .filter(|l| l.starts_with("hintfed_rejects_total"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>(),
+        },
+        "ceiling_zmq_fanout": ceiling.as_ref().map(|(c, cpu)| json!({
+            "messages": zmq_count,
+            "received_per_subscriber_min": c.min,
+            "received_per_subscriber_max": c.max,
+            "secs": c.secs,
+            "msgs_per_sec_per_subscriber": c.per_sub,
+            "msgs_per_sec_total": c.total,
+            "cpu": cpu,
+        })),
+        "ratio_updates_per_sec_to_zmq_fanout_ceiling": ratio,
     });
+    let fmt = |v: Option<f64>, p: usize| v.map_or("n/a".to_owned(), |v| format!("{v:.p$}"));
     println!(
-        "hub: {} updates -> {} subscribers: {:.0} updates/s through the hub (slowest subscriber got {}/{}), {:.0} msg/s fanned out; ZeroMQ PUB/SUB ceiling {} msg/s; ratio {}; hub CPU {:.0}%, peak RSS {:.1} MiB",
-        sent,
-        a.subscribers,
-        ingest_rate,
-        min,
-        sent,
-        fanout_rate,
-        zmq.map(|z| format!("{:.0}", z.msgs_per_sec))
-            .unwrap_or_else(|| "n/a".into()),
-        zmq.map(|z| format!("{:.3}", ingest_rate / z.msgs_per_sec))
-            .unwrap_or_else(|| "n/a".into()),
-        100.0 * (u1.cpu_secs - u0.cpu_secs) / secs,
+        "| hub bench ({} subscribers, {} B messages) | per subscriber msg/s | total msg/s | slowest got | secs |",
+        a.subscribers, size
+    );
+    println!("|---|---|---|---|---|");
+    println!(
+        "| hintfed-server: {} updates | {:.0} | {:.0} | {}/{} | {:.2} |",
+        a.updates, f.per_sub, f.total, f.min, a.updates, f.secs
+    );
+    if let Some((c, _)) = &ceiling {
+        println!(
+            "| ceiling: zeromq PUB/SUB, {} msgs | {:.0} | {:.0} | {}/{} | {:.2} |",
+            zmq_count, c.per_sub, c.total, c.min, zmq_count, c.secs
+        );
+    }
+    println!(
+        "ratio hub/ceiling: {} ; hub CPU {:.0}% ({:.2} us/update), publisher {:.0}%, subscribers {:.0}%, hub peak RSS {:.1} MiB",
+        fmt(ratio, 3),
+        hub_cpu,
+        hub_us_per_update,
+        100.0 * (p1.cpu_secs - p0.cpu_secs) / f.secs,
+        100.0 * (s1.cpu_secs - s0.cpu_secs) / f.secs,
         u1.peak_rss_kib as f64 / 1024.0
     );
-    for s in subs {
-        s.abort();
-    }
     hub.stop(Duration::from_secs(2));
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)? + "\n")?;
+    }
     Ok(report)
 }

@@ -17,6 +17,7 @@ mod analyze;
 mod ceiling;
 mod fill;
 mod hubbench;
+mod hubproc;
 mod memory;
 mod procs;
 mod run;
@@ -42,7 +43,8 @@ struct Cli {
 enum Cmd {
     /// Stand up a topology, drive load, print the figures (table on stdout, JSON last).
     Run(run::RunArgs),
-    /// The hub alone: one hintfed-server, an in-process signing publisher, N subscribers.
+    /// The hub alone: one hintfed-server, a publisher process and a subscribers process, next to
+    /// the raw ZeroMQ PUB/SUB ceiling with the same fan-out and message size.
     Hub(hubbench::HubArgs),
     /// A new agent's time to hold every key of a full hub (and to write them to its Asterisk).
     Snapshot(snapshot::SnapshotArgs),
@@ -79,6 +81,35 @@ enum Cmd {
         /// Payload bytes.
         #[arg(long, default_value_t = 200)]
         size: usize,
+    },
+    /// (helper) The subscribers process of `hub`: raw SUB connections counting messages.
+    #[command(hide = true)]
+    HubSub {
+        /// PUB endpoint to connect to.
+        #[arg(long)]
+        endpoint: String,
+        /// Connections.
+        #[arg(long)]
+        subs: usize,
+        /// Count messages whose first frame starts with this.
+        #[arg(long)]
+        prefix: String,
+        /// Stop once every connection counted this many.
+        #[arg(long)]
+        expect: u64,
+    },
+    /// (helper) The publisher process of `hub`: pre-signed updates over a raw DEALER.
+    #[command(hide = true)]
+    HubPub {
+        /// The hub's ROUTER endpoint.
+        #[arg(long)]
+        endpoint: String,
+        /// Updates.
+        #[arg(long)]
+        updates: u64,
+        /// Distinct device keys.
+        #[arg(long)]
+        keys: usize,
     },
     /// (helper) The publisher process of the ZeroMQ ceiling.
     #[command(hide = true)]
@@ -121,6 +152,27 @@ async fn main() -> anyhow::Result<()> {
             let report = hubbench::run(args).await?;
             println!("{}", serde_json::to_string_pretty(&report)?);
         }
+        Cmd::HubSub {
+            endpoint,
+            subs,
+            prefix,
+            expect,
+        } => {
+            hubproc::sub_main(
+                &endpoint,
+                subs,
+                &prefix,
+                expect,
+                std::time::Duration::from_secs(1),
+                std::time::Duration::from_secs(120),
+            )
+            .await?;
+        }
+        Cmd::HubPub {
+            endpoint,
+            updates,
+            keys,
+        } => hubproc::pub_main(&endpoint, updates, keys, hubbench::KEY).await?,
         Cmd::SetvarCeiling {
             asterisk,
             ami_user,
