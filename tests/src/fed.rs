@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use hintfed_ami::{AmiClient, ClientConfig, Message, actions};
+use hintfed_testkit::http;
 
 use crate::{Proc, bin_path, free_port, free_port_pair, wait_until, workspace_root};
 
@@ -27,6 +28,9 @@ exten => 700,hint,Local/700@phones
 /// The phones of [`EXTENSIONS`]; phone `i` is registered on Asterisk `i` (modulo their
 /// number) and UNAVAILABLE on the others.
 pub const PHONES: [&str; 3] = ["PJSIP/100", "PJSIP/200", "PJSIP/300"];
+
+/// How long a daemon may take to come up (healthy, or ready for an agent).
+const STARTUP: Duration = Duration::from_secs(10);
 
 /// AMI user and secret of the simulators.
 pub const AMI_USER: &str = "admin";
@@ -329,15 +333,10 @@ impl Federation {
         let hub = &mut self.hubs[i];
         let args = vec!["--config".to_owned(), hub.config.display().to_string()];
         hub.proc = Some(Proc::spawn(&hub.name, &bin_path("hintfed-server"), &args));
-        let http = hub.http.clone();
-        assert!(
-            wait_until(Duration::from_secs(10), || {
-                let http = http.clone();
-                async move { http_get(&http, "/healthz").await.contains("ok") }
-            })
-            .await,
-            "hub {i} did not come up"
-        );
+        let up = http::get_until(hub.http.as_str(), "/healthz", STARTUP, |r| {
+            r.body.contains("ok")
+        });
+        assert!(up.await.is_some(), "hub {i} did not come up");
     }
 
     /// Kills hub `i` (SIGKILL).
@@ -414,15 +413,12 @@ impl Federation {
             &args,
             &secret_env,
         ));
-        let http = agent.http.clone();
+        let http = agent.http.as_str();
+        let ready = http::get_until(http, "/readyz", STARTUP, |r| r.body.starts_with("ready"));
         assert!(
-            wait_until(Duration::from_secs(10), || {
-                let http = http.clone();
-                async move { http_get(&http, "/readyz").await.starts_with("ready") }
-            })
-            .await,
+            ready.await.is_some(),
             "agent {name} did not become ready: {}",
-            http_get(&http, "/readyz").await
+            http_get(http, "/readyz").await
         );
     }
 
