@@ -333,7 +333,8 @@ async fn three_agents(bootstrap: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_binaries_federate_over_kafka() {
     use hintfed_e2e::fed::{AMI_SECRET, AMI_USER, Federation, Via, http_get};
-    use hintfed_e2e::{Proc, bin_path, free_port, wait_until};
+    use hintfed_e2e::{Proc, bin_path, free_port};
+    use hintfed_testkit::http;
 
     let mock = rdkafka::mocking::MockCluster::new(1).expect("mock cluster");
     for t in ["hintfed.state", "hintfed.heartbeat"] {
@@ -363,13 +364,11 @@ async fn agent_binaries_federate_over_kafka() {
             &["--config".to_owned(), config.display().to_string()],
             &[("HINTFED_ASTERISK_SECRET", AMI_SECRET)],
         );
-        let h = http.clone();
+        let ready = http::get_until(http.as_str(), "/readyz", DEADLINE, |r| {
+            r.body.starts_with("ready")
+        });
         assert!(
-            wait_until(DEADLINE, || {
-                let h = h.clone();
-                async move { http_get(&h, "/readyz").await.starts_with("ready") }
-            })
-            .await,
+            ready.await.is_some(),
             "agent {n} not ready: {}",
             http_get(&http, "/readyz").await
         );

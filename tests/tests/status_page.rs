@@ -15,8 +15,9 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hintfed_e2e::fed::{Federation, Via, http_get};
-use hintfed_e2e::{Proc, wait_until, workspace_root};
+use hintfed_e2e::fed::{Federation, Via};
+use hintfed_e2e::{Proc, workspace_root};
+use hintfed_testkit::http;
 
 const WITHIN: Duration = Duration::from_secs(10);
 
@@ -89,11 +90,11 @@ async fn a_phone_change_appears_on_the_status_page_without_reload() {
         "PJSIP/100 never reached pbx-b"
     );
     let page = f.agents["pbx-b"].http.clone();
+    let listed = http::get_until(page.as_str(), "/api/state", WITHIN, |r| {
+        r.body.contains("PJSIP/100")
+    });
     assert!(
-        wait_until(WITHIN, || async {
-            http_get(&page, "/api/state").await.contains("PJSIP/100")
-        })
-        .await,
+        listed.await.is_some(),
         "pbx-b's /api/state never listed PJSIP/100"
     );
 
