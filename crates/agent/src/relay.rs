@@ -185,12 +185,137 @@ pub struct RelayCounters {
 }
 
 /// The shared status: rows by key, so a refresh replaces only the rows that changed.
+///
+/// Device rows are compact (the aggregate and each origin's state as enums, origins as
+/// indexes into `origin_names`, ~100 bytes per key): the [`DeviceView`]s with their strings
+/// and maps are built only when read (`/api/state`) or pushed (`/events`).
 #[derive(Debug, Default)]
 struct StatusCache {
-    devices: BTreeMap<String, DeviceView>,
+    devices: BTreeMap<Box<str>, DeviceRow>,
+    origin_names: Vec<Box<str>>,
+    origin_index: HashMap<Box<str>, u32>,
     presence: BTreeMap<String, PresenceView>,
     origins: Vec<OriginView>,
     counters: RelayCounters,
+}
+
+/// One device row as the status cache keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct DeviceRow {
+    /// The aggregate applied everywhere (`UNKNOWN` when none).
+    aggregate: DeviceState,
+    /// When the aggregate last changed, Unix ms.
+    changed_ms: u64,
+    /// Per origin (index into `origin_names`, by name): the state as shown.
+    origins: Box<[(u32, DeviceState)]>,
+}
+
+/// What one refresh needs to read a device row out of the table.
+struct RowContext<'a> {
+    table: &'a hintfed_core::Table,
+    origins: &'a hintfed_core::Origins,
+    down: DeviceState,
+    me: &'a str,
+    now: Millis,
+    events: Option<&'a StatusEvents>,
+}
+
+impl StatusCache {
+    fn intern(&mut self, origin: &str) -> u32 {
+        if let Some(i) = self.origin_index.get(origin) {
+            return *i;
+        }
+        let i = u32::try_from(self.origin_names.len()).unwrap_or(u32::MAX);
+        self.origin_names.push(origin.into());
+        self.origin_index.insert(origin.into(), i);
+        i
+    }
+
+    fn view(&self, key: &str, row: &DeviceRow) -> DeviceView {
+        DeviceView {
+            key: key.to_owned(),
+            aggregate: row.aggregate.as_str().to_owned(),
+            changed_ms: row.changed_ms,
+            origins: row
+                .origins
+                .iter()
+                .map(|(o, s)| {
+                    let name = self.origin_names.get(*o as usize).map_or("", |n| &**n);
+                    (name.to_owned(), s.as_str().to_owned())
+                })
+                .collect(),
+        }
+    }
+
+    /// Re-reads the device row of `key` from the table; pushes the new view on `/events`
+    /// when it changed. Returns whether a row was removed.
+    fn refresh_device(&mut self, key: &str, cx: &RowContext<'_>) -> bool {
+        let Some(per) = cx.table.device(key) else {
+            return self.devices.remove(key).is_some();
+        };
+        let aggregate = cx
+            .table
+            .aggregate(key, cx.origins, cx.down, None)
+            .unwrap_or(DeviceState::Unknown);
+        let origins: Box<[(u32, DeviceState)]> = per
+            .iter()
+            .map(|(o, e)| {
+                let v = if cx.origins.is_down(o) && o != cx.me {
+                    cx.down
+                } else {
+                    e.value
+                };
+                (self.intern(o), v)
+            })
+            .collect();
+        let changed_ms = match self.devices.get(key) {
+            Some(old) if old.aggregate == aggregate => {
+                if *old.origins == *origins {
+                    return false; // unchanged
+                }
+                old.changed_ms
+            }
+            _ => cx.now.0,
+        };
+        let row = DeviceRow {
+            aggregate,
+            changed_ms,
+            origins,
+        };
+        if let Some(ev) = cx.events {
+            ev.publish(StatusEvent::Device(self.view(key, &row)));
+        }
+        match self.devices.get_mut(key) {
+            Some(r) => *r = row,
+            None => {
+                self.devices.insert(key.into(), row);
+            }
+        }
+        false
+    }
+
+    /// Re-reads the presence row of `key`; returns whether a row was removed.
+    fn refresh_presence(&mut self, key: &str, cx: &RowContext<'_>) -> bool {
+        let Some(w) = cx.table.presence(key) else {
+            return self.presence.remove(key).is_some();
+        };
+        let p = PresenceView {
+            key: key.to_owned(),
+            status: w.value.status.as_str().to_owned(),
+            subtype: w.value.subtype.clone(),
+            message: w.value.message.clone(),
+            origin: w.origin.clone(),
+            changed_ms: w.updated.0,
+        };
+        if self.presence.get(key) == Some(&p) {
+            return false;
+        }
+        if let Some(ev) = cx.events {
+            ev.publish(StatusEvent::Presence(p.clone()));
+        }
+        self.presence.insert(key.to_owned(), p);
+        false
+    }
 }
 
 /// What every status row depends on beside its own table entries: when it changes, every row
@@ -233,7 +358,7 @@ impl RelayStatus {
 impl StatusSource for RelayStatus {
     fn state(&self) -> StateView {
         self.read(|c| StateView {
-            devices: c.devices.values().cloned().collect(),
+            devices: c.devices.iter().map(|(k, r)| c.view(k, r)).collect(),
             presence: c.presence.values().cloned().collect(),
         })
     }
@@ -365,7 +490,6 @@ pub struct Relay<T: FederationTransport> {
     hubs: usize,
     pending_hello: Option<Envelope>,
     dirty: bool,
-    changed: HashMap<String, (String, u64)>,
     /// Table version the status rows reflect (`None`: rebuild every row).
     status_seen: Option<u64>,
     /// Origins down (and the down state) when the rows were built.
@@ -423,7 +547,6 @@ impl<T: FederationTransport + 'static> Relay<T> {
             hubs: 0,
             pending_hello: None,
             dirty: true,
-            changed: HashMap::new(),
             status_seen: None,
             status_sig: None,
         })
@@ -981,64 +1104,13 @@ impl<T: FederationTransport + 'static> Relay<T> {
         let since = self.status_seen.unwrap_or_else(|| table.version());
         let journal = table.changes_since(since);
         let incremental = self.status_seen.is_some() && self.status_sig.as_ref() == Some(&sig);
-        let keys: BTreeSet<String> = match journal {
-            Some(changed) if incremental => changed.map(str::to_owned).collect(),
-            _ => {
-                // Every key the table or the current view holds (rows may have to go).
-                let mut all: BTreeSet<String> = table.device_keys().map(str::to_owned).collect();
-                all.extend(table.presence_entries().map(|(k, _)| k.clone()));
-                self.status.read(|c| {
-                    all.extend(c.devices.keys().cloned());
-                    all.extend(c.presence.keys().cloned());
-                });
-                all
-            }
+        // `None`: every row is read again (first refresh, journal overflow, origin up/down).
+        let keys: Option<BTreeSet<String>> = match journal {
+            Some(changed) if incremental => Some(changed.map(str::to_owned).collect()),
+            _ => None,
         };
         self.status_seen = Some(table.version());
         self.status_sig = Some(sig);
-        let mut devices: Vec<(String, Option<DeviceView>)> = Vec::with_capacity(keys.len());
-        let mut presence: Vec<(String, Option<PresenceView>)> = Vec::new();
-        for key in keys {
-            let dv = table.device(&key).map(|per| {
-                let agg = table
-                    .aggregate(&key, origins, down, None)
-                    .map(|s| s.as_str().to_owned())
-                    .unwrap_or_else(|| "UNKNOWN".to_owned());
-                let entry = self
-                    .changed
-                    .entry(key.clone())
-                    .or_insert_with(|| (agg.clone(), now.0));
-                if entry.0 != agg {
-                    *entry = (agg.clone(), now.0);
-                }
-                DeviceView {
-                    key: key.clone(),
-                    aggregate: agg,
-                    changed_ms: entry.1,
-                    origins: per
-                        .iter()
-                        .map(|(o, e)| {
-                            let v = if origins.is_down(o) && o != me {
-                                down.as_str()
-                            } else {
-                                e.value.as_str()
-                            };
-                            (o.to_owned(), v.to_owned())
-                        })
-                        .collect(),
-                }
-            });
-            let pv = table.presence(&key).map(|w| PresenceView {
-                key: key.clone(),
-                status: w.value.status.as_str().to_owned(),
-                subtype: w.value.subtype.clone(),
-                message: w.value.message.clone(),
-                origin: w.origin.clone(),
-                changed_ms: w.updated.0,
-            });
-            presence.push((key.clone(), pv));
-            devices.push((key, dv));
-        }
         let mut origin_views: Vec<OriginView> = vec![OriginView {
             name: me.clone(),
             up: !self.node.is_local_down(),
@@ -1084,36 +1156,35 @@ impl<T: FederationTransport + 'static> Relay<T> {
             .events
             .clone()
             .filter(|ev| ev.receiver_count() > 0);
+        let cx = RowContext {
+            table,
+            origins,
+            down,
+            me: &me,
+            now,
+            events: events.as_ref(),
+        };
+        // Rows are rebuilt in place under the lock: no copy of every key or row on the side.
         self.status.write(|c| {
-            let (dev_before, pres_before) = (c.devices.len(), c.presence.len());
-            for (key, dv) in devices {
-                match dv {
-                    Some(d) => {
-                        if let Some(ev) = &events
-                            && c.devices.get(&key).is_none_or(|o| *o != d)
-                        {
-                            ev.publish(StatusEvent::Device(d.clone()));
-                        }
-                        c.devices.insert(key, d);
-                    }
-                    None => {
-                        c.devices.remove(&key);
+            let mut removed = false;
+            match keys {
+                Some(keys) => {
+                    for key in &keys {
+                        removed |= c.refresh_device(key, &cx);
+                        removed |= c.refresh_presence(key, &cx);
                     }
                 }
-            }
-            for (key, pv) in presence {
-                match pv {
-                    Some(p) => {
-                        if let Some(ev) = &events
-                            && c.presence.get(&key).is_none_or(|o| *o != p)
-                        {
-                            ev.publish(StatusEvent::Presence(p.clone()));
-                        }
-                        c.presence.insert(key, p);
+                None => {
+                    for key in table.device_keys() {
+                        c.refresh_device(key, &cx);
                     }
-                    None => {
-                        c.presence.remove(&key);
+                    for (key, _) in table.presence_entries() {
+                        c.refresh_presence(key, &cx);
                     }
+                    let (dev_before, pres_before) = (c.devices.len(), c.presence.len());
+                    c.devices.retain(|k, _| table.device(k).is_some());
+                    c.presence.retain(|k, _| table.presence(k).is_some());
+                    removed |= c.devices.len() < dev_before || c.presence.len() < pres_before;
                 }
             }
             if let Some(ev) = &events {
@@ -1127,7 +1198,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
                         ev.publish(StatusEvent::Origin(o.clone()));
                     }
                 }
-                if c.devices.len() < dev_before || c.presence.len() < pres_before {
+                if removed {
                     ev.publish(StatusEvent::Resync);
                 }
             }
