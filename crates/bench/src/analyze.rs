@@ -30,29 +30,59 @@ pub struct Analysis {
     pub last_set_ns: u128,
     /// Time (ns) of the last change on any origin.
     pub last_change_ns: u128,
+    /// With a hub tap: sorted latencies (µs) from the change on the origin to its update
+    /// leaving the hub's PUB (sim → agent → hub → fan-out), one per change seen by the tap.
+    pub to_hub_us: Vec<f64>,
+    /// With a hub tap: sorted latencies (µs) from the update leaving the hub's PUB to the
+    /// `Setvar` on a receiving server (fan-out → agent → apply → Setvar), one per delivery.
+    pub from_hub_us: Vec<f64>,
+}
+
+/// The `q` quantile (0..=1) of sorted microsecond samples, in milliseconds.
+pub fn quantile_ms(sorted_us: &[f64], q: f64) -> Option<f64> {
+    let n = sorted_us.len();
+    if n == 0 {
+        return None;
+    }
+    let i = ((q * n as f64).ceil() as usize).clamp(1, n) - 1;
+    Some(sorted_us[i] / 1000.0)
 }
 
 impl Analysis {
     /// The `q` quantile (0..=1) of the latencies in milliseconds; `None` without samples.
     pub fn quantile_ms(&self, q: f64) -> Option<f64> {
-        let n = self.latencies_us.len();
-        if n == 0 {
-            return None;
-        }
-        let i = ((q * n as f64).ceil() as usize).clamp(1, n) - 1;
-        Some(self.latencies_us[i] / 1000.0)
+        quantile_ms(&self.latencies_us, q)
     }
 }
 
 /// Analyses `path` from `start_ns` on, for devices whose name starts with `prefix`, over the
-/// servers `servers`.
+/// servers `servers`. `tap`: a file of `<unix-ns> <device> <value>` lines, the updates a
+/// subscriber on the hub's PUB saw, to split the latency at the hub.
 pub fn analyze(
     path: &Path,
     start_ns: u128,
     prefix: &str,
     servers: &[String],
+    tap: Option<&Path>,
 ) -> anyhow::Result<Analysis> {
     let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let tap_text = match tap {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("read {}", p.display()))?,
+        None => String::new(),
+    };
+    // device -> [(t, value)] seen leaving the hub
+    let mut taps: HashMap<&str, Vec<(u128, &str)>> = HashMap::new();
+    for line in tap_text.lines() {
+        let mut it = line.splitn(3, ' ');
+        if let (Some(Ok(t)), Some(key), Some(value)) =
+            (it.next().map(str::parse::<u128>), it.next(), it.next())
+        {
+            taps.entry(key).or_default().push((t, value));
+        }
+    }
+    for list in taps.values_mut() {
+        list.sort_by_key(|e| e.0);
+    }
     // device -> [(t, origin, value)]
     let mut devs: HashMap<&str, Vec<(u128, &str, &str)>> = HashMap::new();
     // (server, device) -> [(t, value)]
@@ -105,6 +135,17 @@ pub fn analyze(
                 .iter()
                 .find(|(_, _, v)| same(v, value))
                 .map_or(u128::MAX, |e| e.0);
+            let hub_t = taps.get(dev).and_then(|list| {
+                let from = list.partition_point(|(t, _)| *t < *t0);
+                list[from..]
+                    .iter()
+                    .take_while(|(t, _)| *t < limit)
+                    .find(|(_, v)| same(v, value))
+                    .map(|e| e.0)
+            });
+            if let Some(th) = hub_t {
+                a.to_hub_us.push((th - t0) as f64 / 1000.0);
+            }
             for r in servers.iter().filter(|r| r.as_str() != *origin) {
                 a.expected += 1;
                 let Some(list) = sets.get(&(r.as_str(), *dev)) else {
@@ -117,11 +158,16 @@ pub fn analyze(
                     .find(|(_, v)| same(v, value))
                 {
                     a.latencies_us.push((t - t0) as f64 / 1000.0);
+                    if let Some(th) = hub_t {
+                        a.from_hub_us.push(t.saturating_sub(th) as f64 / 1000.0);
+                    }
                 }
             }
         }
     }
     a.latencies_us.sort_by(f64::total_cmp);
+    a.to_hub_us.sort_by(f64::total_cmp);
+    a.from_hub_us.sort_by(f64::total_cmp);
     Ok(a)
 }
 
@@ -147,7 +193,9 @@ mod tests {
         )
         .expect("write");
         let servers = ["a", "b", "c"].map(str::to_owned);
-        let a = analyze(&p, 0, "PJSIP/b", &servers).expect("analyze");
+        let tap = dir.path().join("tap");
+        std::fs::write(&tap, "1500 PJSIP/b0n0 INUSE\n3500 PJSIP/b0n0 BUSY\n").expect("write");
+        let a = analyze(&p, 0, "PJSIP/b", &servers, Some(&tap)).expect("analyze");
         assert_eq!(a.changes, 3);
         assert_eq!(a.expected, 6);
         // b: INUSE after 3 us, BUSY after 6 us (NOT_INUSE at 500 ns precedes the change);
@@ -155,5 +203,8 @@ mod tests {
         assert_eq!(a.latencies_us, vec![2.0, 3.0, 6.0]);
         assert_eq!(a.quantile_ms(0.5), Some(0.003));
         assert_eq!(a.sets["b"], 3);
+        // Hub split: INUSE left the hub 0.5 us after the change, BUSY 0.5 us.
+        assert_eq!(a.to_hub_us, vec![0.5, 0.5]);
+        assert_eq!(a.from_hub_us, vec![1.5, 2.5, 5.5]);
     }
 }

@@ -63,8 +63,15 @@ struct Helper {
 
 impl Helper {
     fn spawn(args: &[String], stdin: bool) -> anyhow::Result<Self> {
-        let exe = std::env::current_exe()?;
-        let mut child = Command::new(exe)
+        Self::spawn_program(&std::env::current_exe()?, args, stdin)
+    }
+
+    fn spawn_program(
+        program: &std::path::Path,
+        args: &[String],
+        stdin: bool,
+    ) -> anyhow::Result<Self> {
+        let mut child = Command::new(program)
             .args(args)
             .stdin(if stdin { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
@@ -147,9 +154,41 @@ async fn results(sub: &mut Helper, timeout: Duration) -> anyhow::Result<Vec<SubR
     Ok(serde_json::from_str(&l)?)
 }
 
-/// The raw ZeroMQ fan-out ceiling: the `zeromq` crate's PUB (`zmq-pub` helper) to the
-/// `hub-sub` helper with `subs` connections, `count` messages of `size` bytes.
+/// libzmq's PUB (through pyzmq): binds argv[1], sends `w` until a line on stdin, then
+/// argv[2] messages of argv[3] bytes starting with `d`, then `e` frames. No high-water mark,
+/// so nothing is dropped.
+const PYZMQ_PUB: &str = r#"
+import select, sys, time, zmq
+ep, count, size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = zmq.Context().socket(zmq.PUB)
+s.setsockopt(zmq.SNDHWM, 0)
+s.bind(ep)
+while True:
+    s.send(b"w")
+    if select.select([sys.stdin], [], [], 0.01)[0]:
+        sys.stdin.readline()
+        break
+msg = b"d" + b"x" * (size - 1)
+for _ in range(count):
+    s.send(msg)
+for _ in range(100):
+    s.send(b"e")
+    time.sleep(0.01)
+"#;
+
+/// Which PUB a ceiling uses.
+#[derive(Clone, Copy)]
+enum CeilingPub {
+    /// The `zeromq` crate (`zmq-pub` helper of this binary).
+    Crate,
+    /// libzmq through pyzmq (`python3`).
+    Libzmq,
+}
+
+/// A raw ZeroMQ fan-out ceiling: a PUB in its own process to the `hub-sub` helper with
+/// `subs` connections, `count` messages of `size` bytes.
 async fn zmq_fanout(
+    which: CeilingPub,
     subs: usize,
     count: u64,
     size: usize,
@@ -157,18 +196,31 @@ async fn zmq_fanout(
 ) -> anyhow::Result<(Fanned, serde_json::Value)> {
     let port = procs::free_port()?;
     let endpoint = format!("tcp://127.0.0.1:{port}");
-    let mut publ = Helper::spawn(
-        &[
-            "zmq-pub".into(),
-            "--endpoint".into(),
-            endpoint.clone(),
-            "--count".into(),
-            count.to_string(),
-            "--size".into(),
-            size.to_string(),
-        ],
-        true,
-    )?;
+    let mut publ = match which {
+        CeilingPub::Crate => Helper::spawn(
+            &[
+                "zmq-pub".into(),
+                "--endpoint".into(),
+                endpoint.clone(),
+                "--count".into(),
+                count.to_string(),
+                "--size".into(),
+                size.to_string(),
+            ],
+            true,
+        )?,
+        CeilingPub::Libzmq => Helper::spawn_program(
+            std::path::Path::new("python3"),
+            &[
+                "-c".into(),
+                PYZMQ_PUB.into(),
+                endpoint.clone(),
+                count.to_string(),
+                size.to_string(),
+            ],
+            true,
+        )?,
+    };
     // Wait for the bind.
     let addr = format!("127.0.0.1:{port}");
     let bound = procs::wait_until(Duration::from_secs(10), || {
@@ -209,10 +261,32 @@ pub async fn run(a: HubArgs) -> anyhow::Result<serde_json::Value> {
     let zmq_count = a.zmq_count.unwrap_or(a.updates);
     let ceiling = if zmq_count > 0 {
         eprintln!(
-            "ceiling: zeromq PUB -> {} subscribers, {zmq_count} x {size} B ...",
+            "ceiling: zeromq crate PUB -> {} subscribers, {zmq_count} x {size} B ...",
             a.subscribers
         );
-        Some(zmq_fanout(a.subscribers, zmq_count, size, tck).await?)
+        Some(zmq_fanout(CeilingPub::Crate, a.subscribers, zmq_count, size, tck).await?)
+    } else {
+        None
+    };
+    let libzmq_ok = zmq_count > 0
+        && std::process::Command::new("python3")
+            .args(["-c", "import zmq"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    let libzmq = if libzmq_ok {
+        eprintln!(
+            "ceiling: libzmq PUB (pyzmq) -> {} subscribers, {zmq_count} x {size} B ...",
+            a.subscribers
+        );
+        match zmq_fanout(CeilingPub::Libzmq, a.subscribers, zmq_count, size, tck).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("libzmq ceiling failed: {e:#}");
+                None
+            }
+        }
     } else {
         None
     };
@@ -305,6 +379,7 @@ pub async fn run(a: HubArgs) -> anyhow::Result<serde_json::Value> {
     let hub_cpu = 100.0 * (u1.cpu_secs - u0.cpu_secs) / f.secs;
     let hub_us_per_update = 1e6 * (u1.cpu_secs - u0.cpu_secs) / (f.min.max(1) as f64);
     let ratio = ceiling.as_ref().map(|(c, _)| f.per_sub / c.per_sub);
+    let ratio_libzmq = libzmq.as_ref().map(|(c, _)| f.per_sub / c.per_sub);
     let report = json!({
         "machine_before": machine_before,
         "machine_after": procs::machine(),
@@ -338,7 +413,17 @@ pub async fn run(a: HubArgs) -> anyhow::Result<serde_json::Value> {
             "msgs_per_sec_total": c.total,
             "cpu": cpu,
         })),
+        "ceiling_libzmq_fanout": libzmq.as_ref().map(|(c, cpu)| json!({
+            "messages": zmq_count,
+            "received_per_subscriber_min": c.min,
+            "received_per_subscriber_max": c.max,
+            "secs": c.secs,
+            "msgs_per_sec_per_subscriber": c.per_sub,
+            "msgs_per_sec_total": c.total,
+            "cpu": cpu,
+        })),
         "ratio_updates_per_sec_to_zmq_fanout_ceiling": ratio,
+        "ratio_updates_per_sec_to_libzmq_fanout_ceiling": ratio_libzmq,
     });
     let fmt = |v: Option<f64>, p: usize| v.map_or("n/a".to_owned(), |v| format!("{v:.p$}"));
     println!(
@@ -356,8 +441,15 @@ pub async fn run(a: HubArgs) -> anyhow::Result<serde_json::Value> {
             zmq_count, c.per_sub, c.total, c.min, zmq_count, c.secs
         );
     }
+    if let Some((c, _)) = &libzmq {
+        println!(
+            "| ceiling: libzmq PUB/SUB (pyzmq), {} msgs | {:.0} | {:.0} | {}/{} | {:.2} |",
+            zmq_count, c.per_sub, c.total, c.min, zmq_count, c.secs
+        );
+    }
+    println!("ratio hub/libzmq ceiling: {}", fmt(ratio_libzmq, 3));
     println!(
-        "ratio hub/ceiling: {} ; hub CPU {:.0}% ({:.2} us/update), publisher {:.0}%, subscribers {:.0}%, hub peak RSS {:.1} MiB",
+        "ratio hub/zeromq-crate ceiling: {} ; hub CPU {:.0}% ({:.2} us/update), publisher {:.0}%, subscribers {:.0}%, hub peak RSS {:.1} MiB",
         fmt(ratio, 3),
         hub_cpu,
         hub_us_per_update,

@@ -79,6 +79,13 @@ pub struct RunArgs {
     /// `origin_timeout` of agents and hubs.
     #[arg(long, default_value = "15s")]
     pub origin_timeout: String,
+    /// Longest wait (s) after the load for the Setvar counts to settle.
+    #[arg(long, default_value_t = 120.0)]
+    pub drain_timeout: f64,
+    /// Record when each update leaves the first hub (a SUB on its PUB in this process) to
+    /// split the latency at the hub.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub tap: bool,
     /// Log level of the daemons.
     #[arg(long, default_value = "warn")]
     pub log: String,
@@ -92,6 +99,43 @@ fn now_ns() -> u128 {
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos()
+}
+
+/// A subscriber on a hub's PUB that writes `<unix-ns> <device> <value>` for every device
+/// update it sees (the time the update left the hub, on the trace's clock), until `stop`.
+async fn hub_tap(
+    pub_endpoint: &str,
+    path: PathBuf,
+    stop: tokio::sync::oneshot::Receiver<()>,
+) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use std::io::Write as _;
+    use zeromq::{Socket as _, SocketRecv as _};
+    let mut sub = zeromq::SubSocket::new();
+    sub.subscribe(hintfed_core::envelope::topics::DEVICE)
+        .await?;
+    sub.connect(pub_endpoint).await?;
+    let keys = hintfed_core::KeyRing::from_secrets([SHARED_KEY]);
+    let limits = hintfed_core::envelope::Limits::default();
+    let file = std::fs::File::create(&path)?;
+    Ok(tokio::spawn(async move {
+        let mut w = std::io::BufWriter::new(file);
+        let mut stop = stop;
+        loop {
+            let m = tokio::select! {
+                _ = &mut stop => break,
+                m = sub.recv() => match m { Ok(m) => m, Err(_) => break },
+            };
+            let t = now_ns();
+            let Some(payload) = m.get(1) else { continue };
+            if let Ok(env) = hintfed_core::open(payload, &keys, &limits)
+                && let hintfed_core::Body::Update(u) = &env.body
+                && let hintfed_core::Value::Device(d) = u.value
+            {
+                let _ = writeln!(w, "{t} {} {}", u.key, d.as_str());
+            }
+        }
+        let _ = w.flush();
+    }))
 }
 
 fn device(s: usize, j: usize) -> String {
@@ -249,6 +293,19 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
         anyhow::ensure!(ok, "{} not ready (see {})", d.name, d.log.display());
     }
 
+    // A tap on the first hub's PUB splits the latency at the hub.
+    let tap_path = dir.join("hubtap.log");
+    let (tap_stop, tap_rx) = tokio::sync::oneshot::channel();
+    let tap = if a.tap {
+        let (host, port) = hub_eps[0]
+            .rsplit_once(':')
+            .context("hub endpoint host:port")?;
+        let pub_ep = format!("{host}:{}", port.parse::<u16>()? + 1);
+        Some(hub_tap(&pub_ep, tap_path.clone(), tap_rx).await?)
+    } else {
+        None
+    };
+
     // 4. Load.
     let mut daemons: Vec<(&str, u32)> = vec![("sim (all servers)", sim.pid())];
     daemons.extend(hubs.iter().map(|(d, _)| (d.name.as_str(), d.pid())));
@@ -313,7 +370,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
     }
     let mut last: Vec<u64> = Vec::new();
     let mut stable_since = Instant::now();
-    let drain_deadline = Instant::now() + Duration::from_secs(60);
+    let drain_deadline = Instant::now() + Duration::from_secs_f64(a.drain_timeout);
     while Instant::now() < drain_deadline {
         let mut now = Vec::new();
         for p in &mut probes {
@@ -373,7 +430,15 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
 
     // 7. Figures.
     tokio::time::sleep(Duration::from_millis(400)).await; // the trace flushes every 100 ms
-    let an = crate::analyze::analyze(&trace, start_ns, "PJSIP/b", &names)?;
+    let tap_file = match tap {
+        Some(h) => {
+            let _ = tap_stop.send(());
+            let _ = h.await;
+            Some(tap_path.as_path())
+        }
+        None => None,
+    };
+    let an = crate::analyze::analyze(&trace, start_ns, "PJSIP/b", &names, tap_file)?;
     let offered: u64 = driven.iter().map(|d| d.0).sum();
     let accepted: u64 = driven.iter().map(|d| d.2).sum();
     let drain_ms = an.last_set_ns.saturating_sub(load_end_ns) as f64 / 1e6;
@@ -420,6 +485,16 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
             "p50_ms": an.quantile_ms(0.5), "p99_ms": an.quantile_ms(0.99),
             "p999_ms": an.quantile_ms(0.999), "max_ms": an.quantile_ms(1.0),
             "drain_after_load_ms": drain_ms,
+            "hub_split": tap_file.map(|_| json!({
+                "origin_to_hub_out": {"samples": an.to_hub_us.len(),
+                    "p50_ms": crate::analyze::quantile_ms(&an.to_hub_us, 0.5),
+                    "p99_ms": crate::analyze::quantile_ms(&an.to_hub_us, 0.99),
+                    "max_ms": crate::analyze::quantile_ms(&an.to_hub_us, 1.0)},
+                "hub_out_to_setvar": {"samples": an.from_hub_us.len(),
+                    "p50_ms": crate::analyze::quantile_ms(&an.from_hub_us, 0.5),
+                    "p99_ms": crate::analyze::quantile_ms(&an.from_hub_us, 0.99),
+                    "max_ms": crate::analyze::quantile_ms(&an.from_hub_us, 1.0)},
+            })),
         },
         "setvar_per_sec_per_server": setvar_rates,
         "ratios": {
@@ -486,6 +561,20 @@ fn print_table(r: &serde_json::Value) {
         p["unmatched_conflated_or_lost"],
         f(&p["drain_after_load_ms"])
     );
+    let h = &p["hub_split"];
+    if !h.is_null() {
+        let (i, o) = (&h["origin_to_hub_out"], &h["hub_out_to_setvar"]);
+        println!(
+            "  split at hub-0's PUB: origin -> hub out p50 {} / p99 {} / max {} ms ({} changes); hub out -> Setvar p50 {} / p99 {} / max {} ms",
+            f(&i["p50_ms"]),
+            f(&i["p99_ms"]),
+            f(&i["max_ms"]),
+            i["samples"],
+            f(&o["p50_ms"]),
+            f(&o["p99_ms"]),
+            f(&o["max_ms"])
+        );
+    }
     if let Some(m) = r["setvar_per_sec_per_server"].as_object() {
         let parts: Vec<String> = m.iter().map(|(k, v)| format!("{k} {}", f(v))).collect();
         println!("setvar/s per server: {}", parts.join(", "));
