@@ -375,6 +375,7 @@ impl Server {
             replies_queued: false,
             snapshot_slots: Arc::new(Semaphore::new(SNAPSHOT_CHUNKS_IN_FLIGHT)),
             snapshots_pending: false,
+            snapshot_peer: HashMap::new(),
             counters,
             warn: RateLimit::default(),
             seen_transport: StatsSnapshot::default(),
@@ -541,6 +542,8 @@ struct Runtime {
     snapshot_slots: Arc<Semaphore>,
     /// Whether the core has snapshot answers to stream.
     snapshots_pending: bool,
+    /// Origin → the identity its pending snapshot request came from.
+    snapshot_peer: HashMap<String, Bytes>,
     counters: Counters,
     warn: RateLimit,
     seen_transport: StatsSnapshot,
@@ -681,6 +684,10 @@ impl Runtime {
         from: Option<&Bytes>,
         synthetic: bool,
     ) {
+        if let (Body::SnapshotRequest { .. }, Some(id)) = (&env.body, from) {
+            // The answer goes to the connection that asked, however long it streams.
+            self.snapshot_peer.insert(env.origin.clone(), id.clone());
+        }
         let ingest = {
             let mut s = lock(&self.state);
             let ingest = s.hub.on_envelope(now, env);
@@ -851,10 +858,20 @@ impl Runtime {
         current: Option<(&str, &Bytes)>,
         slot: Option<OwnedSemaphorePermit>,
     ) {
+        let answer = matches!(
+            envelope.body,
+            Body::SnapshotChunk { .. } | Body::SnapshotEnd { .. }
+        );
         let identity = match current {
             Some((origin, id)) if origin == to => Some(id.clone()),
-            _ => self.origin_peer.get(&to).map(|(id, _)| id.clone()),
+            _ => answer
+                .then(|| self.snapshot_peer.get(&to).cloned())
+                .flatten()
+                .or_else(|| self.origin_peer.get(&to).map(|(id, _)| id.clone())),
         };
+        if matches!(envelope.body, Body::SnapshotEnd { .. }) {
+            self.snapshot_peer.remove(&to);
+        }
         let Some(identity) = identity else {
             tracing::debug!(%to, kind = envelope.body.type_name(), "no connection known for origin; control message dropped");
             if matches!(envelope.body, Body::SnapshotChunk { .. }) {
