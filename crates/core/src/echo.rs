@@ -60,7 +60,14 @@ impl EchoSuppressor {
                 self.keys.remove(&k);
             }
         }
-        let q = self.keys.entry(key.to_owned()).or_default();
+        // Most keys expect one value at a time: room for one (64 bytes, where the default
+        // first allocation of a VecDeque holds four), and no key copy when the key is known.
+        if !self.keys.contains_key(key) {
+            self.keys.insert(key.to_owned(), VecDeque::with_capacity(1));
+        }
+        let Some(q) = self.keys.get_mut(key) else {
+            return;
+        };
         q.retain(|(v, _)| v != value);
         q.push_back((value.clone(), now));
         while q.len() > self.config.max_values_per_key.max(1) {
