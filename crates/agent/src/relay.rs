@@ -62,6 +62,8 @@ use hintfed_daemon::http::{
 };
 use hintfed_daemon::metrics::{self, ApplyResult, Metrics};
 use hintfed_transport::{FederationTransport, Incoming};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use regex::Regex;
 use tokio::sync::{mpsc, watch};
 use tokio::time::MissedTickBehavior;
@@ -405,6 +407,69 @@ enum Done {
     },
 }
 
+/// The per-event counters, looked up once: a lookup per event hashed the labels under a lock
+/// (and for `events_in` allocated the source label).
+#[derive(Debug, Clone)]
+struct MetricHandles {
+    /// By [`kind_index`].
+    events_in: [Counter; 2],
+    received: [Counter; 2],
+    published: [Counter; 2],
+    echoes: [Counter; 2],
+    applied: Counter,
+    apply_failed: Counter,
+}
+
+impl MetricHandles {
+    fn new(m: &Metrics, source: &str) -> Self {
+        // One lookup per statement: a lookup's read guard lives to the end of its statement,
+        // and a second lookup that has to create its label waits for the write lock.
+        let kinds = [metrics::Kind::Device, metrics::Kind::Presence];
+        let by_kind = |f: &Family<metrics::KindLabels, Counter>| -> [Counter; 2] {
+            kinds.map(|kind| f.get_or_create(&metrics::KindLabels { kind }).clone())
+        };
+        let events_in = kinds.map(|kind| {
+            m.events_in
+                .get_or_create(&metrics::EventLabels {
+                    source: source.to_owned(),
+                    kind,
+                })
+                .clone()
+        });
+        let received = by_kind(&m.updates_received);
+        let published = by_kind(&m.updates_published);
+        let echoes = by_kind(&m.echoes_suppressed);
+        let applied = m
+            .applies
+            .get_or_create(&metrics::ApplyLabels {
+                result: ApplyResult::Applied,
+            })
+            .clone();
+        let apply_failed = m
+            .applies
+            .get_or_create(&metrics::ApplyLabels {
+                result: ApplyResult::Failed,
+            })
+            .clone();
+        MetricHandles {
+            events_in,
+            received,
+            published,
+            echoes,
+            applied,
+            apply_failed,
+        }
+    }
+}
+
+/// Index of a kind in [`MetricHandles`]' arrays.
+fn kind_index(k: Kind) -> usize {
+    match k {
+        Kind::Device => 0,
+        Kind::Presence => 1,
+    }
+}
+
 /// Delay before a failed full sync is tried again.
 const SYNC_RETRY: Duration = Duration::from_secs(1);
 
@@ -426,13 +491,6 @@ fn wall_now() -> Millis {
 /// The wall clock as the node's [`Millis`] (Unix ms); also a fine first [`hintfed_core::Epoch`].
 pub fn now_millis() -> Millis {
     wall_now()
-}
-
-fn metric_kind(k: Kind) -> metrics::Kind {
-    match k {
-        Kind::Device => metrics::Kind::Device,
-        Kind::Presence => metrics::Kind::Presence,
-    }
 }
 
 /// Converts an AMI device event into a node event; `None` for an unknown state word.
@@ -472,6 +530,7 @@ pub struct Relay<T: FederationTransport> {
     filter: DeviceFilter,
     cfg: RelayConfig,
     hooks: RelayHooks,
+    handles: Option<MetricHandles>,
     control_tx: mpsc::Sender<Control>,
     control_rx: mpsc::Receiver<Control>,
     done_tx: mpsc::UnboundedSender<Done>,
@@ -527,6 +586,10 @@ impl<T: FederationTransport + 'static> Relay<T> {
             link_ups_reported,
             keys,
             filter,
+            handles: hooks
+                .metrics
+                .as_deref()
+                .map(|m| MetricHandles::new(m, &cfg.source_label)),
             cfg,
             hooks,
             control_tx,
@@ -694,8 +757,8 @@ impl<T: FederationTransport + 'static> Relay<T> {
                 }
             }
             PbxEvent::Device(d) => {
-                if let Some(m) = self.metrics() {
-                    m.event_in(&self.cfg.source_label, metrics::Kind::Device);
+                if let Some(c) = &self.handles {
+                    c.events_in[0].inc();
                 }
                 if !self.filter.allows(&d.device) {
                     return;
@@ -705,8 +768,8 @@ impl<T: FederationTransport + 'static> Relay<T> {
                 }
             }
             PbxEvent::Presence(p) => {
-                if let Some(m) = self.metrics() {
-                    m.event_in(&self.cfg.source_label, metrics::Kind::Presence);
+                if let Some(c) = &self.handles {
+                    c.events_in[1].inc();
                 }
                 if let Some(e) = presence_event(&p.presentity, &p.status, &p.subtype, &p.message) {
                     self.local_event(now, e);
@@ -728,13 +791,9 @@ impl<T: FederationTransport + 'static> Relay<T> {
         let echoes = self.node.stats().echoes;
         self.node.on_local_event(now, e);
         if self.node.stats().echoes > echoes
-            && let Some(m) = self.metrics()
+            && let Some(c) = &self.handles
         {
-            m.echoes_suppressed
-                .get_or_create(&metrics::KindLabels {
-                    kind: metric_kind(kind),
-                })
-                .inc();
+            c.echoes[kind_index(kind)].inc();
         }
         self.dirty = true;
     }
@@ -747,12 +806,8 @@ impl<T: FederationTransport + 'static> Relay<T> {
             Ok(env) => {
                 self.counters.accepted += 1;
                 if env.origin != self.node.origin() {
-                    if let (Body::Update(u), Some(m)) = (&env.body, self.metrics()) {
-                        m.updates_received
-                            .get_or_create(&metrics::KindLabels {
-                                kind: metric_kind(u.value.kind()),
-                            })
-                            .inc();
+                    if let (Body::Update(u), Some(c)) = (&env.body, &self.handles) {
+                        c.received[kind_index(u.value.kind())].inc();
                     }
                     if let (Body::SnapshotChunk { entries, .. }, Some(m)) =
                         (&env.body, self.metrics())
@@ -849,13 +904,13 @@ impl<T: FederationTransport + 'static> Relay<T> {
         } else {
             self.counters.applies_ok += 1;
         }
-        if let Some(m) = self.metrics() {
-            let r = if ok {
-                ApplyResult::Applied
+        if let (Some(m), Some(c)) = (self.metrics(), &self.handles) {
+            if ok {
+                c.applied.inc();
             } else {
-                ApplyResult::Failed
-            };
-            m.apply(r, Some(started.elapsed()));
+                c.apply_failed.inc();
+            }
+            m.apply_latency.observe(started.elapsed().as_secs_f64());
         }
         self.node.on_apply_result(wall_now(), &target, ok);
     }
@@ -1002,12 +1057,8 @@ impl<T: FederationTransport + 'static> Relay<T> {
             Ok(_) => {
                 if let Some(k) = kind {
                     self.counters.published += 1;
-                    if let Some(m) = self.metrics() {
-                        m.updates_published
-                            .get_or_create(&metrics::KindLabels {
-                                kind: metric_kind(k),
-                            })
-                            .inc();
+                    if let Some(c) = &self.handles {
+                        c.published[kind_index(k)].inc();
                     }
                 }
             }
