@@ -167,13 +167,20 @@ impl Fanout {
         }
     }
 
-    /// Stops accepting, closes every subscriber connection and waits for the listener to close.
-    pub(crate) async fn shutdown(mut self) {
+    /// Stops accepting and closes every subscriber connection; returns the listener task to
+    /// await (outside any lock) until the port is released.
+    pub(crate) fn close(&mut self) -> Option<JoinHandle<()>> {
         self.cancel.cancel();
         self.subscribers.clear();
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
+        self.task.take()
+    }
+}
+
+impl std::fmt::Debug for Fanout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Fanout")
+            .field("subscribers", &self.subscribers.len())
+            .finish_non_exhaustive()
     }
 }
 

@@ -484,9 +484,13 @@ pub struct RouterMessage {
 
 enum BindCmd {
     Reply(Bytes, Frames),
-    Publish(Frames),
-    PublishBatch(Vec<Frames>),
     Shutdown(oneshot::Sender<()>),
+}
+
+/// The fan-out behind its lock (a panic while holding it cannot leave it inconsistent: every
+/// operation is a queue push or a list edit).
+fn lock_fanout(f: &std::sync::Mutex<Fanout>) -> std::sync::MutexGuard<'_, Fanout> {
+    f.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Server-side hub sockets: ROUTER bound on P, PUB bound on P+1, owned by one task.
@@ -495,14 +499,14 @@ enum BindCmd {
 /// the last clone is dropped.
 ///
 /// Channel policies:
-/// - outbound ([`HubBind::reply`], [`HubBind::publish`]): one bounded queue
-///   (`outbound_capacity`); callers wait for space (backpressure on the server). A reply to an
-///   identity that is gone, or whose peer queue stays full past `send_timeout`, is dropped and
-///   counted. The PUB (ZMTP spoken directly: each message encoded once, the same bytes queued
-///   to every subscriber) drops the newest message for a subscriber whose queue of 100 000
-///   messages is full, counted as `dropped_outbound`; the others are not held back.
-/// - outbound batches ([`HubBind::publish_batch`]): one queue slot for many publications, so
-///   a busy server pays one channel operation per batch instead of one per message.
+/// - replies ([`HubBind::reply`]): one bounded queue (`outbound_capacity`) to the socket
+///   task; callers wait for space (backpressure on the server). A reply to an identity that is
+///   gone, or whose peer queue stays full past `send_timeout`, is dropped and counted.
+/// - publications ([`HubBind::publish`], [`HubBind::publish_batch`]): encoded once (ZMTP spoken
+///   directly) and queued to every subscriber from the caller's task, without a hop through the
+///   socket task; a batch is one shared queue entry per subscriber. A subscriber whose queue
+///   of 100 000 messages has no room drops the newest, counted as `dropped_outbound`; the
+///   others are not held back. Never waits.
 /// - inbound ([`RouterMessage`]): bounded (`inbound_capacity`) with backpressure: when the
 ///   channel is full the ROUTER is not read until the application takes a message, so ZeroMQ
 ///   and TCP hold back the senders; nothing is dropped for overload. [`PING`] messages are
@@ -511,6 +515,9 @@ enum BindCmd {
 #[derive(Debug, Clone)]
 pub struct HubBind {
     tx: mpsc::Sender<BindCmd>,
+    /// The PUB side, shared with the socket task (heartbeats, shutdown): publications are
+    /// encoded and queued to the subscribers from the caller's task, one task hop less.
+    fanout: Arc<std::sync::Mutex<Fanout>>,
     shared: Shared,
     router_endpoint: Arc<str>,
     pub_endpoint: Arc<str>,
@@ -540,9 +547,10 @@ impl HubBind {
         let (in_tx, in_rx) = mpsc::channel(config.inbound_capacity);
         status_tx.send_replace(LinkStatus::Connected);
         let cancel = CancellationToken::new();
+        let fanout = Arc::new(std::sync::Mutex::new(bound.fanout));
         let task = BindTask {
             router,
-            fanout: bound.fanout,
+            fanout: fanout.clone(),
             guard: bound.guard,
             rx,
             inbound: in_tx,
@@ -558,6 +566,7 @@ impl HubBind {
         Ok((
             Self {
                 tx,
+                fanout,
                 shared,
                 router_endpoint: router_ep.into(),
                 pub_endpoint: pub_ep.into(),
@@ -583,10 +592,7 @@ impl HubBind {
         if frames.is_empty() {
             return Err(SendError::Empty);
         }
-        self.tx
-            .send(BindCmd::Publish(frames))
-            .await
-            .map_err(|_| SendError::Closed)
+        self.publish_now(std::slice::from_ref(&frames))
     }
 
     /// Queues many messages for the PUB in one queue slot (each: first frame = topic; waits
@@ -595,10 +601,17 @@ impl HubBind {
         if batch.is_empty() {
             return Ok(());
         }
-        self.tx
-            .send(BindCmd::PublishBatch(batch))
-            .await
-            .map_err(|_| SendError::Closed)
+        self.publish_now(&batch)
+    }
+
+    /// Encodes `batch` once and queues it to every subscriber, here, without a hop through
+    /// the socket task (the subscriber queues never block; see the type's channel policy).
+    fn publish_now(&self, batch: &[Frames]) -> Result<(), SendError> {
+        if self.tx.is_closed() {
+            return Err(SendError::Closed);
+        }
+        lock_fanout(&self.fanout).publish_batch(batch);
+        Ok(())
     }
 
     /// The ROUTER's bound endpoint (port resolved).
@@ -715,7 +728,7 @@ async fn bind_pair(
 
 struct BindTask {
     router: RouterSocket,
-    fanout: Fanout,
+    fanout: Arc<std::sync::Mutex<Fanout>>,
     guard: Guard,
     rx: mpsc::Receiver<BindCmd>,
     inbound: mpsc::Sender<RouterMessage>,
@@ -728,7 +741,7 @@ impl BindTask {
     async fn run(self) {
         let BindTask {
             router,
-            mut fanout,
+            fanout,
             guard,
             mut rx,
             inbound,
@@ -768,18 +781,21 @@ impl BindTask {
                     None => break,
                     Some(BindCmd::Shutdown(tx)) => { ack = Some(tx); break; }
                     Some(BindCmd::Reply(identity, frames)) => sender.reply(identity, frames).await,
-                    Some(BindCmd::Publish(frames)) => fanout.publish(&frames),
-                    Some(BindCmd::PublishBatch(batch)) => fanout.publish_batch(&batch),
                 },
                 _ = heartbeat.tick(), if config.heartbeat_interval.is_some() => {
-                    fanout.publish(&vec![Bytes::from_static(HEARTBEAT_TOPIC.as_bytes())]);
+                    lock_fanout(&fanout).publish(&vec![Bytes::from_static(HEARTBEAT_TOPIC.as_bytes())]);
                 }
             }
         }
         receiver.abort();
         let _ = receiver.await;
         guard.shutdown().await;
-        fanout.shutdown().await;
+        // Close the receive side first so that publishers see `Closed` from now on.
+        rx.close();
+        let listener = lock_fanout(&fanout).close();
+        if let Some(task) = listener {
+            let _ = task.await;
+        }
         drop(sender);
         if let Some(tx) = ack {
             let _ = tx.send(());
