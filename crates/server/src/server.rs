@@ -1114,6 +1114,22 @@ impl Runtime {
         let full = transport
             .dropped_inbound_full
             .saturating_sub(self.seen_transport.dropped_inbound_full);
+        let lost_out = transport
+            .dropped_outbound
+            .saturating_sub(self.seen_transport.dropped_outbound);
+        if lost_out > 0
+            && let Some(s) = self.warn.allow()
+        {
+            let timeouts = transport
+                .send_timeouts
+                .saturating_sub(self.seen_transport.send_timeouts);
+            tracing::warn!(
+                dropped = lost_out,
+                send_timeouts = timeouts,
+                suppressed = s,
+                "replies or publications dropped by the transport (a peer gone or not reading)"
+            );
+        }
         self.seen_transport = transport;
         let (l_oversize, l_full) = match pull {
             Some(p) => {
