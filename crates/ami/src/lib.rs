@@ -34,4 +34,4 @@ pub use events::{
     AnyEvent, DeviceStateChange, ExtensionStatus, FullyBooted, ListComplete, PresenceStateChange,
     PresenceStatus, Response, ResponseKind,
 };
-pub use message::Message;
+pub use message::{Headers, Message};
