@@ -20,9 +20,7 @@
 //! else holds a newer write for the key: its time of setting is unknown, so a value written
 //! elsewhere meanwhile wins and is applied locally instead. The exception is a key whose last
 //! write was our own: a different listed value is then a local change made while we were
-//! away, and it is published. A listing made before the first snapshot waits
-//! [`NodeConfig::listing_hold_ms`] after it (a restarted hub answers knowing nothing until
-//! origins republish); a live change of the key, a new listing or a lost Asterisk drops it.
+//! away, and it is published.
 //!
 //! Snapshots are requested from every hub and every answer is merged; a hub that missed part
 //! of an origin's stream asks that origin to republish ([`Body::ResyncRequest`]), and the
@@ -84,12 +82,6 @@ pub struct NodeConfig {
     /// after the last one is answered once this long has passed, together with any other
     /// request arriving meanwhile (several hubs often ask at once). Default 1 000 ms.
     pub resync_min_interval_ms: u64,
-    /// Presence listed before the first snapshot that the snapshot does not know waits this
-    /// long before it is published: a hub that has just restarted answers knowing nothing,
-    /// and the writes it then asks their origins to republish arrive meanwhile (a key
-    /// written elsewhere is then applied here instead of our copy being published as new).
-    /// Default 3 000 ms (a heartbeat, the hub's resync request and the republish).
-    pub listing_hold_ms: u64,
     /// Whether snapshots exist (hub topologies). Off for the broker, whose relays exchange
     /// envelopes in process.
     pub snapshots: bool,
@@ -110,7 +102,6 @@ impl NodeConfig {
             gap_grace_ms: 2_000,
             snapshot_retry_ms: 5_000,
             resync_min_interval_ms: 1_000,
-            listing_hold_ms: 3_000,
             snapshots: true,
             apply: ApplyConfig::default(),
             echo: EchoConfig::default(),
@@ -287,8 +278,6 @@ pub struct Node {
     snapshot_done: bool,
     next_request_id: u64,
     buffered_presence: Vec<(String, Presence)>,
-    /// When the buffered presence listing is published (set by the first snapshot).
-    presence_hold_until: Option<Millis>,
     query: BTreeSet<String>,
     applied: BTreeSet<String>,
     /// Hubs that answered a snapshot: their own streams (heartbeats, down notices) carry no
@@ -324,7 +313,6 @@ impl Node {
             snapshot_done: false,
             next_request_id: 1,
             buffered_presence: Vec::new(),
-            presence_hold_until: None,
             query: BTreeSet::new(),
             applied: BTreeSet::new(),
             hubs: BTreeSet::new(),
@@ -457,8 +445,6 @@ impl Node {
         // it was asked (see `local_listing_requested`).
         self.apply.listing_begins();
         let begin = self.publish(now, Body::FullSyncBegin);
-        // A new listing supersedes one still waiting.
-        self.buffered_presence.clear();
         for item in items {
             if is_apply_target(&item) {
                 self.apply.note_listed(&item.key, &item.value);
@@ -469,11 +455,10 @@ impl Node {
                     self.local_change(now, item.key, item.value);
                 }
                 Value::Presence(p) => {
-                    let waiting = !self.snapshot_done || self.presence_hold_until.is_some();
-                    if waiting && self.cfg.snapshots {
-                        self.buffered_presence.push((item.key, p));
-                    } else {
+                    if self.snapshot_done || !self.cfg.snapshots {
                         self.listed_presence(now, item.key, p);
+                    } else {
+                        self.buffered_presence.push((item.key, p));
                     }
                 }
             }
@@ -515,8 +500,6 @@ impl Node {
         }
         self.local_down = true;
         self.need_new_epoch = true;
-        // The next full sync lists again.
-        self.buffered_presence.clear();
         let last_seq = self.seq + 1;
         self.publish(
             now,
@@ -684,12 +667,6 @@ impl Node {
                 _ => {}
             }
         }
-        if self.presence_hold_until.is_some_and(|t| now >= t) {
-            self.presence_hold_until = None;
-            for (k, p) in std::mem::take(&mut self.buffered_presence) {
-                self.listed_presence(now, k, p);
-            }
-        }
         if self.republish_due.is_some_and(|t| now >= t) {
             if self.synced_once && !self.local_down {
                 self.republish_for_hubs(now);
@@ -769,8 +746,6 @@ impl Node {
                     self.stats.filtered += 1;
                     return;
                 }
-                // A live change is newer than a listing still waiting.
-                self.buffered_presence.retain(|(k, _)| *k != key);
                 if self
                     .replica
                     .table
@@ -950,8 +925,8 @@ impl Node {
         self.replica.cover_origin(hub, now);
         self.snapshot_done = true;
         self.stats.snapshots_completed += 1;
-        if self.presence_hold_until.is_none() && !self.buffered_presence.is_empty() {
-            self.presence_hold_until = Some(now.plus(self.cfg.listing_hold_ms));
+        for (k, p) in std::mem::take(&mut self.buffered_presence) {
+            self.listed_presence(now, k, p);
         }
         if self.synced_once && !self.local_down {
             // Writes of an earlier incarnation some hub may have missed.

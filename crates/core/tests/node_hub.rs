@@ -406,69 +406,6 @@ fn presence_last_writer_wins_and_listing_does_not_override_newer_remote_writes()
 }
 
 #[test]
-fn presence_listed_before_a_snapshot_from_a_fresh_hub_waits_for_republished_writes() {
-    let mut c = NodeConfig::new("pbx-r");
-    c.listing_hold_ms = 3_000;
-    let mut n = Node::new(c, Epoch(500), Millis(500));
-    let Some(Action::Request(req)) = n.take_actions().into_iter().next() else {
-        panic!()
-    };
-    let p = |s| Presence::new(s, "", "");
-    // bob: a copy applied here before this node restarted; carol: nobody else knows her.
-    n.on_local_full_sync(
-        Millis(500),
-        vec![
-            LocalEvent::presence("CustomPresence:bob", p(PresenceStatus::Away)),
-            LocalEvent::presence("CustomPresence:carol", p(PresenceStatus::Dnd)),
-        ],
-    );
-    n.take_actions();
-    // A hub that has just restarted answers knowing nothing.
-    let mut hub = Hub::new(HubConfig::new("hub-1"), Epoch(1), Millis(500));
-    hub.on_envelope(Millis(500), &req);
-    for a in hub.take_actions() {
-        if let HubAction::SendTo { envelope, .. } = a {
-            n.on_remote(Millis(501), &envelope);
-        }
-    }
-    assert!(n.snapshot_done());
-    n.tick(Millis(600));
-    let acts = n.take_actions();
-    assert!(updates(&acts).is_empty(), "{acts:?}");
-    // bob's origin republishes its write (the hub asked it to): applied here.
-    let bob = Envelope::new(
-        "pbx-b",
-        Epoch(1),
-        1,
-        Body::Update(Update {
-            key: "CustomPresence:bob".into(),
-            value: Value::Presence(p(PresenceStatus::Dnd)),
-            ts: HlcTimestamp {
-                wall: 100,
-                counter: 0,
-            },
-        }),
-    );
-    n.on_remote(Millis(1_500), &bob);
-    let acts = n.take_actions();
-    assert_eq!(
-        applies(&acts)[0].value,
-        Value::Presence(p(PresenceStatus::Dnd))
-    );
-    // When the hold ends, only the listing nobody holds is published.
-    n.tick(Millis(3_501));
-    let acts = n.take_actions();
-    let keys: Vec<&str> = updates(&acts).iter().map(|u| u.key.as_str()).collect();
-    assert_eq!(keys, ["CustomPresence:carol"]);
-    assert_eq!(
-        n.table()
-            .presence("CustomPresence:bob")
-            .map(|w| w.origin.as_str()),
-        Some("pbx-b")
-    );
-}
-
-#[test]
 fn restarted_agent_queries_devices_it_published_before() {
     let mut c = NodeConfig::new("pbx-a");
     c.snapshot_retry_ms = 1_000;
