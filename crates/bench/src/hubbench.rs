@@ -154,8 +154,8 @@ async fn results(sub: &mut Helper, timeout: Duration) -> anyhow::Result<Vec<SubR
     Ok(serde_json::from_str(&l)?)
 }
 
-/// libzmq's PUB (through pyzmq): binds argv[1], sends `w` until a line on stdin, then
-/// argv[2] messages of argv[3] bytes starting with `d`, then `e` frames. No high-water mark,
+/// libzmq's PUB (through pyzmq): binds `argv[1]`, sends `w` until a line on stdin, then
+/// `argv[2]` messages of `argv[3]` bytes starting with `d`, then `e` frames. No high-water mark,
 /// so nothing is dropped.
 const PYZMQ_PUB: &str = r#"
 import select, sys, time, zmq
