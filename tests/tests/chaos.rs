@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 use hintfed_ami::{AmiClient, ClientConfig, Message};
 use hintfed_e2e::fed::{AMI_SECRET, AMI_USER, Federation, Via};
 use hintfed_e2e::{Proc, bin_path};
+use hintfed_testkit::process::rss_kib;
 
 const SERVERS: [&str; 5] = ["pbx-0", "pbx-1", "pbx-2", "pbx-3", "pbx-4"];
 const PHONES_PER_SERVER: usize = 4;
@@ -67,17 +68,6 @@ fn phone(s: usize, j: usize) -> String {
 
 fn presentity(s: usize) -> String {
     format!("CustomPresence:user{s}")
-}
-
-fn rss_kib(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
 }
 
 /// What the test believes each origin holds.

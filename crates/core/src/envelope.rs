@@ -109,16 +109,50 @@ pub enum Role {
     Observer,
 }
 
+/// Defines [`Body`] (serialised by derive) and `BodyDef`, the derived internally tagged
+/// decoding of the same variants (serde's `remote` form: it builds a `Body`), from one list.
+macro_rules! define_body {
+    (
+        $(#[$meta:meta])*
+        pub enum Body {
+            $(
+                $(#[$vmeta:meta])*
+                $variant:ident $( ( $($tuple:tt)* ) )? $( { $($named:tt)* } )?
+            ),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+        #[serde(tag = "type", rename_all = "snake_case")]
+        pub enum Body {
+            $(
+                $(#[$vmeta])*
+                $variant $( ( $($tuple)* ) )? $( { $($named)* } )?
+            ),*
+        }
+
+        /// [`Body`] as the derived internally tagged decoding sees it (the general path of
+        /// its `Deserialize`).
+        #[derive(Deserialize)]
+        #[serde(remote = "Body", tag = "type", rename_all = "snake_case")]
+        enum BodyDef {
+            $(
+                $(#[$vmeta])*
+                $variant $( ( $($tuple)* ) )? $( { $($named)* } )?
+            ),*
+        }
+    };
+}
+
+define_body! {
 /// The payload of an envelope. JSON form: an object with `"type"` (snake_case variant name)
 /// and the variant's fields, e.g. `{"type":"full_sync_end","begin_seq":7}`.
 ///
 /// Decoding an update whose `"type"` comes first (as this crate writes it) reads the fields
 /// straight into an [`Update`]; everything else is buffered and decoded as the derived
-/// internally tagged form (`BodyIn`, the same variants), which is what serde does for every
-/// internally tagged enum.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum Body {
+/// internally tagged form (`BodyDef`, serde's `remote` derive of the same variants, made from
+/// the same list by `define_body!`), which is what serde does for every internally tagged enum.
+    pub enum Body {
     /// Stream: a key changed at the origin.
     Update(Update),
     /// Stream: the origin's complete state follows (its seq is the `begin_seq` of the end).
@@ -187,118 +221,6 @@ pub enum Body {
         /// The origin asked.
         origin: String,
     },
-}
-
-/// [`Body`] as the derived internally tagged decoding sees it (the general path of its
-/// `Deserialize`). Same variants and attributes; keep the two in step (the round-trip tests
-/// cover every variant).
-#[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum BodyIn {
-    /// Stream: a key changed at the origin.
-    Update(Update),
-    /// Stream: the origin's complete state follows (its seq is the `begin_seq` of the end).
-    FullSyncBegin,
-    /// Stream: the full sync that began at `begin_seq` is complete: every device key of this
-    /// origin not updated since `begin_seq` no longer exists and is dropped.
-    FullSyncEnd {
-        /// Sequence of the matching [`Body::FullSyncBegin`].
-        begin_seq: u64,
-    },
-    /// Stream: the origin is alive (its envelope seq is its last seq).
-    Heartbeat {
-        /// True while the origin has lost its Asterisk (its devices count as down).
-        #[serde(default)]
-        local_down: bool,
-    },
-    /// Stream: `origin` is down. Sent by an origin about itself (lost its Asterisk), or by a
-    /// hub about an origin that fell silent.
-    OriginDown {
-        /// The origin that is down.
-        origin: String,
-        /// Its epoch as last seen.
-        epoch: Epoch,
-        /// Its last stream sequence seen by the sender.
-        last_seq: u64,
-        /// Human-readable reason.
-        reason: String,
-    },
-    /// Control: a peer introduces itself to a hub.
-    Hello {
-        /// What the peer is.
-        role: Role,
-        /// Software name and version, informational.
-        #[serde(default)]
-        software: String,
-    },
-    /// Control: ask a hub for its whole table.
-    SnapshotRequest {
-        /// Correlates the answer.
-        request_id: u64,
-    },
-    /// Control: part of a snapshot answer (bounded in size by construction).
-    SnapshotChunk {
-        /// The request answered.
-        request_id: u64,
-        /// Position of this chunk in the answer, from 0 (duplicates are recognised by it).
-        #[serde(default)]
-        index: u32,
-        /// Table entries.
-        #[serde(default)]
-        entries: Vec<SnapshotEntry>,
-        /// Origin summaries (applied only once the whole snapshot arrived).
-        #[serde(default)]
-        origins: Vec<OriginSummary>,
-    },
-    /// Control: the snapshot is complete.
-    SnapshotEnd {
-        /// The request answered.
-        request_id: u64,
-        /// Number of chunks sent before this end (lets the receiver detect a lost chunk).
-        chunks: u32,
-    },
-    /// Control: a hub asks `origin` to republish its full state (it missed part of its stream
-    /// or restarted).
-    ResyncRequest {
-        /// The origin asked.
-        origin: String,
-    },
-}
-
-impl From<BodyIn> for Body {
-    fn from(b: BodyIn) -> Self {
-        match b {
-            BodyIn::Update(u) => Body::Update(u),
-            BodyIn::FullSyncBegin => Body::FullSyncBegin,
-            BodyIn::FullSyncEnd { begin_seq } => Body::FullSyncEnd { begin_seq },
-            BodyIn::Heartbeat { local_down } => Body::Heartbeat { local_down },
-            BodyIn::OriginDown {
-                origin,
-                epoch,
-                last_seq,
-                reason,
-            } => Body::OriginDown {
-                origin,
-                epoch,
-                last_seq,
-                reason,
-            },
-            BodyIn::Hello { role, software } => Body::Hello { role, software },
-            BodyIn::SnapshotRequest { request_id } => Body::SnapshotRequest { request_id },
-            BodyIn::SnapshotChunk {
-                request_id,
-                index,
-                entries,
-                origins,
-            } => Body::SnapshotChunk {
-                request_id,
-                index,
-                entries,
-                origins,
-            },
-            BodyIn::SnapshotEnd { request_id, chunks } => Body::SnapshotEnd { request_id, chunks },
-            BodyIn::ResyncRequest { origin } => Body::ResyncRequest { origin },
-        }
     }
 }
 
@@ -368,9 +290,7 @@ impl<'de> serde::de::Visitor<'de> for BodyVisitor {
             }
             buffered.insert(k, v);
         }
-        BodyIn::deserialize(serde_json::Value::Object(buffered))
-            .map(Body::from)
-            .map_err(A::Error::custom)
+        BodyDef::deserialize(serde_json::Value::Object(buffered)).map_err(A::Error::custom)
     }
 }
 
