@@ -380,6 +380,17 @@ pub async fn run(a: HubArgs) -> anyhow::Result<serde_json::Value> {
     let hub_us_per_update = 1e6 * (u1.cpu_secs - u0.cpu_secs) / (f.min.max(1) as f64);
     let ratio = ceiling.as_ref().map(|(c, _)| f.per_sub / c.per_sub);
     let ratio_libzmq = libzmq.as_ref().map(|(c, _)| f.per_sub / c.per_sub);
+    let ceiling_json = |(c, cpu): &(Fanned, serde_json::Value)| {
+        json!({
+            "messages": zmq_count,
+            "received_per_subscriber_min": c.min,
+            "received_per_subscriber_max": c.max,
+            "secs": c.secs,
+            "msgs_per_sec_per_subscriber": c.per_sub,
+            "msgs_per_sec_total": c.total,
+            "cpu": cpu,
+        })
+    };
     let report = json!({
         "machine_before": machine_before,
         "machine_after": procs::machine(),
@@ -404,24 +415,8 @@ pub async fn run(a: HubArgs) -> anyhow::Result<serde_json::Value> {
                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                 .sum::<f64>(),
         },
-        "ceiling_zmq_fanout": ceiling.as_ref().map(|(c, cpu)| json!({
-            "messages": zmq_count,
-            "received_per_subscriber_min": c.min,
-            "received_per_subscriber_max": c.max,
-            "secs": c.secs,
-            "msgs_per_sec_per_subscriber": c.per_sub,
-            "msgs_per_sec_total": c.total,
-            "cpu": cpu,
-        })),
-        "ceiling_libzmq_fanout": libzmq.as_ref().map(|(c, cpu)| json!({
-            "messages": zmq_count,
-            "received_per_subscriber_min": c.min,
-            "received_per_subscriber_max": c.max,
-            "secs": c.secs,
-            "msgs_per_sec_per_subscriber": c.per_sub,
-            "msgs_per_sec_total": c.total,
-            "cpu": cpu,
-        })),
+        "ceiling_zmq_fanout": ceiling.as_ref().map(ceiling_json),
+        "ceiling_libzmq_fanout": libzmq.as_ref().map(ceiling_json),
         "ratio_updates_per_sec_to_zmq_fanout_ceiling": ratio,
         "ratio_updates_per_sec_to_libzmq_fanout_ceiling": ratio_libzmq,
     });
