@@ -336,7 +336,13 @@ pub struct Snapshot {
     pub secs: f64,
     /// The chunk payloads (with `keep`).
     pub payloads: Vec<Bytes>,
+    /// Requests sent again because no chunk arrived for [`SNAPSHOT_RETRY`].
+    pub retries: u64,
 }
+
+/// A peer asks again when its answer made no progress for this long, as the agent's `Node`
+/// does (`snapshot_retry_ms`): a peer that reconnected meanwhile is otherwise never answered.
+pub const SNAPSHOT_RETRY: Duration = Duration::from_secs(5);
 
 /// A peer that asks the hub for snapshots (like an agent at start).
 pub struct SnapshotClient {
@@ -370,21 +376,25 @@ impl SnapshotClient {
             next_id: 1,
             fanout: Arc::new(AtomicU64::new(0)),
         };
+        c.hello().await?;
+        Ok(c)
+    }
+
+    async fn hello(&self) -> anyhow::Result<()> {
         let hello = Envelope::new(
-            c.name.clone(),
-            c.epoch,
-            c.seq,
+            self.name.clone(),
+            self.epoch,
+            self.seq,
             Body::Hello {
                 role: Role::Agent,
                 software: "hintfed-bench".into(),
             },
         );
-        send_blocking(&c.multi, &seal(&c.ring, &c.limits, &hello)?).await?;
-        Ok(c)
+        send_blocking(&self.multi, &seal(&self.ring, &self.limits, &hello)?).await
     }
 
-    /// Asks for a snapshot and reads until its end marker (or `timeout`).
-    pub async fn fetch(&mut self, keep: bool, timeout: Duration) -> anyhow::Result<Snapshot> {
+    /// Sends a snapshot request; returns its id.
+    fn request(&mut self) -> anyhow::Result<u64> {
         let id = self.next_id;
         self.next_id += 1;
         let req = Envelope::new(
@@ -394,22 +404,43 @@ impl SnapshotClient {
             Body::SnapshotRequest { request_id: id },
         );
         let payload = Bytes::from(self.ring.seal(&req, &self.limits)?);
-        let t0 = Instant::now();
         self.multi
             .request(
                 vec![Bytes::from_static(SNAPSHOT_TOPIC.as_bytes()), payload],
                 &[],
             )
             .map_err(|e| anyhow::anyhow!("snapshot request not sent: {e}"))?;
+        Ok(id)
+    }
+
+    /// Asks for a snapshot and reads until its end marker (or `timeout`); asks again (hello
+    /// and a new request) when no chunk arrived for [`SNAPSHOT_RETRY`].
+    pub async fn fetch(&mut self, keep: bool, timeout: Duration) -> anyhow::Result<Snapshot> {
+        let t0 = Instant::now();
+        let mut ids = vec![self.request()?];
         let mut s = Snapshot::default();
         let mut keys = HashSet::new();
         let deadline = t0 + timeout;
+        let mut progress = Instant::now();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
-            let m = tokio::time::timeout(left, self.incoming.recv())
-                .await
-                .map_err(|_| anyhow::anyhow!("snapshot not complete within {timeout:?}"))?
-                .context("hub link closed")?;
+            if left.is_zero() {
+                anyhow::bail!("snapshot not complete within {timeout:?}");
+            }
+            let wait = left.min(SNAPSHOT_RETRY.saturating_sub(progress.elapsed()));
+            let m = match tokio::time::timeout(wait, self.incoming.recv()).await {
+                Ok(m) => m.context("hub link closed")?,
+                Err(_) if Instant::now() < deadline => {
+                    // The hub keeps a retried request's place and cursor (an agent's Node
+                    // merges the chunks of every answer), so what arrived so far still counts.
+                    self.hello().await?;
+                    ids.push(self.request()?);
+                    s.retries += 1;
+                    progress = Instant::now();
+                    continue;
+                }
+                Err(_) => anyhow::bail!("snapshot not complete within {timeout:?}"),
+            };
             if m.channel == Channel::Fanout {
                 if is_update(&m.frames) {
                     self.fanout.fetch_add(1, Ordering::Relaxed);
@@ -425,7 +456,8 @@ impl SnapshotClient {
                     request_id,
                     entries,
                     ..
-                } if request_id == id => {
+                } if ids.contains(&request_id) => {
+                    progress = Instant::now();
                     s.chunks += 1;
                     s.entries += entries.len() as u64;
                     s.bytes += p.len() as u64;
@@ -434,7 +466,7 @@ impl SnapshotClient {
                         s.payloads.push(p.clone());
                     }
                 }
-                Body::SnapshotEnd { request_id, .. } if request_id == id => break,
+                Body::SnapshotEnd { request_id, .. } if ids.last() == Some(&request_id) => break,
                 _ => {}
             }
         }

@@ -78,11 +78,13 @@ pub async fn run(a: MemoryArgs) -> anyhow::Result<serde_json::Value> {
     let mut clients = Vec::new();
     let mut times = Vec::new();
     let mut short = 0u64;
+    let mut retries = 0u64;
     for j in joins {
         let (c, s) = j.await??;
         if s.entries < keys as u64 {
             short += 1;
         }
+        retries += s.retries;
         times.push(s.secs);
         clients.push(c);
     }
@@ -145,7 +147,7 @@ pub async fn run(a: MemoryArgs) -> anyhow::Result<serde_json::Value> {
                         "after_snapshots": mib(after_snapshots.rss_kib), "end": mib(u1.rss_kib)},
         "hub_peak_rss_mib": mib(u1.peak_rss_kib),
         "snapshots": {"p50_secs": times.get(times.len() / 2), "max_secs": times.last(),
-                      "short_of_keys": short},
+                      "short_of_keys": short, "retries": retries},
         "fanout": {"driven": driven, "published": published, "updates_per_sec": driven as f64 / load_secs,
                    "received_min_per_peer": min_got, "received_median_per_peer": med_got,
                    "received_max_per_peer": max_got,
@@ -164,12 +166,13 @@ pub async fn run(a: MemoryArgs) -> anyhow::Result<serde_json::Value> {
         mib(u1.peak_rss_kib)
     );
     println!(
-        "snapshots: {} peers at once, p50 {:.2} s, max {:.2} s, {} short of {} keys; fan-out: {} updates at {:.0}/s, peers got min {} / median {} / max {}, hub CPU {:.0}%",
+        "snapshots: {} peers at once, p50 {:.2} s, max {:.2} s, {} short of {} keys, {} asked again; fan-out: {} updates at {:.0}/s, peers got min {} / median {} / max {}, hub CPU {:.0}%",
         a.agents,
         times.get(times.len() / 2).copied().unwrap_or(0.0),
         times.last().copied().unwrap_or(0.0),
         short,
         keys,
+        retries,
         driven,
         driven as f64 / load_secs,
         min_got,
