@@ -434,6 +434,27 @@ impl Federation {
         http_get(&self.agents[name].http, "/metrics").await
     }
 
+    /// Agent `name`'s `/metrics` once its count of published updates has stood still for
+    /// 1.5 s (longer than the 1 s a hub's republish request may be deferred: hubs ask a new
+    /// origin to republish), or after 10 s.
+    pub async fn settled_agent_metrics(&self, name: &str) -> String {
+        let published = |m: &str| metric(m, "hintfed_updates_published_total", &[]);
+        let mut last = self.agent_metrics(name).await;
+        let mut still = 0;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while still < 3 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let now = self.agent_metrics(name).await;
+            still = if published(&now) == published(&last) {
+                still + 1
+            } else {
+                0
+            };
+            last = now;
+        }
+        last
+    }
+
     /// Starts a res_zmq_manager stand-in in front of Asterisk `name` (zmq mode).
     pub async fn add_standin(&mut self, name: &str) {
         let evt = format!("tcp://127.0.0.1:{}", free_port());
