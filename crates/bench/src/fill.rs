@@ -417,7 +417,7 @@ impl SnapshotClient {
     /// and a new request) when no chunk arrived for [`SNAPSHOT_RETRY`].
     pub async fn fetch(&mut self, keep: bool, timeout: Duration) -> anyhow::Result<Snapshot> {
         let t0 = Instant::now();
-        let mut ids = vec![self.request()?];
+        let mut id = self.request()?;
         let mut s = Snapshot::default();
         let mut keys = HashSet::new();
         let deadline = t0 + timeout;
@@ -431,11 +431,15 @@ impl SnapshotClient {
             let m = match tokio::time::timeout(wait, self.incoming.recv()).await {
                 Ok(m) => m.context("hub link closed")?,
                 Err(_) if Instant::now() < deadline => {
-                    // The hub keeps a retried request's place and cursor (an agent's Node
-                    // merges the chunks of every answer), so what arrived so far still counts.
+                    // The hub keeps a retried request's place in its queue but answers it
+                    // from the start: count the new answer alone.
                     self.hello().await?;
-                    ids.push(self.request()?);
-                    s.retries += 1;
+                    id = self.request()?;
+                    s = Snapshot {
+                        retries: s.retries + 1,
+                        ..Snapshot::default()
+                    };
+                    keys.clear();
                     progress = Instant::now();
                     continue;
                 }
@@ -456,7 +460,7 @@ impl SnapshotClient {
                     request_id,
                     entries,
                     ..
-                } if ids.contains(&request_id) => {
+                } if request_id == id => {
                     progress = Instant::now();
                     s.chunks += 1;
                     s.entries += entries.len() as u64;
@@ -466,7 +470,7 @@ impl SnapshotClient {
                         s.payloads.push(p.clone());
                     }
                 }
-                Body::SnapshotEnd { request_id, .. } if ids.last() == Some(&request_id) => break,
+                Body::SnapshotEnd { request_id, .. } if request_id == id => break,
                 _ => {}
             }
         }
