@@ -1028,6 +1028,7 @@ impl Node {
         }
     }
 }
+
 /// Whether a local event or listing item names something the apply queue may write: a
 /// presence key or a `Custom:` device.
 fn is_apply_target(event: &LocalEvent) -> bool {
