@@ -1,5 +1,5 @@
 //! The apply path towards one sink (one local Asterisk): a conflating queue with a bounded
-//! in-flight window, and what the sink is believed to hold.
+//! in-flight window, what the sink is believed to hold, and the echoes of our writes.
 //!
 //! - **Conflation**: per target only the newest wanted value is kept; a key keeps its place
 //!   in the queue when its value is replaced.
@@ -20,23 +20,36 @@
 //!   changing is a user's change, left to the federation), at most
 //!   [`MAX_REPAIRS`] times per wanted value, so a sink that reports a value other than the
 //!   one written cannot make the queue write forever.
+//! - **Echoes**: the sink reports each write of ours back as an event (possibly twice, and
+//!   possibly after the write's answer and after the next write to the target was sent).
+//!   Each target remembers the values of its last [`ECHO_VALUES`] writes;
+//!   [`ApplyQueue::is_echo`] recognises an event carrying one of them (by target and value,
+//!   no time window) until it is superseded, a different value is reported (a real change:
+//!   every expectation of the target is dropped), or `echo_max_age_ms` passed since the
+//!   target's last write. This replaces a separate map of expectations per key
+//!   ([`crate::echo::EchoSuppressor`]): the apply slot holds them at no extra key.
 //! - **Bound**: at most `max_keys` distinct targets wait. When full, the new target is refused
 //!   and the queue is flagged overflowed; the owner (a [`crate::node::Node`]) re-derives every
 //!   target from its table once the queue drained, so nothing is lost: the table, not the
 //!   queue, is the source of truth.
 //!
-//! Memory: one slot per target ever written or observed (a shared key and three compact
-//! values, ~64 bytes plus the key); the queue order holds a second reference to the key of
-//! waiting targets only.
+//! Memory: one slot per target ever written or observed. Device targets (the many) keep
+//! their values as one-byte states: a slot is 24 bytes beside its shared key; presence
+//! targets keep boxed values in a map of their own. The queue order holds a second
+//! reference to the key of waiting targets only.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use crate::state::{DeviceState, Value};
+use crate::time::Millis;
 
 /// Repairs (writes queued again because the sink was seen holding another value) per wanted
 /// value at most.
 pub const MAX_REPAIRS: u8 = 3;
+
+/// Values of a target's last writes whose echoes are expected (older ones are superseded).
+pub const ECHO_VALUES: usize = 2;
 
 /// Bounds of an apply queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -45,6 +58,9 @@ pub struct ApplyConfig {
     pub max_keys: usize,
     /// Writes outstanding at most (pipelined `Setvar`). Default 8.
     pub in_flight: usize,
+    /// Age after which the echoes of a target's writes are no longer expected, in ms,
+    /// counted from the target's last write. Default 60 000.
+    pub echo_max_age_ms: u64,
 }
 
 impl Default for ApplyConfig {
@@ -52,6 +68,7 @@ impl Default for ApplyConfig {
         ApplyConfig {
             max_keys: 100_000,
             in_flight: 8,
+            echo_max_age_ms: 60_000,
         }
     }
 }
@@ -89,13 +106,19 @@ pub struct ApplyStats {
     /// Observations not believed (a write of ours to the target was in flight, waiting, or
     /// completed after a listing was asked).
     pub stale_observations: u64,
+    /// Events recognised as echoes of our writes.
+    pub echoes: u64,
 }
 
-/// A value as a slot keeps it: device states inline, presence boxed (16 bytes, not 56).
-#[derive(Clone, Debug, PartialEq, Eq)]
-enum Val {
-    Device(DeviceState),
-    Other(Box<Value>),
+/// How a slot stores the values of one kind: device states as themselves (one byte), other
+/// values boxed.
+trait Stored: Clone + std::fmt::Debug {
+    /// `v` in this form; `None` when `v` is of the other kind.
+    fn of(v: &Value) -> Option<Self>;
+    /// Whether this is `v`.
+    fn is(&self, v: &Value) -> bool;
+    /// The value.
+    fn get(&self) -> &Value;
 }
 
 static INVALID: Value = Value::Device(DeviceState::Invalid);
@@ -108,64 +131,139 @@ static INUSE: Value = Value::Device(DeviceState::Inuse);
 static BUSY: Value = Value::Device(DeviceState::Busy);
 static RINGINUSE: Value = Value::Device(DeviceState::Ringinuse);
 
-impl Val {
-    fn of(v: &Value) -> Val {
+impl Stored for DeviceState {
+    fn of(v: &Value) -> Option<Self> {
         match v {
-            Value::Device(s) => Val::Device(*s),
-            other => Val::Other(Box::new(other.clone())),
-        }
-    }
-
-    fn get(&self) -> &Value {
-        match self {
-            Val::Device(s) => match s {
-                DeviceState::Invalid => &INVALID,
-                DeviceState::Unknown => &UNKNOWN,
-                DeviceState::Unavailable => &UNAVAILABLE,
-                DeviceState::NotInuse => &NOT_INUSE,
-                DeviceState::Onhold => &ONHOLD,
-                DeviceState::Ringing => &RINGING,
-                DeviceState::Inuse => &INUSE,
-                DeviceState::Busy => &BUSY,
-                DeviceState::Ringinuse => &RINGINUSE,
-            },
-            Val::Other(b) => b,
+            Value::Device(s) => Some(*s),
+            Value::Presence(_) => None,
         }
     }
 
     fn is(&self, v: &Value) -> bool {
-        self.get() == v
+        matches!(v, Value::Device(s) if s == self)
+    }
+
+    fn get(&self) -> &Value {
+        match self {
+            DeviceState::Invalid => &INVALID,
+            DeviceState::Unknown => &UNKNOWN,
+            DeviceState::Unavailable => &UNAVAILABLE,
+            DeviceState::NotInuse => &NOT_INUSE,
+            DeviceState::Onhold => &ONHOLD,
+            DeviceState::Ringing => &RINGING,
+            DeviceState::Inuse => &INUSE,
+            DeviceState::Busy => &BUSY,
+            DeviceState::Ringinuse => &RINGINUSE,
+        }
+    }
+}
+
+impl Stored for Box<Value> {
+    fn of(v: &Value) -> Option<Self> {
+        match v {
+            Value::Device(_) => None,
+            Value::Presence(_) => Some(Box::new(v.clone())),
+        }
+    }
+
+    fn is(&self, v: &Value) -> bool {
+        **self == *v
+    }
+
+    fn get(&self) -> &Value {
+        self
     }
 }
 
 /// Everything known about one target.
-#[derive(Clone, Debug, Default)]
-struct Slot {
+#[derive(Clone, Debug)]
+struct Slot<T> {
     /// What the owner last asked the target to hold.
-    want: Option<Val>,
+    want: Option<T>,
     /// What the sink is believed to hold.
-    held: Option<Val>,
+    held: Option<T>,
     /// The value of the write in flight.
-    flight: Option<Val>,
+    flight: Option<T>,
+    /// Values of our last writes whose echo is expected, newest first.
+    echo: [Option<T>; ECHO_VALUES],
     /// `want` waits to be written (the key is in the order).
     pending: bool,
     /// Repairs since `want` last changed.
     repairs: u8,
+    /// When the last write was dispatched (the echo age bound).
+    sent_at: Millis,
     /// Write generation of the target's last completed write (0: none).
     done_at: u64,
 }
 
-impl Slot {
-    fn holds(&self, v: &Value) -> bool {
-        self.held.as_ref().is_some_and(|h| h.is(v))
+impl<T> Default for Slot<T> {
+    fn default() -> Self {
+        Slot {
+            want: None,
+            held: None,
+            flight: None,
+            echo: std::array::from_fn(|_| None),
+            pending: false,
+            repairs: 0,
+            sent_at: Millis(0),
+            done_at: 0,
+        }
     }
 }
 
-/// A conflating apply queue for one sink.
+impl<T: Stored> Slot<T> {
+    fn holds(&self, v: &Value) -> bool {
+        self.held.as_ref().is_some_and(|h| h.is(v))
+    }
+
+    /// A write of `v` was dispatched at `now`: its echo is expected (first), the others
+    /// keep their order, the oldest falls out.
+    fn expect_echo(&mut self, v: &T, now: Millis) {
+        let value = v.get();
+        if let Some(i) = self
+            .echo
+            .iter()
+            .position(|e| e.as_ref().is_some_and(|e| e.is(value)))
+        {
+            self.echo[..=i].rotate_right(1);
+        } else {
+            self.echo.rotate_right(1);
+            self.echo[0] = Some(v.clone());
+        }
+        self.sent_at = now;
+    }
+
+    /// See [`ApplyQueue::is_echo`].
+    fn is_echo(&mut self, v: &Value, now: Millis, max_age: u64) -> bool {
+        if now.since(self.sent_at) > max_age {
+            self.echo = std::array::from_fn(|_| None);
+            return false;
+        }
+        match self
+            .echo
+            .iter()
+            .position(|e| e.as_ref().is_some_and(|e| e.is(v)))
+        {
+            Some(i) => {
+                // Asterisk reports writes in order: older expectations are superseded; the
+                // matched one stays, so a repeated event is recognised too.
+                for e in &mut self.echo[i + 1..] {
+                    *e = None;
+                }
+                true
+            }
+            None => {
+                self.echo = std::array::from_fn(|_| None);
+                false
+            }
+        }
+    }
+}
+
+/// The queue state beside the slots.
 #[derive(Clone, Debug, Default)]
-pub struct ApplyQueue {
+struct Shared {
     config: ApplyConfig,
-    slots: HashMap<Arc<str>, Slot>,
     order: VecDeque<Arc<str>>,
     pending: usize,
     in_flight: usize,
@@ -175,31 +273,180 @@ pub struct ApplyQueue {
     listing_mark: Option<u64>,
     overflowed: bool,
     stats: ApplyStats,
+    /// The latest time given to the queue (for [`ApplyQueue::next_write`]).
+    clock: Millis,
+}
+
+type Slots<T> = HashMap<Arc<str>, Slot<T>>;
+
+fn slot_mut<'a, T>(slots: &'a mut Slots<T>, target: &str) -> &'a mut Slot<T> {
+    if !slots.contains_key(target) {
+        slots.insert(Arc::from(target), Slot::default());
+    }
+    slots.get_mut(target).expect("inserted just above")
+}
+
+/// Puts `target` (which has a slot) at the back of the order.
+fn enqueue<T>(slots: &Slots<T>, q: &mut Shared, target: &str) {
+    if let Some((key, _)) = slots.get_key_value(target) {
+        q.pending += 1;
+        q.order.push_back(Arc::clone(key));
+    }
+}
+
+fn push_in<T: Stored>(slots: &mut Slots<T>, q: &mut Shared, target: &str, value: &Value) -> Push {
+    let Some(stored) = T::of(value) else {
+        return Push::Skipped;
+    };
+    let full = q.pending >= q.config.max_keys.max(1);
+    let slot = slot_mut(slots, target);
+    if !slot.want.as_ref().is_some_and(|w| w.is(value)) {
+        slot.want = Some(stored);
+        slot.repairs = 0;
+    }
+    let already = match &slot.flight {
+        Some(f) => f.is(value),
+        None => slot.holds(value),
+    };
+    if already {
+        if slot.pending {
+            slot.pending = false;
+            q.pending -= 1;
+        }
+        q.stats.skipped += 1;
+        return Push::Skipped;
+    }
+    if slot.pending {
+        q.stats.conflated += 1;
+        return Push::Conflated;
+    }
+    if full {
+        q.overflowed = true;
+        q.stats.overflowed += 1;
+        return Push::Overflow;
+    }
+    slot.pending = true;
+    enqueue(slots, q, target);
+    Push::Queued
+}
+
+/// What dispatching the target at the front of the order came to.
+enum Dispatch {
+    /// Not waiting (skipped, or queued twice and already dispatched): dropped from the order.
+    Drop,
+    /// Its previous write is still in flight: back of the order.
+    Later,
+    /// Write this.
+    Write(Value),
+}
+
+fn dispatch<T: Stored>(slot: &mut Slot<T>, q: &mut Shared, now: Millis) -> Dispatch {
+    if !slot.pending {
+        return Dispatch::Drop;
+    }
+    if slot.flight.is_some() {
+        return Dispatch::Later;
+    }
+    slot.pending = false;
+    q.pending -= 1;
+    let Some(want) = slot.want.clone() else {
+        return Dispatch::Drop;
+    };
+    if slot.holds(want.get()) {
+        q.stats.skipped += 1;
+        return Dispatch::Drop;
+    }
+    let value = want.get().clone();
+    slot.expect_echo(&want, now);
+    slot.flight = Some(want);
+    q.in_flight += 1;
+    q.stats.dispatched += 1;
+    Dispatch::Write(value)
+}
+
+fn complete_in<T: Stored>(slot: &mut Slot<T>, q: &mut Shared, ok: bool) -> bool {
+    let Some(v) = slot.flight.take() else {
+        return false;
+    };
+    q.in_flight -= 1;
+    q.completions += 1;
+    slot.done_at = q.completions;
+    if ok {
+        q.stats.confirmed += 1;
+        slot.held = Some(v);
+    } else {
+        q.stats.failed += 1;
+        slot.held = None;
+    }
+    true
+}
+
+/// How an observation is judged.
+#[derive(Clone, Copy)]
+enum Seen {
+    /// A live event: not believed over a write in flight or waiting.
+    Live,
+    /// A listing item: not believed over a write in flight or completed after `mark`.
+    Listed { mark: u64 },
+}
+
+fn observe_in<T: Stored>(
+    slots: &mut Slots<T>,
+    q: &mut Shared,
+    target: &str,
+    value: &Value,
+    seen: Seen,
+) {
+    let Some(stored) = T::of(value) else {
+        return;
+    };
+    let slot = slot_mut(slots, target);
+    let stale = match seen {
+        Seen::Live => slot.flight.is_some() || slot.pending,
+        Seen::Listed { mark } => slot.flight.is_some() || slot.done_at > mark,
+    };
+    if stale {
+        q.stats.stale_observations += 1;
+        return;
+    }
+    if !slot.holds(value) {
+        slot.held = Some(stored);
+    }
+    // Only devices are repaired: a `Custom:` device is ours to write, whereas a presence
+    // set locally is a user's change that the federation decides about.
+    let differs =
+        matches!(value, Value::Device(_)) && slot.want.as_ref().is_some_and(|w| !w.is(value));
+    if differs && !slot.pending && slot.repairs < MAX_REPAIRS {
+        slot.repairs += 1;
+        slot.pending = true;
+        q.stats.repaired += 1;
+        enqueue(slots, q, target);
+    }
+}
+
+/// A conflating apply queue for one sink.
+#[derive(Clone, Debug, Default)]
+pub struct ApplyQueue {
+    devices: Slots<DeviceState>,
+    others: Slots<Box<Value>>,
+    q: Shared,
 }
 
 impl ApplyQueue {
     /// An empty queue.
     pub fn new(config: ApplyConfig) -> Self {
         ApplyQueue {
-            config,
-            ..ApplyQueue::default()
+            devices: HashMap::new(),
+            others: HashMap::new(),
+            q: Shared {
+                config,
+                ..Shared::default()
+            },
         }
     }
 
-    fn slot_mut(&mut self, target: &str) -> &mut Slot {
-        if !self.slots.contains_key(target) {
-            self.slots.insert(Arc::from(target), Slot::default());
-        }
-        self.slots.get_mut(target).expect("inserted just above")
-    }
-
-    /// Puts `target` (which has a slot) at the back of the order.
-    fn enqueue(&mut self, target: &str) {
-        if let Some((key, _)) = self.slots.get_key_value(target) {
-            let key = Arc::clone(key);
-            self.pending += 1;
-            self.order.push_back(key);
-        }
+    fn tick_clock(&mut self, now: Millis) {
+        self.q.clock = self.q.clock.max(now);
     }
 
     /// Asks for `target` to hold `value`.
@@ -209,94 +456,90 @@ impl ApplyQueue {
 
     /// [`ApplyQueue::push`] without giving up the key and value.
     pub fn push_ref(&mut self, target: &str, value: &Value) -> Push {
-        let full = self.pending >= self.config.max_keys.max(1);
-        let slot = self.slot_mut(target);
-        if !slot.want.as_ref().is_some_and(|w| w.is(value)) {
-            slot.want = Some(Val::of(value));
-            slot.repairs = 0;
+        match value {
+            Value::Device(_) => push_in(&mut self.devices, &mut self.q, target, value),
+            Value::Presence(_) => push_in(&mut self.others, &mut self.q, target, value),
         }
-        let already = match &slot.flight {
-            Some(f) => f.is(value),
-            None => slot.holds(value),
-        };
-        if already {
-            if slot.pending {
-                slot.pending = false;
-                self.pending -= 1;
-            }
-            self.stats.skipped += 1;
-            return Push::Skipped;
-        }
-        if slot.pending {
-            self.stats.conflated += 1;
-            return Push::Conflated;
-        }
-        if full {
-            self.overflowed = true;
-            self.stats.overflowed += 1;
-            return Push::Overflow;
-        }
-        slot.pending = true;
-        self.enqueue(target);
-        Push::Queued
     }
 
-    /// The next write to send, if the window has room and something is pending.
-    pub fn next_write(&mut self) -> Option<(String, Value)> {
-        if self.in_flight >= self.config.in_flight.max(1) {
+    /// The next write to send, if the window has room and something is pending; its echo
+    /// is expected from `now` on (see [`ApplyQueue::is_echo`]).
+    pub fn next_write_at(&mut self, now: Millis) -> Option<(String, Value)> {
+        self.tick_clock(now);
+        if self.q.in_flight >= self.q.config.in_flight.max(1) {
             return None;
         }
-        let budget = self.order.len();
+        let budget = self.q.order.len();
         for _ in 0..budget {
-            let key = self.order.pop_front()?;
-            let Some(slot) = self.slots.get_mut(&key) else {
-                continue;
+            let key = self.q.order.pop_front()?;
+            let d = if let Some(slot) = self.devices.get_mut(&key) {
+                dispatch(slot, &mut self.q, now)
+            } else if let Some(slot) = self.others.get_mut(&key) {
+                dispatch(slot, &mut self.q, now)
+            } else {
+                Dispatch::Drop
             };
-            if !slot.pending {
-                continue; // skipped, or queued twice and already dispatched
+            match d {
+                Dispatch::Drop => {}
+                Dispatch::Later => self.q.order.push_back(key),
+                Dispatch::Write(value) => return Some((key.to_string(), value)),
             }
-            if slot.flight.is_some() {
-                self.order.push_back(key);
-                continue;
-            }
-            slot.pending = false;
-            self.pending -= 1;
-            let Some(want) = slot.want.clone() else {
-                continue;
-            };
-            if slot.holds(want.get()) {
-                self.stats.skipped += 1;
-                continue;
-            }
-            let value = want.get().clone();
-            slot.flight = Some(want);
-            self.in_flight += 1;
-            self.stats.dispatched += 1;
-            return Some((key.to_string(), value));
         }
         None
+    }
+
+    /// [`ApplyQueue::next_write_at`] at the latest time the queue was given.
+    pub fn next_write(&mut self) -> Option<(String, Value)> {
+        self.next_write_at(self.q.clock)
     }
 
     /// The write to `target` finished. On success the sink now holds the value; on failure
     /// what it holds is unknown. Returns whether a write to `target` was in flight.
     pub fn complete(&mut self, target: &str, ok: bool) -> bool {
-        let Some(slot) = self.slots.get_mut(target) else {
-            return false;
-        };
-        let Some(v) = slot.flight.take() else {
-            return false;
-        };
-        self.in_flight -= 1;
-        self.completions += 1;
-        slot.done_at = self.completions;
-        if ok {
-            self.stats.confirmed += 1;
-            slot.held = Some(v);
-        } else {
-            self.stats.failed += 1;
-            slot.held = None;
+        if let Some(slot) = self.devices.get_mut(target)
+            && complete_in(slot, &mut self.q, ok)
+        {
+            return true;
         }
-        true
+        match self.others.get_mut(target) {
+            Some(slot) => complete_in(slot, &mut self.q, ok),
+            None => false,
+        }
+    }
+
+    /// Whether an event saying `target` now holds `value` is the echo of one of our writes
+    /// (see the module docs). On a match, expectations of writes older than the matched one
+    /// are dropped (Asterisk reports writes in order); the matched one stays, so a repeated
+    /// event is recognised too. An event with any other value is a real change: every
+    /// expectation of the target is dropped. Never creates a slot.
+    pub fn is_echo(&mut self, target: &str, value: &Value, now: Millis) -> bool {
+        self.tick_clock(now);
+        let max_age = self.q.config.echo_max_age_ms;
+        let echo = match value {
+            Value::Device(_) => self
+                .devices
+                .get_mut(target)
+                .is_some_and(|s| s.is_echo(value, now, max_age)),
+            Value::Presence(_) => self
+                .others
+                .get_mut(target)
+                .is_some_and(|s| s.is_echo(value, now, max_age)),
+        };
+        if echo {
+            self.q.stats.echoes += 1;
+        }
+        echo
+    }
+
+    /// Drops every echo expectation (the sink restarted: events of writes to the old one
+    /// will not come).
+    pub fn forget_echoes(&mut self) {
+        for s in self.devices.values_mut() {
+            s.echo = [None; ECHO_VALUES];
+        }
+        for s in self.others.values_mut() {
+            s.echo = std::array::from_fn(|_| None);
+        }
     }
 
     /// The sink reported by a live event (not the echo of a write of ours) that `target`
@@ -304,19 +547,21 @@ impl ApplyQueue {
     /// event may be older than that write); otherwise recorded, and when the wanted value is
     /// another one, that is queued again (see the module docs on repairs).
     pub fn note_held(&mut self, target: &str, value: &Value) {
-        let slot = self.slot_mut(target);
-        if slot.flight.is_some() || slot.pending {
-            self.stats.stale_observations += 1;
-            return;
+        self.observe(target, value, Seen::Live);
+    }
+
+    fn observe(&mut self, target: &str, value: &Value, seen: Seen) {
+        match value {
+            Value::Device(_) => observe_in(&mut self.devices, &mut self.q, target, value, seen),
+            Value::Presence(_) => observe_in(&mut self.others, &mut self.q, target, value, seen),
         }
-        self.observed(target, value);
     }
 
     /// Marks the write generation at which a listing of the sink is asked: items of that
     /// listing ([`ApplyQueue::note_listed`]) are not believed for targets whose write
     /// completed later. Call when the listing action is sent.
     pub fn listing_requested(&mut self) {
-        self.listing_mark = Some(self.completions);
+        self.q.listing_mark = Some(self.q.completions);
     }
 
     /// A listing (asked at the last [`ApplyQueue::listing_requested`], or now if none is
@@ -325,8 +570,13 @@ impl ApplyQueue {
     /// targets missing from the listing are written again. Follow with
     /// [`ApplyQueue::note_listed`] per item and [`ApplyQueue::listing_done`].
     pub fn listing_begins(&mut self) {
-        let mark = self.listing_mark.unwrap_or(self.completions);
-        for slot in self.slots.values_mut() {
+        let mark = self.q.listing_mark.unwrap_or(self.q.completions);
+        for slot in self.devices.values_mut() {
+            if slot.flight.is_none() && slot.done_at <= mark {
+                slot.held = None;
+            }
+        }
+        for slot in self.others.values_mut() {
             if slot.flight.is_none() && slot.done_at <= mark {
                 slot.held = None;
             }
@@ -337,84 +587,69 @@ impl ApplyQueue {
     /// `target` is in flight or completed after the listing was asked; a believed value
     /// other than the wanted one queues the wanted one again.
     pub fn note_listed(&mut self, target: &str, value: &Value) {
-        let mark = self.listing_mark.unwrap_or(self.completions);
-        let slot = self.slot_mut(target);
-        if slot.flight.is_some() || slot.done_at > mark {
-            self.stats.stale_observations += 1;
-            return;
-        }
-        self.observed(target, value);
+        let mark = self.q.listing_mark.unwrap_or(self.q.completions);
+        self.observe(target, value, Seen::Listed { mark });
     }
 
     /// The listing is processed: the mark is dropped.
     pub fn listing_done(&mut self) {
-        self.listing_mark = None;
-    }
-
-    /// A believed observation of `key` (no write in flight).
-    fn observed(&mut self, target: &str, value: &Value) {
-        let Some(slot) = self.slots.get_mut(target) else {
-            return;
-        };
-        if !slot.holds(value) {
-            slot.held = Some(Val::of(value));
-        }
-        // Only devices are repaired: a `Custom:` device is ours to write, whereas a presence
-        // set locally is a user's change that the federation decides about.
-        let differs =
-            matches!(value, Value::Device(_)) && slot.want.as_ref().is_some_and(|w| !w.is(value));
-        if differs && !slot.pending && slot.repairs < MAX_REPAIRS {
-            slot.repairs += 1;
-            slot.pending = true;
-            self.stats.repaired += 1;
-            self.enqueue(target);
-        }
+        self.q.listing_mark = None;
     }
 
     /// Forgets what the sink holds (it restarted or reconnected: write everything again).
     pub fn forget_held(&mut self) {
-        for slot in self.slots.values_mut() {
+        for slot in self.devices.values_mut() {
+            slot.held = None;
+        }
+        for slot in self.others.values_mut() {
             slot.held = None;
         }
     }
 
-    /// Drops everything: pending, in flight and held (the sink connection is gone).
+    /// Drops everything: pending, in flight, held and expected echoes (the sink connection
+    /// is gone).
     pub fn clear(&mut self) {
-        self.slots.clear();
-        self.order.clear();
-        self.pending = 0;
-        self.in_flight = 0;
-        self.listing_mark = None;
+        self.devices.clear();
+        self.others.clear();
+        self.q.order.clear();
+        self.q.pending = 0;
+        self.q.in_flight = 0;
+        self.q.listing_mark = None;
     }
 
     /// What the sink is known to hold for `target`.
     pub fn held(&self, target: &str) -> Option<&Value> {
-        self.slots.get(target)?.held.as_ref().map(Val::get)
+        if let Some(s) = self.devices.get(target)
+            && let Some(h) = &s.held
+        {
+            return Some(h.get());
+        }
+        self.others.get(target)?.held.as_ref().map(Stored::get)
     }
 
     /// Number of targets waiting.
     pub fn pending_len(&self) -> usize {
-        self.pending
+        self.q.pending
     }
 
     /// Number of writes outstanding.
     pub fn in_flight_len(&self) -> usize {
-        self.in_flight
+        self.q.in_flight
     }
 
     /// Number of targets the queue knows (written, wanted or observed).
     pub fn targets_len(&self) -> usize {
-        self.slots.len()
+        self.devices.len() + self.others.len()
     }
 
     /// Returns and clears the overflow flag.
     pub fn take_overflow(&mut self) -> bool {
-        std::mem::take(&mut self.overflowed)
+        std::mem::take(&mut self.q.overflowed)
     }
 
     /// The counters.
     pub fn stats(&self) -> &ApplyStats {
-        &self.stats
+        &self.q.stats
     }
 }
 
@@ -431,6 +666,7 @@ mod tests {
         ApplyQueue::new(ApplyConfig {
             max_keys,
             in_flight,
+            ..ApplyConfig::default()
         })
     }
 
@@ -681,6 +917,122 @@ mod tests {
         assert_eq!(a.held("CustomPresence:alice"), Some(&p));
         assert_eq!(a.push("CustomPresence:alice".into(), p), Push::Skipped);
         assert_eq!(a.targets_len(), 1);
+    }
+
+    #[test]
+    fn echoes_of_our_writes_are_recognised_even_repeated_and_late() {
+        let mut a = q(10, 4);
+        a.push("x".into(), d(Ringing));
+        let (t, _) = a.next_write_at(Millis(10)).unwrap();
+        assert!(
+            a.is_echo("x", &d(Ringing), Millis(11)),
+            "echo before the answer"
+        );
+        assert!(
+            a.is_echo("x", &d(Ringing), Millis(12)),
+            "Asterisk repeats events"
+        );
+        assert!(!a.is_echo("y", &d(Ringing), Millis(12)), "no write to y");
+        assert_eq!(a.targets_len(), 1, "asking about an echo creates no slot");
+        a.complete(&t, true);
+        // The next write goes out before the first one's echo was read (events and answers
+        // travel apart): both are expected, in order.
+        a.push("x".into(), d(Inuse));
+        a.next_write_at(Millis(20)).unwrap();
+        assert!(
+            a.is_echo("x", &d(Ringing), Millis(21)),
+            "late echo of the first write"
+        );
+        assert!(a.is_echo("x", &d(Inuse), Millis(22)));
+        assert!(
+            !a.is_echo("x", &d(Ringing), Millis(23)),
+            "superseded by the newer echo"
+        );
+        assert_eq!(a.stats().echoes, 4);
+    }
+
+    #[test]
+    fn a_different_value_is_a_real_change_and_drops_the_expectations() {
+        let mut a = q(10, 4);
+        a.push("x".into(), d(Inuse));
+        let (t, _) = a.next_write_at(Millis(0)).unwrap();
+        a.complete(&t, true);
+        assert!(!a.is_echo("x", &d(Busy), Millis(1)));
+        assert!(
+            !a.is_echo("x", &d(Inuse), Millis(2)),
+            "expectation gone after a real change"
+        );
+    }
+
+    #[test]
+    fn echo_expectations_are_bounded_per_target_and_in_age() {
+        let mut a = q(10, 4);
+        for (i, s) in [Ringing, Inuse, Busy].into_iter().enumerate() {
+            a.push("x".into(), d(s));
+            let (t, _) = a.next_write_at(Millis(i as u64)).unwrap();
+            a.complete(&t, true);
+        }
+        assert!(
+            !a.is_echo("x", &d(Ringing), Millis(3)),
+            "only the last ECHO_VALUES writes are expected"
+        );
+        for (i, s) in [Ringing, Inuse, Busy].into_iter().enumerate() {
+            a.push("y".into(), d(s));
+            let (t, _) = a.next_write_at(Millis(i as u64)).unwrap();
+            a.complete(&t, true);
+        }
+        assert!(a.is_echo("y", &d(Inuse), Millis(3)));
+        assert!(a.is_echo("y", &d(Busy), Millis(3)));
+        let age = ApplyConfig::default().echo_max_age_ms;
+        assert!(a.is_echo("y", &d(Busy), Millis(2 + age)));
+        assert!(
+            !a.is_echo("y", &d(Busy), Millis(3 + age)),
+            "too long after the last write"
+        );
+        // A restarted sink: nothing of the old one echoes.
+        a.push("z".into(), d(Busy));
+        a.next_write_at(Millis(5)).unwrap();
+        a.forget_echoes();
+        assert!(!a.is_echo("z", &d(Busy), Millis(6)));
+        // Rewriting the value already expected keeps one expectation of it, first.
+        a.push("w".into(), d(Inuse));
+        let (t, _) = a.next_write_at(Millis(7)).unwrap();
+        a.complete(&t, true);
+        a.push("w".into(), d(Busy));
+        let (t, _) = a.next_write_at(Millis(7)).unwrap();
+        a.complete(&t, false);
+        a.push("w".into(), d(Inuse));
+        a.next_write_at(Millis(8)).unwrap();
+        assert!(a.is_echo("w", &d(Busy), Millis(9)), "still expected");
+        assert!(a.is_echo("w", &d(Inuse), Millis(9)), "newest");
+        assert!(!a.is_echo("w", &d(Busy), Millis(9)), "older than the match");
+    }
+
+    #[test]
+    fn presence_echoes_are_recognised_by_value() {
+        use crate::state::{Presence, PresenceStatus};
+        let p = |m: &str| {
+            Value::Presence(Presence {
+                status: PresenceStatus::Away,
+                subtype: String::new(),
+                message: m.into(),
+            })
+        };
+        let mut a = q(10, 4);
+        a.push("CustomPresence:a".into(), p("one"));
+        a.next_write_at(Millis(0)).unwrap();
+        assert!(
+            !a.is_echo("CustomPresence:a", &d(Inuse), Millis(1)),
+            "other kind"
+        );
+        assert!(a.is_echo("CustomPresence:a", &p("one"), Millis(1)));
+        assert!(!a.is_echo("CustomPresence:a", &p("two"), Millis(1)));
+    }
+
+    #[test]
+    fn a_device_slot_is_small() {
+        // The many targets are devices: values as one-byte states, no per-slot allocation.
+        assert!(std::mem::size_of::<Slot<DeviceState>>() <= 24);
     }
 
     #[test]

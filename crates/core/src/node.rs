@@ -6,7 +6,7 @@
 //!
 //! Rules it enforces:
 //! - never applies its own origin's updates (the aggregate excludes itself);
-//! - swallows the echo of its own `Setvar` writes ([`EchoSuppressor`]) and never republishes
+//! - swallows the echo of its own `Setvar` writes ([`ApplyQueue::is_echo`]) and never republishes
 //!   a value equal to the last one sent ([`ChangeSuppressor`]);
 //! - a gap in an origin's stream (open longer than `gap_grace_ms`) requests a snapshot;
 //!   snapshot entries merge by version, so updates arriving before, during or after the
@@ -50,7 +50,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::apply::{ApplyConfig, ApplyQueue};
-use crate::echo::{ChangeSuppressor, EchoConfig, EchoSuppressor};
+use crate::echo::{ChangeSuppressor, EchoConfig};
 use crate::envelope::{Body, Envelope, OriginSummary, Role, SnapshotEntry, Update};
 use crate::hlc::{Hlc, HlcTimestamp};
 use crate::liveness::Origins;
@@ -87,7 +87,9 @@ pub struct NodeConfig {
     pub snapshots: bool,
     /// Apply queue bounds.
     pub apply: ApplyConfig,
-    /// Echo suppression bounds.
+    /// Echo suppression bounds: only `max_age_ms` applies (it overrides
+    /// `apply.echo_max_age_ms`); the expectations live in the apply queue's slots, bounded
+    /// by its targets and [`crate::apply::ECHO_VALUES`] per target.
     pub echo: EchoConfig,
 }
 
@@ -267,7 +269,6 @@ pub struct Node {
     hlc: Hlc,
     replica: Replica,
     apply: ApplyQueue,
-    echo: EchoSuppressor,
     sent: ChangeSuppressor,
     actions: VecDeque<Action>,
     local_down: bool,
@@ -297,8 +298,11 @@ impl Node {
     pub fn new(config: NodeConfig, epoch: Epoch, now: Millis) -> Self {
         let mut n = Node {
             replica: Replica::new(config.origin_timeout_ms),
-            apply: ApplyQueue::new(config.apply.clone()),
-            echo: EchoSuppressor::new(config.echo.clone()),
+            // Echo expectations live in the apply slots (one map per target, not two).
+            apply: ApplyQueue::new(ApplyConfig {
+                echo_max_age_ms: config.echo.max_age_ms,
+                ..config.apply.clone()
+            }),
             cfg: config,
             epoch,
             seq: 0,
@@ -420,7 +424,7 @@ impl Node {
             self.stats.ignored_while_down += 1;
             return;
         }
-        if self.echo.is_echo(&event.key, &event.value, now) {
+        if self.apply.is_echo(&event.key, &event.value, now) {
             // The write's own confirmation already recorded what Asterisk holds; an echo read
             // late (events and action responses travel apart) may be of an earlier write and
             // must not overwrite it.
@@ -511,7 +515,6 @@ impl Node {
             },
         );
         self.apply.clear();
-        self.echo.clear();
     }
 
     /// The connection to the local Asterisk is back (before its full sync): starts a new
@@ -532,7 +535,7 @@ impl Node {
     /// devices whose name holds `/` do not survive a restart). Follow with a full sync.
     pub fn on_local_restarted(&mut self, now: Millis) {
         self.bump_epoch(now);
-        self.echo.clear();
+        self.apply.forget_echoes();
         self.apply.forget_held();
         self.reapply_all();
         self.pump(now);
@@ -673,7 +676,6 @@ impl Node {
             }
             self.republish_due = None;
         }
-        self.echo.expire(now);
         if self.apply.take_overflow() && self.apply.pending_len() == 0 {
             self.reapply_all();
         }
@@ -1021,8 +1023,7 @@ impl Node {
         if self.local_down {
             return;
         }
-        while let Some((target, value)) = self.apply.next_write() {
-            self.echo.expect(&target, &value, now);
+        while let Some((target, value)) = self.apply.next_write_at(now) {
             self.actions
                 .push_back(Action::Apply(ApplyCmd { target, value }));
         }
