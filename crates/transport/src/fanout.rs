@@ -32,11 +32,11 @@ use crate::link::{Frames, Limits, LinkStats};
 /// Messages queued per subscriber before the newest are dropped for it.
 pub(crate) const SUBSCRIBER_QUEUE: usize = 100_000;
 /// Largest ZMTP command body accepted from a subscriber.
-const MAX_COMMAND: usize = 64 * 1024;
+pub(crate) const MAX_COMMAND: usize = 64 * 1024;
 /// A peer must complete the greeting and READY exchange within this.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes gathered before one write to a subscriber.
-const WRITE_BATCH: usize = 64 * 1024;
+pub(crate) const WRITE_BATCH: usize = 64 * 1024;
 /// Most subscriptions one peer may hold.
 const MAX_SUBSCRIPTIONS: usize = 1024;
 
@@ -212,7 +212,7 @@ async fn accept_loop(
 }
 
 /// Our greeting: ZMTP 3.0, NULL mechanism, as-server.
-fn greeting() -> [u8; 64] {
+pub(crate) fn greeting() -> [u8; 64] {
     let mut g = [0u8; 64];
     g[0] = 0xff;
     g[9] = 0x7f;
@@ -223,7 +223,7 @@ fn greeting() -> [u8; 64] {
     g
 }
 
-fn command(name: &[u8], body: &[u8]) -> Vec<u8> {
+pub(crate) fn command(name: &[u8], body: &[u8]) -> Vec<u8> {
     let len = 1 + name.len() + body.len();
     let mut out = Vec::with_capacity(len + 9);
     match u8::try_from(len) {
@@ -248,38 +248,39 @@ fn ready() -> Vec<u8> {
     command(b"READY", &props)
 }
 
-/// One frame read from a subscriber.
-struct Frame {
-    command: bool,
-    more: bool,
-    body: Bytes,
+/// One frame read from a peer.
+pub(crate) struct Frame {
+    pub(crate) command: bool,
+    pub(crate) more: bool,
+    pub(crate) body: Bytes,
 }
 
-/// Why a subscriber connection ends.
-enum End {
+/// Why a peer connection ends.
+pub(crate) enum End {
     Closed,
     Oversize,
 }
 
-/// Incremental reader of a subscriber's frames with the size limits checked on the header.
-struct Reader {
-    read: OwnedReadHalf,
-    buf: BytesMut,
-    limits: Limits,
+/// Incremental reader of a peer's frames with the size limits checked on the header.
+pub(crate) struct Reader {
+    pub(crate) read: OwnedReadHalf,
+    pub(crate) buf: BytesMut,
+    pub(crate) limits: Limits,
 }
 
 impl Reader {
     /// The next complete frame, reading as needed.
-    async fn frame(&mut self) -> Result<Frame, End> {
+    pub(crate) async fn frame(&mut self) -> Result<Frame, End> {
         loop {
-            if let Some(f) = self.parse()? {
+            if let Some(f) = self.parse(self.limits.max_message_bytes)? {
                 return Ok(f);
             }
             self.fill().await?;
         }
     }
 
-    async fn fill(&mut self) -> Result<(), End> {
+    /// Reads more bytes (at least 4 KiB of room); cancel-safe.
+    pub(crate) async fn fill(&mut self) -> Result<(), End> {
         self.buf.reserve(4096);
         match self.read.read_buf(&mut self.buf).await {
             Ok(0) | Err(_) => Err(End::Closed),
@@ -287,7 +288,9 @@ impl Reader {
         }
     }
 
-    fn parse(&mut self) -> Result<Option<Frame>, End> {
+    /// The next frame if it is buffered whole; a message frame announcing more than
+    /// `max_data` bytes (a command more than [`MAX_COMMAND`]) is refused on its header.
+    pub(crate) fn parse(&mut self, max_data: usize) -> Result<Option<Frame>, End> {
         let Some(&flags) = self.buf.first() else {
             return Ok(None);
         };
@@ -304,11 +307,7 @@ impl Reader {
             u64::from(self.buf[1])
         };
         let command = flags & 0x04 != 0;
-        let max = if command {
-            MAX_COMMAND
-        } else {
-            self.limits.max_message_bytes
-        };
+        let max = if command { MAX_COMMAND } else { max_data };
         if len > max as u64 {
             return Err(End::Oversize);
         }

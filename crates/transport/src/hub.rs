@@ -18,19 +18,17 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use zeromq::{
-    DealerSocket, RouterRecvHalf, RouterSendHalf, RouterSocket, Socket, SocketRecv, SocketSend,
-    SubSocket, ZmqError,
-};
+use zeromq::{DealerSocket, SocketRecv, SocketSend, SubSocket, ZmqError};
 
 use crate::error::{SendError, TransportError};
 use crate::fanout::Fanout;
-use crate::guard::{self, Guard};
+use crate::guard;
 use crate::link::{
     Backoff, BackoffConfig, CancelOnDrop, DEFAULT_MAX_CONNECTIONS, Frames, Limits, LinkStats,
     LinkStatus, Shared, StatsSnapshot, connect_socket, connect_sub, is_disconnect,
     parse_tcp_endpoint, sleep_or_cancel, tcp_endpoint, to_message,
 };
+use crate::router::Router;
 
 /// One-frame liveness request a [`HubLink`] sends on its DEALER.
 pub const PING: &[u8] = b"\x00hintfed-ping";
@@ -445,13 +443,14 @@ pub struct HubBindConfig {
     pub pub_endpoint: Option<String>,
     /// Transport heartbeat period on the PUB (default 1 s; `None` disables it).
     pub heartbeat_interval: Option<Duration>,
-    /// A reply that cannot be queued to its peer within this is dropped (default 1 s).
+    /// A peer connection whose replies make no write progress within this is closed (default
+    /// 1 s).
     pub send_timeout: Duration,
     /// Size limits for received messages.
     pub limits: Limits,
     /// Capacity of the inbound channel (default 8192).
     pub inbound_capacity: usize,
-    /// Capacity of the outbound queue (default 8192).
+    /// Capacity of each peer's reply queue (default 8192); replies beyond it are dropped.
     pub outbound_capacity: usize,
     /// Simultaneous peer connections per socket; more are refused and counted (default 4096).
     pub max_connections: usize,
@@ -483,7 +482,6 @@ pub struct RouterMessage {
 }
 
 enum BindCmd {
-    Reply(Bytes, Frames),
     Shutdown(oneshot::Sender<()>),
 }
 
@@ -493,28 +491,34 @@ fn lock_fanout(f: &std::sync::Mutex<Fanout>) -> std::sync::MutexGuard<'_, Fanout
     f.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Server-side hub sockets: ROUTER bound on P, PUB bound on P+1, owned by one task.
+/// Server-side hub sockets: ROUTER bound on P, PUB bound on P+1, both speaking ZMTP directly
+/// (private modules `router` and `fanout`), with one task for heartbeats and shutdown.
 ///
 /// Cheap to clone; the task stops (and releases both ports) on [`HubBind::shutdown`] or when
 /// the last clone is dropped.
 ///
 /// Channel policies:
-/// - replies ([`HubBind::reply`]): one bounded queue (`outbound_capacity`) to the socket
-///   task; callers wait for space (backpressure on the server). A reply to an identity that is
-///   gone, or whose peer queue stays full past `send_timeout`, is dropped and counted.
+/// - replies ([`HubBind::reply`]): queued from the caller's task to the peer's own bounded
+///   queue (`outbound_capacity` messages), written by that connection's writer task. Never
+///   waits: a reply to an identity that is gone or whose queue is full is dropped and counted
+///   (`dropped_outbound`); a connection whose writes make no progress for `send_timeout` is
+///   closed (`send_timeouts`).
 /// - publications ([`HubBind::publish`], [`HubBind::publish_batch`]): encoded once (ZMTP spoken
 ///   directly) and queued to every subscriber from the caller's task, without a hop through the
 ///   socket task; a batch is one shared queue entry per subscriber. A subscriber whose queue
 ///   of 100 000 messages has no room drops the newest, counted as `dropped_outbound`; the
 ///   others are not held back. Never waits.
-/// - inbound ([`RouterMessage`]): bounded (`inbound_capacity`) with backpressure: when the
-///   channel is full the ROUTER is not read until the application takes a message, so ZeroMQ
-///   and TCP hold back the senders; nothing is dropped for overload. [`PING`] messages are
-///   answered by the receiving task and never delivered (they wait behind queued data, which
-///   the application drains well within a link's silence timeout).
+/// - inbound ([`RouterMessage`]): each peer connection's reader task hands whole messages
+///   to one bounded channel (`inbound_capacity`) with backpressure: when it is full that peer
+///   is not read until the application takes a message, so TCP holds back the sender; nothing
+///   is dropped for overload. [`PING`] messages are answered by the peer's own tasks and never
+///   delivered (a peer held back by a full channel is answered once it is read again, well
+///   within a link's silence timeout).
 #[derive(Debug, Clone)]
 pub struct HubBind {
     tx: mpsc::Sender<BindCmd>,
+    /// The ROUTER side: replies are queued to the peer's writer from the caller's task.
+    router: Arc<Router>,
     /// The PUB side, shared with the socket task (heartbeats, shutdown): publications are
     /// encoded and queued to the subscribers from the caller's task, one task hop less.
     fanout: Arc<std::sync::Mutex<Fanout>>,
@@ -540,21 +544,18 @@ impl HubBind {
             return Err(TransportError::Config("channel capacities must be > 0"));
         }
         let (shared, status_tx) = Shared::new();
-        let bound = bind_pair(&config, &shared.stats).await?;
-        let (router_ep, pub_ep) = (bound.router_endpoint, bound.pub_endpoint);
-        let router = bound.router;
-        let (tx, rx) = mpsc::channel(config.outbound_capacity);
         let (in_tx, in_rx) = mpsc::channel(config.inbound_capacity);
+        let bound = bind_pair(&config, &shared.stats, in_tx).await?;
+        let (router_ep, pub_ep) = (bound.router_endpoint, bound.pub_endpoint);
+        let router = Arc::new(bound.router);
+        let (tx, rx) = mpsc::channel(1);
         status_tx.send_replace(LinkStatus::Connected);
         let cancel = CancellationToken::new();
         let fanout = Arc::new(std::sync::Mutex::new(bound.fanout));
         let task = BindTask {
-            router,
+            router: router.clone(),
             fanout: fanout.clone(),
-            guard: bound.guard,
             rx,
-            inbound: in_tx,
-            stats: shared.stats.clone(),
             cancel: cancel.clone(),
             config,
         };
@@ -566,6 +567,7 @@ impl HubBind {
         Ok((
             Self {
                 tx,
+                router,
                 fanout,
                 shared,
                 router_endpoint: router_ep.into(),
@@ -576,15 +578,16 @@ impl HubBind {
         ))
     }
 
-    /// Queues a reply to the peer `identity` (waits for queue space).
+    /// Queues a reply to the peer `identity` (never waits; see the type's channel policy).
     pub async fn reply(&self, identity: Bytes, frames: Frames) -> Result<(), SendError> {
         if frames.is_empty() {
             return Err(SendError::Empty);
         }
-        self.tx
-            .send(BindCmd::Reply(identity, frames))
-            .await
-            .map_err(|_| SendError::Closed)
+        if self.tx.is_closed() {
+            return Err(SendError::Closed);
+        }
+        self.router.reply(&identity, frames);
+        Ok(())
     }
 
     /// Queues a message for the PUB (first frame = topic; waits for queue space).
@@ -645,9 +648,8 @@ impl HubBind {
 }
 
 struct Bound {
-    router: RouterSocket,
+    router: Router,
     fanout: Fanout,
-    guard: Guard,
     router_endpoint: String,
     pub_endpoint: String,
 }
@@ -655,6 +657,7 @@ struct Bound {
 async fn bind_pair(
     config: &HubBindConfig,
     stats: &Arc<LinkStats>,
+    inbound: mpsc::Sender<RouterMessage>,
 ) -> Result<Bound, TransportError> {
     let (host, port) = parse_tcp_endpoint(&config.endpoint)?;
     let (router_listener, pub_listener, pub_host) = match &config.pub_endpoint {
@@ -693,16 +696,23 @@ async fn bind_pair(
             (l1, l2, host.clone())
         }
     };
-    let mut router = RouterSocket::new();
-    let (g1, router_endpoint) = guard::guard_socket(
-        &mut router,
+    let router_port = router_listener
+        .local_addr()
+        .map_err(|e| guard::bind_error(&config.endpoint, e))?
+        .port();
+    let router_endpoint = tcp_endpoint(
+        host.trim_start_matches('[').trim_end_matches(']'),
+        router_port,
+    );
+    let router = Router::start(
         router_listener,
-        &host,
         config.limits,
         config.max_connections,
+        config.send_timeout,
+        config.outbound_capacity,
         stats.clone(),
-    )
-    .await?;
+        inbound,
+    );
     let pub_port = pub_listener
         .local_addr()
         .map_err(|e| guard::bind_error(&config.endpoint, e))?
@@ -720,19 +730,15 @@ async fn bind_pair(
     Ok(Bound {
         router,
         fanout,
-        guard: g1,
         router_endpoint,
         pub_endpoint,
     })
 }
 
 struct BindTask {
-    router: RouterSocket,
+    router: Arc<Router>,
     fanout: Arc<std::sync::Mutex<Fanout>>,
-    guard: Guard,
     rx: mpsc::Receiver<BindCmd>,
-    inbound: mpsc::Sender<RouterMessage>,
-    stats: Arc<LinkStats>,
     cancel: CancellationToken,
     config: HubBindConfig,
 }
@@ -742,32 +748,10 @@ impl BindTask {
         let BindTask {
             router,
             fanout,
-            guard,
             mut rx,
-            inbound,
-            stats,
             cancel,
             config,
         } = self;
-        let (send_half, recv_half) = router.split();
-        // The ROUTER is read by its own task so that a full inbound channel stops the reading
-        // (backpressure) without stopping replies and publications here.
-        let receiver = tokio::spawn(
-            RouterReceiver {
-                recv: recv_half,
-                send: send_half.clone(),
-                inbound,
-                stats: stats.clone(),
-                limits: config.limits,
-                send_timeout: config.send_timeout,
-            }
-            .run(),
-        );
-        let mut sender = RouterSender {
-            send: send_half,
-            stats: stats.clone(),
-            send_timeout: config.send_timeout,
-        };
         let period = config
             .heartbeat_interval
             .unwrap_or(Duration::from_secs(3600));
@@ -780,103 +764,24 @@ impl BindTask {
                 cmd = rx.recv() => match cmd {
                     None => break,
                     Some(BindCmd::Shutdown(tx)) => { ack = Some(tx); break; }
-                    Some(BindCmd::Reply(identity, frames)) => sender.reply(identity, frames).await,
                 },
                 _ = heartbeat.tick(), if config.heartbeat_interval.is_some() => {
                     lock_fanout(&fanout).publish(&vec![Bytes::from_static(HEARTBEAT_TOPIC.as_bytes())]);
                 }
             }
         }
-        receiver.abort();
-        let _ = receiver.await;
-        guard.shutdown().await;
-        // Close the receive side first so that publishers see `Closed` from now on.
+        // Close the receive side first so that repliers and publishers see `Closed` from now
+        // on.
         rx.close();
+        if let Some(task) = router.close() {
+            let _ = task.await;
+        }
         let listener = lock_fanout(&fanout).close();
         if let Some(task) = listener {
             let _ = task.await;
         }
-        drop(sender);
         if let Some(tx) = ack {
             let _ = tx.send(());
-        }
-    }
-}
-
-/// Reads the ROUTER: answers pings, checks limits, and hands messages to the application,
-/// waiting while its channel is full.
-struct RouterReceiver {
-    recv: RouterRecvHalf,
-    send: RouterSendHalf,
-    inbound: mpsc::Sender<RouterMessage>,
-    stats: Arc<LinkStats>,
-    limits: Limits,
-    send_timeout: Duration,
-}
-
-impl RouterReceiver {
-    async fn run(mut self) {
-        let mut pong = RouterSender {
-            send: self.send.clone(),
-            stats: self.stats.clone(),
-            send_timeout: self.send_timeout,
-        };
-        loop {
-            let frames = match self.recv.recv().await {
-                Ok(msg) => msg.into_vec(),
-                Err(error) => {
-                    tracing::debug!(%error, "router receive error");
-                    // NoMessage: no peer stream is left; wait for one instead of spinning.
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                    continue;
-                }
-            };
-            let mut frames = frames.into_iter();
-            let Some(identity) = frames.next() else {
-                continue;
-            };
-            let frames: Frames = frames.collect();
-            if frames.len() == 1 && frames[0] == PING {
-                pong.reply(identity, vec![Bytes::from_static(PONG)]).await;
-                continue;
-            }
-            if frames.is_empty() || !self.limits.accepts(&frames) {
-                self.stats.dropped_oversize();
-                continue;
-            }
-            self.stats.messages_in();
-            // Backpressure: wait for room rather than drop.
-            if self
-                .inbound
-                .send(RouterMessage { identity, frames })
-                .await
-                .is_err()
-            {
-                return;
-            }
-        }
-    }
-}
-
-struct RouterSender {
-    send: RouterSendHalf,
-    stats: Arc<LinkStats>,
-    send_timeout: Duration,
-}
-
-impl RouterSender {
-    async fn reply(&mut self, identity: Bytes, mut frames: Frames) {
-        frames.insert(0, identity);
-        let Some(msg) = to_message(frames) else {
-            return;
-        };
-        match tokio::time::timeout(self.send_timeout, self.send.send(msg)).await {
-            Ok(Ok(())) => self.stats.messages_out(),
-            Ok(Err(_)) => self.stats.dropped_outbound(),
-            Err(_) => {
-                self.stats.send_timeouts();
-                self.stats.dropped_outbound();
-            }
         }
     }
 }

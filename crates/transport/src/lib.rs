@@ -19,9 +19,13 @@
 //!   `rdkafka`). Implements [`FederationTransport`] and uses `hintfed-core` to verify records
 //!   and answer snapshots.
 //! - [`error`]: [`TransportError`], [`SendError`], [`RequestError`].
-//! - `guard` (private): the ZMTP size guard in front of the bound zeromq sockets.
+//! - `guard` (private): the ZMTP size guard in front of the bound zeromq sockets (the legacy
+//!   PULL and PUB), and the bounded accept loop every listener shares.
 //! - `fanout` (private): the hub's PUB, ZMTP 3.0 spoken directly (encode once, queue the
 //!   same bytes to every subscriber), with the same limits as the guard.
+//! - `router` (private): the hub's ROUTER, ZMTP 3.0 spoken directly (each peer's reader hands
+//!   whole messages to the application's channel, a writer per peer takes its replies), with
+//!   the same limits as the guard and a handshake deadline.
 //!
 //! Each supervisor is one Tokio task that owns its sockets; the public handles are cheap
 //! clones talking to it over bounded channels (each type documents its full/closed policy),
@@ -45,12 +49,14 @@
 //! within the 2 s requirement. Oversize incoming messages are dropped and counted (see
 //! [`Limits`]). Because the crate reserves memory for whatever frame length a peer announces
 //! (a single TCP client announcing a 1 TiB frame aborts the process — verified), every *bound*
-//! socket ([`HubBind`], [`PullBind`], [`PubBind`]) listens through a ZMTP-aware TCP guard that
+//! zeromq socket ([`PullBind`], [`PubBind`]) listens through a ZMTP-aware TCP guard that
 //! forwards to the real socket on loopback and closes any connection announcing an oversize
 //! frame or message before it is buffered; it also caps simultaneous connections. The hub's
-//! PUB ([`HubBind`], port P+1) is not a zeromq socket at all: the private `fanout` module speaks
-//! ZMTP 3.0 on the listener itself with the same limits and connection cap (the proxy's byte
-//! copies and the crate's per-subscriber re-encoding cost more than half of the hub's CPU). Connecting
+//! sockets ([`HubBind`]: ROUTER on P, PUB on P+1) are not zeromq sockets at all: the private
+//! `router` and `fanout` modules speak ZMTP 3.0 (NULL mechanism, as the crate) on the
+//! listeners themselves with the same limits and connection cap (the proxy's byte copies, its
+//! loopback hop and the crate's per-subscriber re-encoding cost more than half of the hub's
+//! CPU and several task wake-ups per message). Connecting
 //! sockets ([`HubLink`], [`ReqClient`], [`SubClient`]) trust their peer (our hub, the local
 //! Asterisk). Confidentiality/authentication is left to the envelope HMAC (no CURVE).
 //!
@@ -85,6 +91,7 @@ pub mod legacy;
 pub mod link;
 pub mod multi;
 pub mod req;
+mod router;
 pub mod sub;
 
 pub use error::{RequestError, SendError, TransportError};

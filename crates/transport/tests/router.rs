@@ -1,0 +1,246 @@
+//! The hub's ROUTER (ZMTP spoken directly) against raw ZMTP peers: routing identities chosen
+//! by a peer are kept unless another live connection holds them (a peer cannot take over
+//! another's replies), ZMTP PING commands are answered, peers of an incompatible socket type
+//! are refused, and limits on frames per message hold.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use hintfed_testkit::zmtp;
+use hintfed_transport::{HubBind, HubBindConfig, RouterMessage};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+const SETUP: Duration = Duration::from_secs(5);
+
+/// A READY command announcing `socket_type`, with an `Identity` property when given.
+fn ready(socket_type: &str, identity: Option<&[u8]>) -> Vec<u8> {
+    let mut body = b"\x05READY".to_vec();
+    let mut prop = |name: &[u8], value: &[u8]| {
+        body.push(u8::try_from(name.len()).expect("short"));
+        body.extend(name);
+        body.extend(u32::try_from(value.len()).expect("short").to_be_bytes());
+        body.extend(value);
+    };
+    prop(b"Socket-Type", socket_type.as_bytes());
+    if let Some(id) = identity {
+        prop(b"Identity", id);
+    }
+    let mut frame = vec![0x04, u8::try_from(body.len()).expect("short command")];
+    frame.extend(body);
+    frame
+}
+
+/// One message of short frames.
+fn message(frames: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, f) in frames.iter().enumerate() {
+        let more = if i + 1 < frames.len() { 1 } else { 0 };
+        out.extend([more, u8::try_from(f.len()).expect("short frame")]);
+        out.extend(*f);
+    }
+    out
+}
+
+/// A raw ZMTP peer: greeting and READY sent, the hub's greeting read.
+async fn peer(addr: &str, socket_type: &str, identity: Option<&[u8]>) -> TcpStream {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    let mut hs = zmtp::greeting();
+    hs.extend(ready(socket_type, identity));
+    s.write_all(&hs).await.expect("handshake");
+    let mut greeting = [0u8; 64];
+    timeout(SETUP, s.read_exact(&mut greeting))
+        .await
+        .expect("greeting in time")
+        .expect("greeting");
+    assert_eq!(greeting[0], 0xff);
+    s
+}
+
+/// Reads one frame: (flags, body).
+async fn frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
+    let read = async {
+        let flags = s.read_u8().await?;
+        let len = if flags & 0x02 != 0 {
+            s.read_u64().await? as usize
+        } else {
+            usize::from(s.read_u8().await?)
+        };
+        let mut body = vec![0u8; len];
+        s.read_exact(&mut body).await?;
+        Ok::<_, std::io::Error>((flags, body))
+    };
+    timeout(SETUP, read)
+        .await
+        .expect("frame in time")
+        .expect("frame")
+}
+
+/// Reads up to the next message, skipping commands (the hub's READY); returns its frames.
+async fn next_message(s: &mut TcpStream) -> Vec<Vec<u8>> {
+    let mut frames = Vec::new();
+    loop {
+        let (flags, body) = frame(s).await;
+        if flags & 0x04 != 0 {
+            continue;
+        }
+        frames.push(body);
+        if flags & 0x01 == 0 {
+            return frames;
+        }
+    }
+}
+
+async fn recv(rx: &mut mpsc::Receiver<RouterMessage>) -> RouterMessage {
+    timeout(SETUP, rx.recv())
+        .await
+        .expect("message in time")
+        .expect("hub open")
+}
+
+#[tokio::test]
+async fn identities_are_kept_unless_taken_and_replies_reach_their_peer() {
+    let (hub, mut rx) = HubBind::bind(HubBindConfig::new("tcp://127.0.0.1:0"))
+        .await
+        .expect("bind");
+    let addr = hub
+        .router_endpoint()
+        .trim_start_matches("tcp://")
+        .to_owned();
+
+    let mut a = peer(&addr, "DEALER", Some(b"agent-a")).await;
+    a.write_all(&message(&[b"t", b"from a"])).await.expect("a");
+    let m = recv(&mut rx).await;
+    assert_eq!(&m.identity[..], b"agent-a");
+    assert_eq!(
+        m.frames,
+        vec![Bytes::from_static(b"t"), Bytes::from_static(b"from a")]
+    );
+
+    // Same identity while the first is connected: the newcomer gets its own.
+    let mut b = peer(&addr, "DEALER", Some(b"agent-a")).await;
+    b.write_all(&message(&[b"t", b"from b"])).await.expect("b");
+    let mb = recv(&mut rx).await;
+    assert_ne!(&mb.identity[..], b"agent-a");
+    assert_eq!(mb.identity.len(), 16);
+
+    // No identity: a generated one, distinct.
+    let mut c = peer(&addr, "REQ", None).await;
+    c.write_all(&message(&[b"t", b"from c"])).await.expect("c");
+    let mc = recv(&mut rx).await;
+    assert_ne!(mc.identity, mb.identity);
+
+    // Each reply reaches only its peer.
+    for (m, s, text) in [
+        (&m, &mut a, &b"to a"[..]),
+        (&mb, &mut b, &b"to b"[..]),
+        (&mc, &mut c, &b"to c"[..]),
+    ] {
+        hub.reply(
+            m.identity.clone(),
+            vec![Bytes::from_static(b"r"), Bytes::copy_from_slice(text)],
+        )
+        .await
+        .expect("reply");
+        assert_eq!(next_message(s).await, vec![b"r".to_vec(), text.to_vec()]);
+    }
+
+    // The transport's ping is answered and not delivered.
+    a.write_all(&message(&[hintfed_transport::hub::PING]))
+        .await
+        .expect("ping");
+    assert_eq!(
+        next_message(&mut a).await,
+        vec![hintfed_transport::hub::PONG.to_vec()]
+    );
+    // A reply to a peer that is gone is dropped and counted.
+    drop(c);
+    let dropped = hub.stats().dropped_outbound;
+    let deadline = tokio::time::Instant::now() + SETUP;
+    while hub.stats().dropped_outbound == dropped {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "reply to a gone peer not counted"
+        );
+        hub.reply(mc.identity.clone(), vec![Bytes::from_static(b"late")])
+            .await
+            .expect("reply");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn zmtp_ping_commands_are_answered_with_pong() {
+    let (hub, _rx) = HubBind::bind(HubBindConfig::new("tcp://127.0.0.1:0"))
+        .await
+        .expect("bind");
+    let addr = hub
+        .router_endpoint()
+        .trim_start_matches("tcp://")
+        .to_owned();
+    let mut a = peer(&addr, "DEALER", None).await;
+    // PING: TTL 0x0010, context "ctx".
+    a.write_all(b"\x04\x0a\x04PING\x00\x10ctx")
+        .await
+        .expect("ping");
+    loop {
+        let (flags, body) = frame(&mut a).await;
+        assert!(flags & 0x04 != 0, "a command");
+        if body.starts_with(b"\x05READY") {
+            continue;
+        }
+        assert_eq!(body, b"\x04PONGctx");
+        break;
+    }
+    hub.shutdown().await;
+}
+
+#[tokio::test]
+async fn incompatible_peers_and_too_many_frames_are_refused() {
+    let mut cfg = HubBindConfig::new("tcp://127.0.0.1:0");
+    cfg.limits.max_frames = 2;
+    let (hub, mut rx) = HubBind::bind(cfg).await.expect("bind");
+    let addr = hub
+        .router_endpoint()
+        .trim_start_matches("tcp://")
+        .to_owned();
+
+    // A PUB is not a ROUTER's peer: the hub closes the connection.
+    let mut p = peer(&addr, "PUB", None).await;
+    let mut sink = Vec::new();
+    timeout(SETUP, p.read_to_end(&mut sink))
+        .await
+        .expect("closed by the hub")
+        .ok();
+
+    // One frame more than allowed (a REQ delimiter's room): dropped and counted, connection kept.
+    let mut a = peer(&addr, "DEALER", None).await;
+    a.write_all(&message(&[b"", b"t", b"x"]))
+        .await
+        .expect("write");
+    a.write_all(&message(&[b"t", b"ok"])).await.expect("write");
+    let m = recv(&mut rx).await;
+    assert_eq!(
+        m.frames,
+        vec![Bytes::from_static(b"t"), Bytes::from_static(b"ok")]
+    );
+    assert_eq!(hub.stats().dropped_oversize, 1);
+
+    // Two more: the peer is disconnected and counted.
+    a.write_all(&message(&[b"a", b"b", b"c", b"d"]))
+        .await
+        .expect("write");
+    timeout(SETUP, a.read_to_end(&mut sink))
+        .await
+        .expect("closed by the hub")
+        .ok();
+    let deadline = tokio::time::Instant::now() + SETUP;
+    while hub.stats().dropped_oversize < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "not counted");
+        tokio::task::yield_now().await;
+    }
+    hub.shutdown().await;
+}
