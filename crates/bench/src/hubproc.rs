@@ -41,16 +41,6 @@ fn host_port(endpoint: &str) -> anyhow::Result<&str> {
         .context("endpoint must be tcp://host:port")
 }
 
-/// A raw SUB's handshake (greeting, READY, subscribe to everything). Byte 8 of the
-/// signature is 1 as libzmq writes it: libzmq 4.3 closes a connection whose signature padding
-/// is all zero (what `hintfed_testkit::zmtp::greeting` sends; the zeromq crate and the hub
-/// accept both).
-fn sub_handshake() -> Vec<u8> {
-    let mut b = hintfed_testkit::zmtp::sub_handshake();
-    b[8] = 1;
-    b
-}
-
 /// Result of one subscriber connection.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize, serde::Deserialize)]
 pub struct SubResult {
@@ -128,7 +118,7 @@ pub async fn sub_main(
         s.set_nodelay(true)?;
         // Greeting and READY first; the subscription only after the peer's greeting and
         // READY arrived (libzmq 4.3 drops a connection whose subscription comes sooner).
-        let hs = sub_handshake();
+        let hs = hintfed_testkit::zmtp::sub_handshake();
         let sub = &hs[hs.len() - hintfed_testkit::zmtp::SUBSCRIBE_ALL.len()..];
         s.write_all(&hs[..hs.len() - sub.len()]).await?;
         let mut sc = Scanner {
@@ -282,7 +272,6 @@ pub async fn pub_main(endpoint: &str, updates: u64, keys: usize, key: &str) -> a
         .context("connect DEALER")?;
     s.set_nodelay(true)?;
     let mut hs = hintfed_testkit::zmtp::greeting();
-    hs[8] = 1;
     hs.extend(hintfed_testkit::zmtp::ready("DEALER"));
     s.write_all(&hs).await?;
     let (mut rd, mut wr) = s.into_split();

@@ -10,9 +10,11 @@ use tokio::net::{TcpStream, ToSocketAddrs};
 /// A subscription to every topic as ZMTP 3.0 sends it: a one-byte message frame `\x01`.
 pub const SUBSCRIBE_ALL: [u8; 3] = [0x00, 0x01, 0x01];
 
-/// The 64-byte greeting: signature, version 3.0, mechanism `NULL`, as-server 0, filler.
+/// The 64-byte greeting: signature, version 3.0, mechanism `NULL`, as-server 0, filler. The
+/// signature's padding is a 64-bit 1 as libzmq writes it (libzmq 4.3 closes a connection whose
+/// padding is all zero; the zeromq crate and the hub accept both).
 pub fn greeting() -> Vec<u8> {
-    let mut g = vec![0xff, 0, 0, 0, 0, 0, 0, 0, 0, 0x7f, 3, 0];
+    let mut g = vec![0xff, 0, 0, 0, 0, 0, 0, 0, 1, 0x7f, 3, 0];
     let mut mech = b"NULL".to_vec();
     mech.resize(20, 0);
     g.extend(mech);
@@ -70,7 +72,7 @@ mod tests {
     fn the_handshake_has_the_rfc_23_layout() {
         let g = greeting();
         assert_eq!(g.len(), 64);
-        assert_eq!((g[0], g[9], g[10], g[11]), (0xff, 0x7f, 3, 0));
+        assert_eq!((g[0], g[8], g[9], g[10], g[11]), (0xff, 1, 0x7f, 3, 0));
         assert_eq!(&g[12..16], b"NULL");
         let r = ready("SUB");
         assert_eq!(&r[..2], &[0x04, 25]);
