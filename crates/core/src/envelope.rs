@@ -148,8 +148,8 @@ define_body! {
 /// The payload of an envelope. JSON form: an object with `"type"` (snake_case variant name)
 /// and the variant's fields, e.g. `{"type":"full_sync_end","begin_seq":7}`.
 ///
-/// Decoding an update whose `"type"` comes first (as this crate writes it) reads the fields
-/// straight into an [`Update`]; everything else is buffered and decoded as the derived
+/// Decoding an update or a snapshot chunk whose `"type"` comes first (as this crate writes
+/// it) reads the fields straight into the variant; everything else is buffered and decoded as the derived
 /// internally tagged form (`BodyDef`, serde's `remote` derive of the same variants, made from
 /// the same list by `define_body!`), which is what serde does for every internally tagged enum.
     pub enum Body {
@@ -256,6 +256,34 @@ impl serde::de::Visitor<'_> for WordSeed {
     }
 }
 
+/// The fields of [`Body::SnapshotChunk`] after its `"type"`, decoded straight from the
+/// message (the buffered general path copies every entry twice, into a `serde_json::Value`
+/// and then into serde's content buffer: most of a snapshot's decoding time). Same fields,
+/// defaults and unknown-field tolerance as the derived variant.
+#[derive(Deserialize)]
+struct ChunkFields {
+    request_id: u64,
+    #[serde(default)]
+    index: u32,
+    #[serde(default)]
+    entries: Vec<SnapshotEntry>,
+    #[serde(default)]
+    origins: Vec<OriginSummary>,
+    /// A second `"type"`, refused as the general path refuses a duplicate field.
+    #[serde(default, rename = "type")]
+    again: Present,
+}
+
+/// Whether a field was present (whatever its value).
+#[derive(Default)]
+struct Present(bool);
+
+impl<'de> Deserialize<'de> for Present {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(d).map(|_| Present(true))
+    }
+}
+
 struct BodyVisitor;
 
 impl<'de> serde::de::Visitor<'de> for BodyVisitor {
@@ -273,6 +301,19 @@ impl<'de> serde::de::Visitor<'de> for BodyVisitor {
                 Word::Wanted => {
                     let d = serde::de::value::MapAccessDeserializer::new(map);
                     return Update::deserialize(d).map(Body::Update);
+                }
+                Word::Other(tag) if tag == "snapshot_chunk" => {
+                    let d = serde::de::value::MapAccessDeserializer::new(map);
+                    let c = ChunkFields::deserialize(d)?;
+                    if c.again.0 {
+                        return Err(A::Error::custom("duplicate field `type`"));
+                    }
+                    return Ok(Body::SnapshotChunk {
+                        request_id: c.request_id,
+                        index: c.index,
+                        entries: c.entries,
+                        origins: c.origins,
+                    });
                 }
                 Word::Other(tag) => {
                     buffered.insert("type".to_owned(), serde_json::Value::String(tag));
@@ -559,6 +600,74 @@ mod tests {
             r#"["update"]"#,
             r#"{"begin_seq":1,"begin_seq":2,"type":"full_sync_end"}"#,
             "17",
+        ] {
+            assert!(serde_json::from_str::<Body>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn snapshot_chunk_decodes_the_same_with_type_first_or_not() {
+        let entry = r#"{"origin":"pbx-b","epoch":2,"seq":3,"key":"PJSIP/1","value":{"device":"INUSE"},"ts":{"wall":5,"counter":1}}"#;
+        let sum = r#"{"origin":"pbx-b","epoch":2,"last_seq":3}"#;
+        let want = Body::SnapshotChunk {
+            request_id: 4,
+            index: 2,
+            entries: vec![SnapshotEntry {
+                origin: "pbx-b".into(),
+                epoch: Epoch(2),
+                seq: 3,
+                key: "PJSIP/1".into(),
+                value: Value::Device(crate::state::DeviceState::Inuse),
+                ts: HlcTimestamp {
+                    wall: 5,
+                    counter: 1,
+                },
+            }],
+            origins: vec![OriginSummary {
+                origin: "pbx-b".into(),
+                epoch: Epoch(2),
+                last_seq: 3,
+                down: None,
+            }],
+        };
+        for text in [
+            format!(
+                r#"{{"type":"snapshot_chunk","request_id":4,"index":2,"entries":[{entry}],"origins":[{sum}]}}"#
+            ),
+            format!(
+                r#"{{"request_id":4,"type":"snapshot_chunk","index":2,"entries":[{entry}],"origins":[{sum}],"x":null}}"#
+            ),
+            format!(
+                r#"{{"type":"snapshot_chunk","origins":[{sum}],"x":{{"y":[]}},"entries":[{entry}],"index":2,"request_id":4}}"#
+            ),
+            serde_json::to_string(&want).unwrap(),
+        ] {
+            assert_eq!(serde_json::from_str::<Body>(&text).unwrap(), want, "{text}");
+        }
+        // Defaults, in both orders.
+        let empty = Body::SnapshotChunk {
+            request_id: 9,
+            index: 0,
+            entries: vec![],
+            origins: vec![],
+        };
+        for text in [
+            r#"{"type":"snapshot_chunk","request_id":9}"#,
+            r#"{"request_id":9,"type":"snapshot_chunk"}"#,
+        ] {
+            assert_eq!(serde_json::from_str::<Body>(text).unwrap(), empty, "{text}");
+        }
+        for bad in [
+            r#"{"type":"snapshot_chunk"}"#,
+            r#"{"index":1,"type":"snapshot_chunk"}"#,
+            r#"{"type":"snapshot_chunk","request_id":1,"type":"snapshot_chunk"}"#,
+            r#"{"type":"snapshot_chunk","request_id":1,"type":null}"#,
+            r#"{"type":"snapshot_chunk","request_id":1,"request_id":2}"#,
+            r#"{"request_id":1,"request_id":2,"type":"snapshot_chunk"}"#,
+            r#"{"type":"snapshot_chunk","request_id":-1}"#,
+            r#"{"type":"snapshot_chunk","request_id":1,"index":4294967296}"#,
+            r#"{"type":"snapshot_chunk","request_id":1,"entries":[{"origin":"a"}]}"#,
+            r#"{"type":"snapshot_chunk","request_id":1,"entries":{}}"#,
         ] {
             assert!(serde_json::from_str::<Body>(bad).is_err(), "{bad}");
         }

@@ -873,7 +873,10 @@ impl Node {
                 continue;
             }
             self.hlc.observe(e.ts);
-            if self.replica.merge_entry(e, now) {
+            // Before the first snapshot completes, its completion re-applies every key
+            // (`reapply_all`): recomputing each entry on arrival as well only doubled the
+            // work and spent the window on writes while the answer was still streaming in.
+            if self.replica.merge_entry(e, now) && self.snapshot_done {
                 self.recompute(e.value.kind(), &e.key);
             }
         }
@@ -910,13 +913,13 @@ impl Node {
             }
             _ => return,
         };
+        // Every device key is recomputed below (`reapply_all`), so an origin whose status the
+        // summaries change needs no pass of its own.
         for sum in &summaries {
             if sum.origin == self.cfg.origin {
                 continue;
             }
-            if self.replica.apply_summary(sum, now) {
-                self.recompute_origin(&sum.origin);
-            }
+            self.replica.apply_summary(sum, now);
         }
         // Origins the answer does not list stay as they are: a hub that just restarted knows
         // nobody yet, and its answer must not close the holes it cannot fill (the origins
