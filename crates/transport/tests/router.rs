@@ -244,3 +244,64 @@ async fn incompatible_peers_and_too_many_frames_are_refused() {
     }
     hub.shutdown().await;
 }
+
+/// Counts its drops: stands for a snapshot chunk holding an in-flight slot.
+struct Slot(std::sync::Arc<std::sync::atomic::AtomicUsize>, Vec<u8>);
+
+impl AsRef<[u8]> for Slot {
+    fn as_ref(&self) -> &[u8] {
+        &self.1
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[tokio::test]
+async fn a_peer_that_never_reads_is_closed_and_releases_its_queued_replies() {
+    let mut cfg = HubBindConfig::new("tcp://127.0.0.1:0");
+    cfg.send_timeout = Duration::from_millis(200);
+    cfg.heartbeat_interval = None;
+    let (hub, mut rx) = HubBind::bind(cfg).await.expect("bind");
+    let addr = hub
+        .router_endpoint()
+        .trim_start_matches("tcp://")
+        .to_owned();
+    let mut deaf = peer(&addr, "DEALER", None).await;
+    deaf.write_all(&message(&[b"t", b"hello"]))
+        .await
+        .expect("write");
+    let m = recv(&mut rx).await;
+    // Far more than the socket buffers hold; the peer never reads.
+    const REPLIES: usize = 64;
+    let released = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    for _ in 0..REPLIES {
+        let chunk = Bytes::from_owner(Slot(released.clone(), vec![b'x'; 256 * 1024]));
+        hub.reply(
+            m.identity.clone(),
+            vec![Bytes::from_static(b"chunk"), chunk],
+        )
+        .await
+        .expect("reply");
+    }
+    hintfed_testkit::wait::eventually("every queued reply released", || {
+        released.load(std::sync::atomic::Ordering::SeqCst) == REPLIES
+    })
+    .await;
+    assert!(hub.stats().send_timeouts >= 1);
+    // Others are still served.
+    let mut ok = peer(&addr, "DEALER", None).await;
+    ok.write_all(&message(&[b"t", b"still"]))
+        .await
+        .expect("write");
+    let m2 = recv(&mut rx).await;
+    hub.reply(m2.identity, vec![Bytes::from_static(b"r")])
+        .await
+        .expect("reply");
+    assert_eq!(next_message(&mut ok).await, vec![b"r".to_vec()]);
+    drop(deaf);
+    hub.shutdown().await;
+}
