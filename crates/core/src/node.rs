@@ -257,6 +257,10 @@ impl PartialAnswer {
 /// grow them without bound).
 const MAX_HUBS: usize = 64;
 
+/// Device keys a [`Node::reapply_all`] pass pushes at once, and the pending writes below
+/// which it pushes the next batch.
+const REAPPLY_BATCH: usize = 2_048;
+
 /// Summaries kept at most per snapshot (a hostile hub cannot grow them without bound).
 const MAX_SNAPSHOT_ORIGINS: usize = 100_000;
 
@@ -288,6 +292,9 @@ pub struct Node {
     /// A deferred republish (a hub asked too soon after the last one).
     republish_due: Option<Millis>,
     stats: NodeStats,
+    /// A pass re-applying every remote state, still walking the device keys after this one
+    /// (`Some(None)`: from the first); see [`Node::reapply_all`].
+    reapply: Option<Option<Box<str>>>,
 }
 
 impl Node {
@@ -323,6 +330,7 @@ impl Node {
             last_republish: None,
             republish_due: None,
             stats: NodeStats::default(),
+            reapply: None,
         };
         n.request_snapshot(now);
         n
@@ -515,6 +523,7 @@ impl Node {
             },
         );
         self.apply.clear();
+        self.reapply = None;
     }
 
     /// The connection to the local Asterisk is back (before its full sync): starts a new
@@ -988,18 +997,38 @@ impl Node {
         }
     }
 
+    /// Re-applies every remote state: pushes each device key's aggregate (and each presence
+    /// winner) to the apply queue, which skips what the local Asterisk is known to hold. The
+    /// pass is walked in batches of [`REAPPLY_BATCH`] keys by [`Node::pump`] while the queue
+    /// holds fewer than that many pending writes, so a table of 100,000 keys is neither
+    /// pushed at once (a snapshot's completion no longer waits for it, the queue stays
+    /// small) nor forgotten: a key reached later gets its aggregate of that moment, and a key
+    /// changed meanwhile was recomputed by that change. Calling it again restarts the walk.
     fn reapply_all(&mut self) {
         if self.local_down {
             return;
         }
-        let keys: Vec<String> = self
+        self.reapply = Some(None);
+    }
+
+    /// One batch of the pass started by [`Node::reapply_all`].
+    fn reapply_step(&mut self) {
+        let Some(after) = self.reapply.take() else {
+            return;
+        };
+        let keys: Vec<Box<str>> = self
             .replica
             .table
-            .device_keys()
-            .map(str::to_owned)
+            .device_range(after.as_deref())
+            .take(REAPPLY_BATCH)
+            .map(|(k, _)| Box::from(k))
             .collect();
-        for k in keys {
-            self.recompute_device(&k);
+        for k in &keys {
+            self.recompute_device(k);
+        }
+        if keys.len() == REAPPLY_BATCH {
+            self.reapply = Some(keys.into_iter().next_back());
+            return;
         }
         // Keys applied before that vanished from the table entirely.
         let vanished: Vec<String> = self
@@ -1026,9 +1055,15 @@ impl Node {
         if self.local_down {
             return;
         }
-        while let Some((target, value)) = self.apply.next_write_at(now) {
-            self.actions
-                .push_back(Action::Apply(ApplyCmd { target, value }));
+        loop {
+            while let Some((target, value)) = self.apply.next_write_at(now) {
+                self.actions
+                    .push_back(Action::Apply(ApplyCmd { target, value }));
+            }
+            if self.reapply.is_none() || self.apply.pending_len() >= REAPPLY_BATCH {
+                break;
+            }
+            self.reapply_step();
         }
     }
 }
