@@ -47,7 +47,7 @@ pub(crate) struct WarnLimit {
 }
 
 impl WarnLimit {
-    const fn new() -> Self {
+    pub(crate) const fn new() -> Self {
         Self {
             last: std::sync::Mutex::new(None),
             held_back: std::sync::atomic::AtomicU64::new(0),

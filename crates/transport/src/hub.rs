@@ -443,8 +443,9 @@ pub struct HubBindConfig {
     pub pub_endpoint: Option<String>,
     /// Transport heartbeat period on the PUB (default 1 s; `None` disables it).
     pub heartbeat_interval: Option<Duration>,
-    /// A peer connection whose replies make no write progress within this is closed (default
-    /// 1 s).
+    /// A peer connection whose queued replies cannot be written within this is closed
+    /// (default 10 s: a live peer on a busy machine may not read for a second or two; a peer
+    /// that never reads must not hold its queued snapshot chunks for long).
     pub send_timeout: Duration,
     /// Size limits for received messages.
     pub limits: Limits,
@@ -463,7 +464,7 @@ impl HubBindConfig {
             endpoint: endpoint.into(),
             pub_endpoint: None,
             heartbeat_interval: Some(Duration::from_secs(1)),
-            send_timeout: Duration::from_secs(1),
+            send_timeout: Duration::from_secs(10),
             limits: Limits::default(),
             inbound_capacity: 8192,
             outbound_capacity: 8192,

@@ -39,9 +39,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::fanout::{End, HANDSHAKE_TIMEOUT, Reader, WRITE_BATCH, command, greeting};
-use crate::guard::{OVERSIZE_WARN, accept_bounded};
+use crate::guard::{OVERSIZE_WARN, WarnLimit, accept_bounded};
 use crate::hub::{PING, PONG, RouterMessage};
 use crate::link::{Frames, Limits, LinkStats};
+
+/// Rate limit of the warning about peers closed for not reading.
+static STALLED_WARN: WarnLimit = WarnLimit::new();
 
 /// Longest routing identity a peer may choose (ZeroMQ's limit).
 const MAX_IDENTITY: usize = 255;
@@ -304,6 +307,7 @@ async fn serve(stream: TcpStream, peer: SocketAddr, ctx: Ctx, stats: Arc<LinkSta
     // close, oversize, or the application gone.
     let done = ctx.cancel.child_token();
     let writer = tokio::spawn(write_loop(
+        peer,
         write,
         rx,
         ctx.send_timeout,
@@ -405,6 +409,7 @@ fn answer_command(body: &Bytes, tx: &mpsc::Sender<Out>) {
 }
 
 async fn write_loop(
+    peer: SocketAddr,
     mut write: OwnedWriteHalf,
     mut rx: mpsc::Receiver<Out>,
     send_timeout: Duration,
@@ -437,6 +442,9 @@ async fn write_loop(
             Err(_) => {
                 stats.send_timeouts();
                 stats.dropped_outbound();
+                if let Some(held_back) = STALLED_WARN.allow() {
+                    tracing::warn!(%peer, held_back, ?send_timeout, "peer does not read its replies; connection closed");
+                }
                 return;
             }
         }
