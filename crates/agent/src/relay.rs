@@ -10,8 +10,9 @@
 //!   `hintfed_rejects_total`, except duplicates, which every second hub produces and which
 //!   only [`RelayCounters::rejects`] counts) → [`Node::on_remote`];
 //! - a tick ([`RelayConfig::tick`]) → [`Node::tick`], snapshot fallback, status and gauges;
-//! - completions of the work it spawned: `Setvar`s ([`Node::on_apply_result`]), full syncs
-//!   ([`Node::on_local_full_sync`]) and local queries (fed back as local events);
+//! - `Setvar`s in flight, which it polls itself ([`Node::on_apply_result`]), and completions
+//!   of the work it spawned: full syncs ([`Node::on_local_full_sync`]) and local queries
+//!   (fed back as local events);
 //! - the number of reachable hubs (a hub link that comes back while no snapshot completed
 //!   triggers [`Node::request_snapshot`]; every new link gets a `Hello`);
 //! - [`RelayHandle`] controls (SIGHUP reload of the device filter and keys).
@@ -19,8 +20,9 @@
 //! After each input it drains [`Node::take_actions`]: `Publish` → [`KeyRing::seal`] →
 //! [`FederationTransport::publish`] under [`Envelope::topic`]; `Request` →
 //! [`FederationTransport::request_snapshot`] (a different hub than the last one when several
-//! are up, so a dead hub does not hold the snapshot hostage); `Apply` → `Setvar` in a spawned
-//! task (the node's apply queue bounds how many are in flight); `QueryLocal` → `Getvar` per
+//! are up, so a dead hub does not hold the snapshot hostage); `Apply` → `Setvar`, a future
+//! the loop polls itself, no task per write (the node's apply queue bounds how many are in
+//! flight); `QueryLocal` → `Getvar` per
 //! device over AMI, or over res_zmq_manager (where `Getvar` crashes Asterisk) the state
 //! derived from `ExtensionStateList` for hints holding that device alone.
 //!
@@ -49,7 +51,11 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use futures::StreamExt;
+use std::future::Future;
+use std::pin::Pin;
+
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use hintfed_asterisk::event::{extension_status_to_device_state, hint_devices};
 use hintfed_asterisk::{Pbx, PbxError, PbxEvent};
 use hintfed_core::{
@@ -189,11 +195,14 @@ pub struct RelayCounters {
 /// The shared status: rows by key, so a refresh replaces only the rows that changed.
 ///
 /// Device rows are compact (the aggregate and each origin's state as enums, origins as
-/// indexes into `origin_names`, ~100 bytes per key): the [`DeviceView`]s with their strings
-/// and maps are built only when read (`/api/state`) or pushed (`/events`).
+/// indexes into `origin_names`, one origin inline; ~90 bytes per key with the key and the
+/// map's share): the [`DeviceView`]s with their strings and maps are built only when read
+/// (`/api/state`) or pushed (`/events`).
 #[derive(Debug, Default)]
 struct StatusCache {
-    devices: BTreeMap<Box<str>, DeviceRow>,
+    /// By key, unordered (a B-tree filled in key order, as snapshots arrive, keeps its
+    /// nodes half full); sorted when read.
+    devices: HashMap<Box<str>, DeviceRow>,
     origin_names: Vec<Box<str>>,
     origin_index: HashMap<Box<str>, u32>,
     presence: BTreeMap<String, PresenceView>,
@@ -209,7 +218,34 @@ struct DeviceRow {
     /// When the aggregate last changed, Unix ms.
     changed_ms: u64,
     /// Per origin (index into `origin_names`, by name): the state as shown.
-    origins: Box<[(u32, DeviceState)]>,
+    origins: RowOrigins,
+}
+
+/// The origins of a device row: most devices have one (their own server), kept inline
+/// (no allocation per row); several in a boxed slice.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum RowOrigins {
+    One([(u32, DeviceState); 1]),
+    Many(Box<[(u32, DeviceState)]>),
+}
+
+impl RowOrigins {
+    fn new(mut v: Vec<(u32, DeviceState)>) -> Self {
+        match v.as_slice() {
+            [one] => RowOrigins::One([*one]),
+            _ => {
+                v.shrink_to_fit();
+                RowOrigins::Many(v.into_boxed_slice())
+            }
+        }
+    }
+
+    fn as_slice(&self) -> &[(u32, DeviceState)] {
+        match self {
+            RowOrigins::One(o) => o,
+            RowOrigins::Many(o) => o,
+        }
+    }
 }
 
 /// What one refresh needs to read a device row out of the table.
@@ -240,6 +276,7 @@ impl StatusCache {
             changed_ms: row.changed_ms,
             origins: row
                 .origins
+                .as_slice()
                 .iter()
                 .map(|(o, s)| {
                     let name = self.origin_names.get(*o as usize).map_or("", |n| &**n);
@@ -259,7 +296,7 @@ impl StatusCache {
             .table
             .aggregate(key, cx.origins, cx.down, None)
             .unwrap_or(DeviceState::Unknown);
-        let origins: Box<[(u32, DeviceState)]> = per
+        let origins: Vec<(u32, DeviceState)> = per
             .iter()
             .map(|(o, e)| {
                 let v = if cx.origins.is_down(o) && o != cx.me {
@@ -272,7 +309,7 @@ impl StatusCache {
             .collect();
         let changed_ms = match self.devices.get(key) {
             Some(old) if old.aggregate == aggregate => {
-                if *old.origins == *origins {
+                if old.origins.as_slice() == origins.as_slice() {
                     return false; // unchanged
                 }
                 old.changed_ms
@@ -282,7 +319,7 @@ impl StatusCache {
         let row = DeviceRow {
             aggregate,
             changed_ms,
-            origins,
+            origins: RowOrigins::new(origins),
         };
         if let Some(ev) = cx.events {
             ev.publish(StatusEvent::Device(self.view(key, &row)));
@@ -360,7 +397,11 @@ impl RelayStatus {
 impl StatusSource for RelayStatus {
     fn state(&self) -> StateView {
         self.read(|c| StateView {
-            devices: c.devices.iter().map(|(k, r)| c.view(k, r)).collect(),
+            devices: {
+                let mut rows: Vec<(&Box<str>, &DeviceRow)> = c.devices.iter().collect();
+                rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
+                rows.into_iter().map(|(k, r)| c.view(k, r)).collect()
+            },
             presence: c.presence.values().cloned().collect(),
         })
     }
@@ -389,15 +430,22 @@ impl RelayHandle {
     }
 }
 
+/// A `Setvar` that finished.
+#[derive(Debug)]
+struct Written {
+    target: String,
+    kind: Kind,
+    started: Instant,
+    result: Result<(), PbxError>,
+}
+
+/// `Setvar`s in flight, polled by the relay's own loop (no task per write: the AMI client
+/// routes each answer to its write, which wakes the relay directly).
+type Writes = FuturesUnordered<Pin<Box<dyn Future<Output = Written> + Send>>>;
+
 /// Work spawned by the relay, reporting back.
 #[derive(Debug)]
 enum Done {
-    Apply {
-        target: String,
-        kind: Kind,
-        started: Instant,
-        result: Result<(), PbxError>,
-    },
     Sync {
         id: u64,
         result: Result<Vec<LocalEvent>, PbxError>,
@@ -543,7 +591,7 @@ pub struct Relay<T: FederationTransport> {
     sync_retry_at: Option<Instant>,
     held: Vec<LocalEvent>,
     held_overflow: bool,
-    in_flight: usize,
+    writes: Writes,
     write_retry_at: Option<Instant>,
     last_snapshot_hub: Option<(usize, Instant)>,
     hubs: usize,
@@ -604,7 +652,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
             sync_retry_at: None,
             held: Vec::new(),
             held_overflow: false,
-            in_flight: 0,
+            writes: FuturesUnordered::new(),
             write_retry_at: None,
             last_snapshot_hub: None,
             hubs: 0,
@@ -664,18 +712,12 @@ impl<T: FederationTransport + 'static> Relay<T> {
                         n += 1;
                     }
                 }
-                Some(done) = self.done_rx.recv() => {
-                    self.on_done(done);
+                Some(w) = self.writes.next(), if !self.writes.is_empty() => {
+                    self.on_written(w);
                     // Completions come in bursts (pipelined writes): free every slot first.
-                    let mut n = 0;
-                    while n < 256 {
-                        match self.done_rx.try_recv() {
-                            Ok(d) => self.on_done(d),
-                            Err(_) => break,
-                        }
-                        n += 1;
-                    }
+                    self.poll_writes();
                 }
+                Some(done) = self.done_rx.recv() => self.on_done(done),
                 Ok(()) = self.connected.changed() => self.on_connected_changed(),
                 Ok(()) = self.link_ups.changed() => {
                     self.link_ups.borrow_and_update();
@@ -693,18 +735,13 @@ impl<T: FederationTransport + 'static> Relay<T> {
 
     async fn drain_in_flight(&mut self) {
         let deadline = tokio::time::Instant::now() + self.cfg.drain_timeout;
-        while self.in_flight > 0 {
-            match tokio::time::timeout_at(deadline, self.done_rx.recv()).await {
-                Ok(Some(Done::Apply {
-                    target,
-                    kind,
-                    started,
-                    result,
-                })) => self.on_apply_done(target, kind, started, result),
-                Ok(Some(_)) => {}
-                Ok(None) | Err(_) => {
+        while !self.writes.is_empty() {
+            match tokio::time::timeout_at(deadline, self.writes.next()).await {
+                Ok(Some(w)) => self.on_written(w),
+                Ok(None) => break,
+                Err(_) => {
                     warn!(
-                        in_flight = self.in_flight,
+                        in_flight = self.writes.len(),
                         "shutdown: writes still in flight abandoned"
                     );
                     break;
@@ -843,12 +880,6 @@ impl<T: FederationTransport + 'static> Relay<T> {
         let now = wall_now();
         self.dirty = true;
         match done {
-            Done::Apply {
-                target,
-                kind,
-                started,
-                result,
-            } => self.on_apply_done(target, kind, started, result),
             Done::Sync { id, result } => {
                 if id != self.sync_id {
                     return;
@@ -887,14 +918,14 @@ impl<T: FederationTransport + 'static> Relay<T> {
         }
     }
 
-    fn on_apply_done(
-        &mut self,
-        target: String,
-        kind: Kind,
-        started: Instant,
-        result: Result<(), PbxError>,
-    ) {
-        self.in_flight = self.in_flight.saturating_sub(1);
+    fn on_written(&mut self, w: Written) {
+        self.dirty = true;
+        let Written {
+            target,
+            kind,
+            started,
+            result,
+        } = w;
         let ok = result.is_ok();
         if let Err(e) = &result {
             warn!(%target, kind = kind.as_str(), error = %e, "write to Asterisk failed; retried later");
@@ -1015,30 +1046,47 @@ impl<T: FederationTransport + 'static> Relay<T> {
         if let Some(hello) = self.pending_hello.take() {
             self.send(&hello, false).await;
         }
-        let actions = self.node.take_actions();
-        for a in actions {
-            match a {
-                Action::Publish(env) => self.send(&env, true).await,
-                Action::Request(env) => self.request(&env).await,
-                Action::Apply(cmd) => {
-                    let pbx = self.pbx.clone();
-                    let tx = self.done_tx.clone();
-                    let kind = cmd.kind();
-                    self.in_flight += 1;
-                    tokio::spawn(async move {
+        loop {
+            let actions = self.node.take_actions();
+            let mut wrote = false;
+            for a in actions {
+                match a {
+                    Action::Publish(env) => self.send(&env, true).await,
+                    Action::Request(env) => self.request(&env).await,
+                    Action::Apply(cmd) => {
+                        let pbx = self.pbx.clone();
+                        let kind = cmd.kind();
                         let started = Instant::now();
-                        let result = pbx.setvar(&cmd.variable(), &cmd.setvar_value()).await;
-                        let _ = tx.send(Done::Apply {
-                            target: cmd.target,
-                            kind,
-                            started,
-                            result,
-                        });
-                    });
+                        self.writes.push(Box::pin(async move {
+                            let result = pbx.setvar(&cmd.variable(), &cmd.setvar_value()).await;
+                            Written {
+                                target: cmd.target,
+                                kind,
+                                started,
+                                result,
+                            }
+                        }));
+                        wrote = true;
+                    }
+                    Action::QueryLocal(keys) => self.query(keys),
                 }
-                Action::QueryLocal(keys) => self.query(keys),
+            }
+            // The writes run only when this loop polls them: hand the new ones to the AMI
+            // client now, and take any that already finished (which frees room for more).
+            if !wrote || self.poll_writes() == 0 {
+                break;
             }
         }
+    }
+
+    /// Polls the writes in flight once (without waiting); returns how many finished.
+    fn poll_writes(&mut self) -> usize {
+        let mut n = 0;
+        while let Some(Some(w)) = self.writes.next().now_or_never() {
+            self.on_written(w);
+            n += 1;
+        }
+        n
     }
 
     async fn send(&mut self, env: &Envelope, stream: bool) {

@@ -112,6 +112,19 @@ struct Member {
 }
 
 async fn member(bus: &Bus, name: &str, keys: &str, origin_timeout_ms: u64) -> Member {
+    let filter = DeviceFilter::new(None, Some("^Custom:")).expect("filter");
+    member_with(bus, name, keys, origin_timeout_ms, filter, 8).await
+}
+
+/// A member with its own device filter and apply window.
+async fn member_with(
+    bus: &Bus,
+    name: &str,
+    keys: &str,
+    origin_timeout_ms: u64,
+    filter: DeviceFilter,
+    window: usize,
+) -> Member {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
@@ -131,12 +144,13 @@ async fn member(bus: &Bus, name: &str, keys: &str, origin_timeout_ms: u64) -> Me
     nc.snapshots = false;
     nc.origin_timeout_ms = origin_timeout_ms;
     nc.heartbeat_interval_ms = 100;
+    nc.apply.in_flight = window;
     let now = now_millis();
     let node = Node::new(nc, Epoch(now.0), now);
     let (port, inject) = bus.port();
     let mut rc = RelayConfig::new(name);
     rc.keys = KeyRing::from_secrets([keys]);
-    rc.filter = DeviceFilter::new(None, Some("^Custom:")).expect("filter");
+    rc.filter = filter;
     rc.tick = Duration::from_millis(20);
     let relay = Relay::new(node, (pbx, events), port, rc, RelayHooks::default()).expect("relay");
     let handle = relay.handle();
@@ -234,6 +248,76 @@ async fn device_and_presence_propagate_without_loop() {
         "one change, one write"
     );
 
+    for m in [a, b] {
+        m.stop.cancel();
+        m.task.await.expect("join");
+    }
+}
+
+/// Many pipelined writes, with every echo reaching the node (no `Custom:` filter): each
+/// device and presentity is written exactly once, none is lost, and no echo is taken for a
+/// local change (a presence echo taken for one would be published and written back on the
+/// origin).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_is_written_once_per_target_and_its_echoes_swallowed() {
+    const N: usize = 400;
+    const P: usize = 50;
+    let bus = Bus::default();
+    let a = member(&bus, "pbx-a", "k", 3_000).await;
+    let b = member_with(&bus, "pbx-b", "k", 3_000, DeviceFilter::default(), 64).await;
+    synced(&a).await;
+    synced(&b).await;
+    let before = (a.sim.stats().setvar_total, b.sim.stats().setvar_total);
+    for i in 0..N {
+        a.sim
+            .set_device_state(&format!("PJSIP/burst{i}"), SimState::Ringing)
+            .expect("set");
+    }
+    for i in 0..P {
+        let p =
+            hintfed_core::Presence::new(hintfed_core::PresenceStatus::Away, "", format!("m{i}"));
+        a.sim
+            .setvar(
+                &format!("PRESENCE_STATE(CustomPresence:burst{i})"),
+                &p.to_setvar_value(),
+            )
+            .expect("presence");
+    }
+    eventually("every device and presentity written on b", || {
+        (0..N).all(|i| {
+            b.sim
+                .getvar(&format!("DEVICE_STATE(Custom:PJSIP/burst{i})"))
+                == "RINGING"
+        }) && (0..P).all(|i| {
+            b.sim
+                .getvar(&format!("PRESENCE_STATE(CustomPresence:burst{i},message)"))
+                == format!("m{i}")
+        })
+    })
+    .await;
+    let h = b.handle.clone();
+    eventually("b's writes all answered", || {
+        h.status().counters().applies_ok >= (N + P) as u64
+    })
+    .await;
+    // Settle: the counts stop moving.
+    let count = || (a.sim.stats().setvar_total, b.sim.stats().setvar_total);
+    let mut last = count();
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = count();
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    assert_eq!(
+        (last.0 - before.0, last.1 - before.1),
+        (0, (N + P) as u64),
+        "one write per target on b, none on a (an echo taken for a change would loop back): {:?}",
+        b.handle.status().counters()
+    );
+    assert_eq!(b.handle.status().counters().applies_failed, 0);
     for m in [a, b] {
         m.stop.cancel();
         m.task.await.expect("join");

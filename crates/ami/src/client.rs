@@ -933,16 +933,25 @@ impl Connection {
             *ping = None;
             return;
         }
-        let id = id.to_owned();
-        match pending.remove(&id) {
+        // The common case (one answer to one action) without copying the id.
+        let entry = match pending.remove(id) {
             Some(Pending::Action(reply)) => {
                 let _ = reply.send(Ok(m));
+                return;
             }
-            Some(Pending::List {
+            None => {
+                debug!(action_id = %id, "AMI response to no pending action");
+                return;
+            }
+            Some(list) => list,
+        };
+        let id = id.to_owned();
+        match entry {
+            Pending::List {
                 response: None,
                 items,
                 reply,
-            }) => {
+            } => {
                 let refused = Response::from_message(&m).is_none_or(|r| !r.is_success());
                 if refused && !starts_list(&m) {
                     let _ = reply.send(Ok(ListResult {
@@ -961,11 +970,10 @@ impl Connection {
                     );
                 }
             }
-            Some(other @ Pending::List { .. }) => {
+            other => {
                 debug!(action_id = %id, "second response to a list action ignored");
                 pending.insert(id, other);
             }
-            None => debug!(action_id = %id, "AMI response to no pending action"),
         }
     }
 
