@@ -651,3 +651,68 @@ fn a_late_echo_of_an_earlier_write_does_not_hide_the_later_one() {
     // INUSE is due again: it is written, since Asterisk holds RINGING.
     write(&mut n, 4, DeviceState::Inuse);
 }
+
+/// A new node gets a large snapshot: it holds every key once the answer completes, its apply
+/// queue never holds the whole table at once, and every key is still written exactly once
+/// as the writes complete.
+#[test]
+fn large_snapshot_completes_first_then_every_key_is_written_in_batches() {
+    const KEYS: u64 = 10_000;
+    let mut hub = Hub::new(HubConfig::new("hub-1"), Epoch(7), Millis(0));
+    for i in 1..=KEYS {
+        hub.on_envelope(
+            Millis(0),
+            &up("pbx-a", 1, i, &format!("PJSIP/{i}"), DeviceState::Inuse),
+        );
+    }
+    hub.take_actions();
+    let mut c = NodeConfig::new("pbx-b");
+    c.apply.in_flight = 64;
+    let mut node = Node::new(c, Epoch(1), Millis(0));
+    node.on_local_full_sync(Millis(0), Vec::new());
+    let request = node
+        .take_actions()
+        .into_iter()
+        .find_map(|a| match a {
+            Action::Request(e) => Some(e),
+            _ => None,
+        })
+        .expect("a snapshot request at start");
+    hub.on_envelope(Millis(0), &request);
+    let mut in_flight: Vec<String> = Vec::new();
+    let mut written = std::collections::BTreeMap::<String, usize>::new();
+    let mut most_pending = 0;
+    for a in hub.take_actions() {
+        let HubAction::SendTo { envelope, .. } = a else {
+            panic!("only the answer is queued")
+        };
+        node.on_remote(Millis(1), &envelope);
+        most_pending = most_pending.max(node.apply_queue().pending_len());
+        for a in node.take_actions() {
+            if let Action::Apply(cmd) = a {
+                in_flight.push(cmd.target);
+            }
+        }
+    }
+    assert!(node.snapshot_done());
+    assert_eq!(node.table().len(), KEYS as usize);
+    while !in_flight.is_empty() {
+        for t in std::mem::take(&mut in_flight) {
+            *written.entry(t.clone()).or_default() += 1;
+            node.on_apply_result(Millis(2), &t, true);
+            most_pending = most_pending.max(node.apply_queue().pending_len());
+        }
+        for a in node.take_actions() {
+            if let Action::Apply(cmd) = a {
+                in_flight.push(cmd.target);
+            }
+        }
+    }
+    assert_eq!(written.len(), KEYS as usize, "every key written");
+    assert!(written.values().all(|n| *n == 1), "each key written once");
+    assert!(written.contains_key("Custom:PJSIP/1") && written.contains_key("Custom:PJSIP/10000"));
+    assert!(
+        most_pending < KEYS as usize / 2,
+        "the queue never held the whole table: {most_pending} pending at most"
+    );
+}
