@@ -51,6 +51,10 @@ pub const MAX_REPAIRS: u8 = 3;
 /// Values of a target's last writes whose echoes are expected (older ones are superseded).
 pub const ECHO_VALUES: usize = 2;
 
+/// Capacity of the queue order kept once it is empty: a burst (every key of a snapshot at
+/// once) grows it to the number of keys, and an empty ring of that size is let go.
+const ORDER_KEEP: usize = 4096;
+
 /// Bounds of an apply queue.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApplyConfig {
@@ -467,6 +471,12 @@ impl ApplyQueue {
     pub fn next_write_at(&mut self, now: Millis) -> Option<(String, Value)> {
         self.tick_clock(now);
         if self.q.in_flight >= self.q.config.in_flight.max(1) {
+            return None;
+        }
+        if self.q.order.is_empty() {
+            if self.q.order.capacity() > ORDER_KEEP {
+                self.q.order = VecDeque::new();
+            }
             return None;
         }
         let budget = self.q.order.len();
@@ -1027,6 +1037,20 @@ mod tests {
         );
         assert!(a.is_echo("CustomPresence:a", &p("one"), Millis(1)));
         assert!(!a.is_echo("CustomPresence:a", &p("two"), Millis(1)));
+    }
+
+    #[test]
+    fn an_emptied_order_lets_its_burst_capacity_go() {
+        let mut a = q(100_000, 64);
+        for i in 0..20_000 {
+            a.push(format!("k{i}"), d(Inuse));
+        }
+        assert!(a.q.order.capacity() >= 20_000);
+        assert_eq!(drain(&mut a).len(), 20_000, "every write made");
+        assert_eq!(a.next_write(), None);
+        assert!(a.q.order.capacity() <= ORDER_KEEP);
+        assert_eq!(a.targets_len(), 20_000, "what the sink holds is kept");
+        assert_eq!(a.push("k7".into(), d(Inuse)), Push::Skipped);
     }
 
     #[test]
