@@ -104,7 +104,8 @@ impl DeviceFilter {
 pub struct RelayConfig {
     /// Period of [`Node::tick`] (default 100 ms).
     pub tick: Duration,
-    /// A snapshot not complete after this long is asked of another hub (default 2 s).
+    /// A snapshot whose hub has sent nothing of it for this long is asked of another hub
+    /// (default 2 s).
     pub snapshot_timeout: Duration,
     /// Wire limits for sealing and verifying.
     pub limits: Limits,
@@ -857,6 +858,13 @@ impl<T: FederationTransport + 'static> Relay<T> {
                 if !done_before && self.node.snapshot_done() {
                     info!(hub = msg.hub, "snapshot complete");
                     self.last_snapshot_hub = None;
+                } else if matches!(env.body, Body::SnapshotChunk { .. })
+                    && let Some((hub, at)) = &mut self.last_snapshot_hub
+                    && *hub == msg.hub
+                {
+                    // The hub is answering: the timeout counts from its last chunk, so a large
+                    // table on a slow link is not asked again (and restarted) every timeout.
+                    *at = Instant::now();
                 }
                 self.dirty = true;
             }
@@ -967,7 +975,8 @@ impl<T: FederationTransport + 'static> Relay<T> {
     }
 
     /// A hub link came (back) up: introduce ourselves (so the hub can address replies at
-    /// once) and fetch a snapshot if none completed yet.
+    /// once) and fetch a snapshot if none completed yet and no hub is answering one (a hub that
+    /// took the request and then stops sending is asked again after `snapshot_timeout`).
     fn on_link_up(&mut self) {
         if let Some(m) = self.metrics() {
             m.reconnect("hub");
@@ -977,7 +986,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
             concat!("hintfed-agent ", env!("CARGO_PKG_VERSION")),
         );
         self.pending_hello = Some(hello);
-        if !self.node.snapshot_done() {
+        if !self.node.snapshot_done() && self.last_snapshot_hub.is_none() {
             self.node.request_snapshot(wall_now());
         }
     }

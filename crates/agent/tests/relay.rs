@@ -10,7 +10,11 @@ use bytes::Bytes;
 use hintfed_agent::relay::{DeviceFilter, Relay, RelayConfig, RelayHandle, RelayHooks, now_millis};
 use hintfed_ami::ClientConfig;
 use hintfed_asterisk::{ActionsVia, EventsVia, Pbx, PbxConfig};
-use hintfed_core::{Epoch, KeyRing, Node, NodeConfig};
+use hintfed_core::envelope::Envelope;
+use hintfed_core::{
+    Body, Epoch, HlcTimestamp, Hub, HubAction, HubConfig, KeyRing, Limits, Millis, Node,
+    NodeConfig, Update, Value, Verifier,
+};
 use hintfed_sim::{DeviceState as SimState, SimConfig, SimHandle, SimServer};
 use hintfed_testkit::wait::eventually;
 use hintfed_transport::{Channel, FederationTransport, Incoming, TransportError};
@@ -21,6 +25,8 @@ use tokio_util::sync::CancellationToken;
 #[derive(Clone, Default)]
 struct Bus {
     ports: Arc<Mutex<Vec<mpsc::Sender<Incoming>>>>,
+    /// When set, members ask for snapshots and their requests arrive here (hub 0 took them).
+    snapshot_requests: Option<mpsc::UnboundedSender<Bytes>>,
 }
 
 struct Port {
@@ -72,10 +78,13 @@ impl FederationTransport for Port {
 
     async fn request_snapshot(
         &self,
-        _payload: Bytes,
+        payload: Bytes,
         _exclude: &[usize],
     ) -> Result<usize, TransportError> {
-        Err(TransportError::NotConnected)
+        match &self.bus.snapshot_requests {
+            Some(tx) if tx.send(payload).is_ok() => Ok(0),
+            _ => Err(TransportError::NotConnected),
+        }
     }
 
     fn connected(&self) -> watch::Receiver<usize> {
@@ -141,7 +150,8 @@ async fn member_with(
     ))
     .expect("pbx");
     let mut nc = NodeConfig::new(name);
-    nc.snapshots = false;
+    nc.snapshots = bus.snapshot_requests.is_some();
+    nc.snapshot_retry_ms = 60_000;
     nc.origin_timeout_ms = origin_timeout_ms;
     nc.heartbeat_interval_ms = 100;
     nc.apply.in_flight = window;
@@ -152,6 +162,7 @@ async fn member_with(
     rc.keys = KeyRing::from_secrets([keys]);
     rc.filter = filter;
     rc.tick = Duration::from_millis(20);
+    rc.snapshot_timeout = Duration::from_secs(1);
     let relay = Relay::new(node, (pbx, events), port, rc, RelayHooks::default()).expect("relay");
     let handle = relay.handle();
     let stop = CancellationToken::new();
@@ -575,4 +586,72 @@ async fn status_view_follows_every_change_and_origin_loss() {
     .await;
     b.stop.cancel();
     b.task.await.expect("join");
+}
+
+/// A hub that answers slowly but steadily is not asked again: the relay's snapshot timeout
+/// counts from the hub's last chunk, not from the request (a large table on a slow link would
+/// otherwise be restarted from the start every timeout and never complete).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_steady_snapshot_answer_is_not_asked_again() {
+    let (tx, mut requests) = mpsc::unbounded_channel();
+    let bus = Bus {
+        snapshot_requests: Some(tx),
+        ..Bus::default()
+    };
+    let filter = DeviceFilter::new(None, Some("^Custom:")).expect("filter");
+    let m = member_with(&bus, "pbx-new", "k", 3_000, filter, 8).await;
+    let keys = KeyRing::from_secrets(["k"]);
+    let mut verifier = Verifier::new(keys.clone(), Limits::default());
+    let req = tokio::time::timeout(Duration::from_secs(10), requests.recv())
+        .await
+        .expect("the relay asks for a snapshot")
+        .expect("open");
+    let req = verifier.verify(&req).expect("a signed request");
+
+    let mut cfg = HubConfig::new("hub-1");
+    cfg.chunk_max_entries = 2;
+    let mut hub = Hub::new(cfg, Epoch(5), Millis(0));
+    for i in 0..50u64 {
+        let update = Update {
+            key: format!("PJSIP/{i}").as_str().into(),
+            value: Value::Device(hintfed_core::DeviceState::Inuse),
+            ts: HlcTimestamp {
+                wall: 1_000 + i,
+                counter: 0,
+            },
+        };
+        hub.on_envelope(
+            Millis(1),
+            &Envelope::new("pbx-x", Epoch(1), i + 1, Body::Update(update)),
+        );
+    }
+    hub.on_envelope(Millis(2), &req);
+    let mut sent = 0;
+    while let Some(HubAction::SendTo { envelope, .. }) = hub.next_snapshot_chunk() {
+        // The slow link: a chunk every 100 ms, the whole answer well over the 1 s timeout.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let payload = keys.seal(&envelope, &Limits::default()).expect("seal");
+        m.inject
+            .send(Incoming {
+                hub: 0,
+                channel: Channel::Reply,
+                frames: vec![Bytes::from(payload)],
+            })
+            .await
+            .expect("inject");
+        sent += 1;
+    }
+    assert!(
+        sent > 20,
+        "{sent} messages: the answer must outlast the timeout"
+    );
+    let h = m.handle.clone();
+    eventually("snapshot complete", || h.status().counters().snapshot_done).await;
+    assert_eq!(m.handle.status().counters().snapshot_requests, 1);
+    assert!(
+        requests.try_recv().is_err(),
+        "asked again while the hub was answering"
+    );
+    m.stop.cancel();
+    m.task.await.expect("relay task");
 }

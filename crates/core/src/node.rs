@@ -640,6 +640,10 @@ impl Node {
             complete: false,
         });
         self.stats.snapshots_requested += 1;
+        // A request not yet taken by the caller asks for an answer nobody waits for any more.
+        self.actions.retain(
+            |a| !matches!(a, Action::Request(e) if matches!(e.body, Body::SnapshotRequest { .. })),
+        );
         self.actions.push_back(Action::Request(Envelope::new(
             self.cfg.origin.clone(),
             self.epoch,

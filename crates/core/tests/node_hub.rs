@@ -716,3 +716,38 @@ fn large_snapshot_completes_first_then_every_key_is_written_in_batches() {
         "the queue never held the whole table: {most_pending} pending at most"
     );
 }
+
+/// Asking again before the first request was taken replaces it: one request goes out, the
+/// one whose answer the node waits for (an agent whose hub link is up at once asks at start
+/// and on the link coming up).
+#[test]
+fn a_request_not_yet_taken_is_replaced_by_the_next() {
+    let mut n = Node::new(NodeConfig::new("pbx-new"), Epoch(1), Millis(0));
+    n.request_snapshot(Millis(1));
+    n.request_snapshot(Millis(2));
+    let ids: Vec<u64> = n
+        .take_actions()
+        .iter()
+        .filter_map(|a| match a {
+            Action::Request(e) => match e.body {
+                Body::SnapshotRequest { request_id } => Some(request_id),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "one request out, got {ids:?}");
+    // The node takes chunks of that request only: an answer to it completes the snapshot.
+    let mut hub = Hub::new(HubConfig::new("hub-1"), Epoch(5), Millis(0));
+    let req = Envelope::new(
+        "pbx-new",
+        Epoch(1),
+        1,
+        Body::SnapshotRequest { request_id: ids[0] },
+    );
+    hub.on_envelope(Millis(3), &req);
+    while let Some(HubAction::SendTo { envelope, .. }) = hub.next_snapshot_chunk() {
+        n.on_remote(Millis(4), &envelope);
+    }
+    assert!(n.snapshot_done());
+}
