@@ -31,6 +31,17 @@ pub struct Conn {
 impl Conn {
     /// Connects to `addr` and logs in with `Events: off`.
     pub async fn login(addr: &str, user: &str, secret: &str) -> anyhow::Result<Self> {
+        Self::login_with(addr, user, secret, false).await
+    }
+
+    /// Connects to `addr` and logs in, with events on (as an agent's session, which must see
+    /// its own writes come back) or off.
+    pub async fn login_with(
+        addr: &str,
+        user: &str,
+        secret: &str,
+        events: bool,
+    ) -> anyhow::Result<Self> {
         let s = TcpStream::connect(addr)
             .await
             .with_context(|| format!("connect {addr}"))?;
@@ -49,7 +60,7 @@ impl Conn {
             ("Action", "Login"),
             ("Username", user),
             ("Secret", secret),
-            ("Events", "off"),
+            ("Events", if events { "on" } else { "off" }),
         ])
         .await?;
         c.flush().await?;

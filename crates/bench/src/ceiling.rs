@@ -158,7 +158,11 @@ pub struct SetvarCeiling {
 }
 
 /// Sends `count` pipelined `Setvar DEVICE_STATE(Custom:hfbench<i>)` to `addr` (values cycling
-/// so each one changes the state) and times them until the last answer.
+/// so each one changes the state) and times them until the last answer. With `events`, the
+/// session receives events as an agent's does (each write then comes back as a
+/// `DeviceStateChange` the Asterisk must send), else it logs in with `Events: off`; the cycle
+/// then starts one state later, so that it still changes every key after an events-off run on
+/// the same keys.
 pub async fn setvar(
     addr: &str,
     user: &str,
@@ -166,9 +170,10 @@ pub async fn setvar(
     count: u64,
     window: u64,
     keys: u64,
+    events: bool,
 ) -> anyhow::Result<SetvarCeiling> {
     const STATES: [&str; 4] = ["INUSE", "NOT_INUSE", "RINGING", "BUSY"];
-    let conn = Conn::login(addr, user, secret).await?;
+    let conn = Conn::login_with(addr, user, secret, events).await?;
     let mut pipe = conn.into_pipe();
     let t0 = Instant::now();
     for i in 0..count {
@@ -178,7 +183,7 @@ pub async fn setvar(
             &[
                 ("Action", "Setvar"),
                 ("Variable", &var),
-                ("Value", STATES[round % 4]),
+                ("Value", STATES[(round + usize::from(events)) % 4]),
             ],
             window,
         )

@@ -72,6 +72,9 @@ enum Cmd {
         /// Unanswered actions allowed.
         #[arg(long, default_value_t = 512)]
         window: u64,
+        /// Log in with events on, as an agent does (each write then comes back as an event).
+        #[arg(long)]
+        events: bool,
     },
     /// Only the raw ZeroMQ PUB/SUB ceiling between two processes.
     ZmqCeiling {
@@ -179,8 +182,18 @@ async fn main() -> anyhow::Result<()> {
             ami_secret,
             count,
             window,
+            events,
         } => {
-            let c = ceiling::setvar(&asterisk, &ami_user, &ami_secret, count, window, 1000).await?;
+            let c = ceiling::setvar(
+                &asterisk,
+                &ami_user,
+                &ami_secret,
+                count,
+                window,
+                1000,
+                events,
+            )
+            .await?;
             println!(
                 "{}",
                 serde_json::json!({"setvar_per_sec": c.per_sec, "sent": c.sent, "accepted": c.accepted, "window": c.window})

@@ -210,6 +210,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
                 a.setvar_count,
                 a.window,
                 1000,
+                false,
             )
             .await
             .context("Setvar ceiling")?,

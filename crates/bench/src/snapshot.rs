@@ -8,7 +8,8 @@
 //! 3. Ceilings, same run: decoding and verifying the same chunk payloads in this process; raw
 //!    ZeroMQ PUB/SUB between two processes moving the same number of messages of the same
 //!    size (time = chunks / msg/s); pipelined Setvar/s of a spare server of the agent's
-//!    simulator (the floor of writing every key to an Asterisk).
+//!    simulator (the floor of writing every key to an Asterisk), with events off and with
+//!    events on as the agent's session has them (each write then also sends an event).
 //! 4. One real `hintfed-agent` (with a simulated Asterisk of its own) is started; from its
 //!    process start the tool polls every 10 ms: `/healthz` (up), `/metrics`
 //!    `hintfed_snapshot_entries_sum` ≥ keys (entries received into its table), its log line
@@ -148,7 +149,8 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
         anyhow::ensure!(up, "simulator did not come up (see {})", sim.log.display());
     }
     // The Setvar ceiling of the same simulator (a spare server of the same process): the
-    // floor of writing every key to an Asterisk.
+    // floor of writing every key to an Asterisk; once with events off, once with events on
+    // as the agent's session has them (every write then comes back as an event to send).
     let setvar = crate::ceiling::setvar(
         &spare_addr,
         "admin",
@@ -156,6 +158,17 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
         keys as u64,
         512,
         keys as u64,
+        false,
+    )
+    .await?;
+    let setvar_events = crate::ceiling::setvar(
+        &spare_addr,
+        "admin",
+        "adminsecret",
+        keys as u64,
+        512,
+        keys as u64,
+        true,
     )
     .await?;
     let mut stats_conn = Conn::login(&sim_addr, "admin", "adminsecret").await?;
@@ -218,6 +231,7 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
     }
     let agent_end = procs::usage(agent.pid(), tck).unwrap_or_default();
     let agent_secs = t0.elapsed().as_secs_f64();
+    let apply_rate = applied as f64 / (agent_secs - t_complete.unwrap_or(0.0)).max(1e-9);
     let report = json!({
         "mode": "snapshot",
         "keys": keys, "origins": origins,
@@ -232,6 +246,7 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
                      "zmq_secs_for_same_messages": zmq_secs,
                      "zmq_received_of_sent": format!("{}/{}", z.received, z.sent),
                      "setvar_per_sec": setvar.per_sec,
+                     "setvar_events_on_per_sec": setvar_events.per_sec,
                      "setvar_secs_for_all_keys": keys as f64 / setvar.per_sec},
         "agent": {
             "healthz_secs": t_http,
@@ -239,7 +254,7 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
             "snapshot_complete_secs": t_complete,
             "all_applied_secs": t_applied,
             "applied_at_end": applied,
-            "apply_rate_per_sec": applied as f64 / (agent_secs - t_complete.unwrap_or(0.0)).max(1e-9),
+            "apply_rate_per_sec": apply_rate,
             "cpu_secs": agent_end.cpu_secs,
             "peak_rss_mib_at_snapshot": rss_at_complete.map(|k| k as f64 / 1024.0),
             "peak_rss_mib": agent_end.peak_rss_kib as f64 / 1024.0,
@@ -247,7 +262,8 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
         "ratios": {
             "snapshot_complete_to_in_process_fetch": t_complete.map(|t| t / snap2.secs.max(1e-9)),
             "snapshot_complete_to_zmq_same_messages": t_complete.map(|t| t / zmq_secs.max(1e-9)),
-            "apply_rate_to_setvar_ceiling": applied as f64 / (agent_secs - t_complete.unwrap_or(0.0)).max(1e-9) / setvar.per_sec,
+            "apply_rate_to_setvar_ceiling": apply_rate / setvar.per_sec,
+            "apply_rate_to_setvar_events_on_ceiling": apply_rate / setvar_events.per_sec,
         },
         "target": {"snapshot_within_1s": t_complete.is_some_and(|t| t <= 1.0)},
         "machine_after": procs::machine(),
@@ -265,7 +281,7 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
         hub_usage.peak_rss_kib as f64 / 1024.0
     );
     println!(
-        "ceilings: in-process snapshot fetch {:.3} s; decode+verify {:.3} s; raw ZeroMQ PUB/SUB for {} msgs of {} B {:.3} s ({:.0} msg/s); pipelined Setvar {:.0}/s ({:.2} s for every key)",
+        "ceilings: in-process snapshot fetch {:.3} s; decode+verify {:.3} s; raw ZeroMQ PUB/SUB for {} msgs of {} B {:.3} s ({:.0} msg/s); pipelined Setvar {:.0}/s ({:.2} s for every key), {:.0}/s with events on",
         snap2.secs,
         decode,
         snap.chunks,
@@ -273,7 +289,8 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
         zmq_secs,
         z.msgs_per_sec,
         setvar.per_sec,
-        keys as f64 / setvar.per_sec
+        keys as f64 / setvar.per_sec,
+        setvar_events.per_sec
     );
     println!(
         "new agent (from process start): /healthz {}, {} entries received {}, snapshot complete {}, all {} written to its Asterisk {} ({} written at the end)",
