@@ -13,7 +13,7 @@
 //! changed recently, so a status view can be refreshed for those keys only. It records
 //! nothing until the first [`Table::changes_since`] call (tables nobody watches pay nothing).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::envelope::SnapshotEntry;
@@ -25,8 +25,9 @@ use crate::time::{Epoch, Millis};
 /// One origin's latest report of one device.
 ///
 /// Compact (48 bytes): the origin is a private index into the table's list of origin names
-/// (see [`DeviceEntries`] for the name).
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// (see [`DeviceEntries`] for the name). Equality compares the report (not the key's mark,
+/// see [`Table::mark_device`]).
+#[derive(Clone, Debug)]
 pub struct DeviceEntry {
     /// The state reported.
     pub value: DeviceState,
@@ -40,7 +41,25 @@ pub struct DeviceEntry {
     pub updated: Millis,
     /// Index of the origin in the table's interned names.
     origin: u32,
+    /// The key's mark (see [`Table::mark_device`]), the same in every entry of the key (kept
+    /// in the padding: no byte more per key).
+    mark: bool,
 }
+
+impl PartialEq for DeviceEntry {
+    fn eq(&self, o: &Self) -> bool {
+        (
+            self.value,
+            self.epoch,
+            self.seq,
+            self.ts,
+            self.updated,
+            self.origin,
+        ) == (o.value, o.epoch, o.seq, o.ts, o.updated, o.origin)
+    }
+}
+
+impl Eq for DeviceEntry {}
 
 /// The entries of one device key: one inline (the common case: a device is reported by
 /// its own PBX only), or several, sorted by origin name.
@@ -62,8 +81,22 @@ impl Slot {
         self.as_slice().iter().position(|e| e.origin == origin)
     }
 
-    /// Inserts `e` (whose origin is not present yet) keeping the entries sorted by name.
-    fn insert(&mut self, names: &[Box<str>], e: DeviceEntry) {
+    /// The key's mark (every entry holds it).
+    fn mark(&self) -> bool {
+        self.as_slice().first().is_some_and(|e| e.mark)
+    }
+
+    fn set_mark(&mut self) {
+        match self {
+            Slot::One(e) => e.mark = true,
+            Slot::Many(v) => v.iter_mut().for_each(|e| e.mark = true),
+        }
+    }
+
+    /// Inserts `e` (whose origin is not present yet) keeping the entries sorted by name; it
+    /// takes the key's mark.
+    fn insert(&mut self, names: &[Box<str>], mut e: DeviceEntry) {
+        e.mark = self.mark();
         let name = |e: &DeviceEntry| &names[e.origin as usize];
         let mut v = match std::mem::replace(self, Slot::Many(Vec::new())) {
             Slot::One(first) => {
@@ -213,6 +246,8 @@ pub struct Table {
     presence: BTreeMap<String, PresenceEntry>,
     floors: BTreeMap<String, (Epoch, u64)>,
     journal: Journal,
+    /// Marked device keys no longer in `devices` (see [`Table::mark_device`]).
+    marked_gone: BTreeSet<Box<str>>,
 }
 
 impl Table {
@@ -256,10 +291,13 @@ impl Table {
                     ts,
                     updated: now,
                     origin: id,
+                    mark: false,
                 };
                 match self.devices.get_mut(key) {
                     None => {
-                        self.devices.insert(key.into(), Slot::One(entry));
+                        let mark = !self.marked_gone.is_empty() && self.marked_gone.remove(key);
+                        self.devices
+                            .insert(key.into(), Slot::One(DeviceEntry { mark, ..entry }));
                     }
                     Some(slot) => match slot.position(id) {
                         Some(i) => {
@@ -270,7 +308,10 @@ impl Table {
                             if (cur.epoch, cur.seq) >= (epoch, seq) {
                                 return false;
                             }
-                            *cur = entry;
+                            *cur = DeviceEntry {
+                                mark: cur.mark,
+                                ..entry
+                            };
                         }
                         None => slot.insert(&self.names, entry),
                     },
@@ -319,10 +360,16 @@ impl Table {
         let Some(&id) = self.ids.get(origin) else {
             return dropped;
         };
+        let gone = &mut self.marked_gone;
         self.devices.retain(|key, slot| match slot.position(id) {
             Some(i) if (slot.as_slice()[i].epoch, slot.as_slice()[i].seq) < floor => {
                 dropped.push(key.to_string());
-                !slot.remove(i)
+                let mark = slot.mark();
+                let empty = slot.remove(i);
+                if empty && mark {
+                    gone.insert(key.clone());
+                }
+                !empty
             }
             _ => true,
         });
@@ -422,6 +469,33 @@ impl Table {
     /// The winning write of presence `key`.
     pub fn presence(&self, key: &str) -> Option<&PresenceEntry> {
         self.presence.get(key)
+    }
+
+    /// Marks device `key` (the node marks the keys it applied), whether or not the table
+    /// holds it. A mark costs no memory while the key is in the table and outlives the key's
+    /// entries (see [`Table::marked_gone`]); it is never cleared.
+    pub fn mark_device(&mut self, key: &str) {
+        match self.devices.get_mut(key) {
+            Some(slot) => slot.set_mark(),
+            None => {
+                if !self.marked_gone.contains(key) {
+                    self.marked_gone.insert(key.into());
+                }
+            }
+        }
+    }
+
+    /// Whether device `key` was marked ([`Table::mark_device`]).
+    pub fn is_marked(&self, key: &str) -> bool {
+        match self.devices.get(key) {
+            Some(slot) => slot.mark(),
+            None => self.marked_gone.contains(key),
+        }
+    }
+
+    /// The marked device keys the table no longer holds, in order.
+    pub fn marked_gone(&self) -> impl Iterator<Item = &str> {
+        self.marked_gone.iter().map(|k| &**k)
     }
 
     /// Every device key, in order.
@@ -709,6 +783,40 @@ mod tests {
             .expect("recent changes kept")
             .collect();
         assert_eq!(recent, [format!("d{JOURNAL_CAP}").as_str()]);
+    }
+
+    #[test]
+    fn a_mark_follows_the_key_through_its_entries_and_outlives_them() {
+        assert_eq!(
+            std::mem::size_of::<DeviceEntry>(),
+            48,
+            "the mark takes no byte"
+        );
+        let mut t = Table::new();
+        dev(&mut t, "a", 1, 1, "d", Inuse);
+        dev(&mut t, "a", 1, 2, "e", Inuse);
+        assert!(!t.is_marked("d"));
+        t.mark_device("d");
+        assert!(t.is_marked("d") && !t.is_marked("e"));
+        // A newer report, a second origin, then the first origin's entry dropped.
+        dev(&mut t, "a", 1, 3, "d", Busy);
+        dev(&mut t, "b", 1, 1, "d", NotInuse);
+        assert!(t.is_marked("d"));
+        t.end_full_sync("a", Epoch(2), 1);
+        assert!(t.is_marked("d") && t.device("d").is_some());
+        assert_eq!(t.marked_gone().count(), 0);
+        // Every entry gone: the mark stays; unmarked "e" leaves nothing behind.
+        t.end_full_sync("b", Epoch(2), 1);
+        assert!(t.device("d").is_none() && t.is_marked("d") && !t.is_marked("e"));
+        assert_eq!(t.marked_gone().collect::<Vec<_>>(), vec!["d"]);
+        // Reported again: the mark is back in the entry.
+        dev(&mut t, "c", 1, 1, "d", Inuse);
+        assert!(t.is_marked("d"));
+        assert_eq!(t.marked_gone().count(), 0);
+        // A key never in the table can be marked too.
+        t.mark_device("x");
+        assert!(t.is_marked("x"));
+        assert_eq!(t.marked_gone().collect::<Vec<_>>(), vec!["x"]);
     }
 
     #[test]
