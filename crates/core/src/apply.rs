@@ -26,8 +26,7 @@
 //!   [`ApplyQueue::is_echo`] recognises an event carrying one of them (by target and value,
 //!   no time window) until it is superseded, a different value is reported (a real change:
 //!   every expectation of the target is dropped), or `echo_max_age_ms` passed since the
-//!   target's last write. This replaces a separate map of expectations per key
-//!   ([`crate::echo::EchoSuppressor`]): the apply slot holds them at no extra key.
+//!   target's last write. The apply slot holds them at no extra key.
 //! - **Bound**: at most `max_keys` distinct targets wait. When full, the new target is refused
 //!   and the queue is flagged overflowed; the owner (a [`crate::node::Node`]) re-derives every
 //!   target from its table once the queue drained, so nothing is lost: the table, not the

@@ -12,7 +12,7 @@
 //!   bytes back into envelopes (size limit, MAC, version, structure, replay window).
 //! - [`policy`]: what is federated, what is never sent, unwritable-value substitution, local
 //!   naming of remote devices, shared presence keys, `down_state`.
-//! - [`echo`]: echo suppression (by key and value) and change suppression.
+//! - [`change`]: change suppression (a repeated event is not sent again).
 //! - [`seq`], [`liveness`], [`table`] and [`replica`]: per-origin sequence tracking (dedupe
 //!   and gaps), origin liveness (down/revive rules), the table of known state (per key, per
 //!   origin; presence last-writer-wins), combined as a [`Replica`].
@@ -32,7 +32,7 @@
 
 pub mod apply;
 pub mod auth;
-pub mod echo;
+pub mod change;
 pub mod envelope;
 pub mod hlc;
 pub mod hub;
@@ -47,7 +47,7 @@ pub mod time;
 
 pub use apply::{ApplyConfig, ApplyQueue, Push};
 pub use auth::{Key, KeyRing, Reject, RejectReason, Verifier, open};
-pub use echo::{ChangeSuppressor, EchoConfig, EchoSuppressor};
+pub use change::ChangeSuppressor;
 pub use envelope::{
     Body, Envelope, Limits, OriginSummary, Role, SnapshotEntry, Update, WIRE_VERSION,
 };

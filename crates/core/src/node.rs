@@ -50,7 +50,7 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::apply::{ApplyConfig, ApplyQueue};
-use crate::echo::{ChangeSuppressor, EchoConfig};
+use crate::change::ChangeSuppressor;
 use crate::envelope::{Body, Envelope, OriginSummary, Role, SnapshotEntry, Update};
 use crate::hlc::{Hlc, HlcTimestamp};
 use crate::liveness::Origins;
@@ -85,12 +85,10 @@ pub struct NodeConfig {
     /// Whether snapshots exist (hub topologies). Off for the broker, whose relays exchange
     /// envelopes in process.
     pub snapshots: bool,
-    /// Apply queue bounds.
+    /// Apply queue bounds, and how long the echoes of a write are expected
+    /// (`echo_max_age_ms`; bounded by its targets and [`crate::apply::ECHO_VALUES`] per
+    /// target).
     pub apply: ApplyConfig,
-    /// Echo suppression bounds: only `max_age_ms` applies (it overrides
-    /// `apply.echo_max_age_ms`); the expectations live in the apply queue's slots, bounded
-    /// by its targets and [`crate::apply::ECHO_VALUES`] per target.
-    pub echo: EchoConfig,
 }
 
 impl NodeConfig {
@@ -106,7 +104,6 @@ impl NodeConfig {
             resync_min_interval_ms: 1_000,
             snapshots: true,
             apply: ApplyConfig::default(),
-            echo: EchoConfig::default(),
         }
     }
 }
@@ -284,6 +281,7 @@ pub struct Node {
     next_request_id: u64,
     buffered_presence: Vec<(String, Presence)>,
     query: BTreeSet<String>,
+    applied: BTreeSet<String>,
     /// Hubs that answered a snapshot: their own streams (heartbeats, down notices) carry no
     /// state a snapshot could repair, so a hole in them never asks for one.
     hubs: BTreeSet<String>,
@@ -305,10 +303,7 @@ impl Node {
         let mut n = Node {
             replica: Replica::new(config.origin_timeout_ms),
             // Echo expectations live in the apply slots (one map per target, not two).
-            apply: ApplyQueue::new(ApplyConfig {
-                echo_max_age_ms: config.echo.max_age_ms,
-                ..config.apply.clone()
-            }),
+            apply: ApplyQueue::new(config.apply.clone()),
             cfg: config,
             epoch,
             seq: 0,
@@ -324,6 +319,7 @@ impl Node {
             next_request_id: 1,
             buffered_presence: Vec::new(),
             query: BTreeSet::new(),
+            applied: BTreeSet::new(),
             hubs: BTreeSet::new(),
             last_republish: None,
             republish_due: None,
@@ -977,12 +973,11 @@ impl Node {
             Some(&self.cfg.origin),
         ) {
             Some(s) => s,
-            // Nobody reports it any more: Asterisk's aggregate of no device. (The table marks
-            // the keys applied: a bit of the key's entries, no copy of the key.)
-            None if self.replica.table.is_marked(key) => aggregate(std::iter::empty()),
+            // Nobody reports it any more: Asterisk's aggregate of no device.
+            None if self.applied.contains(key) => aggregate(std::iter::empty()),
             None => return,
         };
-        self.replica.table.mark_device(key);
+        self.applied.insert(key.to_owned());
         let value = Value::Device(self.cfg.policy.writable(state));
         self.apply.push(target, value);
     }
@@ -1035,10 +1030,10 @@ impl Node {
         }
         // Keys applied before that vanished from the table entirely.
         let vanished: Vec<String> = self
-            .replica
-            .table
-            .marked_gone()
-            .map(str::to_owned)
+            .applied
+            .iter()
+            .filter(|k| self.replica.table.device(k).is_none())
+            .cloned()
             .collect();
         for k in vanished {
             self.recompute_device(&k);
