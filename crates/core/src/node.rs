@@ -281,7 +281,6 @@ pub struct Node {
     next_request_id: u64,
     buffered_presence: Vec<(String, Presence)>,
     query: BTreeSet<String>,
-    applied: BTreeSet<String>,
     /// Hubs that answered a snapshot: their own streams (heartbeats, down notices) carry no
     /// state a snapshot could repair, so a hole in them never asks for one.
     hubs: BTreeSet<String>,
@@ -319,7 +318,6 @@ impl Node {
             next_request_id: 1,
             buffered_presence: Vec::new(),
             query: BTreeSet::new(),
-            applied: BTreeSet::new(),
             hubs: BTreeSet::new(),
             last_republish: None,
             republish_due: None,
@@ -973,11 +971,12 @@ impl Node {
             Some(&self.cfg.origin),
         ) {
             Some(s) => s,
-            // Nobody reports it any more: Asterisk's aggregate of no device.
-            None if self.applied.contains(key) => aggregate(std::iter::empty()),
+            // Nobody reports it any more: Asterisk's aggregate of no device. (The table marks
+            // the keys applied: a bit of the key's entries, no copy of the key.)
+            None if self.replica.table.is_marked(key) => aggregate(std::iter::empty()),
             None => return,
         };
-        self.applied.insert(key.to_owned());
+        self.replica.table.mark_device(key);
         let value = Value::Device(self.cfg.policy.writable(state));
         self.apply.push(target, value);
     }
@@ -1030,10 +1029,10 @@ impl Node {
         }
         // Keys applied before that vanished from the table entirely.
         let vanished: Vec<String> = self
-            .applied
-            .iter()
-            .filter(|k| self.replica.table.device(k).is_none())
-            .cloned()
+            .replica
+            .table
+            .marked_gone()
+            .map(str::to_owned)
             .collect();
         for k in vanished {
             self.recompute_device(&k);
