@@ -325,10 +325,18 @@ impl Reader {
     }
 }
 
-async fn handshake(stream: TcpStream, limits: Limits) -> Result<(Reader, OwnedWriteHalf), End> {
+/// The server side of a ZMTP 3.0 NULL handshake: sends our greeting and `ready`, checks the
+/// peer's greeting (version 3 or later, mechanism NULL) and returns the peer's first frame,
+/// a command (its READY), for the caller to check. `buf` is the reader's initial capacity.
+pub(crate) async fn handshake(
+    stream: TcpStream,
+    limits: Limits,
+    ready: &[u8],
+    buf: usize,
+) -> Result<(Reader, OwnedWriteHalf, Frame), End> {
     let (mut read, mut write) = stream.into_split();
     let mut out = greeting().to_vec();
-    out.extend(ready());
+    out.extend(ready);
     write.write_all(&out).await.map_err(|_| End::Closed)?;
     let mut peer = [0u8; 64];
     read.read_exact(&mut peer).await.map_err(|_| End::Closed)?;
@@ -337,11 +345,20 @@ async fn handshake(stream: TcpStream, limits: Limits) -> Result<(Reader, OwnedWr
     }
     let mut reader = Reader {
         read,
-        buf: BytesMut::with_capacity(4096),
+        buf: BytesMut::with_capacity(buf),
         limits,
     };
     let first = reader.frame().await?;
-    if !first.command || !first.body.starts_with(b"\x05READY") {
+    if !first.command {
+        return Err(End::Closed);
+    }
+    Ok((reader, write, first))
+}
+
+/// A subscriber's handshake: its first command must be READY.
+async fn sub_handshake(stream: TcpStream, limits: Limits) -> Result<(Reader, OwnedWriteHalf), End> {
+    let (reader, write, first) = handshake(stream, limits, &ready(), 4096).await?;
+    if !first.body.starts_with(b"\x05READY") {
         return Err(End::Closed);
     }
     Ok((reader, write))
@@ -355,7 +372,7 @@ async fn serve(
     join_tx: mpsc::Sender<Queue>,
 ) {
     let _ = stream.set_nodelay(true);
-    let end = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake(stream, limits)).await {
+    let end = match tokio::time::timeout(HANDSHAKE_TIMEOUT, sub_handshake(stream, limits)).await {
         Err(_) => End::Closed,
         Ok(Err(e)) => e,
         Ok(Ok((reader, write))) => {

@@ -30,15 +30,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::fanout::{End, HANDSHAKE_TIMEOUT, Reader, WRITE_BATCH, command, greeting};
+use crate::fanout::{self, End, HANDSHAKE_TIMEOUT, Reader, WRITE_BATCH, command};
 use crate::guard::{OVERSIZE_WARN, WarnLimit, accept_bounded};
 use crate::hub::{PING, PONG, RouterMessage};
 use crate::link::{Frames, Limits, LinkStats};
@@ -238,28 +238,13 @@ fn peer_ready(body: &[u8]) -> Result<Option<Bytes>, End> {
     }
 }
 
+/// A DEALER/REQ/ROUTER peer's handshake: its READY names its socket type and maybe an
+/// identity.
 async fn handshake(
     stream: TcpStream,
     limits: Limits,
 ) -> Result<(Reader, OwnedWriteHalf, Option<Bytes>), End> {
-    let (mut read, mut write) = stream.into_split();
-    let mut out = greeting().to_vec();
-    out.extend(ready());
-    write.write_all(&out).await.map_err(|_| End::Closed)?;
-    let mut peer = [0u8; 64];
-    read.read_exact(&mut peer).await.map_err(|_| End::Closed)?;
-    if peer[0] != 0xff || peer[9] != 0x7f || peer[10] < 3 || &peer[12..16] != b"NULL" {
-        return Err(End::Closed);
-    }
-    let mut reader = Reader {
-        read,
-        buf: BytesMut::with_capacity(16 * 1024),
-        limits,
-    };
-    let first = reader.frame().await?;
-    if !first.command {
-        return Err(End::Closed);
-    }
+    let (reader, write, first) = fanout::handshake(stream, limits, &ready(), 16 * 1024).await?;
     let identity = peer_ready(&first.body)?;
     Ok((reader, write, identity))
 }
