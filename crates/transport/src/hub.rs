@@ -134,6 +134,13 @@ impl HubLinkConfig {
     }
 }
 
+/// Most messages that may wait in a link's inbound channel before the link stops reading
+/// replies (see [`HubLink`]); with snapshot chunks of up to 48 KiB, a few MB at most.
+const REPLY_BACKLOG: usize = 64;
+
+/// How often a link whose replies are held back looks at its inbound channel again.
+const BACKLOG_POLL: Duration = Duration::from_millis(1);
+
 /// Agent-side link to one hub: a supervised DEALER (to P) + SUB (to P+1) pair.
 ///
 /// Cheap to clone; the supervisor task stops when the last clone is dropped.
@@ -145,8 +152,13 @@ impl HubLinkConfig {
 ///   at most once: a message handed to a connection that dies may be lost silently (the
 ///   federation detects gaps by sequence number and fetches a snapshot).
 /// - inbound ([`Incoming`]): bounded (`inbound_capacity`, or the shared channel of a
-///   [`crate::MultiHub`]); when full the newest message is dropped and counted as
-///   `dropped_inbound_full`, so the socket task never stalls and liveness keeps working.
+///   [`crate::MultiHub`]). Replies (DEALER) are read from the socket only while fewer than
+///   64 messages (at most half the channel) wait in the channel: a longer answer (a
+///   snapshot) waits in the socket and the hub's queue instead of piling up here (and in the
+///   read buffer its frames point into), and none is dropped; meanwhile the hub counts as
+///   alive. Fan-out (SUB) messages are always read: when the channel is full the newest is
+///   dropped and counted as `dropped_inbound_full`, so the socket task never stalls and
+///   liveness keeps working.
 #[derive(Debug, Clone)]
 pub struct HubLink {
     tx: mpsc::Sender<Frames>,
@@ -344,7 +356,12 @@ impl LinkTask {
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_reply = Instant::now();
         let mut last_fanout = Instant::now();
+        let backlog_max = REPLY_BACKLOG.min(self.inbound.max_capacity() / 2).max(1);
         loop {
+            // Replies wait in the socket (the read buffer holds what was read until the
+            // application takes it) while the application is behind.
+            let backlog = self.inbound.max_capacity() - self.inbound.capacity();
+            let read_replies = backlog < backlog_max;
             tokio::select! {
                 () = self.cancel.cancelled() => return Exit::Stop,
                 cmd = self.rx.recv() => {
@@ -363,7 +380,7 @@ impl LinkTask {
                         }
                     }
                 }
-                r = drecv.recv() => match r {
+                r = drecv.recv(), if read_replies => match r {
                     Ok(msg) => {
                         last_reply = Instant::now();
                         let frames = msg.into_vec();
@@ -374,6 +391,10 @@ impl LinkTask {
                     }
                     Err(e) => return Exit::Lost(format!("receive failed: {e}")),
                 },
+                () = tokio::time::sleep(BACKLOG_POLL), if !read_replies => {
+                    // Not reading: the hub's replies (pongs too) wait unread.
+                    last_reply = Instant::now();
+                }
                 r = sub.recv() => match r {
                     Ok(msg) => {
                         last_fanout = Instant::now();

@@ -1,12 +1,12 @@
-//! HubBind ingress under overload: a flood larger than the inbound channel is held back by
-//! ZeroMQ/TCP while the application is busy, and every message arrives, in order, once the
-//! application reads again (nothing dropped for overload).
+//! Ingress under overload: a flood larger than the inbound channel (of a HubBind, or replies
+//! to a HubLink) is held back by ZeroMQ/TCP while the application is busy, and every message
+//! arrives, in order, once the application reads again (nothing dropped for overload).
 
 use std::time::Duration;
 
 use bytes::Bytes;
 use hintfed_testkit::wait::eventually;
-use hintfed_transport::{HubBind, HubBindConfig};
+use hintfed_transport::{Channel, HubBind, HubBindConfig, HubLink, HubLinkConfig};
 use tokio::time::timeout;
 use zeromq::{DealerSocket, Socket, SocketSend, ZmqMessage};
 
@@ -46,5 +46,51 @@ async fn a_flood_larger_than_the_inbound_queue_loses_nothing() {
     assert_eq!(stats.dropped_inbound_full, 0);
     assert_eq!(stats.messages_in, u64::from(FLOOD));
     let _dealer = sender.await.expect("sender");
+    bind.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_flood_larger_than_a_links_inbound_queue_loses_nothing() {
+    let (bind, mut hub_rx) = HubBind::bind(HubBindConfig::new("tcp://127.0.0.1:0"))
+        .await
+        .expect("bind");
+    let mut cfg = HubLinkConfig::new(bind.router_endpoint());
+    cfg.inbound_capacity = CAPACITY;
+    let (link, mut rx) = HubLink::connect(cfg).expect("link");
+    assert!(
+        link.wait_connected(Duration::from_secs(10)).await,
+        "link up"
+    );
+    link.try_send(vec![Bytes::from_static(b"hello")])
+        .expect("send");
+    let hello = timeout(Duration::from_secs(10), hub_rx.recv())
+        .await
+        .expect("the hub hears the link")
+        .expect("open");
+    // The application is busy while the hub answers with far more than the channel holds.
+    for i in 0..FLOOD {
+        let frames = vec![
+            Bytes::from_static(b"r"),
+            Bytes::from(i.to_be_bytes().to_vec()),
+        ];
+        bind.reply(hello.identity.clone(), frames)
+            .await
+            .expect("reply queued");
+    }
+    eventually("replies wait in the inbound channel", || !rx.is_empty()).await;
+    for i in 0..FLOOD {
+        let m = timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("reply {i} never arrived"))
+            .expect("open");
+        assert_eq!(m.channel, Channel::Reply);
+        assert!(
+            rx.len() <= CAPACITY / 2,
+            "at most half the channel holds replies"
+        );
+        assert_eq!(m.frames[1].as_ref(), i.to_be_bytes(), "reply {i}");
+    }
+    let stats = link.stats();
+    assert_eq!(stats.dropped_inbound_full, 0);
     bind.shutdown().await;
 }
