@@ -70,6 +70,21 @@ impl Daemon {
         self.child.id()
     }
 
+    /// `Err` naming the daemon and its log when it has exited. Check it after `/readyz` or
+    /// `/healthz` answered: an answer on a port proves nothing about this daemon when another
+    /// process holds that port (a daemon whose port was taken exits with "cannot bind").
+    pub fn ensure_running(&mut self) -> anyhow::Result<()> {
+        match self.child.try_wait() {
+            Ok(None) => Ok(()),
+            Ok(Some(status)) => anyhow::bail!(
+                "{} exited ({status}) (see {})",
+                self.name,
+                self.log.display()
+            ),
+            Err(e) => Err(anyhow::Error::from(e).context(format!("status of {}", self.name))),
+        }
+    }
+
     /// SIGTERM, then waits up to `grace` before SIGKILL.
     pub fn stop(&mut self, grace: Duration) {
         let _ = Command::new("kill")
@@ -259,6 +274,21 @@ mod tests {
             vec![15.2, 17.01, 12.0]
         );
         assert!(parse_loadavg("").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_daemon_that_exited_is_reported() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut d = Daemon::spawn("quits", Path::new("true"), &[], &[], dir.path()).expect("spawn");
+        let exited = wait_until(Duration::from_secs(10), || {
+            let r = d.ensure_running();
+            async move { r.is_err() }
+        })
+        .await;
+        assert!(exited, "a daemon that exited must not count as running");
+        let mut live = Daemon::spawn("stays", Path::new("sleep"), &["30".into()], &[], dir.path())
+            .expect("spawn");
+        live.ensure_running().expect("a live daemon is running");
     }
 
     #[test]

@@ -176,7 +176,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
         "65536".into(),
     ]);
     let secret_env = [("HINTFED_SIM_SECRET", a.ami_secret.as_str())];
-    let sim = Daemon::spawn(
+    let mut sim = Daemon::spawn(
         "sim",
         &procs::sibling("hintfed-sim")?,
         &sim_args,
@@ -292,6 +292,11 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
         })
         .await;
         anyhow::ensure!(ok, "{} not ready (see {})", d.name, d.log.display());
+    }
+    // A `ready` may come from another daemon holding the port of one that could not bind it.
+    sim.ensure_running()?;
+    for (d, _) in hubs.iter_mut().chain(agents.iter_mut()) {
+        d.ensure_running()?;
     }
 
     // A tap on the first hub's PUB splits the latency at the hub.
