@@ -151,26 +151,19 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
     // The Setvar ceiling of the same simulator (a spare server of the same process): the
     // floor of writing every key to an Asterisk; once with events off, once with events on
     // as the agent's session has them (every write then comes back as an event to send).
-    let setvar = crate::ceiling::setvar(
-        &spare_addr,
-        "admin",
-        "adminsecret",
-        keys as u64,
-        512,
-        keys as u64,
-        false,
-    )
-    .await?;
-    let setvar_events = crate::ceiling::setvar(
-        &spare_addr,
-        "admin",
-        "adminsecret",
-        keys as u64,
-        512,
-        keys as u64,
-        true,
-    )
-    .await?;
+    let ceiling = |events| {
+        crate::ceiling::setvar(
+            &spare_addr,
+            "admin",
+            "adminsecret",
+            keys as u64,
+            512,
+            keys as u64,
+            events,
+        )
+    };
+    let setvar = ceiling(false).await?;
+    let setvar_events = ceiling(true).await?;
     let mut stats_conn = Conn::login(&sim_addr, "admin", "adminsecret").await?;
     let (host, port) = sim_addr.rsplit_once(':').context("host:port")?;
     let http = format!("127.0.0.1:{}", procs::free_port()?);

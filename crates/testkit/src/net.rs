@@ -4,7 +4,7 @@
 //! A port is free when handed out, but nothing holds it until its daemon binds it: the kernel
 //! may hand the same port to the next `bind(127.0.0.1:0)` in the meantime (about once in 200
 //! `hintfed-bench run`s of 10 agents the same HTTP port went to two agents; the second one
-//! exited with "cannot bind [http] listen" while its `/readyz` was answered by the first, and
+//! exited with `cannot bind [http] listen` while its `/readyz` was answered by the first, and
 //! the run silently went without that agent). So one process never gets the same port twice:
 //! every port handed out (both of a pair) is remembered and skipped afterwards.
 

@@ -239,12 +239,14 @@ pub(crate) fn command(name: &[u8], body: &[u8]) -> Vec<u8> {
     out
 }
 
-fn ready() -> Vec<u8> {
+/// Our READY command, announcing `socket_type` (`PUB`, `ROUTER`).
+pub(crate) fn ready(socket_type: &[u8]) -> Vec<u8> {
     let mut props = Vec::new();
     props.push(11);
     props.extend_from_slice(b"Socket-Type");
-    props.extend_from_slice(&3u32.to_be_bytes());
-    props.extend_from_slice(b"PUB");
+    let len = u32::try_from(socket_type.len()).expect("a socket type name is short");
+    props.extend_from_slice(&len.to_be_bytes());
+    props.extend_from_slice(socket_type);
     command(b"READY", &props)
 }
 
@@ -357,7 +359,7 @@ pub(crate) async fn handshake(
 
 /// A subscriber's handshake: its first command must be READY.
 async fn sub_handshake(stream: TcpStream, limits: Limits) -> Result<(Reader, OwnedWriteHalf), End> {
-    let (reader, write, first) = handshake(stream, limits, &ready(), 4096).await?;
+    let (reader, write, first) = handshake(stream, limits, &ready(b"PUB"), 4096).await?;
     if !first.body.starts_with(b"\x05READY") {
         return Err(End::Closed);
     }

@@ -189,15 +189,6 @@ fn encode_into(out: &mut Vec<u8>, frames: &[Bytes]) {
     }
 }
 
-fn ready() -> Vec<u8> {
-    let mut props = Vec::new();
-    props.push(11);
-    props.extend_from_slice(b"Socket-Type");
-    props.extend_from_slice(&6u32.to_be_bytes());
-    props.extend_from_slice(b"ROUTER");
-    command(b"READY", &props)
-}
-
 /// The properties of a READY command body (after its name): `(name, value)` pairs, or `None`
 /// when malformed.
 fn properties(mut body: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
@@ -244,7 +235,8 @@ async fn handshake(
     stream: TcpStream,
     limits: Limits,
 ) -> Result<(Reader, OwnedWriteHalf, Option<Bytes>), End> {
-    let (reader, write, first) = fanout::handshake(stream, limits, &ready(), 16 * 1024).await?;
+    let (reader, write, first) =
+        fanout::handshake(stream, limits, &fanout::ready(b"ROUTER"), 16 * 1024).await?;
     let identity = peer_ready(&first.body)?;
     Ok((reader, write, identity))
 }
