@@ -93,6 +93,16 @@ async fn next_message(s: &mut TcpStream) -> Vec<Vec<u8>> {
     }
 }
 
+/// A hub bound on a free port, its inbound channel and its ROUTER's host:port.
+async fn bind(cfg: HubBindConfig) -> (HubBind, mpsc::Receiver<RouterMessage>, String) {
+    let (hub, rx) = HubBind::bind(cfg).await.expect("bind");
+    let addr = hub
+        .router_endpoint()
+        .trim_start_matches("tcp://")
+        .to_owned();
+    (hub, rx, addr)
+}
+
 async fn recv(rx: &mut mpsc::Receiver<RouterMessage>) -> RouterMessage {
     timeout(SETUP, rx.recv())
         .await
@@ -102,13 +112,7 @@ async fn recv(rx: &mut mpsc::Receiver<RouterMessage>) -> RouterMessage {
 
 #[tokio::test]
 async fn identities_are_kept_unless_taken_and_replies_reach_their_peer() {
-    let (hub, mut rx) = HubBind::bind(HubBindConfig::new("tcp://127.0.0.1:0"))
-        .await
-        .expect("bind");
-    let addr = hub
-        .router_endpoint()
-        .trim_start_matches("tcp://")
-        .to_owned();
+    let (hub, mut rx, addr) = bind(HubBindConfig::new("tcp://127.0.0.1:0")).await;
 
     let mut a = peer(&addr, "DEALER", Some(b"agent-a")).await;
     a.write_all(&message(&[b"t", b"from a"])).await.expect("a");
@@ -202,11 +206,7 @@ async fn zmtp_ping_commands_are_answered_with_pong() {
 async fn incompatible_peers_and_too_many_frames_are_refused() {
     let mut cfg = HubBindConfig::new("tcp://127.0.0.1:0");
     cfg.limits.max_frames = 2;
-    let (hub, mut rx) = HubBind::bind(cfg).await.expect("bind");
-    let addr = hub
-        .router_endpoint()
-        .trim_start_matches("tcp://")
-        .to_owned();
+    let (hub, mut rx, addr) = bind(cfg).await;
 
     // A PUB is not a ROUTER's peer: the hub closes the connection.
     let mut p = peer(&addr, "PUB", None).await;
@@ -265,11 +265,7 @@ async fn a_peer_that_never_reads_is_closed_and_releases_its_queued_replies() {
     let mut cfg = HubBindConfig::new("tcp://127.0.0.1:0");
     cfg.send_timeout = Duration::from_millis(200);
     cfg.heartbeat_interval = None;
-    let (hub, mut rx) = HubBind::bind(cfg).await.expect("bind");
-    let addr = hub
-        .router_endpoint()
-        .trim_start_matches("tcp://")
-        .to_owned();
+    let (hub, mut rx, addr) = bind(cfg).await;
     let mut deaf = peer(&addr, "DEALER", None).await;
     deaf.write_all(&message(&[b"t", b"hello"]))
         .await
