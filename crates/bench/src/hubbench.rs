@@ -316,6 +316,8 @@ pub async fn run(a: HubArgs) -> anyhow::Result<serde_json::Value> {
     })
     .await;
     anyhow::ensure!(up, "hub did not come up (see {})", hub.log.display());
+    // Its /healthz port could be another process's (picked free, bound later): still running?
+    hub.ensure_running()?;
 
     eprintln!(
         "hub: {} updates -> {} subscribers ...",

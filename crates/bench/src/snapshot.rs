@@ -193,6 +193,8 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
     while Instant::now() < deadline && t_applied.is_none() {
         if t_http.is_none() && procs::http_get(&http, "/healthz").await.contains("ok") {
             t_http = Some(t0.elapsed().as_secs_f64());
+            // The answer could come from another process on a port picked free, bound later.
+            agent.ensure_running()?;
         }
         if t_http.is_some() && t_entries.is_none() {
             let m = procs::http_get(&http, "/metrics").await;
