@@ -198,7 +198,7 @@ pub async fn start_hub(
             key = crate::fill::KEY,
         ),
     )?;
-    let daemon = Daemon::spawn(
+    let mut daemon = Daemon::spawn(
         name,
         &sibling("hintfed-server")?,
         &["--config".into(), cfg.display().to_string()],
@@ -210,6 +210,7 @@ pub async fn start_hub(
     })
     .await;
     anyhow::ensure!(up, "{name} did not come up (see {})", daemon.log.display());
+    daemon.ensure_running()?;
     Ok(Hub {
         daemon,
         endpoint: format!("tcp://127.0.0.1:{port}"),
