@@ -718,14 +718,7 @@ async fn bind_pair(
             (l1, l2, host.clone())
         }
     };
-    let router_port = router_listener
-        .local_addr()
-        .map_err(|e| guard::bind_error(&config.endpoint, e))?
-        .port();
-    let router_endpoint = tcp_endpoint(
-        host.trim_start_matches('[').trim_end_matches(']'),
-        router_port,
-    );
+    let router_endpoint = bound_endpoint(&router_listener, &host, &config.endpoint)?;
     let router = Router::start(
         router_listener,
         config.limits,
@@ -735,14 +728,7 @@ async fn bind_pair(
         stats.clone(),
         inbound,
     );
-    let pub_port = pub_listener
-        .local_addr()
-        .map_err(|e| guard::bind_error(&config.endpoint, e))?
-        .port();
-    let pub_endpoint = tcp_endpoint(
-        pub_host.trim_start_matches('[').trim_end_matches(']'),
-        pub_port,
-    );
+    let pub_endpoint = bound_endpoint(&pub_listener, &pub_host, &config.endpoint)?;
     let fanout = Fanout::start(
         pub_listener,
         config.limits,
@@ -755,6 +741,23 @@ async fn bind_pair(
         router_endpoint,
         pub_endpoint,
     })
+}
+
+/// The `tcp://host:port` endpoint `listener` is bound on (`host` may be a bracketed IPv6
+/// address); a failure names `endpoint`, the configured one.
+fn bound_endpoint(
+    listener: &tokio::net::TcpListener,
+    host: &str,
+    endpoint: &str,
+) -> Result<String, TransportError> {
+    let port = listener
+        .local_addr()
+        .map_err(|e| guard::bind_error(endpoint, e))?
+        .port();
+    Ok(tcp_endpoint(
+        host.trim_start_matches('[').trim_end_matches(']'),
+        port,
+    ))
 }
 
 struct BindTask {
