@@ -33,12 +33,16 @@
 //!   queue, is the source of truth.
 //!
 //! Memory: one slot per target ever written or observed. Device targets (the many) keep
-//! their values as one-byte states: a slot is 24 bytes beside its shared key; presence
-//! targets keep boxed values in a map of their own. The queue order holds a second
-//! reference to the key of waiting targets only.
+//! their values as one-byte states: a slot is 24 bytes beside its key, a [`CompactString`]
+//! that holds a target of up to 24 bytes (`Custom:PJSIP/b3n1234`) inline, without a block of
+//! its own: about 64 bytes per written target in all, the map's spare room included
+//! (`tests/key_memory.rs`). Presence targets keep boxed values in a map of their own. The
+//! queue order holds a copy of the key of waiting targets only (24 bytes; a longer target's
+//! copy is a block of its own).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+
+use compact_str::CompactString;
 
 use crate::state::{DeviceState, Value};
 use crate::time::Millis;
@@ -267,7 +271,7 @@ impl<T: Stored> Slot<T> {
 #[derive(Clone, Debug, Default)]
 struct Shared {
     config: ApplyConfig,
-    order: VecDeque<Arc<str>>,
+    order: VecDeque<CompactString>,
     pending: usize,
     in_flight: usize,
     /// Write generation: completed writes so far.
@@ -280,11 +284,11 @@ struct Shared {
     clock: Millis,
 }
 
-type Slots<T> = HashMap<Arc<str>, Slot<T>>;
+type Slots<T> = HashMap<CompactString, Slot<T>>;
 
 fn slot_mut<'a, T>(slots: &'a mut Slots<T>, target: &str) -> &'a mut Slot<T> {
     if !slots.contains_key(target) {
-        slots.insert(Arc::from(target), Slot::default());
+        slots.insert(CompactString::from(target), Slot::default());
     }
     slots.get_mut(target).expect("inserted just above")
 }
@@ -293,7 +297,7 @@ fn slot_mut<'a, T>(slots: &'a mut Slots<T>, target: &str) -> &'a mut Slot<T> {
 fn enqueue<T>(slots: &Slots<T>, q: &mut Shared, target: &str) {
     if let Some((key, _)) = slots.get_key_value(target) {
         q.pending += 1;
-        q.order.push_back(Arc::clone(key));
+        q.order.push_back(key.clone());
     }
 }
 
@@ -481,9 +485,9 @@ impl ApplyQueue {
         let budget = self.q.order.len();
         for _ in 0..budget {
             let key = self.q.order.pop_front()?;
-            let d = if let Some(slot) = self.devices.get_mut(&key) {
+            let d = if let Some(slot) = self.devices.get_mut(key.as_str()) {
                 dispatch(slot, &mut self.q, now)
-            } else if let Some(slot) = self.others.get_mut(&key) {
+            } else if let Some(slot) = self.others.get_mut(key.as_str()) {
                 dispatch(slot, &mut self.q, now)
             } else {
                 Dispatch::Drop
@@ -491,7 +495,7 @@ impl ApplyQueue {
             match d {
                 Dispatch::Drop => {}
                 Dispatch::Later => self.q.order.push_back(key),
-                Dispatch::Write(value) => return Some((key.to_string(), value)),
+                Dispatch::Write(value) => return Some((key.into_string(), value)),
             }
         }
         None
@@ -1056,6 +1060,24 @@ mod tests {
     fn a_device_slot_is_small() {
         // The many targets are devices: values as one-byte states, no per-slot allocation.
         assert!(std::mem::size_of::<Slot<DeviceState>>() <= 24);
+    }
+
+    #[test]
+    fn targets_longer_than_the_inline_limit_behave_the_same() {
+        let long = format!("Custom:PJSIP/{}", "x".repeat(40));
+        let mut a = q(10, 1);
+        assert_eq!(a.push(long.clone(), d(Ringing)), Push::Queued);
+        assert_eq!(a.push("y".into(), d(Inuse)), Push::Queued);
+        assert_eq!(a.push(long.clone(), d(Inuse)), Push::Conflated);
+        assert_eq!(a.next_write_at(Millis(1)), Some((long.clone(), d(Inuse))));
+        assert_eq!(a.push(long.clone(), d(Busy)), Push::Queued, "waits");
+        assert!(a.is_echo(&long, &d(Inuse), Millis(2)));
+        assert!(a.complete(&long, true));
+        assert_eq!(a.held(&long), Some(&d(Inuse)));
+        assert_eq!(a.next_write(), Some(("y".into(), d(Inuse))));
+        a.complete("y", true);
+        assert_eq!(a.next_write(), Some((long.clone(), d(Busy))));
+        assert_eq!(a.targets_len(), 2);
     }
 
     #[test]
