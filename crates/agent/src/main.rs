@@ -34,6 +34,8 @@ fn main() -> std::process::ExitCode {
         name: "hintfed-agent",
         version: env!("CARGO_PKG_VERSION"),
         env_sections: SECTIONS,
+        // One Asterisk, one relay loop: one thread, no hand-over between threads per event.
+        worker_threads: 1,
     };
     run::main(
         spec,

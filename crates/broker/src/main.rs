@@ -39,6 +39,7 @@ fn main() -> std::process::ExitCode {
         name: "hintfed-broker",
         version: env!("CARGO_PKG_VERSION"),
         env_sections: ENV_SECTIONS,
+        worker_threads: 0,
     };
     run::main(
         spec,

@@ -24,6 +24,7 @@
 //!         name: "hintfed-agent",
 //!         version: env!("CARGO_PKG_VERSION"),
 //!         env_sections: &["general", "asterisk", "federation", "http"],
+//!         worker_threads: 1,
 //!     };
 //!     // The runtime, then `run::run` on it (embedders with their own runtime call `run`).
 //!     run::main(spec, &cli.common, None, load, |cfg, ctx| async move {
@@ -57,7 +58,7 @@ use crate::signals::{self, ReloadReceiver, Signals};
 pub const EXIT_FAILURE: u8 = 1;
 
 /// Keys of `[general]` read by this crate (add them to the daemon's known keys).
-pub const GENERAL_KEYS: &[&str] = &["log_level", "shutdown_grace"];
+pub const GENERAL_KEYS: &[&str] = &["log_level", "shutdown_grace", "worker_threads"];
 /// Keys of `[http]` read by this crate.
 pub const HTTP_KEYS: &[&str] = &[
     "listen",
@@ -65,6 +66,8 @@ pub const HTTP_KEYS: &[&str] = &[
     "max_event_clients",
     "head_timeout",
 ];
+/// Largest `[general] worker_threads`.
+pub const MAX_WORKER_THREADS: usize = 256;
 /// Default `[general] shutdown_grace`.
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
@@ -77,9 +80,12 @@ pub struct DaemonSpec {
     pub version: &'static str,
     /// Sections an environment variable may create (see [`ConfigFile::load`]).
     pub env_sections: &'static [&'static str],
+    /// Default `[general] worker_threads`: runtime threads doing the daemon's work (`1`: one
+    /// thread runs every task, no hand-over between threads; `0`: one per CPU).
+    pub worker_threads: usize,
 }
 
-/// The settings this crate reads: `[general] log_level`, `[general] shutdown_grace`,
+/// The settings this crate reads: `[general] log_level`, `shutdown_grace`, `worker_threads`,
 /// `[http] listen`, `max_connections`, `max_event_clients`, `head_timeout`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct CommonConfig {
@@ -88,6 +94,9 @@ pub struct CommonConfig {
     /// `[general] shutdown_grace` (default 5s).
     #[serde(serialize_with = "config::ser::duration")]
     pub shutdown_grace: Duration,
+    /// `[general] worker_threads` as written (`None`: the daemon's default; `0`: one per CPU).
+    /// Read when the runtime starts: a reload does not change it.
+    pub worker_threads: Option<usize>,
     /// `[http] listen`; `None` = no HTTP listener.
     pub http_listen: Option<SocketAddr>,
     /// `[http] max_connections`, `max_event_clients`, `head_timeout`.
@@ -104,6 +113,15 @@ impl CommonConfig {
             logging::parse_level(l).map_err(|e| general.error("log_level", e.to_string()))?;
         }
         let shutdown_grace = general.duration_or("shutdown_grace", DEFAULT_SHUTDOWN_GRACE)?;
+        let worker_threads = match general.number::<usize>("worker_threads")? {
+            Some(n) if n > MAX_WORKER_THREADS => {
+                return Err(general.error(
+                    "worker_threads",
+                    format!("must be at most {MAX_WORKER_THREADS}"),
+                ));
+            }
+            n => n,
+        };
         let http = file.section("http");
         let defaults = HttpLimits::default();
         let positive = |key: &str, default: usize| -> Result<usize, ConfigError> {
@@ -116,6 +134,7 @@ impl CommonConfig {
         Ok(Self {
             log_level,
             shutdown_grace,
+            worker_threads,
             http_listen: http.socket_addr("listen")?,
             http_limits: HttpLimits {
                 max_connections: positive("max_connections", defaults.max_connections)?,
@@ -214,6 +233,8 @@ pub fn effective_config<C: Serialize>(
             g.entry("shutdown_grace").or_insert_with(|| {
                 Value::String(humantime::format_duration(common.shutdown_grace).to_string())
             });
+            g.entry("worker_threads")
+                .or_insert_with(|| common.worker_threads.unwrap_or(spec.worker_threads).into());
         }
         if let Some(listen) = common.http_listen {
             let http = top
@@ -267,7 +288,7 @@ fn now_ms() -> u64 {
 /// # use hintfed_daemon::{cli::CommonArgs, config::{ConfigError, ConfigFile}, run};
 /// # fn load(_: &ConfigFile) -> Result<(), ConfigError> { Ok(()) }
 /// # let common = CommonArgs::default();
-/// # let spec = run::DaemonSpec { name: "hintfed-x", version: "0", env_sections: &[] };
+/// # let spec = run::DaemonSpec { name: "hintfed-x", version: "0", env_sections: &[], worker_threads: 0 };
 /// let status = run::main(spec, &common, None, load, |_cfg, ctx| async move {
 ///     ctx.shutdown.cancelled().await;
 ///     Ok(())
@@ -286,10 +307,27 @@ where
     D: FnOnce(C, Context) -> Fut,
     Fut: Future<Output = anyhow::Result<()>> + Send + 'static,
 {
-    let rt = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The thread count is needed before the runtime exists: read it from the file here;
+    // `run` loads the file again and reports any problem in it.
+    let threads = args
+        .config_path(fallback_config)
+        .and_then(|path| ConfigFile::load(path, spec.env_sections).ok())
+        .and_then(|file| CommonConfig::from_file(&file).ok())
+        .and_then(|c| c.worker_threads)
+        .unwrap_or(spec.worker_threads);
+    let built = match threads {
+        1 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build(),
+        0 => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    };
+    let rt = match built {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("{}: cannot start the runtime: {e}", spec.name);

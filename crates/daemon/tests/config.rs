@@ -192,6 +192,22 @@ fn bad_values_give_one_line_errors() {
         "config error: a.ini: [general] log_level: \"loud\" is not a log level (trace, debug, info, warning, error, off)"
     );
 
+    let threads = |v: &str| {
+        let text = AGENT_INI.replace("[general]\n", &format!("[general]\nworker_threads = {v}\n"));
+        let cfg = ConfigFile::parse("a.ini", &text, Vec::new(), &[]).expect("parse");
+        CommonConfig::from_file(&cfg).map(|c| c.worker_threads)
+    };
+    assert_eq!(threads("1"), Ok(Some(1)));
+    assert_eq!(threads("0"), Ok(Some(0)));
+    assert_eq!(
+        threads("-2").expect_err("negative").to_string(),
+        "config error: a.ini: [general] worker_threads: \"-2\" is not a valid number"
+    );
+    assert_eq!(
+        threads("1000").expect_err("too many").to_string(),
+        "config error: a.ini: [general] worker_threads: must be at most 256"
+    );
+
     let missing = ConfigFile::load(std::path::Path::new("/nonexistent/hintfed.ini"), &[])
         .expect_err("missing file");
     assert!(
@@ -275,6 +291,7 @@ const SPEC: DaemonSpec = DaemonSpec {
     name: "hintfed-test",
     version: "0.0.0",
     env_sections: &["general", "asterisk", "http"],
+    worker_threads: 0,
 };
 
 #[test]
@@ -290,7 +307,7 @@ fn effective_config_masks_secrets_and_shows_defaults() {
         "{text}"
     );
     assert!(
-        text.contains("[general]\nlog_level = info\nshutdown_grace = 5s\n"),
+        text.contains("[general]\nlog_level = info\nshutdown_grace = 5s\nworker_threads = 0\n"),
         "{text}"
     );
     assert!(text.contains("[http]\nlisten = 127.0.0.1:9480\n"), "{text}");
@@ -359,4 +376,30 @@ async fn run_exits_64_on_bad_config_and_0_on_check() {
     )
     .await;
     assert_eq!(code, 0);
+}
+
+#[test]
+fn worker_threads_chooses_the_runtime() {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    // No HTTP listener: nothing binds a fixed port.
+    let no_http = AGENT_INI.replace("listen = 127.0.0.1:9480 ; see the operability issue\n", "");
+    for (line, flavor, workers) in [
+        ("worker_threads = 1", RuntimeFlavor::CurrentThread, 1),
+        ("worker_threads = 2", RuntimeFlavor::MultiThread, 2),
+    ] {
+        let f = temp_ini(&no_http.replace("[general]\n", &format!("[general]\n{line}\n")));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let _ = run::main(
+            SPEC,
+            &args(f.path().into(), false),
+            None,
+            load_typed,
+            move |_, _| async move {
+                let h = Handle::current();
+                tx.send((h.runtime_flavor(), h.metrics().num_workers()))?;
+                Ok(())
+            },
+        );
+        assert_eq!(rx.try_recv(), Ok((flavor, workers)), "{line}");
+    }
 }

@@ -64,6 +64,7 @@ async fn lifecycle_with_real_signals() {
         name: "hintfed-test",
         version: "0.0.0",
         env_sections: &["general", "http"],
+        worker_threads: 0,
     };
     let (tx, mut notes) = mpsc::unbounded_channel();
     let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();

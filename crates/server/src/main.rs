@@ -30,6 +30,7 @@ fn main() -> ExitCode {
         name: "hintfed-server",
         version: env!("CARGO_PKG_VERSION"),
         env_sections: config::ENV_SECTIONS,
+        worker_threads: 0,
     };
     run::main(
         spec,
