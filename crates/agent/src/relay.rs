@@ -63,15 +63,15 @@ use hintfed_core::{
     Role, Value, Verifier,
 };
 use hintfed_daemon::http::{
-    DeviceView, OriginView, PresenceView, Readiness, StateView, StatusEvent, StatusEvents,
-    StatusSource,
+    BoxFuture, OriginView, Readiness, StateView, StatusEvent, StatusEvents, StatusSource,
 };
 use hintfed_daemon::metrics::{self, ApplyResult, Metrics};
+use hintfed_daemon::views;
 use hintfed_transport::{FederationTransport, Incoming};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use regex::Regex;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -161,7 +161,12 @@ pub enum RelayError {
 /// A change a [`RelayHandle`] asks for.
 #[derive(Debug)]
 enum Control {
-    Reload { filter: DeviceFilter, keys: KeyRing },
+    Reload {
+        filter: DeviceFilter,
+        keys: KeyRing,
+    },
+    /// `/api/state`: the rows, built from the table.
+    State(oneshot::Sender<StateView>),
 }
 
 /// Counters of a relay, beside the node's own.
@@ -193,197 +198,45 @@ pub struct RelayCounters {
     pub hubs_connected: usize,
 }
 
-/// The shared status: rows by key, so a refresh replaces only the rows that changed.
-///
-/// Device rows are compact (the aggregate and each origin's state as enums, origins as
-/// indexes into `origin_names`, one origin inline; ~90 bytes per key with the key and the
-/// map's share): the [`DeviceView`]s with their strings and maps are built only when read
-/// (`/api/state`) or pushed (`/events`).
+/// What the status page reads without asking the relay: the origin rows and the counters,
+/// refreshed at most once per tick. Device and presence rows are built from the node's table
+/// when `/api/state` asks ([`Control::State`]): the agent keeps no copy of its table for the
+/// page.
 #[derive(Debug, Default)]
-struct StatusCache {
-    /// By key, unordered (a B-tree filled in key order, as snapshots arrive, keeps its
-    /// nodes half full); sorted when read.
-    devices: HashMap<Box<str>, DeviceRow>,
-    origin_names: Vec<Box<str>>,
-    origin_index: HashMap<Box<str>, u32>,
-    presence: BTreeMap<String, PresenceView>,
+struct StatusShared {
     origins: Vec<OriginView>,
     counters: RelayCounters,
 }
 
-/// One device row as the status cache keeps it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct DeviceRow {
-    /// The aggregate applied everywhere (`UNKNOWN` when none).
-    aggregate: DeviceState,
-    /// When the aggregate last changed, Unix ms.
-    changed_ms: u64,
-    /// Per origin (index into `origin_names`, by name): the state as shown.
-    origins: RowOrigins,
-}
-
-/// The origins of a device row: most devices have one (their own server), kept inline
-/// (no allocation per row); several in a boxed slice.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum RowOrigins {
-    One([(u32, DeviceState); 1]),
-    Many(Box<[(u32, DeviceState)]>),
-}
-
-impl RowOrigins {
-    fn new(mut v: Vec<(u32, DeviceState)>) -> Self {
-        match v.as_slice() {
-            [one] => RowOrigins::One([*one]),
-            _ => {
-                v.shrink_to_fit();
-                RowOrigins::Many(v.into_boxed_slice())
-            }
-        }
-    }
-
-    fn as_slice(&self) -> &[(u32, DeviceState)] {
-        match self {
-            RowOrigins::One(o) => o,
-            RowOrigins::Many(o) => o,
-        }
-    }
-}
-
-/// What one refresh needs to read a device row out of the table.
-struct RowContext<'a> {
-    table: &'a hintfed_core::Table,
-    origins: &'a hintfed_core::Origins,
-    down: DeviceState,
-    me: &'a str,
-    now: Millis,
-    events: Option<&'a StatusEvents>,
-}
-
-impl StatusCache {
-    fn intern(&mut self, origin: &str) -> u32 {
-        if let Some(i) = self.origin_index.get(origin) {
-            return *i;
-        }
-        let i = u32::try_from(self.origin_names.len()).unwrap_or(u32::MAX);
-        self.origin_names.push(origin.into());
-        self.origin_index.insert(origin.into(), i);
-        i
-    }
-
-    fn view(&self, key: &str, row: &DeviceRow) -> DeviceView {
-        DeviceView {
-            key: key.to_owned(),
-            aggregate: row.aggregate.as_str().to_owned(),
-            changed_ms: row.changed_ms,
-            origins: row
-                .origins
-                .as_slice()
-                .iter()
-                .map(|(o, s)| {
-                    let name = self.origin_names.get(*o as usize).map_or("", |n| &**n);
-                    (name.to_owned(), s.as_str().to_owned())
-                })
-                .collect(),
-        }
-    }
-
-    /// Re-reads the device row of `key` from the table; pushes the new view on `/events`
-    /// when it changed. Returns whether a row was removed.
-    fn refresh_device(&mut self, key: &str, cx: &RowContext<'_>) -> bool {
-        let Some(per) = cx.table.device(key) else {
-            return self.devices.remove(key).is_some();
-        };
-        let aggregate = cx
-            .table
-            .aggregate(key, cx.origins, cx.down, None)
-            .unwrap_or(DeviceState::Unknown);
-        let origins: Vec<(u32, DeviceState)> = per
-            .iter()
-            .map(|(o, e)| {
-                let v = if cx.origins.is_down(o) && o != cx.me {
-                    cx.down
-                } else {
-                    e.value
-                };
-                (self.intern(o), v)
-            })
-            .collect();
-        let changed_ms = match self.devices.get(key) {
-            Some(old) if old.aggregate == aggregate => {
-                if old.origins.as_slice() == origins.as_slice() {
-                    return false; // unchanged
-                }
-                old.changed_ms
-            }
-            _ => cx.now.0,
-        };
-        let row = DeviceRow {
-            aggregate,
-            changed_ms,
-            origins: RowOrigins::new(origins),
-        };
-        if let Some(ev) = cx.events {
-            ev.publish(StatusEvent::Device(self.view(key, &row)));
-        }
-        match self.devices.get_mut(key) {
-            Some(r) => *r = row,
-            None => {
-                self.devices.insert(key.into(), row);
-            }
-        }
-        false
-    }
-
-    /// Re-reads the presence row of `key`; returns whether a row was removed.
-    fn refresh_presence(&mut self, key: &str, cx: &RowContext<'_>) -> bool {
-        let Some(w) = cx.table.presence(key) else {
-            return self.presence.remove(key).is_some();
-        };
-        let p = PresenceView {
-            key: key.to_owned(),
-            status: w.value.status.as_str().to_owned(),
-            subtype: w.value.subtype.clone(),
-            message: w.value.message.clone(),
-            origin: w.origin.clone(),
-            changed_ms: w.updated.0,
-        };
-        if self.presence.get(key) == Some(&p) {
-            return false;
-        }
-        if let Some(ev) = cx.events {
-            ev.publish(StatusEvent::Presence(p.clone()));
-        }
-        self.presence.insert(key.to_owned(), p);
-        false
-    }
-}
-
-/// What every status row depends on beside its own table entries: when it changes, every row
-/// is rebuilt.
+/// What the rows pushed on `/events` depend on beside their own table entries: when it
+/// changes (an origin down or back, which changes how every row of it reads), listeners are
+/// told to fetch the state again.
 #[derive(Debug, PartialEq, Eq)]
 struct StatusSig {
     down: DeviceState,
     down_origins: Vec<String>,
 }
 
-/// Cheap read access to a relay's state: implements [`StatusSource`] for `/api/state` and
-/// `/api/origins`, and exposes [`RelayCounters`] (tests, the broker). Refreshed by the relay
-/// at most once per tick.
-#[derive(Debug, Clone, Default)]
-pub struct RelayStatus(Arc<RwLock<StatusCache>>);
+/// Access to a relay's state: implements [`StatusSource`] for `/api/state` (built by the relay
+/// on request) and `/api/origins`, and exposes [`RelayCounters`] (tests, the broker).
+#[derive(Debug, Clone)]
+pub struct RelayStatus {
+    shared: Arc<RwLock<StatusShared>>,
+    control: mpsc::Sender<Control>,
+}
 
 impl RelayStatus {
-    fn read<R>(&self, f: impl FnOnce(&StatusCache) -> R) -> R {
+    fn read<R>(&self, f: impl FnOnce(&StatusShared) -> R) -> R {
         let g = self
-            .0
+            .shared
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&g)
     }
 
-    fn write(&self, f: impl FnOnce(&mut StatusCache)) {
+    fn write(&self, f: impl FnOnce(&mut StatusShared)) {
         let mut g = self
-            .0
+            .shared
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         f(&mut g);
@@ -396,14 +249,14 @@ impl RelayStatus {
 }
 
 impl StatusSource for RelayStatus {
-    fn state(&self) -> StateView {
-        self.read(|c| StateView {
-            devices: {
-                let mut rows: Vec<(&Box<str>, &DeviceRow)> = c.devices.iter().collect();
-                rows.sort_unstable_by(|a, b| a.0.cmp(b.0));
-                rows.into_iter().map(|(k, r)| c.view(k, r)).collect()
-            },
-            presence: c.presence.values().cloned().collect(),
+    /// Asks the relay for its rows (empty once the relay has stopped).
+    fn state(&self) -> BoxFuture<'_, StateView> {
+        Box::pin(async move {
+            let (tx, rx) = oneshot::channel();
+            if self.control.send(Control::State(tx)).await.is_err() {
+                return StateView::default();
+            }
+            rx.await.unwrap_or_default()
         })
     }
 
@@ -598,9 +451,9 @@ pub struct Relay<T: FederationTransport> {
     hubs: usize,
     pending_hello: Option<Envelope>,
     dirty: bool,
-    /// Table version the status rows reflect (`None`: rebuild every row).
+    /// Table version of the last `/events` refresh (`None`: none yet).
     status_seen: Option<u64>,
-    /// Origins down (and the down state) when the rows were built.
+    /// Origins down (and the down state) at the last refresh.
     status_sig: Option<StatusSig>,
 }
 
@@ -622,6 +475,10 @@ impl<T: FederationTransport + 'static> Relay<T> {
         // The trait's default is a channel whose sender is already gone.
         let link_ups_reported = link_ups.has_changed().is_ok();
         let (control_tx, control_rx) = mpsc::channel(8);
+        let status = RelayStatus {
+            shared: Arc::default(),
+            control: control_tx.clone(),
+        };
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Ok(Relay {
             verifier: Verifier::new(keys.clone(), cfg.limits.clone()),
@@ -645,7 +502,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
             control_rx,
             done_tx,
             done_rx,
-            status: RelayStatus::default(),
+            status,
             counters: RelayCounters::default(),
             pbx_up: false,
             sync_id: 0,
@@ -1005,6 +862,14 @@ impl<T: FederationTransport + 'static> Relay<T> {
                     self.start_sync();
                 }
             }
+            Control::State(reply) => {
+                let _ = reply.send(views::state_view(
+                    self.node.table(),
+                    self.node.origins(),
+                    self.node.config().policy.down_state(),
+                    Some(self.node.origin()),
+                ));
+            }
         }
     }
 
@@ -1191,16 +1056,16 @@ impl<T: FederationTransport + 'static> Relay<T> {
 
     // ----- status -------------------------------------------------------------------------
 
-    /// Refreshes the shared status: the device and presence rows of the keys the table
-    /// journal names as changed since the last refresh (every key on the first refresh, when
-    /// the journal overflowed, or when an origin went down or came back, which changes how
-    /// every row reads), the origin rows and the counters.
+    /// Refreshes the shared status (the origin rows and the counters) and pushes on
+    /// `/events`, when someone listens, the rows of the keys the table journal names as
+    /// changed since the last refresh (a resync when it cannot name them: journal overflow,
+    /// or an origin went down or came back, which changes how every row of it reads).
     fn refresh_status(&mut self) {
         let now = wall_now();
         let table = self.node.table();
         let origins = self.node.origins();
         let down = self.node.config().policy.down_state();
-        let me = self.node.origin().to_owned();
+        let me = self.node.origin();
         let sig = StatusSig {
             down,
             down_origins: origins
@@ -1209,18 +1074,45 @@ impl<T: FederationTransport + 'static> Relay<T> {
                 .map(|(n, _)| n.clone())
                 .collect(),
         };
-        let since = self.status_seen.unwrap_or_else(|| table.version());
-        let journal = table.changes_since(since);
-        let incremental = self.status_seen.is_some() && self.status_sig.as_ref() == Some(&sig);
-        // `None`: every row is read again (first refresh, journal overflow, origin up/down).
-        let keys: Option<BTreeSet<String>> = match journal {
-            Some(changed) if incremental => Some(changed.map(str::to_owned).collect()),
-            _ => None,
-        };
+        let events = self
+            .hooks
+            .events
+            .clone()
+            .filter(|ev| ev.receiver_count() > 0);
+        // The journal is read on every refresh (it records only once read), listeners or not,
+        // so a listener arriving later gets the changes from then on.
+        let changed = self
+            .status_seen
+            .and_then(|v| table.changes_since(v))
+            .filter(|_| self.status_sig.as_ref() == Some(&sig));
+        if let Some(ev) = &events {
+            match changed {
+                Some(keys) => {
+                    let keys: BTreeSet<&str> = keys.collect();
+                    let mut removed = false;
+                    for key in keys {
+                        let device = views::device_view(table, origins, down, key, Some(me));
+                        let presence = views::presence_view(table, key);
+                        removed |= device.is_none() && presence.is_none();
+                        if let Some(d) = device {
+                            ev.publish(StatusEvent::Device(d));
+                        }
+                        if let Some(p) = presence {
+                            ev.publish(StatusEvent::Presence(p));
+                        }
+                    }
+                    if removed {
+                        ev.publish(StatusEvent::Resync);
+                    }
+                }
+                None if self.status_seen.is_some() => ev.publish(StatusEvent::Resync),
+                None => {}
+            }
+        }
         self.status_seen = Some(table.version());
         self.status_sig = Some(sig);
         let mut origin_views: Vec<OriginView> = vec![OriginView {
-            name: me.clone(),
+            name: me.to_owned(),
             up: !self.node.is_local_down(),
             epoch: self.node.epoch().0,
             last_seq: self.node.seq(),
@@ -1234,7 +1126,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
         }];
         let (mut up, mut dn) = (0i64, 0i64);
         for (name, info) in origins.iter() {
-            if name == &me {
+            if name == me {
                 continue;
             }
             if info.down.is_some() {
@@ -1259,42 +1151,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
         self.counters.snapshot_done = self.node.snapshot_done();
         self.counters.pbx_up = self.pbx_up;
         let counters = self.counters.clone();
-        let events = self
-            .hooks
-            .events
-            .clone()
-            .filter(|ev| ev.receiver_count() > 0);
-        let cx = RowContext {
-            table,
-            origins,
-            down,
-            me: &me,
-            now,
-            events: events.as_ref(),
-        };
-        // Rows are rebuilt in place under the lock: no copy of every key or row on the side.
         self.status.write(|c| {
-            let mut removed = false;
-            match keys {
-                Some(keys) => {
-                    for key in &keys {
-                        removed |= c.refresh_device(key, &cx);
-                        removed |= c.refresh_presence(key, &cx);
-                    }
-                }
-                None => {
-                    for key in table.device_keys() {
-                        c.refresh_device(key, &cx);
-                    }
-                    for (key, _) in table.presence_entries() {
-                        c.refresh_presence(key, &cx);
-                    }
-                    let (dev_before, pres_before) = (c.devices.len(), c.presence.len());
-                    c.devices.retain(|k, _| table.device(k).is_some());
-                    c.presence.retain(|k, _| table.presence(k).is_some());
-                    removed |= c.devices.len() < dev_before || c.presence.len() < pres_before;
-                }
-            }
             if let Some(ev) = &events {
                 let old_o: HashMap<&str, &OriginView> =
                     c.origins.iter().map(|o| (o.name.as_str(), o)).collect();
@@ -1305,9 +1162,6 @@ impl<T: FederationTransport + 'static> Relay<T> {
                     {
                         ev.publish(StatusEvent::Origin(o.clone()));
                     }
-                }
-                if removed {
-                    ev.publish(StatusEvent::Resync);
                 }
             }
             c.origins = origin_views;

@@ -15,6 +15,7 @@ use hintfed_core::{
     Body, Epoch, HlcTimestamp, Hub, HubAction, HubConfig, KeyRing, Limits, Millis, Node,
     NodeConfig, Update, Value, Verifier,
 };
+use hintfed_daemon::http::{StateView, StatusEvent, StatusEvents};
 use hintfed_sim::{DeviceState as SimState, SimConfig, SimHandle, SimServer};
 use hintfed_testkit::wait::eventually;
 use hintfed_transport::{Channel, FederationTransport, Incoming, TransportError};
@@ -115,6 +116,8 @@ async fn sim(name: &str) -> SimHandle {
 struct Member {
     sim: SimHandle,
     handle: RelayHandle,
+    /// What the relay pushes for `/events`.
+    events: StatusEvents,
     inject: mpsc::Sender<Incoming>,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
@@ -163,7 +166,12 @@ async fn member_with(
     rc.filter = filter;
     rc.tick = Duration::from_millis(20);
     rc.snapshot_timeout = Duration::from_secs(1);
-    let relay = Relay::new(node, (pbx, events), port, rc, RelayHooks::default()).expect("relay");
+    let status_events = StatusEvents::default();
+    let hooks = RelayHooks {
+        events: Some(status_events.clone()),
+        ..RelayHooks::default()
+    };
+    let relay = Relay::new(node, (pbx, events), port, rc, hooks).expect("relay");
     let handle = relay.handle();
     let stop = CancellationToken::new();
     let s = stop.clone();
@@ -173,6 +181,7 @@ async fn member_with(
     Member {
         sim,
         handle,
+        events: status_events,
         inject,
         stop,
         task,
@@ -435,7 +444,7 @@ async fn lost_origin_goes_down_state_and_comes_back() {
                 "INUSE again on b: b={:?} origins={:?} state={:?} simA={:?}",
                 b.handle.status().counters(),
                 b.handle.status().origins(),
-                b.handle.status().state(),
+                b.handle.status().state().await,
                 sim_a.stats()
             );
         }
@@ -525,27 +534,50 @@ async fn writes_that_time_out_are_retried() {
     }
 }
 
-/// The status rows of `key` on `m`: (aggregate, per-origin states).
-fn status_row(m: &Member, key: &str) -> Option<(String, Vec<(String, String)>)> {
+/// The status row of `key` on `m` (as `/api/state` shows it): (aggregate, per-origin states).
+async fn status_row(m: &Member, key: &str) -> Option<(String, Vec<(String, String)>)> {
     use hintfed_daemon::http::StatusSource;
     m.handle
         .status()
         .state()
+        .await
         .devices
         .into_iter()
         .find(|d| d.key == key)
         .map(|d| (d.aggregate, d.origins.into_iter().collect()))
 }
 
+/// Waits until the row of `key` on `m` satisfies `ok`.
+async fn row_until(
+    m: &Member,
+    key: &str,
+    what: &str,
+    ok: impl Fn(&(String, Vec<(String, String)>)) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + hintfed_testkit::wait::DEADLINE;
+    loop {
+        let row = status_row(m, key).await;
+        if row.as_ref().is_some_and(&ok) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out: {what} ({key}: {row:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_view_follows_every_change_and_origin_loss() {
-    // The view is refreshed from the keys changed since the last refresh (and rebuilt whole
-    // when an origin goes down): it must still end on the latest state of every key.
+    // Rows are built from the table on request, and the rows of the keys changed since the
+    // last refresh are pushed on `/events`: both must end on the latest state of every key.
     let bus = Bus::default();
     let a = member(&bus, "pbx-a", "k", 600).await;
     let b = member(&bus, "pbx-b", "k", 600).await;
     synced(&a).await;
     synced(&b).await;
+    let mut pushed = b.events.subscribe();
     let states = [
         SimState::Inuse,
         SimState::Ringing,
@@ -560,32 +592,66 @@ async fn status_view_follows_every_change_and_origin_loss() {
         }
     }
     // Last round: device i holds states[(3 + i) % 4].
+    let want = |i: usize| ["NOT_INUSE", "INUSE", "RINGING", "BUSY"][i % 4];
     for i in [0usize, 1, 2, 3, 49] {
-        let want = ["NOT_INUSE", "INUSE", "RINGING", "BUSY"][i % 4];
         let key = format!("PJSIP/7{i:02}");
-        eventually("b's status shows the latest state", || {
-            status_row(&b, &key).is_some_and(|(agg, per)| {
-                agg == want && per == [("pbx-a".to_owned(), want.to_owned())]
-            })
-        })
+        row_until(
+            &b,
+            &key,
+            "b's status shows the latest state",
+            |(agg, per)| agg == want(i) && per == &[("pbx-a".to_owned(), want(i).to_owned())],
+        )
         .await;
     }
+    // The pushes end on the same rows: the last one of each key is its latest state.
+    let mut last = std::collections::BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + hintfed_testkit::wait::DEADLINE;
+    while (0..50).any(|i| {
+        last.get(&format!("PJSIP/7{i:02}"))
+            .is_none_or(|s: &String| s.as_str() != want(i))
+    }) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, pushed.recv()).await {
+            Ok(Ok(StatusEvent::Device(d))) if d.origins.get("pbx-a") == Some(&d.aggregate) => {
+                last.insert(d.key, d.aggregate);
+            }
+            Ok(Ok(StatusEvent::Device(d))) => panic!("row pushed with another aggregate: {d:?}"),
+            Ok(Ok(_)) => {}
+            other => panic!("pushes did not reach the latest states: {other:?}, {last:?}"),
+        }
+    }
     let key = "PJSIP/700";
-    eventually("a's own row", || {
-        status_row(&a, key).is_some_and(|(agg, _)| agg == "NOT_INUSE")
-    })
-    .await;
-    // a dies: every row of a on b reads as down, although none of its entries changed.
+    row_until(&a, key, "a's own row", |(agg, _)| agg == "NOT_INUSE").await;
+    // a dies: every row of a on b reads as down, although none of its entries changed;
+    // listeners are told to fetch the state again.
     a.stop.cancel();
     a.task.await.expect("join");
-    eventually("rows of a lost origin read UNAVAILABLE", || {
-        status_row(&b, key).is_some_and(|(agg, per)| {
-            agg == "UNAVAILABLE" && per == [("pbx-a".to_owned(), "UNAVAILABLE".to_owned())]
-        })
+    row_until(
+        &b,
+        key,
+        "rows of a lost origin read UNAVAILABLE",
+        |(agg, per)| {
+            agg == "UNAVAILABLE" && per == &[("pbx-a".to_owned(), "UNAVAILABLE".to_owned())]
+        },
+    )
+    .await;
+    let resync = tokio::time::timeout(hintfed_testkit::wait::DEADLINE, async {
+        loop {
+            match pushed.recv().await {
+                Ok(StatusEvent::Resync) => return true,
+                Ok(_) => {}
+                Err(_) => return false,
+            }
+        }
     })
     .await;
+    assert_eq!(resync, Ok(true), "no resync pushed when pbx-a went down");
     b.stop.cancel();
+    let status = b.handle.status();
     b.task.await.expect("join");
+    // A stopped relay shows nothing rather than hanging the page.
+    use hintfed_daemon::http::StatusSource;
+    assert_eq!(status.state().await, StateView::default());
 }
 
 /// A hub that answers slowly but steadily is not asked again: the relay's snapshot timeout

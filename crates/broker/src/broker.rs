@@ -37,7 +37,9 @@ use hintfed_agent::agent::pbx_config;
 use hintfed_agent::relay::{Relay, RelayConfig, RelayHandle, RelayHooks, RelayStatus, now_millis};
 use hintfed_asterisk::{Pbx, PbxEvent};
 use hintfed_core::{Body, Epoch, KeyRing, Limits, Node, NodeConfig};
-use hintfed_daemon::http::{OriginView, Readiness, StateView, StatusEvents, StatusSource};
+use hintfed_daemon::http::{
+    BoxFuture, OriginView, Readiness, StateView, StatusEvents, StatusSource,
+};
 use hintfed_daemon::metrics::Metrics;
 use hintfed_daemon::run::Context;
 use tokio::sync::mpsc;
@@ -499,13 +501,18 @@ pub struct BrokerStatus {
 }
 
 impl StatusSource for BrokerStatus {
-    fn state(&self) -> StateView {
-        self.relays
+    fn state(&self) -> BoxFuture<'_, StateView> {
+        let relay = self
+            .relays
             .iter()
             .find(|(_, s)| s.counters().pbx_up)
-            .or(self.relays.first())
-            .map(|(_, s)| s.state())
-            .unwrap_or_default()
+            .or(self.relays.first());
+        Box::pin(async move {
+            match relay {
+                Some((_, s)) => s.state().await,
+                None => StateView::default(),
+            }
+        })
     }
 
     fn origins(&self) -> Vec<OriginView> {

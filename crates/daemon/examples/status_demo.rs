@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hintfed_daemon::http::{
-    DeviceView, HttpContext, HttpLimits, HttpServer, InfoView, OriginView, PresenceView, Readiness,
-    StateView, StatusEvent, StatusEvents, StatusSlot, StatusSource,
+    BoxFuture, DeviceView, HttpContext, HttpLimits, HttpServer, InfoView, OriginView, PresenceView,
+    Readiness, StateView, StatusEvent, StatusEvents, StatusSlot, StatusSource,
 };
 use hintfed_daemon::metrics::Metrics;
 use hintfed_daemon::signals::Signals;
@@ -32,11 +32,13 @@ struct Demo {
 }
 
 impl StatusSource for Demo {
-    fn state(&self) -> StateView {
-        self.state
+    fn state(&self) -> BoxFuture<'_, StateView> {
+        let view = self
+            .state
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+            .clone();
+        Box::pin(std::future::ready(view))
     }
     fn origins(&self) -> Vec<OriginView> {
         self.origins

@@ -72,6 +72,8 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::StreamExt;
+/// The future [`StatusSource::state`] returns.
+pub use futures::future::BoxFuture;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde::{Deserialize, Serialize};
@@ -160,12 +162,12 @@ pub enum StatusEvent {
     Resync,
 }
 
-/// What the daemon shows on `/api/state` and `/api/origins`. Called on every request: keep
-/// it quick (copy out of a lock, no I/O).
+/// What the daemon shows on `/api/state` and `/api/origins`. Called on every request.
 pub trait StatusSource: Send + Sync {
-    /// Every device and presence key.
-    fn state(&self) -> StateView;
-    /// Every origin.
+    /// Every device and presence key. A future: the daemon may build the view where its
+    /// state lives (the agent's relay task) instead of keeping a copy for the page.
+    fn state(&self) -> BoxFuture<'_, StateView>;
+    /// Every origin (quick: copy out of a lock, no I/O).
     fn origins(&self) -> Vec<OriginView>;
 }
 
@@ -174,8 +176,8 @@ pub trait StatusSource: Send + Sync {
 pub struct EmptyStatus;
 
 impl StatusSource for EmptyStatus {
-    fn state(&self) -> StateView {
-        StateView::default()
+    fn state(&self) -> BoxFuture<'_, StateView> {
+        Box::pin(std::future::ready(StateView::default()))
     }
     fn origins(&self) -> Vec<OriginView> {
         Vec::new()
@@ -471,7 +473,8 @@ async fn api_info(State(s): State<AppState>) -> Response {
 }
 
 async fn api_state(State(s): State<AppState>) -> Response {
-    json(&s.ctx.status.get().state())
+    let source = s.ctx.status.get();
+    json(&source.state().await)
 }
 
 async fn api_origins(State(s): State<AppState>) -> Response {

@@ -1,5 +1,6 @@
 //! Shared plumbing of the three hintfed daemons (`hintfed-agent`, `hintfed-server`,
-//! `hintfed-broker`); it knows nothing of the federation core or the transports.
+//! `hintfed-broker`); it knows nothing of the transports, and of the federation core only
+//! the table it shows ([`views`]).
 //!
 //! - [`cli`]: the clap arguments every daemon flattens in (`--config`, `--check-config`,
 //!   `--log-format`, `-v`/`-q`).
@@ -14,6 +15,7 @@
 //! - [`http`]: `/healthz`, `/readyz`, `/metrics`, `/api/state`, `/api/origins`, `/events` (SSE)
 //!   and the embedded status page, fed by the daemon through [`http::StatusSource`], a
 //!   readiness `watch` and a broadcast of [`http::StatusEvent`]s.
+//! - [`views`]: the core's table as the JSON views of [`http`], built on request.
 //! - [`ratelimit`]: [`ratelimit::WarnLimiter`], the budget of the warnings about hostile
 //!   peers (each names the peer address).
 //! - [`run`]: wires it together for a binary: args → runtime → config (exit 64) → logging →
@@ -31,6 +33,7 @@ pub mod metrics;
 pub mod ratelimit;
 pub mod run;
 pub mod signals;
+pub mod views;
 
 // Outside the library: `examples/status_demo.rs` serves the status page with made-up, changing
 // data; `tests/browser/status_page.py` (the repository's one DevTools client) can drive it in

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hintfed_daemon::http::{
-    DeviceView, HttpContext, HttpLimits, HttpServer, InfoView, OriginView, PresenceView, Readiness,
-    StateView, StatusEvent, StatusEvents, StatusSlot, StatusSource,
+    BoxFuture, DeviceView, HttpContext, HttpLimits, HttpServer, InfoView, OriginView, PresenceView,
+    Readiness, StateView, StatusEvent, StatusEvents, StatusSlot, StatusSource,
 };
 use hintfed_daemon::metrics::{Kind, Metrics};
 use hintfed_testkit::wait::eventually_within;
@@ -33,8 +33,8 @@ fn device() -> DeviceView {
     }
 }
 
-impl StatusSource for Fake {
-    fn state(&self) -> StateView {
+impl Fake {
+    fn view() -> StateView {
         StateView {
             devices: vec![device()],
             presence: vec![PresenceView {
@@ -46,6 +46,12 @@ impl StatusSource for Fake {
                 changed_ms: 1_700_000_000_001,
             }],
         }
+    }
+}
+
+impl StatusSource for Fake {
+    fn state(&self) -> BoxFuture<'_, StateView> {
+        Box::pin(std::future::ready(Fake::view()))
     }
     fn origins(&self) -> Vec<OriginView> {
         vec![OriginView {
@@ -198,7 +204,7 @@ async fn health_ready_metrics_api_and_page() {
     assert_eq!(r.status, 200);
     assert!(r.headers.contains("content-type: application/json"));
     let state: StateView = serde_json::from_str(&r.body).expect("state json");
-    assert_eq!(state, Fake.state());
+    assert_eq!(state, Fake::view());
     let v: serde_json::Value = serde_json::from_str(&r.body).expect("json");
     assert_eq!(v["devices"][0]["origins"]["pbx-b"], "NOT_INUSE");
     assert_eq!(v["presence"][0]["message"], "back at 2, promise");

@@ -16,8 +16,9 @@
 //!   events enter the federation as a synthetic origin per legacy agent name (epoch and
 //!   sequence made by the hub, signed with its key, heartbeated by it); federation device
 //!   updates (and origin down/up) reach legacy agents as `AsteriskEvent`s to `[*]`.
-//! - [`status`]: the hub's table as `hintfed-daemon`'s JSON views (`/api/state`,
-//!   `/api/origins`, `/events`).
+//!
+//! The hub's table is shown on `/api/state`, `/api/origins` and `/events` through
+//! `hintfed_daemon::views`.
 //!
 //! # Wire convention (the agent side is `hintfed_transport::MultiHub`)
 //! - in, on the ROUTER: `[topic, payload]` (or `[payload]`); the payload is the last frame,
@@ -54,7 +55,6 @@
 pub mod config;
 pub mod legacy;
 pub mod server;
-pub mod status;
 
 pub use config::ServerConfig;
 pub use server::{Hooks, Server, ServerError, ServerHandle, ServerStats, serve};

@@ -13,9 +13,11 @@ use hintfed_core::{
     Millis, RejectReason, Update, Value, Verifier,
 };
 use hintfed_daemon::http::{
-    OriginView, Readiness, StateView, StatusEvent, StatusEvents, StatusSlot, StatusSource,
+    BoxFuture, OriginView, Readiness, StateView, StatusEvent, StatusEvents, StatusSlot,
+    StatusSource,
 };
 use hintfed_daemon::metrics::{Kind as MetricKind, KindLabels, Metrics};
+use hintfed_daemon::views;
 use hintfed_transport::{
     Frames, HubBind, HubBindConfig, Limits, PubBind, PullBind, RouterMessage, StatsSnapshot,
     TransportError,
@@ -28,7 +30,6 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::ServerConfig;
 use crate::legacy::{self, DeviceChange};
-use crate::status;
 
 /// Most synthetic legacy origins tracked (one per legacy agent name); more are refused.
 pub const MAX_LEGACY_ORIGINS: usize = 1024;
@@ -137,15 +138,21 @@ fn lock(s: &SharedState) -> std::sync::MutexGuard<'_, HubState> {
 
 struct HubStatus(SharedState);
 
-impl StatusSource for HubStatus {
-    fn state(&self) -> StateView {
+impl HubStatus {
+    fn view(&self) -> StateView {
         let s = lock(&self.0);
-        status::state_view(s.hub.table(), s.hub.origins(), s.down_state)
+        views::state_view(s.hub.table(), s.hub.origins(), s.down_state, None)
+    }
+}
+
+impl StatusSource for HubStatus {
+    fn state(&self) -> BoxFuture<'_, StateView> {
+        Box::pin(std::future::ready(self.view()))
     }
 
     fn origins(&self) -> Vec<OriginView> {
         let s = lock(&self.0);
-        status::origins_view(s.hub.origins(), now_ms())
+        views::origins_view(s.hub.origins(), now_ms())
     }
 }
 
@@ -202,7 +209,7 @@ impl ServerHandle {
 
     /// The HTTP views of the hub's table, as `/api/state` shows them.
     pub fn state_view(&self) -> StateView {
-        HubStatus(self.state.clone()).state()
+        HubStatus(self.state.clone()).view()
     }
 
     /// The origins, as `/api/origins` shows them.
@@ -740,11 +747,11 @@ impl Runtime {
         let s = lock(&self.state);
         let ev = match u.kind() {
             Kind::Device => {
-                status::device_view(s.hub.table(), s.hub.origins(), s.down_state, &u.key)
+                views::device_view(s.hub.table(), s.hub.origins(), s.down_state, &u.key, None)
                     .map(StatusEvent::Device)
             }
             Kind::Presence => {
-                status::presence_view(s.hub.table(), &u.key).map(StatusEvent::Presence)
+                views::presence_view(s.hub.table(), &u.key).map(StatusEvent::Presence)
             }
         };
         drop(s);
@@ -770,7 +777,7 @@ impl Runtime {
         if before.is_none() && !down {
             tracing::info!(%origin, epoch = info.epoch.0, "new origin");
             if self.hooks.events.receiver_count() > 0
-                && let Some(v) = status::origin_view(s.hub.origins(), origin, now)
+                && let Some(v) = views::origin_view(s.hub.origins(), origin, now)
             {
                 self.hooks.events.publish(StatusEvent::Origin(v));
             }
@@ -800,7 +807,7 @@ impl Runtime {
             }
         }
         if self.hooks.events.receiver_count() > 0 {
-            if let Some(v) = status::origin_view(s.hub.origins(), origin, now) {
+            if let Some(v) = views::origin_view(s.hub.origins(), origin, now) {
                 self.hooks.events.publish(StatusEvent::Origin(v));
             }
             if keys.len() > 64 {
@@ -808,7 +815,7 @@ impl Runtime {
             } else {
                 for k in &keys {
                     if let Some(v) =
-                        status::device_view(s.hub.table(), s.hub.origins(), s.down_state, k)
+                        views::device_view(s.hub.table(), s.hub.origins(), s.down_state, k, None)
                     {
                         self.hooks.events.publish(StatusEvent::Device(v));
                     }

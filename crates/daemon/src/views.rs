@@ -1,18 +1,22 @@
-//! The hub's table as the daemon's JSON views (`/api/state`, `/api/origins`, `/events`).
+//! The core's state table as the JSON views of [`crate::http`] (`/api/state`,
+//! `/api/origins`, `/events`), built when asked: hub and agent keep no copy of their table
+//! for the status page.
 
 use std::collections::BTreeMap;
 
+use crate::http::{DeviceView, OriginView, PresenceView, StateView};
 use hintfed_core::table::Table;
 use hintfed_core::{DeviceState, DownReason, Millis, Origins};
-use hintfed_daemon::http::{DeviceView, OriginView, PresenceView, StateView};
 
-/// The row of device `key`: per-origin states (a down origin shows as `down_state`) and the
-/// aggregate; `None` when no origin reports it.
+/// The row of device `key`: per-origin states (a down origin shows as `down_state`, except
+/// `local`, the agent's own Asterisk, shown as reported) and the aggregate; `changed_ms` is
+/// the latest arrival among its reports. `None` when no origin reports it.
 pub fn device_view(
     table: &Table,
     origins: &Origins,
     down_state: DeviceState,
     key: &str,
+    local: Option<&str>,
 ) -> Option<DeviceView> {
     let per_origin = table.device(key)?;
     let aggregate = table.aggregate(key, origins, down_state, None)?;
@@ -20,7 +24,7 @@ pub fn device_view(
     let mut states = BTreeMap::new();
     for (origin, e) in per_origin.iter() {
         changed = changed.max(e.updated);
-        let shown = if origins.is_down(origin) {
+        let shown = if origins.is_down(origin) && Some(origin) != local {
             down_state
         } else {
             e.value
@@ -71,11 +75,16 @@ pub fn origin_view(origins: &Origins, name: &str, now: Millis) -> Option<OriginV
 }
 
 /// Every device and presence row.
-pub fn state_view(table: &Table, origins: &Origins, down_state: DeviceState) -> StateView {
+pub fn state_view(
+    table: &Table,
+    origins: &Origins,
+    down_state: DeviceState,
+    local: Option<&str>,
+) -> StateView {
     StateView {
         devices: table
             .device_keys()
-            .filter_map(|k| device_view(table, origins, down_state, k))
+            .filter_map(|k| device_view(table, origins, down_state, k, local))
             .collect(),
         presence: table
             .presence_entries()
