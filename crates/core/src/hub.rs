@@ -116,6 +116,9 @@ pub struct Hub {
     stats: HubStats,
     /// Snapshot answers being streamed, served first come first served.
     snapshots: VecDeque<Cursor>,
+    /// Per peer, the `(epoch, request id)` of the last snapshot request answered (one entry
+    /// per peer ever heard, like `resync_sent`).
+    answered: BTreeMap<String, (Epoch, u64)>,
 }
 
 /// Where a streamed snapshot answer stands.
@@ -179,6 +182,7 @@ impl Hub {
             resync_sent: BTreeMap::new(),
             stats: HubStats::default(),
             snapshots: VecDeque::new(),
+            answered: BTreeMap::new(),
         }
     }
 
@@ -280,6 +284,20 @@ impl Hub {
                 Ingest::Handled
             }
             Body::SnapshotRequest { request_id } => {
+                // A request seen again (duplicated or delayed on the way) is not answered
+                // twice: the peer merges the chunks of one request id by index, and two
+                // answers made at different times would mix, a summary of one covering
+                // entries that only the other holds. A peer asks again with a new id; its next
+                // incarnation (another epoch) starts its ids over.
+                let id = (env.epoch, *request_id);
+                if self
+                    .answered
+                    .get(&env.origin)
+                    .is_some_and(|&(epoch, last)| epoch == id.0 && *request_id <= last)
+                {
+                    return Ingest::Duplicate;
+                }
+                self.answered.insert(env.origin.clone(), id);
                 self.serve_snapshot(&env.origin, *request_id);
                 Ingest::Handled
             }

@@ -4,8 +4,8 @@
 
 use hintfed_core::envelope::Envelope;
 use hintfed_core::{
-    Action, Body, DeviceState, Epoch, HlcTimestamp, Hub, HubAction, HubConfig, Millis, Node,
-    NodeConfig, Presence, PresenceStatus, Update, Value,
+    Action, Body, DeviceState, Epoch, HlcTimestamp, Hub, HubAction, HubConfig, Ingest, Millis,
+    Node, NodeConfig, Presence, PresenceStatus, Update, Value,
 };
 
 const STATES: [DeviceState; 4] = [
@@ -52,7 +52,7 @@ impl Feed {
         self.seqs[o] += 1;
         let env = update(&format!("pbx-{o}"), self.seqs[o], key, value);
         let ing = self.hub.on_envelope(Millis(10), &env);
-        (ing == hintfed_core::Ingest::Forward).then_some(env)
+        (ing == Ingest::Forward).then_some(env)
     }
 
     fn full_sync_end(&mut self, o: usize, begin: u64) -> Envelope {
@@ -278,4 +278,50 @@ fn fifty_simultaneous_requests_are_served_one_after_the_other() {
     ask(&mut feed, 1, 3);
     feed.hub.cancel_snapshot("agent-1");
     assert_eq!(feed.hub.snapshots_pending(), 0);
+}
+
+/// Found by the federation property test: a request duplicated on the way was answered twice,
+/// the second answer made after an update had arrived. The node merges the chunks of one
+/// request id by index: it took the later answer's summaries (covering the update) with the
+/// earlier answer's entries (without it), and dropped the update, arriving later in the
+/// stream, as already covered. A hub answers a request id once.
+#[test]
+fn a_duplicated_request_is_answered_once() {
+    let mut feed = Feed::new(10);
+    feed.publish(0, "PJSIP/a", dev(0));
+    feed.hub.take_actions();
+    let ask = |feed: &mut Feed, epoch: u64, id: u64| {
+        let env = Envelope::new(
+            "pbx-x",
+            Epoch(epoch),
+            0,
+            Body::SnapshotRequest { request_id: id },
+        );
+        feed.hub.on_envelope(Millis(10), &env)
+    };
+    let answers = |feed: &mut Feed| {
+        let mut ends = 0;
+        while let Some(HubAction::SendTo { envelope, .. }) = feed.hub.next_snapshot_chunk() {
+            ends += usize::from(matches!(envelope.body, Body::SnapshotEnd { .. }));
+        }
+        ends
+    };
+    assert_eq!(ask(&mut feed, 1, 1), Ingest::Handled);
+    assert_eq!(answers(&mut feed), 1);
+    feed.publish(0, "PJSIP/b", dev(1));
+    assert_eq!(ask(&mut feed, 1, 1), Ingest::Duplicate, "the same request");
+    assert_eq!(answers(&mut feed), 0);
+    assert_eq!(ask(&mut feed, 1, 2), Ingest::Handled, "a retry: a new id");
+    assert_eq!(
+        ask(&mut feed, 1, 1),
+        Ingest::Duplicate,
+        "an older request, late"
+    );
+    assert_eq!(answers(&mut feed), 1);
+    assert_eq!(
+        ask(&mut feed, 2, 1),
+        Ingest::Handled,
+        "a new incarnation starts its ids over"
+    );
+    assert_eq!(answers(&mut feed), 1);
 }
