@@ -943,6 +943,8 @@ impl Node {
             self.republish_own_presence(now, true);
         }
         self.flush_query();
+        // The answer's keys arrived in order, leaving the table's nodes half full.
+        self.replica.table.compact();
         self.reapply_all();
     }
 

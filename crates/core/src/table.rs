@@ -476,6 +476,20 @@ impl Table {
         self.presence.get(key)
     }
 
+    /// Packs the device map's B-tree nodes. Keys that arrive in order (a snapshot streams them
+    /// sorted) leave the nodes a little over half full: a full node splits in the middle and
+    /// the next keys go to its right half. Rebuilding from the sorted entries (without a copy
+    /// of them: `append` merges two maps into full nodes) fills them; O(keys).
+    pub fn compact(&mut self) {
+        let Some((key, slot)) = self.devices.pop_first() else {
+            return;
+        };
+        let mut packed = BTreeMap::new();
+        packed.insert(key, slot);
+        packed.append(&mut self.devices);
+        self.devices = packed;
+    }
+
     /// Marks device `key` (the node marks the keys it applied), whether or not the table
     /// holds it. A mark costs no memory while the key is in the table and outlives the key's
     /// entries (see [`Table::marked_gone`]); it is never cleared.
@@ -912,5 +926,36 @@ mod tests {
         t.apply("a", Epoch(1), 21, "P:y", &p, ts(1), Millis(0));
         let pk: Vec<&str> = t.presence_range(Some("P:x")).map(|(k, _)| k).collect();
         assert_eq!(pk, ["P:y"]);
+    }
+
+    #[test]
+    fn compaction_keeps_entries_marks_and_order() {
+        let mut t = Table::new();
+        t.compact();
+        assert_eq!(t.device_keys().count(), 0, "an empty table stays empty");
+        for i in 0..500u64 {
+            dev(&mut t, "a", 1, i + 1, &format!("k{i:03}"), Inuse);
+        }
+        dev(&mut t, "b", 1, 1, "k007", Busy);
+        t.mark_device("k007");
+        let before: Vec<(String, Vec<DeviceEntry>)> = t
+            .device_range(None)
+            .map(|(k, e)| (k.to_owned(), e.iter().map(|(_, e)| e.clone()).collect()))
+            .collect();
+        t.compact();
+        let after: Vec<(String, Vec<DeviceEntry>)> = t
+            .device_range(None)
+            .map(|(k, e)| (k.to_owned(), e.iter().map(|(_, e)| e.clone()).collect()))
+            .collect();
+        assert_eq!(after, before);
+        assert!(t.is_marked("k007") && !t.is_marked("k008"));
+        assert_eq!(t.device("k007").map(|e| e.len()), Some(2));
+        // Still a working map: new keys in the middle and at both ends, and removal.
+        assert!(dev(&mut t, "a", 1, 1000, "k0070", Ringing));
+        assert!(dev(&mut t, "a", 1, 1001, "a", Ringing));
+        assert!(dev(&mut t, "a", 1, 1002, "z", Ringing));
+        assert_eq!(t.device_keys().count(), 503);
+        assert_eq!(t.end_full_sync("b", Epoch(1), 2), ["k007"]);
+        assert_eq!(t.device("k007").map(|e| e.len()), Some(1));
     }
 }
