@@ -253,7 +253,13 @@ pub struct Table {
     journal: Journal,
     /// Marked device keys no longer in `devices` (see [`Table::mark_device`]).
     marked_gone: BTreeSet<CompactString>,
+    /// Device keys at the last [`Table::compact`].
+    packed_len: usize,
 }
+
+/// Device keys from which a table packs its B-tree each time their number doubles (see
+/// [`Table::compact`]).
+const COMPACT_FROM: usize = 4_096;
 
 impl Table {
     /// An empty table.
@@ -303,6 +309,11 @@ impl Table {
                         let mark = !self.marked_gone.is_empty() && self.marked_gone.remove(key);
                         self.devices
                             .insert(key.into(), Slot::One(DeviceEntry { mark, ..entry }));
+                        // Amortised O(1) per key: keys streamed in order stay at most half
+                        // unpacked while they arrive.
+                        if self.devices.len() >= COMPACT_FROM.max(2 * self.packed_len) {
+                            self.compact();
+                        }
                     }
                     Some(slot) => match slot.position(id) {
                         Some(i) => {
@@ -479,8 +490,11 @@ impl Table {
     /// Packs the device map's B-tree nodes. Keys that arrive in order (a snapshot streams them
     /// sorted) leave the nodes a little over half full: a full node splits in the middle and
     /// the next keys go to its right half. Rebuilding from the sorted entries (without a copy
-    /// of them: `append` merges two maps into full nodes) fills them; O(keys).
+    /// of them: `append` merges two maps into full nodes) fills them; O(keys). The table
+    /// also packs itself whenever its number of device keys has doubled since the last time
+    /// (from 4,096 keys on).
     pub fn compact(&mut self) {
+        self.packed_len = self.devices.len();
         let Some((key, slot)) = self.devices.pop_first() else {
             return;
         };

@@ -11,8 +11,9 @@
 //!   158 B; apply queue pending 114.7 B / 1.0 / 118 B; written 93.7 B / 1.0.
 //! - after, keys as `CompactString` (inline up to 24 bytes): table 137.0 B / 0.17 / 139 B;
 //!   apply queue pending 95.7 B / 0 / 88 B; written 64.2 B / 0.
-//! - [`Table::compact`] after the keys arrived in order (as a node does once a snapshot
-//!   answer is complete): table 137.0 -> 74.2 B per key requested (B-tree nodes packed).
+//! - the table packing its B-tree each time its keys double ([`Table::compact`]): 95.8 B / 0.12
+//!   / 99 B as the keys arrive in order; 74.2 B once packed at the end (as a node does when a
+//!   snapshot answer is complete); without packing, 137.0 B.
 //!
 //! Every block costs glibc malloc 8 to 24 bytes beyond the bytes requested (a 13-byte key takes a
 //! 32-byte chunk), so the block counts matter as much as the bytes: the table's requested bytes
@@ -134,11 +135,11 @@ fn device_keys_and_apply_targets_cost_no_block_of_their_own() {
     let (packed, _, _) = start.per_key(filled);
     println!("table as inserted    {as_inserted:6.1} B/key, packed {packed:6.1} B/key");
     assert!(
-        packed <= as_inserted * 0.8,
+        packed <= as_inserted * 0.85,
         "compaction packs the B-tree: {as_inserted:.1} -> {packed:.1} B/key"
     );
     for (what, from, to, max_bytes, max_blocks) in [
-        ("table as inserted", start, sorted, 160.0, 0.25),
+        ("table as inserted", start, sorted, 115.0, 0.25),
         ("table packed", start, filled, 90.0, 0.25),
         ("apply queue pending", filled, pushed, 120.0, 0.01),
         ("apply queue written", filled, drained, 80.0, 0.01),
