@@ -469,6 +469,14 @@ impl ApplyQueue {
         }
     }
 
+    /// Makes room for `targets` device targets in all (a pass over a table of that many
+    /// keys is coming): one allocation of the slots' final size instead of a series of
+    /// doublings, each leaving the previous, smaller map to the allocator.
+    pub fn reserve_devices(&mut self, targets: usize) {
+        self.devices
+            .reserve(targets.saturating_sub(self.devices.len()));
+    }
+
     /// The next write to send, if the window has room and something is pending; its echo
     /// is expected from `now` on (see [`ApplyQueue::is_echo`]).
     pub fn next_write_at(&mut self, now: Millis) -> Option<(String, Value)> {

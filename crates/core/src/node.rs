@@ -1007,6 +1007,8 @@ impl Node {
         if self.local_down {
             return;
         }
+        self.apply
+            .reserve_devices(self.replica.table.keys(Kind::Device));
         self.reapply = Some(None);
     }
 
