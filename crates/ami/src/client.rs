@@ -9,10 +9,11 @@
 //! [`ClientError::Disconnected`] and reconnects with capped exponential backoff and jitter, until
 //! [`AmiClient::shutdown`] (or until every handle is dropped).
 //!
-//! Events reach subscribers through a `tokio::sync::broadcast` channel of `event_buffer`
-//! entries: the client never waits for a subscriber; one that falls behind loses the oldest
-//! events and its next [`Subscription::recv`] says how many
-//! ([`broadcast::error::RecvError::Lagged`]). The stream also carries
+//! Each subscriber has its own queue of `event_buffer` events, holding an event only until the
+//! subscriber takes it (a broadcast ring would keep the last `event_buffer` events for good:
+//! 16,384 of them cost an agent ~4 MB). The client never waits for a subscriber: one that
+//! falls behind loses the events that find its queue full, and reads, where they are missing,
+//! how many ([`broadcast::error::RecvError::Lagged`]). The stream also carries
 //! [`ClientEvent::Connected`] / [`ClientEvent::Disconnected`] markers so a consumer can resync
 //! after each reconnect.
 
@@ -20,7 +21,8 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io::BufReader;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -133,7 +135,7 @@ pub struct ClientConfig {
     pub backoff_initial: Duration,
     /// Largest reconnect delay. Default 30 s.
     pub backoff_max: Duration,
-    /// Events each subscriber may fall behind before it loses the oldest. Default 4096.
+    /// Events each subscriber may fall behind before it loses the next ones. Default 4096.
     pub event_buffer: usize,
     /// Requests queued towards the connection task before `send` waits. Default 256.
     pub request_buffer: usize,
@@ -273,27 +275,122 @@ impl ListResult {
     }
 }
 
+/// What a subscriber's queue carries.
+#[derive(Debug)]
+enum Item {
+    Event(ClientEvent),
+    /// Events are missing here: how many is in [`Lost::count`].
+    Lagged,
+}
+
+/// Events a subscriber lost, shared by its queue's two ends.
+#[derive(Debug, Default)]
+struct Lost {
+    count: AtomicU64,
+    /// An [`Item::Lagged`] waits in the queue.
+    marked: AtomicBool,
+}
+
+/// The sending end of one subscriber.
+#[derive(Debug)]
+struct Subscriber {
+    tx: mpsc::Sender<Item>,
+    lost: Arc<Lost>,
+}
+
+impl Subscriber {
+    /// Queues `ev`, or counts it lost when the queue is full: the last slot is kept for the
+    /// marker that tells the subscriber where events are missing.
+    fn deliver(&self, ev: ClientEvent) {
+        if self.tx.capacity() > 1 && self.tx.try_send(Item::Event(ev)).is_ok() {
+            return;
+        }
+        self.lost.count.fetch_add(1, Ordering::AcqRel);
+        if !self.lost.marked.swap(true, Ordering::AcqRel) && self.tx.try_send(Item::Lagged).is_err()
+        {
+            self.lost.marked.store(false, Ordering::Release);
+        }
+    }
+}
+
+/// The subscribers of one client (shared by its handles and its connection task).
+#[derive(Debug, Clone, Default)]
+struct Subscribers(Arc<Mutex<Vec<Subscriber>>>);
+
+impl Subscribers {
+    fn add(&self, buffer: usize) -> Subscription {
+        // One slot more than the buffer: the marker's.
+        let (tx, rx) = mpsc::channel(buffer.max(1) + 1);
+        let lost = Arc::new(Lost::default());
+        self.0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(Subscriber {
+                tx,
+                lost: lost.clone(),
+            });
+        Subscription { rx, lost }
+    }
+
+    /// Gives `ev` to every subscriber still listening (no receiver is fine: nothing is kept).
+    fn send(&self, ev: ClientEvent) {
+        let mut subs = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        subs.retain(|s| !s.tx.is_closed());
+        if let Some((last, others)) = subs.split_last() {
+            for s in others {
+                s.deliver(ev.clone());
+            }
+            last.deliver(ev);
+        }
+    }
+}
+
 /// A subscriber's receiving end; see [`AmiClient::subscribe`].
 #[derive(Debug)]
 pub struct Subscription {
-    rx: broadcast::Receiver<ClientEvent>,
+    rx: mpsc::Receiver<Item>,
+    lost: Arc<Lost>,
 }
 
 impl Subscription {
-    /// The next event. `Err(Lagged(n))`: this subscriber fell behind and lost the `n` oldest
-    /// events (the next call resumes with the oldest kept). `Err(Closed)`: the client stopped.
+    /// The next event. `Err(Lagged(n))`: this subscriber fell behind and lost `n` events at
+    /// this point of the stream (the next call goes on after them). `Err(Closed)`: the client
+    /// stopped.
     pub async fn recv(&mut self) -> Result<ClientEvent, broadcast::error::RecvError> {
-        self.rx.recv().await
+        loop {
+            match self.rx.recv().await {
+                Some(Item::Event(ev)) => return Ok(ev),
+                Some(Item::Lagged) => match self.take_lost() {
+                    0 => {}
+                    n => return Err(broadcast::error::RecvError::Lagged(n)),
+                },
+                None => return Err(broadcast::error::RecvError::Closed),
+            }
+        }
     }
 
     /// The next event if one is ready, without waiting.
     pub fn try_recv(&mut self) -> Result<ClientEvent, broadcast::error::TryRecvError> {
-        self.rx.try_recv()
+        use mpsc::error::TryRecvError;
+        loop {
+            match self.rx.try_recv() {
+                Ok(Item::Event(ev)) => return Ok(ev),
+                Ok(Item::Lagged) => match self.take_lost() {
+                    0 => {}
+                    n => return Err(broadcast::error::TryRecvError::Lagged(n)),
+                },
+                Err(TryRecvError::Empty) => return Err(broadcast::error::TryRecvError::Empty),
+                Err(TryRecvError::Disconnected) => {
+                    return Err(broadcast::error::TryRecvError::Closed);
+                }
+            }
+        }
     }
 
-    /// The underlying broadcast receiver, e.g. to wrap it in a `tokio_stream` adapter.
-    pub fn into_inner(self) -> broadcast::Receiver<ClientEvent> {
-        self.rx
+    /// The events lost up to the marker just taken (the next loss queues a new marker).
+    fn take_lost(&self) -> u64 {
+        self.lost.marked.store(false, Ordering::Release);
+        self.lost.count.swap(0, Ordering::AcqRel)
     }
 }
 
@@ -322,7 +419,8 @@ impl Request {
 #[derive(Clone, Debug)]
 pub struct AmiClient {
     requests: mpsc::Sender<Request>,
-    events: broadcast::Sender<ClientEvent>,
+    events: Subscribers,
+    event_buffer: usize,
     state: watch::Receiver<ConnectionState>,
     stop: CancellationToken,
     task: Arc<Mutex<Option<JoinHandle<()>>>>,
@@ -338,7 +436,8 @@ impl AmiClient {
     /// Outside a Tokio runtime (as `tokio::spawn` does).
     pub fn start(config: ClientConfig) -> Self {
         let (req_tx, req_rx) = mpsc::channel(config.request_buffer.max(1));
-        let (ev_tx, _) = broadcast::channel(config.event_buffer.max(1));
+        let ev_tx = Subscribers::default();
+        let event_buffer = config.event_buffer;
         let (state_tx, state_rx) = watch::channel(ConnectionState::Connecting { attempt: 1 });
         let stop = CancellationToken::new();
         let prefix = format!("hf{:08x}-", rand::rng().random::<u32>());
@@ -355,6 +454,7 @@ impl AmiClient {
         Self {
             requests: req_tx,
             events: ev_tx,
+            event_buffer,
             state: state_rx,
             stop,
             task: Arc::new(Mutex::new(Some(task))),
@@ -418,9 +518,7 @@ impl AmiClient {
 
     /// A new subscriber, receiving events from now on (see [`Subscription::recv`]).
     pub fn subscribe(&self) -> Subscription {
-        Subscription {
-            rx: self.events.subscribe(),
-        }
+        self.events.add(self.event_buffer)
     }
 
     /// The connection state now.
@@ -513,7 +611,7 @@ impl Pending {
 struct Connection {
     config: ClientConfig,
     requests: mpsc::Receiver<Request>,
-    events: broadcast::Sender<ClientEvent>,
+    events: Subscribers,
     state: watch::Sender<ConnectionState>,
     stop: CancellationToken,
     ids: IdGen,
@@ -560,11 +658,10 @@ impl Connection {
                         generation,
                         banner: banner.clone(),
                     });
-                    let _ = self
-                        .events
+                    self.events
                         .send(ClientEvent::Connected { banner, generation });
                     for ev in early_events {
-                        let _ = self.events.send(ClientEvent::Event(ev));
+                        self.events.send(ClientEvent::Event(ev));
                     }
                     let end = self.serve(conn).await;
                     // A session that lasted resets the backoff; one that drops at once (a
@@ -574,7 +671,7 @@ impl Connection {
                     }
                     let reason = match end {
                         End::Stop => {
-                            let _ = self.events.send(ClientEvent::Disconnected {
+                            self.events.send(ClientEvent::Disconnected {
                                 generation,
                                 reason: "shut down".to_owned(),
                             });
@@ -583,7 +680,7 @@ impl Connection {
                         End::Lost(reason) => reason,
                     };
                     warn!(generation, %reason, "AMI connection lost");
-                    let _ = self.events.send(ClientEvent::Disconnected {
+                    self.events.send(ClientEvent::Disconnected {
                         generation,
                         reason: reason.clone(),
                     });
@@ -921,8 +1018,7 @@ impl Connection {
                 }
                 return;
             }
-            // No receiver is fine: events are not queued for anyone.
-            let _ = self.events.send(ClientEvent::Event(m));
+            self.events.send(ClientEvent::Event(m));
             return;
         }
         let Some(id) = m.action_id() else {

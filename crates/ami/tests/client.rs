@@ -551,15 +551,57 @@ async fn slow_subscriber_is_told_what_it_missed_while_actions_go_on() {
         .await;
     call.await.expect("join").expect("answered");
 
-    // Broadcast so far: Connected, FullyBooted, 100 events = 102; 16 kept.
-    match timeout(PATIENCE, slow.recv()).await.expect("in time") {
-        Err(RecvError::Lagged(n)) => assert_eq!(n, 102 - 16),
-        other => panic!("expected Lagged, got {other:?}"),
-    }
-    let ClientEvent::Event(first_kept) = next_event(&mut slow).await else {
+    // Sent so far: Connected, FullyBooted, 100 events = 102. The first 16 were queued, the
+    // other 86 found the queue full: the subscriber reads the 16, then how many it lost.
+    let mut kept = Vec::new();
+    let lagged = loop {
+        match timeout(PATIENCE, slow.recv()).await.expect("in time") {
+            Ok(ev) => kept.push(ev),
+            Err(RecvError::Lagged(n)) => break n,
+            Err(e) => panic!("expected Lagged, got {e:?}"),
+        }
+    };
+    assert_eq!(kept.len(), 16);
+    assert!(matches!(kept[0], ClientEvent::Connected { .. }));
+    let devices: Vec<_> = kept[2..]
+        .iter()
+        .map(|e| match e {
+            ClientEvent::Event(m) => m.get("Device").map(str::to_owned),
+            other => panic!("expected an event, got {other:?}"),
+        })
+        .collect();
+    let want: Vec<_> = (0..14).map(|i| Some(format!("Custom:d{i}"))).collect();
+    assert_eq!(devices, want, "the oldest events, in order");
+    assert_eq!(lagged, 102 - 16);
+    // Room again: later events arrive, after the gap.
+    peer.send(device_event("Custom:later", "BUSY")).await;
+    let ClientEvent::Event(later) = next_event(&mut slow).await else {
         panic!("expected an event");
     };
-    assert_eq!(first_kept.get("Device"), Some("Custom:d84"));
+    assert_eq!(later.get("Device"), Some("Custom:later"));
+    // A second gap is reported again.
+    for i in 0..40 {
+        peer.send(device_event(&format!("Custom:e{i}"), "INUSE"))
+            .await;
+    }
+    // An action answered after them: the client has handled all 40 once it returns.
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { client.send(actions::ping()).await }
+    });
+    let action = peer.recv().await;
+    peer.send(reply(&action, "Success").with("Ping", "Pong"))
+        .await;
+    call.await.expect("join").expect("answered");
+    let mut got = 0;
+    let lagged = loop {
+        match timeout(PATIENCE, slow.recv()).await.expect("in time") {
+            Ok(_) => got += 1,
+            Err(RecvError::Lagged(n)) => break n,
+            Err(e) => panic!("expected Lagged, got {e:?}"),
+        }
+    };
+    assert_eq!((got, lagged), (16, 40 - 16));
     client.shutdown().await;
 }
 
