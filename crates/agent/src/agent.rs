@@ -29,7 +29,8 @@ pub const APPLY_WINDOW: usize = 512;
 
 /// AMI events buffered for the relay beside the Asterisk event channel (the client's default
 /// is 4,096, ~0.3 s of a busy origin at 15,000 events/s: a relay busy for longer lost events
-/// and had to list everything again). ~80 bytes a slot.
+/// and had to list everything again). Memory only while events wait: an event leaves the
+/// client's queue when the relay takes it.
 pub const AMI_EVENT_BUFFER: usize = 16_384;
 
 /// The AMI client settings of `[asterisk]`.
