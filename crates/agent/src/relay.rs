@@ -1134,15 +1134,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
             } else {
                 up += 1;
             }
-            origin_views.push(OriginView {
-                name: name.clone(),
-                up: info.down.is_none(),
-                epoch: info.epoch.0,
-                last_seq: info.last_seq,
-                last_seen_ms_ago: Some(now.since(info.last_seen)),
-                lag_ms: info.lag_ms,
-                detail: info.down.map(|d| format!("down: {:?}", d.reason)),
-            });
+            origin_views.extend(views::origin_view(origins, name, now));
         }
         if let Some(m) = self.metrics() {
             m.origins_up.set(up);

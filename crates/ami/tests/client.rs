@@ -527,6 +527,18 @@ async fn unanswered_ping_drops_the_connection() {
     client.shutdown().await;
 }
 
+/// A `Ping` through `client`, answered by `peer` (after whatever `peer` sent before).
+async fn ping_answered(client: &AmiClient, peer: &mut Peer) {
+    let call = tokio::spawn({
+        let client = client.clone();
+        async move { client.send(actions::ping()).await }
+    });
+    let action = peer.recv().await;
+    peer.send(reply(&action, "Success").with("Ping", "Pong"))
+        .await;
+    call.await.expect("join").expect("answered");
+}
+
 #[tokio::test]
 async fn slow_subscriber_is_told_what_it_missed_while_actions_go_on() {
     let server = FakeServer::bind().await;
@@ -542,14 +554,7 @@ async fn slow_subscriber_is_told_what_it_missed_while_actions_go_on() {
             .await;
     }
     // The client keeps serving actions although `slow` reads nothing.
-    let call = tokio::spawn({
-        let client = client.clone();
-        async move { client.send(actions::ping()).await }
-    });
-    let action = peer.recv().await;
-    peer.send(reply(&action, "Success").with("Ping", "Pong"))
-        .await;
-    call.await.expect("join").expect("answered");
+    ping_answered(&client, &mut peer).await;
 
     // Sent so far: Connected, FullyBooted, 100 events = 102. The first 16 were queued, the
     // other 86 found the queue full: the subscriber reads the 16, then how many it lost.
@@ -585,14 +590,7 @@ async fn slow_subscriber_is_told_what_it_missed_while_actions_go_on() {
             .await;
     }
     // An action answered after them: the client has handled all 40 once it returns.
-    let call = tokio::spawn({
-        let client = client.clone();
-        async move { client.send(actions::ping()).await }
-    });
-    let action = peer.recv().await;
-    peer.send(reply(&action, "Success").with("Ping", "Pong"))
-        .await;
-    call.await.expect("join").expect("answered");
+    ping_answered(&client, &mut peer).await;
     let mut got = 0;
     let lagged = loop {
         match timeout(PATIENCE, slow.recv()).await.expect("in time") {
