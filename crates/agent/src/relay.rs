@@ -161,10 +161,8 @@ pub enum RelayError {
 /// A change a [`RelayHandle`] asks for.
 #[derive(Debug)]
 enum Control {
-    Reload {
-        filter: DeviceFilter,
-        keys: KeyRing,
-    },
+    /// SIGHUP: a new device filter and keys.
+    Reload { filter: DeviceFilter, keys: KeyRing },
     /// `/api/state`: the rows, built from the table.
     State(oneshot::Sender<StateView>),
 }
