@@ -315,18 +315,14 @@ where
         .and_then(|file| CommonConfig::from_file(&file).ok())
         .and_then(|c| c.worker_threads)
         .unwrap_or(spec.worker_threads);
-    let built = match threads {
-        1 => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        0 => tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build(),
-        n => tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(n)
-            .enable_all()
-            .build(),
+    let mut builder = match threads {
+        1 => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
     };
+    if threads > 1 {
+        builder.worker_threads(threads);
+    }
+    let built = builder.enable_all().build();
     let rt = match built {
         Ok(rt) => rt,
         Err(e) => {
