@@ -32,17 +32,21 @@
 //!   target from its table once the queue drained, so nothing is lost: the table, not the
 //!   queue, is the source of truth.
 //!
-//! Memory: one slot per target ever written or observed. Device targets (the many) keep
-//! their values as one-byte states: a slot is 24 bytes beside its key, a [`CompactString`]
-//! that holds a target of up to 24 bytes (`Custom:PJSIP/b3n1234`) inline, without a block of
-//! its own: about 64 bytes per written target in all, the map's spare room included
-//! (`tests/key_memory.rs`). Presence targets keep boxed values in a map of their own. The
-//! queue order holds a copy of the key of waiting targets only (24 bytes; a longer target's
-//! copy is a block of its own).
+//! Memory: one slot per target ever written or observed, never dropped but all at once.
+//! Each target's name is kept once, in a dense list of `(name, slot)` whose index is the
+//! target's id; a hash table of ids finds a name's slot, and the queue order holds ids
+//! (4 bytes), not names. The name is a [`CompactString`] (up to 24 bytes inline, e.g.
+//! `Custom:PJSIP/b3n1234`, without a block of its own). Device targets (the many) keep
+//! their slot packed in 8 bytes (values as 4-bit states, the echo age as milliseconds
+//! after a time base of the store): 32 bytes per target in the list plus about 6.5 in the
+//! hash table, where a map of names to 24-byte slots took 64 (`tests/key_memory.rs`).
+//! Presence targets keep boxed values in a store of their own.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+use std::hash::{BuildHasher, RandomState};
 
 use compact_str::CompactString;
+use hashbrown::HashTable;
 
 use crate::state::{DeviceState, Value};
 use crate::time::Millis;
@@ -66,7 +70,8 @@ pub struct ApplyConfig {
     /// Writes outstanding at most (pipelined `Setvar`). Default 8.
     pub in_flight: usize,
     /// Age after which the echoes of a target's writes are no longer expected, in ms,
-    /// counted from the target's last write. Default 60 000.
+    /// counted from the target's last write (at most 2^31 ms, about 24 days, whatever this
+    /// says). Default 60 000.
     pub echo_max_age_ms: u64,
 }
 
@@ -182,7 +187,8 @@ impl Stored for Box<Value> {
     }
 }
 
-/// Everything known about one target.
+/// Everything known about one target (as the queue's logic sees it; device slots are kept
+/// packed, see [`Packed`]).
 #[derive(Clone, Debug)]
 struct Slot<T> {
     /// What the owner last asked the target to hold.
@@ -193,14 +199,14 @@ struct Slot<T> {
     flight: Option<T>,
     /// Values of our last writes whose echo is expected, newest first.
     echo: [Option<T>; ECHO_VALUES],
-    /// `want` waits to be written (the key is in the order).
+    /// `want` waits to be written (the target is in the order).
     pending: bool,
     /// Repairs since `want` last changed.
     repairs: u8,
     /// When the last write was dispatched (the echo age bound).
     sent_at: Millis,
-    /// Write generation of the target's last completed write (0: none).
-    done_at: u64,
+    /// A write to the target completed since the last [`ApplyQueue::listing_requested`].
+    done: bool,
 }
 
 impl<T> Default for Slot<T> {
@@ -213,7 +219,7 @@ impl<T> Default for Slot<T> {
             pending: false,
             repairs: 0,
             sent_at: Millis(0),
-            done_at: 0,
+            done: false,
         }
     }
 }
@@ -267,74 +273,296 @@ impl<T: Stored> Slot<T> {
     }
 }
 
+/// The device states in declaration order (`state as usize` indexes it).
+const STATES: [DeviceState; 9] = [
+    DeviceState::Invalid,
+    DeviceState::Unknown,
+    DeviceState::Unavailable,
+    DeviceState::NotInuse,
+    DeviceState::Onhold,
+    DeviceState::Ringing,
+    DeviceState::Inuse,
+    DeviceState::Busy,
+    DeviceState::Ringinuse,
+];
+
+// The packed layout below holds exactly two echo values and repairs in two bits.
+const _: () = assert!(ECHO_VALUES == 2 && MAX_REPAIRS <= 3);
+
+/// A device slot in one `u64`: `want`, `held`, `flight` and the two echo values as 4-bit
+/// states (0: none) in bits 0–19, `pending` bit 20, `repairs` bits 21–22, `done` bit 23,
+/// and `sent_at` in bits 32–63 as milliseconds after its store's time base (see
+/// [`Store::rebase`]).
+#[derive(Clone, Copy, Debug, Default)]
+struct Packed(u64);
+
+/// Bits of the echo values in a [`Packed`] slot.
+const ECHO_BITS: u64 = 0xff << 12;
+
+impl Packed {
+    fn state(bits: u64) -> Option<DeviceState> {
+        match (bits & 0xf) as usize {
+            0 => None,
+            n => STATES.get(n - 1).copied(),
+        }
+    }
+
+    fn nibble(s: Option<DeviceState>) -> u64 {
+        s.map_or(0, |s| s as u64 + 1)
+    }
+
+    fn unpack(self, base: Millis) -> Slot<DeviceState> {
+        let b = self.0;
+        Slot {
+            want: Packed::state(b),
+            held: Packed::state(b >> 4),
+            flight: Packed::state(b >> 8),
+            echo: [Packed::state(b >> 12), Packed::state(b >> 16)],
+            pending: b >> 20 & 1 == 1,
+            repairs: (b >> 21 & 3) as u8,
+            done: b >> 23 & 1 == 1,
+            sent_at: Millis(base.0 + (b >> 32)),
+        }
+    }
+
+    /// `s` packed; `s.sent_at` must lie within 2^32 ms after `base` (an earlier time is
+    /// taken as `base`).
+    fn pack(s: &Slot<DeviceState>, base: Millis) -> Packed {
+        let rel = s.sent_at.0.saturating_sub(base.0);
+        debug_assert!(rel <= u64::from(u32::MAX), "rebased before packing");
+        Packed(
+            Packed::nibble(s.want)
+                | Packed::nibble(s.held) << 4
+                | Packed::nibble(s.flight) << 8
+                | Packed::nibble(s.echo[0]) << 12
+                | Packed::nibble(s.echo[1]) << 16
+                | u64::from(s.pending) << 20
+                | u64::from(s.repairs.min(3)) << 21
+                | u64::from(s.done) << 23
+                | rel.min(u64::from(u32::MAX)) << 32,
+        )
+    }
+}
+
+/// The slots of one kind of target: each target's name once, in a dense list (its index is
+/// the target's id, which the queue order holds), and a hash table of ids to find them by
+/// name. Slots are never removed but all at once ([`Store::clear`]).
+#[derive(Clone, Debug, Default)]
+struct Store<C> {
+    index: HashTable<u32>,
+    entries: Vec<(CompactString, C)>,
+    hasher: RandomState,
+    /// Time base of packed `sent_at` values (device slots).
+    base: Millis,
+}
+
+/// A slot kept in a [`Store`]: device slots packed, the others as they are.
+trait Cell: Clone + Default + std::fmt::Debug + Sized {
+    /// The form of the values.
+    type T: Stored;
+    /// Runs `f` on the slot of `id`.
+    fn with<R>(store: &mut Store<Self>, id: u32, f: impl FnOnce(&mut Slot<Self::T>) -> R) -> R;
+    /// What the sink is believed to hold.
+    fn held(&self) -> Option<&Value>;
+}
+
+impl Cell for Packed {
+    type T = DeviceState;
+
+    fn with<R>(store: &mut Store<Self>, id: u32, f: impl FnOnce(&mut Slot<DeviceState>) -> R) -> R {
+        let i = id as usize;
+        let mut s = store.entries[i].1.unpack(store.base);
+        let r = f(&mut s);
+        if s.sent_at.0.saturating_sub(store.base.0) > u64::from(u32::MAX) {
+            store.rebase(s.sent_at);
+        }
+        store.entries[i].1 = Packed::pack(&s, store.base);
+        r
+    }
+
+    fn held(&self) -> Option<&Value> {
+        Packed::state(self.0 >> 4).map(state_value)
+    }
+}
+
+impl Cell for Slot<Box<Value>> {
+    type T = Box<Value>;
+
+    fn with<R>(store: &mut Store<Self>, id: u32, f: impl FnOnce(&mut Slot<Box<Value>>) -> R) -> R {
+        f(&mut store.entries[id as usize].1)
+    }
+
+    fn held(&self) -> Option<&Value> {
+        self.held.as_ref().map(Stored::get)
+    }
+}
+
+/// The `Value` of a device state, for as long as the program runs.
+fn state_value(s: DeviceState) -> &'static Value {
+    match s {
+        DeviceState::Invalid => &INVALID,
+        DeviceState::Unknown => &UNKNOWN,
+        DeviceState::Unavailable => &UNAVAILABLE,
+        DeviceState::NotInuse => &NOT_INUSE,
+        DeviceState::Onhold => &ONHOLD,
+        DeviceState::Ringing => &RINGING,
+        DeviceState::Inuse => &INUSE,
+        DeviceState::Busy => &BUSY,
+        DeviceState::Ringinuse => &RINGINUSE,
+    }
+}
+
+/// Ids of a store at most (the top bit of an id in the order names the store).
+const MAX_IDS: usize = 1 << 31;
+
+impl<C: Cell> Store<C> {
+    fn id(&self, target: &str) -> Option<u32> {
+        let h = self.hasher.hash_one(target);
+        self.index
+            .find(h, |&i| self.entries[i as usize].0 == target)
+            .copied()
+    }
+
+    fn id_or_insert(&mut self, target: &str) -> u32 {
+        if let Some(id) = self.id(target) {
+            return id;
+        }
+        assert!(self.entries.len() < MAX_IDS, "fewer than 2^31 targets");
+        let id = self.entries.len() as u32;
+        self.entries
+            .push((CompactString::from(target), C::default()));
+        let Store {
+            index,
+            entries,
+            hasher,
+            ..
+        } = self;
+        index.insert_unique(hasher.hash_one(target), id, |&i| {
+            hasher.hash_one(entries[i as usize].0.as_str())
+        });
+        id
+    }
+
+    fn key(&self, id: u32) -> &str {
+        &self.entries[id as usize].0
+    }
+
+    fn get(&self, target: &str) -> Option<&C> {
+        self.id(target).map(|id| &self.entries[id as usize].1)
+    }
+
+    /// Runs `f` on every slot.
+    fn each(&mut self, mut f: impl FnMut(&mut Slot<C::T>)) {
+        for id in 0..self.entries.len() as u32 {
+            C::with(self, id, &mut f);
+        }
+    }
+
+    fn reserve(&mut self, additional: usize) {
+        let Store {
+            index,
+            entries,
+            hasher,
+            ..
+        } = self;
+        index.reserve(additional, |&i| {
+            hasher.hash_one(entries[i as usize].0.as_str())
+        });
+        entries.reserve_exact(additional);
+    }
+
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn clear(&mut self) {
+        self.index.clear();
+        self.entries.clear();
+    }
+}
+
+impl Store<Packed> {
+    /// Moves the time base to 2^31 ms before `at` (a write time 2^32 ms or more after the
+    /// base): `sent_at` values shift along; expectations sent before the new base (2^31 ms,
+    /// about 24 days, before `at`) are dropped, long expired (see
+    /// [`ApplyConfig::echo_max_age_ms`]).
+    fn rebase(&mut self, at: Millis) {
+        let base = Millis(at.0 - (1 << 31));
+        let shift = base.0 - self.base.0;
+        for (_, p) in &mut self.entries {
+            let rel = p.0 >> 32;
+            p.0 = if rel >= shift {
+                (p.0 & 0xffff_ffff) | (rel - shift) << 32
+            } else {
+                p.0 & 0xffff_ffff & !ECHO_BITS
+            };
+        }
+        self.base = base;
+    }
+}
+
 /// The queue state beside the slots.
 #[derive(Clone, Debug, Default)]
 struct Shared {
     config: ApplyConfig,
-    order: VecDeque<CompactString>,
+    /// Ids of the waiting targets, first-queued first ([`OTHER`] set: a presence target).
+    order: VecDeque<u32>,
     pending: usize,
     in_flight: usize,
-    /// Write generation: completed writes so far.
-    completions: u64,
-    /// Write generation when the listing being taken was asked.
-    listing_mark: Option<u64>,
+    /// A listing was asked ([`ApplyQueue::listing_requested`]) and is not done yet.
+    listing_marked: bool,
     overflowed: bool,
     stats: ApplyStats,
     /// The latest time given to the queue (for [`ApplyQueue::next_write`]).
     clock: Millis,
 }
 
-type Slots<T> = HashMap<CompactString, Slot<T>>;
+/// The bit of an order id naming a target of the presence store.
+const OTHER: u32 = 1 << 31;
 
-fn slot_mut<'a, T>(slots: &'a mut Slots<T>, target: &str) -> &'a mut Slot<T> {
-    if !slots.contains_key(target) {
-        slots.insert(CompactString::from(target), Slot::default());
-    }
-    slots.get_mut(target).expect("inserted just above")
-}
-
-/// Puts `target` (which has a slot) at the back of the order.
-fn enqueue<T>(slots: &Slots<T>, q: &mut Shared, target: &str) {
-    if let Some((key, _)) = slots.get_key_value(target) {
-        q.pending += 1;
-        q.order.push_back(key.clone());
-    }
-}
-
-fn push_in<T: Stored>(slots: &mut Slots<T>, q: &mut Shared, target: &str, value: &Value) -> Push {
-    let Some(stored) = T::of(value) else {
+fn push_in<C: Cell>(
+    store: &mut Store<C>,
+    q: &mut Shared,
+    tag: u32,
+    target: &str,
+    value: &Value,
+) -> Push {
+    let Some(stored) = C::T::of(value) else {
         return Push::Skipped;
     };
     let full = q.pending >= q.config.max_keys.max(1);
-    let slot = slot_mut(slots, target);
-    if !slot.want.as_ref().is_some_and(|w| w.is(value)) {
-        slot.want = Some(stored);
-        slot.repairs = 0;
-    }
-    let already = match &slot.flight {
-        Some(f) => f.is(value),
-        None => slot.holds(value),
-    };
-    if already {
-        if slot.pending {
-            slot.pending = false;
-            q.pending -= 1;
+    let id = store.id_or_insert(target);
+    C::with(store, id, |slot| {
+        if !slot.want.as_ref().is_some_and(|w| w.is(value)) {
+            slot.want = Some(stored);
+            slot.repairs = 0;
         }
-        q.stats.skipped += 1;
-        return Push::Skipped;
-    }
-    if slot.pending {
-        q.stats.conflated += 1;
-        return Push::Conflated;
-    }
-    if full {
-        q.overflowed = true;
-        q.stats.overflowed += 1;
-        return Push::Overflow;
-    }
-    slot.pending = true;
-    enqueue(slots, q, target);
-    Push::Queued
+        let already = match &slot.flight {
+            Some(f) => f.is(value),
+            None => slot.holds(value),
+        };
+        if already {
+            if slot.pending {
+                slot.pending = false;
+                q.pending -= 1;
+            }
+            q.stats.skipped += 1;
+            return Push::Skipped;
+        }
+        if slot.pending {
+            q.stats.conflated += 1;
+            return Push::Conflated;
+        }
+        if full {
+            q.overflowed = true;
+            q.stats.overflowed += 1;
+            return Push::Overflow;
+        }
+        slot.pending = true;
+        q.pending += 1;
+        q.order.push_back(id | tag);
+        Push::Queued
+    })
 }
 
 /// What dispatching the target at the front of the order came to.
@@ -376,8 +604,7 @@ fn complete_in<T: Stored>(slot: &mut Slot<T>, q: &mut Shared, ok: bool) -> bool 
         return false;
     };
     q.in_flight -= 1;
-    q.completions += 1;
-    slot.done_at = q.completions;
+    slot.done = true;
     if ok {
         q.stats.confirmed += 1;
         slot.held = Some(v);
@@ -393,49 +620,61 @@ fn complete_in<T: Stored>(slot: &mut Slot<T>, q: &mut Shared, ok: bool) -> bool 
 enum Seen {
     /// A live event: not believed over a write in flight or waiting.
     Live,
-    /// A listing item: not believed over a write in flight or completed after `mark`.
-    Listed { mark: u64 },
+    /// A listing item: not believed over a write in flight or (`marked`: the listing was
+    /// asked) completed since the listing was asked.
+    Listed { marked: bool },
 }
 
-fn observe_in<T: Stored>(
-    slots: &mut Slots<T>,
+fn observe_in<C: Cell>(
+    store: &mut Store<C>,
     q: &mut Shared,
+    tag: u32,
     target: &str,
     value: &Value,
     seen: Seen,
 ) {
-    let Some(stored) = T::of(value) else {
+    let Some(stored) = C::T::of(value) else {
         return;
     };
-    let slot = slot_mut(slots, target);
-    let stale = match seen {
-        Seen::Live => slot.flight.is_some() || slot.pending,
-        Seen::Listed { mark } => slot.flight.is_some() || slot.done_at > mark,
-    };
-    if stale {
-        q.stats.stale_observations += 1;
-        return;
-    }
-    if !slot.holds(value) {
-        slot.held = Some(stored);
-    }
-    // Only devices are repaired: a `Custom:` device is ours to write, whereas a presence
-    // set locally is a user's change that the federation decides about.
-    let differs =
-        matches!(value, Value::Device(_)) && slot.want.as_ref().is_some_and(|w| !w.is(value));
-    if differs && !slot.pending && slot.repairs < MAX_REPAIRS {
-        slot.repairs += 1;
-        slot.pending = true;
-        q.stats.repaired += 1;
-        enqueue(slots, q, target);
+    let id = store.id_or_insert(target);
+    C::with(store, id, |slot| {
+        let stale = match seen {
+            Seen::Live => slot.flight.is_some() || slot.pending,
+            Seen::Listed { marked } => slot.flight.is_some() || (marked && slot.done),
+        };
+        if stale {
+            q.stats.stale_observations += 1;
+            return;
+        }
+        if !slot.holds(value) {
+            slot.held = Some(stored);
+        }
+        // Only devices are repaired: a `Custom:` device is ours to write, whereas a presence
+        // set locally is a user's change that the federation decides about.
+        let differs =
+            matches!(value, Value::Device(_)) && slot.want.as_ref().is_some_and(|w| !w.is(value));
+        if differs && !slot.pending && slot.repairs < MAX_REPAIRS {
+            slot.repairs += 1;
+            slot.pending = true;
+            q.stats.repaired += 1;
+            q.pending += 1;
+            q.order.push_back(id | tag);
+        }
+    });
+}
+
+/// See [`ApplyQueue::listing_begins`].
+fn forget_listed<T>(slot: &mut Slot<T>, marked: bool) {
+    if slot.flight.is_none() && !(marked && slot.done) {
+        slot.held = None;
     }
 }
 
 /// A conflating apply queue for one sink.
 #[derive(Clone, Debug, Default)]
 pub struct ApplyQueue {
-    devices: Slots<DeviceState>,
-    others: Slots<Box<Value>>,
+    devices: Store<Packed>,
+    others: Store<Slot<Box<Value>>>,
     q: Shared,
 }
 
@@ -443,8 +682,8 @@ impl ApplyQueue {
     /// An empty queue.
     pub fn new(config: ApplyConfig) -> Self {
         ApplyQueue {
-            devices: HashMap::new(),
-            others: HashMap::new(),
+            devices: Store::default(),
+            others: Store::default(),
             q: Shared {
                 config,
                 ..Shared::default()
@@ -464,14 +703,14 @@ impl ApplyQueue {
     /// [`ApplyQueue::push`] without giving up the key and value.
     pub fn push_ref(&mut self, target: &str, value: &Value) -> Push {
         match value {
-            Value::Device(_) => push_in(&mut self.devices, &mut self.q, target, value),
-            Value::Presence(_) => push_in(&mut self.others, &mut self.q, target, value),
+            Value::Device(_) => push_in(&mut self.devices, &mut self.q, 0, target, value),
+            Value::Presence(_) => push_in(&mut self.others, &mut self.q, OTHER, target, value),
         }
     }
 
     /// Makes room for `targets` device targets in all (a pass over a table of that many
-    /// keys is coming): one allocation of the slots' final size instead of a series of
-    /// doublings, each leaving the previous, smaller map to the allocator.
+    /// keys is coming): one allocation of the index's final size instead of a series of
+    /// doublings, each leaving the previous, smaller one to the allocator.
     pub fn reserve_devices(&mut self, targets: usize) {
         self.devices
             .reserve(targets.saturating_sub(self.devices.len()));
@@ -492,18 +731,25 @@ impl ApplyQueue {
         }
         let budget = self.q.order.len();
         for _ in 0..budget {
-            let key = self.q.order.pop_front()?;
-            let d = if let Some(slot) = self.devices.get_mut(key.as_str()) {
-                dispatch(slot, &mut self.q, now)
-            } else if let Some(slot) = self.others.get_mut(key.as_str()) {
-                dispatch(slot, &mut self.q, now)
+            let tagged = self.q.order.pop_front()?;
+            let id = tagged & !OTHER;
+            let q = &mut self.q;
+            let d = if tagged & OTHER == 0 {
+                Packed::with(&mut self.devices, id, |s| dispatch(s, q, now))
             } else {
-                Dispatch::Drop
+                Cell::with(&mut self.others, id, |s| dispatch(s, q, now))
             };
             match d {
                 Dispatch::Drop => {}
-                Dispatch::Later => self.q.order.push_back(key),
-                Dispatch::Write(value) => return Some((key.into_string(), value)),
+                Dispatch::Later => self.q.order.push_back(tagged),
+                Dispatch::Write(value) => {
+                    let key = if tagged & OTHER == 0 {
+                        self.devices.key(id)
+                    } else {
+                        self.others.key(id)
+                    };
+                    return Some((key.to_owned(), value));
+                }
             }
         }
         None
@@ -517,13 +763,14 @@ impl ApplyQueue {
     /// The write to `target` finished. On success the sink now holds the value; on failure
     /// what it holds is unknown. Returns whether a write to `target` was in flight.
     pub fn complete(&mut self, target: &str, ok: bool) -> bool {
-        if let Some(slot) = self.devices.get_mut(target)
-            && complete_in(slot, &mut self.q, ok)
+        let q = &mut self.q;
+        if let Some(id) = self.devices.id(target)
+            && Packed::with(&mut self.devices, id, |s| complete_in(s, q, ok))
         {
             return true;
         }
-        match self.others.get_mut(target) {
-            Some(slot) => complete_in(slot, &mut self.q, ok),
+        match self.others.id(target) {
+            Some(id) => Cell::with(&mut self.others, id, |s| complete_in(s, q, ok)),
             None => false,
         }
     }
@@ -537,14 +784,12 @@ impl ApplyQueue {
         self.tick_clock(now);
         let max_age = self.q.config.echo_max_age_ms;
         let echo = match value {
-            Value::Device(_) => self
-                .devices
-                .get_mut(target)
-                .is_some_and(|s| s.is_echo(value, now, max_age)),
-            Value::Presence(_) => self
-                .others
-                .get_mut(target)
-                .is_some_and(|s| s.is_echo(value, now, max_age)),
+            Value::Device(_) => self.devices.id(target).is_some_and(|id| {
+                Packed::with(&mut self.devices, id, |s| s.is_echo(value, now, max_age))
+            }),
+            Value::Presence(_) => self.others.id(target).is_some_and(|id| {
+                Cell::with(&mut self.others, id, |s| s.is_echo(value, now, max_age))
+            }),
         };
         if echo {
             self.q.stats.echoes += 1;
@@ -555,12 +800,8 @@ impl ApplyQueue {
     /// Drops every echo expectation (the sink restarted: events of writes to the old one
     /// will not come).
     pub fn forget_echoes(&mut self) {
-        for s in self.devices.values_mut() {
-            s.echo = [None; ECHO_VALUES];
-        }
-        for s in self.others.values_mut() {
-            s.echo = std::array::from_fn(|_| None);
-        }
+        self.devices.each(|s| s.echo = [None; ECHO_VALUES]);
+        self.others.each(|s| s.echo = std::array::from_fn(|_| None));
     }
 
     /// The sink reported by a live event (not the echo of a write of ours) that `target`
@@ -572,17 +813,20 @@ impl ApplyQueue {
     }
 
     fn observe(&mut self, target: &str, value: &Value, seen: Seen) {
+        let q = &mut self.q;
         match value {
-            Value::Device(_) => observe_in(&mut self.devices, &mut self.q, target, value, seen),
-            Value::Presence(_) => observe_in(&mut self.others, &mut self.q, target, value, seen),
+            Value::Device(_) => observe_in(&mut self.devices, q, 0, target, value, seen),
+            Value::Presence(_) => observe_in(&mut self.others, q, OTHER, target, value, seen),
         }
     }
 
-    /// Marks the write generation at which a listing of the sink is asked: items of that
-    /// listing ([`ApplyQueue::note_listed`]) are not believed for targets whose write
-    /// completed later. Call when the listing action is sent.
+    /// Marks the moment a listing of the sink is asked: items of that listing
+    /// ([`ApplyQueue::note_listed`]) are not believed for targets whose write completed
+    /// later. Call when the listing action is sent. (One pass over the slots.)
     pub fn listing_requested(&mut self) {
-        self.q.listing_mark = Some(self.q.completions);
+        self.q.listing_marked = true;
+        self.devices.each(|s| s.done = false);
+        self.others.each(|s| s.done = false);
     }
 
     /// A listing (asked at the last [`ApplyQueue::listing_requested`], or now if none is
@@ -591,40 +835,28 @@ impl ApplyQueue {
     /// targets missing from the listing are written again. Follow with
     /// [`ApplyQueue::note_listed`] per item and [`ApplyQueue::listing_done`].
     pub fn listing_begins(&mut self) {
-        let mark = self.q.listing_mark.unwrap_or(self.q.completions);
-        for slot in self.devices.values_mut() {
-            if slot.flight.is_none() && slot.done_at <= mark {
-                slot.held = None;
-            }
-        }
-        for slot in self.others.values_mut() {
-            if slot.flight.is_none() && slot.done_at <= mark {
-                slot.held = None;
-            }
-        }
+        let marked = self.q.listing_marked;
+        self.devices.each(|s| forget_listed(s, marked));
+        self.others.each(|s| forget_listed(s, marked));
     }
 
     /// One item of a listing says `target` holds `value`. Believed unless a write to
     /// `target` is in flight or completed after the listing was asked; a believed value
     /// other than the wanted one queues the wanted one again.
     pub fn note_listed(&mut self, target: &str, value: &Value) {
-        let mark = self.q.listing_mark.unwrap_or(self.q.completions);
-        self.observe(target, value, Seen::Listed { mark });
+        let marked = self.q.listing_marked;
+        self.observe(target, value, Seen::Listed { marked });
     }
 
     /// The listing is processed: the mark is dropped.
     pub fn listing_done(&mut self) {
-        self.q.listing_mark = None;
+        self.q.listing_marked = false;
     }
 
     /// Forgets what the sink holds (it restarted or reconnected: write everything again).
     pub fn forget_held(&mut self) {
-        for slot in self.devices.values_mut() {
-            slot.held = None;
-        }
-        for slot in self.others.values_mut() {
-            slot.held = None;
-        }
+        self.devices.each(|s| s.held = None);
+        self.others.each(|s| s.held = None);
     }
 
     /// Drops everything: pending, in flight, held and expected echoes (the sink connection
@@ -635,17 +867,15 @@ impl ApplyQueue {
         self.q.order.clear();
         self.q.pending = 0;
         self.q.in_flight = 0;
-        self.q.listing_mark = None;
+        self.q.listing_marked = false;
     }
 
     /// What the sink is known to hold for `target`.
     pub fn held(&self, target: &str) -> Option<&Value> {
-        if let Some(s) = self.devices.get(target)
-            && let Some(h) = &s.held
-        {
-            return Some(h.get());
+        if let Some(h) = self.devices.get(target).and_then(Cell::held) {
+            return Some(h);
         }
-        self.others.get(target)?.held.as_ref().map(Stored::get)
+        self.others.get(target)?.held()
     }
 
     /// Number of targets waiting.
@@ -1066,8 +1296,68 @@ mod tests {
 
     #[test]
     fn a_device_slot_is_small() {
-        // The many targets are devices: values as one-byte states, no per-slot allocation.
-        assert!(std::mem::size_of::<Slot<DeviceState>>() <= 24);
+        // The many targets are devices: a slot is one word beside its name, no allocation.
+        assert_eq!(std::mem::size_of::<Packed>(), 8);
+        assert_eq!(std::mem::size_of::<(CompactString, Packed)>(), 32);
+        for (i, s) in STATES.into_iter().enumerate() {
+            assert_eq!(s as usize, i, "STATES in declaration order");
+        }
+    }
+
+    #[test]
+    fn a_packed_slot_round_trips() {
+        let base = Millis(1_000);
+        let states = [None, Some(Invalid), Some(NotInuse), Some(Ringinuse)];
+        for (i, want) in states.into_iter().enumerate() {
+            let held = states[(i + 1) % 4];
+            let flight = states[(i + 2) % 4];
+            let s = Slot {
+                want,
+                held,
+                flight,
+                echo: [states[(i + 3) % 4], want],
+                pending: i % 2 == 0,
+                repairs: (i % 4) as u8,
+                sent_at: Millis(base.0 + u64::from(u32::MAX) - i as u64),
+                done: i % 3 == 0,
+            };
+            let u = Packed::pack(&s, base).unpack(base);
+            assert_eq!(
+                (
+                    u.want, u.held, u.flight, u.echo, u.pending, u.repairs, u.sent_at, u.done
+                ),
+                (
+                    s.want, s.held, s.flight, s.echo, s.pending, s.repairs, s.sent_at, s.done
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn echo_ages_stay_exact_across_a_rebase_of_the_time_base() {
+        let age = ApplyConfig::default().echo_max_age_ms;
+        let mut a = q(10, 4);
+        // An old write, long expired by the time the base moves.
+        a.push("old".into(), d(Busy));
+        a.next_write_at(Millis(5)).unwrap();
+        a.complete("old", true);
+        // Wall-clock milliseconds (2^40 and more) are 2^32 after the base of 0.
+        let t = Millis(1 << 40);
+        a.push("x".into(), d(Ringing));
+        a.next_write_at(t).unwrap();
+        a.complete("x", true);
+        assert!(a.devices.base.0 > 0, "rebased");
+        a.push("y".into(), d(Inuse));
+        a.next_write_at(Millis(t.0 + 7)).unwrap();
+        assert!(a.is_echo("x", &d(Ringing), Millis(t.0 + age)));
+        assert!(!a.is_echo("x", &d(Ringing), Millis(t.0 + age + 1)));
+        assert!(a.is_echo("y", &d(Inuse), Millis(t.0 + 7 + age)));
+        assert!(!a.is_echo("old", &d(Busy), Millis(t.0 + 8)));
+        assert_eq!(
+            a.held("old"),
+            Some(&d(Busy)),
+            "the rest of the slot is kept"
+        );
     }
 
     #[test]
