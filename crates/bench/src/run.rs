@@ -435,7 +435,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
     }
 
     // 7. Figures.
-    tokio::time::sleep(Duration::from_millis(400)).await; // the trace flushes every 100 ms
+    tokio::time::sleep(Duration::from_millis(400)).await; // the trace is written every 50 ms
     let tap_file = match tap {
         Some(h) => {
             let _ = tap_stop.send(());

@@ -78,11 +78,14 @@ pub(crate) async fn handle(shared: &Arc<Shared>, ctx: &mut SessionCtx, req: &Mes
         .copied();
     {
         let mut inner = shared.lock();
-        *inner
-            .stats
-            .actions
-            .entry(canonical.unwrap_or(action).to_owned())
-            .or_insert(0) += 1;
+        let counted = canonical.unwrap_or(action);
+        // Counted without a new String per action once the name is known.
+        match inner.stats.actions.get_mut(counted) {
+            Some(n) => *n += 1,
+            None => {
+                inner.stats.actions.insert(counted.to_owned(), 1);
+            }
+        }
     }
     let name = canonical.unwrap_or("");
     if !ctx.authenticated && !matches!(name, "Login" | "Logoff" | "Challenge") {

@@ -113,8 +113,10 @@ async fn recv_event(
 
 type Sink = futures::stream::SplitSink<Framed<TcpStream, AmiCodec>, Message>;
 
-/// Sends `msgs`, each write bounded by `wt`. `false` when the connection must go.
-async fn send_all(
+/// Queues `msgs` on the connection without flushing (the session flushes once nothing else is
+/// ready, so responses and events that come together leave in one write), each bounded by
+/// `wt` (a full buffer writes out first). `false` when the connection must go.
+async fn feed_all(
     sink: &mut Sink,
     msgs: Vec<Message>,
     wt: Duration,
@@ -122,19 +124,20 @@ async fn send_all(
     peer: SocketAddr,
 ) -> bool {
     for m in msgs {
-        match tokio::time::timeout(wt, sink.feed(m)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                tracing::debug!(session = id, error = %e, "write failed");
-                return false;
-            }
-            Err(_) => {
-                warn_peer(id, peer, "slow reader", "write timed out");
-                return false;
-            }
+        if !write_done(tokio::time::timeout(wt, sink.feed(m)).await, id, peer) {
+            return false;
         }
     }
-    match tokio::time::timeout(wt, sink.flush()).await {
+    true
+}
+
+/// Whether a bounded write (feed or flush) succeeded; logs why not.
+fn write_done(
+    r: Result<Result<(), hintfed_ami::CodecError>, tokio::time::error::Elapsed>,
+    id: u64,
+    peer: SocketAddr,
+) -> bool {
+    match r {
         Ok(Ok(())) => true,
         Ok(Err(e)) => {
             tracing::debug!(session = id, error = %e, "write failed");
@@ -189,6 +192,8 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
     }
     let framed = Framed::new(stream, AmiCodec::with_limits(false, shared.cfg.limits));
     let (mut sink, mut source) = framed.split();
+    // Responses and events queued since the last flush.
+    let mut unflushed = false;
     let mut ctx = SessionCtx {
         id,
         peer,
@@ -213,7 +218,9 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                         }
                     }
                 }
-                send_all(&mut sink, last, wt, id, peer).await;
+                if feed_all(&mut sink, last, wt, id, peer).await {
+                    let _ = tokio::time::timeout(wt, sink.flush()).await;
+                }
                 break;
             }
             ev = recv_event(&mut ctx.rx) => match ev {
@@ -221,10 +228,11 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                     if !ctx.authenticated || !ev.passes(ctx.mask) || ctx.blackholed(shared) {
                         continue;
                     }
-                    if !send_all(&mut sink, vec![ev.message.clone()], wt, id, peer).await {
+                    if !feed_all(&mut sink, vec![ev.message.clone()], wt, id, peer).await {
                         shared.lock().stats.slow_readers_dropped += 1;
                         break;
                     }
+                    unflushed = true;
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     warn_peer(id, peer, "slow reader", &format!("missed {n} events"));
@@ -246,11 +254,23 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                         continue;
                     }
                     let out = crate::actions::handle(shared, &mut ctx, &m).await;
-                    if !send_all(&mut sink, out.replies, wt, id, peer).await || out.close {
+                    if !feed_all(&mut sink, out.replies, wt, id, peer).await {
+                        break;
+                    }
+                    unflushed = true;
+                    if out.close {
                         break;
                     }
                 }
             },
+            // Last: only once no event and no action is ready.
+            r = tokio::time::timeout(wt, sink.flush()), if unflushed => {
+                if !write_done(r, id, peer) {
+                    shared.lock().stats.slow_readers_dropped += 1;
+                    break;
+                }
+                unflushed = false;
+            }
         }
     }
     let _ = tokio::time::timeout(wt, sink.close()).await;

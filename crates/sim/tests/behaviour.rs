@@ -233,6 +233,52 @@ async fn slow_reader_is_dropped_and_others_keep_going() {
     assert!(c.events_before_ping("p").await.is_empty());
 }
 
+/// A pipelined burst: the session answers and reports while it reads, and writes what is
+/// ready together; nothing may be lost or reordered on the way.
+#[tokio::test]
+async fn pipelined_actions_are_answered_in_order_with_every_event() {
+    const N: usize = 300;
+    const DEVICES: usize = 30;
+    let sim = spawn(capture_config("pbx-a")).await;
+    let mut c = Client::login(sim.local_addr(), &[]).await;
+    let state = |i: usize| {
+        if (i / DEVICES) % 2 == 0 {
+            "INUSE"
+        } else {
+            "NOT_INUSE"
+        }
+    };
+    c.send_all((0..N).map(|i| {
+        setvar(
+            &format!("DEVICE_STATE(Custom:burst{})", i % DEVICES),
+            state(i),
+        )
+        .with("ActionID", format!("b{i}"))
+    }))
+    .await;
+    let last = format!("b{}", N - 1);
+    let mut all = c.until(|m| m.action_id() == Some(last.as_str())).await;
+    all.extend(c.events_before_ping("after").await);
+    let ids: Vec<&str> = all
+        .iter()
+        .filter(|m| m.response().is_some())
+        .filter_map(Message::action_id)
+        .collect();
+    let want: Vec<String> = (0..N).map(|i| format!("b{i}")).collect();
+    assert_eq!(ids, want, "responses in the order of the actions");
+    for d in 0..DEVICES {
+        let device = format!("Custom:burst{d}");
+        let seen: Vec<&str> = all
+            .iter()
+            .filter(|m| m.event() == Some("DeviceStateChange"))
+            .filter(|m| m.get("Device") == Some(device.as_str()))
+            .filter_map(|m| m.get("State"))
+            .collect();
+        let written: Vec<&str> = (d..N).step_by(DEVICES).map(state).collect();
+        assert_eq!(seen, written, "{device}: one event per write, in order");
+    }
+}
+
 #[tokio::test]
 async fn garbage_closes_only_that_connection() {
     let sim = spawn(capture_config("pbx-a")).await;

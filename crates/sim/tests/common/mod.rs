@@ -71,6 +71,16 @@ impl Client {
         self.framed.send(m).await.expect("send");
     }
 
+    /// Sends every message in one flush (pipelined).
+    pub async fn send_all(&mut self, ms: impl IntoIterator<Item = Message>) {
+        for m in ms {
+            self.framed.feed(m).await.expect("send");
+        }
+        SinkExt::<Message>::flush(&mut self.framed)
+            .await
+            .expect("flush");
+    }
+
     /// The next message, or `None` at EOF; panics after [`DEADLINE`].
     pub async fn next(&mut self) -> Option<Message> {
         match tokio::time::timeout(DEADLINE, self.framed.next()).await {
