@@ -242,7 +242,7 @@ async fn pipelined_actions_are_answered_in_order_with_every_event() {
     let sim = spawn(capture_config("pbx-a")).await;
     let mut c = Client::login(sim.local_addr(), &[]).await;
     let state = |i: usize| {
-        if (i / DEVICES) % 2 == 0 {
+        if (i / DEVICES).is_multiple_of(2) {
             "INUSE"
         } else {
             "NOT_INUSE"
