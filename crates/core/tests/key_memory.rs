@@ -13,7 +13,8 @@
 //!   apply queue pending 95.7 B / 0 / 88 B; written 64.2 B / 0.
 //! - the table packing its B-tree each time its keys double ([`Table::compact`]): 95.8 B / 0.12
 //!   / 99 B as the keys arrive in order; 74.2 B once packed at the end (as a node does when a
-//!   snapshot answer is complete); without packing, 137.0 B.
+//!   snapshot answer is complete); without packing, 137.0 B. Packing each time the keys grew
+//!   by a quarter instead: 78.5 B / 0.10 as they arrive (at most a fifth of them unpacked).
 //! - apply slots packed in 8 bytes, each name kept once in a dense list found through a hash
 //!   table of ids, the order holding ids: apply queue pending 95.7 -> 53.7 B / 0, written
 //!   64.2 -> 48.5 B / 0 (the list grown by doubling: requested, not all touched), and 38.5 B
@@ -101,6 +102,7 @@ fn device_keys_and_apply_targets_cost_no_block_of_their_own() {
     let v = Value::Device(DeviceState::NotInuse);
 
     let start = Live::now();
+    let fill = std::time::Instant::now();
     let mut table = Table::new();
     for (origin, seq, key) in &keys {
         let ts = HlcTimestamp {
@@ -110,6 +112,8 @@ fn device_keys_and_apply_targets_cost_no_block_of_their_own() {
         assert!(table.apply(origin, Epoch(1), *seq, key, &v, ts, Millis(0)));
     }
     let sorted = Live::now();
+    // Printed, not asserted: what packing as the keys arrive costs in time.
+    println!("table filled in {:?}", fill.elapsed());
     let entries: Vec<_> = table.device_keys().map(str::to_owned).collect();
     table.compact();
     assert_eq!(
@@ -151,11 +155,11 @@ fn device_keys_and_apply_targets_cost_no_block_of_their_own() {
     let (packed, _, _) = start.per_key(filled);
     println!("table as inserted    {as_inserted:6.1} B/key, packed {packed:6.1} B/key");
     assert!(
-        packed <= as_inserted * 0.85,
+        packed < as_inserted,
         "compaction packs the B-tree: {as_inserted:.1} -> {packed:.1} B/key"
     );
     for (what, from, to, max_bytes, max_blocks) in [
-        ("table as inserted", start, sorted, 115.0, 0.25),
+        ("table as inserted", start, sorted, 86.0, 0.25),
         ("table packed", start, filled, 90.0, 0.25),
         ("apply queue pending", filled, pushed, 60.0, 0.01),
         ("apply queue written", filled, drained, 52.0, 0.01),
