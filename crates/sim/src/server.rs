@@ -40,6 +40,11 @@ pub struct SimConfig {
     pub phone_duplicates: bool,
     /// Asterisk's `writetimeout`: a write blocked this long drops the connection.
     pub write_timeout: Duration,
+    /// Write the responses and events that are ready together in one write, flushing once no
+    /// event and no action waits. `false` (the default) writes each answer (a response, or a
+    /// whole list) and each event on its own, as Asterisk does; `true` takes the simulator's
+    /// own CPU off a machine that also runs what is measured (hintfed-bench `run`).
+    pub coalesce_writes: bool,
     /// Delay before `Authentication failed` (Asterisk sleeps 1 s), after which the connection
     /// is closed.
     pub auth_failure_delay: Duration,
@@ -71,6 +76,7 @@ impl Default for SimConfig {
             dialplan: Dialplan::default(),
             phone_duplicates: true,
             write_timeout: Duration::from_millis(1000),
+            coalesce_writes: false,
             auth_failure_delay: Duration::from_secs(1),
             event_buffer: 4096,
             limits: Limits {
@@ -97,6 +103,7 @@ impl std::fmt::Debug for SimConfig {
             .field("hints", &self.dialplan.hints.len())
             .field("phone_duplicates", &self.phone_duplicates)
             .field("write_timeout", &self.write_timeout)
+            .field("coalesce_writes", &self.coalesce_writes)
             .field("auth_failure_delay", &self.auth_failure_delay)
             .field("event_buffer", &self.event_buffer)
             .field("limits", &self.limits)

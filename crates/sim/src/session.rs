@@ -2,9 +2,11 @@
 //!
 //! The session task owns the socket. It reads actions through [`AmiCodec`] (bounded by
 //! [`SimConfig::limits`](crate::SimConfig)), answers them through [`crate::actions`], and
-//! forwards broadcast events that pass its `Events` mask. Every write is bounded by the
-//! configured `writetimeout`; a session that cannot keep up with the event stream is closed.
-//! A decoding error (garbage, oversize input) closes only this connection. Warnings about a
+//! forwards broadcast events that pass its `Events` mask. Each answer and each event is
+//! written on its own, as Asterisk does, unless [`SimConfig::coalesce_writes`](crate::SimConfig)
+//! asks for one write of what is ready together (flushed once no event and no action waits).
+//! Every write is bounded by the configured `writetimeout`; a session that cannot keep up with
+//! the event stream is closed. A decoding error (garbage, oversize input) closes only this connection. Warnings about a
 //! bad peer (bad input, slow reader) name its address and are rate-limited process-wide
 //! ([`WARNINGS_PER_WINDOW`] per [`WARN_WINDOW`]; the next one logged counts those held back).
 
@@ -113,9 +115,8 @@ async fn recv_event(
 
 type Sink = futures::stream::SplitSink<Framed<TcpStream, AmiCodec>, Message>;
 
-/// Queues `msgs` on the connection without flushing (the session flushes once nothing else is
-/// ready, so responses and events that come together leave in one write), each bounded by
-/// `wt` (a full buffer writes out first). `false` when the connection must go.
+/// Queues `msgs` on the connection without flushing, each bounded by `wt` (a full buffer
+/// writes out first). `false` when the connection must go.
 async fn feed_all(
     sink: &mut Sink,
     msgs: Vec<Message>,
@@ -129,6 +130,11 @@ async fn feed_all(
         }
     }
     true
+}
+
+/// Writes out what is queued, bounded by `wt`. `false` when the connection must go.
+async fn flush(sink: &mut Sink, wt: Duration, id: u64, peer: SocketAddr) -> bool {
+    write_done(tokio::time::timeout(wt, sink.flush()).await, id, peer)
 }
 
 /// Whether a bounded write (feed or flush) succeeded; logs why not.
@@ -192,7 +198,8 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
     }
     let framed = Framed::new(stream, AmiCodec::with_limits(false, shared.cfg.limits));
     let (mut sink, mut source) = framed.split();
-    // Responses and events queued since the last flush.
+    let coalesce = shared.cfg.coalesce_writes;
+    // Responses and events queued since the last flush (only when coalescing).
     let mut unflushed = false;
     let mut ctx = SessionCtx {
         id,
@@ -219,7 +226,7 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                     }
                 }
                 if feed_all(&mut sink, last, wt, id, peer).await {
-                    let _ = tokio::time::timeout(wt, sink.flush()).await;
+                    flush(&mut sink, wt, id, peer).await;
                 }
                 break;
             }
@@ -228,11 +235,13 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                     if !ctx.authenticated || !ev.passes(ctx.mask) || ctx.blackholed(shared) {
                         continue;
                     }
-                    if !feed_all(&mut sink, vec![ev.message.clone()], wt, id, peer).await {
+                    if !feed_all(&mut sink, vec![ev.message.clone()], wt, id, peer).await
+                        || !(coalesce || flush(&mut sink, wt, id, peer).await)
+                    {
                         shared.lock().stats.slow_readers_dropped += 1;
                         break;
                     }
-                    unflushed = true;
+                    unflushed = coalesce;
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     warn_peer(id, peer, "slow reader", &format!("missed {n} events"));
@@ -254,18 +263,20 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                         continue;
                     }
                     let out = crate::actions::handle(shared, &mut ctx, &m).await;
-                    if !feed_all(&mut sink, out.replies, wt, id, peer).await {
+                    if !feed_all(&mut sink, out.replies, wt, id, peer).await
+                        || !(coalesce || flush(&mut sink, wt, id, peer).await)
+                    {
                         break;
                     }
-                    unflushed = true;
+                    unflushed = coalesce;
                     if out.close {
                         break;
                     }
                 }
             },
             // Last: only once no event and no action is ready.
-            r = tokio::time::timeout(wt, sink.flush()), if unflushed => {
-                if !write_done(r, id, peer) {
+            ok = flush(&mut sink, wt, id, peer), if unflushed => {
+                if !ok {
                     shared.lock().stats.slow_readers_dropped += 1;
                     break;
                 }

@@ -233,13 +233,22 @@ async fn slow_reader_is_dropped_and_others_keep_going() {
     assert!(c.events_before_ping("p").await.is_empty());
 }
 
-/// A pipelined burst: the session answers and reports while it reads, and writes what is
-/// ready together; nothing may be lost or reordered on the way.
+/// A pipelined burst: the session answers and reports while it reads, each on its own (as
+/// Asterisk) or what is ready together in one write; nothing may be lost or reordered.
 #[tokio::test]
 async fn pipelined_actions_are_answered_in_order_with_every_event() {
+    pipelined_burst(false).await;
+    pipelined_burst(true).await;
+}
+
+async fn pipelined_burst(coalesce_writes: bool) {
     const N: usize = 300;
     const DEVICES: usize = 30;
-    let sim = spawn(capture_config("pbx-a")).await;
+    let sim = spawn(SimConfig {
+        coalesce_writes,
+        ..capture_config("pbx-a")
+    })
+    .await;
     let mut c = Client::login(sim.local_addr(), &[]).await;
     let state = |i: usize| {
         if (i / DEVICES).is_multiple_of(2) {
