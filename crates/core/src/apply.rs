@@ -33,14 +33,14 @@
 //!   queue, is the source of truth.
 //!
 //! Memory: one slot per target ever written or observed, never dropped but all at once.
-//! Each target's name is kept once, in a dense list of `(name, slot)` whose index is the
-//! target's id; a hash table of ids finds a name's slot, and the queue order holds ids
-//! (4 bytes), not names. The name is a [`CompactString`] (up to 24 bytes inline, e.g.
-//! `Custom:PJSIP/b3n1234`, without a block of its own). Device targets (the many) keep
-//! their slot packed in 8 bytes (values as 4-bit states, the echo age as milliseconds
-//! after a time base of the store): 32 bytes per target in the list plus about 6.5 in the
-//! hash table, where a map of names to 24-byte slots took 64 (`tests/key_memory.rs`).
-//! Presence targets keep boxed values in a store of their own.
+//! Each target's name is kept once, in a dense list of `(name, slot)` (in blocks of 1,024
+//! entries) whose index is the target's id; a hash table of ids finds a name's slot, and the
+//! queue order holds ids (4 bytes), not names. The name is a [`CompactString`] (up to 24
+//! bytes inline, e.g. `Custom:PJSIP/b3n1234`, without a block of its own). Device targets
+//! (the many) keep their slot packed in 8 bytes (values as 4-bit states, the echo age as
+//! milliseconds after a time base of the store): 32 bytes per target in the list plus about
+//! 6.5 in the hash table, where a map of names to 24-byte slots took 64
+//! (`tests/key_memory.rs`). Presence targets keep boxed values in a store of their own.
 
 use std::collections::VecDeque;
 use std::hash::{BuildHasher, RandomState};
@@ -350,10 +350,70 @@ impl Packed {
 #[derive(Clone, Debug, Default)]
 struct Store<C> {
     index: HashTable<u32>,
-    entries: Vec<(CompactString, C)>,
+    entries: Segments<(CompactString, C)>,
     hasher: RandomState,
     /// Time base of packed `sent_at` values (device slots).
     base: Millis,
+}
+
+/// Entries of a [`Segments`] block (a block of device slots: 32 KiB).
+const SEGMENT: usize = 1 << 10;
+
+/// A list kept in blocks of [`SEGMENT`] entries (the first grows by doubling up to that):
+/// growing never copies it nor asks for one large allocation, and a block fits in the
+/// holes that freed buffers (e.g. a snapshot's messages) leave in the heap.
+#[derive(Clone, Debug)]
+struct Segments<E> {
+    blocks: Vec<Vec<E>>,
+    len: usize,
+}
+
+impl<E> Default for Segments<E> {
+    fn default() -> Self {
+        Segments {
+            blocks: Vec::new(),
+            len: 0,
+        }
+    }
+}
+
+impl<E> Segments<E> {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn push(&mut self, e: E) {
+        match self.blocks.last_mut() {
+            Some(b) if b.len() < SEGMENT => b.push(e),
+            last => {
+                let mut b = if last.is_none() {
+                    Vec::new()
+                } else {
+                    Vec::with_capacity(SEGMENT)
+                };
+                b.push(e);
+                self.blocks.push(b);
+            }
+        }
+        self.len += 1;
+    }
+
+    fn get(&self, i: usize) -> &E {
+        &self.blocks[i / SEGMENT][i % SEGMENT]
+    }
+
+    fn get_mut(&mut self, i: usize) -> &mut E {
+        &mut self.blocks[i / SEGMENT][i % SEGMENT]
+    }
+
+    fn iter_mut(&mut self) -> impl Iterator<Item = &mut E> {
+        self.blocks.iter_mut().flatten()
+    }
+
+    fn clear(&mut self) {
+        self.blocks.clear();
+        self.len = 0;
+    }
 }
 
 /// A slot kept in a [`Store`]: device slots packed, the others as they are.
@@ -371,12 +431,12 @@ impl Cell for Packed {
 
     fn with<R>(store: &mut Store<Self>, id: u32, f: impl FnOnce(&mut Slot<DeviceState>) -> R) -> R {
         let i = id as usize;
-        let mut s = store.entries[i].1.unpack(store.base);
+        let mut s = store.entries.get(i).1.unpack(store.base);
         let r = f(&mut s);
         if s.sent_at.0.saturating_sub(store.base.0) > u64::from(u32::MAX) {
             store.rebase(s.sent_at);
         }
-        store.entries[i].1 = Packed::pack(&s, store.base);
+        store.entries.get_mut(i).1 = Packed::pack(&s, store.base);
         r
     }
 
@@ -389,7 +449,7 @@ impl Cell for Slot<Box<Value>> {
     type T = Box<Value>;
 
     fn with<R>(store: &mut Store<Self>, id: u32, f: impl FnOnce(&mut Slot<Box<Value>>) -> R) -> R {
-        f(&mut store.entries[id as usize].1)
+        f(&mut store.entries.get_mut(id as usize).1)
     }
 
     fn held(&self) -> Option<&Value> {
@@ -419,7 +479,7 @@ impl<C: Cell> Store<C> {
     fn id(&self, target: &str) -> Option<u32> {
         let h = self.hasher.hash_one(target);
         self.index
-            .find(h, |&i| self.entries[i as usize].0 == target)
+            .find(h, |&i| self.entries.get(i as usize).0 == target)
             .copied()
     }
 
@@ -438,17 +498,17 @@ impl<C: Cell> Store<C> {
             ..
         } = self;
         index.insert_unique(hasher.hash_one(target), id, |&i| {
-            hasher.hash_one(entries[i as usize].0.as_str())
+            hasher.hash_one(entries.get(i as usize).0.as_str())
         });
         id
     }
 
     fn key(&self, id: u32) -> &str {
-        &self.entries[id as usize].0
+        &self.entries.get(id as usize).0
     }
 
     fn get(&self, target: &str) -> Option<&C> {
-        self.id(target).map(|id| &self.entries[id as usize].1)
+        self.id(target).map(|id| &self.entries.get(id as usize).1)
     }
 
     /// Runs `f` on every slot.
@@ -466,9 +526,8 @@ impl<C: Cell> Store<C> {
             ..
         } = self;
         index.reserve(additional, |&i| {
-            hasher.hash_one(entries[i as usize].0.as_str())
+            hasher.hash_one(entries.get(i as usize).0.as_str())
         });
-        entries.reserve_exact(additional);
     }
 
     fn len(&self) -> usize {
@@ -489,7 +548,7 @@ impl Store<Packed> {
     fn rebase(&mut self, at: Millis) {
         let base = Millis(at.0 - (1 << 31));
         let shift = base.0 - self.base.0;
-        for (_, p) in &mut self.entries {
+        for (_, p) in self.entries.iter_mut() {
             let rel = p.0 >> 32;
             p.0 = if rel >= shift {
                 (p.0 & 0xffff_ffff) | (rel - shift) << 32
