@@ -41,6 +41,11 @@ pub struct SnapshotArgs {
     /// Write the JSON report here as well.
     #[arg(long)]
     pub json: Option<std::path::PathBuf>,
+    /// The new agent's simulated Asterisk writes what is ready together
+    /// (`hintfed-sim --coalesce-writes`): a much faster Asterisk than a real one, to see the
+    /// agent's memory and write rate against it. Default: one write per message, as Asterisk.
+    #[arg(long)]
+    pub sim_coalesce: bool,
 }
 
 /// Fills the hub and waits until a probe snapshot holds `keys` distinct keys; returns the
@@ -123,24 +128,22 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
     // The new agent and its Asterisk.
     let sim_addr = format!("127.0.0.1:{}", procs::free_port()?);
     let spare_addr = format!("127.0.0.1:{}", procs::free_port()?);
-    let sim = Daemon::spawn(
-        "sim",
-        &procs::sibling("hintfed-sim")?,
-        &[
-            "--listen".into(),
-            sim_addr.clone(),
-            "--name".into(),
-            "pbx-new".into(),
-            "--listen".into(),
-            spare_addr.clone(),
-            "--name".into(),
-            "ceiling".into(),
-            "--log".into(),
-            "warn".into(),
-        ],
-        &[],
-        &dir,
-    )?;
+    let mut sim_args: Vec<String> = vec![
+        "--listen".into(),
+        sim_addr.clone(),
+        "--name".into(),
+        "pbx-new".into(),
+        "--listen".into(),
+        spare_addr.clone(),
+        "--name".into(),
+        "ceiling".into(),
+        "--log".into(),
+        "warn".into(),
+    ];
+    if a.sim_coalesce {
+        sim_args.push("--coalesce-writes".into());
+    }
+    let sim = Daemon::spawn("sim", &procs::sibling("hintfed-sim")?, &sim_args, &[], &dir)?;
     for addr in [&sim_addr, &spare_addr] {
         let up = procs::wait_until(Duration::from_secs(15), || async {
             Conn::login(addr, "admin", "adminsecret").await.is_ok()
@@ -240,6 +243,7 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
                      "zmq_pubsub_msgs_per_sec": z.msgs_per_sec, "zmq_msg_bytes": chunk_size,
                      "zmq_secs_for_same_messages": zmq_secs,
                      "zmq_received_of_sent": format!("{}/{}", z.received, z.sent),
+                     "setvar_target": if a.sim_coalesce { "simulator, coalesced writes" } else { "simulator" },
                      "setvar_per_sec": setvar.per_sec,
                      "setvar_events_on_per_sec": setvar_events.per_sec,
                      "setvar_secs_for_all_keys": keys as f64 / setvar.per_sec},
@@ -276,7 +280,7 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
         hub_usage.peak_rss_kib as f64 / 1024.0
     );
     println!(
-        "ceilings: in-process snapshot fetch {:.3} s; decode+verify {:.3} s; raw ZeroMQ PUB/SUB for {} msgs of {} B {:.3} s ({:.0} msg/s); pipelined Setvar {:.0}/s ({:.2} s for every key), {:.0}/s with events on",
+        "ceilings: in-process snapshot fetch {:.3} s; decode+verify {:.3} s; raw ZeroMQ PUB/SUB for {} msgs of {} B {:.3} s ({:.0} msg/s); pipelined Setvar {:.0}/s ({:.2} s for every key), {:.0}/s with events on{}",
         snap2.secs,
         decode,
         snap.chunks,
@@ -285,7 +289,12 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
         z.msgs_per_sec,
         setvar.per_sec,
         keys as f64 / setvar.per_sec,
-        setvar_events.per_sec
+        setvar_events.per_sec,
+        if a.sim_coalesce {
+            " (simulator with coalesced writes)"
+        } else {
+            ""
+        }
     );
     println!(
         "new agent (from process start): /healthz {}, {} entries received {}, snapshot complete {}, all {} written to its Asterisk {} ({} written at the end)",
