@@ -373,6 +373,9 @@ fn kind_index(k: Kind) -> usize {
 /// Delay before a failed full sync is tried again.
 const SYNC_RETRY: Duration = Duration::from_secs(1);
 
+/// Queued hub messages taken in one turn of the relay's loop after the one that woke it.
+const BATCH: usize = 256;
+
 /// Delay before writes that failed are tried again.
 const WRITE_RETRY: Duration = Duration::from_secs(1);
 
@@ -553,19 +556,29 @@ impl<T: FederationTransport + 'static> Relay<T> {
             tokio::select! {
                 () = shutdown.cancelled() => break Ok(()),
                 ev = self.pbx_events.recv() => match ev {
-                    Some(ev) => self.on_pbx_event(ev),
+                    Some(ev) => {
+                        self.on_pbx_event(ev);
+                        // Take everything queued: each of our writes comes back as an event,
+                        // and a fast Asterisk answers a window of writes at once; one event a
+                        // turn fell behind the writes, the AMI queue overflowed and forced a
+                        // full resync.
+                        for _ in 0..self.pbx_events.max_capacity() {
+                            match self.pbx_events.try_recv() {
+                                Ok(ev) => self.on_pbx_event(ev),
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => break Err(RelayError::EventsClosed),
                 },
                 Some(msg) = self.incoming.recv() => {
                     self.on_incoming(&msg);
                     // Take what else is queued before acting (bursts, snapshots).
-                    let mut n = 0;
-                    while n < 256 {
+                    for _ in 0..BATCH {
                         match self.incoming.try_recv() {
                             Ok(m) => self.on_incoming(&m),
                             Err(_) => break,
                         }
-                        n += 1;
                     }
                 }
                 Some(w) = self.writes.next(), if !self.writes.is_empty() => {
