@@ -17,7 +17,7 @@ use hintfed_core::{
 };
 use hintfed_daemon::http::{StateView, StatusEvent, StatusEvents};
 use hintfed_sim::{DeviceState as SimState, SimConfig, SimHandle, SimServer};
-use hintfed_testkit::wait::eventually;
+use hintfed_testkit::wait::{eventually, eventually_within};
 use hintfed_transport::{Channel, FederationTransport, Incoming, TransportError};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
@@ -103,10 +103,16 @@ exten => 1200,hint,Custom:PJSIP/200
 ";
 
 async fn sim(name: &str) -> SimHandle {
+    sim_with(name, false).await
+}
+
+/// A simulated Asterisk; `coalesce_writes`: one that answers much faster than a real one.
+async fn sim_with(name: &str, coalesce_writes: bool) -> SimHandle {
     let dialplan = hintfed_sim::extensions::parse(EXTENSIONS).expect("dialplan");
     SimServer::spawn(SimConfig {
         name: Some(name.to_owned()),
         dialplan,
+        coalesce_writes,
         ..SimConfig::default()
     })
     .await
@@ -137,11 +143,32 @@ async fn member_with(
     filter: DeviceFilter,
     window: usize,
 ) -> Member {
+    member_on(
+        sim(name).await,
+        bus,
+        name,
+        keys,
+        origin_timeout_ms,
+        filter,
+        window,
+    )
+    .await
+}
+
+/// A member on a given simulated Asterisk.
+async fn member_on(
+    sim: SimHandle,
+    bus: &Bus,
+    name: &str,
+    keys: &str,
+    origin_timeout_ms: u64,
+    filter: DeviceFilter,
+    window: usize,
+) -> Member {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    let sim = sim(name).await;
     let ami = ClientConfig::new(sim.local_addr().to_string(), "admin", "adminsecret");
     let mut ami_fast = ami.clone();
     ami_fast.backoff_initial = Duration::from_millis(50);
@@ -718,6 +745,74 @@ async fn a_slow_but_steady_snapshot_answer_is_not_asked_again() {
         requests.try_recv().is_err(),
         "asked again while the hub was answering"
     );
+    m.stop.cancel();
+    m.task.await.expect("relay task");
+}
+
+/// A new member gets a large snapshot and writes it to a fast Asterisk (one that answers a
+/// whole window of writes at once), each write coming back as an event. The relay must take
+/// those events as fast as it writes: taken one a turn, they fell behind, the AMI event queue
+/// overflowed and every key was listed again (a full resync; ~35 MB at 100,000 keys). One
+/// thread, as the agent runs by default (`worker_threads = 1`).
+#[tokio::test(flavor = "current_thread")]
+async fn echoes_of_a_fast_asterisk_keep_up_with_a_full_window() {
+    const N: u64 = 20_000;
+    let (tx, mut requests) = mpsc::unbounded_channel();
+    let bus = Bus {
+        snapshot_requests: Some(tx),
+        ..Bus::default()
+    };
+    let filter = DeviceFilter::new(None, Some("^Custom:")).expect("filter");
+    let fast = sim_with("pbx-new", true).await;
+    let m = member_on(fast, &bus, "pbx-new", "k", 10_000, filter, 512).await;
+    synced(&m).await;
+    let keys = KeyRing::from_secrets(["k"]);
+    let mut verifier = Verifier::new(keys.clone(), Limits::default());
+    let req = tokio::time::timeout(Duration::from_secs(10), requests.recv())
+        .await
+        .expect("the relay asks for a snapshot")
+        .expect("open");
+    let req = verifier.verify(&req).expect("a signed request");
+    let mut hub = Hub::new(HubConfig::new("hub-1"), Epoch(5), Millis(0));
+    for i in 0..N {
+        let update = Update {
+            key: format!("PJSIP/flood{i}").as_str().into(),
+            value: Value::Device(hintfed_core::DeviceState::Inuse),
+            ts: HlcTimestamp {
+                wall: 1_000 + i,
+                counter: 0,
+            },
+        };
+        hub.on_envelope(
+            Millis(1),
+            &Envelope::new("pbx-x", Epoch(1), i + 1, Body::Update(update)),
+        );
+    }
+    hub.on_envelope(Millis(2), &req);
+    let syncs = m.handle.status().counters().full_syncs;
+    while let Some(HubAction::SendTo { envelope, .. }) = hub.next_snapshot_chunk() {
+        let payload = keys.seal(&envelope, &Limits::default()).expect("seal");
+        m.inject
+            .send(Incoming {
+                hub: 0,
+                channel: Channel::Reply,
+                frames: vec![Bytes::from(payload)],
+            })
+            .await
+            .expect("inject");
+    }
+    let h = m.handle.clone();
+    eventually_within("every key written", Duration::from_secs(60), || {
+        h.status().counters().applies_ok >= N
+    })
+    .await;
+    assert_eq!(
+        m.handle.status().counters().full_syncs,
+        syncs,
+        "no resync while {N} keys are written: {:?}",
+        m.handle.status().counters()
+    );
+    assert_eq!(m.sim.stats().setvar_total, N, "each key written once");
     m.stop.cancel();
     m.task.await.expect("relay task");
 }
