@@ -401,8 +401,33 @@ enum Request {
     },
     List {
         msg: Message,
+        items: Items,
         reply: oneshot::Sender<Result<ListResult, ClientError>>,
     },
+}
+
+/// Where a list's item events go.
+enum Items {
+    /// Kept for the [`ListResult`].
+    Kept(Vec<Message>),
+    /// Handed to the caller's function as they arrive ([`AmiClient::list_each`]).
+    Each(Box<dyn FnMut(Message) + Send>),
+}
+
+impl Items {
+    fn push(&mut self, m: Message) {
+        match self {
+            Items::Kept(v) => v.push(m),
+            Items::Each(f) => f(m),
+        }
+    }
+
+    fn into_kept(self) -> Vec<Message> {
+        match self {
+            Items::Kept(v) => v,
+            Items::Each(_) => Vec::new(),
+        }
+    }
 }
 
 impl Request {
@@ -480,11 +505,36 @@ impl AmiClient {
     /// `...Complete` event. A `Response: Error` answer returns at once with no items. The whole
     /// list must arrive within `action_timeout`. Errors as for [`AmiClient::send`].
     pub async fn list(&self, action: Message) -> Result<ListResult, ClientError> {
+        self.list_into(action, Items::Kept(Vec::new())).await
+    }
+
+    /// [`AmiClient::list`], handing each item event to `on_item` as it arrives (in order, on
+    /// the connection's task: keep it short) instead of keeping it: the returned
+    /// [`ListResult::items`] is empty. A list of 100,000 device states is then never held as
+    /// messages at once (~400 bytes each). After an error or a timeout `on_item` may have seen
+    /// part of the list.
+    pub async fn list_each(
+        &self,
+        action: Message,
+        on_item: impl FnMut(Message) + Send + 'static,
+    ) -> Result<ListResult, ClientError> {
+        self.list_into(action, Items::Each(Box::new(on_item))).await
+    }
+
+    async fn list_into(&self, action: Message, items: Items) -> Result<ListResult, ClientError> {
         let name = action.action_name().unwrap_or_default().to_owned();
         self.ensure_connected()?;
         let (reply, rx) = oneshot::channel();
-        self.request(Request::List { msg: action, reply }, rx, name)
-            .await
+        self.request(
+            Request::List {
+                msg: action,
+                items,
+                reply,
+            },
+            rx,
+            name,
+        )
+        .await
     }
 
     fn ensure_connected(&self) -> Result<(), ClientError> {
@@ -587,7 +637,7 @@ enum Pending {
     Action(oneshot::Sender<Result<Message, ClientError>>),
     List {
         response: Option<Message>,
-        items: Vec<Message>,
+        items: Items,
         reply: oneshot::Sender<Result<ListResult, ClientError>>,
     },
 }
@@ -962,11 +1012,11 @@ impl Connection {
         let id = self.ids.next();
         let (mut msg, entry) = match req {
             Request::Action { msg, reply } => (msg, Pending::Action(reply)),
-            Request::List { msg, reply } => (
+            Request::List { msg, items, reply } => (
                 msg,
                 Pending::List {
                     response: None,
-                    items: Vec::new(),
+                    items,
                     reply,
                 },
             ),
@@ -1009,7 +1059,7 @@ impl Connection {
                         let response = response.unwrap_or_default();
                         let _ = reply.send(Ok(ListResult {
                             response,
-                            items,
+                            items: items.into_kept(),
                             complete: Some(m),
                         }));
                     }
@@ -1052,7 +1102,7 @@ impl Connection {
                 if refused && !starts_list(&m) {
                     let _ = reply.send(Ok(ListResult {
                         response: m,
-                        items,
+                        items: items.into_kept(),
                         complete: None,
                     }));
                 } else {

@@ -429,6 +429,73 @@ async fn device_state_list_of_502_items_is_collected() {
     client.shutdown().await;
 }
 
+/// `list_each` hands each item over as it arrives: half the list is seen before the rest (and
+/// its `...Complete`) is even sent, and nothing is kept in the result.
+#[tokio::test]
+async fn list_each_hands_items_over_before_the_list_completes() {
+    let server = FakeServer::bind().await;
+    let client = AmiClient::start(server.config());
+    let mut peer = server.accept_logged_in().await;
+    assert!(client.wait_connected(PATIENCE).await);
+
+    let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
+    let list = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .list_each(actions::device_state_list(), move |m| {
+                    let _ = tx.send(m.get("Device").unwrap_or("-").to_owned());
+                })
+                .await
+        }
+    });
+    let action = peer.recv_action().await;
+    let bytes = device_state_list_bytes(action.action_id().expect("id"));
+    let boundary = bytes
+        .windows(4)
+        .enumerate()
+        .filter(|(_, w)| *w == b"\r\n\r\n")
+        .nth(250)
+        .map(|(i, _)| i + 4)
+        .expect("boundary");
+    // The response and the first 250 items.
+    peer.send_raw(&bytes[..boundary]).await;
+    let mut devices = Vec::new();
+    while devices.len() < 250 {
+        let d = timeout(PATIENCE, seen.recv())
+            .await
+            .expect("items handed over before the list completes")
+            .expect("open");
+        devices.push(d);
+    }
+    assert!(!list.is_finished(), "the list is not complete yet");
+    peer.send_raw(&bytes[boundary..]).await;
+    let result = list.await.expect("join").expect("list answered");
+    assert!(result.is_success());
+    assert!(result.items.is_empty(), "items were handed over, not kept");
+    let complete = ListComplete::from_message(result.complete.as_ref().expect("complete"))
+        .expect("complete view");
+    assert_eq!(complete.list_items, Some(502));
+    while let Ok(d) = seen.try_recv() {
+        devices.push(d);
+    }
+    // Every item once, in the order of the capture.
+    let mut codec = AmiCodec::client();
+    let mut buf = bytes::BytesMut::from(&bytes[..]);
+    let mut want = Vec::new();
+    while let Some(frame) =
+        tokio_util::codec::Decoder::decode(&mut codec, &mut buf).expect("decode")
+    {
+        if let Frame::Message(m) = frame
+            && m.is_event("DeviceStateChange")
+        {
+            want.push(m.get("Device").unwrap_or("-").to_owned());
+        }
+    }
+    assert_eq!(devices, want);
+    client.shutdown().await;
+}
+
 #[tokio::test]
 async fn server_vanishing_mid_action_fails_it_and_client_reconnects() {
     let server = FakeServer::bind().await;

@@ -1,7 +1,7 @@
 //! [`Pbx`]: one Asterisk as a relay sees it.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -265,16 +265,7 @@ impl Pbx {
                 } else {
                     client.send(action).await.map(|m| vec![m])
                 };
-                result.map_err(|e| match e {
-                    ClientError::NotConnected | ClientError::Shutdown => {
-                        PbxError::NotConnected(e.to_string())
-                    }
-                    ClientError::InvalidAction(d) => PbxError::Malformed(d),
-                    other => PbxError::NoAnswer {
-                        action: name.clone(),
-                        detail: other.to_string(),
-                    },
-                })?
+                result.map_err(|e| client_error(&name, e))?
             }
             Actions::Zmq(req) => {
                 let reply = req
@@ -291,14 +282,36 @@ impl Pbx {
         let first = msgs
             .first()
             .ok_or_else(|| PbxError::Malformed(format!("empty answer to {name}")))?;
-        match Response::from_message(first) {
-            Some(r) if r.is_success() => Ok(msgs),
-            Some(r) => Err(PbxError::Refused {
-                action: name,
-                message: r.message.unwrap_or_default(),
-            }),
-            None => Err(PbxError::Malformed(format!("{name} answered {first:?}"))),
-        }
+        answered(name, first)?;
+        Ok(msgs)
+    }
+
+    /// A list action's items, each read with `item` (`None`: not an item). Over AMI each item
+    /// event is read as it arrives and dropped, so a long list (100,000 device states) is
+    /// never held as messages at once.
+    async fn request_items<T: Send + 'static>(
+        &self,
+        action: Message,
+        item: fn(&Message) -> Option<T>,
+    ) -> Result<Vec<T>, PbxError> {
+        let Actions::Ami(client) = &self.actions else {
+            let msgs = self.request(action, true).await?;
+            return Ok(msgs.iter().skip(1).filter_map(item).collect());
+        };
+        let name = action.action_name().unwrap_or("?").to_owned();
+        let items = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&items);
+        let r = client
+            .list_each(action, move |m| {
+                if let Some(t) = item(&m) {
+                    sink.lock().unwrap_or_else(PoisonError::into_inner).push(t);
+                }
+            })
+            .await
+            .map_err(|e| client_error(&name, e))?;
+        answered(name, &r.response)?;
+        let mut items = items.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(std::mem::take(&mut *items))
     }
 
     /// `Setvar variable=value`, e.g. `DEVICE_STATE(Custom:PJSIP/100)` = `INUSE`.
@@ -310,33 +323,32 @@ impl Pbx {
 
     /// `DeviceStateList`: the device states Asterisk holds in its cache.
     pub async fn list_devices(&self) -> Result<Vec<DeviceStateChange>, PbxError> {
-        let msgs = self.request(actions::device_state_list(), true).await?;
-        Ok(msgs
-            .iter()
-            .skip(1)
-            .filter_map(DeviceStateChange::from_message)
-            .collect())
+        self.request_items(
+            actions::device_state_list(),
+            DeviceStateChange::from_message,
+        )
+        .await
     }
 
     /// `PresenceStateList`.
     pub async fn list_presence(&self) -> Result<Vec<PresenceItem>, PbxError> {
-        let msgs = self.request(actions::presence_state_list(), true).await?;
-        Ok(msgs
-            .iter()
-            .skip(1)
-            .filter_map(PresenceStateChange::from_message)
-            .collect())
+        self.request_items(
+            actions::presence_state_list(),
+            PresenceStateChange::from_message,
+        )
+        .await
     }
 
     /// `ExtensionStateList`: every hint and its extension state.
     pub async fn list_hints(&self) -> Result<Vec<HintItem>, PbxError> {
-        let msgs = self.request(actions::extension_state_list(), true).await?;
-        Ok(msgs
-            .iter()
-            .skip(1)
-            .filter(|m| m.is_event("ExtensionStatus"))
-            .filter_map(ExtensionStatus::from_message)
-            .collect())
+        self.request_items(actions::extension_state_list(), |m| {
+            if m.is_event("ExtensionStatus") {
+                ExtensionStatus::from_message(m)
+            } else {
+                None
+            }
+        })
+        .await
     }
 
     /// The current state of one device (`Getvar DEVICE_STATE(device)`), over AMI only.
@@ -427,6 +439,31 @@ async fn ami_pump(
         if !ok {
             return;
         }
+    }
+}
+
+/// A client error as the Pbx reports it.
+fn client_error(action: &str, e: ClientError) -> PbxError {
+    match e {
+        ClientError::NotConnected | ClientError::Shutdown => PbxError::NotConnected(e.to_string()),
+        ClientError::InvalidAction(d) => PbxError::Malformed(d),
+        other => PbxError::NoAnswer {
+            action: action.to_owned(),
+            detail: other.to_string(),
+        },
+    }
+}
+
+/// `Ok` when `first` (an answer's response) is a success; a `Response: Error` is
+/// [`PbxError::Refused`].
+fn answered(action: String, first: &Message) -> Result<(), PbxError> {
+    match Response::from_message(first) {
+        Some(r) if r.is_success() => Ok(()),
+        Some(r) => Err(PbxError::Refused {
+            action,
+            message: r.message.unwrap_or_default(),
+        }),
+        None => Err(PbxError::Malformed(format!("{action} answered {first:?}"))),
     }
 }
 
