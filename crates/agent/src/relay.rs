@@ -300,7 +300,7 @@ type Writes = FuturesUnordered<Pin<Box<dyn Future<Output = Written> + Send>>>;
 enum Done {
     Sync {
         id: u64,
-        result: Result<Vec<LocalEvent>, PbxError>,
+        result: Result<Listing, PbxError>,
     },
     Query {
         events: Vec<LocalEvent>,
@@ -762,10 +762,15 @@ impl<T: FederationTransport + 'static> Relay<T> {
                 }
                 self.sync_in_flight = false;
                 match result {
-                    Ok(items) => {
+                    Ok(Listing { items, targets }) => {
                         self.counters.full_syncs += 1;
-                        info!(items = items.len(), "full sync listed; publishing");
-                        self.node.on_local_full_sync(now, items);
+                        info!(
+                            items = items.len(),
+                            targets = targets.len(),
+                            "full sync listed; publishing"
+                        );
+                        self.node
+                            .on_local_full_sync_with_targets(now, items, targets);
                         for e in std::mem::take(&mut self.held) {
                             self.local_event(now, e);
                         }
@@ -1173,6 +1178,16 @@ impl<T: FederationTransport + 'static> Relay<T> {
     }
 }
 
+/// What a full sync listed.
+#[derive(Debug)]
+struct Listing {
+    /// The local state to federate: devices the filter allows, presence.
+    items: Vec<LocalEvent>,
+    /// Listed devices the filter excludes: what Asterisk holds for those of them that are
+    /// our write targets (`Custom:`), see [`Node::on_local_full_sync_with_targets`].
+    targets: Vec<LocalEvent>,
+}
+
 /// Lists the local state: cached devices, presence, and hint devices missing from the cache
 /// (Getvar over AMI; hint-derived over res_zmq_manager, see the module docs).
 async fn full_sync(
@@ -1180,16 +1195,20 @@ async fn full_sync(
     filter: &DeviceFilter,
     devices: bool,
     presence: bool,
-) -> Result<Vec<LocalEvent>, PbxError> {
+) -> Result<Listing, PbxError> {
     let mut items = Vec::new();
+    let mut targets = Vec::new();
     let mut listed = BTreeSet::new();
     if devices {
         for d in pbx.list_devices().await? {
-            if filter.allows(&d.device)
-                && let Some(e) = device_event(&d.device, &d.state)
-            {
-                listed.insert(d.device.clone());
+            let Some(e) = device_event(&d.device, &d.state) else {
+                continue;
+            };
+            if filter.allows(&d.device) {
+                listed.insert(d.device);
                 items.push(e);
+            } else if is_custom(&d.device) {
+                targets.push(e);
             }
         }
         let hints = pbx.list_hints().await?;
@@ -1216,7 +1235,14 @@ async fn full_sync(
             }
         }
     }
-    Ok(items)
+    Ok(Listing { items, targets })
+}
+
+/// A `Custom:` device: where the agent writes remote devices' states.
+fn is_custom(device: &str) -> bool {
+    device
+        .get(..7)
+        .is_some_and(|p| p.eq_ignore_ascii_case("Custom:"))
 }
 
 async fn getvar_devices(pbx: &Pbx, keys: Vec<String>) -> Vec<LocalEvent> {
