@@ -1200,17 +1200,25 @@ async fn full_sync(
     let mut targets = Vec::new();
     let mut listed = BTreeSet::new();
     if devices {
-        for d in pbx.list_devices().await? {
-            let Some(e) = device_event(&d.device, &d.state) else {
-                continue;
-            };
-            if filter.allows(&d.device) {
-                listed.insert(d.device);
-                items.push(e);
-            } else if is_custom(&d.device) {
-                targets.push(e);
-            }
+        let f = filter.clone();
+        let devices = pbx
+            .list_devices_map(move |d| {
+                let e = device_event(&d.device, &d.state)?;
+                if f.allows(&d.device) {
+                    Some((true, e))
+                } else {
+                    is_custom(&d.device).then_some((false, e))
+                }
+            })
+            .await?;
+        // The federated devices out (few, with the default exclude), the targets left in
+        // place: the listing is not copied.
+        let mut devices = devices;
+        for (_, e) in devices.extract_if(.., |(federated, _)| *federated) {
+            listed.insert(e.key.clone());
+            items.push(e);
         }
+        targets = devices.into_iter().map(|(_, e)| e).collect();
         let hints = pbx.list_hints().await?;
         let mut missing = BTreeSet::new();
         for h in &hints {

@@ -292,11 +292,11 @@ impl Pbx {
     async fn request_items<T: Send + 'static>(
         &self,
         action: Message,
-        item: fn(&Message) -> Option<T>,
+        item: impl Fn(&Message) -> Option<T> + Send + 'static,
     ) -> Result<Vec<T>, PbxError> {
         let Actions::Ami(client) = &self.actions else {
             let msgs = self.request(action, true).await?;
-            return Ok(msgs.iter().skip(1).filter_map(item).collect());
+            return Ok(msgs.iter().skip(1).filter_map(&item).collect());
         };
         let name = action.action_name().unwrap_or("?").to_owned();
         let items = Arc::new(Mutex::new(Vec::new()));
@@ -323,10 +323,18 @@ impl Pbx {
 
     /// `DeviceStateList`: the device states Asterisk holds in its cache.
     pub async fn list_devices(&self) -> Result<Vec<DeviceStateChange>, PbxError> {
-        self.request_items(
-            actions::device_state_list(),
-            DeviceStateChange::from_message,
-        )
+        self.list_devices_map(Some).await
+    }
+
+    /// [`Pbx::list_devices`], each device read with `f` as it arrives (`None`: left out): a
+    /// long list is never held in two forms at once.
+    pub async fn list_devices_map<T: Send + 'static>(
+        &self,
+        f: impl Fn(DeviceStateChange) -> Option<T> + Send + 'static,
+    ) -> Result<Vec<T>, PbxError> {
+        self.request_items(actions::device_state_list(), move |m| {
+            DeviceStateChange::from_message(m).and_then(&f)
+        })
         .await
     }
 
