@@ -16,6 +16,10 @@
 //!    `snapshot complete` (the node completed the snapshot), and the simulator's
 //!    `SetvarTotal` ≥ keys (every key written to its Asterisk as `Custom:`).
 //! 5. The agent's peak RSS after the snapshot and at the end.
+//! 6. The agent restarts beside its Asterisk, which now holds every key: the time until its
+//!    full sync (which lists every `Custom:` state) and the snapshot are both done, the writes
+//!    it makes until the Setvar count stands still for 1 s (nothing needs writing), and its
+//!    peak RSS.
 
 use std::time::{Duration, Instant};
 
@@ -230,6 +234,46 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
     let agent_end = procs::usage(agent.pid(), tck).unwrap_or_default();
     let agent_secs = t0.elapsed().as_secs_f64();
     let apply_rate = applied as f64 / (agent_secs - t_complete.unwrap_or(0.0)).max(1e-9);
+
+    // The agent restarts beside an Asterisk that now holds every key: its full sync lists them
+    // all (DeviceStateList), the snapshot comes again, and nothing needs writing.
+    agent.stop(Duration::from_secs(5));
+    eprintln!("restarting the agent ...");
+    let t1 = Instant::now();
+    let mut agent = Daemon::spawn(
+        "agent-restart",
+        &procs::sibling("hintfed-agent")?,
+        &["--config".into(), cfg.display().to_string()],
+        &[("HINTFED_ASTERISK_SECRET", "adminsecret")],
+        &dir,
+    )?;
+    let mut restart_ready = None;
+    let deadline = t1 + Duration::from_secs_f64(a.apply_timeout);
+    while Instant::now() < deadline && restart_ready.is_none() {
+        let log = std::fs::read_to_string(&agent.log).unwrap_or_default();
+        if log.contains("snapshot complete") && log.contains("full sync listed") {
+            restart_ready = Some(t1.elapsed().as_secs_f64());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    agent.ensure_running()?;
+    // Settled: the Setvar count stops moving for 1 s.
+    let setvar_total = |m: &ami::Msg| {
+        ami::get(m, "SetvarTotal")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let mut last = setvar_total(&stats_conn.request(&[("Action", "SimStats")]).await?);
+    let mut still = Instant::now();
+    while still.elapsed() < Duration::from_secs(1) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = setvar_total(&stats_conn.request(&[("Action", "SimStats")]).await?);
+        if now != last {
+            (last, still) = (now, Instant::now());
+        }
+    }
+    let restart_writes = last.saturating_sub(applied);
+    let restart_end = procs::usage(agent.pid(), tck).unwrap_or_default();
     let report = json!({
         "mode": "snapshot",
         "keys": keys, "origins": origins,
@@ -257,6 +301,11 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
             "cpu_secs": agent_end.cpu_secs,
             "peak_rss_mib_at_snapshot": rss_at_complete.map(|k| k as f64 / 1024.0),
             "peak_rss_mib": agent_end.peak_rss_kib as f64 / 1024.0,
+        },
+        "restart": {
+            "ready_secs": restart_ready,
+            "writes": restart_writes,
+            "peak_rss_mib": restart_end.peak_rss_kib as f64 / 1024.0,
         },
         "ratios": {
             "snapshot_complete_to_in_process_fetch": t_complete.map(|t| t / snap2.secs.max(1e-9)),
@@ -311,6 +360,13 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
         rss_at_complete.map_or("n/a".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
         agent_end.peak_rss_kib as f64 / 1024.0,
         agent_end.cpu_secs
+    );
+    println!(
+        "agent restarted beside its Asterisk (every key held there): full sync and snapshot {}, \
+         {} writes, peak RSS {:.1} MiB",
+        opt(restart_ready),
+        restart_writes,
+        restart_end.peak_rss_kib as f64 / 1024.0
     );
     agent.stop(Duration::from_secs(2));
     drop(sim);
