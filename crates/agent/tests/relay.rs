@@ -215,6 +215,14 @@ async fn member_on(
     }
 }
 
+/// Stops the members' relays and waits for them.
+async fn stop(members: impl IntoIterator<Item = Member>) {
+    for m in members {
+        m.stop.cancel();
+        m.task.await.expect("relay task");
+    }
+}
+
 async fn synced(m: &Member) {
     let h = m.handle.clone();
     eventually("full sync", || h.status().counters().full_syncs >= 1).await;
@@ -295,10 +303,7 @@ async fn device_and_presence_propagate_without_loop() {
         "one change, one write"
     );
 
-    for m in [a, b] {
-        m.stop.cancel();
-        m.task.await.expect("join");
-    }
+    stop([a, b]).await;
 }
 
 /// Many pipelined writes, with every echo reaching the node (no `Custom:` filter): each
@@ -365,10 +370,7 @@ async fn a_burst_is_written_once_per_target_and_its_echoes_swallowed() {
         b.handle.status().counters()
     );
     assert_eq!(b.handle.status().counters().applies_failed, 0);
-    for m in [a, b] {
-        m.stop.cancel();
-        m.task.await.expect("join");
-    }
+    stop([a, b]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -410,10 +412,7 @@ async fn forged_and_unsigned_messages_are_rejected() {
     eventually("evil published", || e.status().counters().published >= 1).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_ne!(a.sim.getvar("DEVICE_STATE(Custom:PJSIP/200)"), "BUSY");
-    for m in [a, evil] {
-        m.stop.cancel();
-        m.task.await.expect("join");
-    }
+    stop([a, evil]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -527,10 +526,7 @@ async fn reload_changes_the_device_filter() {
         "INUSE",
         "excluded by the reloaded filter"
     );
-    for m in [a, b] {
-        m.stop.cancel();
-        m.task.await.expect("join");
-    }
+    stop([a, b]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -555,10 +551,7 @@ async fn writes_that_time_out_are_retried() {
         b.sim.getvar("DEVICE_STATE(Custom:PJSIP/100)") == "INUSE"
     })
     .await;
-    for m in [a, b] {
-        m.stop.cancel();
-        m.task.await.expect("join");
-    }
+    stop([a, b]).await;
 }
 
 /// The status row of `key` on `m` (as `/api/state` shows it): (aggregate, per-origin states).
@@ -684,15 +677,14 @@ async fn status_view_follows_every_change_and_origin_loss() {
 /// A hub that answers slowly but steadily is not asked again: the relay's snapshot timeout
 /// counts from the hub's last chunk, not from the request (a large table on a slow link would
 /// otherwise be restarted from the start every timeout and never complete).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_but_steady_snapshot_answer_is_not_asked_again() {
-    let (tx, mut requests) = mpsc::unbounded_channel();
-    let bus = Bus {
-        snapshot_requests: Some(tx),
-        ..Bus::default()
-    };
-    let filter = DeviceFilter::new(None, Some("^Custom:")).expect("filter");
-    let m = member_with(&bus, "pbx-new", "k", 3_000, filter, 8).await;
+/// A hub holding `n` keys `<prefix><i>` of origin `pbx-x` (all INUSE), answering the snapshot
+/// request a member sent (waited for on `requests`); and the keys to seal its answer with.
+async fn hub_asked(
+    requests: &mut mpsc::UnboundedReceiver<Bytes>,
+    cfg: HubConfig,
+    prefix: &str,
+    n: u64,
+) -> (Hub, KeyRing) {
     let keys = KeyRing::from_secrets(["k"]);
     let mut verifier = Verifier::new(keys.clone(), Limits::default());
     let req = tokio::time::timeout(Duration::from_secs(10), requests.recv())
@@ -700,13 +692,10 @@ async fn a_slow_but_steady_snapshot_answer_is_not_asked_again() {
         .expect("the relay asks for a snapshot")
         .expect("open");
     let req = verifier.verify(&req).expect("a signed request");
-
-    let mut cfg = HubConfig::new("hub-1");
-    cfg.chunk_max_entries = 2;
     let mut hub = Hub::new(cfg, Epoch(5), Millis(0));
-    for i in 0..50u64 {
+    for i in 0..n {
         let update = Update {
-            key: format!("PJSIP/{i}").as_str().into(),
+            key: format!("{prefix}{i}").as_str().into(),
             value: Value::Device(hintfed_core::DeviceState::Inuse),
             ts: HlcTimestamp {
                 wall: 1_000 + i,
@@ -719,19 +708,39 @@ async fn a_slow_but_steady_snapshot_answer_is_not_asked_again() {
         );
     }
     hub.on_envelope(Millis(2), &req);
+    (hub, keys)
+}
+
+/// Hands `envelope` to member `m` as a reply from hub 0.
+async fn reply(m: &Member, keys: &KeyRing, envelope: &Envelope) {
+    let payload = keys.seal(envelope, &Limits::default()).expect("seal");
+    m.inject
+        .send(Incoming {
+            hub: 0,
+            channel: Channel::Reply,
+            frames: vec![Bytes::from(payload)],
+        })
+        .await
+        .expect("inject");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_but_steady_snapshot_answer_is_not_asked_again() {
+    let (tx, mut requests) = mpsc::unbounded_channel();
+    let bus = Bus {
+        snapshot_requests: Some(tx),
+        ..Bus::default()
+    };
+    let filter = DeviceFilter::new(None, Some("^Custom:")).expect("filter");
+    let m = member_with(&bus, "pbx-new", "k", 3_000, filter, 8).await;
+    let mut cfg = HubConfig::new("hub-1");
+    cfg.chunk_max_entries = 2;
+    let (mut hub, keys) = hub_asked(&mut requests, cfg, "PJSIP/", 50).await;
     let mut sent = 0;
     while let Some(HubAction::SendTo { envelope, .. }) = hub.next_snapshot_chunk() {
         // The slow link: a chunk every 100 ms, the whole answer well over the 1 s timeout.
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let payload = keys.seal(&envelope, &Limits::default()).expect("seal");
-        m.inject
-            .send(Incoming {
-                hub: 0,
-                channel: Channel::Reply,
-                frames: vec![Bytes::from(payload)],
-            })
-            .await
-            .expect("inject");
+        reply(&m, &keys, &envelope).await;
         sent += 1;
     }
     assert!(
@@ -745,8 +754,7 @@ async fn a_slow_but_steady_snapshot_answer_is_not_asked_again() {
         requests.try_recv().is_err(),
         "asked again while the hub was answering"
     );
-    m.stop.cancel();
-    m.task.await.expect("relay task");
+    stop([m]).await;
 }
 
 /// A new member gets a large snapshot and writes it to a fast Asterisk (one that answers a
@@ -766,40 +774,10 @@ async fn echoes_of_a_fast_asterisk_keep_up_with_a_full_window() {
     let fast = sim_with("pbx-new", true).await;
     let m = member_on(fast, &bus, "pbx-new", "k", 10_000, filter, 512).await;
     synced(&m).await;
-    let keys = KeyRing::from_secrets(["k"]);
-    let mut verifier = Verifier::new(keys.clone(), Limits::default());
-    let req = tokio::time::timeout(Duration::from_secs(10), requests.recv())
-        .await
-        .expect("the relay asks for a snapshot")
-        .expect("open");
-    let req = verifier.verify(&req).expect("a signed request");
-    let mut hub = Hub::new(HubConfig::new("hub-1"), Epoch(5), Millis(0));
-    for i in 0..N {
-        let update = Update {
-            key: format!("PJSIP/flood{i}").as_str().into(),
-            value: Value::Device(hintfed_core::DeviceState::Inuse),
-            ts: HlcTimestamp {
-                wall: 1_000 + i,
-                counter: 0,
-            },
-        };
-        hub.on_envelope(
-            Millis(1),
-            &Envelope::new("pbx-x", Epoch(1), i + 1, Body::Update(update)),
-        );
-    }
-    hub.on_envelope(Millis(2), &req);
+    let (mut hub, keys) = hub_asked(&mut requests, HubConfig::new("hub-1"), "PJSIP/flood", N).await;
     let syncs = m.handle.status().counters().full_syncs;
     while let Some(HubAction::SendTo { envelope, .. }) = hub.next_snapshot_chunk() {
-        let payload = keys.seal(&envelope, &Limits::default()).expect("seal");
-        m.inject
-            .send(Incoming {
-                hub: 0,
-                channel: Channel::Reply,
-                frames: vec![Bytes::from(payload)],
-            })
-            .await
-            .expect("inject");
+        reply(&m, &keys, &envelope).await;
     }
     let h = m.handle.clone();
     eventually_within("every key written", Duration::from_secs(60), || {
@@ -813,8 +791,7 @@ async fn echoes_of_a_fast_asterisk_keep_up_with_a_full_window() {
         m.handle.status().counters()
     );
     assert_eq!(m.sim.stats().setvar_total, N, "each key written once");
-    m.stop.cancel();
-    m.task.await.expect("relay task");
+    stop([m]).await;
 }
 
 /// A member (re)starting beside an Asterisk that already holds a federated state: its full
@@ -855,8 +832,5 @@ async fn what_asterisk_already_holds_is_not_written_again() {
         "only the marker written: Custom:PJSIP/held already held INUSE"
     );
     assert_eq!(b.sim.getvar("DEVICE_STATE(Custom:PJSIP/held)"), "INUSE");
-    for m in [a, b] {
-        m.stop.cancel();
-        m.task.await.expect("join");
-    }
+    stop([a, b]).await;
 }

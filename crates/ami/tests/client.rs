@@ -362,6 +362,17 @@ fn device_state_list_bytes(action_id: &str) -> Vec<u8> {
     out.to_vec()
 }
 
+/// Where the first `n` messages of `bytes` end.
+fn after_messages(bytes: &[u8], n: usize) -> usize {
+    bytes
+        .windows(4)
+        .enumerate()
+        .filter(|(_, w)| *w == b"\r\n\r\n")
+        .nth(n - 1)
+        .map(|(i, _)| i + 4)
+        .expect("boundary")
+}
+
 #[tokio::test]
 async fn device_state_list_of_502_items_is_collected() {
     let server = FakeServer::bind().await;
@@ -379,13 +390,7 @@ async fn device_state_list_of_502_items_is_collected() {
     let bytes = device_state_list_bytes(action.action_id().expect("id"));
     // Split the replay in the middle of a message, with an unrelated event between the halves
     // of the list (on a message boundary).
-    let boundary = bytes
-        .windows(4)
-        .enumerate()
-        .filter(|(_, w)| *w == b"\r\n\r\n")
-        .nth(250)
-        .map(|(i, _)| i + 4)
-        .expect("boundary");
+    let boundary = after_messages(&bytes, 251);
     peer.send_raw(&bytes[..boundary - 7]).await;
     peer.send_raw(&bytes[boundary - 7..boundary]).await;
     peer.send(device_event("PJSIP/100", "RINGING")).await;
@@ -451,13 +456,7 @@ async fn list_each_hands_items_over_before_the_list_completes() {
     });
     let action = peer.recv_action().await;
     let bytes = device_state_list_bytes(action.action_id().expect("id"));
-    let boundary = bytes
-        .windows(4)
-        .enumerate()
-        .filter(|(_, w)| *w == b"\r\n\r\n")
-        .nth(250)
-        .map(|(i, _)| i + 4)
-        .expect("boundary");
+    let boundary = after_messages(&bytes, 251);
     // The response and the first 250 items.
     peer.send_raw(&bytes[..boundary]).await;
     let mut devices = Vec::new();

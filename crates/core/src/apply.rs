@@ -156,17 +156,7 @@ impl Stored for DeviceState {
     }
 
     fn get(&self) -> &Value {
-        match self {
-            DeviceState::Invalid => &INVALID,
-            DeviceState::Unknown => &UNKNOWN,
-            DeviceState::Unavailable => &UNAVAILABLE,
-            DeviceState::NotInuse => &NOT_INUSE,
-            DeviceState::Onhold => &ONHOLD,
-            DeviceState::Ringing => &RINGING,
-            DeviceState::Inuse => &INUSE,
-            DeviceState::Busy => &BUSY,
-            DeviceState::Ringinuse => &RINGINUSE,
-        }
+        state_value(*self)
     }
 }
 
@@ -274,17 +264,14 @@ impl<T: Stored> Slot<T> {
 }
 
 /// The device states in declaration order (`state as usize` indexes it).
-const STATES: [DeviceState; 9] = [
-    DeviceState::Invalid,
-    DeviceState::Unknown,
-    DeviceState::Unavailable,
-    DeviceState::NotInuse,
-    DeviceState::Onhold,
-    DeviceState::Ringing,
-    DeviceState::Inuse,
-    DeviceState::Busy,
-    DeviceState::Ringinuse,
-];
+const STATES: [DeviceState; 9] = DeviceState::ALL;
+const _: () = {
+    let mut i = 0;
+    while i < STATES.len() {
+        assert!(STATES[i] as usize == i, "DeviceState::ALL is in declaration order");
+        i += 1;
+    }
+};
 
 // The packed layout below holds exactly two echo values and repairs in two bits.
 const _: () = assert!(ECHO_VALUES == 2 && MAX_REPAIRS <= 3);
