@@ -300,7 +300,7 @@ type Writes = FuturesUnordered<Pin<Box<dyn Future<Output = Written> + Send>>>;
 enum Done {
     Sync {
         id: u64,
-        result: Result<Listing, PbxError>,
+        result: Result<Vec<LocalEvent>, PbxError>,
     },
     Query {
         events: Vec<LocalEvent>,
@@ -762,15 +762,10 @@ impl<T: FederationTransport + 'static> Relay<T> {
                 }
                 self.sync_in_flight = false;
                 match result {
-                    Ok(Listing { items, targets }) => {
+                    Ok(items) => {
                         self.counters.full_syncs += 1;
-                        info!(
-                            items = items.len(),
-                            targets = targets.len(),
-                            "full sync listed; publishing"
-                        );
-                        self.node
-                            .on_local_full_sync_with_targets(now, items, targets);
+                        info!(items = items.len(), "full sync listed; publishing");
+                        self.node.on_local_full_sync(now, items);
                         for e in std::mem::take(&mut self.held) {
                             self.local_event(now, e);
                         }
@@ -1178,16 +1173,6 @@ impl<T: FederationTransport + 'static> Relay<T> {
     }
 }
 
-/// What a full sync listed.
-#[derive(Debug)]
-struct Listing {
-    /// The local state to federate: devices the filter allows, presence.
-    items: Vec<LocalEvent>,
-    /// Listed devices the filter excludes: what Asterisk holds for those of them that are
-    /// our write targets (`Custom:`), see [`Node::on_local_full_sync_with_targets`].
-    targets: Vec<LocalEvent>,
-}
-
 /// Lists the local state: cached devices, presence, and hint devices missing from the cache
 /// (Getvar over AMI; hint-derived over res_zmq_manager, see the module docs).
 async fn full_sync(
@@ -1195,30 +1180,21 @@ async fn full_sync(
     filter: &DeviceFilter,
     devices: bool,
     presence: bool,
-) -> Result<Listing, PbxError> {
-    let mut items = Vec::new();
-    let mut targets = Vec::new();
+) -> Result<Vec<LocalEvent>, PbxError> {
     let mut listed = BTreeSet::new();
+    let mut items = Vec::new();
     if devices {
+        // Each listed device is read as it arrives; those the filter excludes (by default
+        // every `Custom:` device, possibly 100,000 of them) are never kept.
         let f = filter.clone();
-        let devices = pbx
+        items = pbx
             .list_devices_map(move |d| {
-                let e = device_event(&d.device, &d.state)?;
-                if f.allows(&d.device) {
-                    Some((true, e))
-                } else {
-                    is_custom(&d.device).then_some((false, e))
-                }
+                f.allows(&d.device)
+                    .then(|| device_event(&d.device, &d.state))
+                    .flatten()
             })
             .await?;
-        // The federated devices out (few, with the default exclude), the targets left in
-        // place: the listing is not copied.
-        let mut devices = devices;
-        for (_, e) in devices.extract_if(.., |(federated, _)| *federated) {
-            listed.insert(e.key.clone());
-            items.push(e);
-        }
-        targets = devices.into_iter().map(|(_, e)| e).collect();
+        listed.extend(items.iter().map(|e| e.key.clone()));
         let hints = pbx.list_hints().await?;
         let mut missing = BTreeSet::new();
         for h in &hints {
@@ -1243,14 +1219,7 @@ async fn full_sync(
             }
         }
     }
-    Ok(Listing { items, targets })
-}
-
-/// A `Custom:` device: where the agent writes remote devices' states.
-fn is_custom(device: &str) -> bool {
-    device
-        .get(..7)
-        .is_some_and(|p| p.eq_ignore_ascii_case("Custom:"))
+    Ok(items)
 }
 
 async fn getvar_devices(pbx: &Pbx, keys: Vec<String>) -> Vec<LocalEvent> {

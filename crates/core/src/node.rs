@@ -440,20 +440,6 @@ impl Node {
     /// starts a new epoch if the connection had been lost, publishes a full sync (begin,
     /// every federated value, end) and re-applies every remote state.
     pub fn on_local_full_sync(&mut self, now: Millis, items: Vec<LocalEvent>) {
-        self.on_local_full_sync_with_targets(now, items, Vec::new());
-    }
-
-    /// [`Node::on_local_full_sync`], plus `targets`: listed values of apply targets
-    /// (`Custom:` devices) that this origin does not federate (an agent's `exclude`, by
-    /// default `^Custom:`). They are not published; what the listing says they hold is
-    /// believed like any listed target, so a restart or a reconnection does not write again
-    /// what Asterisk already holds. Items of `targets` that are not apply targets are ignored.
-    pub fn on_local_full_sync_with_targets(
-        &mut self,
-        now: Millis,
-        items: Vec<LocalEvent>,
-        targets: Vec<LocalEvent>,
-    ) {
         if self.need_new_epoch {
             self.bump_epoch(now);
         }
@@ -462,11 +448,6 @@ impl Node {
         // What the listing says is believed only for targets no write of ours changed since
         // it was asked (see `local_listing_requested`).
         self.apply.listing_begins();
-        for t in targets {
-            if is_apply_target(&t) {
-                self.apply.note_listed(&t.key, &t.value);
-            }
-        }
         let begin = self.publish(now, Body::FullSyncBegin);
         for item in items {
             if is_apply_target(&item) {
