@@ -268,7 +268,10 @@ const STATES: [DeviceState; 9] = DeviceState::ALL;
 const _: () = {
     let mut i = 0;
     while i < STATES.len() {
-        assert!(STATES[i] as usize == i, "DeviceState::ALL is in declaration order");
+        assert!(
+            STATES[i] as usize == i,
+            "DeviceState::ALL is in declaration order"
+        );
         i += 1;
     }
 };
