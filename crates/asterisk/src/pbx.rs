@@ -248,25 +248,17 @@ impl Pbx {
         matches!(self.actions, Actions::Ami(_))
     }
 
-    /// Sends one action and returns the messages of its answer (the response first, then any
-    /// list events). A `Response: Error` becomes [`PbxError::Refused`].
-    async fn request(&self, action: Message, list: bool) -> Result<Vec<Message>, PbxError> {
+    /// Sends one action and returns the messages of its answer: over AMI its response; over
+    /// res_zmq_manager the whole reply (the response first, then any list events; AMI lists
+    /// go through [`Pbx::request_items`]). A `Response: Error` becomes [`PbxError::Refused`].
+    async fn request(&self, action: Message) -> Result<Vec<Message>, PbxError> {
         let name = action.action_name().unwrap_or("?").to_owned();
         let msgs = match &self.actions {
-            Actions::Ami(client) => {
-                let result = if list {
-                    client.list(action).await.map(|r| {
-                        let mut v = Vec::with_capacity(r.items.len() + 2);
-                        v.push(r.response);
-                        v.extend(r.items);
-                        v.extend(r.complete);
-                        v
-                    })
-                } else {
-                    client.send(action).await.map(|m| vec![m])
-                };
-                result.map_err(|e| client_error(&name, e))?
-            }
+            Actions::Ami(client) => client
+                .send(action)
+                .await
+                .map(|m| vec![m])
+                .map_err(|e| client_error(&name, e))?,
             Actions::Zmq(req) => {
                 let reply = req
                     .request(vec![Bytes::from(action_to_json(&action))])
@@ -295,7 +287,7 @@ impl Pbx {
         item: impl Fn(&Message) -> Option<T> + Send + 'static,
     ) -> Result<Vec<T>, PbxError> {
         let Actions::Ami(client) = &self.actions else {
-            let msgs = self.request(action, true).await?;
+            let msgs = self.request(action).await?;
             return Ok(msgs.iter().skip(1).filter_map(&item).collect());
         };
         let name = action.action_name().unwrap_or("?").to_owned();
@@ -316,7 +308,7 @@ impl Pbx {
 
     /// `Setvar variable=value`, e.g. `DEVICE_STATE(Custom:PJSIP/100)` = `INUSE`.
     pub async fn setvar(&self, variable: &str, value: &str) -> Result<(), PbxError> {
-        self.request(actions::setvar(variable, value), false)
+        self.request(actions::setvar(variable, value))
             .await
             .map(drop)
     }
@@ -367,7 +359,7 @@ impl Pbx {
             ));
         }
         let msgs = self
-            .request(actions::getvar(&format!("DEVICE_STATE({device})")), false)
+            .request(actions::getvar(&format!("DEVICE_STATE({device})")))
             .await?;
         msgs[0]
             .get("Value")
