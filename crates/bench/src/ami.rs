@@ -112,6 +112,14 @@ impl Conn {
         }
     }
 
+    /// The simulator's `SetvarTotal` (Setvar received, `Action: SimStats`); 0 when absent.
+    pub async fn setvar_total(&mut self) -> anyhow::Result<u64> {
+        let m = self.request(&[("Action", "SimStats")]).await?;
+        Ok(get(&m, "SetvarTotal")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0))
+    }
+
     /// Sends a list action; returns the list items (events before `EventList: Complete`).
     pub async fn list(&mut self, headers: &[(&str, &str)]) -> anyhow::Result<Vec<Msg>> {
         let first = self.request(headers).await?;

@@ -389,12 +389,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
     while Instant::now() < drain_deadline {
         let mut now = Vec::new();
         for p in &mut probes {
-            let m = p.request(&[("Action", "SimStats")]).await?;
-            now.push(
-                ami::get(&m, "SetvarTotal")
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0),
-            );
+            now.push(p.setvar_total().await?);
         }
         if now != last {
             last = now;

@@ -18,15 +18,15 @@
 //! 5. The agent's peak RSS after the snapshot and at the end.
 //! 6. The agent restarts beside its Asterisk, which now holds every key: the time until its
 //!    full sync (which lists every `Custom:` state) and the snapshot are both done, the writes
-//!    it makes until the Setvar count stands still for 1 s (nothing needs writing), and its
-//!    peak RSS.
+//!    it makes until the Setvar count stands still for 1 s (ideally none: every value is
+//!    already held), and its peak RSS.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use serde_json::json;
 
-use crate::ami::{self, Conn};
+use crate::ami::Conn;
 use crate::fill::{self, Fleet, SnapshotClient};
 use crate::procs::{self, Daemon};
 
@@ -221,10 +221,7 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
         }
         if last_stats.elapsed() >= Duration::from_millis(100) {
             last_stats = Instant::now();
-            let m = stats_conn.request(&[("Action", "SimStats")]).await?;
-            applied = ami::get(&m, "SetvarTotal")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0);
+            applied = stats_conn.setvar_total().await?;
             if applied >= keys as u64 {
                 t_applied = Some(t0.elapsed().as_secs_f64());
             }
@@ -236,7 +233,7 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
     let apply_rate = applied as f64 / (agent_secs - t_complete.unwrap_or(0.0)).max(1e-9);
 
     // The agent restarts beside an Asterisk that now holds every key: its full sync lists them
-    // all (DeviceStateList), the snapshot comes again, and nothing needs writing.
+    // all (DeviceStateList) and the snapshot comes again; ideally nothing is written.
     agent.stop(Duration::from_secs(5));
     eprintln!("restarting the agent ...");
     let t1 = Instant::now();
@@ -258,16 +255,11 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
     }
     agent.ensure_running()?;
     // Settled: the Setvar count stops moving for 1 s.
-    let setvar_total = |m: &ami::Msg| {
-        ami::get(m, "SetvarTotal")
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    let mut last = setvar_total(&stats_conn.request(&[("Action", "SimStats")]).await?);
+    let mut last = stats_conn.setvar_total().await?;
     let mut still = Instant::now();
     while still.elapsed() < Duration::from_secs(1) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = setvar_total(&stats_conn.request(&[("Action", "SimStats")]).await?);
+        let now = stats_conn.setvar_total().await?;
         if now != last {
             (last, still) = (now, Instant::now());
         }
