@@ -6,9 +6,10 @@
 //! written on its own, as Asterisk does, unless [`SimConfig::coalesce_writes`](crate::SimConfig)
 //! asks for one write of what is ready together (flushed once no event and no action waits).
 //! Every write is bounded by the configured `writetimeout`; a session that cannot keep up with
-//! the event stream is closed. A decoding error (garbage, oversize input) closes only this connection. Warnings about a
-//! bad peer (bad input, slow reader) name its address and are rate-limited process-wide
-//! ([`WARNINGS_PER_WINDOW`] per [`WARN_WINDOW`]; the next one logged counts those held back).
+//! the event stream is closed. A decoding error (garbage, oversize input) closes only this
+//! connection. Warnings about a bad peer (bad input, slow reader) name its address and are
+//! rate-limited process-wide ([`WARNINGS_PER_WINDOW`] per [`WARN_WINDOW`]; the next one logged
+//! counts those held back).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -132,6 +133,19 @@ async fn feed_all(
     true
 }
 
+/// [`feed_all`], then a flush unless `hold` (coalescing: the session flushes later). `false`
+/// when the connection must go.
+async fn send_all(
+    sink: &mut Sink,
+    msgs: Vec<Message>,
+    hold: bool,
+    wt: Duration,
+    id: u64,
+    peer: SocketAddr,
+) -> bool {
+    feed_all(sink, msgs, wt, id, peer).await && (hold || flush(sink, wt, id, peer).await)
+}
+
 /// Writes out what is queued, bounded by `wt`. `false` when the connection must go.
 async fn flush(sink: &mut Sink, wt: Duration, id: u64, peer: SocketAddr) -> bool {
     write_done(tokio::time::timeout(wt, sink.flush()).await, id, peer)
@@ -225,9 +239,7 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                         }
                     }
                 }
-                if feed_all(&mut sink, last, wt, id, peer).await {
-                    flush(&mut sink, wt, id, peer).await;
-                }
+                send_all(&mut sink, last, false, wt, id, peer).await;
                 break;
             }
             ev = recv_event(&mut ctx.rx) => match ev {
@@ -235,9 +247,8 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                     if !ctx.authenticated || !ev.passes(ctx.mask) || ctx.blackholed(shared) {
                         continue;
                     }
-                    if !feed_all(&mut sink, vec![ev.message.clone()], wt, id, peer).await
-                        || !(coalesce || flush(&mut sink, wt, id, peer).await)
-                    {
+                    let msgs = vec![ev.message.clone()];
+                    if !send_all(&mut sink, msgs, coalesce, wt, id, peer).await {
                         shared.lock().stats.slow_readers_dropped += 1;
                         break;
                     }
@@ -263,9 +274,7 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                         continue;
                     }
                     let out = crate::actions::handle(shared, &mut ctx, &m).await;
-                    if !feed_all(&mut sink, out.replies, wt, id, peer).await
-                        || !(coalesce || flush(&mut sink, wt, id, peer).await)
-                    {
+                    if !send_all(&mut sink, out.replies, coalesce, wt, id, peer).await {
                         break;
                     }
                     unflushed = coalesce;
