@@ -33,7 +33,9 @@
 //! when the hint holds that one device (a hint mixing devices reports their aggregate, which
 //! cannot be split back): devices in mixed hints and not cached stay unknown until their next
 //! change. Local events arriving while a full sync is in flight are held and replayed after
-//! it, so a change racing the lists is never overwritten by an older listed value.
+//! it, so a change racing the lists is never overwritten by an older listed value; events
+//! held before a newer listing was asked, and query answers older than an event or a listing
+//! of their device, are not believed ([`Intake`]).
 //!
 //! A failed full sync is retried after a second; local events keep being held meanwhile.
 //! Failed writes (refused, or timed out while Asterisk did not answer) are written again a
@@ -46,7 +48,7 @@
 //! `include`/`exclude` are applied here ([`DeviceFilter`]), not in the node's policy, so they
 //! can be reloaded; a reload starts a full sync, which withdraws devices no longer federated.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -75,6 +77,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+
+use crate::intake::Intake;
 
 /// Which local devices are federated: `include` (if set) must match, `exclude` must not.
 #[derive(Debug, Clone, Default)]
@@ -303,6 +307,9 @@ enum Done {
         result: Result<Vec<LocalEvent>, PbxError>,
     },
     Query {
+        /// The query's number ([`Intake::query_sent`]).
+        id: u64,
+        keys: Vec<String>,
         events: Vec<LocalEvent>,
     },
 }
@@ -380,9 +387,6 @@ const BATCH: usize = 256;
 /// Delay before writes that failed are tried again.
 const WRITE_RETRY: Duration = Duration::from_secs(1);
 
-/// Local events held while a full sync runs (beyond: dropped, and the sync is repeated).
-const MAX_HELD: usize = 65_536;
-
 fn wall_now() -> Millis {
     Millis(
         SystemTime::now()
@@ -442,11 +446,9 @@ pub struct Relay<T: FederationTransport> {
     status: RelayStatus,
     counters: RelayCounters,
     pbx_up: bool,
-    sync_id: u64,
-    sync_in_flight: bool,
+    /// Orders events, listings and query answers of the local Asterisk.
+    intake: Intake,
     sync_retry_at: Option<Instant>,
-    held: Vec<LocalEvent>,
-    held_overflow: bool,
     writes: Writes,
     write_retry_at: Option<Instant>,
     last_snapshot_hub: Option<(usize, Instant)>,
@@ -507,11 +509,8 @@ impl<T: FederationTransport + 'static> Relay<T> {
             status,
             counters: RelayCounters::default(),
             pbx_up: false,
-            sync_id: 0,
-            sync_in_flight: false,
+            intake: Intake::default(),
             sync_retry_at: None,
-            held: Vec::new(),
-            held_overflow: false,
             writes: FuturesUnordered::new(),
             write_retry_at: None,
             last_snapshot_hub: None,
@@ -651,11 +650,8 @@ impl<T: FederationTransport + 'static> Relay<T> {
             PbxEvent::Down { reason } => {
                 warn!(%reason, "Asterisk lost; announcing this origin down");
                 self.pbx_up = false;
-                self.sync_in_flight = false;
                 self.sync_retry_at = None;
-                self.sync_id += 1;
-                self.held.clear();
-                self.held_overflow = false;
+                self.intake.lost();
                 self.node.on_local_lost(now);
                 self.ready("asterisk", Err(format!("Asterisk not reachable: {reason}")));
             }
@@ -673,7 +669,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
                     return;
                 }
                 if let Some(e) = device_event(&d.device, &d.state) {
-                    self.local_event(now, e);
+                    self.local_event(now, e, None);
                 }
             }
             PbxEvent::Presence(p) => {
@@ -681,21 +677,17 @@ impl<T: FederationTransport + 'static> Relay<T> {
                     c.events_in[1].inc();
                 }
                 if let Some(e) = presence_event(&p.presentity, &p.status, &p.subtype, &p.message) {
-                    self.local_event(now, e);
+                    self.local_event(now, e, None);
                 }
             }
         }
     }
 
-    fn local_event(&mut self, now: Millis, e: LocalEvent) {
-        if self.sync_in_flight {
-            if self.held.len() < MAX_HELD {
-                self.held.push(e);
-            } else {
-                self.held_overflow = true;
-            }
+    /// An event of the local Asterisk, or (`query`) a query's answer, through the intake.
+    fn local_event(&mut self, now: Millis, e: LocalEvent, query: Option<u64>) {
+        let Some(e) = self.intake.admit(e, query) else {
             return;
-        }
+        };
         let kind = e.value.kind();
         let echoes = self.node.stats().echoes;
         self.node.on_local_event(now, e);
@@ -759,40 +751,55 @@ impl<T: FederationTransport + 'static> Relay<T> {
         let now = wall_now();
         self.dirty = true;
         match done {
-            Done::Sync { id, result } => {
-                if id != self.sync_id {
+            Done::Sync {
+                id,
+                result: Ok(items),
+            } => {
+                let Some(done) = self.intake.listing_finished(id, &items) else {
                     return;
+                };
+                self.counters.full_syncs += 1;
+                info!(items = items.len(), "full sync listed; publishing");
+                self.node.on_local_full_sync(now, items);
+                for (e, query) in done.replay {
+                    self.local_event(now, e, query);
                 }
-                self.sync_in_flight = false;
-                match result {
-                    Ok(items) => {
-                        self.counters.full_syncs += 1;
-                        info!(items = items.len(), "full sync listed; publishing");
-                        self.node.on_local_full_sync(now, items);
-                        for e in std::mem::take(&mut self.held) {
-                            self.local_event(now, e);
-                        }
-                        if std::mem::take(&mut self.held_overflow) {
-                            warn!("events dropped while the full sync ran; listing again");
-                            self.start_sync();
-                        }
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "full sync failed; retrying in 1s");
-                        self.sync_in_flight = true;
-                        self.sync_retry_at = Some(Instant::now() + SYNC_RETRY);
-                    }
+                if !done.requery.is_empty() {
+                    debug!(
+                        devices = done.requery.len(),
+                        "events older than the listing name devices it does not; asking them"
+                    );
+                    self.query(done.requery);
+                }
+                if done.overflowed {
+                    warn!("events dropped while the full sync ran; listing again");
+                    self.start_sync();
                 }
             }
-            Done::Query { events } => {
+            Done::Sync { id, result: Err(e) } => {
+                // Facts stay held until the listing asked again finishes.
+                if self.intake.is_running(id) {
+                    warn!(error = %e, "full sync failed; retrying in 1s");
+                    self.sync_retry_at = Some(Instant::now() + SYNC_RETRY);
+                }
+            }
+            Done::Query { id, keys, events } => {
+                let mut answered = HashSet::new();
                 for e in events {
                     if let Value::Device(_) = e.value
                         && !self.filter.allows(&e.key)
                     {
                         continue;
                     }
-                    self.local_event(now, e);
+                    answered.insert(e.key.clone());
+                    self.local_event(now, e, Some(id));
                 }
+                self.intake.query_unanswered(
+                    id,
+                    keys.iter()
+                        .map(String::as_str)
+                        .filter(|k| !answered.contains(*k)),
+                );
             }
         }
     }
@@ -1038,11 +1045,9 @@ impl<T: FederationTransport + 'static> Relay<T> {
 
     fn start_sync(&mut self) {
         self.sync_retry_at = None;
-        self.sync_id += 1;
-        self.sync_in_flight = true;
+        let id = self.intake.listing_asked();
         // Writes that complete from now on are newer than what the listing may say.
         self.node.local_listing_requested();
-        let id = self.sync_id;
         let pbx = self.pbx.clone();
         let filter = self.filter.clone();
         let presence = self.node.config().policy.config().presence;
@@ -1060,11 +1065,12 @@ impl<T: FederationTransport + 'static> Relay<T> {
             return;
         }
         self.counters.queried += keys.len() as u64;
+        let id = self.intake.query_sent(&keys);
         let pbx = self.pbx.clone();
         let tx = self.done_tx.clone();
         tokio::spawn(async move {
-            let events = query_devices(&pbx, keys).await;
-            let _ = tx.send(Done::Query { events });
+            let events = query_devices(&pbx, keys.clone()).await;
+            let _ = tx.send(Done::Query { id, keys, events });
         });
     }
 

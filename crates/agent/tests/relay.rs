@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hintfed_agent::relay::{DeviceFilter, Relay, RelayConfig, RelayHandle, RelayHooks, now_millis};
-use hintfed_ami::ClientConfig;
-use hintfed_asterisk::{ActionsVia, EventsVia, Pbx, PbxConfig};
+use hintfed_ami::{ClientConfig, DeviceStateChange};
+use hintfed_asterisk::{ActionsVia, EventsVia, Pbx, PbxConfig, PbxEvent};
 use hintfed_core::envelope::Envelope;
 use hintfed_core::{
     Body, Epoch, HlcTimestamp, Hub, HubAction, HubConfig, KeyRing, Limits, Millis, Node,
@@ -165,20 +165,40 @@ async fn member_on(
     filter: DeviceFilter,
     window: usize,
 ) -> Member {
+    let pbx = pbx_of(&sim);
+    member_of(sim, pbx, bus, name, keys, origin_timeout_ms, filter, window)
+}
+
+/// The `Pbx` of a simulated Asterisk and its event stream (quick reconnections and timeouts).
+fn pbx_of(sim: &SimHandle) -> (Pbx, mpsc::Receiver<PbxEvent>) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
         .with_test_writer()
         .try_init();
-    let ami = ClientConfig::new(sim.local_addr().to_string(), "admin", "adminsecret");
-    let mut ami_fast = ami.clone();
-    ami_fast.backoff_initial = Duration::from_millis(50);
-    ami_fast.backoff_max = Duration::from_millis(200);
-    ami_fast.action_timeout = Duration::from_millis(500);
-    let (pbx, events) = Pbx::start(PbxConfig::new(
-        EventsVia::Ami(Box::new(ami_fast.clone())),
-        ActionsVia::Ami(Box::new(ami_fast)),
+    let mut ami = ClientConfig::new(sim.local_addr().to_string(), "admin", "adminsecret");
+    ami.backoff_initial = Duration::from_millis(50);
+    ami.backoff_max = Duration::from_millis(200);
+    ami.action_timeout = Duration::from_millis(500);
+    Pbx::start(PbxConfig::new(
+        EventsVia::Ami(Box::new(ami.clone())),
+        ActionsVia::Ami(Box::new(ami)),
     ))
-    .expect("pbx");
+    .expect("pbx")
+}
+
+/// A member whose relay reads `events` (the Asterisk's own, or a stream a test writes) and
+/// acts through `pbx`.
+#[allow(clippy::too_many_arguments)]
+fn member_of(
+    sim: SimHandle,
+    (pbx, events): (Pbx, mpsc::Receiver<PbxEvent>),
+    bus: &Bus,
+    name: &str,
+    keys: &str,
+    origin_timeout_ms: u64,
+    filter: DeviceFilter,
+    window: usize,
+) -> Member {
     let mut nc = NodeConfig::new(name);
     nc.snapshots = bus.snapshot_requests.is_some();
     nc.snapshot_retry_ms = 60_000;
@@ -791,5 +811,62 @@ async fn echoes_of_a_fast_asterisk_keep_up_with_a_full_window() {
         m.handle.status().counters()
     );
     assert_eq!(m.sim.stats().setvar_total, N, "each key written once");
+    stop([m]).await;
+}
+
+/// A member whose relay reads `first` in one batch, then the events this test writes (the
+/// simulator's own are dropped), so a test can order events against the relay's listings.
+async fn member_fed(
+    sim: SimHandle,
+    bus: &Bus,
+    name: &str,
+    first: Vec<PbxEvent>,
+) -> (Member, mpsc::Sender<PbxEvent>) {
+    let (pbx, mut real) = pbx_of(&sim);
+    // Wait until the Asterisk serves actions, then keep its stream drained.
+    while !matches!(real.recv().await, Some(PbxEvent::Up { .. })) {}
+    tokio::spawn(async move { while real.recv().await.is_some() {} });
+    let (tx, rx) = mpsc::channel(64);
+    for ev in first {
+        tx.send(ev).await.expect("queued");
+    }
+    let filter = DeviceFilter::new(None, Some("^Custom:")).expect("filter");
+    let m = member_of(sim, (pbx, rx), bus, name, "k", 10_000, filter, 8);
+    (m, tx)
+}
+
+fn device(device: &str, state: &str) -> PbxEvent {
+    PbxEvent::Device(DeviceStateChange {
+        device: device.into(),
+        state: state.into(),
+    })
+}
+
+/// Events held while a listing runs are older than any listing asked after them. When events
+/// are missed again during a listing (a slow relay falls behind twice), the new listing must
+/// win: replaying the events held before it would bring back states Asterisk no longer holds
+/// (the events that changed them were the ones missed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_held_before_a_new_listing_do_not_overwrite_it() {
+    let sim = sim("pbx-a").await;
+    sim.set_device_state("PJSIP/100", SimState::NotInuse)
+        .expect("set");
+    // One batch for the relay: the listing starts, an event is held, events are missed (the
+    // one putting PJSIP/100 back to NOT_INUSE among them), the listing starts again.
+    let first = vec![
+        PbxEvent::Up { generation: 1 },
+        device("PJSIP/100", "BUSY"),
+        PbxEvent::Resync {
+            reason: "12 AMI events missed".into(),
+        },
+    ];
+    let (m, _events) = member_fed(sim, &Bus::default(), "pbx-a", first).await;
+    synced(&m).await;
+    let row = status_row(&m, "PJSIP/100").await;
+    assert_eq!(
+        row.map(|(aggregate, _)| aggregate).as_deref(),
+        Some("NOT_INUSE"),
+        "the newer listing wins over the event held before it"
+    );
     stop([m]).await;
 }
