@@ -79,7 +79,8 @@ pub struct RunArgs {
     /// `origin_timeout` of agents and hubs.
     #[arg(long, default_value = "15s")]
     pub origin_timeout: String,
-    /// Longest wait (s) after the load for the Setvar counts to settle.
+    /// Longest wait (s) after the load for every server to converge (and its Setvar count to
+    /// stand still for a second).
     #[arg(long, default_value_t = 120.0)]
     pub drain_timeout: f64,
     /// Record when each update leaves the first hub (a SUB on its PUB in this process) to
@@ -378,7 +379,10 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
     let load_secs = t0.elapsed().as_secs_f64();
     let load_end_ns = now_ns();
 
-    // 5. Drain.
+    // 5. Drain and convergence: every server's states are compared with the origins' last
+    // ones until they all match and the Setvar counts stood still for a second (repairs of
+    // lost messages wait for a gap's grace and a snapshot, seconds after the load), or the
+    // drain timeout.
     let mut probes = Vec::new();
     for n in &names {
         probes.push(Conn::login(&addrs[n], &a.ami_user, &a.ami_secret).await?);
@@ -386,7 +390,8 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
     let mut last: Vec<u64> = Vec::new();
     let mut stable_since = Instant::now();
     let drain_deadline = Instant::now() + Duration::from_secs_f64(a.drain_timeout);
-    while Instant::now() < drain_deadline {
+    let mut converged_after = None;
+    let conv = loop {
         let mut now = Vec::new();
         for p in &mut probes {
             now.push(p.setvar_total().await?);
@@ -394,49 +399,22 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
         if now != last {
             last = now;
             stable_since = Instant::now();
-        } else if stable_since.elapsed() >= Duration::from_secs(1) {
-            break;
+        }
+        if stable_since.elapsed() >= Duration::from_secs(1) || Instant::now() >= drain_deadline {
+            let c = convergence(&mut probes, &driven, &names, a.devices).await?;
+            if c.mismatches == 0 {
+                converged_after.get_or_insert_with(|| t0.elapsed().as_secs_f64() - load_secs);
+            }
+            if c.mismatches == 0 || Instant::now() >= drain_deadline {
+                break c;
+            }
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    };
     let after: Vec<Usage> = daemons
         .iter()
         .map(|(_, p)| procs::usage(*p, tck).unwrap_or_default())
         .collect();
-
-    // 6. Convergence.
-    let mut mismatches = 0u64;
-    let mut checked = 0u64;
-    let mut example = None;
-    for (r, p) in probes.iter_mut().enumerate() {
-        let items = p.list(&[("Action", "DeviceStateList")]).await?;
-        let mut have = std::collections::HashMap::new();
-        for m in &items {
-            if let (Some(d), Some(st)) = (ami::get(m, "Device"), ami::get(m, "State")) {
-                have.insert(d.to_owned(), st.to_owned());
-            }
-        }
-        for (s, (k, _, _)) in driven.iter().enumerate() {
-            for j in 0..a.devices.min(*k as usize) {
-                // The last change of phone j was number k' = the largest k' < k with
-                // k' % devices == j.
-                let dn = a.devices as u64;
-                let last_k = j as u64 + dn * ((*k - 1 - j as u64) / dn);
-                let want = STATES[((last_k / a.devices as u64) as usize) % 4];
-                let key = if s == r {
-                    device(s, j)
-                } else {
-                    format!("Custom:{}", device(s, j))
-                };
-                checked += 1;
-                let got = have.get(&key).map(String::as_str).unwrap_or("(absent)");
-                if !got.eq_ignore_ascii_case(want) {
-                    mismatches += 1;
-                    example.get_or_insert(format!("{} {key}: {got}, want {want}", names[r]));
-                }
-            }
-        }
-    }
 
     // 7. Figures.
     tokio::time::sleep(Duration::from_millis(400)).await; // the trace is written every 50 ms
@@ -513,8 +491,9 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
             "fanout_msgs_to_zmq_ceiling": zmq_ceiling.map(|c| updates_per_sec * a.servers as f64 / c.msgs_per_sec),
         },
         "daemons": daemon_json,
-        "convergence": {"checked": checked, "mismatches": mismatches, "converged": mismatches == 0,
-                        "example": example},
+        "convergence": {"checked": conv.checked, "mismatches": conv.mismatches,
+                        "converged": conv.mismatches == 0, "example": conv.example,
+                        "after_load_s": converged_after},
         "logs": dir.display().to_string(),
     });
     print_table(&report);
@@ -620,10 +599,9 @@ fn print_table(r: &serde_json::Value) {
     let v = &r["convergence"];
     println!(
         "convergence: {} ({} checked, {} mismatches{})",
-        if v["converged"].as_bool() == Some(true) {
-            "CONVERGED"
-        } else {
-            "NOT CONVERGED"
+        match v["after_load_s"].as_f64() {
+            Some(t) => format!("CONVERGED {t:.1} s after the load"),
+            None => "NOT CONVERGED".to_owned(),
         },
         v["checked"],
         v["mismatches"],
@@ -632,4 +610,59 @@ fn print_table(r: &serde_json::Value) {
             .map(|e| format!("; e.g. {e}"))
             .unwrap_or_default()
     );
+}
+
+/// Servers' states against the origins' last ones.
+struct Convergence {
+    checked: u64,
+    mismatches: u64,
+    /// One mismatch, for the report.
+    example: Option<String>,
+}
+
+/// Lists every server's device states (`probes`, by server) and compares each phone's
+/// `Custom:` copy, and on its own server the phone itself, with the last state driven.
+/// `driven` holds, per server, the number of changes driven first.
+async fn convergence(
+    probes: &mut [Conn],
+    driven: &[(u64, u64, u64)],
+    names: &[String],
+    devices: usize,
+) -> anyhow::Result<Convergence> {
+    let mut c = Convergence {
+        checked: 0,
+        mismatches: 0,
+        example: None,
+    };
+    for (r, p) in probes.iter_mut().enumerate() {
+        let items = p.list(&[("Action", "DeviceStateList")]).await?;
+        let mut have = std::collections::HashMap::new();
+        for m in &items {
+            if let (Some(d), Some(st)) = (ami::get(m, "Device"), ami::get(m, "State")) {
+                have.insert(d.to_owned(), st.to_owned());
+            }
+        }
+        for (s, (k, _, _)) in driven.iter().enumerate() {
+            for j in 0..devices.min(*k as usize) {
+                // The last change of phone j was number k' = the largest k' < k with
+                // k' % devices == j.
+                let dn = devices as u64;
+                let last_k = j as u64 + dn * ((*k - 1 - j as u64) / dn);
+                let want = STATES[((last_k / dn) as usize) % 4];
+                let key = if s == r {
+                    device(s, j)
+                } else {
+                    format!("Custom:{}", device(s, j))
+                };
+                c.checked += 1;
+                let got = have.get(&key).map(String::as_str).unwrap_or("(absent)");
+                if !got.eq_ignore_ascii_case(want) {
+                    c.mismatches += 1;
+                    c.example
+                        .get_or_insert_with(|| format!("{} {key}: {got}, want {want}", names[r]));
+                }
+            }
+        }
+    }
+    Ok(c)
 }
