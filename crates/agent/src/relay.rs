@@ -304,7 +304,7 @@ type Writes = FuturesUnordered<Pin<Box<dyn Future<Output = Written> + Send>>>;
 enum Done {
     Sync {
         id: u64,
-        result: Result<Vec<LocalEvent>, PbxError>,
+        result: Result<Listing, PbxError>,
     },
     Query {
         /// The query's number ([`Intake::query_sent`]).
@@ -628,6 +628,9 @@ impl<T: FederationTransport + 'static> Relay<T> {
         self.dirty = true;
         match ev {
             PbxEvent::Up { generation } => {
+                // The listing is asked first: the node's re-apply of every remote state
+                // waits for it, and does not write what Asterisk already holds.
+                self.start_sync();
                 if self.pbx_up {
                     info!(
                         generation,
@@ -645,7 +648,6 @@ impl<T: FederationTransport + 'static> Relay<T> {
                 }
                 self.pbx_up = true;
                 self.ready("asterisk", Ok(()));
-                self.start_sync();
             }
             PbxEvent::Down { reason } => {
                 warn!(%reason, "Asterisk lost; announcing this origin down");
@@ -753,14 +755,19 @@ impl<T: FederationTransport + 'static> Relay<T> {
         match done {
             Done::Sync {
                 id,
-                result: Ok(items),
+                result: Ok(Listing { items, targets }),
             } => {
                 let Some(done) = self.intake.listing_finished(id, &items) else {
                     return;
                 };
                 self.counters.full_syncs += 1;
-                info!(items = items.len(), "full sync listed; publishing");
-                self.node.on_local_full_sync(now, items);
+                info!(
+                    items = items.len(),
+                    targets = targets.len(),
+                    "full sync listed; publishing"
+                );
+                self.node
+                    .on_local_full_sync_with_targets(now, items, targets.iter());
                 for (e, query) in done.replay {
                     self.local_event(now, e, query);
                 }
@@ -1047,7 +1054,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
         self.sync_retry_at = None;
         let id = self.intake.listing_asked();
         // Writes that complete from now on are newer than what the listing may say.
-        self.node.local_listing_requested();
+        self.node.local_listing_requested(wall_now());
         let pbx = self.pbx.clone();
         let filter = self.filter.clone();
         let presence = self.node.config().policy.config().presence;
@@ -1182,6 +1189,53 @@ impl<T: FederationTransport + 'static> Relay<T> {
     }
 }
 
+/// What a full sync listed.
+#[derive(Debug, Default)]
+struct Listing {
+    /// The local state to federate: devices the filter allows, presence.
+    items: Vec<LocalEvent>,
+    /// Listed `Custom:` devices the filter excludes: what Asterisk holds for our write
+    /// targets (see [`Node::on_local_full_sync_with_targets`]).
+    targets: Targets,
+}
+
+/// Device states kept compactly: 100,000 `Custom:` devices are listed on every full sync of
+/// a large federation (names in one string, about 30 bytes a device in all).
+#[derive(Debug, Default)]
+struct Targets {
+    names: String,
+    /// End of each name in `names`, and its state.
+    ends: Vec<(u32, DeviceState)>,
+}
+
+impl Targets {
+    fn push(&mut self, name: &str, state: DeviceState) {
+        self.names.push_str(name);
+        let end = u32::try_from(self.names.len()).unwrap_or(u32::MAX);
+        self.ends.push((end, state));
+    }
+
+    fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&str, DeviceState)> {
+        let mut start = 0;
+        self.ends.iter().filter_map(move |&(end, state)| {
+            let name = self.names.get(start..end as usize)?;
+            start = end as usize;
+            Some((name, state))
+        })
+    }
+}
+
+/// A `Custom:` device: where the agent writes remote devices' states.
+fn is_custom(device: &str) -> bool {
+    device
+        .get(..7)
+        .is_some_and(|p| p.eq_ignore_ascii_case("Custom:"))
+}
+
 /// Lists the local state: cached devices, presence, and hint devices missing from the cache
 /// (Getvar over AMI; hint-derived over res_zmq_manager, see the module docs).
 async fn full_sync(
@@ -1189,18 +1243,29 @@ async fn full_sync(
     filter: &DeviceFilter,
     devices: bool,
     presence: bool,
-) -> Result<Vec<LocalEvent>, PbxError> {
+) -> Result<Listing, PbxError> {
     let mut listed = BTreeSet::new();
     let mut items = Vec::new();
+    let targets = Arc::new(std::sync::Mutex::new(Targets::default()));
     if devices {
         // Each listed device is read as it arrives; those the filter excludes (by default
-        // every `Custom:` device, possibly 100,000 of them) are never kept.
+        // every `Custom:` device, possibly 100,000 of them) are kept compactly, and only
+        // when they are `Custom:` ones.
         let f = filter.clone();
+        let t = Arc::clone(&targets);
         items = pbx
             .list_devices_map(move |d| {
-                f.allows(&d.device)
-                    .then(|| device_event(&d.device, &d.state))
-                    .flatten()
+                if f.allows(&d.device) {
+                    return device_event(&d.device, &d.state);
+                }
+                if is_custom(&d.device)
+                    && let Ok(s) = d.state.parse::<DeviceState>()
+                {
+                    t.lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(&d.device, s);
+                }
+                None
             })
             .await?;
         listed.extend(items.iter().map(|e| e.key.clone()));
@@ -1228,7 +1293,12 @@ async fn full_sync(
             }
         }
     }
-    Ok(items)
+    let targets = std::mem::take(
+        &mut *targets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    Ok(Listing { items, targets })
 }
 
 async fn getvar_devices(pbx: &Pbx, keys: Vec<String>) -> Vec<LocalEvent> {
@@ -1329,6 +1399,24 @@ mod tests {
             ],
             "a mixed hint (100) and an unknown extension state (103) are not guessed"
         );
+    }
+
+    #[test]
+    fn targets_keep_names_and_states_in_order() {
+        let mut t = Targets::default();
+        t.push("Custom:PJSIP/1", DeviceState::Inuse);
+        t.push("Custom:b", DeviceState::Busy);
+        t.push("", DeviceState::Ringing);
+        assert_eq!(t.len(), 3);
+        assert_eq!(
+            t.iter().collect::<Vec<_>>(),
+            vec![
+                ("Custom:PJSIP/1", DeviceState::Inuse),
+                ("Custom:b", DeviceState::Busy),
+                ("", DeviceState::Ringing),
+            ]
+        );
+        assert!(is_custom("custom:x") && !is_custom("PJSIP/1") && !is_custom("Cust"));
     }
 
     #[test]

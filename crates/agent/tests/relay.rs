@@ -870,3 +870,44 @@ async fn events_held_before_a_new_listing_do_not_overwrite_it() {
     );
     stop([m]).await;
 }
+
+/// A member (re)starting beside an Asterisk that already holds a federated state: its full
+/// sync lists the `Custom:` device (excluded from federation, `^Custom:`), and the state that
+/// arrives for it is not written again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_asterisk_already_holds_is_not_written_again() {
+    let bus = Bus::default();
+    let a = member(&bus, "pbx-a", "k", 10_000).await;
+    let sim_b = sim("pbx-b").await;
+    sim_b
+        .setvar("DEVICE_STATE(Custom:PJSIP/held)", "INUSE")
+        .expect("setvar");
+    let filter = DeviceFilter::new(None, Some("^Custom:")).expect("filter");
+    let b = member_on(sim_b, &bus, "pbx-b", "k", 10_000, filter, 8).await;
+    synced(&a).await;
+    synced(&b).await;
+    let before = b.sim.stats().setvar_total;
+    a.sim
+        .set_device_state("PJSIP/held", SimState::Inuse)
+        .expect("set");
+    // A marker behind it, which b must write.
+    a.sim
+        .set_device_state("PJSIP/marker", SimState::Ringing)
+        .expect("set");
+    eventually("the marker written on b", || {
+        b.sim.getvar("DEVICE_STATE(Custom:PJSIP/marker)") == "RINGING"
+    })
+    .await;
+    let h = b.handle.clone();
+    eventually("the marker's write answered", || {
+        h.status().counters().applies_ok >= 1
+    })
+    .await;
+    assert_eq!(
+        b.sim.stats().setvar_total - before,
+        1,
+        "only the marker written: Custom:PJSIP/held already held INUSE"
+    );
+    assert_eq!(b.sim.getvar("DEVICE_STATE(Custom:PJSIP/held)"), "INUSE");
+    stop([a, b]).await;
+}

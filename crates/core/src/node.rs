@@ -258,6 +258,10 @@ const MAX_HUBS: usize = 64;
 /// which it pushes the next batch.
 const REAPPLY_BATCH: usize = 2_048;
 
+/// How long a [`Node::reapply_all`] pass waits for a listing asked of the local Asterisk
+/// ([`Node::local_listing_requested`]): what it lists as held is not written again.
+const LISTING_WAIT_MS: u64 = 5_000;
+
 /// Summaries kept at most per snapshot (a hostile hub cannot grow them without bound).
 const MAX_SNAPSHOT_ORIGINS: usize = 100_000;
 
@@ -291,6 +295,8 @@ pub struct Node {
     /// A pass re-applying every remote state, still walking the device keys after this one
     /// (`Some(None)`: from the first); see [`Node::reapply_all`].
     reapply: Option<Option<Box<str>>>,
+    /// When the listing the re-apply pass waits for was asked (see [`LISTING_WAIT_MS`]).
+    listing_asked: Option<Millis>,
 }
 
 impl Node {
@@ -323,6 +329,7 @@ impl Node {
             republish_due: None,
             stats: NodeStats::default(),
             reapply: None,
+            listing_asked: None,
         };
         n.request_snapshot(now);
         n
@@ -440,6 +447,20 @@ impl Node {
     /// starts a new epoch if the connection had been lost, publishes a full sync (begin,
     /// every federated value, end) and re-applies every remote state.
     pub fn on_local_full_sync(&mut self, now: Millis, items: Vec<LocalEvent>) {
+        self.on_local_full_sync_with_targets(now, items, std::iter::empty());
+    }
+
+    /// [`Node::on_local_full_sync`], plus `targets`: listed states of `Custom:` devices that
+    /// this origin does not federate (an agent's `exclude`, by default `^Custom:`, keeps them
+    /// out of `items`). They are not published; what the listing says they hold is believed
+    /// like any listed write target, so a restart or a resync does not write again what
+    /// Asterisk already holds. Other devices in `targets` are ignored.
+    pub fn on_local_full_sync_with_targets<'a>(
+        &mut self,
+        now: Millis,
+        items: Vec<LocalEvent>,
+        targets: impl IntoIterator<Item = (&'a str, DeviceState)>,
+    ) {
         if self.need_new_epoch {
             self.bump_epoch(now);
         }
@@ -448,6 +469,11 @@ impl Node {
         // What the listing says is believed only for targets no write of ours changed since
         // it was asked (see `local_listing_requested`).
         self.apply.listing_begins();
+        for (key, state) in targets {
+            if is_custom(key) {
+                self.apply.note_listed(key, &Value::Device(state));
+            }
+        }
         let begin = self.publish(now, Body::FullSyncBegin);
         for item in items {
             if is_apply_target(&item) {
@@ -485,15 +511,21 @@ impl Node {
         self.publish(now, Body::FullSyncEnd { begin_seq: begin });
         self.synced_once = true;
         self.apply.listing_done();
+        self.listing_asked = None;
         self.flush_query();
         self.reapply_all();
         self.pump(now);
     }
 
     /// A listing of the local Asterisk (for [`Node::on_local_full_sync`]) is being asked now:
-    /// its items will not be believed for targets whose write completes after this call.
-    pub fn local_listing_requested(&mut self) {
+    /// its items will not be believed for targets whose write completes after this call, and
+    /// a re-apply of every remote state waits for it (up to 5 s), so what Asterisk already
+    /// holds is not written again. Changes arriving meanwhile are written as usual. After a
+    /// (re)connection, call it before [`Node::on_local_restored`] or
+    /// [`Node::on_local_restarted`], whose re-apply then waits too.
+    pub fn local_listing_requested(&mut self, now: Millis) {
         self.apply.listing_requested();
+        self.listing_asked = Some(now);
     }
 
     /// The connection to the local Asterisk was lost: announces this origin down (its devices
@@ -516,6 +548,7 @@ impl Node {
         );
         self.apply.clear();
         self.reapply = None;
+        self.listing_asked = None;
     }
 
     /// The connection to the local Asterisk is back (before its full sync): starts a new
@@ -1061,7 +1094,14 @@ impl Node {
                 self.actions
                     .push_back(Action::Apply(ApplyCmd { target, value }));
             }
-            if self.reapply.is_none() || self.apply.pending_len() >= REAPPLY_BATCH {
+            // (A wall clock that went back does not stretch the wait.)
+            let listing_awaited = self
+                .listing_asked
+                .is_some_and(|t| now >= t && now.since(t) < LISTING_WAIT_MS);
+            if self.reapply.is_none()
+                || self.apply.pending_len() >= REAPPLY_BATCH
+                || listing_awaited
+            {
                 break;
             }
             self.reapply_step();
@@ -1074,9 +1114,13 @@ impl Node {
 fn is_apply_target(event: &LocalEvent) -> bool {
     match event.value {
         Value::Presence(_) => true,
-        Value::Device(_) => event
-            .key
-            .get(..7)
-            .is_some_and(|p| p.eq_ignore_ascii_case("Custom:")),
+        Value::Device(_) => is_custom(&event.key),
     }
+}
+
+/// A `Custom:` device: where remote device states are written.
+fn is_custom(device: &str) -> bool {
+    device
+        .get(..7)
+        .is_some_and(|p| p.eq_ignore_ascii_case("Custom:"))
 }

@@ -751,3 +751,92 @@ fn a_request_not_yet_taken_is_replaced_by_the_next() {
     }
     assert!(n.snapshot_done());
 }
+
+/// After a reconnection, the re-apply of every remote state waits for the listing asked of
+/// the local Asterisk (up to 5 s), and what it lists as held (`Custom:` devices the agent
+/// does not federate) is not written again; what differs, or is missing, is.
+#[test]
+fn a_reconnection_writes_only_what_the_listing_says_differs() {
+    let mut b = synced("pbx-b");
+    let keys: Vec<String> = (0..3000).map(|i| format!("PJSIP/{i}")).collect();
+    for (i, k) in keys.iter().enumerate() {
+        b.on_remote(
+            Millis(1),
+            &up("pbx-a", 1, i as u64 + 1, k, DeviceState::Inuse),
+        );
+    }
+    for c in applies(&b.take_actions()) {
+        b.on_apply_result(Millis(1), &c.target, true);
+    }
+    while let Some(Action::Apply(c)) = b.poll_action() {
+        b.on_apply_result(Millis(1), &c.target, true);
+    }
+    b.on_local_lost(Millis(10));
+    b.take_actions();
+    b.local_listing_requested(Millis(20));
+    b.on_local_restored(Millis(20));
+    b.tick(Millis(4_000));
+    assert!(
+        applies(&b.take_actions()).is_empty(),
+        "nothing is rewritten while the listing is awaited"
+    );
+    // The listing: every key held as wanted, except the first (another state) and the
+    // second (missing: Asterisk lost it).
+    let listed: Vec<(String, DeviceState)> = keys
+        .iter()
+        .enumerate()
+        .skip(1)
+        .map(|(i, k)| {
+            let s = if i == 2 {
+                DeviceState::Busy
+            } else {
+                DeviceState::Inuse
+            };
+            (format!("Custom:{k}"), s)
+        })
+        .collect();
+    b.on_local_full_sync_with_targets(
+        Millis(4_100),
+        Vec::new(),
+        listed.iter().map(|(k, s)| (k.as_str(), *s)),
+    );
+    let mut written: Vec<String> = Vec::new();
+    loop {
+        let w = applies(&b.take_actions())
+            .into_iter()
+            .map(|c| c.target.clone())
+            .collect::<Vec<_>>();
+        if w.is_empty() {
+            break;
+        }
+        for t in &w {
+            b.on_apply_result(Millis(4_100), t, true);
+        }
+        written.extend(w);
+    }
+    written.sort();
+    assert_eq!(written, vec!["Custom:PJSIP/0", "Custom:PJSIP/2"]);
+}
+
+/// A listing that never comes does not hold the re-apply back for ever.
+#[test]
+fn the_reapply_waits_for_a_listing_only_so_long() {
+    let mut b = synced("pbx-b");
+    b.on_remote(Millis(1), &up("pbx-a", 1, 1, "PJSIP/1", DeviceState::Inuse));
+    let first = applies(&b.take_actions())[0].target.clone();
+    b.on_apply_result(Millis(1), &first, true);
+    b.on_local_lost(Millis(10));
+    b.take_actions();
+    b.local_listing_requested(Millis(20));
+    b.on_local_restored(Millis(20));
+    b.tick(Millis(4_000));
+    assert!(applies(&b.take_actions()).is_empty());
+    b.tick(Millis(5_020));
+    assert_eq!(
+        applies(&b.take_actions())
+            .iter()
+            .map(|c| c.target.as_str())
+            .collect::<Vec<_>>(),
+        vec!["Custom:PJSIP/1"]
+    );
+}
