@@ -93,6 +93,10 @@ pub struct OriginSummary {
     /// Why the origin is down, if it is.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub down: Option<DownReason>,
+    /// Where the origin's last full sync in `epoch` began: its device entries older than
+    /// that are gone (a receiver that missed part of that full sync drops them only now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floor: Option<u64>,
 }
 
 /// The role of a peer announcing itself with [`Body::Hello`].
@@ -560,6 +564,7 @@ mod tests {
                     epoch: Epoch(2),
                     last_seq: 3,
                     down: Some(DownReason::Silent),
+                    floor: Some(2),
                 }],
             },
             Body::SnapshotEnd {
@@ -628,6 +633,7 @@ mod tests {
                 epoch: Epoch(2),
                 last_seq: 3,
                 down: None,
+                floor: None,
             }],
         };
         for text in [

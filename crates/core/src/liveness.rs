@@ -238,6 +238,7 @@ impl Origins {
                 epoch: i.epoch,
                 last_seq: i.last_seq,
                 down: i.down.map(|d| d.reason),
+                floor: None,
             })
             .collect()
     }
@@ -368,6 +369,7 @@ mod tests {
             epoch: Epoch(epoch),
             last_seq,
             down,
+            floor: None,
         };
         assert!(
             !o.apply_summary(&up(2, 4, Some(DownReason::Silent)), Millis(2002)),
@@ -395,6 +397,7 @@ mod tests {
             epoch: Epoch(1),
             last_seq: 12,
             down: Some(DownReason::SelfAnnounced),
+            floor: None,
         };
         assert!(o.apply_summary(&s, Millis(1)));
         assert!(o.is_down("a"));
@@ -403,6 +406,7 @@ mod tests {
             epoch: Epoch(2),
             last_seq: 3,
             down: None,
+            floor: None,
         };
         assert!(o.apply_summary(&s2, Millis(2)));
         assert!(!o.is_down("a"));

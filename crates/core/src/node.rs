@@ -14,7 +14,10 @@
 //! - after its Asterisk (re)connects or restarts it starts a new epoch, republishes its full
 //!   state and re-applies every remote state;
 //! - when its Asterisk is lost it announces itself down; other nodes then show its devices
-//!   as the policy's `down_state` until its next full sync ends.
+//!   as the policy's `down_state` until its next full sync ends;
+//! - an origin's full sync withdraws the devices it no longer names, but only where it
+//!   arrived whole: a receiver that lost part of it keeps what it had until the snapshot that
+//!   closes the gap, whose summary carries the origin's floor and withdraws them then.
 //!
 //! Presence listed during a full sync (`PresenceStateList`) is published only when nobody
 //! else holds a newer write for the key: its time of setting is unknown, so a value written

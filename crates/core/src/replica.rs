@@ -102,11 +102,19 @@ impl Replica {
                 out.dirty_keys.push((u.kind(), u.key.clone()));
             }
             Body::FullSyncEnd { begin_seq } => {
-                for k in self.table.end_full_sync(origin, env.epoch, *begin_seq) {
-                    out.dirty_keys.push((Kind::Device, k));
-                }
-                if let Some(t) = self.seqs.get_mut(origin) {
+                let complete = self.seqs.get_mut(origin).is_some_and(|t| {
                     t.cover(env.epoch, begin_seq.saturating_sub(1), now);
+                    t.complete_through(env.epoch, env.seq)
+                });
+                if complete {
+                    for k in self.table.end_full_sync(origin, env.epoch, *begin_seq) {
+                        out.dirty_keys.push((Kind::Device, k));
+                    }
+                } else {
+                    // Part of the full sync was lost here: which devices it no longer names
+                    // is unknown until a snapshot (its summary carries this floor) or the
+                    // next full sync; withdrawing now would withdraw the lost ones too.
+                    self.table.raise_floor(origin, env.epoch, *begin_seq);
                 }
             }
             Body::Heartbeat { local_down: true }
@@ -145,6 +153,10 @@ impl Replica {
             {
                 s.last_seq = s.last_seq.min(t.contiguous());
             }
+            s.floor = match self.table.floor(&s.origin) {
+                Some((epoch, begin)) if epoch == s.epoch && begin <= s.last_seq => Some(begin),
+                _ => None,
+            };
         }
         out
     }
@@ -157,12 +169,17 @@ impl Replica {
 
     /// Merges a snapshot's summary of one origin: liveness, and the snapshot covers the
     /// origin's stream up to `last_seq`. Returns whether the origin's status changed.
+    /// With a `floor`, the origin's device entries older than it are dropped (call after
+    /// merging the snapshot's entries; the caller re-applies every key).
     pub fn apply_summary(&mut self, s: &OriginSummary, now: Millis) -> bool {
         let changed = self.origins.apply_summary(s, now);
         self.seqs
             .entry(s.origin.clone())
             .or_insert_with(|| SeqTracker::new(s.epoch, s.last_seq.saturating_add(1), true))
             .cover(s.epoch, s.last_seq, now);
+        if let Some(begin) = s.floor {
+            self.table.end_full_sync(&s.origin, s.epoch, begin);
+        }
         changed
     }
 

@@ -143,6 +143,12 @@ impl SeqTracker {
         self.advance(from, now);
     }
 
+    /// Whether everything of `epoch` up to `seq` was received or covered, with no gap left
+    /// open by an overflow.
+    pub fn complete_through(&self, epoch: Epoch, seq: u64) -> bool {
+        self.epoch == epoch && self.contiguous >= seq && self.overflow_at.is_none()
+    }
+
     /// Covers everything received so far: closes every gap.
     pub fn cover_all(&mut self, now: Millis) {
         let top = self.highest();

@@ -6,8 +6,9 @@
 //!
 //! Updates are merged per key by version, so the table converges whatever the order of
 //! arrival (stream, snapshot, duplicates). A full-sync end sets a per-origin floor: device
-//! entries of that origin older than the sync's begin are dropped, and older ones arriving
-//! late are refused.
+//! entries of that origin older than the sync's begin are dropped (only when the whole sync
+//! arrived, see [`crate::replica::Replica::ingest`]; else when a snapshot brings the floor),
+//! and older ones arriving late are refused.
 //!
 //! A bounded change journal ([`Table::version`], [`Table::changes_since`]) names the keys
 //! changed recently, so a status view can be refreshed for those keys only. It records
@@ -367,11 +368,8 @@ impl Table {
     /// device entries older than the begin and refuses older ones from now on. Returns the
     /// keys dropped.
     pub fn end_full_sync(&mut self, origin: &str, epoch: Epoch, begin_seq: u64) -> Vec<String> {
+        self.raise_floor(origin, epoch, begin_seq);
         let floor = (epoch, begin_seq);
-        let f = self.floors.entry(origin.to_owned()).or_insert(floor);
-        if floor > *f {
-            *f = floor;
-        }
         let mut dropped = Vec::new();
         let Some(&id) = self.ids.get(origin) else {
             return dropped;
@@ -393,6 +391,22 @@ impl Table {
             self.journal.record(k);
         }
         dropped
+    }
+
+    /// Refuses device entries of `origin` older than `(epoch, begin_seq)` from now on (a full
+    /// sync that began there ended), without dropping those held: see
+    /// [`Table::end_full_sync`].
+    pub fn raise_floor(&mut self, origin: &str, epoch: Epoch, begin_seq: u64) {
+        let floor = (epoch, begin_seq);
+        let f = self.floors.entry(origin.to_owned()).or_insert(floor);
+        if floor > *f {
+            *f = floor;
+        }
+    }
+
+    /// Where `origin`'s last full sync began (its entries older than that are refused).
+    pub fn floor(&self, origin: &str) -> Option<(Epoch, u64)> {
+        self.floors.get(origin).copied()
     }
 
     /// Number of changes so far (device entries written or dropped, presence winners

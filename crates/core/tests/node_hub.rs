@@ -840,3 +840,87 @@ fn the_reapply_waits_for_a_listing_only_so_long() {
         vec!["Custom:PJSIP/1"]
     );
 }
+
+/// A receiver that lost part of an origin's full sync does not withdraw the devices the full
+/// sync seemed not to name (the lost one among them): the snapshot that closes the gap brings
+/// the lost one and, through its summary's floor, withdraws the one really gone.
+#[test]
+fn a_full_sync_partly_lost_withdraws_nothing_until_a_snapshot_closes_it() {
+    let mut hub = Hub::new(HubConfig::new("hub-1"), Epoch(1), Millis(0));
+    let mut c = NodeConfig::new("pbx-r");
+    c.gap_grace_ms = 100;
+    c.snapshot_retry_ms = 1_000;
+    let mut r = Node::new(c, Epoch(1), Millis(0));
+    let ask = |r: &mut Node, hub: &mut Hub, now: Millis| {
+        let actions = r.take_actions();
+        let req = actions
+            .iter()
+            .find_map(|a| match a {
+                Action::Request(e) => Some(e.clone()),
+                _ => None,
+            })
+            .expect("a snapshot request");
+        hub.on_envelope(now, &req);
+        for a in hub.take_actions() {
+            if let HubAction::SendTo { envelope, .. } = a {
+                r.on_remote(now, &envelope);
+            }
+        }
+        assert!(r.snapshot_done());
+    };
+    ask(&mut r, &mut hub, Millis(0));
+    r.on_local_full_sync(Millis(0), Vec::new());
+    r.take_actions();
+    let mut a = synced("pbx-a");
+    for k in ["PJSIP/1", "PJSIP/2", "PJSIP/3"] {
+        a.on_local_event(Millis(1), LocalEvent::device(k, DeviceState::Inuse));
+    }
+    for e in publishes(&a.take_actions()) {
+        hub.on_envelope(Millis(1), e);
+        r.on_remote(Millis(1), e);
+    }
+    hub.take_actions();
+    for c in applies(&r.take_actions()) {
+        r.on_apply_result(Millis(1), &c.target, true);
+    }
+    // pbx-a lists again: PJSIP/1 changed, PJSIP/3 is gone. The hub gets it all; the
+    // receiver loses the update of PJSIP/1.
+    a.on_local_full_sync(
+        Millis(2),
+        vec![
+            LocalEvent::device("PJSIP/1", DeviceState::Busy),
+            LocalEvent::device("PJSIP/2", DeviceState::Inuse),
+        ],
+    );
+    for e in publishes(&a.take_actions()) {
+        hub.on_envelope(Millis(2), e);
+        let lost = matches!(&e.body, Body::Update(u) if u.key == "PJSIP/1");
+        if !lost {
+            r.on_remote(Millis(2), e);
+        }
+    }
+    hub.take_actions();
+    assert!(
+        applies(&r.take_actions()).is_empty(),
+        "nothing withdrawn while part of the full sync is missing"
+    );
+    assert_eq!(r.remote_value("PJSIP/1"), Some(DeviceState::Inuse));
+    assert_eq!(r.remote_value("PJSIP/3"), Some(DeviceState::Inuse));
+    // The gap asks for a snapshot; its answer settles both.
+    r.tick(Millis(1_200));
+    ask(&mut r, &mut hub, Millis(1_200));
+    assert_eq!(r.remote_value("PJSIP/1"), Some(DeviceState::Busy));
+    assert_eq!(r.remote_value("PJSIP/3"), None, "withdrawn by the floor");
+    let mut written: Vec<(String, String)> = applies(&r.take_actions())
+        .iter()
+        .map(|c| (c.target.clone(), c.setvar_value()))
+        .collect();
+    written.sort();
+    assert_eq!(
+        written,
+        vec![
+            ("Custom:PJSIP/1".to_owned(), "BUSY".to_owned()),
+            ("Custom:PJSIP/3".to_owned(), "INVALID".to_owned()),
+        ]
+    );
+}
