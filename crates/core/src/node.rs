@@ -525,10 +525,11 @@ impl Node {
     /// a re-apply of every remote state waits for it (up to 5 s), so what Asterisk already
     /// holds is not written again. Changes arriving meanwhile are written as usual. After a
     /// (re)connection, call it before [`Node::on_local_restored`] or
-    /// [`Node::on_local_restarted`], whose re-apply then waits too.
+    /// [`Node::on_local_restarted`], whose re-apply then waits too. A listing asked again
+    /// (the last one failed, or was superseded) does not stretch the wait.
     pub fn local_listing_requested(&mut self, now: Millis) {
         self.apply.listing_requested();
-        self.listing_asked = Some(now);
+        self.listing_asked.get_or_insert(now);
     }
 
     /// The connection to the local Asterisk was lost: announces this origin down (its devices

@@ -818,7 +818,8 @@ fn a_reconnection_writes_only_what_the_listing_says_differs() {
     assert_eq!(written, vec!["Custom:PJSIP/0", "Custom:PJSIP/2"]);
 }
 
-/// A listing that never comes does not hold the re-apply back for ever.
+/// A listing that never comes (each one asked fails) does not hold the re-apply back for
+/// ever.
 #[test]
 fn the_reapply_waits_for_a_listing_only_so_long() {
     let mut b = synced("pbx-b");
@@ -831,6 +832,8 @@ fn the_reapply_waits_for_a_listing_only_so_long() {
     b.on_local_restored(Millis(20));
     b.tick(Millis(4_000));
     assert!(applies(&b.take_actions()).is_empty());
+    // The listing failed and is asked again: the wait still ends 5 s after the first ask.
+    b.local_listing_requested(Millis(4_500));
     b.tick(Millis(5_020));
     assert_eq!(
         applies(&b.take_actions())
