@@ -235,6 +235,9 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
     // The agent restarts beside an Asterisk that now holds every key: its full sync lists them
     // all (DeviceStateList) and the snapshot comes again; ideally nothing is written.
     agent.stop(Duration::from_secs(5));
+    // Counted once the first agent is gone: it may still have written after the count that
+    // saw every key written (a write answered late, a repair).
+    let before_restart = stats_conn.setvar_total().await?;
     eprintln!("restarting the agent ...");
     let t1 = Instant::now();
     let mut agent = Daemon::spawn(
@@ -264,7 +267,7 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
             (last, still) = (now, Instant::now());
         }
     }
-    let restart_writes = last.saturating_sub(applied);
+    let restart_writes = last.saturating_sub(before_restart);
     let restart_end = procs::usage(agent.pid(), tck).unwrap_or_default();
     let report = json!({
         "mode": "snapshot",
