@@ -235,9 +235,17 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
     // The agent restarts beside an Asterisk that now holds every key: its full sync lists them
     // all (DeviceStateList) and the snapshot comes again; ideally nothing is written.
     agent.stop(Duration::from_secs(5));
-    // Counted once the first agent is gone: it may still have written after the count that
-    // saw every key written (a write answered late, a repair).
-    let before_restart = stats_conn.setvar_total().await?;
+    // Counted once the first agent is gone and its last writes were read (it may still have
+    // written after the count that saw every key written: a write answered late, a repair).
+    let mut before_restart = stats_conn.setvar_total().await?;
+    loop {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let now = stats_conn.setvar_total().await?;
+        if now == before_restart {
+            break;
+        }
+        before_restart = now;
+    }
     eprintln!("restarting the agent ...");
     let t1 = Instant::now();
     let mut agent = Daemon::spawn(

@@ -646,7 +646,7 @@ impl Node {
                     self.recompute(kind, &key);
                 }
                 for o in ing.dirty_origins {
-                    self.recompute_origin(&o);
+                    self.recompute_origin(now, &o);
                 }
             }
         }
@@ -690,7 +690,7 @@ impl Node {
             self.next_heartbeat = now.plus(self.cfg.heartbeat_interval_ms.max(1));
         }
         for (o, _, _) in self.replica.expire(now) {
-            self.recompute_origin(&o);
+            self.recompute_origin(now, &o);
         }
         if self.cfg.snapshots {
             let retry = self.cfg.snapshot_retry_ms;
@@ -992,7 +992,14 @@ impl Node {
         }
     }
 
-    fn recompute_origin(&mut self, origin: &str) {
+    /// Every device of `origin` (its status changed). While a listing of the local Asterisk
+    /// is awaited, the whole re-apply pass stands in (it waits for the listing): pushed now,
+    /// the keys would be written before the listing says which of them Asterisk holds.
+    fn recompute_origin(&mut self, now: Millis, origin: &str) {
+        if self.listing_awaited(now) {
+            self.reapply_all();
+            return;
+        }
         for key in self.replica.table.device_keys_of(origin) {
             self.recompute_device(&key);
         }
@@ -1089,6 +1096,13 @@ impl Node {
         }
     }
 
+    /// Whether bulk re-applies wait for a listing asked of the local Asterisk (see
+    /// [`LISTING_WAIT_MS`]; a wall clock that went back does not stretch the wait).
+    fn listing_awaited(&self, now: Millis) -> bool {
+        self.listing_asked
+            .is_some_and(|t| now >= t && now.since(t) < LISTING_WAIT_MS)
+    }
+
     fn pump(&mut self, now: Millis) {
         if self.local_down {
             return;
@@ -1098,13 +1112,9 @@ impl Node {
                 self.actions
                     .push_back(Action::Apply(ApplyCmd { target, value }));
             }
-            // (A wall clock that went back does not stretch the wait.)
-            let listing_awaited = self
-                .listing_asked
-                .is_some_and(|t| now >= t && now.since(t) < LISTING_WAIT_MS);
             if self.reapply.is_none()
                 || self.apply.pending_len() >= REAPPLY_BATCH
-                || listing_awaited
+                || self.listing_awaited(now)
             {
                 break;
             }

@@ -775,6 +775,11 @@ fn a_reconnection_writes_only_what_the_listing_says_differs() {
     b.take_actions();
     b.local_listing_requested(Millis(20));
     b.on_local_restored(Millis(20));
+    // pbx-a starts a new epoch meanwhile: every device of it is recomputed.
+    b.on_remote(
+        Millis(30),
+        &Envelope::new("pbx-a", Epoch(2), 1, Body::Heartbeat { local_down: false }),
+    );
     b.tick(Millis(4_000));
     assert!(
         applies(&b.take_actions()).is_empty(),
