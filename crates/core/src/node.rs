@@ -28,9 +28,11 @@
 //! Snapshots are requested from every hub and every answer is merged; a hub that missed part
 //! of an origin's stream asks that origin to republish ([`Body::ResyncRequest`]), and the
 //! node republishes its last sent values plus its own still-winning presence writes (with
-//! their original timestamps, so the republish changes nothing where it is known). Known
-//! limits: a presence write that every hub missed and whose origin restarted before
-//! republishing it is lost (the others converge on the previous winner); a restarted node
+//! their original timestamps, so the republish changes nothing where it is known), and the
+//! still-winning writes of origins that restarted since (their new incarnation no longer
+//! knows them). Known limits: a presence write that every hub and every node missed and
+//! whose origin restarted before republishing it is lost (the others converge on the
+//! previous winner); a restarted node
 //! whose snapshot came from hubs that know nothing of a presentity yet (restarted themselves)
 //! publishes the copy it applied earlier as a new write (everyone converges on that copy).
 //!
@@ -858,7 +860,30 @@ impl Node {
             self.publish_update(now, k, v, ts);
         }
         self.republish_own_presence(now, false);
+        self.republish_orphaned_presence(now);
         self.publish(now, Body::FullSyncEnd { begin_seq: begin });
+    }
+
+    /// Republishes, with their original timestamps, the presence writes still winning here
+    /// whose origin has restarted since (a newer epoch is known): that origin no longer knows
+    /// them and will not republish them, and a hub that missed them (restarted meanwhile)
+    /// would otherwise keep an older winner, which the origin's new incarnation and the
+    /// nodes that missed them then converge on while this node keeps the newer one.
+    fn republish_orphaned_presence(&mut self, now: Millis) {
+        let origins = &self.replica.origins;
+        let orphaned: Vec<(String, Presence, HlcTimestamp)> = self
+            .replica
+            .table
+            .presence_entries()
+            .filter(|(_, w)| {
+                w.origin != self.cfg.origin
+                    && origins.get(&w.origin).is_some_and(|i| i.epoch > w.epoch)
+            })
+            .map(|(k, w)| (k.clone(), w.value.clone(), w.ts))
+            .collect();
+        for (k, p, ts) in orphaned {
+            self.publish_update(now, k, Value::Presence(p), ts);
+        }
     }
 
     fn flush_query(&mut self) {

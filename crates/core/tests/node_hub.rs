@@ -932,3 +932,49 @@ fn a_full_sync_partly_lost_withdraws_nothing_until_a_snapshot_closes_it() {
         ]
     );
 }
+
+/// A presence write whose origin restarted since (a newer epoch of it is known here) is
+/// republished, with its original timestamp, when a hub asks this node to republish: the
+/// origin's new incarnation no longer knows it, and a hub that missed it would keep an older
+/// winner. A write of an origin still in its epoch is left to that origin.
+#[test]
+fn orphaned_presence_writes_are_republished_for_the_hubs() {
+    let mut b = synced("pbx-b");
+    let presence = |origin: &str, epoch: u64, seq: u64, key: &str, wall: u64| {
+        Envelope::new(
+            origin,
+            Epoch(epoch),
+            seq,
+            Body::Update(Update {
+                key: key.into(),
+                value: Value::Presence(Presence::new(PresenceStatus::Away, "", "")),
+                ts: HlcTimestamp { wall, counter: 0 },
+            }),
+        )
+    };
+    b.on_remote(Millis(1), &presence("pbx-a", 1, 1, "CustomPresence:a", 50));
+    b.on_remote(Millis(1), &presence("pbx-c", 1, 1, "CustomPresence:c", 60));
+    // pbx-a restarts (epoch 2); pbx-c does not.
+    b.on_remote(
+        Millis(2),
+        &Envelope::new("pbx-a", Epoch(2), 1, Body::Heartbeat { local_down: false }),
+    );
+    b.take_actions();
+    b.on_remote(
+        Millis(3),
+        &Envelope::new(
+            "hub-1",
+            Epoch(1),
+            1,
+            Body::ResyncRequest {
+                origin: "pbx-b".into(),
+            },
+        ),
+    );
+    let republished: Vec<(String, u64)> = updates(&b.take_actions())
+        .iter()
+        .filter(|u| matches!(u.value, Value::Presence(_)))
+        .map(|u| (u.key.clone(), u.ts.wall))
+        .collect();
+    assert_eq!(republished, vec![("CustomPresence:a".to_owned(), 50)]);
+}
