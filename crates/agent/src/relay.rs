@@ -10,7 +10,8 @@
 //!   `hintfed_rejects_total`, except duplicates, which every second hub produces and which
 //!   only [`RelayCounters::rejects`] counts) → [`Node::on_remote`];
 //! - a tick ([`RelayConfig::tick`]) → [`Node::tick`], snapshot fallback, status and gauges;
-//! - `Setvar`s in flight, which it polls itself ([`Node::on_apply_result`]), and completions
+//! - `Setvar`s finished, taken in batches ([`Pbx::take_setvars`] →
+//!   [`Node::on_apply_result`]), and completions
 //!   of the work it spawned: full syncs ([`Node::on_local_full_sync`]) and local queries
 //!   (fed back as local events);
 //! - the number of reachable hubs (a hub link that comes back while no snapshot completed
@@ -20,9 +21,9 @@
 //! After each input it drains [`Node::take_actions`]: `Publish` → [`KeyRing::seal`] →
 //! [`FederationTransport::publish`] under [`Envelope::topic`]; `Request` →
 //! [`FederationTransport::request_snapshot`] (a different hub than the last one when several
-//! are up, so a dead hub does not hold the snapshot hostage); `Apply` → `Setvar`, a future
-//! the loop polls itself, no task per write (the node's apply queue bounds how many are in
-//! flight); `QueryLocal` → `Getvar` per
+//! are up, so a dead hub does not hold the snapshot hostage); `Apply` → `Setvar`
+//! ([`Pbx::start_setvar`] under a token, pipelined on the AMI connection: no future, task
+//! or channel per write; the node's apply queue bounds how many are in flight); `QueryLocal` → `Getvar` per
 //! device over AMI, or over res_zmq_manager (where `Getvar` crashes Asterisk) the state
 //! derived from `ExtensionStateList` for hints holding that device alone.
 //!
@@ -53,12 +54,10 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use std::future::Future;
-use std::pin::Pin;
 
-use futures::stream::FuturesUnordered;
-use futures::{FutureExt, StreamExt};
+use futures::StreamExt;
 use hintfed_asterisk::event::{extension_status_to_device_state, hint_devices};
+use hintfed_asterisk::pbx::SetvarDone;
 use hintfed_asterisk::{Pbx, PbxError, PbxEvent};
 use hintfed_core::{
     Action, Body, DeviceState, Envelope, KeyRing, Kind, Limits, LocalEvent, Millis, Node, Presence,
@@ -295,9 +294,59 @@ struct Written {
     result: Result<(), PbxError>,
 }
 
-/// `Setvar`s in flight, polled by the relay's own loop (no task per write: the AMI client
-/// routes each answer to its write, which wakes the relay directly).
-type Writes = FuturesUnordered<Pin<Box<dyn Future<Output = Written> + Send>>>;
+/// A `Setvar` in flight, under its token ([`Pbx::start_setvar`]).
+#[derive(Debug)]
+struct InFlight {
+    target: String,
+    kind: Kind,
+    started: Instant,
+}
+
+/// `Setvar`s in flight: each under a token (its slot's index) given to
+/// [`Pbx::start_setvar`], which reports the finished ones in batches ([`Pbx::take_setvars`]):
+/// no future, task or channel per write.
+#[derive(Debug, Default)]
+struct Writes {
+    slots: Vec<Option<InFlight>>,
+    /// Indexes of empty slots.
+    free: Vec<usize>,
+    len: usize,
+    /// Finished writes taken from the Pbx, reused between batches.
+    done: Vec<SetvarDone>,
+}
+
+impl Writes {
+    fn insert(&mut self, w: InFlight) -> u64 {
+        self.len += 1;
+        let i = match self.free.pop() {
+            Some(i) => {
+                self.slots[i] = Some(w);
+                i
+            }
+            None => {
+                self.slots.push(Some(w));
+                self.slots.len() - 1
+            }
+        };
+        i as u64
+    }
+
+    fn remove(&mut self, token: u64) -> Option<InFlight> {
+        let i = usize::try_from(token).ok()?;
+        let w = self.slots.get_mut(i)?.take()?;
+        self.free.push(i);
+        self.len -= 1;
+        Some(w)
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
 
 /// Work spawned by the relay, reporting back.
 #[derive(Debug)]
@@ -511,7 +560,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
             pbx_up: false,
             intake: Intake::default(),
             sync_retry_at: None,
-            writes: FuturesUnordered::new(),
+            writes: Writes::default(),
             write_retry_at: None,
             last_snapshot_hub: None,
             hubs: 0,
@@ -583,9 +632,9 @@ impl<T: FederationTransport + 'static> Relay<T> {
                         }
                     }
                 }
-                Some(w) = self.writes.next(), if !self.writes.is_empty() => {
-                    self.on_written(w);
-                    // Completions come in bursts (pipelined writes): free every slot first.
+                () = self.pbx.setvars_done(), if !self.writes.is_empty() => {
+                    // Completions come in bursts (pipelined writes): every finished one at
+                    // once, freeing their slots before new writes are made.
                     self.poll_writes();
                 }
                 Some(done) = self.done_rx.recv() => self.on_done(done),
@@ -607,9 +656,10 @@ impl<T: FederationTransport + 'static> Relay<T> {
     async fn drain_in_flight(&mut self) {
         let deadline = tokio::time::Instant::now() + self.cfg.drain_timeout;
         while !self.writes.is_empty() {
-            match tokio::time::timeout_at(deadline, self.writes.next()).await {
-                Ok(Some(w)) => self.on_written(w),
-                Ok(None) => break,
+            match tokio::time::timeout_at(deadline, self.pbx.setvars_done()).await {
+                Ok(()) => {
+                    self.poll_writes();
+                }
                 Err(_) => {
                     warn!(
                         in_flight = self.writes.len(),
@@ -956,38 +1006,52 @@ impl<T: FederationTransport + 'static> Relay<T> {
                     Action::Publish(env) => self.send(&env, true).await,
                     Action::Request(env) => self.request(&env).await,
                     Action::Apply(cmd) => {
-                        let pbx = self.pbx.clone();
-                        let kind = cmd.kind();
-                        let started = Instant::now();
-                        self.writes.push(Box::pin(async move {
-                            let result = pbx.setvar(&cmd.variable(), &cmd.setvar_value()).await;
-                            Written {
-                                target: cmd.target,
-                                kind,
-                                started,
-                                result,
-                            }
-                        }));
+                        let (variable, value) = (cmd.variable(), cmd.setvar_value());
+                        let token = self.writes.insert(InFlight {
+                            kind: cmd.kind(),
+                            target: cmd.target,
+                            started: Instant::now(),
+                        });
+                        self.pbx.start_setvar(token, &variable, &value);
                         wrote = true;
                     }
                     Action::QueryLocal(keys) => self.query(keys),
                 }
             }
-            // The writes run only when this loop polls them: hand the new ones to the AMI
-            // client now, and take any that already finished (which frees room for more).
+            // Writes that finished at once (Asterisk not reachable) free room for more.
             if !wrote || self.poll_writes() == 0 {
                 break;
             }
         }
     }
 
-    /// Polls the writes in flight once (without waiting); returns how many finished.
+    /// Takes the writes finished so far (without waiting); returns how many.
     fn poll_writes(&mut self) -> usize {
+        let mut done = std::mem::take(&mut self.writes.done);
+        self.pbx.take_setvars(&mut done);
         let mut n = 0;
-        while let Some(Some(w)) = self.writes.next().now_or_never() {
-            self.on_written(w);
+        for SetvarDone { token, result } in done.drain(..) {
+            let Some(InFlight {
+                target,
+                kind,
+                started,
+            }) = self.writes.remove(token)
+            else {
+                warn!(
+                    token,
+                    "a write finished twice, or one never started; ignored"
+                );
+                continue;
+            };
+            self.on_written(Written {
+                target,
+                kind,
+                started,
+                result,
+            });
             n += 1;
         }
+        self.writes.done = done;
         n
     }
 

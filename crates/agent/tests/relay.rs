@@ -911,3 +911,47 @@ async fn what_asterisk_already_holds_is_not_written_again() {
     assert_eq!(b.sim.getvar("DEVICE_STATE(Custom:PJSIP/held)"), "INUSE");
     stop([a, b]).await;
 }
+
+/// Shutdown while a window of writes is in flight: the relay waits for their answers
+/// (`drain_timeout`), so every `Setvar` Asterisk took is reported, once, as applied or failed.
+#[tokio::test(flavor = "current_thread")]
+async fn shutdown_waits_for_the_writes_in_flight_and_counts_each_once() {
+    const N: u64 = 20_000;
+    let (tx, mut requests) = mpsc::unbounded_channel();
+    let bus = Bus {
+        snapshot_requests: Some(tx),
+        ..Bus::default()
+    };
+    let filter = DeviceFilter::new(None, Some("^Custom:")).expect("filter");
+    let m = member_on(
+        sim("pbx-new").await,
+        &bus,
+        "pbx-new",
+        "k",
+        10_000,
+        filter,
+        512,
+    )
+    .await;
+    synced(&m).await;
+    let (mut hub, keys) = hub_asked(&mut requests, HubConfig::new("hub-1"), "PJSIP/d", N).await;
+    while let Some(HubAction::SendTo { envelope, .. }) = hub.next_snapshot_chunk() {
+        reply(&m, &keys, &envelope).await;
+    }
+    let h = m.handle.clone();
+    eventually("writing", || h.status().counters().applies_ok >= 1).await;
+    m.stop.cancel();
+    let Member {
+        sim, handle, task, ..
+    } = m;
+    task.await.expect("relay task");
+    let c = handle.status().counters();
+    let taken = sim.stats().setvar_total;
+    assert!((1..N).contains(&taken), "stopped while writing: {taken}");
+    assert_eq!(
+        c.applies_ok + c.applies_failed,
+        taken,
+        "each write Asterisk took reported once: {c:?}"
+    );
+    assert_eq!(c.applies_failed, 0, "{c:?}");
+}

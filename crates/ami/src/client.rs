@@ -42,6 +42,7 @@ use crate::actions;
 use crate::codec::{AmiCodec, CodecError, Frame, Limits};
 use crate::events::{ListComplete, Response, ResponseKind, starts_list};
 use crate::message::Message;
+use crate::writer::{self, SetvarWriter};
 
 /// A password that never shows in `Debug` or `Display` output (both print `****`).
 #[derive(Clone, PartialEq, Eq)]
@@ -450,6 +451,7 @@ pub struct AmiClient {
     stop: CancellationToken,
     task: Arc<Mutex<Option<JoinHandle<()>>>>,
     action_timeout: Duration,
+    writer: Arc<writer::Shared>,
 }
 
 impl AmiClient {
@@ -467,6 +469,7 @@ impl AmiClient {
         let stop = CancellationToken::new();
         let prefix = format!("hf{:08x}-", rand::rng().random::<u32>());
         let action_timeout = config.action_timeout;
+        let writer = writer::Shared::new(&prefix);
         let conn = Connection {
             config,
             requests: req_rx,
@@ -474,6 +477,7 @@ impl AmiClient {
             state: state_tx,
             stop: stop.clone(),
             ids: IdGen { prefix, next: 0 },
+            writer: Arc::clone(&writer),
         };
         let task = tokio::spawn(conn.run());
         Self {
@@ -484,7 +488,15 @@ impl AmiClient {
             stop,
             task: Arc::new(Mutex::new(Some(task))),
             action_timeout,
+            writer,
         }
+    }
+
+    /// A handle writing pipelined `Setvar`s through this client's connection without a
+    /// future per write; see [`SetvarWriter`]. Every handle of one client shares one queue of
+    /// completions: use one writer per client.
+    pub fn setvar_writer(&self) -> SetvarWriter {
+        SetvarWriter::new(Arc::clone(&self.writer))
     }
 
     /// Sends `action` and returns its response (also a `Response: Error` one: inspect it, e.g.
@@ -665,6 +677,8 @@ struct Connection {
     state: watch::Sender<ConnectionState>,
     stop: CancellationToken,
     ids: IdGen,
+    /// Writes of the [`SetvarWriter`]s.
+    writer: Arc<writer::Shared>,
 }
 
 /// ActionIDs of one client: a random per-client prefix and a counter.
@@ -704,6 +718,7 @@ impl Connection {
                     auth_streak = false;
                     let session_start = Instant::now();
                     info!(generation, %banner, "AMI logged in");
+                    self.writer.open();
                     self.state.send_replace(ConnectionState::Connected {
                         generation,
                         banner: banner.clone(),
@@ -775,6 +790,8 @@ impl Connection {
         while let Ok(req) = self.requests.try_recv() {
             req.fail(ClientError::Shutdown);
         }
+        self.writer
+            .close(&ClientError::Shutdown, ClientError::Shutdown);
         self.state.send_replace(ConnectionState::Stopped);
         info!("AMI client stopped");
     }
@@ -945,6 +962,7 @@ impl Connection {
                             n += 1;
                         }
                         if r.is_ok() {
+                            self.writer.take_out(conn.write_buffer_mut(), MAX_BATCH);
                             r = self.flush(&mut conn).await;
                         }
                         if let Err(reason) = r {
@@ -952,6 +970,21 @@ impl Connection {
                         }
                     }
                 },
+                () = self.writer.to_write() => {
+                    // The writes queued since the last flush, up to a batch, in one flush.
+                    let (n, more) = self.writer.take_out(conn.write_buffer_mut(), MAX_BATCH);
+                    if n > 0
+                        && let Err(reason) = self.flush(&mut conn).await
+                    {
+                        break End::Lost(reason);
+                    }
+                    if more {
+                        // Let the readers of what the written ones bring back (answers,
+                        // and each Setvar's event) run before the next batch: writes that
+                        // outrun their events overflow the subscribers' queues.
+                        tokio::task::yield_now().await;
+                    }
+                }
                 _ = ping_tick.tick(), if ping.is_none() => {
                     let id = self.ids.next();
                     let mut msg = actions::ping();
@@ -961,7 +994,10 @@ impl Connection {
                         break End::Lost(e);
                     }
                 }
-                _ = sweep.tick() => pending.retain(|_, p| !p.is_closed()),
+                _ = sweep.tick() => {
+                    pending.retain(|_, p| !p.is_closed());
+                    self.writer.expire(Instant::now(), self.config.action_timeout);
+                }
             }
         };
         let err = match &end {
@@ -970,6 +1006,11 @@ impl Connection {
                 reason: reason.clone(),
             },
         };
+        let closed = match &end {
+            End::Stop => ClientError::Shutdown,
+            End::Lost(_) => ClientError::NotConnected,
+        };
+        self.writer.close(&err, closed);
         for (_, p) in pending.drain() {
             p.fail(err.clone());
         }
@@ -1075,6 +1116,12 @@ impl Connection {
             debug!(message = ?m, "AMI message without ActionID ignored");
             return;
         };
+        if let Some(seq) = self.writer.seq_of(id) {
+            if !self.writer.answer(seq, &m) {
+                debug!(action_id = %id, "AMI answer to no pending write (expired?)");
+            }
+            return;
+        }
         if ping.as_ref().is_some_and(|(pid, _)| pid == id) {
             *ping = None;
             return;

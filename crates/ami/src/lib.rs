@@ -13,10 +13,14 @@
 //! - [`client`]: [`AmiClient`], a cloneable handle to one task that owns the socket: it logs
 //!   in, correlates answers by `ActionID`, collects list actions into a [`ListResult`], pings,
 //!   reconnects with backoff, and broadcasts [`ClientEvent`]s to [`Subscription`]s.
+//! - [`writer`]: [`SetvarWriter`], pipelined `Setvar`s encoded straight into a buffer the
+//!   client's task writes, each answer reported as a [`WriteDone`] in a queue the caller
+//!   drains in batches (no future, channel or message per write).
 //!
 //! Bytes flow socket → [`AmiCodec`] → [`Message`] → the [`AmiClient`] task, which answers
 //! callers (responses, list results) and broadcasts events; typed views read those messages.
-//! Actions built with [`actions`] flow the other way.
+//! Actions built with [`actions`] flow the other way; a [`SetvarWriter`]'s bytes join them
+//! in the task's write buffer, and the task matches their answers back to [`WriteDone`]s.
 #![forbid(unsafe_code)]
 
 pub mod actions;
@@ -24,6 +28,7 @@ pub mod client;
 pub mod codec;
 pub mod events;
 pub mod message;
+pub mod writer;
 
 pub use client::{
     AmiClient, Auth, ClientConfig, ClientError, ClientEvent, ConnectionState, ListResult, Secret,
@@ -35,3 +40,4 @@ pub use events::{
     PresenceStatus, Response, ResponseKind,
 };
 pub use message::{Headers, Message};
+pub use writer::{SetvarWriter, WriteDone, WriteError};

@@ -816,3 +816,187 @@ async fn a_burst_of_pipelined_actions_is_written_whole_and_each_answered() {
     }
     client.shutdown().await;
 }
+
+/// Takes completions from `w` until `n` arrived (failing after `PATIENCE`).
+async fn take_n(w: &hintfed_ami::SetvarWriter, n: usize) -> Vec<hintfed_ami::WriteDone> {
+    let mut got = Vec::new();
+    timeout(PATIENCE, async {
+        while got.len() < n {
+            w.completed().await;
+            w.take(&mut got);
+        }
+    })
+    .await
+    .expect("completions in time");
+    got
+}
+
+#[tokio::test]
+async fn setvar_writer_matches_answers_out_of_order_and_reports_refusals() {
+    use hintfed_ami::WriteError;
+    let server = FakeServer::bind().await;
+    let client = AmiClient::start(server.config());
+    let mut peer = server.accept_logged_in().await;
+    assert!(client.wait_connected(PATIENCE).await);
+    let w = client.setvar_writer();
+    for t in 0..10u64 {
+        w.setvar(100 + t, &format!("DEVICE_STATE(Custom:{t})"), "INUSE");
+    }
+    let mut sent = Vec::new();
+    for _ in 0..10 {
+        let m = peer.recv_action().await;
+        assert_eq!(m.action_name(), Some("Setvar"));
+        assert_eq!(m.get("Value"), Some("INUSE"));
+        sent.push(m);
+    }
+    let ids: std::collections::HashSet<&str> =
+        sent.iter().map(|m| m.action_id().expect("id")).collect();
+    assert_eq!(ids.len(), 10, "an ActionID per write");
+    // An answer to nobody, then the answers in reverse order; the 4th write is refused.
+    peer.send(
+        Message::new()
+            .with("Response", "Success")
+            .with("ActionID", "nobody"),
+    )
+    .await;
+    for m in sent.iter().rev() {
+        let refused = m.get("Variable") == Some("DEVICE_STATE(Custom:3)");
+        let answer = if refused {
+            reply(m, "Error").with("Message", "Invalid variable")
+        } else {
+            reply(m, "Success").with("Message", "Variable Set")
+        };
+        peer.send(answer).await;
+    }
+    let got = take_n(&w, 10).await;
+    let tokens: Vec<u64> = got.iter().map(|d| d.token).collect();
+    assert_eq!(
+        tokens,
+        (100..110).rev().collect::<Vec<_>>(),
+        "in answer order"
+    );
+    for d in &got {
+        match (&d.result, d.token) {
+            (Err(WriteError::Refused(msg)), 103) => assert_eq!(msg, "Invalid variable"),
+            (Ok(()), t) if t != 103 => {}
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(w.in_flight(), 0);
+    // Nothing else comes.
+    let mut more = Vec::new();
+    assert_eq!(w.take(&mut more), 0);
+    client.shutdown().await;
+}
+
+#[tokio::test]
+async fn setvar_writer_fails_writes_in_flight_when_the_connection_drops() {
+    let server = FakeServer::bind().await;
+    let client = AmiClient::start(server.config());
+    let mut peer = server.accept_logged_in().await;
+    assert!(client.wait_connected(PATIENCE).await);
+    let w = client.setvar_writer();
+    for t in 0..5u64 {
+        w.setvar(t, "DEVICE_STATE(Custom:x)", "BUSY");
+    }
+    let first = peer.recv_action().await;
+    for _ in 1..5 {
+        peer.recv_action().await;
+    }
+    peer.send(reply(&first, "Success")).await;
+    drop(peer); // The server vanishes with four writes unanswered.
+    let mut got = take_n(&w, 5).await;
+    got.sort_by_key(|d| d.token);
+    assert!(got[0].result.is_ok(), "{:?}", got[0]);
+    for d in &got[1..] {
+        assert!(
+            matches!(
+                d.result,
+                Err(hintfed_ami::WriteError::Client(
+                    ClientError::Disconnected { .. }
+                ))
+            ),
+            "{d:?}"
+        );
+    }
+    // Not logged in (the server has not accepted again): a write fails at once.
+    wait_state(&client, |s| !matches!(s, ConnectionState::Connected { .. })).await;
+    w.setvar(50, "DEVICE_STATE(Custom:x)", "BUSY");
+    let got = take_n(&w, 1).await;
+    assert!(
+        matches!(
+            got[0].result,
+            Err(hintfed_ami::WriteError::Client(ClientError::NotConnected))
+        ),
+        "{got:?}"
+    );
+    // Back: writes go through again.
+    let mut peer = server.accept_logged_in().await;
+    assert!(client.wait_connected(PATIENCE).await);
+    w.setvar(60, "DEVICE_STATE(Custom:x)", "BUSY");
+    let m = peer.recv_action().await;
+    peer.send(reply(&m, "Success")).await;
+    let got = take_n(&w, 1).await;
+    assert_eq!(got[0].token, 60);
+    assert!(got[0].result.is_ok());
+    client.shutdown().await;
+}
+
+#[tokio::test]
+async fn setvar_writer_reports_every_write_of_a_pipelined_burst_once() {
+    // Thousands of writes queued at once, each answered (with its event, as Asterisk sends)
+    // while more arrive: every completion arrives, once, with its own token.
+    const N: u64 = 5000;
+    let server = FakeServer::bind().await;
+    let client = AmiClient::start(server.config());
+    let mut sub = client.subscribe();
+    let mut peer = server.accept_logged_in().await;
+    assert!(client.wait_connected(PATIENCE).await);
+    let w = client.setvar_writer();
+    let answering = tokio::spawn(async move {
+        let mut vars = Vec::new();
+        for _ in 0..N {
+            let m = peer.recv_action().await;
+            let var = m.get("Variable").expect("variable").to_owned();
+            peer.send(reply(&m, "Success").with("Message", "Variable Set"))
+                .await;
+            peer.send(device_event(&var, "INUSE")).await;
+            vars.push(var);
+        }
+        (peer, vars)
+    });
+    let drain_events = tokio::spawn(async move {
+        let mut n = 0u64;
+        while n < N {
+            match sub.recv().await {
+                Ok(ClientEvent::Event(_)) => n += 1,
+                Ok(_) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(n)
+    });
+    for t in 0..N {
+        w.setvar(t, &format!("DEVICE_STATE(Custom:{t})"), "INUSE");
+    }
+    let got = take_n(&w, N as usize).await;
+    let mut tokens: Vec<u64> = got.iter().map(|d| d.token).collect();
+    assert!(got.iter().all(|d| d.result.is_ok()));
+    tokens.sort_unstable();
+    assert_eq!(
+        tokens,
+        (0..N).collect::<Vec<_>>(),
+        "each write reported once"
+    );
+    let (_peer, mut vars) = answering.await.expect("server");
+    vars.sort();
+    vars.dedup();
+    assert_eq!(vars.len() as u64, N, "each write sent once");
+    let events = timeout(PATIENCE, drain_events)
+        .await
+        .expect("events in time")
+        .expect("join");
+    assert_eq!(events.expect("no events lost"), N);
+    assert_eq!(w.in_flight(), 0);
+    client.shutdown().await;
+}

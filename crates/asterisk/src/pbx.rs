@@ -7,10 +7,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use hintfed_ami::{
     AmiClient, ClientConfig, ClientError, ClientEvent, DeviceStateChange, ExtensionStatus, Message,
-    PresenceStateChange, Response, actions,
+    PresenceStateChange, Response, SetvarWriter, WriteDone, WriteError, actions,
 };
 use hintfed_transport::{LinkStatus, ReqClient, ReqClientConfig, SubClient, SubClientConfig};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{Notify, broadcast, mpsc};
 use tracing::{debug, info, warn};
 
 use crate::event::{HintItem, PbxEvent, PresenceItem, classify};
@@ -106,11 +106,71 @@ enum Actions {
     Zmq(ReqClient),
 }
 
+/// A `Setvar` started with [`Pbx::start_setvar`], finished.
+#[derive(Debug)]
+pub struct SetvarDone {
+    /// The token given to [`Pbx::start_setvar`].
+    pub token: u64,
+    /// As [`Pbx::setvar`] would have answered.
+    pub result: Result<(), PbxError>,
+}
+
+/// Where [`Pbx::start_setvar`] writes go.
+#[derive(Debug, Clone)]
+enum Writes {
+    /// Pipelined on the AMI connection, answers matched by `ActionID`.
+    Ami(SetvarWriter),
+    /// Over res_zmq_manager: a task per write (the REQ link serves one at a time anyway).
+    Zmq(Arc<ZmqDone>),
+}
+
+/// Finished writes over res_zmq_manager.
+#[derive(Debug, Default)]
+struct ZmqDone {
+    done: Mutex<Vec<SetvarDone>>,
+    notify: Notify,
+}
+
+impl ZmqDone {
+    fn push(&self, d: SetvarDone) {
+        self.done
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(d);
+        self.notify.notify_one();
+    }
+
+    fn take(&self, into: &mut Vec<SetvarDone>) -> usize {
+        let mut done = self.done.lock().unwrap_or_else(PoisonError::into_inner);
+        let n = done.len();
+        into.append(&mut done);
+        n
+    }
+
+    async fn completed(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self
+                .done
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .is_empty()
+            {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
 /// Handle to one Asterisk: cheap to clone. Events arrive on the receiver given by
 /// [`Pbx::start`]; dropping every handle and the receiver stops the background tasks.
 #[derive(Debug, Clone)]
 pub struct Pbx {
     actions: Actions,
+    writes: Writes,
     up: Arc<AtomicBool>,
     // Kept so the event clients live as long as the handle.
     _events_ami: Option<AmiClient>,
@@ -162,7 +222,7 @@ impl Pbx {
         let mut events_zmq = None;
         #[cfg(feature = "kafka")]
         let mut events_kafka = None;
-        let actions = match &config.actions {
+        let (actions, writes) = match &config.actions {
             ActionsVia::Ami(actions_cfg) => {
                 let shared =
                     matches!(&config.events, EventsVia::Ami(e) if same_ami(e, actions_cfg));
@@ -179,7 +239,8 @@ impl Pbx {
                     shared,
                     true,
                 ));
-                Actions::Ami(client)
+                let writer = client.setvar_writer();
+                (Actions::Ami(client), Writes::Ami(writer))
             }
             ActionsVia::Zmq(req_cfg) => {
                 let req = ReqClient::connect(req_cfg.clone())
@@ -189,7 +250,7 @@ impl Pbx {
                     Arc::clone(&signals),
                     config.zmq_ping_interval,
                 ));
-                Actions::Zmq(req)
+                (Actions::Zmq(req), Writes::Zmq(Arc::default()))
             }
         };
         match &config.events {
@@ -228,6 +289,7 @@ impl Pbx {
         Ok((
             Self {
                 actions,
+                writes,
                 up,
                 _events_ami: events_ami,
                 _events_zmq: events_zmq,
@@ -311,6 +373,55 @@ impl Pbx {
         self.request(actions::setvar(variable, value))
             .await
             .map(drop)
+    }
+
+    /// Starts `Setvar variable=value` without waiting: its outcome is reported once, as a
+    /// [`SetvarDone`] carrying `token`, by [`Pbx::take_setvars`] (wait with
+    /// [`Pbx::setvars_done`]). Over AMI the writes are pipelined on the connection with no
+    /// future, channel or message per write (see [`SetvarWriter`]); over res_zmq_manager each
+    /// runs as [`Pbx::setvar`] in a task. Failures are as [`Pbx::setvar`]'s; a write started
+    /// while Asterisk is not reachable is reported failed at once.
+    pub fn start_setvar(&self, token: u64, variable: &str, value: &str) {
+        match &self.writes {
+            Writes::Ami(w) => w.setvar(token, variable, value),
+            Writes::Zmq(done) => {
+                let pbx = self.clone();
+                let done = Arc::clone(done);
+                let action = actions::setvar(variable, value);
+                tokio::spawn(async move {
+                    let result = pbx.request(action).await.map(drop);
+                    done.push(SetvarDone { token, result });
+                });
+            }
+        }
+    }
+
+    /// Moves the writes of [`Pbx::start_setvar`] finished so far into `into` (appended);
+    /// returns how many.
+    pub fn take_setvars(&self, into: &mut Vec<SetvarDone>) -> usize {
+        match &self.writes {
+            Writes::Ami(w) => {
+                let mut done = Vec::new();
+                let n = w.take(&mut done);
+                into.extend(
+                    done.into_iter()
+                        .map(|WriteDone { token, result }| SetvarDone {
+                            token,
+                            result: result.map_err(write_error),
+                        }),
+                );
+                n
+            }
+            Writes::Zmq(done) => done.take(into),
+        }
+    }
+
+    /// Waits until [`Pbx::take_setvars`] has something to take.
+    pub async fn setvars_done(&self) {
+        match &self.writes {
+            Writes::Ami(w) => w.completed().await,
+            Writes::Zmq(done) => done.completed().await,
+        }
     }
 
     /// `DeviceStateList`: the device states Asterisk holds in its cache.
@@ -451,6 +562,18 @@ fn client_error(action: &str, e: ClientError) -> PbxError {
             action: action.to_owned(),
             detail: other.to_string(),
         },
+    }
+}
+
+/// A failed write of a [`SetvarWriter`] as the Pbx reports it.
+fn write_error(e: WriteError) -> PbxError {
+    match e {
+        WriteError::Refused(message) => PbxError::Refused {
+            action: "Setvar".to_owned(),
+            message,
+        },
+        WriteError::Malformed(d) => PbxError::Malformed(format!("Setvar answered {d}")),
+        WriteError::Client(e) => client_error("Setvar", e),
     }
 }
 

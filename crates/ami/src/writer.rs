@@ -1,0 +1,466 @@
+//! [`SetvarWriter`]: pipelined `Setvar`s without a future, a channel or a message per write.
+//!
+//! [`AmiClient::send`](crate::AmiClient::send) costs, per action, a [`Message`], an `ActionID`
+//! string, a oneshot channel, a slot in the request channel, an entry keyed by that string and
+//! a future for the caller to poll. A relay that writes tens of thousands of `Setvar`s a second
+//! pays that for each. A [`SetvarWriter`] (from
+//! [`AmiClient::setvar_writer`](crate::AmiClient::setvar_writer)) instead encodes each
+//! `Setvar` at once into a buffer shared with the connection task, under a numbered `ActionID`
+//! (the client's prefix, `w`, a sequence number), and records `(sequence, token)` in a queue in
+//! sending order. The connection task writes the whole buffer with one flush when woken, matches
+//! each answer to its write by the number in its `ActionID` (in any order), and reports every
+//! write once as a [`WriteDone`] carrying the caller's token: `Response: Success` is `Ok`,
+//! anything else, no answer within `action_timeout`, or a connection lost first is an `Err`.
+//! The caller takes the completions in batches ([`SetvarWriter::take`]) when
+//! [`SetvarWriter::completed`] wakes it.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use bytes::{BufMut, BytesMut};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::client::ClientError;
+use crate::message::Message;
+
+/// Why a write of a [`SetvarWriter`] failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriteError {
+    /// Asterisk answered `Response: Error` (its `Message` here).
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The answer was not a `Response` (the message as read).
+    #[error("unreadable answer: {0}")]
+    Malformed(String),
+    /// Not written, or not answered: not connected, invalid, timed out, connection lost.
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+/// One write of a [`SetvarWriter`], finished.
+#[derive(Debug, Clone)]
+pub struct WriteDone {
+    /// The token given to [`SetvarWriter::setvar`].
+    pub token: u64,
+    /// `Ok` when Asterisk answered `Response: Success`.
+    pub result: Result<(), WriteError>,
+}
+
+/// A write sent (or buffered to send) and not answered yet.
+#[derive(Debug)]
+struct Slot {
+    token: u64,
+    at: Instant,
+    /// Still waits for its answer (false: answered out of order, kept until the older ones
+    /// are answered).
+    open: bool,
+}
+
+#[derive(Debug)]
+struct State {
+    /// A session serves writes.
+    live: bool,
+    /// What a write fails with while not live.
+    closed: ClientError,
+    /// Encoded writes the connection task has not taken yet.
+    out: BytesMut,
+    /// The length of each write in `out`, in order.
+    out_lens: VecDeque<usize>,
+    /// Sequence number of `slots[0]`.
+    base: u64,
+    /// Sequence number of the next write.
+    next: u64,
+    /// Writes of this session not yet reported, in sending order.
+    slots: VecDeque<Slot>,
+    /// Finished writes the caller has not taken.
+    done: Vec<WriteDone>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// `ActionID` prefix of writes: the client's prefix and `w`.
+    prefix: String,
+    state: Mutex<State>,
+    /// Wakes the connection task: `out` holds bytes.
+    to_conn: Notify,
+    /// Wakes the caller: `done` holds completions.
+    to_caller: Notify,
+}
+
+/// Cloneable handle writing `Setvar`s through one [`AmiClient`](crate::AmiClient); see the
+/// module docs.
+#[derive(Debug, Clone)]
+pub struct SetvarWriter {
+    shared: Arc<Shared>,
+}
+
+impl SetvarWriter {
+    pub(crate) fn new(shared: Arc<Shared>) -> Self {
+        Self { shared }
+    }
+
+    /// Queues `Setvar variable=value`, reported later as a [`WriteDone`] with `token`. Never
+    /// waits: while not logged in (or with CR/LF in the variable or value) the write is
+    /// reported failed at once, through [`SetvarWriter::take`] like any other.
+    pub fn setvar(&self, token: u64, variable: &str, value: &str) {
+        if variable.contains(['\r', '\n']) || value.contains(['\r', '\n']) {
+            let err = ClientError::InvalidAction("Setvar variable or value holds CR or LF".into());
+            self.shared.finish(WriteDone {
+                token,
+                result: Err(err.into()),
+            });
+            return;
+        }
+        let mut st = self.shared.lock();
+        if !st.live {
+            let result = Err(st.closed.clone().into());
+            st.push_done(&self.shared, WriteDone { token, result });
+            return;
+        }
+        let was_empty = st.out.is_empty();
+        let seq = st.next;
+        st.next += 1;
+        let prefix = &self.shared.prefix;
+        let out = &mut st.out;
+        let start = out.len();
+        out.reserve(64 + prefix.len() + variable.len() + value.len());
+        out.put_slice(b"Action: Setvar\r\nActionID: ");
+        out.put_slice(prefix.as_bytes());
+        put_decimal(out, seq);
+        out.put_slice(b"\r\nVariable: ");
+        out.put_slice(variable.as_bytes());
+        out.put_slice(b"\r\nValue: ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n\r\n");
+        let len = out.len() - start;
+        st.out_lens.push_back(len);
+        st.slots.push_back(Slot {
+            token,
+            at: Instant::now(),
+            open: true,
+        });
+        drop(st);
+        if was_empty {
+            self.shared.to_conn.notify_one();
+        }
+    }
+
+    /// Moves every finished write into `into` (appended); returns how many.
+    pub fn take(&self, into: &mut Vec<WriteDone>) -> usize {
+        let mut st = self.shared.lock();
+        let n = st.done.len();
+        into.append(&mut st.done);
+        n
+    }
+
+    /// Waits until at least one finished write can be taken.
+    pub async fn completed(&self) {
+        loop {
+            let notified = self.shared.to_caller.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.shared.lock().done.is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Writes queued or sent and not yet reported.
+    pub fn in_flight(&self) -> usize {
+        self.shared.lock().slots.iter().filter(|s| s.open).count()
+    }
+}
+
+/// Appends `n` in decimal.
+fn put_decimal(out: &mut BytesMut, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        // n % 10 < 10: the cast cannot truncate.
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.put_slice(&digits[i..]);
+}
+
+impl State {
+    fn push_done(&mut self, shared: &Shared, done: WriteDone) {
+        let was_empty = self.done.is_empty();
+        self.done.push(done);
+        if was_empty {
+            shared.to_caller.notify_one();
+        }
+    }
+
+    /// Drops answered (and expired) slots off the front.
+    fn trim(&mut self) {
+        while self.slots.front().is_some_and(|s| !s.open) {
+            self.slots.pop_front();
+            self.base += 1;
+        }
+    }
+
+    /// Fails every write not yet reported and forgets the unsent bytes.
+    fn fail_all(&mut self, shared: &Shared, err: &ClientError) {
+        let was_empty = self.done.is_empty();
+        for s in self.slots.drain(..) {
+            if s.open {
+                self.done.push(WriteDone {
+                    token: s.token,
+                    result: Err(err.clone().into()),
+                });
+            }
+        }
+        self.base = self.next;
+        self.out.clear();
+        self.out_lens.clear();
+        if was_empty && !self.done.is_empty() {
+            shared.to_caller.notify_one();
+        }
+    }
+}
+
+impl Shared {
+    pub(crate) fn new(prefix: &str) -> Arc<Self> {
+        Arc::new(Self {
+            prefix: format!("{prefix}w"),
+            state: Mutex::new(State {
+                live: false,
+                closed: ClientError::NotConnected,
+                out: BytesMut::new(),
+                out_lens: VecDeque::new(),
+                base: 0,
+                next: 0,
+                slots: VecDeque::new(),
+                done: Vec::new(),
+            }),
+            to_conn: Notify::new(),
+            to_caller: Notify::new(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn finish(&self, done: WriteDone) {
+        self.lock().push_done(self, done);
+    }
+
+    /// A session starts serving writes.
+    pub(crate) fn open(&self) {
+        let mut st = self.lock();
+        st.live = true;
+        st.out.clear();
+        st.out_lens.clear();
+        st.slots.clear();
+        st.base = st.next;
+    }
+
+    /// The session ended (`err`: what its writes fail with); writes fail with `closed` until
+    /// the next [`Shared::open`].
+    pub(crate) fn close(&self, err: &ClientError, closed: ClientError) {
+        let mut st = self.lock();
+        st.live = false;
+        st.closed = closed;
+        st.fail_all(self, err);
+    }
+
+    /// Waits until writes are buffered for the connection.
+    pub(crate) async fn to_write(&self) {
+        self.to_conn.notified().await;
+    }
+
+    /// Appends up to `max` buffered writes to `dst`; returns how many, and whether more
+    /// wait (the connection is woken again for them).
+    pub(crate) fn take_out(&self, dst: &mut BytesMut, max: usize) -> (usize, bool) {
+        let mut st = self.lock();
+        let n = st.out_lens.len().min(max);
+        let bytes: usize = st.out_lens.drain(..n).sum();
+        dst.extend_from_slice(&st.out.split_to(bytes));
+        let more = !st.out_lens.is_empty();
+        if !more {
+            // Keeps the buffer's capacity (split_to moved the front away).
+            st.out.clear();
+        }
+        drop(st);
+        if more {
+            self.to_conn.notify_one();
+        }
+        (n, more)
+    }
+
+    /// The sequence number in `action_id` when it names a write of this client.
+    pub(crate) fn seq_of(&self, action_id: &str) -> Option<u64> {
+        action_id.strip_prefix(self.prefix.as_str())?.parse().ok()
+    }
+
+    /// Reports the write numbered `seq` answered by `m`; false when no such write waits
+    /// (already expired, or not ours).
+    pub(crate) fn answer(&self, seq: u64, m: &Message) -> bool {
+        let mut st = self.lock();
+        let Some(idx) = seq
+            .checked_sub(st.base)
+            .and_then(|i| usize::try_from(i).ok())
+        else {
+            return false;
+        };
+        let Some(slot) = st.slots.get_mut(idx).filter(|s| s.open) else {
+            return false;
+        };
+        slot.open = false;
+        let token = slot.token;
+        let result = match m.response() {
+            Some(r) if r.eq_ignore_ascii_case("success") => Ok(()),
+            Some(r) if r.eq_ignore_ascii_case("error") => Err(WriteError::Refused(
+                m.get("Message").unwrap_or("").to_owned(),
+            )),
+            _ => Err(WriteError::Malformed(format!("{m:?}"))),
+        };
+        st.push_done(self, WriteDone { token, result });
+        st.trim();
+        true
+    }
+
+    /// Fails the writes unanswered for `after` (as of `now`).
+    pub(crate) fn expire(&self, now: Instant, after: Duration) {
+        let mut st = self.lock();
+        let mut i = 0;
+        while let Some(s) = st.slots.get(i) {
+            if s.at + after > now {
+                break;
+            }
+            if s.open {
+                let token = s.token;
+                st.slots[i].open = false;
+                let err = ClientError::Timeout {
+                    action: "Setvar".to_owned(),
+                    after,
+                };
+                st.push_done(
+                    self,
+                    WriteDone {
+                        token,
+                        result: Err(err.into()),
+                    },
+                );
+            }
+            i += 1;
+        }
+        st.trim();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal() {
+        for n in [0u64, 7, 10, 12345, u64::MAX] {
+            let mut b = BytesMut::new();
+            put_decimal(&mut b, n);
+            assert_eq!(&b[..], n.to_string().as_bytes());
+        }
+    }
+
+    #[tokio::test]
+    async fn answers_out_of_order_expiry_and_loss() {
+        let shared = Shared::new("hf1-");
+        let w = SetvarWriter::new(Arc::clone(&shared));
+        let mut got = Vec::new();
+        // Not live: fails at once.
+        w.setvar(1, "V", "x");
+        w.completed().await;
+        assert_eq!(w.take(&mut got), 1);
+        assert!(matches!(
+            got[0].result,
+            Err(WriteError::Client(ClientError::NotConnected))
+        ));
+        got.clear();
+
+        shared.open();
+        for t in 10..14 {
+            w.setvar(t, "DEVICE_STATE(Custom:a)", "INUSE");
+        }
+        let mut out = BytesMut::new();
+        assert_eq!(shared.take_out(&mut out, 3), (3, true));
+        assert_eq!(shared.take_out(&mut out, 3), (1, false));
+        let text = String::from_utf8(out.to_vec()).expect("utf8");
+        assert_eq!(text.matches("Action: Setvar\r\n").count(), 4);
+        assert!(text.contains(
+            "ActionID: hf1-w3\r\nVariable: DEVICE_STATE(Custom:a)\r\nValue: INUSE\r\n\r\n"
+        ));
+        let ok = Message::new().with("Response", "Success");
+        let bad = Message::new()
+            .with("Response", "Error")
+            .with("Message", "No");
+        assert_eq!(shared.seq_of("hf1-w2"), Some(2));
+        assert_eq!(shared.seq_of("hf1-2"), None);
+        assert!(shared.answer(2, &bad));
+        assert!(shared.answer(0, &ok));
+        assert!(!shared.answer(0, &ok), "answered once");
+        assert_eq!(w.in_flight(), 2);
+        // Seq 1 and 3 expire; their late answers are ignored.
+        shared.expire(
+            Instant::now() + Duration::from_secs(60),
+            Duration::from_secs(10),
+        );
+        assert!(!shared.answer(1, &ok));
+        w.take(&mut got);
+        let r: Vec<(u64, &str)> = got
+            .iter()
+            .map(|d| {
+                let k = match &d.result {
+                    Ok(()) => "ok",
+                    Err(WriteError::Refused(_)) => "refused",
+                    Err(WriteError::Client(ClientError::Timeout { .. })) => "timeout",
+                    Err(_) => "other",
+                };
+                (d.token, k)
+            })
+            .collect();
+        assert_eq!(
+            r,
+            vec![
+                (12, "refused"),
+                (10, "ok"),
+                (11, "timeout"),
+                (13, "timeout")
+            ]
+        );
+        got.clear();
+
+        w.setvar(20, "V", "1");
+        w.setvar(21, "V", "bad\r\nAction: Logoff");
+        shared.close(
+            &ClientError::Disconnected {
+                reason: "gone".into(),
+            },
+            ClientError::NotConnected,
+        );
+        w.take(&mut got);
+        assert_eq!(got.len(), 2);
+        assert!(matches!(
+            got[0].result,
+            Err(WriteError::Client(ClientError::InvalidAction(_)))
+        ));
+        assert!(matches!(
+            got[1].result,
+            Err(WriteError::Client(ClientError::Disconnected { .. }))
+        ));
+        let mut out = BytesMut::new();
+        assert_eq!(
+            shared.take_out(&mut out, 8),
+            (0, false),
+            "unsent bytes dropped"
+        );
+    }
+}
