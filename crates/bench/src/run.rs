@@ -411,6 +411,34 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
+    if let Some((server, origin, phone)) = &conv.first {
+        // What the daemons' tables say of the first mismatch (`/api/state` rows).
+        let mut views = vec![
+            (names[*server].clone(), agents[*server].1.clone()),
+            (names[*origin].clone(), agents[*origin].1.clone()),
+        ];
+        views.extend(
+            hubs.iter()
+                .enumerate()
+                .map(|(i, (_, h))| (format!("hub-{i}"), h.clone())),
+        );
+        for (who, http) in views {
+            let body = procs::http_get(&http, "/api/state").await;
+            let row = serde_json::from_str::<serde_json::Value>(&body)
+                .ok()
+                .and_then(|v| {
+                    v["devices"]
+                        .as_array()?
+                        .iter()
+                        .find(|d| d["key"].as_str() == Some(phone.as_str()))
+                        .cloned()
+                });
+            eprintln!(
+                "mismatch {phone}: {who}'s table: {}",
+                row.unwrap_or_default()
+            );
+        }
+    }
     let after: Vec<Usage> = daemons
         .iter()
         .map(|(_, p)| procs::usage(*p, tck).unwrap_or_default())
@@ -493,6 +521,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
         "daemons": daemon_json,
         "convergence": {"checked": conv.checked, "mismatches": conv.mismatches,
                         "converged": conv.mismatches == 0, "example": conv.example,
+                        "by_server_and_origin": conv.by_pair,
                         "after_load_s": converged_after},
         "logs": dir.display().to_string(),
     });
@@ -618,6 +647,10 @@ struct Convergence {
     mismatches: u64,
     /// One mismatch, for the report.
     example: Option<String>,
+    /// Mismatches by server and origin (`pbx-0 <- pbx-8`).
+    by_pair: BTreeMap<String, u64>,
+    /// The first mismatch: server, origin (indexes) and phone.
+    first: Option<(usize, usize, String)>,
 }
 
 /// Lists every server's device states (`probes`, by server) and compares each phone's
@@ -633,6 +666,8 @@ async fn convergence(
         checked: 0,
         mismatches: 0,
         example: None,
+        by_pair: BTreeMap::new(),
+        first: None,
     };
     for (r, p) in probes.iter_mut().enumerate() {
         let items = p.list(&[("Action", "DeviceStateList")]).await?;
@@ -658,8 +693,12 @@ async fn convergence(
                 let got = have.get(&key).map(String::as_str).unwrap_or("(absent)");
                 if !got.eq_ignore_ascii_case(want) {
                     c.mismatches += 1;
+                    *c.by_pair
+                        .entry(format!("{} <- {}", names[r], names[s]))
+                        .or_insert(0) += 1;
                     c.example
                         .get_or_insert_with(|| format!("{} {key}: {got}, want {want}", names[r]));
+                    c.first.get_or_insert_with(|| (r, s, device(s, j)));
                 }
             }
         }
