@@ -13,6 +13,13 @@
 //! anything else, no answer within `action_timeout`, or a connection lost first is an `Err`.
 //! The caller takes the completions in batches ([`SetvarWriter::take`]) when
 //! [`SetvarWriter::completed`] wakes it.
+//!
+//! While at least 128 (`LOW_WATER`) written writes are unanswered (Asterisk has work
+//! queued), new ones are held until 64 (`HOLD_BATCH`) of them can go out together: under a
+//! full window each `write(2)` (and each of Asterisk's reads) carries dozens of `Setvar`s
+//! instead of a few, while a light load still writes each at once. The connection task writes
+//! at most 64 a flush and yields between flushes, so the readers of what comes back (each
+//! `Setvar`'s event among it) keep up. A held write that times out is dropped unsent.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -48,6 +55,13 @@ pub struct WriteDone {
     pub result: Result<(), WriteError>,
 }
 
+/// Writes buffered are held (not written yet) while fewer than this many wait...
+const HOLD_BATCH: usize = 64;
+/// ... and at least this many written ones are unanswered: Asterisk has work queued, so a
+/// fuller batch later costs no throughput and saves a `write(2)` per few writes on both
+/// sides. Below it (a light load, a small window) every write goes out at once.
+const LOW_WATER: usize = 128;
+
 /// A write sent (or buffered to send) and not answered yet.
 #[derive(Debug)]
 struct Slot {
@@ -74,6 +88,10 @@ struct State {
     next: u64,
     /// Writes of this session not yet reported, in sending order.
     slots: VecDeque<Slot>,
+    /// Slots still open (buffered or written, unanswered).
+    open: usize,
+    /// The connection task was woken for the buffered writes and has not taken them yet.
+    conn_woken: bool,
     /// Finished writes the caller has not taken.
     done: Vec<WriteDone>,
 }
@@ -119,7 +137,6 @@ impl SetvarWriter {
             st.push_done(&self.shared, WriteDone { token, result });
             return;
         }
-        let was_empty = st.out.is_empty();
         let seq = st.next;
         st.next += 1;
         let prefix = &self.shared.prefix;
@@ -141,10 +158,8 @@ impl SetvarWriter {
             at: Instant::now(),
             open: true,
         });
-        drop(st);
-        if was_empty {
-            self.shared.to_conn.notify_one();
-        }
+        st.open += 1;
+        st.wake_conn(&self.shared);
     }
 
     /// Moves every finished write into `into` (appended); returns how many.
@@ -170,7 +185,7 @@ impl SetvarWriter {
 
     /// Writes queued or sent and not yet reported.
     pub fn in_flight(&self) -> usize {
-        self.shared.lock().slots.iter().filter(|s| s.open).count()
+        self.shared.lock().open
     }
 }
 
@@ -191,6 +206,18 @@ fn put_decimal(out: &mut BytesMut, mut n: u64) {
 }
 
 impl State {
+    /// Wakes the connection task when the buffered writes should go out (see [`HOLD_BATCH`]).
+    fn wake_conn(&mut self, shared: &Shared) {
+        let buffered = self.out_lens.len();
+        if self.conn_woken || buffered == 0 {
+            return;
+        }
+        if buffered >= HOLD_BATCH || self.open.saturating_sub(buffered) < LOW_WATER {
+            self.conn_woken = true;
+            shared.to_conn.notify_one();
+        }
+    }
+
     fn push_done(&mut self, shared: &Shared, done: WriteDone) {
         let was_empty = self.done.is_empty();
         self.done.push(done);
@@ -210,6 +237,8 @@ impl State {
     /// Fails every write not yet reported and forgets the unsent bytes.
     fn fail_all(&mut self, shared: &Shared, err: &ClientError) {
         let was_empty = self.done.is_empty();
+        self.open = 0;
+        self.conn_woken = false;
         for s in self.slots.drain(..) {
             if s.open {
                 self.done.push(WriteDone {
@@ -239,6 +268,8 @@ impl Shared {
                 base: 0,
                 next: 0,
                 slots: VecDeque::new(),
+                open: 0,
+                conn_woken: false,
                 done: Vec::new(),
             }),
             to_conn: Notify::new(),
@@ -261,6 +292,8 @@ impl Shared {
         st.out.clear();
         st.out_lens.clear();
         st.slots.clear();
+        st.open = 0;
+        st.conn_woken = false;
         st.base = st.next;
     }
 
@@ -278,23 +311,20 @@ impl Shared {
         self.to_conn.notified().await;
     }
 
-    /// Appends up to `max` buffered writes to `dst`; returns how many, and whether more
-    /// wait (the connection is woken again for them).
+    /// Appends up to `max` buffered writes to `dst`; returns how many, and whether the
+    /// connection was woken again for more.
     pub(crate) fn take_out(&self, dst: &mut BytesMut, max: usize) -> (usize, bool) {
         let mut st = self.lock();
         let n = st.out_lens.len().min(max);
         let bytes: usize = st.out_lens.drain(..n).sum();
         dst.extend_from_slice(&st.out.split_to(bytes));
-        let more = !st.out_lens.is_empty();
-        if !more {
+        if st.out_lens.is_empty() {
             // Keeps the buffer's capacity (split_to moved the front away).
             st.out.clear();
         }
-        drop(st);
-        if more {
-            self.to_conn.notify_one();
-        }
-        (n, more)
+        st.conn_woken = false;
+        st.wake_conn(self);
+        (n, st.conn_woken)
     }
 
     /// The sequence number in `action_id` when it names a write of this client.
@@ -317,6 +347,7 @@ impl Shared {
         };
         slot.open = false;
         let token = slot.token;
+        st.open -= 1;
         let result = match m.response() {
             Some(r) if r.eq_ignore_ascii_case("success") => Ok(()),
             Some(r) if r.eq_ignore_ascii_case("error") => Err(WriteError::Refused(
@@ -326,20 +357,29 @@ impl Shared {
         };
         st.push_done(self, WriteDone { token, result });
         st.trim();
+        st.wake_conn(self);
         true
     }
 
-    /// Fails the writes unanswered for `after` (as of `now`).
+    /// Fails the writes unanswered for `after` (as of `now`); those still held are dropped
+    /// unsent (as an action whose caller gave up is never sent).
     pub(crate) fn expire(&self, now: Instant, after: Duration) {
         let mut st = self.lock();
+        // The buffered writes are the last slots (every one open: no answer comes unsent).
+        let first_buffered = st.slots.len() - st.out_lens.len();
+        let mut unsent = 0;
         let mut i = 0;
         while let Some(s) = st.slots.get(i) {
             if s.at + after > now {
                 break;
             }
+            if i >= first_buffered {
+                unsent += 1;
+            }
             if s.open {
                 let token = s.token;
                 st.slots[i].open = false;
+                st.open -= 1;
                 let err = ClientError::Timeout {
                     action: "Setvar".to_owned(),
                     after,
@@ -354,7 +394,10 @@ impl Shared {
             }
             i += 1;
         }
+        let bytes: usize = st.out_lens.drain(..unsent).sum();
+        let _ = st.out.split_to(bytes);
         st.trim();
+        st.wake_conn(self);
     }
 }
 
@@ -462,5 +505,43 @@ mod tests {
             (0, false),
             "unsent bytes dropped"
         );
+    }
+
+    #[test]
+    fn writes_are_held_while_enough_are_unanswered_and_dropped_unsent_on_expiry() {
+        let shared = Shared::new("hf1-");
+        let w = SetvarWriter::new(Arc::clone(&shared));
+        shared.open();
+        for t in 0..200 {
+            w.setvar(t, "V", "x");
+        }
+        let mut out = BytesMut::new();
+        assert_eq!(shared.take_out(&mut out, 64), (64, true));
+        assert_eq!(
+            shared.take_out(&mut out, 64),
+            (64, true),
+            "72 wait: a batch"
+        );
+        // 192 written and unanswered, 8 buffered: held.
+        assert_eq!(shared.take_out(&mut out, 64), (64, false));
+        assert!(!shared.lock().conn_woken);
+        let ok = Message::new().with("Response", "Success");
+        for seq in 0..64 {
+            assert!(shared.answer(seq, &ok));
+        }
+        assert!(!shared.lock().conn_woken, "128 still unanswered");
+        assert!(shared.answer(64, &ok));
+        assert!(shared.lock().conn_woken, "127 unanswered: the 8 go out");
+        // Every one times out: the 8 never sent are dropped, not written late.
+        shared.expire(
+            Instant::now() + Duration::from_secs(60),
+            Duration::from_secs(10),
+        );
+        assert_eq!(w.in_flight(), 0);
+        let mut rest = BytesMut::new();
+        assert_eq!(shared.take_out(&mut rest, 64), (0, false));
+        assert!(rest.is_empty());
+        let mut got = Vec::new();
+        assert_eq!(w.take(&mut got), 200);
     }
 }
