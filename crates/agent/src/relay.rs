@@ -23,9 +23,10 @@
 //! [`FederationTransport::request_snapshot`] (a different hub than the last one when several
 //! are up, so a dead hub does not hold the snapshot hostage); `Apply` → `Setvar`
 //! ([`Pbx::start_setvar`] under a token, pipelined on the AMI connection: no future, task
-//! or channel per write; the node's apply queue bounds how many are in flight); `QueryLocal` → `Getvar` per
-//! device over AMI, or over res_zmq_manager (where `Getvar` crashes Asterisk) the state
-//! derived from `ExtensionStateList` for hints holding that device alone.
+//! or channel per write; the node's apply queue bounds how many are in flight);
+//! `QueryLocal` → `Getvar` per device over AMI, or over res_zmq_manager (where `Getvar`
+//! crashes Asterisk) the state derived from `ExtensionStateList` for hints holding that
+//! device alone.
 //!
 //! # Full sync
 //! `DeviceStateList` + `PresenceStateList` + `ExtensionStateList`; devices named in hints but
