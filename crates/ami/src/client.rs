@@ -13,7 +13,9 @@
 //! subscriber takes it (a broadcast ring would keep the last `event_buffer` events for good:
 //! 16,384 of them cost an agent ~4 MB). The client never waits for a subscriber: one that
 //! falls behind loses the events that find its queue full, and reads, where they are missing,
-//! how many ([`broadcast::error::RecvError::Lagged`]). The stream also carries
+//! how many ([`broadcast::error::RecvError::Lagged`]); from a loss until it reads that marker,
+//! every event is lost (at the marker), so that what follows the marker is whole: a consumer
+//! that resyncs on the marker can trust the events after it. The stream also carries
 //! [`ClientEvent::Connected`] / [`ClientEvent::Disconnected`] markers so a consumer can resync
 //! after each reconnect.
 
@@ -21,7 +23,6 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io::BufReader;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -284,12 +285,22 @@ enum Item {
     Lagged,
 }
 
-/// Events a subscriber lost, shared by its queue's two ends.
+/// Events a subscriber lost, shared by its queue's two ends (under one lock: the sender
+/// decides whether to queue an event and the receiver takes the marker's count atomically).
 #[derive(Debug, Default)]
-struct Lost {
-    count: AtomicU64,
+struct Lost(Mutex<LostState>);
+
+#[derive(Debug, Default)]
+struct LostState {
+    count: u64,
     /// An [`Item::Lagged`] waits in the queue.
-    marked: AtomicBool,
+    marked: bool,
+}
+
+impl Lost {
+    fn lock(&self) -> std::sync::MutexGuard<'_, LostState> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// The sending end of one subscriber.
@@ -300,16 +311,18 @@ struct Subscriber {
 }
 
 impl Subscriber {
-    /// Queues `ev`, or counts it lost when the queue is full: the last slot is kept for the
-    /// marker that tells the subscriber where events are missing.
+    /// Queues `ev`, or counts it lost when the queue is full (the last slot is kept for the
+    /// marker that tells the subscriber where events are missing) or a marker waits in it:
+    /// an event queued after the marker would let the subscriber take what follows the
+    /// marker as whole while later losses were counted in the marker.
     fn deliver(&self, ev: ClientEvent) {
-        if self.tx.capacity() > 1 && self.tx.try_send(Item::Event(ev)).is_ok() {
+        let mut lost = self.lost.lock();
+        if !lost.marked && self.tx.capacity() > 1 && self.tx.try_send(Item::Event(ev)).is_ok() {
             return;
         }
-        self.lost.count.fetch_add(1, Ordering::AcqRel);
-        if !self.lost.marked.swap(true, Ordering::AcqRel) && self.tx.try_send(Item::Lagged).is_err()
-        {
-            self.lost.marked.store(false, Ordering::Release);
+        lost.count += 1;
+        if !lost.marked {
+            lost.marked = self.tx.try_send(Item::Lagged).is_ok();
         }
     }
 }
@@ -390,8 +403,9 @@ impl Subscription {
 
     /// The events lost up to the marker just taken (the next loss queues a new marker).
     fn take_lost(&self) -> u64 {
-        self.lost.marked.store(false, Ordering::Release);
-        self.lost.count.swap(0, Ordering::AcqRel)
+        let mut lost = self.lost.lock();
+        lost.marked = false;
+        std::mem::take(&mut lost.count)
     }
 }
 
@@ -1306,6 +1320,66 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn numbered(n: u64) -> ClientEvent {
+        ClientEvent::Event(
+            Message::new()
+                .with("Event", "Test")
+                .with("N", n.to_string()),
+        )
+    }
+
+    /// A subscriber reading slower than events come, in every pattern of reads between
+    /// deliveries: each event it misses is reported by a marker before the next event it
+    /// gets, so the stream after a marker is whole.
+    #[test]
+    fn no_event_is_missed_silently_after_a_marker() {
+        for pattern in 0u32..256 {
+            let subs = Subscribers::default();
+            let mut sub = subs.add(3);
+            let mut got: Vec<Option<u64>> = Vec::new();
+            let read = |sub: &mut Subscription, got: &mut Vec<Option<u64>>| match sub.try_recv() {
+                Ok(ClientEvent::Event(m)) => got.push(m.get("N").and_then(|n| n.parse().ok())),
+                Err(broadcast::error::TryRecvError::Lagged(_)) => got.push(None),
+                _ => {}
+            };
+            for n in 0..40u64 {
+                subs.send(numbered(n));
+                // Bits of the pattern say how many reads follow this delivery (0 or 1; every
+                // eighth delivery, a drain).
+                if n % 8 == 7 {
+                    for _ in 0..5 {
+                        read(&mut sub, &mut got);
+                    }
+                } else if pattern >> (n % 8) & 1 == 1 {
+                    read(&mut sub, &mut got);
+                }
+            }
+            for _ in 0..10 {
+                read(&mut sub, &mut got);
+            }
+            let mut last: Option<u64> = None;
+            let mut marker = false;
+            for g in &got {
+                match g {
+                    None => marker = true,
+                    Some(n) => {
+                        let expected = last.map_or(0, |l| l + 1);
+                        assert!(
+                            *n == expected || marker,
+                            "pattern {pattern:08b}: {expected}..{n} missed without a marker: {got:?}"
+                        );
+                        assert!(
+                            *n >= expected,
+                            "pattern {pattern:08b}: out of order {got:?}"
+                        );
+                        last = Some(*n);
+                        marker = false;
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn secret_never_prints() {
