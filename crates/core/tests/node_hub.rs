@@ -52,17 +52,19 @@ fn synced(name: &str) -> Node {
 }
 
 fn up(origin: &str, epoch: u64, seq: u64, key: &str, v: DeviceState) -> Envelope {
+    update(origin, epoch, seq, key, Value::Device(v), seq)
+}
+
+/// An update of `origin` whose timestamp is `wall` ms.
+fn update(origin: &str, epoch: u64, seq: u64, key: &str, value: Value, wall: u64) -> Envelope {
     Envelope::new(
         origin,
         Epoch(epoch),
         seq,
         Body::Update(Update {
             key: key.into(),
-            value: Value::Device(v),
-            ts: HlcTimestamp {
-                wall: seq,
-                counter: 0,
-            },
+            value,
+            ts: HlcTimestamp { wall, counter: 0 },
         }),
     )
 }
@@ -941,16 +943,8 @@ fn a_full_sync_partly_lost_withdraws_nothing_until_a_snapshot_closes_it() {
 fn orphaned_presence_writes_are_republished_for_the_hubs() {
     let mut b = synced("pbx-b");
     let presence = |origin: &str, epoch: u64, seq: u64, key: &str, wall: u64| {
-        Envelope::new(
-            origin,
-            Epoch(epoch),
-            seq,
-            Body::Update(Update {
-                key: key.into(),
-                value: Value::Presence(Presence::new(PresenceStatus::Away, "", "")),
-                ts: HlcTimestamp { wall, counter: 0 },
-            }),
-        )
+        let away = Value::Presence(Presence::new(PresenceStatus::Away, "", ""));
+        update(origin, epoch, seq, key, away, wall)
     };
     b.on_remote(Millis(1), &presence("pbx-a", 1, 1, "CustomPresence:a", 50));
     b.on_remote(Millis(1), &presence("pbx-c", 1, 1, "CustomPresence:c", 60));
