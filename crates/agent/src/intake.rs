@@ -73,11 +73,6 @@ impl Intake {
         self.listing
     }
 
-    /// Whether a listing runs (facts are held).
-    pub fn listing_runs(&self) -> bool {
-        self.listing_runs
-    }
-
     /// Whether `id` is the listing running (not superseded, not finished, not lost).
     pub fn is_running(&self, id: u64) -> bool {
         self.listing_runs && id == self.listing
@@ -210,7 +205,7 @@ mod tests {
             .expect("current listing");
         assert_eq!(done.replay, vec![(a, None), (b, None)]);
         assert!(done.requery.is_empty() && !done.overflowed);
-        assert!(!i.listing_runs());
+        assert!(!i.is_running(id));
     }
 
     #[test]
@@ -332,7 +327,7 @@ mod tests {
         let id = i.listing_asked();
         i.admit(dev("PJSIP/3", DeviceState::Busy), None);
         i.lost();
-        assert!(i.querying.is_empty() && !i.listing_runs());
+        assert!(i.querying.is_empty() && !i.is_running(id));
         assert_eq!(
             i.listing_finished(id, &[]),
             None,

@@ -1255,7 +1255,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
 }
 
 /// What a full sync listed.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Listing {
     /// The local state to federate: devices the filter allows, presence.
     items: Vec<LocalEvent>,
