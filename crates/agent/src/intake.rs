@@ -73,6 +73,11 @@ impl Intake {
         self.listing
     }
 
+    /// Whether a listing runs (facts are held).
+    pub fn listing_runs(&self) -> bool {
+        self.listing_runs
+    }
+
     /// Whether `id` is the listing running (not superseded, not finished, not lost).
     pub fn is_running(&self, id: u64) -> bool {
         self.listing_runs && id == self.listing

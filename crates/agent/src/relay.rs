@@ -41,7 +41,9 @@
 //!
 //! A failed full sync is retried after a second; local events keep being held meanwhile.
 //! Failed writes (refused, or timed out while Asterisk did not answer) are written again a
-//! second later ([`Node::retry_failed_writes`]), and again while they keep failing.
+//! second later ([`Node::retry_failed_writes`]), and again while they keep failing. A write
+//! left unanswered also has the Asterisk listed again then: events it sent while it stalled
+//! may be lost, and its link may never have dropped to say so.
 //! On shutdown the relay does not announce its origin down: a restart for an upgrade leaves
 //! the lamps as they are, and an agent that does not come back is timed out by everyone after
 //! `origin_timeout`.
@@ -501,6 +503,10 @@ pub struct Relay<T: FederationTransport> {
     sync_retry_at: Option<Instant>,
     writes: Writes,
     write_retry_at: Option<Instant>,
+    /// A write went unanswered: Asterisk stalled, and events it sent meanwhile may be lost
+    /// (a hung Asterisk, or one whose link stayed open while it dropped what it sent); it is
+    /// listed again when the failed writes are retried.
+    stalled: bool,
     last_snapshot_hub: Option<(usize, Instant)>,
     hubs: usize,
     pending_hello: Option<Envelope>,
@@ -563,6 +569,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
             sync_retry_at: None,
             writes: Writes::default(),
             write_retry_at: None,
+            stalled: false,
             last_snapshot_hub: None,
             hubs: 0,
             pending_hello: None,
@@ -704,6 +711,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
                 warn!(%reason, "Asterisk lost; announcing this origin down");
                 self.pbx_up = false;
                 self.sync_retry_at = None;
+                self.stalled = false;
                 self.intake.lost();
                 self.node.on_local_lost(now);
                 self.ready("asterisk", Err(format!("Asterisk not reachable: {reason}")));
@@ -876,6 +884,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
             self.counters.applies_failed += 1;
             self.write_retry_at
                 .get_or_insert_with(|| Instant::now() + WRITE_RETRY);
+            self.stalled |= matches!(e, PbxError::NoAnswer { .. });
         } else {
             self.counters.applies_ok += 1;
         }
@@ -960,6 +969,10 @@ impl<T: FederationTransport + 'static> Relay<T> {
         {
             self.write_retry_at = None;
             if self.pbx_up {
+                if std::mem::take(&mut self.stalled) && !self.intake.listing_runs() {
+                    info!("Asterisk left writes unanswered; listing it again");
+                    self.start_sync();
+                }
                 debug!("writing again what failed");
                 self.node.retry_failed_writes(now);
             }

@@ -955,3 +955,41 @@ async fn shutdown_waits_for_the_writes_in_flight_and_counts_each_once() {
     );
     assert_eq!(c.applies_failed, 0, "{c:?}");
 }
+
+/// An Asterisk that stalls with its link open (answers nothing, sends nothing) loses the
+/// events it would have sent meanwhile. Its agent notices a write left unanswered and lists
+/// it again once it answers, so a phone that changed during the stall is federated.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_phone_changed_while_asterisk_stalled_is_listed_afterwards() {
+    let bus = Bus::default();
+    let a = member(&bus, "pbx-a", "k", 10_000).await;
+    let b = member(&bus, "pbx-b", "k", 10_000).await;
+    synced(&a).await;
+    synced(&b).await;
+    let connections = b.sim.stats().connections_total;
+    b.sim.blackhole(None);
+    // A write for b, left unanswered (these members' actions time out after 500 ms)...
+    a.sim
+        .set_device_state("PJSIP/100", SimState::Inuse)
+        .expect("set");
+    // ...and b's phone changes meanwhile: its event is never sent.
+    b.sim
+        .set_device_state("PJSIP/200", SimState::Ringing)
+        .expect("set");
+    let h = b.handle.clone();
+    eventually("b's write timed out", || {
+        h.status().counters().applies_failed >= 1
+    })
+    .await;
+    b.sim.unblackhole();
+    eventually("b's phone reaches a", || {
+        a.sim.getvar("DEVICE_STATE(Custom:PJSIP/200)") == "RINGING"
+    })
+    .await;
+    assert_eq!(
+        b.sim.stats().connections_total,
+        connections,
+        "b's link never dropped: the listing came from the stall"
+    );
+    stop([a, b]).await;
+}
