@@ -618,8 +618,10 @@ fn push_in<C: Cell>(
 enum Dispatch {
     /// Not waiting (skipped, or queued twice and already dispatched): dropped from the order.
     Drop,
-    /// Its previous write is still in flight: back of the order.
-    Later,
+    /// Its previous write is still in flight: out of the order until that write completes
+    /// ([`complete_in`] puts it back), so a long order of such targets is not walked again
+    /// for every write asked.
+    Parked,
     /// Write this.
     Write(Value),
 }
@@ -629,7 +631,7 @@ fn dispatch<T: Stored>(slot: &mut Slot<T>, q: &mut Shared, now: Millis) -> Dispa
         return Dispatch::Drop;
     }
     if slot.flight.is_some() {
-        return Dispatch::Later;
+        return Dispatch::Parked;
     }
     slot.pending = false;
     q.pending -= 1;
@@ -648,11 +650,16 @@ fn dispatch<T: Stored>(slot: &mut Slot<T>, q: &mut Shared, now: Millis) -> Dispa
     Dispatch::Write(value)
 }
 
-fn complete_in<T: Stored>(slot: &mut Slot<T>, q: &mut Shared, ok: bool) -> bool {
+/// Completes the write in flight to the slot of `tagged` (its id in the order); a newer value
+/// waiting for it goes back to the order (a copy still in the order is dropped when reached).
+fn complete_in<T: Stored>(slot: &mut Slot<T>, q: &mut Shared, ok: bool, tagged: u32) -> bool {
     let Some(v) = slot.flight.take() else {
         return false;
     };
     q.in_flight -= 1;
+    if slot.pending {
+        q.order.push_back(tagged);
+    }
     slot.done = true;
     if ok {
         q.stats.confirmed += 1;
@@ -789,8 +796,7 @@ impl ApplyQueue {
                 Cell::with(&mut self.others, id, |s| dispatch(s, q, now))
             };
             match d {
-                Dispatch::Drop => {}
-                Dispatch::Later => self.q.order.push_back(tagged),
+                Dispatch::Drop | Dispatch::Parked => {}
                 Dispatch::Write(value) => {
                     let key = if tagged & OTHER == 0 {
                         self.devices.key(id)
@@ -814,12 +820,12 @@ impl ApplyQueue {
     pub fn complete(&mut self, target: &str, ok: bool) -> bool {
         let q = &mut self.q;
         if let Some(id) = self.devices.id(target)
-            && Packed::with(&mut self.devices, id, |s| complete_in(s, q, ok))
+            && Packed::with(&mut self.devices, id, |s| complete_in(s, q, ok, id))
         {
             return true;
         }
         match self.others.id(target) {
-            Some(id) => Cell::with(&mut self.others, id, |s| complete_in(s, q, ok)),
+            Some(id) => Cell::with(&mut self.others, id, |s| complete_in(s, q, ok, id | OTHER)),
             None => false,
         }
     }
@@ -981,6 +987,39 @@ mod tests {
         assert!(a.complete("x", true));
         assert_eq!(a.next_write(), Some(("y".into(), d(Inuse))));
         assert!(!a.complete("zz", true));
+    }
+
+    /// A value waiting for its target's write in flight leaves the order (a long order of
+    /// them was walked again for every write asked) and comes back when that write completes.
+    #[test]
+    fn values_waiting_for_a_write_in_flight_leave_the_order_until_it_completes() {
+        let mut a = q(100, 8);
+        for t in ["a", "b", "c", "d"] {
+            a.push(t.into(), d(Inuse));
+        }
+        for _ in 0..4 {
+            assert!(a.next_write().is_some());
+        }
+        for t in ["a", "b", "c", "d"] {
+            assert_eq!(a.push(t.into(), d(Busy)), Push::Queued);
+        }
+        assert_eq!(a.next_write(), None, "each waits for its write in flight");
+        assert!(a.q.order.is_empty(), "parked: {:?}", a.q.order);
+        assert_eq!(a.pending_len(), 4);
+        assert!(a.complete("c", true));
+        assert_eq!(a.next_write(), Some(("c".into(), d(Busy))));
+        assert_eq!(a.next_write(), None);
+        for t in ["a", "b", "d"] {
+            assert!(a.complete(t, false));
+        }
+        let mut rest: Vec<String> = std::iter::from_fn(|| a.next_write().map(|(t, _)| t)).collect();
+        rest.sort();
+        assert_eq!(
+            rest,
+            ["a", "b", "d"],
+            "failed writes free their waiting values too"
+        );
+        assert_eq!(a.pending_len(), 0);
     }
 
     #[test]
