@@ -64,7 +64,7 @@ use hintfed_asterisk::pbx::SetvarDone;
 use hintfed_asterisk::{Pbx, PbxError, PbxEvent};
 use hintfed_core::{
     Action, Body, DeviceState, Envelope, KeyRing, Kind, Limits, LocalEvent, Millis, Node, Presence,
-    Role, Value, Verifier,
+    Role, Value, Verifier, is_custom_device,
 };
 use hintfed_daemon::http::{
     BoxFuture, OriginView, Readiness, StateView, StatusEvent, StatusEvents, StatusSource,
@@ -1307,13 +1307,6 @@ impl Targets {
     }
 }
 
-/// A `Custom:` device: where the agent writes remote devices' states.
-fn is_custom(device: &str) -> bool {
-    device
-        .get(..7)
-        .is_some_and(|p| p.eq_ignore_ascii_case("Custom:"))
-}
-
 /// Lists the local state: cached devices, presence, and hint devices missing from the cache
 /// (Getvar over AMI; hint-derived over res_zmq_manager, see the module docs).
 async fn full_sync(
@@ -1336,7 +1329,7 @@ async fn full_sync(
                 if f.allows(&d.device) {
                     return device_event(&d.device, &d.state);
                 }
-                if is_custom(&d.device)
+                if is_custom_device(&d.device)
                     && let Ok(s) = d.state.parse::<DeviceState>()
                 {
                     t.lock()
@@ -1494,7 +1487,6 @@ mod tests {
                 ("", DeviceState::Ringing),
             ]
         );
-        assert!(is_custom("custom:x") && !is_custom("PJSIP/1") && !is_custom("Cust"));
     }
 
     #[test]

@@ -55,7 +55,7 @@ pub use hlc::{Hlc, HlcTimestamp};
 pub use hub::{Hub, HubAction, HubConfig, Ingest};
 pub use liveness::{DownReason, Origins};
 pub use node::{Action, ApplyCmd, LocalEvent, Node, NodeConfig};
-pub use policy::{Policy, PolicyConfig, PolicyError};
+pub use policy::{Policy, PolicyConfig, PolicyError, is_custom_device};
 pub use replica::Replica;
 pub use state::{DeviceState, Kind, Presence, PresenceStatus, Value, aggregate};
 pub use table::Table;

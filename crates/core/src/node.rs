@@ -59,7 +59,7 @@ use crate::change::ChangeSuppressor;
 use crate::envelope::{Body, Envelope, OriginSummary, Role, SnapshotEntry, Update};
 use crate::hlc::{Hlc, HlcTimestamp};
 use crate::liveness::Origins;
-use crate::policy::Policy;
+use crate::policy::{Policy, is_custom_device};
 use crate::replica::Replica;
 use crate::seq::SeqStatus;
 use crate::state::{DeviceState, Kind, Presence, Value, aggregate};
@@ -475,7 +475,7 @@ impl Node {
         // it was asked (see `local_listing_requested`).
         self.apply.listing_begins();
         for (key, state) in targets {
-            if is_custom(key) {
+            if is_custom_device(key) {
                 self.apply.note_listed(key, &Value::Device(state));
             }
         }
@@ -1153,13 +1153,6 @@ impl Node {
 fn is_apply_target(event: &LocalEvent) -> bool {
     match event.value {
         Value::Presence(_) => true,
-        Value::Device(_) => is_custom(&event.key),
+        Value::Device(_) => is_custom_device(&event.key),
     }
-}
-
-/// A `Custom:` device: where remote device states are written.
-fn is_custom(device: &str) -> bool {
-    device
-        .get(..7)
-        .is_some_and(|p| p.eq_ignore_ascii_case("Custom:"))
 }

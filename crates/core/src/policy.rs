@@ -97,6 +97,13 @@ impl Default for Policy {
 /// Prefix of shared presence keys (the only presence Asterisk lets hintfed write).
 pub const PRESENCE_PREFIX: &str = "CustomPresence:";
 
+/// Whether `device` is a `Custom:` device (any case), where remote device states are written.
+pub fn is_custom_device(device: &str) -> bool {
+    device
+        .get(..7)
+        .is_some_and(|p| p.eq_ignore_ascii_case("Custom:"))
+}
+
 fn compile(patterns: &[String]) -> Result<Vec<Regex>, PolicyError> {
     patterns
         .iter()
@@ -119,9 +126,7 @@ impl Policy {
         if !t.contains("{device}")
             || rest.contains('{')
             || rest.contains('}')
-            || !t
-                .get(..7)
-                .is_some_and(|p| p.eq_ignore_ascii_case("Custom:"))
+            || !is_custom_device(t)
             || t.len() <= 7
         {
             return Err(PolicyError::Template(t.clone()));
@@ -204,6 +209,11 @@ mod tests {
         assert!(p.federates_device("PJSIP/100"));
         assert!(p.federates_device("Local/100@phones"));
         assert!(!p.federates_device("Custom:PJSIP/100"));
+        assert!(
+            is_custom_device("custom:x")
+                && !is_custom_device("PJSIP/1")
+                && !is_custom_device("Cust")
+        );
         assert!(p.sends_state(DeviceState::Unknown));
         assert_eq!(p.writable(DeviceState::Unknown), DeviceState::NotInuse);
         assert_eq!(p.writable(DeviceState::Invalid), DeviceState::Invalid);
