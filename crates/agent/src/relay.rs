@@ -288,15 +288,6 @@ impl RelayHandle {
     }
 }
 
-/// A `Setvar` that finished.
-#[derive(Debug)]
-struct Written {
-    target: String,
-    kind: Kind,
-    started: Instant,
-    result: Result<(), PbxError>,
-}
-
 /// A `Setvar` in flight, under its token ([`Pbx::start_setvar`]).
 #[derive(Debug)]
 struct InFlight {
@@ -313,14 +304,12 @@ struct Writes {
     slots: Vec<Option<InFlight>>,
     /// Indexes of empty slots.
     free: Vec<usize>,
-    len: usize,
     /// Finished writes taken from the Pbx, reused between batches.
     done: Vec<SetvarDone>,
 }
 
 impl Writes {
     fn insert(&mut self, w: InFlight) -> u64 {
-        self.len += 1;
         let i = match self.free.pop() {
             Some(i) => {
                 self.slots[i] = Some(w);
@@ -338,16 +327,15 @@ impl Writes {
         let i = usize::try_from(token).ok()?;
         let w = self.slots.get_mut(i)?.take()?;
         self.free.push(i);
-        self.len -= 1;
         Some(w)
     }
 
     fn len(&self) -> usize {
-        self.len
+        self.slots.len() - self.free.len()
     }
 
     fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
     }
 }
 
@@ -870,13 +858,12 @@ impl<T: FederationTransport + 'static> Relay<T> {
         }
     }
 
-    fn on_written(&mut self, w: Written) {
+    fn on_written(&mut self, w: InFlight, result: Result<(), PbxError>) {
         self.dirty = true;
-        let Written {
+        let InFlight {
             target,
             kind,
             started,
-            result,
         } = w;
         let ok = result.is_ok();
         if let Err(e) = &result {
@@ -1045,24 +1032,14 @@ impl<T: FederationTransport + 'static> Relay<T> {
         self.pbx.take_setvars(&mut done);
         let mut n = 0;
         for SetvarDone { token, result } in done.drain(..) {
-            let Some(InFlight {
-                target,
-                kind,
-                started,
-            }) = self.writes.remove(token)
-            else {
+            let Some(w) = self.writes.remove(token) else {
                 warn!(
                     token,
                     "a write finished twice, or one never started; ignored"
                 );
                 continue;
             };
-            self.on_written(Written {
-                target,
-                kind,
-                started,
-                result,
-            });
+            self.on_written(w, result);
             n += 1;
         }
         self.writes.done = done;
