@@ -63,7 +63,7 @@ use crate::policy::{Policy, is_custom_device};
 use crate::replica::Replica;
 use crate::seq::SeqStatus;
 use crate::state::{DeviceState, Kind, Presence, Value, aggregate};
-use crate::table::Table;
+use crate::table::{PresenceEntry, Table};
 use crate::time::{Epoch, Millis};
 
 /// Configuration of a [`Node`].
@@ -827,15 +827,21 @@ impl Node {
     /// original timestamps (idempotent everywhere), so that a hub or node that missed one
     /// gets it; with `older_epochs_only`, only those written in an earlier epoch.
     fn republish_own_presence(&mut self, now: Millis, older_epochs_only: bool) {
-        let epoch = self.epoch;
-        let own: Vec<(String, Presence, HlcTimestamp)> = self
+        self.republish_presence(now, |n, w| {
+            w.origin == n.cfg.origin && (!older_epochs_only || w.epoch < n.epoch)
+        });
+    }
+
+    /// Republishes the presence winners `keep` picks, with their original timestamps.
+    fn republish_presence(&mut self, now: Millis, keep: impl Fn(&Self, &PresenceEntry) -> bool) {
+        let picked: Vec<(String, Presence, HlcTimestamp)> = self
             .replica
             .table
             .presence_entries()
-            .filter(|(_, w)| w.origin == self.cfg.origin && (!older_epochs_only || w.epoch < epoch))
+            .filter(|(_, w)| keep(self, w))
             .map(|(k, w)| (k.clone(), w.value.clone(), w.ts))
             .collect();
-        for (k, p, ts) in own {
+        for (k, p, ts) in picked {
             self.publish_update(now, k, Value::Presence(p), ts);
         }
     }
@@ -870,20 +876,13 @@ impl Node {
     /// would otherwise keep an older winner, which the origin's new incarnation and the
     /// nodes that missed them then converge on while this node keeps the newer one.
     fn republish_orphaned_presence(&mut self, now: Millis) {
-        let origins = &self.replica.origins;
-        let orphaned: Vec<(String, Presence, HlcTimestamp)> = self
-            .replica
-            .table
-            .presence_entries()
-            .filter(|(_, w)| {
-                w.origin != self.cfg.origin
-                    && origins.get(&w.origin).is_some_and(|i| i.epoch > w.epoch)
-            })
-            .map(|(k, w)| (k.clone(), w.value.clone(), w.ts))
-            .collect();
-        for (k, p, ts) in orphaned {
-            self.publish_update(now, k, Value::Presence(p), ts);
-        }
+        self.republish_presence(now, |n, w| {
+            w.origin != n.cfg.origin
+                && n.replica
+                    .origins
+                    .get(&w.origin)
+                    .is_some_and(|i| i.epoch > w.epoch)
+        });
     }
 
     fn flush_query(&mut self) {
