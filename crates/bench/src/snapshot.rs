@@ -183,15 +183,19 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
             key = fill::KEY,
         ),
     )?;
+    let agent_bin = procs::sibling("hintfed-agent")?;
+    let spawn_agent = |name: &str| {
+        Daemon::spawn(
+            name,
+            &agent_bin,
+            &["--config".into(), cfg.display().to_string()],
+            &[("HINTFED_ASTERISK_SECRET", "adminsecret")],
+            &dir,
+        )
+    };
     eprintln!("starting the new agent ...");
     let t0 = Instant::now();
-    let mut agent = Daemon::spawn(
-        "agent-new",
-        &procs::sibling("hintfed-agent")?,
-        &["--config".into(), cfg.display().to_string()],
-        &[("HINTFED_ASTERISK_SECRET", "adminsecret")],
-        &dir,
-    )?;
+    let mut agent = spawn_agent("agent-new")?;
     let (mut t_http, mut t_entries, mut t_complete, mut t_applied) = (None, None, None, None);
     let mut rss_at_complete = None;
     let mut applied = 0u64;
@@ -237,24 +241,15 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
     agent.stop(Duration::from_secs(5));
     // Counted once the first agent is gone and its last writes were read (it may still have
     // written after the count that saw every key written: a write answered late, a repair).
-    let mut before_restart = stats_conn.setvar_total().await?;
-    loop {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let now = stats_conn.setvar_total().await?;
-        if now == before_restart {
-            break;
-        }
-        before_restart = now;
-    }
+    let before_restart = setvars_settled(
+        &mut stats_conn,
+        Duration::from_millis(300),
+        Instant::now() + Duration::from_secs_f64(a.apply_timeout),
+    )
+    .await?;
     eprintln!("restarting the agent ...");
     let t1 = Instant::now();
-    let mut agent = Daemon::spawn(
-        "agent-restart",
-        &procs::sibling("hintfed-agent")?,
-        &["--config".into(), cfg.display().to_string()],
-        &[("HINTFED_ASTERISK_SECRET", "adminsecret")],
-        &dir,
-    )?;
+    let mut agent = spawn_agent("agent-restart")?;
     let mut restart_ready = None;
     let deadline = t1 + Duration::from_secs_f64(a.apply_timeout);
     while Instant::now() < deadline && restart_ready.is_none() {
@@ -265,16 +260,7 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     agent.ensure_running()?;
-    // Settled: the Setvar count stops moving for 1 s.
-    let mut last = stats_conn.setvar_total().await?;
-    let mut still = Instant::now();
-    while still.elapsed() < Duration::from_secs(1) && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let now = stats_conn.setvar_total().await?;
-        if now != last {
-            (last, still) = (now, Instant::now());
-        }
-    }
+    let last = setvars_settled(&mut stats_conn, Duration::from_secs(1), deadline).await?;
     let restart_writes = last.saturating_sub(before_restart);
     let restart_end = procs::usage(agent.pid(), tck).unwrap_or_default();
     let report = json!({
@@ -378,4 +364,22 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
     hub.daemon.stop(Duration::from_secs(2));
     drop(tmp);
     Ok(report)
+}
+
+/// The simulator's Setvar count once it stood still for `quiet` (or at `deadline`).
+async fn setvars_settled(
+    conn: &mut Conn,
+    quiet: Duration,
+    deadline: Instant,
+) -> anyhow::Result<u64> {
+    let mut last = conn.setvar_total().await?;
+    let mut still = Instant::now();
+    while still.elapsed() < quiet && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let now = conn.setvar_total().await?;
+        if now != last {
+            (last, still) = (now, Instant::now());
+        }
+    }
+    Ok(last)
 }
