@@ -40,4 +40,4 @@ pub use events::{
     PresenceStatus, Response, ResponseKind,
 };
 pub use message::{Headers, Message};
-pub use writer::{SetvarWriter, WriteDone, WriteError};
+pub use writer::{Completions, SetvarWriter, WriteDone, WriteError};

@@ -92,8 +92,6 @@ struct State {
     open: usize,
     /// The connection task was woken for the buffered writes and has not taken them yet.
     conn_woken: bool,
-    /// Finished writes the caller has not taken.
-    done: Vec<WriteDone>,
 }
 
 #[derive(Debug)]
@@ -103,8 +101,61 @@ pub(crate) struct Shared {
     state: Mutex<State>,
     /// Wakes the connection task: `out` holds bytes.
     to_conn: Notify,
-    /// Wakes the caller: `done` holds completions.
-    to_caller: Notify,
+    /// Finished writes the caller has not taken.
+    done: Completions<WriteDone>,
+}
+
+/// Finished work handed from its producers to one consumer in batches: pushed one at a time,
+/// taken all at once ([`Completions::take`]), waited for with [`Completions::completed`].
+#[derive(Debug)]
+pub struct Completions<T> {
+    items: Mutex<Vec<T>>,
+    notify: Notify,
+}
+
+impl<T> Default for Completions<T> {
+    fn default() -> Self {
+        Self {
+            items: Mutex::new(Vec::new()),
+            notify: Notify::new(),
+        }
+    }
+}
+
+impl<T> Completions<T> {
+    fn items(&self) -> MutexGuard<'_, Vec<T>> {
+        self.items.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Adds one; wakes the consumer when it is the first waiting.
+    pub fn push(&self, item: T) {
+        let mut items = self.items();
+        items.push(item);
+        if items.len() == 1 {
+            self.notify.notify_one();
+        }
+    }
+
+    /// Moves every one waiting into `into` (appended); returns how many.
+    pub fn take(&self, into: &mut Vec<T>) -> usize {
+        let mut items = self.items();
+        let n = items.len();
+        into.append(&mut items);
+        n
+    }
+
+    /// Waits until at least one can be taken.
+    pub async fn completed(&self) {
+        loop {
+            let notified = self.notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if !self.items().is_empty() {
+                return;
+            }
+            notified.await;
+        }
+    }
 }
 
 /// Cloneable handle writing `Setvar`s through one [`AmiClient`](crate::AmiClient); see the
@@ -125,7 +176,7 @@ impl SetvarWriter {
     pub fn setvar(&self, token: u64, variable: &str, value: &str) {
         if variable.contains(['\r', '\n']) || value.contains(['\r', '\n']) {
             let err = ClientError::InvalidAction("Setvar variable or value holds CR or LF".into());
-            self.shared.finish(WriteDone {
+            self.shared.done.push(WriteDone {
                 token,
                 result: Err(err.into()),
             });
@@ -134,7 +185,7 @@ impl SetvarWriter {
         let mut st = self.shared.lock();
         if !st.live {
             let result = Err(st.closed.clone().into());
-            st.push_done(&self.shared, WriteDone { token, result });
+            self.shared.done.push(WriteDone { token, result });
             return;
         }
         let seq = st.next;
@@ -164,23 +215,12 @@ impl SetvarWriter {
 
     /// Moves every finished write into `into` (appended); returns how many.
     pub fn take(&self, into: &mut Vec<WriteDone>) -> usize {
-        let mut st = self.shared.lock();
-        let n = st.done.len();
-        into.append(&mut st.done);
-        n
+        self.shared.done.take(into)
     }
 
     /// Waits until at least one finished write can be taken.
     pub async fn completed(&self) {
-        loop {
-            let notified = self.shared.to_caller.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if !self.shared.lock().done.is_empty() {
-                return;
-            }
-            notified.await;
-        }
+        self.shared.done.completed().await;
     }
 
     /// Writes queued or sent and not yet reported.
@@ -218,14 +258,6 @@ impl State {
         }
     }
 
-    fn push_done(&mut self, shared: &Shared, done: WriteDone) {
-        let was_empty = self.done.is_empty();
-        self.done.push(done);
-        if was_empty {
-            shared.to_caller.notify_one();
-        }
-    }
-
     /// Drops answered (and expired) slots off the front.
     fn trim(&mut self) {
         while self.slots.front().is_some_and(|s| !s.open) {
@@ -236,12 +268,11 @@ impl State {
 
     /// Fails every write not yet reported and forgets the unsent bytes.
     fn fail_all(&mut self, shared: &Shared, err: &ClientError) {
-        let was_empty = self.done.is_empty();
         self.open = 0;
         self.conn_woken = false;
         for s in self.slots.drain(..) {
             if s.open {
-                self.done.push(WriteDone {
+                shared.done.push(WriteDone {
                     token: s.token,
                     result: Err(err.clone().into()),
                 });
@@ -250,9 +281,6 @@ impl State {
         self.base = self.next;
         self.out.clear();
         self.out_lens.clear();
-        if was_empty && !self.done.is_empty() {
-            shared.to_caller.notify_one();
-        }
     }
 }
 
@@ -270,19 +298,14 @@ impl Shared {
                 slots: VecDeque::new(),
                 open: 0,
                 conn_woken: false,
-                done: Vec::new(),
             }),
             to_conn: Notify::new(),
-            to_caller: Notify::new(),
+            done: Completions::default(),
         })
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn finish(&self, done: WriteDone) {
-        self.lock().push_done(self, done);
     }
 
     /// A session starts serving writes.
@@ -355,7 +378,7 @@ impl Shared {
             )),
             _ => Err(WriteError::Malformed(format!("{m:?}"))),
         };
-        st.push_done(self, WriteDone { token, result });
+        self.done.push(WriteDone { token, result });
         st.trim();
         st.wake_conn(self);
         true
@@ -384,13 +407,10 @@ impl Shared {
                     action: "Setvar".to_owned(),
                     after,
                 };
-                st.push_done(
-                    self,
-                    WriteDone {
-                        token,
-                        result: Err(err.into()),
-                    },
-                );
+                self.done.push(WriteDone {
+                    token,
+                    result: Err(err.into()),
+                });
             }
             i += 1;
         }

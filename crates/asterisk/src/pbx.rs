@@ -6,11 +6,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hintfed_ami::{
-    AmiClient, ClientConfig, ClientError, ClientEvent, DeviceStateChange, ExtensionStatus, Message,
-    PresenceStateChange, Response, SetvarWriter, WriteDone, WriteError, actions,
+    AmiClient, ClientConfig, ClientError, ClientEvent, Completions, DeviceStateChange,
+    ExtensionStatus, Message, PresenceStateChange, Response, SetvarWriter, WriteDone, WriteError,
+    actions,
 };
 use hintfed_transport::{LinkStatus, ReqClient, ReqClientConfig, SubClient, SubClientConfig};
-use tokio::sync::{Notify, broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc};
 use tracing::{debug, info, warn};
 
 use crate::event::{HintItem, PbxEvent, PresenceItem, classify};
@@ -121,48 +122,7 @@ enum Writes {
     /// Pipelined on the AMI connection, answers matched by `ActionID`.
     Ami(SetvarWriter),
     /// Over res_zmq_manager: a task per write (the REQ link serves one at a time anyway).
-    Zmq(Arc<ZmqDone>),
-}
-
-/// Finished writes over res_zmq_manager.
-#[derive(Debug, Default)]
-struct ZmqDone {
-    done: Mutex<Vec<SetvarDone>>,
-    notify: Notify,
-}
-
-impl ZmqDone {
-    fn push(&self, d: SetvarDone) {
-        self.done
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(d);
-        self.notify.notify_one();
-    }
-
-    fn take(&self, into: &mut Vec<SetvarDone>) -> usize {
-        let mut done = self.done.lock().unwrap_or_else(PoisonError::into_inner);
-        let n = done.len();
-        into.append(&mut done);
-        n
-    }
-
-    async fn completed(&self) {
-        loop {
-            let notified = self.notify.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if !self
-                .done
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .is_empty()
-            {
-                return;
-            }
-            notified.await;
-        }
-    }
+    Zmq(Arc<Completions<SetvarDone>>),
 }
 
 /// Handle to one Asterisk: cheap to clone. Events arrive on the receiver given by
