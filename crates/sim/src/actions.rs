@@ -13,28 +13,89 @@ use crate::server::{Shared, now_epoch};
 use crate::session::{Outcome, SessionCtx};
 use crate::state::{DeviceState, extension_state_text};
 
-/// Canonical spellings of the actions the simulator knows (Asterisk matches names ignoring
-/// case).
-const ACTIONS: &[&str] = &[
-    "Login",
-    "Challenge",
-    "Logoff",
-    "Ping",
-    "Events",
-    "Setvar",
-    "Getvar",
-    "DeviceStateList",
-    "PresenceStateList",
-    "ExtensionStateList",
-    "ExtensionState",
-    "Command",
-    "Originate",
-    "ListCommands",
-    "CoreStatus",
-    "SimSetDeviceState",
-    "SimRestart",
-    "SimStats",
-    "SimBlackhole",
+/// One action the simulator knows: canonical spelling (Asterisk matches names ignoring
+/// case), the `EVENT_FLAG_*` authority it is registered with in Asterisk (the user's `write`
+/// permissions must share a bit with it; 0: anyone logged in) and its `ListCommands`
+/// synopsis.
+struct ActionDef {
+    name: &'static str,
+    authority: u32,
+    synopsis: &'static str,
+}
+
+const fn def(name: &'static str, authority: u32, synopsis: &'static str) -> ActionDef {
+    ActionDef {
+        name,
+        authority,
+        synopsis,
+    }
+}
+
+const CALL_REPORTING: u32 = event::CALL | event::REPORTING;
+
+/// Every action, in `ListCommands` order. The `Sim*` admin actions need no permission: they
+/// drive the simulator, not the Asterisk it plays.
+const ACTIONS: &[ActionDef] = &[
+    def("Challenge", 0, "Generate Challenge for MD5 Auth."),
+    def("Command", event::COMMAND, "Execute Asterisk CLI Command."),
+    def(
+        "CoreStatus",
+        event::SYSTEM | event::REPORTING,
+        "Show PBX core status variables.",
+    ),
+    def(
+        "DeviceStateList",
+        CALL_REPORTING,
+        "List the current known device states.",
+    ),
+    def("Events", 0, "Control Event Flow."),
+    def("ExtensionState", CALL_REPORTING, "Check Extension Status."),
+    def(
+        "ExtensionStateList",
+        CALL_REPORTING,
+        "List the current known extension states.",
+    ),
+    def(
+        "Filter",
+        event::SYSTEM,
+        "Dynamically add filters for the current manager session.",
+    ),
+    def(
+        "Getvar",
+        CALL_REPORTING,
+        "Gets a channel variable or function value.",
+    ),
+    def("ListCommands", 0, "List available manager commands."),
+    def("Login", 0, "Login Manager."),
+    def("Logoff", 0, "Logoff Manager."),
+    def("Originate", event::ORIGINATE, "Originate a call."),
+    def("Ping", 0, "Keepalive command."),
+    def(
+        "PresenceStateList",
+        CALL_REPORTING,
+        "List the current known presence states.",
+    ),
+    def(
+        "Setvar",
+        event::CALL,
+        "Sets a channel variable or function value.",
+    ),
+    def(
+        "SimBlackhole",
+        0,
+        "hintfed-sim: stop answering (Seconds, Scope).",
+    ),
+    def(
+        "SimRestart",
+        0,
+        "hintfed-sim: simulate an Asterisk restart (DownSeconds).",
+    ),
+    def(
+        "SimSetDeviceState",
+        0,
+        "hintfed-sim: set any device state (Device, State).",
+    ),
+    def("SimStats", 0, "hintfed-sim: simulator counters."),
 ];
 
 /// `Response: <kind>` plus `ActionID` when the request had a non-empty one.
@@ -72,13 +133,10 @@ pub(crate) async fn handle(shared: &Arc<Shared>, ctx: &mut SessionCtx, req: &Mes
     let Some(action) = req.action_name().map(str::trim).filter(|a| !a.is_empty()) else {
         return Outcome::reply(error(req, "Missing action in request"));
     };
-    let canonical = ACTIONS
-        .iter()
-        .find(|a| a.eq_ignore_ascii_case(action))
-        .copied();
+    let known = ACTIONS.iter().find(|a| a.name.eq_ignore_ascii_case(action));
     {
         let mut inner = shared.lock();
-        let counted = canonical.unwrap_or(action);
+        let counted = known.map_or(action, |a| a.name);
         // Counted without a new String per action once the name is known.
         match inner.stats.actions.get_mut(counted) {
             Some(n) => *n += 1,
@@ -87,8 +145,15 @@ pub(crate) async fn handle(shared: &Arc<Shared>, ctx: &mut SessionCtx, req: &Mes
             }
         }
     }
-    let name = canonical.unwrap_or("");
+    let name = known.map_or("", |a| a.name);
     if !ctx.authenticated && !matches!(name, "Login" | "Logoff" | "Challenge") {
+        return Outcome::reply(error(req, "Permission denied"));
+    }
+    // `process_message`: any shared bit is enough.
+    if let Some(a) = known
+        && a.authority != 0
+        && shared.cfg.write & a.authority == 0
+    {
         return Outcome::reply(error(req, "Permission denied"));
     }
     match name {
@@ -107,6 +172,7 @@ pub(crate) async fn handle(shared: &Arc<Shared>, ctx: &mut SessionCtx, req: &Mes
             )
         }
         "Events" => events(ctx, req),
+        "Filter" => filter(ctx, req),
         "Setvar" => setvar(shared, req),
         "Getvar" => getvar(shared, req),
         "DeviceStateList" => device_state_list(shared, req),
@@ -115,7 +181,7 @@ pub(crate) async fn handle(shared: &Arc<Shared>, ctx: &mut SessionCtx, req: &Mes
         "ExtensionState" => extension_state(shared, req),
         "Command" => command(shared, req),
         "Originate" => originate(shared, req),
-        "ListCommands" => list_commands(req),
+        "ListCommands" => list_commands(shared, req),
         "CoreStatus" => core_status(shared, req),
         "SimSetDeviceState" => sim_set_device_state(shared, req),
         "SimRestart" => sim_restart(shared, req),
@@ -166,6 +232,13 @@ async fn login(shared: &Arc<Shared>, ctx: &mut SessionCtx, req: &Message) -> Out
         return Outcome::reply(error(req, "Authentication failed")).closing();
     }
     ctx.authenticated = true;
+    for f in &cfg.event_filters {
+        // Checked by the command line; a bad one from elsewhere is skipped, as Asterisk
+        // skips an eventfilter line that does not compile.
+        if let Err(e) = ctx.filters.add(f) {
+            tracing::warn!(filter = %f, error = %e, "eventfilter does not compile; ignored");
+        }
+    }
     if let Some(mask) = req.get("Events").and_then(event::parse_mask) {
         ctx.mask = mask;
     }
@@ -598,74 +671,30 @@ fn core_status(shared: &Arc<Shared>, req: &Message) -> Outcome {
     )
 }
 
-/// `ListCommands`: `<Action>: <Synopsis> (Priv: <classes>)` per action.
-fn list_commands(req: &Message) -> Outcome {
-    const SYNOPSES: &[(&str, &str, &str)] = &[
-        ("Challenge", "Generate Challenge for MD5 Auth.", "<none>"),
-        ("Command", "Execute Asterisk CLI Command.", "command,all"),
-        (
-            "CoreStatus",
-            "Show PBX core status variables.",
-            "system,reporting,all",
-        ),
-        (
-            "DeviceStateList",
-            "List the current known device states.",
-            "call,reporting,all",
-        ),
-        ("Events", "Control Event Flow.", "<none>"),
-        (
-            "ExtensionState",
-            "Check Extension Status.",
-            "call,reporting,all",
-        ),
-        (
-            "ExtensionStateList",
-            "List the current known extension states.",
-            "call,reporting,all",
-        ),
-        (
-            "Getvar",
-            "Gets a channel variable or function value.",
-            "call,reporting,all",
-        ),
-        ("ListCommands", "List available manager commands.", "<none>"),
-        ("Login", "Login Manager.", "<none>"),
-        ("Logoff", "Logoff Manager.", "<none>"),
-        ("Originate", "Originate a call.", "originate,all"),
-        ("Ping", "Keepalive command.", "<none>"),
-        (
-            "PresenceStateList",
-            "List the current known presence states.",
-            "call,reporting,all",
-        ),
-        (
-            "Setvar",
-            "Sets a channel variable or function value.",
-            "call,all",
-        ),
-        (
-            "SimBlackhole",
-            "hintfed-sim: stop answering (Seconds, Scope).",
-            "system,all",
-        ),
-        (
-            "SimRestart",
-            "hintfed-sim: simulate an Asterisk restart (DownSeconds).",
-            "system,all",
-        ),
-        (
-            "SimSetDeviceState",
-            "hintfed-sim: set any device state (Device, State).",
-            "system,all",
-        ),
-        ("SimStats", "hintfed-sim: simulator counters.", "system,all"),
-    ];
+/// `ListCommands`: `<Action>: <Synopsis> (Priv: <classes>)` per action the user may run.
+fn list_commands(shared: &Arc<Shared>, req: &Message) -> Outcome {
     let mut m = response("Success", req);
-    for (name, synopsis, privs) in SYNOPSES {
-        m.push(*name, format!("{synopsis} (Priv: {privs})"));
+    for a in ACTIONS {
+        if a.authority == 0 || shared.cfg.write & a.authority != 0 {
+            let privs = event::privilege(a.authority);
+            m.push(a.name, format!("{} (Priv: {privs})", a.synopsis));
+        }
     }
     Outcome::reply(m)
+}
+
+/// `Filter` (`action_filter`): `Operation: Add` and a filter for this session's events.
+fn filter(ctx: &mut SessionCtx, req: &Message) -> Outcome {
+    if !header(req, "Operation").eq_ignore_ascii_case("Add") {
+        return Outcome::reply(error(req, "Unknown operation"));
+    }
+    match ctx.filters.add(header(req, "Filter")) {
+        Ok(()) => Outcome::reply(ack(req, "Success")),
+        Err(_) => Outcome::reply(error(
+            req,
+            "Filter did not compile.  Check the syntax of the filter given.",
+        )),
+    }
 }
 
 fn sim_set_device_state(shared: &Arc<Shared>, req: &Message) -> Outcome {

@@ -103,6 +103,16 @@ pub struct Args {
     #[arg(long)]
     pub no_duplicate_events: bool,
 
+    /// The AMI user's `write =` permissions (manager.conf), e.g. `call` (then `Filter`,
+    /// which needs `system`, is refused with `Permission denied`).
+    #[arg(long, value_name = "PERMS", default_value = "all", value_parser = parse_perms)]
+    pub write: u32,
+
+    /// An `eventfilter =` line of the AMI user (manager.conf), repeatable: a regex run on each
+    /// event's whole text; `!` first drops the events it matches (e.g. `!Device: Custom:`).
+    #[arg(long = "eventfilter", value_name = "FILTER", value_parser = parse_filter)]
+    pub event_filters: Vec<String>,
+
     /// Asterisk's writetimeout: a client whose socket blocks a write this long is dropped.
     #[arg(long, value_name = "MS", default_value_t = 1000)]
     pub write_timeout_ms: u64,
@@ -189,6 +199,8 @@ impl Args {
                 name: self.name.get(i).cloned(),
                 username: self.username.clone(),
                 secret: self.secret.clone(),
+                write: self.write,
+                event_filters: self.event_filters.clone(),
                 dialplan: dialplan.clone(),
                 phone_duplicates: !self.no_duplicate_events,
                 write_timeout: Duration::from_millis(self.write_timeout_ms),
@@ -213,9 +225,50 @@ impl Args {
     }
 }
 
+/// `--write`: Asterisk's permission list (`call,system`, `all`, a number).
+fn parse_perms(v: &str) -> Result<u32, String> {
+    crate::event::parse_mask(v).ok_or_else(|| "empty permission list".to_owned())
+}
+
+/// `--eventfilter`: must compile.
+fn parse_filter(v: &str) -> Result<String, String> {
+    crate::filter::EventFilters::default()
+        .add(v)
+        .map(|()| v.to_owned())
+        .map_err(|e| e.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn write_permissions_and_event_filters() {
+        let cfgs = Args::parse_from([
+            "hintfed-sim",
+            "--write",
+            "call",
+            "--eventfilter",
+            "!Device: Custom:",
+            "--eventfilter",
+            "Event: DeviceStateChange",
+        ])
+        .into_configs()
+        .expect("configs");
+        assert_eq!(cfgs[0].write, crate::event::CALL);
+        assert_eq!(
+            cfgs[0].event_filters,
+            ["!Device: Custom:", "Event: DeviceStateChange"]
+        );
+        assert!(Args::try_parse_from(["hintfed-sim", "--eventfilter", "!(x"]).is_err());
+        assert_eq!(
+            Args::parse_from(["hintfed-sim"])
+                .into_configs()
+                .expect("configs")[0]
+                .write,
+            crate::event::ALL
+        );
+    }
 
     #[test]
     fn pairs_names_with_listens() {

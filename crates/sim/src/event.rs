@@ -1,14 +1,22 @@
 //! Manager events as the simulator broadcasts them: a [`Message`] plus the event class
 //! (`EVENT_FLAG_*` of Asterisk's `manager.h`) sessions filter on, and the `Events` mask parser.
 
+use std::sync::OnceLock;
+
 use hintfed_ami::Message;
 
 /// `EVENT_FLAG_SYSTEM`.
 pub const SYSTEM: u32 = 1;
 /// `EVENT_FLAG_CALL`.
 pub const CALL: u32 = 2;
+/// `EVENT_FLAG_COMMAND`.
+pub const COMMAND: u32 = 16;
+/// `EVENT_FLAG_REPORTING`.
+pub const REPORTING: u32 = 512;
 /// `EVENT_FLAG_DIALPLAN`.
 pub const DIALPLAN: u32 = 2048;
+/// `EVENT_FLAG_ORIGINATE`.
+pub const ORIGINATE: u32 = 4096;
 /// `EVENT_FLAG_SECURITY`.
 pub const SECURITY: u32 = 131_072;
 /// Every class (`all`).
@@ -80,13 +88,23 @@ pub fn parse_mask(value: &str) -> Option<u32> {
 }
 
 /// One event: its class (for the mask) and the message as sent.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct SimEvent {
     /// The event class, one of the flags above.
     pub category: u32,
     /// The complete message, `Event:` first.
     pub message: Message,
+    /// The message as text, made once for the sessions that filter events.
+    text: OnceLock<String>,
 }
+
+impl PartialEq for SimEvent {
+    fn eq(&self, other: &Self) -> bool {
+        self.category == other.category && self.message == other.message
+    }
+}
+
+impl Eq for SimEvent {}
 
 impl SimEvent {
     /// A manager event as `manager_event()` formats it: `Event`, `Privilege`, `SystemName`
@@ -101,7 +119,26 @@ impl SimEvent {
         for (k, v) in body.headers() {
             message.push(k, v);
         }
-        Self { category, message }
+        Self {
+            category,
+            message,
+            text: OnceLock::new(),
+        }
+    }
+
+    /// The event's text as Asterisk matches session filters against it: every line
+    /// `Key: Value\r\n`, `Event:` first (made on first use, then kept).
+    pub fn text(&self) -> &str {
+        self.text.get_or_init(|| {
+            let mut t = String::with_capacity(self.message.text_len() + 4 * self.message.len());
+            for (k, v) in self.message.headers() {
+                t.push_str(k);
+                t.push_str(": ");
+                t.push_str(v);
+                t.push_str("\r\n");
+            }
+            t
+        })
     }
 
     /// Whether a session with event mask `mask` receives this event (Asterisk checks read

@@ -11,7 +11,8 @@
 //! - [`server`] owns one simulated Asterisk ([`SimServer::spawn`] → [`SimHandle`]): listener,
 //!   shared state, event broadcast, load tasks;
 //! - `session` serves one TCP connection (banner, actions in, responses and events out) and
-//!   `actions` answers each action;
+//!   `actions` answers each action (with the user's `write` permissions);
+//! - [`filter`] holds a session's event filters (`eventfilter` lines, the `Filter` action);
 //! - [`kafka`] (the app_ami_kafka mode) publishes every event of a server to a Kafka topic,
 //!   laid out like the real module's records (JSON or AMI text bodies);
 //! - [`load`] parses scripts and generates seeded random phone changes;
@@ -24,6 +25,7 @@ mod actions;
 pub mod cli;
 pub mod event;
 pub mod extensions;
+pub mod filter;
 pub mod kafka;
 pub mod load;
 pub mod server;

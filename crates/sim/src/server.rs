@@ -34,6 +34,13 @@ pub struct SimConfig {
     pub username: String,
     /// Its secret (plain `Secret:` or MD5 `Key:`).
     pub secret: String,
+    /// Its `write =` permissions (`EVENT_FLAG_*` bits): an action runs when they share a
+    /// bit with the action's authority (or it needs none), else `Permission denied`.
+    /// Default: every class.
+    pub write: u32,
+    /// Its `eventfilter =` lines, copied into each session at login (see
+    /// [`crate::filter::EventFilters`]).
+    pub event_filters: Vec<String>,
     /// Hints and globals (from an `extensions.conf`).
     pub dialplan: Dialplan,
     /// Phones (not `Custom:`, not `Local/`) emit each DeviceStateChange twice.
@@ -73,6 +80,8 @@ impl Default for SimConfig {
             name: None,
             username: "admin".to_owned(),
             secret: "adminsecret".to_owned(),
+            write: crate::event::ALL,
+            event_filters: Vec::new(),
             dialplan: Dialplan::default(),
             phone_duplicates: true,
             write_timeout: Duration::from_millis(1000),
@@ -100,6 +109,8 @@ impl std::fmt::Debug for SimConfig {
             .field("name", &self.name)
             .field("username", &self.username)
             .field("secret", &"<redacted>")
+            .field("write", &self.write)
+            .field("event_filters", &self.event_filters)
             .field("hints", &self.dialplan.hints.len())
             .field("phone_duplicates", &self.phone_duplicates)
             .field("write_timeout", &self.write_timeout)

@@ -73,6 +73,8 @@ pub(crate) struct SessionCtx {
     pub(crate) challenge: Option<String>,
     /// `send_events`: the classes this session wants.
     pub(crate) mask: u32,
+    /// Event filters: the user's `eventfilter` lines from login on, plus `Filter` actions.
+    pub(crate) filters: crate::filter::EventFilters,
     /// Blackhole of this connection only (`SimBlackhole` with `Scope: connection`).
     pub(crate) blackhole_until: Option<Instant>,
     pub(crate) rx: Option<broadcast::Receiver<Arc<SimEvent>>>,
@@ -171,6 +173,14 @@ fn write_done(
 }
 
 impl SessionCtx {
+    /// Whether this session receives `ev`: logged in, the event's class in its mask, and
+    /// passing its filters.
+    fn wants(&self, ev: &SimEvent) -> bool {
+        self.authenticated
+            && ev.passes(self.mask)
+            && (self.filters.is_empty() || self.filters.passes(ev.text()))
+    }
+
     fn blackholed(&self, shared: &Shared) -> bool {
         self.blackhole_until.is_some_and(|t| Instant::now() < t)
             || shared.blackholed(&shared.lock())
@@ -222,6 +232,7 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
         authenticated: false,
         challenge: None,
         mask: event::ALL,
+        filters: crate::filter::EventFilters::default(),
         blackhole_until: None,
         rx: None,
     };
@@ -232,9 +243,9 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
             _ = gen_rx.changed() => {
                 // Restart: deliver what was already broadcast (the Shutdown event), then go.
                 let mut last = Vec::new();
-                if let Some(rx) = ctx.rx.as_mut() {
+                if let Some(mut rx) = ctx.rx.take() {
                     while let Ok(ev) = rx.try_recv() {
-                        if ctx.authenticated && ev.passes(ctx.mask) {
+                        if ctx.wants(&ev) {
                             last.push(ev.message.clone());
                         }
                     }
@@ -244,7 +255,7 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
             }
             ev = recv_event(&mut ctx.rx) => match ev {
                 Ok(ev) => {
-                    if !ctx.authenticated || !ev.passes(ctx.mask) || ctx.blackholed(shared) {
+                    if !ctx.wants(&ev) || ctx.blackholed(shared) {
                         continue;
                     }
                     let msgs = vec![ev.message.clone()];

@@ -89,6 +89,114 @@ async fn events_mask_filters_by_class() {
     );
 }
 
+fn filter(f: &str) -> Message {
+    Message::action("Filter")
+        .with("Operation", "Add")
+        .with("Filter", f)
+}
+
+#[tokio::test]
+async fn filter_action_drops_matching_events_but_never_list_items() {
+    let sim = spawn(capture_config("pbx-a")).await;
+    let mut c = Client::login(sim.local_addr(), &[("Events", "call")]).await;
+    let (_, r) = c.action(filter("!Device: Custom:"), "f1").await;
+    assert_eq!(
+        (r.response(), r.get("Message")),
+        (Some("Success"), Some("Success"))
+    );
+    let (_, r) = c.action(filter("!Event: ExtensionStatus"), "f2").await;
+    assert_eq!(r.response(), Some("Success"));
+    let (ev, r) = c
+        .action(setvar("DEVICE_STATE(Custom:dnd300)", "BUSY"), "s1")
+        .await;
+    assert_eq!(r.get("Message"), Some("Variable Set"));
+    assert!(ev.is_empty());
+    sim.set_device_state("PJSIP/7", DeviceState::Ringing)
+        .expect("phone");
+    let got = c.events_before_ping("p").await;
+    assert_eq!(
+        names(&got),
+        [
+            "DeviceStateChange PJSIP/7 RINGING",
+            "DeviceStateChange PJSIP/7 RINGING"
+        ]
+    );
+    // List items are written to the session directly: never filtered.
+    c.send(Message::action("DeviceStateList").with("ActionID", "l"))
+        .await;
+    let items = c
+        .until(|m| m.event() == Some("DeviceStateListComplete"))
+        .await;
+    assert!(
+        names(&items).contains(&"DeviceStateChange Custom:dnd300 BUSY".to_owned()),
+        "{items:?}"
+    );
+    // Another session has its own filters (none).
+    let mut other = Client::login(sim.local_addr(), &[("Events", "call")]).await;
+    c.action(setvar("DEVICE_STATE(Custom:dnd300)", "INUSE"), "s2")
+        .await;
+    assert_eq!(
+        names(&other.events_before_ping("p2").await),
+        [
+            "DeviceStateChange Custom:dnd300 INUSE",
+            "ExtensionStatus 300 1"
+        ]
+    );
+    // Asterisk's refusals.
+    let (_, r) = c
+        .action(
+            Message::action("Filter")
+                .with("Operation", "Remove")
+                .with("Filter", "x"),
+            "f3",
+        )
+        .await;
+    assert_eq!(r.get("Message"), Some("Unknown operation"));
+    let (_, r) = c.action(filter("!Device: (Custom"), "f4").await;
+    assert_eq!(
+        r.get("Message"),
+        Some("Filter did not compile.  Check the syntax of the filter given.")
+    );
+}
+
+#[tokio::test]
+async fn write_permissions_and_eventfilter_lines_as_in_manager_conf() {
+    // write = call: Filter (system) is refused, Setvar (call) runs, Command (command) not;
+    // ListCommands names only what the user may run.
+    let sim = spawn(SimConfig {
+        write: hintfed_sim::event::CALL,
+        event_filters: vec!["!Device: Custom:".to_owned()],
+        ..capture_config("pbx-a")
+    })
+    .await;
+    let mut c = Client::login(sim.local_addr(), &[("Events", "call")]).await;
+    let (_, r) = c.action(filter("!Event: ExtensionStatus"), "f").await;
+    assert_eq!(
+        (r.response(), r.get("Message")),
+        (Some("Error"), Some("Permission denied"))
+    );
+    let (_, r) = c
+        .action(
+            Message::action("Command").with("Command", "core show uptime"),
+            "c",
+        )
+        .await;
+    assert_eq!(r.get("Message"), Some("Permission denied"));
+    let (_, r) = c.action(Message::action("ListCommands"), "lc").await;
+    assert!(r.get("Setvar").is_some() && r.get("Ping").is_some());
+    assert!(r.get("Filter").is_none() && r.get("Command").is_none());
+    // The eventfilter line holds from login: the Custom: change is not sent, its hint is.
+    let (ev, r) = c
+        .action(setvar("DEVICE_STATE(Custom:dnd300)", "BUSY"), "s")
+        .await;
+    assert_eq!(r.get("Message"), Some("Variable Set"));
+    assert!(ev.is_empty());
+    assert_eq!(
+        names(&c.events_before_ping("p").await),
+        ["ExtensionStatus 300 2"]
+    );
+}
+
 #[tokio::test]
 async fn admin_actions_and_stats() {
     let sim = spawn(capture_config("pbx-a")).await;

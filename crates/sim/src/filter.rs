@@ -1,0 +1,95 @@
+//! A manager session's event filters, as Asterisk keeps them (`main/manager.c`): the user's
+//! `eventfilter` lines of `manager.conf`, copied into each session at login, plus what the
+//! session adds with the `Filter` action.
+//!
+//! A filter is a regular expression run, unanchored, on the whole text of an event as
+//! queued for the sessions (`Event:` and `Privilege:` lines first, `\r\n` after each line).
+//! A leading `!` makes it exclude (Asterisk's "black" filter). With no filter every event
+//! passes; with include filters only, an event passes when one matches; with exclude filters
+//! only, when none matches; with both, when an include matches and no exclude does. Filters
+//! apply to events only: responses and the items of list actions are written to the
+//! session directly and never filtered.
+//!
+//! The difference, stated: Asterisk compiles with POSIX `regcomp` (basic syntax up to 20.x,
+//! extended since the filter rework); the simulator uses the `regex` crate, which reads the
+//! usual patterns (literals, `.`, `*`, classes, anchors) the same way.
+
+use regex::Regex;
+
+/// The filters of one session.
+#[derive(Debug, Clone, Default)]
+pub struct EventFilters {
+    include: Vec<Regex>,
+    exclude: Vec<Regex>,
+}
+
+impl EventFilters {
+    /// Adds one filter (`!` first: exclude). The error is the `regex` crate's.
+    pub fn add(&mut self, filter: &str) -> Result<(), regex::Error> {
+        match filter.strip_prefix('!') {
+            Some(pattern) => self.exclude.push(Regex::new(pattern)?),
+            None => self.include.push(Regex::new(filter)?),
+        }
+        Ok(())
+    }
+
+    /// Whether no filter is set (every event passes without looking at its text).
+    pub fn is_empty(&self) -> bool {
+        self.include.is_empty() && self.exclude.is_empty()
+    }
+
+    /// Whether an event whose whole text is `text` reaches the session.
+    pub fn passes(&self, text: &str) -> bool {
+        (self.include.is_empty() || self.include.iter().any(|r| r.is_match(text)))
+            && !self.exclude.iter().any(|r| r.is_match(text))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CUSTOM: &str =
+        "Event: DeviceStateChange\r\nPrivilege: call,all\r\nDevice: Custom:100\r\nState: BUSY\r\n";
+    const PHONE: &str =
+        "Event: DeviceStateChange\r\nPrivilege: call,all\r\nDevice: PJSIP/100\r\nState: BUSY\r\n";
+    const HINT: &str = "Event: ExtensionStatus\r\nPrivilege: call,all\r\nExten: 100\r\n";
+
+    fn filters(list: &[&str]) -> EventFilters {
+        let mut f = EventFilters::default();
+        for s in list {
+            f.add(s).expect("valid filter");
+        }
+        f
+    }
+
+    #[test]
+    fn no_filter_passes_everything() {
+        let f = filters(&[]);
+        assert!(f.is_empty());
+        assert!([CUSTOM, PHONE, HINT].iter().all(|t| f.passes(t)));
+    }
+
+    #[test]
+    fn exclude_only_drops_what_matches() {
+        let f = filters(&["!Device: Custom:", "!Event: ExtensionStatus"]);
+        assert!(!f.passes(CUSTOM));
+        assert!(f.passes(PHONE));
+        assert!(!f.passes(HINT));
+    }
+
+    #[test]
+    fn include_only_keeps_what_matches_and_exclude_wins_over_include() {
+        let f = filters(&["Event: DeviceStateChange"]);
+        assert!(f.passes(CUSTOM) && f.passes(PHONE) && !f.passes(HINT));
+        let f = filters(&["Event: DeviceStateChange", "!Device: Custom:"]);
+        assert!(!f.passes(CUSTOM) && f.passes(PHONE) && !f.passes(HINT));
+    }
+
+    #[test]
+    fn a_bad_pattern_is_refused_and_not_added() {
+        let mut f = EventFilters::default();
+        assert!(f.add("!Device: (Custom").is_err());
+        assert!(f.is_empty());
+    }
+}
