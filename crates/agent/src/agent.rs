@@ -50,6 +50,7 @@ pub fn ami_client_config(a: &AsteriskConfig) -> ClientConfig {
             insecure_skip_verify: a.tls_insecure,
         });
     }
+    c.event_filters = a.event_filters.clone();
     c.action_timeout = a.request_timeout.max(MIN_AMI_ACTION_TIMEOUT);
     c.event_buffer = AMI_EVENT_BUFFER;
     c.connect_timeout = Duration::from_secs(5);
@@ -186,6 +187,7 @@ async fn drive<T: FederationTransport + 'static>(
     let mut task = tokio::spawn(relay.run(shutdown));
     let mut current = cfg.reloadable();
     let mut current_cfg = cfg.clone();
+    let filters_in_force = cfg.asterisk.event_filters.clone();
     loop {
         tokio::select! {
             r = &mut task => {
@@ -217,11 +219,26 @@ async fn drive<T: FederationTransport + 'static>(
                         continue;
                     }
                 };
+                // The AMI event filters follow `exclude`, but Asterisk keeps a session's
+                // filters until it ends.
+                let filters = &new.asterisk.event_filters;
+                let asterisk_changed = AsteriskConfig {
+                    event_filters: filters.clone(),
+                    ..current_cfg.asterisk.clone()
+                } != new.asterisk;
                 if new.general.name != current_cfg.general.name
-                    || new.asterisk != current_cfg.asterisk
+                    || asterisk_changed
                     || new.federation.servers != current_cfg.federation.servers
                 {
                     warn!("reload: [general] name, [asterisk] and servers take effect after a restart");
+                }
+                if *filters != filters_in_force {
+                    warn!(
+                        in_force = ?filters_in_force,
+                        after_restart = ?filters,
+                        "reload: the new exclude changes the AMI event filters, which take effect \
+                         after a restart (until then Asterisk filters as before)"
+                    );
                 }
                 let next = new.reloadable();
                 let mut changed = Vec::new();

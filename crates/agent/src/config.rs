@@ -21,6 +21,7 @@
 //! zmq_evt = tcp://127.0.0.1:33333
 //! zmq_cmd = tcp://127.0.0.1:44444
 //! request_timeout = 1000    ; ms
+//! filter_events = yes       ; AMI Filter: no ExtensionStatus, no Custom: echoes (see below)
 //! kafka_topic = asterisk_ami  ; source = kafka: the topic app_ami_kafka writes
 //! kafka_brokers = ...       ; default: [kafka] brokers
 //! kafka_system_name = pbx-a ; whose records are ours (default: [general] name)
@@ -54,6 +55,14 @@
 //! `/etc/hostname`, else `$HOSTNAME`), with a configuration warning (logged once at start and
 //! printed by `--check-config`, whose output shows the name in force); an explicit empty
 //! `name =` is an error, as is no name at all when the host name cannot be read.
+//! `[asterisk] filter_events` (default yes, AMI events only): after each login the agent asks
+//! Asterisk (AMI `Filter`, the user needs `write = system`) not to send it `ExtensionStatus`
+//! events, which it never reads, and, when `[federation] exclude` drops every `Custom:`
+//! device (the default `^Custom:`; see [`drops_every_custom`]), the `DeviceStateChange` of
+//! `Custom:` devices: the echoes of its own writes, one per write. Refused (no `system`
+//! write permission): an info line, and everything still works with the events unfiltered;
+//! `eventfilter` lines in `manager.conf` do the same without that permission (see
+//! `deploy/asterisk/manager.conf`).
 //! Limitations, stated: the SystemName Asterisk reports is not used as a default; `include`/`exclude` hold one regular expression each (a regex may
 //! contain commas).
 
@@ -122,6 +131,7 @@ const ASTERISK: &[&str] = &[
     "zmq_evt",
     "zmq_cmd",
     "request_timeout",
+    "filter_events",
     "kafka_topic",
     "kafka_brokers",
     "kafka_system_name",
@@ -196,6 +206,11 @@ pub struct AsteriskConfig {
     /// Timeout of one action.
     #[serde(serialize_with = "ser::duration")]
     pub request_timeout: Duration,
+    /// `filter_events`: ask Asterisk not to send the AMI events the agent ignores.
+    pub filter_events: bool,
+    /// The AMI event filters added after each login (from `filter_events`, `source` and
+    /// `[federation] exclude`; see the module documentation).
+    pub event_filters: Vec<String>,
     /// `source = kafka`: app_ami_kafka's topic.
     pub kafka_topic: String,
     /// `source = kafka`: its brokers (default: `[kafka] brokers`).
@@ -330,6 +345,7 @@ impl AgentConfig {
         let mut asterisk = asterisk(file)?;
         let federation = federation(file, &general)?;
         let kafka = kafka(file, &federation, &mut asterisk, &general)?;
+        asterisk.event_filters = event_filters(&asterisk, &federation);
         let http = file.section("http");
         http.reject_unknown_keys(HTTP_KEYS)?;
         Ok(AgentConfig {
@@ -403,6 +419,35 @@ fn general(file: &ConfigFile) -> Result<GeneralConfig, ConfigError> {
         device_state: s.bool_or("device_state", true)?,
         presence: s.bool_or("presence", true)?,
     })
+}
+
+/// AMI filter of the `ExtensionStatus` events (hints; the agent reads hints by listing them).
+pub const FILTER_EXTENSION_STATUS: &str = "!Event: ExtensionStatus";
+/// AMI filter of the `DeviceStateChange` of `Custom:` devices.
+pub const FILTER_CUSTOM_DEVICES: &str = "!Device: Custom:";
+
+/// The AMI event filters of `[asterisk] filter_events`: none unless events come over AMI.
+fn event_filters(a: &AsteriskConfig, f: &FederationConfig) -> Vec<String> {
+    if !a.filter_events || a.source != Via::Ami {
+        return Vec::new();
+    }
+    let mut filters = vec![FILTER_EXTENSION_STATUS.to_owned()];
+    if f.exclude.as_deref().is_some_and(drops_every_custom) {
+        filters.push(FILTER_CUSTOM_DEVICES.to_owned());
+    }
+    filters
+}
+
+/// Whether the `exclude` regex `pattern` surely matches every `Custom:` device name: one of
+/// its top-level alternatives is `^Custom:`, `^Custom:.*` or `^Custom:.+` (only patterns
+/// without groups, classes or escapes are split into alternatives; others count as no).
+pub fn drops_every_custom(pattern: &str) -> bool {
+    if pattern.contains(['(', '[', '\\']) {
+        return matches!(pattern, "^Custom:" | "^Custom:.*" | "^Custom:.+");
+    }
+    pattern
+        .split('|')
+        .any(|alt| matches!(alt, "^Custom:" | "^Custom:.*" | "^Custom:.+"))
 }
 
 fn via(s: &Section<'_>, key: &str, allow_kafka: bool) -> Result<Via, ConfigError> {
@@ -480,6 +525,8 @@ fn asterisk(file: &ConfigFile) -> Result<AsteriskConfig, ConfigError> {
         zmq_evt: endpoint(&s, "zmq_evt", defaults::ZMQ_EVT)?,
         zmq_cmd: endpoint(&s, "zmq_cmd", defaults::ZMQ_CMD)?,
         request_timeout,
+        filter_events: s.bool_or("filter_events", true)?,
+        event_filters: Vec::new(),
         kafka_topic: s
             .str("kafka_topic")
             .unwrap_or(defaults::KAFKA_SOURCE_TOPIC)
@@ -833,6 +880,60 @@ shared_key = k1
         let f = c.federation.device_filter();
         assert!(f.allows("PJSIP/100"));
         assert!(!f.allows("Custom:PJSIP/100"));
+    }
+
+    #[test]
+    fn event_filters_follow_the_source_and_exclude() {
+        let both = [FILTER_EXTENSION_STATUS, FILTER_CUSTOM_DEVICES];
+        assert_eq!(load(GOOD).expect("valid").asterisk.event_filters, both);
+        let with = |asterisk: &str, federation: &str| {
+            let text = GOOD
+                .replace("[asterisk]\n", &format!("[asterisk]\n{asterisk}"))
+                .replace("[federation]\n", &format!("[federation]\n{federation}"));
+            load(&text).expect("valid").asterisk.event_filters
+        };
+        assert_eq!(with("", "exclude = ^Custom:.*|^Local/\n"), both);
+        assert!(with("filter_events = no\n", "").is_empty());
+        // Custom: devices federated (or maybe): their events must keep coming.
+        for exclude in ["^Local/", "^Custom:foo", "(^Custom:)", "^custom:"] {
+            assert_eq!(
+                with("", &format!("exclude = {exclude}\n")),
+                [FILTER_EXTENSION_STATUS],
+                "{exclude}"
+            );
+        }
+        // Events that do not come over AMI are not filtered there.
+        let zmq = "source = zmq\nzmq_evt = tcp://127.0.0.1:1\nzmq_cmd = tcp://127.0.0.1:2\n";
+        assert!(with(zmq, "").is_empty());
+        assert!(
+            err(&GOOD.replace("[asterisk]\n", "[asterisk]\nfilter_events = maybe\n"))
+                .contains("[asterisk] filter_events")
+        );
+    }
+
+    #[test]
+    fn drops_every_custom_is_sure_or_says_no() {
+        for yes in [
+            "^Custom:",
+            "^Custom:.*",
+            "^Custom:.+",
+            "^Local/|^Custom:",
+            "^Custom:|x",
+        ] {
+            assert!(drops_every_custom(yes), "{yes}");
+        }
+        for no in [
+            "",
+            " ^Custom:",
+            "Custom:",
+            "^Custom",
+            "^Custom:a",
+            "^(Custom:)",
+            "[^]Custom:",
+            "^Custom:\\d",
+        ] {
+            assert!(!drops_every_custom(no), "{no}");
+        }
     }
 
     #[test]

@@ -190,3 +190,80 @@ fn the_annotated_example_config_loads() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(String::from_utf8_lossy(&out.stdout).contains("name = pbx-a"));
 }
+
+/// An agent of `exclude` (none: the default) on a simulated Asterisk whose AMI user has
+/// `write` permissions, with no hub reachable.
+async fn agent_on_sim(
+    dir: &Path,
+    write: u32,
+    exclude: Option<&str>,
+) -> (hintfed_sim::SimHandle, Proc, String) {
+    let sim = hintfed_sim::SimServer::spawn(hintfed_sim::SimConfig {
+        write,
+        ..hintfed_sim::SimConfig::default()
+    })
+    .await
+    .expect("sim");
+    let mut text = good(
+        &exclude
+            .map(|e| format!("exclude = {e}\n"))
+            .unwrap_or_default(),
+    );
+    text = text
+        .replace(
+            &text[text.find("port = ").expect("port")..text.find("\nusername").expect("user")],
+            &format!("port = {}", sim.local_addr().port()),
+        )
+        .replace("username = hintfed", "username = admin")
+        .replace("secret = very-secret-ami", "secret = adminsecret");
+    let path = config(dir, &text);
+    let d = Proc::spawn("agent", Path::new(BIN), &["--config".to_owned(), path]);
+    (sim, d, text)
+}
+
+fn filters_asked(sim: &hintfed_sim::SimHandle) -> u64 {
+    sim.stats().actions.get("Filter").copied().unwrap_or(0)
+}
+
+#[tokio::test]
+async fn asterisk_is_asked_not_to_send_the_events_the_agent_ignores() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sim, mut d, text) = agent_on_sim(dir.path(), hintfed_sim::event::ALL, None).await;
+    hintfed_testkit::wait::eventually("both filters asked, then the listing", || {
+        filters_asked(&sim) == 2
+            && sim
+                .stats()
+                .actions
+                .get("DeviceStateList")
+                .copied()
+                .unwrap_or(0)
+                >= 1
+    })
+    .await;
+    assert!(!d.has("did not take the event filter"), "{:?}", d.lines());
+    // An exclude that lets Custom: devices through changes the filters, but Asterisk keeps a
+    // session's filters: the reload says so.
+    std::fs::write(dir.path().join("agent.ini"), text + "exclude = ^Local/\n").expect("rewrite");
+    d.signal("HUP");
+    wait_line(&d, "changes the AMI event filters").await;
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(WITHIN).await, Some(0));
+
+    // A user without write = system: refused with a warning, and the agent works on.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (sim, mut d, _) = agent_on_sim(dir.path(), hintfed_sim::event::CALL, None).await;
+    wait_line(&d, "did not take the event filter").await;
+    hintfed_testkit::wait::eventually("the listing after the refusals", || {
+        filters_asked(&sim) == 2
+            && sim
+                .stats()
+                .actions
+                .get("DeviceStateList")
+                .copied()
+                .unwrap_or(0)
+                >= 1
+    })
+    .await;
+    d.signal("TERM");
+    assert_eq!(d.wait_exit(WITHIN).await, Some(0));
+}

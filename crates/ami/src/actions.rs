@@ -89,6 +89,15 @@ pub fn events(mask: &str) -> Message {
     Message::action("Events").with("EventMask", mask)
 }
 
+/// `Action: Filter` with `Operation: Add`: a filter of this session's events (Asterisk 10
+/// and later; the user needs `write = system`). `filter` is a regular expression matched
+/// against the whole event text; a leading `!` makes it exclude the events it matches.
+pub fn filter_add(filter: &str) -> Message {
+    Message::action("Filter")
+        .with("Operation", "Add")
+        .with("Filter", filter)
+}
+
 /// `Action: Ping`; the answer is `Response: Success` with `Ping: Pong`.
 pub fn ping() -> Message {
     Message::action("Ping")

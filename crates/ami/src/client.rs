@@ -122,6 +122,11 @@ pub struct ClientConfig {
     pub tls: Option<TlsConfig>,
     /// `Events:` mask sent with `Login`, e.g. `on`, `off` or `system,call`. Default `on`.
     pub events: String,
+    /// Event filters added after each login ([`actions::filter_add`]; e.g. `!Device: Custom:`
+    /// drops the `DeviceStateChange` of every `Custom:` device), unless `events` is `off`.
+    /// One Asterisk refuses (no `write = system`, or older than 10): logged (info), and its
+    /// events arrive as manager.conf filters them. Default none.
+    pub event_filters: Vec<String>,
     /// How long an action (or a whole list action) may wait for its answer. Default 10 s.
     pub action_timeout: Duration,
     /// How long connecting (TCP and TLS) may take. Default 10 s.
@@ -159,6 +164,7 @@ impl ClientConfig {
             auth: Auth::Md5,
             tls: None,
             events: "on".to_owned(),
+            event_filters: Vec::new(),
             action_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(10),
             logoff_timeout: Duration::from_secs(2),
@@ -875,13 +881,37 @@ async fn connect_and_login(
         let id = ids.next();
         let answer = exchange(cfg, &mut conn, login, id, &mut early).await?;
         match Response::from_message(&answer) {
-            Some(r) if r.kind == ResponseKind::Success => Ok((conn, banner, early)),
-            r => Err(ClientError::AuthFailed {
-                message: r
-                    .and_then(|r| r.message)
-                    .unwrap_or_else(|| "no message".to_owned()),
-            }),
+            Some(r) if r.kind == ResponseKind::Success => {}
+            r => {
+                return Err(ClientError::AuthFailed {
+                    message: r
+                        .and_then(|r| r.message)
+                        .unwrap_or_else(|| "no message".to_owned()),
+                });
+            }
         }
+        if !cfg.events.eq_ignore_ascii_case("off") {
+            for filter in &cfg.event_filters {
+                let id = ids.next();
+                let answer =
+                    exchange(cfg, &mut conn, actions::filter_add(filter), id, &mut early).await?;
+                match Response::from_message(&answer) {
+                    Some(r) if r.kind == ResponseKind::Success => {
+                        debug!(filter = %filter, "AMI event filter added");
+                    }
+                    // Not a fault: the user may lack `write = system` and have the same
+                    // filters as `eventfilter` lines in manager.conf.
+                    r => info!(
+                        filter = %filter,
+                        answer = %r.and_then(|r| r.message).unwrap_or_default(),
+                        "Asterisk did not take the event filter; its events arrive unless \
+                         manager.conf filters them (eventfilter), or give the AMI user \
+                         write = system"
+                    ),
+                }
+            }
+        }
+        Ok((conn, banner, early))
     }
 }
 

@@ -237,6 +237,62 @@ async fn plain_login_sends_secret_and_events_mask() {
 }
 
 #[tokio::test]
+async fn event_filters_are_added_after_login_and_a_refusal_is_not_fatal() {
+    let server = FakeServer::bind().await;
+    let mut cfg = server.config();
+    cfg.event_filters = vec!["!Event: ExtensionStatus".into(), "!Device: Custom:".into()];
+    let client = AmiClient::start(cfg);
+    let mut sub = client.subscribe();
+    let mut peer = server.accept_logged_in().await;
+    // In order, before the connection serves anything; the first is refused (as Asterisk
+    // does for a user without write = system), the second taken.
+    let first = peer.recv().await;
+    assert_eq!(first.action_name(), Some("Filter"));
+    assert_eq!(first.get("Operation"), Some("Add"));
+    assert_eq!(first.get("Filter"), Some("!Event: ExtensionStatus"));
+    assert!(!client.is_connected());
+    peer.send(reply(&first, "Error").with("Message", "Permission denied"))
+        .await;
+    let second = peer.recv().await;
+    assert_eq!(second.get("Filter"), Some("!Device: Custom:"));
+    peer.send(reply(&second, "Success").with("Message", "Success"))
+        .await;
+    assert!(client.wait_connected(PATIENCE).await);
+    assert!(matches!(
+        next_event(&mut sub).await,
+        ClientEvent::Connected { generation: 1, .. }
+    ));
+    // FullyBooted came during the login: still delivered.
+    let ClientEvent::Event(fb) = next_event(&mut sub).await else {
+        panic!("expected FullyBooted");
+    };
+    assert!(fb.is_event("FullyBooted"));
+    peer.send(device_event("PJSIP/100", "BUSY")).await;
+    let ClientEvent::Event(ev) = next_event(&mut sub).await else {
+        panic!("expected an event");
+    };
+    assert_eq!(ev.get("Device"), Some("PJSIP/100"));
+    client.shutdown().await;
+
+    // A connection without events asks for no filter: its first action is the caller's.
+    let mut cfg = server.config();
+    cfg.events = "off".into();
+    cfg.event_filters = vec!["!Device: Custom:".into()];
+    let client = AmiClient::start(cfg);
+    let mut peer = server.accept_logged_in().await;
+    assert!(client.wait_connected(PATIENCE).await);
+    let ping = tokio::spawn({
+        let client = client.clone();
+        async move { client.send(actions::ping()).await }
+    });
+    let got = peer.recv().await;
+    assert_eq!(got.action_name(), Some("Ping"));
+    peer.send(reply(&got, "Success").with("Ping", "Pong")).await;
+    ping.await.expect("join").expect("ping answered");
+    client.shutdown().await;
+}
+
+#[tokio::test]
 async fn bad_login_is_reported_and_retried() {
     let server = FakeServer::bind().await;
     let mut cfg = server.config();
