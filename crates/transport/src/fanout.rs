@@ -90,12 +90,15 @@ pub(crate) struct Fanout {
 }
 
 impl Fanout {
-    /// Starts accepting subscribers on `listener`.
+    /// Starts accepting subscribers on `listener`. `welcome`: a message written to each
+    /// subscriber once, as soon as its subscriptions take it in: whatever is published after
+    /// the subscriber received it reaches it (what was published before may not).
     pub(crate) fn start(
         listener: TcpListener,
         limits: Limits,
         max_connections: usize,
         stats: Arc<LinkStats>,
+        welcome: Option<&Frames>,
     ) -> Self {
         let cancel = CancellationToken::new();
         let (join_tx, joined) = mpsc::channel(256);
@@ -105,6 +108,7 @@ impl Fanout {
             max_connections,
             stats.clone(),
             join_tx,
+            welcome.and_then(encode),
             cancel.clone(),
         ));
         Fanout {
@@ -196,6 +200,7 @@ async fn accept_loop(
     max_connections: usize,
     stats: Arc<LinkStats>,
     join_tx: mpsc::Sender<Queue>,
+    welcome: Option<Arc<Encoded>>,
     cancel: CancellationToken,
 ) {
     accept_bounded(
@@ -205,7 +210,8 @@ async fn accept_loop(
         cancel,
         move |stream, peer, stats| {
             let join_tx = join_tx.clone();
-            async move { serve(stream, peer, limits, &stats, join_tx).await }
+            let welcome = welcome.clone();
+            async move { serve(stream, peer, limits, &stats, join_tx, welcome).await }
         },
     )
     .await;
@@ -372,6 +378,7 @@ async fn serve(
     limits: Limits,
     stats: &LinkStats,
     join_tx: mpsc::Sender<Queue>,
+    welcome: Option<Arc<Encoded>>,
 ) {
     let _ = stream.set_nodelay(true);
     let end = match tokio::time::timeout(HANDSHAKE_TIMEOUT, sub_handshake(stream, limits)).await {
@@ -387,7 +394,7 @@ async fn serve(
             if join_tx.send(queue).await.is_err() {
                 return;
             }
-            run(reader, write, rx, &queued).await
+            run(reader, write, rx, &queued, welcome).await
         }
     };
     if let End::Oversize = end {
@@ -403,6 +410,7 @@ async fn run(
     mut write: OwnedWriteHalf,
     mut rx: mpsc::UnboundedReceiver<Batch>,
     queued: &AtomicUsize,
+    mut welcome: Option<Arc<Encoded>>,
 ) -> End {
     let mut subscriptions: Vec<Bytes> = Vec::new();
     let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH);
@@ -422,6 +430,13 @@ async fn run(
                         handle_subscription(&f.body, &mut subscriptions);
                     }
                     at_start = !f.more;
+                }
+                // Written now, after the subscriptions it answers: a batch taken from the
+                // queue from here on is matched against them.
+                if welcome.as_ref().is_some_and(|w| matches(&subscriptions, &w.topic))
+                    && let Some(w) = welcome.take()
+                {
+                    out.extend_from_slice(&w.wire);
                 }
                 if !out.is_empty() {
                     if write.write_all(&out).await.is_err() {

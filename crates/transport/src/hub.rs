@@ -8,7 +8,11 @@
 //! - a [`HubBind`] publishes the one-frame message [`HEARTBEAT_TOPIC`] every
 //!   `heartbeat_interval`; links always subscribe to it and swallow it;
 //! - any message counts as a sign of life; when either socket is silent past
-//!   `silence_timeout`, the link drops and recreates both sockets.
+//!   `silence_timeout`, the link drops and recreates both sockets;
+//! - a [`HubBind`] also sends the heartbeat to each new subscriber as soon as its
+//!   subscriptions are in force, and a link reports [`LinkStatus::Connected`] only once its
+//!   SUB received a first message: a snapshot asked after that misses nothing the hub
+//!   publishes later (from an older hub without it, the first periodic heartbeat).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -312,8 +316,6 @@ impl LinkTask {
                         self.stats.reconnects();
                     }
                     connected_once = true;
-                    tracing::info!(hub = self.index, endpoint = %self.config.endpoint, "hub link connected");
-                    self.status_tx.send_replace(LinkStatus::Connected);
                     let started = Instant::now();
                     let exit = self.connected(dealer, dmon, sub, smon).await;
                     self.status_tx.send_replace(LinkStatus::Connecting);
@@ -356,6 +358,12 @@ impl LinkTask {
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut last_reply = Instant::now();
         let mut last_fanout = Instant::now();
+        // Connected once the first fan-out message arrives (the hub's welcome heartbeat, or
+        // its periodic one from an older hub): the subscriptions are then in force at the
+        // hub, so a snapshot asked from here on misses nothing published after it. Before,
+        // a snapshot could be answered while the subscription was still on its way, and
+        // what was published in between was lost until a gap was noticed.
+        let mut announced = false;
         let backlog_max = REPLY_BACKLOG.min(self.inbound.max_capacity() / 2).max(1);
         loop {
             // Replies wait in the socket (the read buffer holds what was read until the
@@ -398,6 +406,11 @@ impl LinkTask {
                 r = sub.recv() => match r {
                     Ok(msg) => {
                         last_fanout = Instant::now();
+                        if !announced {
+                            announced = true;
+                            tracing::info!(hub = self.index, endpoint = %self.config.endpoint, "hub link connected");
+                            self.status_tx.send_replace(LinkStatus::Connected);
+                        }
                         let frames = msg.into_vec();
                         if frames.first().is_some_and(|f| f.as_ref() == HEARTBEAT_TOPIC.as_bytes()) {
                             continue;
@@ -729,11 +742,15 @@ async fn bind_pair(
         inbound,
     );
     let pub_endpoint = bound_endpoint(&pub_listener, &pub_host, &config.endpoint)?;
+    // A heartbeat at once to each new subscriber: links announce themselves connected when
+    // it arrives (their subscriptions are in force), so what they ask next (a snapshot) is
+    // answered after every publication they will miss.
     let fanout = Fanout::start(
         pub_listener,
         config.limits,
         config.max_connections,
         stats.clone(),
+        Some(&vec![Bytes::from_static(HEARTBEAT_TOPIC.as_bytes())]),
     );
     Ok(Bound {
         router,

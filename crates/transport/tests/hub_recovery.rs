@@ -290,3 +290,26 @@ async fn link_recovers_within_2s_after_a_long_hub_outage() {
         .expect("rebind");
     both_ways(&hub, &mut hub_rx, &link, &mut link_rx, RECOVERY).await;
 }
+
+#[tokio::test]
+async fn what_the_hub_publishes_once_a_link_is_connected_reaches_it() {
+    // A snapshot asked as soon as the link is connected must miss nothing published after
+    // it: the link is connected only once its subscriptions are in force at the hub. Without
+    // periodic heartbeats, only the hub's welcome can connect it.
+    let mut config = HubBindConfig::new("tcp://127.0.0.1:0");
+    config.heartbeat_interval = None;
+    let (hub, _hub_rx) = HubBind::bind(config).await.expect("bind");
+    for i in 0..100u8 {
+        let (link, mut link_rx) =
+            HubLink::connect(HubLinkConfig::new(hub.router_endpoint())).expect("link");
+        assert!(link.wait_connected(SETUP).await);
+        // Published once, at once: no retry.
+        let msg = vec![Bytes::from_static(b"dev.x"), Bytes::from(vec![i])];
+        hub.publish(msg.clone()).await.expect("publish");
+        let got = timeout(SETUP, link_rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("link {i}: the publication after connecting was lost"))
+            .expect("inbound open");
+        assert_eq!(got.frames, msg);
+    }
+}
