@@ -93,6 +93,9 @@ pub struct RunArgs {
     /// write per response and per event, as Asterisk does.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     pub sim_coalesce: bool,
+    /// Runtime threads of the simulator (`hintfed-sim --worker-threads`; 0: one per CPU).
+    #[arg(long, default_value_t = 0)]
+    pub sim_threads: usize,
     /// Log level of the daemons.
     #[arg(long, default_value = "warn")]
     pub log: String,
@@ -264,6 +267,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
     if a.sim_coalesce {
         sim_args.push("--coalesce-writes".into());
     }
+    sim_args.extend(["--worker-threads".into(), a.sim_threads.to_string()]);
     let secret_env = [("HINTFED_SIM_SECRET", a.ami_secret.as_str())];
     let mut sim = Daemon::spawn(
         "sim",

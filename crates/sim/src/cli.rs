@@ -144,6 +144,12 @@ pub struct Args {
     /// Log filter (tracing EnvFilter syntax); RUST_LOG wins when set.
     #[arg(long, default_value = "info")]
     pub log: String,
+
+    /// Runtime threads serving every server of the process (0: one per CPU; 1: a single
+    /// thread, which spends less CPU on waking threads when the simulator shares a small
+    /// machine with what it is measured against).
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub worker_threads: usize,
 }
 
 /// A command line that cannot be served.
