@@ -11,7 +11,7 @@
 //!   only [`RelayCounters::rejects`] counts) → [`Node::on_remote`];
 //! - a tick ([`RelayConfig::tick`]) → [`Node::tick`], snapshot fallback, status and gauges;
 //! - `Setvar`s finished, taken in batches ([`Pbx::take_setvars`] →
-//!   [`Node::on_apply_result`]), and completions
+//!   [`Node::on_apply_results`], one call a batch), and completions
 //!   of the work it spawned: full syncs ([`Node::on_local_full_sync`]) and local queries
 //!   (fed back as local events);
 //! - the number of reachable hubs (a hub link that comes back while no snapshot completed
@@ -306,6 +306,8 @@ struct Writes {
     free: Vec<usize>,
     /// Finished writes taken from the Pbx, reused between batches.
     done: Vec<SetvarDone>,
+    /// Their targets and outcomes, handed to the node together (reused between batches).
+    results: Vec<(String, bool)>,
 }
 
 impl Writes {
@@ -858,7 +860,9 @@ impl<T: FederationTransport + 'static> Relay<T> {
         }
     }
 
-    fn on_written(&mut self, w: InFlight, result: Result<(), PbxError>) {
+    /// Counts and logs a finished write; returns its target and whether it succeeded, for
+    /// the node.
+    fn on_written(&mut self, w: InFlight, result: Result<(), PbxError>) -> (String, bool) {
         self.dirty = true;
         let InFlight {
             target,
@@ -883,7 +887,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
             }
             m.apply_latency.observe(started.elapsed().as_secs_f64());
         }
-        self.node.on_apply_result(wall_now(), &target, ok);
+        (target, ok)
     }
 
     fn on_connected_changed(&mut self) {
@@ -1029,8 +1033,8 @@ impl<T: FederationTransport + 'static> Relay<T> {
     /// Takes the writes finished so far (without waiting); returns how many.
     fn poll_writes(&mut self) -> usize {
         let mut done = std::mem::take(&mut self.writes.done);
+        let mut results = std::mem::take(&mut self.writes.results);
         self.pbx.take_setvars(&mut done);
-        let mut n = 0;
         for SetvarDone { token, result } in done.drain(..) {
             let Some(w) = self.writes.remove(token) else {
                 warn!(
@@ -1039,10 +1043,19 @@ impl<T: FederationTransport + 'static> Relay<T> {
                 );
                 continue;
             };
-            self.on_written(w, result);
-            n += 1;
+            results.push(self.on_written(w, result));
         }
+        let n = results.len();
+        if n > 0 {
+            // The window is refilled once for the whole batch, not once per write.
+            self.node.on_apply_results(
+                wall_now(),
+                results.iter().map(|(target, ok)| (target.as_str(), *ok)),
+            );
+        }
+        results.clear();
         self.writes.done = done;
+        self.writes.results = results;
         n
     }
 

@@ -583,8 +583,20 @@ impl Node {
 
     /// Result of an [`Action::Apply`] write.
     pub fn on_apply_result(&mut self, now: Millis, target: &str, ok: bool) {
-        if self.apply.complete(target, ok) && !ok {
-            self.stats.apply_errors += 1;
+        self.on_apply_results(now, [(target, ok)]);
+    }
+
+    /// [`Node::on_apply_result`] of many writes at once (a batch of pipelined answers): each
+    /// completes, then the window is refilled once instead of once per write.
+    pub fn on_apply_results<'a>(
+        &mut self,
+        now: Millis,
+        results: impl IntoIterator<Item = (&'a str, bool)>,
+    ) {
+        for (target, ok) in results {
+            if self.apply.complete(target, ok) && !ok {
+                self.stats.apply_errors += 1;
+            }
         }
         self.pump(now);
     }

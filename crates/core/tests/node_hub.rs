@@ -187,6 +187,21 @@ fn apply_window_bounds_outstanding_writes() {
     assert_eq!(applies(&first).len(), 3);
     n.on_apply_result(Millis(2), &applies(&first)[0].target, true);
     assert_eq!(applies(&n.take_actions()).len(), 1);
+    // A batch of answers refills the window once: as many new writes as answers, the failed
+    // one counted (and not written again until its value changes).
+    let done: Vec<String> = applies(&first)[1..]
+        .iter()
+        .map(|c| c.target.clone())
+        .collect();
+    let errors = n.stats().apply_errors;
+    n.on_apply_results(
+        Millis(3),
+        [(done[0].as_str(), true), (done[1].as_str(), false)],
+    );
+    let next = n.take_actions();
+    assert_eq!(applies(&next).len(), 2);
+    assert!(applies(&next).iter().all(|c| !done.contains(&c.target)));
+    assert_eq!(n.stats().apply_errors, errors + 1);
 }
 
 #[test]
