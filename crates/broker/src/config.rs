@@ -506,6 +506,10 @@ fn server(
         zmq_evt: format!("tcp://{host_for_url}:{}", evt_port.unwrap_or(0)),
         zmq_cmd: format!("tcp://{host_for_url}:{}", cmd_port.unwrap_or(0)),
         request_timeout: general.request_timeout,
+        // The broker keeps every event of its sessions (the agent's echo filter is not
+        // offered here yet).
+        filter_events: false,
+        event_filters: Vec::new(),
         // The broker reaches its servers over AMI or res_zmq_manager only.
         kafka_topic: hintfed_agent::config::defaults::KAFKA_SOURCE_TOPIC.to_owned(),
         kafka_brokers: None,
