@@ -221,8 +221,10 @@ async fn agent_on_sim(
     (sim, d, text)
 }
 
-fn filters_asked(sim: &hintfed_sim::SimHandle) -> u64 {
-    sim.stats().actions.get("Filter").copied().unwrap_or(0)
+/// Whether the agent asked for both filters and then listed the devices.
+fn filtered_then_listed(sim: &hintfed_sim::SimHandle) -> bool {
+    let asked = |action: &str| sim.stats().actions.get(action).copied().unwrap_or(0);
+    asked("Filter") == 2 && asked("DeviceStateList") >= 1
 }
 
 #[tokio::test]
@@ -230,14 +232,7 @@ async fn asterisk_is_asked_not_to_send_the_events_the_agent_ignores() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (sim, mut d, text) = agent_on_sim(dir.path(), hintfed_sim::event::ALL, None).await;
     hintfed_testkit::wait::eventually("both filters asked, then the listing", || {
-        filters_asked(&sim) == 2
-            && sim
-                .stats()
-                .actions
-                .get("DeviceStateList")
-                .copied()
-                .unwrap_or(0)
-                >= 1
+        filtered_then_listed(&sim)
     })
     .await;
     assert!(!d.has("did not take the event filter"), "{:?}", d.lines());
@@ -254,14 +249,7 @@ async fn asterisk_is_asked_not_to_send_the_events_the_agent_ignores() {
     let (sim, mut d, _) = agent_on_sim(dir.path(), hintfed_sim::event::CALL, None).await;
     wait_line(&d, "did not take the event filter").await;
     hintfed_testkit::wait::eventually("the listing after the refusals", || {
-        filters_asked(&sim) == 2
-            && sim
-                .stats()
-                .actions
-                .get("DeviceStateList")
-                .copied()
-                .unwrap_or(0)
-                >= 1
+        filtered_then_listed(&sim)
     })
     .await;
     d.signal("TERM");

@@ -281,14 +281,7 @@ async fn event_filters_are_added_after_login_and_a_refusal_is_not_fatal() {
     let client = AmiClient::start(cfg);
     let mut peer = server.accept_logged_in().await;
     assert!(client.wait_connected(PATIENCE).await);
-    let ping = tokio::spawn({
-        let client = client.clone();
-        async move { client.send(actions::ping()).await }
-    });
-    let got = peer.recv().await;
-    assert_eq!(got.action_name(), Some("Ping"));
-    peer.send(reply(&got, "Success").with("Ping", "Pong")).await;
-    ping.await.expect("join").expect("ping answered");
+    ping_answered(&client, &mut peer).await;
     client.shutdown().await;
 }
 
