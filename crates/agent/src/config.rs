@@ -345,7 +345,11 @@ impl AgentConfig {
         let mut asterisk = asterisk(file)?;
         let federation = federation(file, &general)?;
         let kafka = kafka(file, &federation, &mut asterisk, &general)?;
-        asterisk.event_filters = event_filters(&asterisk, &federation);
+        asterisk.event_filters = event_filters(
+            asterisk.source,
+            asterisk.filter_events,
+            federation.exclude.as_deref(),
+        );
         let http = file.section("http");
         http.reject_unknown_keys(HTTP_KEYS)?;
         Ok(AgentConfig {
@@ -426,13 +430,15 @@ pub const FILTER_EXTENSION_STATUS: &str = "!Event: ExtensionStatus";
 /// AMI filter of the `DeviceStateChange` of `Custom:` devices.
 pub const FILTER_CUSTOM_DEVICES: &str = "!Device: Custom:";
 
-/// The AMI event filters of `[asterisk] filter_events`: none unless events come over AMI.
-fn event_filters(a: &AsteriskConfig, f: &FederationConfig) -> Vec<String> {
-    if !a.filter_events || a.source != Via::Ami {
+/// The AMI event filters of `[asterisk] filter_events` (the agent) or `[general]
+/// filter_events` (the broker): none unless events come over AMI (`source`); the `Custom:`
+/// devices' filter only when `exclude` drops every one of them.
+pub fn event_filters(source: Via, filter_events: bool, exclude: Option<&str>) -> Vec<String> {
+    if !filter_events || source != Via::Ami {
         return Vec::new();
     }
     let mut filters = vec![FILTER_EXTENSION_STATUS.to_owned()];
-    if f.exclude.as_deref().is_some_and(drops_every_custom) {
+    if exclude.is_some_and(drops_every_custom) {
         filters.push(FILTER_CUSTOM_DEVICES.to_owned());
     }
     filters

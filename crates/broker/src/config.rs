@@ -54,7 +54,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use hintfed_agent::config::{AsteriskConfig, PolicyKeys, Via};
+use hintfed_agent::config::{AsteriskConfig, PolicyKeys, Via, event_filters};
 use hintfed_agent::relay::DeviceFilter;
 use hintfed_core::{Policy, PolicyConfig};
 use hintfed_daemon::config::{ConfigError, ConfigFile, Section, ser};
@@ -101,6 +101,7 @@ pub const ADDED_GENERAL: &[&str] = &[
     "unknown_as",
     "never_send",
     "bus_capacity",
+    "filter_events",
 ];
 /// Keys of a server section in the original format.
 pub const ORIGINAL_SERVER: &[&str] = &["name", "addr", "cmd_port", "evt_port", "ami_trace"];
@@ -154,6 +155,9 @@ pub struct GeneralConfig {
     pub never_send: Vec<String>,
     /// Inbound queue of each relay on the in-process bus.
     pub bus_capacity: usize,
+    /// Ask each Asterisk (AMI `Filter`) not to send the events the broker ignores, as the
+    /// agent's `[asterisk] filter_events` does.
+    pub filter_events: bool,
     #[serde(skip)]
     policy: PolicyConfig,
 }
@@ -370,6 +374,7 @@ fn general(file: &ConfigFile) -> Result<GeneralConfig, ConfigError> {
         unknown_as: unknown_as.as_str().to_owned(),
         never_send: never_send_names,
         bus_capacity,
+        filter_events: s.bool_or("filter_events", true)?,
         policy,
     })
 }
@@ -506,10 +511,8 @@ fn server(
         zmq_evt: format!("tcp://{host_for_url}:{}", evt_port.unwrap_or(0)),
         zmq_cmd: format!("tcp://{host_for_url}:{}", cmd_port.unwrap_or(0)),
         request_timeout: general.request_timeout,
-        // The broker keeps every event of its sessions (the agent's echo filter is not
-        // offered here yet).
-        filter_events: false,
-        event_filters: Vec::new(),
+        filter_events: general.filter_events,
+        event_filters: event_filters(events, general.filter_events, general.exclude.as_deref()),
         // The broker reaches its servers over AMI or res_zmq_manager only.
         kafka_topic: hintfed_agent::config::defaults::KAFKA_SOURCE_TOPIC.to_owned(),
         kafka_brokers: None,
@@ -612,6 +615,20 @@ mod tests {
             !c.general.presence,
             "presence off by default, as in the original"
         );
+        // Events over AMI are filtered like the agent's (default exclude ^Custom:); over
+        // res_zmq_manager there is nothing to ask.
+        let both = [
+            hintfed_agent::config::FILTER_EXTENSION_STATUS,
+            hintfed_agent::config::FILTER_CUSTOM_DEVICES,
+        ];
+        assert_eq!(a.event_filters, both);
+        assert!(b.event_filters.is_empty());
+        assert_eq!(cc.event_filters, both);
+        let off = load(
+            "[general]\nfilter_events = no\n[servers]\nsections = a\n[a]\naddr = 10.0.0.1\nami_port = 5038\nusername = u\nsecret = s\n",
+        )
+        .expect("valid");
+        assert!(off.servers[0].asterisk.event_filters.is_empty());
     }
 
     #[test]
