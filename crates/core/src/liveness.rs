@@ -12,6 +12,9 @@
 //! - otherwise (it restarted, or had lost its Asterisk): only with the end of a full sync
 //!   newer than the down notice, so stale values never light up between the restart and the
 //!   moment its full sync has replaced them;
+//! - announced down at its first start (before its Asterisk answered), same epoch: also with
+//!   a newer heartbeat saying it is up ([`Origins::heard_up`]), which it sends only after its
+//!   full sync ended (that end was missed here; the gap it leaves brings a snapshot);
 //! - or when a hub's snapshot summary says it is up at a position newer than the down mark
 //!   (the hub saw that full sync end; we missed it, e.g. while disconnected).
 
@@ -189,6 +192,24 @@ impl Origins {
         }
     }
 
+    /// `origin` says its Asterisk is up (a heartbeat) in the message `(epoch, seq)`. An origin
+    /// says so only once its full sync ended, and one that loses its Asterisk syncs again in
+    /// a new epoch; so an older down mark it announced in the same epoch (at its first start,
+    /// before its Asterisk answered) was lifted by a full-sync end missed here (e.g. lost
+    /// before a snapshot filled the gap). Returns whether it revived.
+    pub fn heard_up(&mut self, origin: &str, epoch: Epoch, seq: u64) -> bool {
+        let Some(info) = self.map.get_mut(origin) else {
+            return false;
+        };
+        match info.down {
+            Some(d) if d.reason == DownReason::SelfAnnounced && d.epoch == epoch && seq > d.seq => {
+                info.down = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// A hub says `origin` is silent since `(epoch, last_seq)`. Marks it down unless
     /// something newer was heard from it here. Returns whether it was up before.
     pub fn notify_down(&mut self, origin: &str, epoch: Epoch, last_seq: u64, now: Millis) -> bool {
@@ -346,6 +367,27 @@ mod tests {
             "new epoch begins"
         );
         assert!(o.observe("a", Epoch(2), 4, true, Millis(4)).revived);
+    }
+
+    #[test]
+    fn an_up_heartbeat_lifts_only_an_older_self_announced_mark_of_its_epoch() {
+        let mut o = Origins::new(1000);
+        // First start: down until the Asterisk answers, then up in the same epoch.
+        assert!(o.mark_self_down("a", Epoch(1), 1, Millis(0)));
+        assert!(!o.heard_up("a", Epoch(1), 1), "not newer");
+        assert!(o.heard_up("a", Epoch(1), 9));
+        assert!(!o.is_down("a"));
+        // Lost its Asterisk: a new epoch must sync; an up heartbeat of the old one is stale.
+        assert!(o.mark_self_down("a", Epoch(1), 10, Millis(1)));
+        o.observe("a", Epoch(2), 1, false, Millis(2));
+        assert!(!o.heard_up("a", Epoch(2), 2), "another epoch");
+        assert!(o.is_down("a"));
+        // Silent or notified: not this rule's business.
+        let mut o = Origins::new(1000);
+        o.observe("b", Epoch(1), 5, false, Millis(0));
+        o.expire(Millis(2000));
+        assert!(!o.heard_up("b", Epoch(1), 6));
+        assert!(!o.heard_up("nobody", Epoch(1), 6));
     }
 
     #[test]

@@ -122,6 +122,11 @@ impl Replica {
             {
                 out.dirty_origins.push(origin.to_owned());
             }
+            Body::Heartbeat { local_down: false }
+                if self.origins.heard_up(origin, env.epoch, env.seq) =>
+            {
+                out.dirty_origins.push(origin.to_owned());
+            }
             Body::OriginDown {
                 origin: who,
                 epoch,

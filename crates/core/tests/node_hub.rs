@@ -315,6 +315,50 @@ fn gap_requests_snapshot_and_snapshot_merges_from_every_hub() {
     assert_eq!(n.stats().gaps, 1);
 }
 
+/// An origin announces itself down at its first start (its Asterisk not answering yet),
+/// then syncs. A node whose snapshot was answered between the two and which missed the full
+/// sync's end used to hold the origin down (its phones UNAVAILABLE) until its next snapshot,
+/// at most one per `snapshot_retry_ms` (5 s): its first heartbeat saying it is up lifts it.
+#[test]
+fn a_missed_first_full_sync_end_does_not_hold_the_origin_down() {
+    let mut n = Node::new(NodeConfig::new("pbx-a"), Epoch(1), Millis(0));
+    let start = n.take_actions();
+    let Some(Action::Request(req)) = start.first() else {
+        panic!("snapshot requested at start: {start:?}")
+    };
+    let req = req.clone();
+    n.on_local_full_sync(Millis(0), vec![]);
+    n.take_actions();
+    let beat = |seq, local_down| {
+        Envelope::new(
+            "pbx-b".to_owned(),
+            Epoch(1),
+            seq,
+            Body::Heartbeat { local_down },
+        )
+    };
+    let mut hub = Hub::new(HubConfig::new("hub-1"), Epoch(1), Millis(0));
+    hub.on_envelope(Millis(0), &beat(1, true));
+    hub.on_envelope(Millis(0), &req);
+    for a in hub.take_actions() {
+        if let HubAction::SendTo { envelope, .. } = a {
+            n.on_remote(Millis(1), &envelope);
+        }
+    }
+    assert!(n.snapshot_done());
+    assert!(n.origins().is_down("pbx-b"), "announced down");
+    // pbx-b's full sync (seq 2..4) is lost here; its heartbeat at 5 says it is up.
+    n.on_remote(Millis(1_000), &beat(5, false));
+    assert!(!n.origins().is_down("pbx-b"));
+    // The gap it left still brings a snapshot (its values), once the retry period allows.
+    n.tick(Millis(5_000));
+    assert!(
+        n.take_actions()
+            .iter()
+            .any(|a| matches!(a, Action::Request(_)))
+    );
+}
+
 #[test]
 fn snapshot_with_a_lost_chunk_is_asked_again_and_stale_answers_are_rejected() {
     let mut c = NodeConfig::new("pbx-a");
