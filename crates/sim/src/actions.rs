@@ -690,10 +690,14 @@ fn filter(ctx: &mut SessionCtx, req: &Message) -> Outcome {
     }
     match ctx.filters.add(header(req, "Filter")) {
         Ok(()) => Outcome::reply(ack(req, "Success")),
-        Err(_) => Outcome::reply(error(
+        Err(crate::filter::FilterError::Regex(_)) => Outcome::reply(error(
             req,
             "Filter did not compile.  Check the syntax of the filter given.",
         )),
+        // Asterisk's answer when a filter cannot be added for any other reason.
+        Err(crate::filter::FilterError::TooMany) => {
+            Outcome::reply(error(req, "Internal Error. Failed adding filter."))
+        }
     }
 }
 

@@ -16,6 +16,21 @@
 
 use regex::Regex;
 
+/// Most filters one session may hold (Asterisk sets no limit; a client adding filters
+/// without end must not grow the simulator's memory without end).
+pub const MAX_FILTERS: usize = 64;
+
+/// Why a filter was not added.
+#[derive(Debug, thiserror::Error)]
+pub enum FilterError {
+    /// The pattern does not compile (or compiles too large).
+    #[error(transparent)]
+    Regex(#[from] regex::Error),
+    /// The session holds [`MAX_FILTERS`] already.
+    #[error("more than {MAX_FILTERS} filters")]
+    TooMany,
+}
+
 /// The filters of one session.
 #[derive(Debug, Clone, Default)]
 pub struct EventFilters {
@@ -24,8 +39,11 @@ pub struct EventFilters {
 }
 
 impl EventFilters {
-    /// Adds one filter (`!` first: exclude). The error is the `regex` crate's.
-    pub fn add(&mut self, filter: &str) -> Result<(), regex::Error> {
+    /// Adds one filter (`!` first: exclude).
+    pub fn add(&mut self, filter: &str) -> Result<(), FilterError> {
+        if self.include.len() + self.exclude.len() >= MAX_FILTERS {
+            return Err(FilterError::TooMany);
+        }
         match filter.strip_prefix('!') {
             Some(pattern) => self.exclude.push(Regex::new(pattern)?),
             None => self.include.push(Regex::new(filter)?),
@@ -89,7 +107,20 @@ mod tests {
     #[test]
     fn a_bad_pattern_is_refused_and_not_added() {
         let mut f = EventFilters::default();
-        assert!(f.add("!Device: (Custom").is_err());
+        assert!(matches!(
+            f.add("!Device: (Custom"),
+            Err(FilterError::Regex(_))
+        ));
         assert!(f.is_empty());
+    }
+
+    #[test]
+    fn a_session_holds_a_bounded_number_of_filters() {
+        let mut f = EventFilters::default();
+        for i in 0..MAX_FILTERS {
+            f.add(&format!("!x{i}")).expect("under the cap");
+        }
+        assert!(matches!(f.add("!y"), Err(FilterError::TooMany)));
+        assert!(f.passes("y"));
     }
 }
