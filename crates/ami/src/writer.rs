@@ -138,9 +138,14 @@ impl<T> Completions<T> {
 
     /// Moves every one waiting into `into` (appended); returns how many.
     pub fn take(&self, into: &mut Vec<T>) -> usize {
+        self.take_map(into, std::convert::identity)
+    }
+
+    /// [`Completions::take`], each converted by `f` on the way (no batch in between).
+    pub fn take_map<U>(&self, into: &mut Vec<U>, f: impl FnMut(T) -> U) -> usize {
         let mut items = self.items();
         let n = items.len();
-        into.append(&mut items);
+        into.extend(items.drain(..).map(f));
         n
     }
 
@@ -216,6 +221,11 @@ impl SetvarWriter {
     /// Moves every finished write into `into` (appended); returns how many.
     pub fn take(&self, into: &mut Vec<WriteDone>) -> usize {
         self.shared.done.take(into)
+    }
+
+    /// [`SetvarWriter::take`], each converted by `f` on the way.
+    pub fn take_map<U>(&self, into: &mut Vec<U>, f: impl FnMut(WriteDone) -> U) -> usize {
+        self.shared.done.take_map(into, f)
     }
 
     /// Waits until at least one finished write can be taken.

@@ -360,18 +360,10 @@ impl Pbx {
     /// returns how many.
     pub fn take_setvars(&self, into: &mut Vec<SetvarDone>) -> usize {
         match &self.writes {
-            Writes::Ami(w) => {
-                let mut done = Vec::new();
-                let n = w.take(&mut done);
-                into.extend(
-                    done.into_iter()
-                        .map(|WriteDone { token, result }| SetvarDone {
-                            token,
-                            result: result.map_err(write_error),
-                        }),
-                );
-                n
-            }
+            Writes::Ami(w) => w.take_map(into, |WriteDone { token, result }| SetvarDone {
+                token,
+                result: result.map_err(write_error),
+            }),
             Writes::Zmq(done) => done.take(into),
         }
     }
