@@ -129,9 +129,13 @@ struct Member {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// The agent's default device filter: every device but the `Custom:` mirrors.
+fn excluding_custom() -> DeviceFilter {
+    DeviceFilter::new(None, Some("^Custom:")).expect("filter")
+}
+
 async fn member(bus: &Bus, name: &str, keys: &str, origin_timeout_ms: u64) -> Member {
-    let filter = DeviceFilter::new(None, Some("^Custom:")).expect("filter");
-    member_with(bus, name, keys, origin_timeout_ms, filter, 8).await
+    member_with(bus, name, keys, origin_timeout_ms, excluding_custom(), 8).await
 }
 
 /// A member with its own device filter and apply window.
@@ -474,7 +478,7 @@ async fn lost_origin_goes_down_state_and_comes_back() {
         let (port, _inject) = bus.port();
         let mut rc = RelayConfig::new("pbx-a");
         rc.keys = KeyRing::from_secrets(["k"]);
-        rc.filter = DeviceFilter::new(None, Some("^Custom:")).expect("filter");
+        rc.filter = excluding_custom();
         let relay =
             Relay::new(node, (pbx, events), port, rc, RelayHooks::default()).expect("relay");
         let stop = CancellationToken::new();
@@ -699,6 +703,23 @@ async fn status_view_follows_every_change_and_origin_loss() {
 /// otherwise be restarted from the start every timeout and never complete).
 /// A hub holding `n` keys `<prefix><i>` of origin `pbx-x` (all INUSE), answering the snapshot
 /// request a member sent (waited for on `requests`); and the keys to seal its answer with.
+/// A bus whose members ask for snapshots, and where their requests arrive.
+fn snapshot_bus() -> (Bus, mpsc::UnboundedReceiver<Bytes>) {
+    let (tx, requests) = mpsc::unbounded_channel();
+    let bus = Bus {
+        snapshot_requests: Some(tx),
+        ..Bus::default()
+    };
+    (bus, requests)
+}
+
+/// Hands `m` every chunk of the snapshot `hub` is answering, at once.
+async fn answer_snapshot(m: &Member, hub: &mut Hub, keys: &KeyRing) {
+    while let Some(HubAction::SendTo { envelope, .. }) = hub.next_snapshot_chunk() {
+        reply(m, keys, &envelope).await;
+    }
+}
+
 async fn hub_asked(
     requests: &mut mpsc::UnboundedReceiver<Bytes>,
     cfg: HubConfig,
@@ -746,12 +767,8 @@ async fn reply(m: &Member, keys: &KeyRing, envelope: &Envelope) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_but_steady_snapshot_answer_is_not_asked_again() {
-    let (tx, mut requests) = mpsc::unbounded_channel();
-    let bus = Bus {
-        snapshot_requests: Some(tx),
-        ..Bus::default()
-    };
-    let filter = DeviceFilter::new(None, Some("^Custom:")).expect("filter");
+    let (bus, mut requests) = snapshot_bus();
+    let filter = excluding_custom();
     let m = member_with(&bus, "pbx-new", "k", 3_000, filter, 8).await;
     let mut cfg = HubConfig::new("hub-1");
     cfg.chunk_max_entries = 2;
@@ -785,20 +802,14 @@ async fn a_slow_but_steady_snapshot_answer_is_not_asked_again() {
 #[tokio::test(flavor = "current_thread")]
 async fn echoes_of_a_fast_asterisk_keep_up_with_a_full_window() {
     const N: u64 = 20_000;
-    let (tx, mut requests) = mpsc::unbounded_channel();
-    let bus = Bus {
-        snapshot_requests: Some(tx),
-        ..Bus::default()
-    };
-    let filter = DeviceFilter::new(None, Some("^Custom:")).expect("filter");
+    let (bus, mut requests) = snapshot_bus();
+    let filter = excluding_custom();
     let fast = sim_with("pbx-new", true).await;
     let m = member_on(fast, &bus, "pbx-new", "k", 10_000, filter, 512).await;
     synced(&m).await;
     let (mut hub, keys) = hub_asked(&mut requests, HubConfig::new("hub-1"), "PJSIP/flood", N).await;
     let syncs = m.handle.status().counters().full_syncs;
-    while let Some(HubAction::SendTo { envelope, .. }) = hub.next_snapshot_chunk() {
-        reply(&m, &keys, &envelope).await;
-    }
+    answer_snapshot(&m, &mut hub, &keys).await;
     let h = m.handle.clone();
     eventually_within("every key written", Duration::from_secs(60), || {
         h.status().counters().applies_ok >= N
@@ -830,7 +841,7 @@ async fn member_fed(
     for ev in first {
         tx.send(ev).await.expect("queued");
     }
-    let filter = DeviceFilter::new(None, Some("^Custom:")).expect("filter");
+    let filter = excluding_custom();
     let m = member_of(sim, (pbx, rx), bus, name, "k", 10_000, filter, 8);
     (m, tx)
 }
@@ -882,7 +893,7 @@ async fn what_asterisk_already_holds_is_not_written_again() {
     sim_b
         .setvar("DEVICE_STATE(Custom:PJSIP/held)", "INUSE")
         .expect("setvar");
-    let filter = DeviceFilter::new(None, Some("^Custom:")).expect("filter");
+    let filter = excluding_custom();
     let b = member_on(sim_b, &bus, "pbx-b", "k", 10_000, filter, 8).await;
     synced(&a).await;
     synced(&b).await;
@@ -917,12 +928,8 @@ async fn what_asterisk_already_holds_is_not_written_again() {
 #[tokio::test(flavor = "current_thread")]
 async fn shutdown_waits_for_the_writes_in_flight_and_counts_each_once() {
     const N: u64 = 20_000;
-    let (tx, mut requests) = mpsc::unbounded_channel();
-    let bus = Bus {
-        snapshot_requests: Some(tx),
-        ..Bus::default()
-    };
-    let filter = DeviceFilter::new(None, Some("^Custom:")).expect("filter");
+    let (bus, mut requests) = snapshot_bus();
+    let filter = excluding_custom();
     let m = member_on(
         sim("pbx-new").await,
         &bus,
@@ -935,9 +942,7 @@ async fn shutdown_waits_for_the_writes_in_flight_and_counts_each_once() {
     .await;
     synced(&m).await;
     let (mut hub, keys) = hub_asked(&mut requests, HubConfig::new("hub-1"), "PJSIP/d", N).await;
-    while let Some(HubAction::SendTo { envelope, .. }) = hub.next_snapshot_chunk() {
-        reply(&m, &keys, &envelope).await;
-    }
+    answer_snapshot(&m, &mut hub, &keys).await;
     let h = m.handle.clone();
     eventually("writing", || h.status().counters().applies_ok >= 1).await;
     m.stop.cancel();
