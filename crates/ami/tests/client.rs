@@ -64,6 +64,14 @@ impl FakeServer {
         peer
     }
 
+    /// A client of the default configuration, logged in and connected, and its peer.
+    async fn connected_client(&self) -> (AmiClient, Peer) {
+        let client = AmiClient::start(self.config());
+        let peer = self.accept_logged_in().await;
+        assert!(client.wait_connected(PATIENCE).await);
+        (client, peer)
+    }
+
     fn config(&self) -> ClientConfig {
         let mut cfg = ClientConfig::new(self.addr.clone(), USER, SECRET);
         cfg.action_timeout = Duration::from_secs(30);
@@ -488,9 +496,7 @@ async fn device_state_list_of_502_items_is_collected() {
 #[tokio::test]
 async fn list_each_hands_items_over_before_the_list_completes() {
     let server = FakeServer::bind().await;
-    let client = AmiClient::start(server.config());
-    let mut peer = server.accept_logged_in().await;
-    assert!(client.wait_connected(PATIENCE).await);
+    let (client, mut peer) = server.connected_client().await;
 
     let (tx, mut seen) = tokio::sync::mpsc::unbounded_channel();
     let list = tokio::spawn({
@@ -797,9 +803,7 @@ async fn action_timeout_and_invalid_action() {
 #[tokio::test]
 async fn shutdown_logs_off() {
     let server = FakeServer::bind().await;
-    let client = AmiClient::start(server.config());
-    let mut peer = server.accept_logged_in().await;
-    assert!(client.wait_connected(PATIENCE).await);
+    let (client, mut peer) = server.connected_client().await;
     let server_side = tokio::spawn(async move {
         let logoff = peer.recv_action().await;
         assert_eq!(logoff.action_name(), Some("Logoff"));
@@ -821,9 +825,7 @@ async fn a_burst_of_pipelined_actions_is_written_whole_and_each_answered() {
     // More actions than one flush batch, queued at once: every one reaches the server once,
     // whole, and each caller gets its own answer whatever the order of the answers.
     let server = FakeServer::bind().await;
-    let client = AmiClient::start(server.config());
-    let mut peer = server.accept_logged_in().await;
-    assert!(client.wait_connected(PATIENCE).await);
+    let (client, mut peer) = server.connected_client().await;
     let n = 200;
     let var = |i: usize| format!("DEVICE_STATE(Custom:{i})");
     let calls = tokio::spawn({
@@ -884,9 +886,7 @@ async fn take_n(w: &hintfed_ami::SetvarWriter, n: usize) -> Vec<hintfed_ami::Wri
 async fn setvar_writer_matches_answers_out_of_order_and_reports_refusals() {
     use hintfed_ami::WriteError;
     let server = FakeServer::bind().await;
-    let client = AmiClient::start(server.config());
-    let mut peer = server.accept_logged_in().await;
-    assert!(client.wait_connected(PATIENCE).await);
+    let (client, mut peer) = server.connected_client().await;
     let w = client.setvar_writer();
     for t in 0..10u64 {
         w.setvar(100 + t, &format!("DEVICE_STATE(Custom:{t})"), "INUSE");
@@ -941,9 +941,7 @@ async fn setvar_writer_matches_answers_out_of_order_and_reports_refusals() {
 #[tokio::test]
 async fn setvar_writer_fails_writes_in_flight_when_the_connection_drops() {
     let server = FakeServer::bind().await;
-    let client = AmiClient::start(server.config());
-    let mut peer = server.accept_logged_in().await;
-    assert!(client.wait_connected(PATIENCE).await);
+    let (client, mut peer) = server.connected_client().await;
     let w = client.setvar_writer();
     for t in 0..5u64 {
         w.setvar(t, "DEVICE_STATE(Custom:x)", "BUSY");
