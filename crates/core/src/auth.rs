@@ -23,7 +23,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use sha2::Sha256;
 
-use crate::envelope::{Envelope, Limits, WIRE_VERSION};
+use crate::envelope::{Envelope, Limits, WIRE_VERSION, decode_device_update};
 use crate::time::Epoch;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -353,8 +353,13 @@ fn open_parts(
         }
     }
     // Decode first; only a failure needs the version alone (a newer version may have another
-    // structure: report it as such rather than as malformed).
-    let env: Envelope = match serde_json::from_slice(raw) {
+    // structure: report it as such rather than as malformed). A device update as `seal`
+    // writes it is read without serde (same result, see `decode_device_update`).
+    let decoded = match decode_device_update(raw) {
+        Some(env) => Ok(env),
+        None => serde_json::from_slice(raw),
+    };
+    let env: Envelope = match decoded {
         Ok(env) => env,
         Err(e) => {
             return match serde_json::from_slice::<VersionOnly>(raw) {

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::hlc::HlcTimestamp;
 use crate::liveness::DownReason;
-use crate::state::{Kind, Value};
+use crate::state::{DeviceState, Kind, Value};
 use crate::time::Epoch;
 
 /// The wire version this crate speaks.
@@ -391,6 +391,93 @@ pub struct Envelope {
     pub body: Body,
 }
 
+/// Reads the one layout [`crate::auth::KeyRing::seal`] writes for a device update (what
+/// agents send by the tens of thousands per second), without serde:
+///
+/// `{"v":1,"origin":"<s>","epoch":<n>,"seq":<n>,"body":{"type":"update","key":"<s>",
+/// "value":{"device":"<STATE>"},"ts":{"wall":<n>,"counter":<n>}}}`
+///
+/// Strings without escapes or control characters (valid UTF-8), numbers without sign,
+/// fraction, exponent or leading zero that fit their field. That is valid JSON which the
+/// derived decoding reads to the same envelope, so accepting it here changes nothing; any
+/// other message (another body, field order, spacing, escapes, a number out of range) gives
+/// `None` and is left to serde, which accepts or rejects it as before.
+pub(crate) fn decode_device_update(raw: &[u8]) -> Option<Envelope> {
+    let mut c = Canonical(raw);
+    c.lit(br#"{"v":1,"origin":""#)?;
+    let origin = c.text()?;
+    c.lit(br#","epoch":"#)?;
+    let epoch = c.number()?;
+    c.lit(br#","seq":"#)?;
+    let seq = c.number()?;
+    c.lit(br#","body":{"type":"update","key":""#)?;
+    let key = c.text()?;
+    c.lit(br#","value":{"device":""#)?;
+    let state = c.text()?;
+    let state = DeviceState::ALL.into_iter().find(|s| s.as_str() == state)?;
+    c.lit(br#"},"ts":{"wall":"#)?;
+    let wall = c.number()?;
+    c.lit(br#","counter":"#)?;
+    let counter = u32::try_from(c.number()?).ok()?;
+    c.lit(b"}}}")?;
+    if !c.0.is_empty() {
+        return None;
+    }
+    Some(Envelope {
+        v: WIRE_VERSION,
+        origin: origin.to_owned(),
+        epoch: Epoch(epoch),
+        seq,
+        body: Body::Update(Update {
+            key: key.to_owned(),
+            value: Value::Device(state),
+            ts: HlcTimestamp { wall, counter },
+        }),
+    })
+}
+
+/// The unread rest of a message, for [`decode_device_update`].
+struct Canonical<'a>(&'a [u8]);
+
+impl<'a> Canonical<'a> {
+    /// Skips `s`, which must come next.
+    fn lit(&mut self, s: &[u8]) -> Option<()> {
+        self.0 = self.0.strip_prefix(s)?;
+        Some(())
+    }
+
+    /// The text up to the next `"` (which is skipped): no escape, no control character,
+    /// valid UTF-8.
+    fn text(&mut self) -> Option<&'a str> {
+        let end = self
+            .0
+            .iter()
+            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)?;
+        if self.0[end] != b'"' {
+            return None;
+        }
+        let s = std::str::from_utf8(&self.0[..end]).ok()?;
+        self.0 = &self.0[end + 1..];
+        Some(s)
+    }
+
+    /// An unsigned integer in JSON's form (no leading zero) that fits a `u64`, followed by
+    /// something other than a digit.
+    fn number(&mut self) -> Option<u64> {
+        let len = self.0.iter().take_while(|b| b.is_ascii_digit()).count();
+        let digits = &self.0[..len];
+        if len == 0 || (len > 1 && digits[0] == b'0') {
+            return None;
+        }
+        let mut n: u64 = 0;
+        for d in digits {
+            n = n.checked_mul(10)?.checked_add(u64::from(d - b'0'))?;
+        }
+        self.0 = &self.0[len..];
+        Some(n)
+    }
+}
+
 /// Why an envelope's content is unacceptable.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum InvalidEnvelope {
@@ -677,6 +764,71 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<Body>(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_device_update_fast_path_reads_what_serde_reads_and_nothing_else() {
+        let mut sealed = Vec::new();
+        for (origin, key, state, wall, counter) in [
+            ("pbx-a", "PJSIP/100", DeviceState::Inuse, 5, 0),
+            (
+                "ü-pbx",
+                "SIP/ß 1",
+                DeviceState::NotInuse,
+                u64::MAX,
+                u32::MAX,
+            ),
+            ("x", "Local/1@from-internal", DeviceState::Ringinuse, 0, 7),
+        ] {
+            for (epoch, seq) in [(7, 1), (0, 0), (u64::MAX, u64::MAX)] {
+                let e = Envelope::new(
+                    origin,
+                    Epoch(epoch),
+                    seq,
+                    Body::Update(Update {
+                        key: key.into(),
+                        value: Value::Device(state),
+                        ts: HlcTimestamp { wall, counter },
+                    }),
+                );
+                let bytes = serde_json::to_vec(&e).unwrap();
+                assert_eq!(decode_device_update(&bytes), Some(e), "{bytes:?}");
+                sealed.push(bytes);
+            }
+        }
+        // Not the canonical form: left to serde (whatever serde then says).
+        for other in [
+            r#"{"v":1,"origin":"a","epoch":1,"seq":1,"body":{"type":"update","key":"k\u0041","value":{"device":"INUSE"},"ts":{"wall":1,"counter":0}}}"#,
+            r#"{"v":1,"origin":"a","epoch":01,"seq":1,"body":{"type":"update","key":"k","value":{"device":"INUSE"},"ts":{"wall":1,"counter":0}}}"#,
+            r#"{"v":1,"origin":"a","epoch":1,"seq":1,"body":{"type":"update","key":"k","value":{"device":"inuse"},"ts":{"wall":1,"counter":0}}}"#,
+            r#"{"v":1,"origin":"a","epoch":1,"seq":1,"body":{"type":"update","key":"k","value":{"device":"INUSE"},"ts":{"wall":1,"counter":4294967296}}}"#,
+            r#"{"v":1,"origin":"a","epoch":18446744073709551616,"seq":1,"body":{"type":"update","key":"k","value":{"device":"INUSE"},"ts":{"wall":1,"counter":0}}}"#,
+            r#"{"v":1,"origin":"a","epoch":1.0,"seq":1,"body":{"type":"update","key":"k","value":{"device":"INUSE"},"ts":{"wall":1,"counter":0}}}"#,
+            r#"{"v":1,"origin":"a","epoch":1,"seq":1,"body":{"type":"update","key":"k","value":{"device":"INUSE"},"ts":{"wall":1,"counter":0}}} "#,
+            r#"{"v":2,"origin":"a","epoch":1,"seq":1,"body":{"type":"update","key":"k","value":{"device":"INUSE"},"ts":{"wall":1,"counter":0}}}"#,
+            r#"{"v":1,"origin":"a","epoch":1,"seq":1,"body":{"type":"heartbeat"}}"#,
+            "{\"v\":1,\"origin\":\"a\tb\",\"epoch\":1,\"seq\":1,\"body\":{\"type\":\"update\",\"key\":\"k\",\"value\":{\"device\":\"INUSE\"},\"ts\":{\"wall\":1,\"counter\":0}}}",
+        ] {
+            assert_eq!(decode_device_update(other.as_bytes()), None, "{other}");
+        }
+        assert_eq!(
+            decode_device_update(b"{\"v\":1,\"origin\":\"\xff\",\"epoch\":1,\"seq\":1,\"body\":{\"type\":\"update\",\"key\":\"k\",\"value\":{\"device\":\"INUSE\"},\"ts\":{\"wall\":1,\"counter\":0}}}"),
+            None
+        );
+        // Any byte changed or cut: whatever the fast path still reads, serde reads the same.
+        use proptest::prelude::*;
+        proptest!(ProptestConfig::with_cases(2_000), |(pick in 0usize..9, i in 0usize..200, b in any::<u8>(), cut in any::<bool>())| {
+            let mut m = sealed[pick].clone();
+            let i = i % m.len();
+            if cut {
+                m.truncate(i);
+            } else {
+                m[i] = b;
+            }
+            if let Some(fast) = decode_device_update(&m) {
+                prop_assert_eq!(serde_json::from_slice::<Envelope>(&m).ok(), Some(fast));
+            }
+        });
     }
 
     #[test]

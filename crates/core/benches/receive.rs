@@ -1,0 +1,226 @@
+//! CPU per received fan-out message on an agent: [`Verifier::verify`] then
+//! [`Node::on_remote`] (the hot chain of the agent's `Relay::on_incoming`), on a node that
+//! already holds the whole table.
+//!
+//! Topology as in `hintfed-bench run`: 10 origins (`pbx-0` .. `pbx-9`) x 1,000 phones
+//! (`PJSIP/b<s>n<j>`), states cycling INUSE, NOT_INUSE, RINGING, BUSY, sealed exactly as
+//! agents seal them (one shared key without id, HMAC on). The node is `pbx-0`: it listed its
+//! own phones and received every other origin's full sync before the measured updates, which
+//! come round-robin over the 9 other origins. Each measured message is verified, handed to
+//! `on_remote`, and the writes it asks for are taken and reported done (as the AMI write path
+//! does), so the apply queue stays in its steady state.
+//!
+//! - `receive/verify+on_remote`: the whole chain per message;
+//! - `receive/verify`: the verifier alone on the same messages.
+//!
+//! Run: `cargo bench -p hintfed-core --bench receive` (add `-- --quick` for a short run).
+
+// `criterion_group!` generates an undocumented `pub fn`.
+#![allow(missing_docs)]
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use hintfed_core::{
+    Action, Body, DeviceState, Envelope, Epoch, HlcTimestamp, KeyRing, Limits, LocalEvent, Millis,
+    Node, NodeConfig, Update, Value, Verifier,
+};
+
+const ORIGINS: usize = 10;
+const DEVICES: usize = 1_000;
+/// Measured update rounds pre-sealed (each round changes every remote phone once): 72,000
+/// messages, about 15 MB.
+const ROUNDS: usize = 8;
+const SECRET: &str = "bench-shared-key";
+const START: u64 = 1_763_950_000_000;
+
+const CYCLE: [DeviceState; 4] = [
+    DeviceState::Inuse,
+    DeviceState::NotInuse,
+    DeviceState::Ringing,
+    DeviceState::Busy,
+];
+
+fn name(o: usize) -> String {
+    format!("pbx-{o}")
+}
+
+fn device(o: usize, j: usize) -> String {
+    format!("PJSIP/b{o}n{j}")
+}
+
+fn epoch(o: usize) -> Epoch {
+    Epoch(START + o as u64)
+}
+
+/// The sealed messages: the warm-up (every remote origin's full sync) and the measured
+/// updates.
+struct Messages {
+    warmup: Vec<Vec<u8>>,
+    updates: Vec<Vec<u8>>,
+}
+
+fn messages() -> Messages {
+    let ring = KeyRing::from_secrets([SECRET]);
+    let limits = Limits::default();
+    let seal = |env: Envelope| ring.seal(&env, &limits).expect("sealable");
+    let mut seq = [0u64; ORIGINS];
+    let mut next = |o: usize| {
+        seq[o] += 1;
+        seq[o]
+    };
+    let update = |o: usize, s: u64, j: usize, state: DeviceState, wall: u64| {
+        Envelope::new(
+            name(o),
+            epoch(o),
+            s,
+            Body::Update(Update {
+                key: device(o, j),
+                value: Value::Device(state),
+                ts: HlcTimestamp { wall, counter: 0 },
+            }),
+        )
+    };
+    let mut warmup = Vec::new();
+    for o in 1..ORIGINS {
+        let begin = next(o);
+        warmup.push(seal(Envelope::new(
+            name(o),
+            epoch(o),
+            begin,
+            Body::FullSyncBegin,
+        )));
+        for j in 0..DEVICES {
+            let s = next(o);
+            warmup.push(seal(update(o, s, j, DeviceState::NotInuse, START)));
+        }
+        let s = next(o);
+        warmup.push(seal(Envelope::new(
+            name(o),
+            epoch(o),
+            s,
+            Body::FullSyncEnd { begin_seq: begin },
+        )));
+    }
+    let mut updates = Vec::new();
+    let mut wall = START + 1_000;
+    for r in 0..ROUNDS {
+        for j in 0..DEVICES {
+            for o in 1..ORIGINS {
+                let s = next(o);
+                wall += 1;
+                updates.push(seal(update(o, s, j, CYCLE[r % CYCLE.len()], wall)));
+            }
+        }
+    }
+    Messages { warmup, updates }
+}
+
+/// Takes the node's actions, reporting every write as done.
+fn drain(node: &mut Node, now: Millis, targets: &mut Vec<String>) {
+    targets.clear();
+    while let Some(a) = node.poll_action() {
+        if let Action::Apply(cmd) = a {
+            targets.push(cmd.target);
+        }
+    }
+    if !targets.is_empty() {
+        node.on_apply_results(now, targets.iter().map(|t| (t.as_str(), true)));
+        while node.poll_action().is_some() {}
+    }
+}
+
+/// A fresh verifier and node `pbx-0` holding its own phones and the other origins' full
+/// syncs.
+fn warm(m: &Messages) -> (Verifier, Node) {
+    let mut v = Verifier::new(KeyRing::from_secrets([SECRET]), Limits::default());
+    let now = Millis(START);
+    let mut node = Node::new(NodeConfig::new(name(0)), epoch(0), now);
+    let own = (0..DEVICES)
+        .map(|j| LocalEvent::device(device(0, j), DeviceState::NotInuse))
+        .collect();
+    node.on_local_full_sync(now, own);
+    let mut targets = Vec::new();
+    drain(&mut node, now, &mut targets);
+    for bytes in &m.warmup {
+        let env = v.verify(bytes).expect("warm-up message verifies");
+        node.on_remote(now, &env);
+        drain(&mut node, now, &mut targets);
+    }
+    // Writes of the warm-up still pending (the window holds 8 at once).
+    for _ in 0..100_000 {
+        drain(&mut node, now, &mut targets);
+        if targets.is_empty() {
+            break;
+        }
+    }
+    (v, node)
+}
+
+fn bench(c: &mut Criterion) {
+    let m = messages();
+    let mut group = c.benchmark_group("receive");
+    group.throughput(Throughput::Elements(1));
+    // The warmed verifier and node carry over between calls, with the next message to
+    // feed; warmed again (untimed) once every measured message was fed.
+    let mut state: Option<(Verifier, Node, usize)> = None;
+    group.bench_function("verify+on_remote", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            let mut left = iters as usize;
+            let mut targets = Vec::new();
+            while left > 0 {
+                let (v, node, next) = state.get_or_insert_with(|| {
+                    let (v, node) = warm(&m);
+                    (v, node, 0)
+                });
+                let (start, n) = (*next, left.min(m.updates.len() - *next));
+                let t0 = Instant::now();
+                for (i, bytes) in m.updates[start..start + n].iter().enumerate() {
+                    // 20 messages per ms: 20,000 updates/s.
+                    let now = Millis(START + 1_000 + (start + i) as u64 / 20);
+                    let env = v.verify(black_box(bytes)).expect("verifies");
+                    node.on_remote(now, &env);
+                    drain(node, now, &mut targets);
+                }
+                total += t0.elapsed();
+                *next += n;
+                left -= n;
+                if *next == m.updates.len() {
+                    state = None;
+                }
+            }
+            total
+        })
+    });
+    let mut state: Option<(Verifier, usize)> = None;
+    group.bench_function("verify", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            let mut left = iters as usize;
+            while left > 0 {
+                let (v, next) = state.get_or_insert_with(|| {
+                    let v = Verifier::new(KeyRing::from_secrets([SECRET]), Limits::default());
+                    (v, 0)
+                });
+                let (start, n) = (*next, left.min(m.updates.len() - *next));
+                let t0 = Instant::now();
+                for bytes in &m.updates[start..start + n] {
+                    black_box(v.verify(black_box(bytes)).expect("verifies"));
+                }
+                total += t0.elapsed();
+                *next += n;
+                left -= n;
+                if *next == m.updates.len() {
+                    state = None;
+                }
+            }
+            total
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
