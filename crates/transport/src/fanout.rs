@@ -1,4 +1,5 @@
-//! The hub's PUB side, speaking ZMTP 3.0 (NULL mechanism) directly on the public listener:
+//! The hub's PUB side, speaking ZMTP 3.0 (NULL mechanism, wire pieces in `zmtp`) directly on
+//! the public listener:
 //! each published message is encoded once and the same bytes are queued to every subscriber,
 //! instead of the `zeromq` crate's PUB behind the byte-copying guard (which cloned and
 //! re-encoded every message per subscriber and copied every byte through a loopback proxy).
@@ -18,9 +19,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use bytes::{Bytes, BytesMut};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -28,11 +29,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::guard::{OVERSIZE_WARN, accept_bounded};
 use crate::link::{Frames, Limits, LinkStats};
+use crate::zmtp::{End, Reader, handshake, pong_for, ready};
 
 /// Messages queued per subscriber before the newest are dropped for it.
 pub(crate) const SUBSCRIBER_QUEUE: usize = 100_000;
-/// Largest ZMTP command body accepted from a subscriber.
-pub(crate) const MAX_COMMAND: usize = 64 * 1024;
 /// A peer must complete the greeting and READY exchange within this.
 pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes gathered before one write to a subscriber.
@@ -217,152 +217,6 @@ async fn accept_loop(
     .await;
 }
 
-/// Our greeting: ZMTP 3.0, NULL mechanism, as-server.
-pub(crate) fn greeting() -> [u8; 64] {
-    let mut g = [0u8; 64];
-    g[0] = 0xff;
-    g[9] = 0x7f;
-    g[10] = 3;
-    g[11] = 0;
-    g[12..16].copy_from_slice(b"NULL");
-    g[32] = 1;
-    g
-}
-
-pub(crate) fn command(name: &[u8], body: &[u8]) -> Vec<u8> {
-    let len = 1 + name.len() + body.len();
-    let mut out = Vec::with_capacity(len + 9);
-    match u8::try_from(len) {
-        Ok(n) => out.extend_from_slice(&[0x04, n]),
-        Err(_) => {
-            out.push(0x06);
-            out.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-    }
-    out.push(name.len() as u8);
-    out.extend_from_slice(name);
-    out.extend_from_slice(body);
-    out
-}
-
-/// Our READY command, announcing `socket_type` (`PUB`, `ROUTER`).
-pub(crate) fn ready(socket_type: &[u8]) -> Vec<u8> {
-    let mut props = Vec::new();
-    props.push(11);
-    props.extend_from_slice(b"Socket-Type");
-    let len = u32::try_from(socket_type.len()).expect("a socket type name is short");
-    props.extend_from_slice(&len.to_be_bytes());
-    props.extend_from_slice(socket_type);
-    command(b"READY", &props)
-}
-
-/// One frame read from a peer.
-pub(crate) struct Frame {
-    pub(crate) command: bool,
-    pub(crate) more: bool,
-    pub(crate) body: Bytes,
-}
-
-/// Why a peer connection ends.
-pub(crate) enum End {
-    Closed,
-    Oversize,
-}
-
-/// Incremental reader of a peer's frames with the size limits checked on the header.
-pub(crate) struct Reader {
-    pub(crate) read: OwnedReadHalf,
-    pub(crate) buf: BytesMut,
-    pub(crate) limits: Limits,
-}
-
-impl Reader {
-    /// The next complete frame, reading as needed.
-    pub(crate) async fn frame(&mut self) -> Result<Frame, End> {
-        loop {
-            if let Some(f) = self.parse(self.limits.max_message_bytes)? {
-                return Ok(f);
-            }
-            self.fill().await?;
-        }
-    }
-
-    /// Reads more bytes (at least 4 KiB of room); cancel-safe.
-    pub(crate) async fn fill(&mut self) -> Result<(), End> {
-        self.buf.reserve(4096);
-        match self.read.read_buf(&mut self.buf).await {
-            Ok(0) | Err(_) => Err(End::Closed),
-            Ok(_) => Ok(()),
-        }
-    }
-
-    /// The next frame if it is buffered whole; a message frame announcing more than
-    /// `max_data` bytes (a command more than [`MAX_COMMAND`]) is refused on its header.
-    pub(crate) fn parse(&mut self, max_data: usize) -> Result<Option<Frame>, End> {
-        let Some(&flags) = self.buf.first() else {
-            return Ok(None);
-        };
-        let long = flags & 0x02 != 0;
-        let head = if long { 9 } else { 2 };
-        if self.buf.len() < head {
-            return Ok(None);
-        }
-        let len = if long {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&self.buf[1..9]);
-            u64::from_be_bytes(b)
-        } else {
-            u64::from(self.buf[1])
-        };
-        let command = flags & 0x04 != 0;
-        let max = if command { MAX_COMMAND } else { max_data };
-        if len > max as u64 {
-            return Err(End::Oversize);
-        }
-        let len = len as usize;
-        if self.buf.len() < head + len {
-            return Ok(None);
-        }
-        self.buf.advance(head);
-        let body = self.buf.split_to(len).freeze();
-        Ok(Some(Frame {
-            command,
-            more: flags & 0x01 != 0,
-            body,
-        }))
-    }
-}
-
-/// The server side of a ZMTP 3.0 NULL handshake: sends our greeting and `ready`, checks the
-/// peer's greeting (version 3 or later, mechanism NULL) and returns the peer's first frame,
-/// a command (its READY), for the caller to check. `buf` is the reader's initial capacity.
-pub(crate) async fn handshake(
-    stream: TcpStream,
-    limits: Limits,
-    ready: &[u8],
-    buf: usize,
-) -> Result<(Reader, OwnedWriteHalf, Frame), End> {
-    let (mut read, mut write) = stream.into_split();
-    let mut out = greeting().to_vec();
-    out.extend(ready);
-    write.write_all(&out).await.map_err(|_| End::Closed)?;
-    let mut peer = [0u8; 64];
-    read.read_exact(&mut peer).await.map_err(|_| End::Closed)?;
-    if peer[0] != 0xff || peer[9] != 0x7f || peer[10] < 3 || &peer[12..16] != b"NULL" {
-        return Err(End::Closed);
-    }
-    let mut reader = Reader {
-        read,
-        buf: BytesMut::with_capacity(buf),
-        limits,
-    };
-    let first = reader.frame().await?;
-    if !first.command {
-        return Err(End::Closed);
-    }
-    Ok((reader, write, first))
-}
-
 /// A subscriber's handshake: its first command must be READY.
 async fn sub_handshake(stream: TcpStream, limits: Limits) -> Result<(Reader, OwnedWriteHalf), End> {
     let (reader, write, first) = handshake(stream, limits, &ready(b"PUB"), 4096).await?;
@@ -509,11 +363,7 @@ fn handle_command(body: &Bytes, subscriptions: &mut Vec<Bytes>, out: &mut Vec<u8
     match name {
         b"SUBSCRIBE" => subscribe(subscriptions, rest),
         b"CANCEL" => unsubscribe(subscriptions, &rest),
-        b"PING" => {
-            // PING: 2-byte TTL, then a context echoed in the PONG.
-            let context = rest.get(2..).unwrap_or_default();
-            out.extend(command(b"PONG", context));
-        }
+        b"PING" => out.extend(pong_for(&rest)),
         _ => {}
     }
 }
@@ -521,6 +371,7 @@ fn handle_command(body: &Bytes, subscriptions: &mut Vec<Bytes>, out: &mut Vec<u8
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::zmtp::command;
 
     #[test]
     fn encodes_short_and_long_frames() {

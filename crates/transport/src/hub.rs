@@ -2,6 +2,16 @@
 //! P and SUB to P+1, supervised and recreated on loss) and [`HubBind`] (server side: ROUTER
 //! bound on P and PUB bound on P+1).
 //!
+//! The link's SUB is not a `zeromq` crate socket: it speaks ZMTP 3.0 itself (private module
+//! `zmtp`, shared with the hub's PUB), so one read of the connection yields every complete
+//! fan-out message it holds, handed to the inbound channel in one wake-up of the link's task
+//! (the crate's SUB took each message through its own tasks, fair queue and channel). The
+//! hub's fan-out connection is made with the same bounded attempt as the DEALER; a peer
+//! that is not a ZMTP 3 publisher (or sends garbage) fails the attempt or ends the
+//! connection, and the link reconnects with its backoff. Oversize fan-out messages are
+//! skipped as their bytes arrive (never buffered) and counted as `dropped_oversize`; the
+//! connection stays up.
+//!
 //! Transport-level liveness, invisible to the application:
 //! - the link sends the one-frame message [`PING`] on its DEALER every `ping_interval`; a
 //!   [`HubBind`] answers with [`PONG`] and does not deliver either to the application;
@@ -22,17 +32,18 @@ use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use zeromq::{DealerSocket, SocketRecv, SocketSend, SubSocket, ZmqError};
+use zeromq::{DealerSocket, SocketRecv, SocketSend};
 
 use crate::error::{SendError, TransportError};
 use crate::fanout::Fanout;
 use crate::guard;
 use crate::link::{
     Backoff, BackoffConfig, CancelOnDrop, DEFAULT_MAX_CONNECTIONS, Frames, Limits, LinkStats,
-    LinkStatus, Shared, StatsSnapshot, connect_socket, connect_sub, is_disconnect,
-    parse_tcp_endpoint, sleep_or_cancel, tcp_endpoint, to_message,
+    LinkStatus, Shared, StatsSnapshot, connect_socket, is_disconnect, parse_tcp_endpoint,
+    sleep_or_cancel, tcp_endpoint, to_message,
 };
 use crate::router::Router;
+use crate::zmtp::{SubConn, ZmtpError};
 
 /// One-frame liveness request a [`HubLink`] sends on its DEALER.
 pub const PING: &[u8] = b"\x00hintfed-ping";
@@ -294,11 +305,20 @@ impl LinkTask {
             let attempt_timeout = self.config.connect_attempt_timeout;
             let attempt = async {
                 let (dealer, dmon) =
-                    connect_socket::<DealerSocket>(&self.config.endpoint, attempt_timeout).await?;
+                    connect_socket::<DealerSocket>(&self.config.endpoint, attempt_timeout)
+                        .await
+                        .map_err(|e| format!("request socket: {e}"))?;
                 let mut subs = self.config.subscriptions.clone();
                 subs.push(HEARTBEAT_TOPIC.to_owned());
-                let (sub, smon) = connect_sub(&self.sub_endpoint, attempt_timeout, &subs).await?;
-                Ok::<_, ZmqError>((dealer, dmon, sub, smon))
+                let sub = SubConn::connect(
+                    &self.sub_endpoint,
+                    attempt_timeout,
+                    &subs,
+                    self.config.limits,
+                )
+                .await
+                .map_err(|e| format!("fan-out socket {}: {e}", self.sub_endpoint))?;
+                Ok::<_, String>((dealer, dmon, sub))
             };
             let result = tokio::select! {
                 r = attempt => Some(r),
@@ -311,13 +331,13 @@ impl LinkTask {
                     self.stats.connect_failures();
                     tracing::debug!(hub = self.index, endpoint = %self.config.endpoint, %error, "hub connect attempt failed");
                 }
-                Ok((dealer, dmon, sub, smon)) => {
+                Ok((dealer, dmon, sub)) => {
                     if connected_once {
                         self.stats.reconnects();
                     }
                     connected_once = true;
                     let started = Instant::now();
-                    let exit = self.connected(dealer, dmon, sub, smon).await;
+                    let exit = self.connected(dealer, dmon, sub).await;
                     self.status_tx.send_replace(LinkStatus::Connecting);
                     while self.rx.try_recv().is_ok() {
                         self.stats.dropped_outbound();
@@ -349,8 +369,7 @@ impl LinkTask {
         &mut self,
         dealer: DealerSocket,
         mut dmon: futures::channel::mpsc::Receiver<zeromq::SocketEvent>,
-        mut sub: SubSocket,
-        mut smon: futures::channel::mpsc::Receiver<zeromq::SocketEvent>,
+        mut sub: SubConn,
     ) -> Exit {
         let (mut dsend, mut drecv) = dealer.split();
         let cfg = &self.config;
@@ -365,6 +384,8 @@ impl LinkTask {
         // what was published in between was lost until a gap was noticed.
         let mut announced = false;
         let backlog_max = REPLY_BACKLOG.min(self.inbound.max_capacity() / 2).max(1);
+        // Fan-out messages taken by one read (reused: no allocation per wake-up).
+        let mut batch: Vec<Frames> = Vec::new();
         loop {
             // Replies wait in the socket (the read buffer holds what was read until the
             // application takes it) while the application is behind.
@@ -403,27 +424,41 @@ impl LinkTask {
                     // Not reading: the hub's replies (pongs too) wait unread.
                     last_reply = Instant::now();
                 }
-                r = sub.recv() => match r {
-                    Ok(msg) => {
-                        last_fanout = Instant::now();
-                        if !announced {
-                            announced = true;
-                            tracing::info!(hub = self.index, endpoint = %self.config.endpoint, "hub link connected");
-                            self.status_tx.send_replace(LinkStatus::Connected);
+                r = sub.recv(&mut batch) => match r {
+                    Ok(parsed) => {
+                        for _ in 0..parsed.oversize {
+                            self.stats.dropped_oversize();
                         }
-                        let frames = msg.into_vec();
-                        if frames.first().is_some_and(|f| f.as_ref() == HEARTBEAT_TOPIC.as_bytes()) {
-                            continue;
+                        if !batch.is_empty() || parsed.oversize > 0 {
+                            last_fanout = Instant::now();
+                            if !announced {
+                                announced = true;
+                                tracing::info!(hub = self.index, endpoint = %self.config.endpoint, "hub link connected");
+                                self.status_tx.send_replace(LinkStatus::Connected);
+                            }
                         }
-                        self.deliver(Channel::Fanout, frames);
+                        for frames in batch.drain(..) {
+                            if frames.first().is_some_and(|f| f.as_ref() == HEARTBEAT_TOPIC.as_bytes()) {
+                                continue;
+                            }
+                            self.deliver(Channel::Fanout, frames);
+                        }
+                        if sub.has_pending() {
+                            match tokio::time::timeout(cfg.send_timeout, sub.flush()).await {
+                                Ok(Ok(())) => {}
+                                Ok(Err(e)) => return Exit::Lost(format!("fan-out pong failed: {e}")),
+                                Err(_) => {
+                                    self.stats.send_timeouts();
+                                    return Exit::Lost("fan-out pong send timed out".into());
+                                }
+                            }
+                        }
                     }
+                    Err(ZmtpError::Closed) => return Exit::Lost("hub closed the fan-out connection".into()),
                     Err(e) => return Exit::Lost(format!("fan-out receive failed: {e}")),
                 },
                 ev = dmon.next() => if is_disconnect(ev.as_ref()) {
                     return Exit::Lost("hub closed the request connection".into());
-                },
-                ev = smon.next() => if is_disconnect(ev.as_ref()) {
-                    return Exit::Lost("hub closed the fan-out connection".into());
                 },
                 _ = ping.tick() => {
                     if last_reply.elapsed() > cfg.silence_timeout || last_fanout.elapsed() > cfg.silence_timeout {

@@ -26,6 +26,9 @@
 //! - `router` (private): the hub's ROUTER, ZMTP 3.0 spoken directly (each peer's reader hands
 //!   whole messages to the application's channel, a writer per peer takes its replies), with
 //!   the same limits as the guard and a handshake deadline.
+//! - `zmtp` (private): the ZMTP 3.0 wire pieces `fanout` and `router` share (greeting, READY,
+//!   commands, the frame reader), and `SubConn`, our own SUB client (the hub link's fan-out:
+//!   every complete message of one read at once, limits checked on each frame header).
 //!
 //! Each supervisor is one Tokio task that owns its sockets; the public handles are cheap
 //! clones talking to it over bounded channels (each type documents its full/closed policy),
@@ -93,6 +96,7 @@ pub mod multi;
 pub mod req;
 mod router;
 pub mod sub;
+mod zmtp;
 
 pub use error::{RequestError, SendError, TransportError};
 pub use hub::{Channel, HubBind, HubBindConfig, HubLink, HubLinkConfig, Incoming, RouterMessage};

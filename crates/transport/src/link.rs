@@ -238,24 +238,6 @@ pub(crate) async fn connect_socket<S: Socket>(
     Ok((socket, monitor))
 }
 
-/// Like [`connect_socket`] for SUB sockets, subscribing before connecting so the
-/// subscriptions reach the publisher in the handshake.
-pub(crate) async fn connect_sub(
-    endpoint: &str,
-    attempt_timeout: Duration,
-    subscriptions: &[String],
-) -> Result<(zeromq::SubSocket, fmpsc::Receiver<SocketEvent>), zeromq::ZmqError> {
-    let mut options = SocketOptions::default();
-    options.connect_timeout(attempt_timeout);
-    let mut socket = zeromq::SubSocket::with_options(options);
-    let monitor = socket.monitor();
-    for s in subscriptions {
-        socket.subscribe(s).await?;
-    }
-    socket.connect(endpoint).await?;
-    Ok((socket, monitor))
-}
-
 /// Whether a monitor event means the (single) peer is gone.
 pub(crate) fn is_disconnect(event: Option<&SocketEvent>) -> bool {
     matches!(event, Some(SocketEvent::Disconnected(_)) | None)

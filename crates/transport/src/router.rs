@@ -38,10 +38,11 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::fanout::{self, End, HANDSHAKE_TIMEOUT, Reader, WRITE_BATCH, command};
+use crate::fanout::{HANDSHAKE_TIMEOUT, WRITE_BATCH};
 use crate::guard::{OVERSIZE_WARN, WarnLimit, accept_bounded};
 use crate::hub::{PING, PONG, RouterMessage};
 use crate::link::{Frames, Limits, LinkStats};
+use crate::zmtp::{self, End, Reader, pong_for, properties};
 
 /// Rate limit of the warning about peers closed for not reading.
 static STALLED_WARN: WarnLimit = WarnLimit::new();
@@ -189,22 +190,6 @@ fn encode_into(out: &mut Vec<u8>, frames: &[Bytes]) {
     }
 }
 
-/// The properties of a READY command body (after its name): `(name, value)` pairs, or `None`
-/// when malformed.
-fn properties(mut body: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
-    let mut props = Vec::new();
-    while !body.is_empty() {
-        let n = usize::from(*body.first()?);
-        let name = body.get(1..1 + n)?;
-        let len_bytes: [u8; 4] = body.get(1 + n..5 + n)?.try_into().ok()?;
-        let len = u32::from_be_bytes(len_bytes) as usize;
-        let value = body.get(5 + n..(5 + n).checked_add(len)?)?;
-        props.push((name, value));
-        body = &body[5 + n + len..];
-    }
-    Some(props)
-}
-
 /// What the peer's READY says: its routing identity if it chose one. Refuses peers that are
 /// not DEALER, REQ or ROUTER sockets.
 fn peer_ready(body: &[u8]) -> Result<Option<Bytes>, End> {
@@ -236,7 +221,7 @@ async fn handshake(
     limits: Limits,
 ) -> Result<(Reader, OwnedWriteHalf, Option<Bytes>), End> {
     let (reader, write, first) =
-        fanout::handshake(stream, limits, &fanout::ready(b"ROUTER"), 16 * 1024).await?;
+        zmtp::handshake(stream, limits, &zmtp::ready(b"ROUTER"), 16 * 1024).await?;
     let identity = peer_ready(&first.body)?;
     Ok((reader, write, identity))
 }
@@ -380,9 +365,7 @@ fn answer_command(body: &Bytes, tx: &mpsc::Sender<Out>) {
     let Some(rest) = body.strip_prefix(b"\x04PING") else {
         return;
     };
-    // PING: 2-byte TTL, then a context echoed in the PONG.
-    let context = rest.get(2..).unwrap_or_default();
-    let _ = tx.try_send(Out::Command(command(b"PONG", context)));
+    let _ = tx.try_send(Out::Command(pong_for(rest)));
 }
 
 async fn write_loop(

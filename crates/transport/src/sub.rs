@@ -4,23 +4,30 @@
 //! process. The client recreates its SUB socket whenever the publisher's connection closes
 //! (and, optionally, after a silence timeout), reconnecting with a short capped backoff rather
 //! than the zeromq crate's own SUB reconnect (whose backoff grows to 30 s).
+//!
+//! The SUB is our own ZMTP 3.0 client (private module `zmtp`, as the hub link's fan-out):
+//! every complete message of one read is delivered at once; a peer that is not a ZMTP 3
+//! publisher fails the connect attempt; messages beyond the [`Limits`] are skipped as they
+//! arrive (never buffered) and counted as `dropped_oversize`; libzmq's ZMTP `PING`s are
+//! answered.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::StreamExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use zeromq::SocketRecv;
 
 use crate::error::TransportError;
 use crate::link::{
     Backoff, BackoffConfig, CancelOnDrop, Frames, Limits, LinkStats, LinkStatus, Shared,
-    StatsSnapshot, connect_sub, is_disconnect, parse_tcp_endpoint, sleep_or_cancel,
+    StatsSnapshot, parse_tcp_endpoint, sleep_or_cancel,
 };
+use crate::zmtp::{SubConn, ZmtpError};
 
 const STABLE_AFTER: Duration = Duration::from_secs(2);
+/// Bound on writing the answer to a ZMTP `PING` (a few bytes; the publisher reads them).
+const PONG_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Configuration of a [`SubClient`].
 #[derive(Debug, Clone)]
@@ -132,10 +139,11 @@ impl SubTask {
         let mut connected_once = false;
         loop {
             self.status_tx.send_replace(LinkStatus::Connecting);
-            let attempt = connect_sub(
+            let attempt = SubConn::connect(
                 &self.config.endpoint,
                 self.config.connect_attempt_timeout,
                 &self.config.subscriptions,
+                self.config.limits,
             );
             let result = tokio::select! {
                 r = attempt => r,
@@ -147,7 +155,7 @@ impl SubTask {
                     self.stats.connect_failures();
                     tracing::debug!(endpoint = %self.config.endpoint, %error, "SUB connect attempt failed");
                 }
-                Ok((mut sub, mut monitor)) => {
+                Ok(mut sub) => {
                     if connected_once {
                         self.stats.reconnects();
                     }
@@ -156,24 +164,37 @@ impl SubTask {
                     let started = Instant::now();
                     let mut last_rx = Instant::now();
                     let silence = self.config.silence_timeout;
+                    let mut batch: Vec<Frames> = Vec::new();
                     let stop = loop {
                         let check_at = silence.map(|s| last_rx + s);
                         tokio::select! {
                             () = self.cancel.cancelled() => break true,
                             () = self.inbound.closed() => break true,
-                            r = sub.recv() => match r {
-                                Ok(msg) => {
+                            r = sub.recv(&mut batch) => match r {
+                                Ok(parsed) => {
                                     last_rx = Instant::now();
-                                    self.deliver(msg.into_vec());
+                                    for _ in 0..parsed.oversize {
+                                        self.stats.dropped_oversize();
+                                    }
+                                    for frames in batch.drain(..) {
+                                        self.deliver(frames);
+                                    }
+                                    if sub.has_pending() {
+                                        let flushed = tokio::time::timeout(PONG_TIMEOUT, sub.flush()).await;
+                                        if !matches!(flushed, Ok(Ok(()))) {
+                                            tracing::warn!(endpoint = %self.config.endpoint, "SUB could not answer a ZMTP ping; recreating");
+                                            break false;
+                                        }
+                                    }
+                                }
+                                Err(ZmtpError::Closed) => {
+                                    tracing::warn!(endpoint = %self.config.endpoint, "publisher went away; recreating SUB");
+                                    break false;
                                 }
                                 Err(error) => {
                                     tracing::warn!(endpoint = %self.config.endpoint, %error, "SUB receive failed; recreating");
                                     break false;
                                 }
-                            },
-                            ev = monitor.next() => if is_disconnect(ev.as_ref()) {
-                                tracing::warn!(endpoint = %self.config.endpoint, "publisher went away; recreating SUB");
-                                break false;
                             },
                             () = sleep_until_opt(check_at) => {
                                 self.stats.silence_timeouts();

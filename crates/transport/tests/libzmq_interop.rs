@@ -336,3 +336,40 @@ async fn legacy_sockets_talk_to_a_libzmq_zmq_ami_broker_agent() {
     pull.shutdown().await;
     publisher.shutdown().await;
 }
+
+#[tokio::test]
+async fn hub_link_subscribes_to_a_libzmq_xpub_and_answers_its_zmtp_heartbeats() {
+    if !pyzmq_available() {
+        return;
+    }
+    let port = free_port_pair();
+    // The XPUB pings every 100 ms and drops a subscriber silent for 300 ms: only the link's
+    // PONGs keep its fan-out connection (the link sends nothing else on it).
+    let _hub = PyPeer::start(&[
+        "router_pub".into(),
+        port.to_string(),
+        "--xpub".into(),
+        "--zmtp-heartbeat".into(),
+        "100".into(),
+    ])
+    .await;
+    let (link, mut rx) =
+        HubLink::connect(HubLinkConfig::new(format!("tcp://127.0.0.1:{port}"))).expect("link");
+    assert!(link.wait_connected(SETUP).await);
+    // Fan-out keeps flowing over 1.5 s (five heartbeat timeouts) on the same connection.
+    let start = Instant::now();
+    let mut fanned = 0;
+    while start.elapsed() < Duration::from_millis(1500) {
+        let _ = link.try_send(vec![b("dev.x"), b("hi")]);
+        if let Ok(Some(m)) = timeout(Duration::from_millis(50), rx.recv()).await
+            && m.channel == Channel::Fanout
+        {
+            assert_eq!(m.frames, vec![b("dev.fan"), b("hi")]);
+            fanned += 1;
+        }
+    }
+    assert!(fanned > 0, "fan-out from the XPUB");
+    let stats = link.stats();
+    assert_eq!(stats.reconnects, 0, "{stats:?}");
+    assert!(link.is_connected());
+}

@@ -12,9 +12,13 @@ success, 1 on timeout).
   pub PORT                PUB like res_zmq_manager's event socket: one compact JSON object per
                           frame every 20 ms, plus a non-JSON frame that a "{" subscriber must
                           never see.
-  router_pub PORT         ROUTER on PORT + PUB on PORT+1, a hub stand-in: answers the transport
+  router_pub PORT [--xpub] [--zmtp-heartbeat MS]
+                          ROUTER on PORT + PUB on PORT+1, a hub stand-in: answers the transport
                           ping, publishes heartbeats, echoes every other message back to its
                           sender as ["echo", *frames] and publishes ["dev.fan", last frame].
+                          --xpub: an XPUB instead of the PUB; --zmtp-heartbeat MS: the
+                          publisher sends ZMTP PING commands every MS ms and drops a peer
+                          silent for 3 * MS ms.
   legacy_agent PULL_PORT PUB_PORT NAME
                           a zmq-ami-broker agent: PUSHes ["[*]", AsteriskEvent JSON] to the
                           server's PULL until its SUB ("[*]" and "[NAME]") receives a message
@@ -78,23 +82,31 @@ def pub(ctx, port):
         time.sleep(0.02)
 
 
-def router_pub(ctx, port):
+def router_pub(ctx, port, xpub=False, heartbeat_ms=None):
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     router.bind(f"tcp://127.0.0.1:{port}")
-    publisher = ctx.socket(zmq.PUB)
+    publisher = ctx.socket(zmq.XPUB if xpub else zmq.PUB)
     publisher.setsockopt(zmq.LINGER, 0)
+    if heartbeat_ms is not None:
+        publisher.setsockopt(zmq.HEARTBEAT_IVL, heartbeat_ms)
+        publisher.setsockopt(zmq.HEARTBEAT_TIMEOUT, 3 * heartbeat_ms)
     publisher.bind(f"tcp://127.0.0.1:{port + 1}")
     ready()
     poller = zmq.Poller()
     poller.register(router, zmq.POLLIN)
+    if xpub:
+        poller.register(publisher, zmq.POLLIN)
     next_hb = 0.0
     while True:
         now = time.monotonic()
         if now >= next_hb:
             publisher.send(HEARTBEAT)
             next_hb = now + 0.2
-        if dict(poller.poll(50)).get(router):
+        events = dict(poller.poll(50))
+        if events.get(publisher):
+            publisher.recv()  # an XPUB's subscription messages
+        if events.get(router):
             identity, *frames = router.recv_multipart()
             if frames == [PING]:
                 router.send_multipart([identity, PONG])
@@ -164,7 +176,10 @@ def main():
     elif mode == "pub":
         pub(ctx, port)
     elif mode == "router_pub":
-        router_pub(ctx, port)
+        heartbeat_ms = None
+        if "--zmtp-heartbeat" in sys.argv:
+            heartbeat_ms = int(sys.argv[sys.argv.index("--zmtp-heartbeat") + 1])
+        router_pub(ctx, port, "--xpub" in sys.argv, heartbeat_ms)
     elif mode == "legacy_agent":
         legacy_agent(ctx, port, int(sys.argv[3]), sys.argv[4])
     elif mode == "dealer_sub":

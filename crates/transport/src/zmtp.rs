@@ -1,0 +1,769 @@
+//! ZMTP 3.0 (RFC 23, NULL mechanism) spoken directly, shared by the hub's listeners
+//! (`fanout`, `router`: the server side of the handshake and a frame reader) and by the
+//! subscriber client [`SubConn`] (the SUB side of [`crate::HubLink`] and [`crate::SubClient`]).
+//!
+//! Wire pieces: the 64-byte greeting, commands (`READY` with its properties, `PING`/`PONG`),
+//! frame headers (short: flags + 1-byte length; long: flags + 8-byte length). Sizes are
+//! checked on the header, before a body is buffered.
+//!
+//! [`SubConn`]: connects (TCP connect bounded by the caller's attempt timeout, greeting and
+//! READY bounded by [`client_handshake_timeout`]), checks that the peer is a ZMTP 3.x
+//! publisher (Socket-Type `PUB` or `XPUB`), sends each subscription as a ZMTP 3.0 message
+//! `\x01prefix` (accepted by libzmq 4.x publishers and by `fanout`), then yields whole
+//! multipart messages: every complete message one read returns, at once. A message beyond
+//! the [`Limits`] (too many frames, too many bytes) is skipped as its bytes arrive, never
+//! buffered, and reported for counting; `PING` commands are answered with `PONG`; anything
+//! that is not ZMTP (a bad greeting, reserved flag bits, an oversize command, an `ERROR`
+//! command) ends the connection with a [`ZmtpError`].
+
+use std::time::Duration;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use crate::link::{Frames, Limits, parse_tcp_endpoint};
+
+/// Largest ZMTP command body accepted from a peer.
+pub(crate) const MAX_COMMAND: usize = 64 * 1024;
+/// Room kept free in a subscriber's read buffer before each read.
+const SUB_READ_CHUNK: usize = 32 * 1024;
+
+/// Our greeting: ZMTP 3.0, NULL mechanism, `as_server` as given (the padding is zero, as the
+/// `zeromq` crate writes it).
+pub(crate) fn greeting(as_server: bool) -> [u8; 64] {
+    let mut g = [0u8; 64];
+    g[0] = 0xff;
+    g[9] = 0x7f;
+    g[10] = 3;
+    g[11] = 0;
+    g[12..16].copy_from_slice(b"NULL");
+    g[32] = u8::from(as_server);
+    g
+}
+
+/// Checks a peer's greeting: the signature, version 3 or later, mechanism NULL.
+pub(crate) fn check_greeting(peer: &[u8; 64]) -> Result<(), &'static str> {
+    if peer[0] != 0xff || peer[9] & 0x01 == 0 {
+        return Err("no ZMTP signature");
+    }
+    if peer[10] < 3 {
+        return Err("ZMTP version older than 3.0");
+    }
+    let mechanism = &peer[12..32];
+    if !mechanism.starts_with(b"NULL") || mechanism[4..].iter().any(|&b| b != 0) {
+        return Err("security mechanism is not NULL");
+    }
+    Ok(())
+}
+
+/// A command frame `name` + `body`.
+pub(crate) fn command(name: &[u8], body: &[u8]) -> Vec<u8> {
+    let len = 1 + name.len() + body.len();
+    let mut out = Vec::with_capacity(len + 9);
+    match u8::try_from(len) {
+        Ok(n) => out.extend_from_slice(&[0x04, n]),
+        Err(_) => {
+            out.push(0x06);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+    out.extend_from_slice(body);
+    out
+}
+
+/// Our READY command, announcing `socket_type` (`PUB`, `ROUTER`, `SUB`).
+pub(crate) fn ready(socket_type: &[u8]) -> Vec<u8> {
+    let mut props = Vec::new();
+    props.push(11);
+    props.extend_from_slice(b"Socket-Type");
+    let len = u32::try_from(socket_type.len()).expect("a socket type name is short");
+    props.extend_from_slice(&len.to_be_bytes());
+    props.extend_from_slice(socket_type);
+    command(b"READY", &props)
+}
+
+/// The properties of a READY command body (after its name): `(name, value)` pairs, or `None`
+/// when malformed.
+pub(crate) fn properties(mut body: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+    let mut props = Vec::new();
+    while !body.is_empty() {
+        let n = usize::from(*body.first()?);
+        let name = body.get(1..1 + n)?;
+        let len_bytes: [u8; 4] = body.get(1 + n..5 + n)?.try_into().ok()?;
+        let len = u32::from_be_bytes(len_bytes) as usize;
+        let value = body.get(5 + n..(5 + n).checked_add(len)?)?;
+        props.push((name, value));
+        body = &body[5 + n + len..];
+    }
+    Some(props)
+}
+
+/// The PONG answering a PING command body (after the name: a 2-byte TTL, then a context
+/// echoed back).
+pub(crate) fn pong_for(ping_rest: &[u8]) -> Vec<u8> {
+    command(b"PONG", ping_rest.get(2..).unwrap_or_default())
+}
+
+/// Appends one message frame header for `len` body bytes.
+fn put_frame_header(out: &mut Vec<u8>, more: bool, len: usize) {
+    let more = u8::from(more);
+    match u8::try_from(len) {
+        Ok(n) => out.extend_from_slice(&[more, n]),
+        Err(_) => {
+            out.push(more | 0x02);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
+}
+
+/// A frame header: flags, header length, announced body length.
+#[derive(Debug, Clone, Copy)]
+struct Header {
+    command: bool,
+    more: bool,
+    head: usize,
+    len: u64,
+}
+
+/// The header at the start of `buf`, if buffered whole.
+fn header(buf: &[u8]) -> Option<Header> {
+    let &flags = buf.first()?;
+    let long = flags & 0x02 != 0;
+    let head = if long { 9 } else { 2 };
+    if buf.len() < head {
+        return None;
+    }
+    let len = if long {
+        let mut b = [0u8; 8];
+        b.copy_from_slice(&buf[1..9]);
+        u64::from_be_bytes(b)
+    } else {
+        u64::from(buf[1])
+    };
+    Some(Header {
+        command: flags & 0x04 != 0,
+        more: flags & 0x01 != 0,
+        head,
+        len,
+    })
+}
+
+/// One frame read from a peer.
+pub(crate) struct Frame {
+    pub(crate) command: bool,
+    pub(crate) more: bool,
+    pub(crate) body: Bytes,
+}
+
+/// Why a peer connection (of a listener) ends.
+pub(crate) enum End {
+    Closed,
+    Oversize,
+}
+
+/// Incremental reader of a peer's frames with the size limits checked on the header.
+pub(crate) struct Reader {
+    pub(crate) read: OwnedReadHalf,
+    pub(crate) buf: BytesMut,
+    pub(crate) limits: Limits,
+}
+
+impl Reader {
+    /// The next complete frame, reading as needed.
+    pub(crate) async fn frame(&mut self) -> Result<Frame, End> {
+        loop {
+            if let Some(f) = self.parse(self.limits.max_message_bytes)? {
+                return Ok(f);
+            }
+            self.fill().await?;
+        }
+    }
+
+    /// Reads more bytes (at least 4 KiB of room); cancel-safe.
+    pub(crate) async fn fill(&mut self) -> Result<(), End> {
+        self.buf.reserve(4096);
+        match self.read.read_buf(&mut self.buf).await {
+            Ok(0) | Err(_) => Err(End::Closed),
+            Ok(_) => Ok(()),
+        }
+    }
+
+    /// The next frame if it is buffered whole; a message frame announcing more than
+    /// `max_data` bytes (a command more than [`MAX_COMMAND`]) is refused on its header.
+    pub(crate) fn parse(&mut self, max_data: usize) -> Result<Option<Frame>, End> {
+        let Some(h) = header(&self.buf) else {
+            return Ok(None);
+        };
+        let max = if h.command { MAX_COMMAND } else { max_data };
+        if h.len > max as u64 {
+            return Err(End::Oversize);
+        }
+        let len = h.len as usize;
+        if self.buf.len() < h.head + len {
+            return Ok(None);
+        }
+        self.buf.advance(h.head);
+        let body = self.buf.split_to(len).freeze();
+        Ok(Some(Frame {
+            command: h.command,
+            more: h.more,
+            body,
+        }))
+    }
+}
+
+/// The server side of a ZMTP 3.0 NULL handshake: sends our greeting and `ready`, checks the
+/// peer's greeting (version 3 or later, mechanism NULL) and returns the peer's first frame,
+/// a command (its READY), for the caller to check. `buf` is the reader's initial capacity.
+pub(crate) async fn handshake(
+    stream: TcpStream,
+    limits: Limits,
+    ready: &[u8],
+    buf: usize,
+) -> Result<(Reader, OwnedWriteHalf, Frame), End> {
+    let (mut read, mut write) = stream.into_split();
+    let mut out = greeting(true).to_vec();
+    out.extend(ready);
+    write.write_all(&out).await.map_err(|_| End::Closed)?;
+    let mut peer = [0u8; 64];
+    read.read_exact(&mut peer).await.map_err(|_| End::Closed)?;
+    if check_greeting(&peer).is_err() {
+        return Err(End::Closed);
+    }
+    let mut reader = Reader {
+        read,
+        buf: BytesMut::with_capacity(buf),
+        limits,
+    };
+    let first = reader.frame().await?;
+    if !first.command {
+        return Err(End::Closed);
+    }
+    Ok((reader, write, first))
+}
+
+/// Why a subscriber connection failed or ended.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ZmtpError {
+    /// The endpoint is not `tcp://host:port`.
+    #[error("invalid endpoint")]
+    Endpoint,
+    /// The TCP connection could not be made.
+    #[error("connect failed: {0}")]
+    Connect(std::io::Error),
+    /// The TCP connection was not made within the attempt timeout.
+    #[error("connect timed out")]
+    ConnectTimeout,
+    /// The peer did not complete the greeting and READY exchange in time.
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    /// The peer closed the connection (or reading/writing it failed).
+    #[error("connection closed")]
+    Closed,
+    /// The peer's greeting is not a ZMTP 3.x NULL greeting.
+    #[error("bad greeting: {0}")]
+    Greeting(&'static str),
+    /// The peer's READY is malformed or names a socket type that cannot feed a SUB.
+    #[error("bad READY: {0}")]
+    Ready(String),
+    /// The peer sent bytes that are not ZMTP.
+    #[error("protocol error: {0}")]
+    Protocol(&'static str),
+    /// The peer sent an ERROR command.
+    #[error("peer sent ERROR: {0}")]
+    PeerError(String),
+}
+
+/// Bound on the greeting and READY exchange of a [`SubConn`] whose TCP connect is bounded by
+/// `attempt`: at least 1 s, so a loaded but healthy peer is not refused.
+pub(crate) fn client_handshake_timeout(attempt: Duration) -> Duration {
+    attempt.max(Duration::from_secs(1))
+}
+
+/// The multipart message being reassembled, or skipped for its size.
+#[derive(Debug, Default)]
+struct Assembly {
+    frames: Frames,
+    bytes: usize,
+    /// The current message exceeds the limits: its frames are discarded until its last one.
+    dropping: bool,
+    /// Body bytes of an oversize frame still to discard.
+    skip: u64,
+    /// Whether the frame being discarded is the last of its message.
+    skip_last: bool,
+}
+
+/// What parsing the buffer gave besides whole messages.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct Parsed {
+    /// Messages skipped because they exceed the limits.
+    pub(crate) oversize: usize,
+}
+
+/// The reassembly of a subscriber's incoming bytes into messages (no I/O: [`SubConn`] feeds
+/// it; unit-tested byte by byte).
+#[derive(Debug)]
+pub(crate) struct SubParser {
+    limits: Limits,
+    msg: Assembly,
+    /// Commands to write back (PONGs).
+    pending: Vec<u8>,
+}
+
+impl SubParser {
+    pub(crate) fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            msg: Assembly::default(),
+            pending: Vec::new(),
+        }
+    }
+
+    /// Takes every complete message at the front of `buf` into `out` (and discards the bytes
+    /// of oversize ones); what is left in `buf` is an incomplete frame.
+    pub(crate) fn parse(
+        &mut self,
+        buf: &mut BytesMut,
+        out: &mut Vec<Frames>,
+    ) -> Result<Parsed, ZmtpError> {
+        let mut parsed = Parsed::default();
+        loop {
+            if self.msg.skip > 0 {
+                let n = usize::try_from(self.msg.skip)
+                    .unwrap_or(usize::MAX)
+                    .min(buf.len());
+                buf.advance(n);
+                self.msg.skip -= n as u64;
+                if self.msg.skip > 0 {
+                    return Ok(parsed);
+                }
+                if self.msg.skip_last {
+                    self.msg = Assembly::default();
+                    parsed.oversize += 1;
+                }
+                continue;
+            }
+            let Some(h) = header(buf) else {
+                return Ok(parsed);
+            };
+            if buf[0] & 0xf8 != 0 {
+                return Err(ZmtpError::Protocol("reserved frame flag bits set"));
+            }
+            if h.command {
+                if h.len > MAX_COMMAND as u64 {
+                    return Err(ZmtpError::Protocol("oversize command"));
+                }
+                let len = h.len as usize;
+                if buf.len() < h.head + len {
+                    buf.reserve(h.head + len - buf.len());
+                    return Ok(parsed);
+                }
+                buf.advance(h.head);
+                let body = buf.split_to(len);
+                self.command(&body)?;
+                continue;
+            }
+            let fits = !self.msg.dropping
+                && self.msg.frames.len() < self.limits.max_frames
+                && h.len <= (self.limits.max_message_bytes - self.msg.bytes) as u64;
+            if !fits {
+                // Skipped as it arrives: the body is never buffered.
+                buf.advance(h.head);
+                self.msg.frames.clear();
+                self.msg.dropping = true;
+                self.msg.skip = h.len;
+                self.msg.skip_last = !h.more;
+                if h.len == 0 && !h.more {
+                    self.msg = Assembly::default();
+                    parsed.oversize += 1;
+                }
+                continue;
+            }
+            let len = h.len as usize;
+            if buf.len() < h.head + len {
+                buf.reserve(h.head + len - buf.len());
+                return Ok(parsed);
+            }
+            buf.advance(h.head);
+            let body = buf.split_to(len).freeze();
+            self.msg.bytes += len;
+            self.msg.frames.push(body);
+            if !h.more {
+                let msg = std::mem::take(&mut self.msg);
+                out.push(msg.frames);
+            }
+        }
+    }
+
+    fn command(&mut self, body: &[u8]) -> Result<(), ZmtpError> {
+        let Some(&n) = body.first() else {
+            return Err(ZmtpError::Protocol("empty command"));
+        };
+        let n = usize::from(n);
+        let (Some(name), Some(rest)) = (body.get(1..1 + n), body.get(1 + n..)) else {
+            return Err(ZmtpError::Protocol("truncated command name"));
+        };
+        match name {
+            b"PING" => self.pending.extend(pong_for(rest)),
+            b"ERROR" => {
+                let reason = rest.get(1..).unwrap_or_default();
+                return Err(ZmtpError::PeerError(
+                    String::from_utf8_lossy(reason).into_owned(),
+                ));
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// Checks a publisher's READY command body: Socket-Type `PUB` or `XPUB`.
+fn check_pub_ready(body: &[u8]) -> Result<(), ZmtpError> {
+    let rest = body
+        .strip_prefix(b"\x05READY")
+        .ok_or_else(|| ZmtpError::Ready("first command is not READY".into()))?;
+    let props = properties(rest).ok_or_else(|| ZmtpError::Ready("malformed properties".into()))?;
+    let socket_type = props
+        .iter()
+        .find(|(name, _)| name.eq_ignore_ascii_case(b"Socket-Type"))
+        .map(|(_, value)| *value)
+        .ok_or_else(|| ZmtpError::Ready("no Socket-Type".into()))?;
+    match socket_type {
+        b"PUB" | b"XPUB" => Ok(()),
+        other => Err(ZmtpError::Ready(format!(
+            "Socket-Type {:?} cannot feed a SUB",
+            String::from_utf8_lossy(other)
+        ))),
+    }
+}
+
+/// A subscription (`\x01prefix`) as a ZMTP 3.0 message frame.
+fn subscription(prefix: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(prefix.len() + 10);
+    put_frame_header(&mut out, false, prefix.len() + 1);
+    out.push(1);
+    out.extend_from_slice(prefix);
+    out
+}
+
+/// A subscriber's connection to a ZMTP 3.x publisher (see the module doc).
+#[derive(Debug)]
+pub(crate) struct SubConn {
+    read: OwnedReadHalf,
+    write: OwnedWriteHalf,
+    buf: BytesMut,
+    parser: SubParser,
+}
+
+impl SubConn {
+    /// Connects to `endpoint` (`tcp://host:port`; the TCP connect bounded by `attempt`, the
+    /// handshake by [`client_handshake_timeout`]) and subscribes to `subscriptions`.
+    pub(crate) async fn connect(
+        endpoint: &str,
+        attempt: Duration,
+        subscriptions: &[String],
+        limits: Limits,
+    ) -> Result<Self, ZmtpError> {
+        let (host, port) = parse_tcp_endpoint(endpoint).map_err(|_| ZmtpError::Endpoint)?;
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        let stream = tokio::time::timeout(attempt, TcpStream::connect((host, port)))
+            .await
+            .map_err(|_| ZmtpError::ConnectTimeout)?
+            .map_err(ZmtpError::Connect)?;
+        let _ = stream.set_nodelay(true);
+        tokio::time::timeout(
+            client_handshake_timeout(attempt),
+            Self::handshake(stream, subscriptions, limits),
+        )
+        .await
+        .map_err(|_| ZmtpError::HandshakeTimeout)?
+    }
+
+    async fn handshake(
+        stream: TcpStream,
+        subscriptions: &[String],
+        limits: Limits,
+    ) -> Result<Self, ZmtpError> {
+        let (mut read, mut write) = stream.into_split();
+        let mut out = greeting(false).to_vec();
+        out.extend(ready(b"SUB"));
+        write.write_all(&out).await.map_err(|_| ZmtpError::Closed)?;
+        let mut peer = [0u8; 64];
+        read.read_exact(&mut peer)
+            .await
+            .map_err(|_| ZmtpError::Closed)?;
+        check_greeting(&peer).map_err(ZmtpError::Greeting)?;
+        let mut buf = BytesMut::with_capacity(SUB_READ_CHUNK);
+        // The peer's READY: the first frame, a command.
+        let ready_body = loop {
+            if let Some(h) = header(&buf) {
+                if !h.command {
+                    return Err(ZmtpError::Ready("first frame is not a command".into()));
+                }
+                if h.len > MAX_COMMAND as u64 {
+                    return Err(ZmtpError::Ready("oversize command".into()));
+                }
+                let len = h.len as usize;
+                if buf.len() >= h.head + len {
+                    buf.advance(h.head);
+                    break buf.split_to(len);
+                }
+            }
+            buf.reserve(4096);
+            match read.read_buf(&mut buf).await {
+                Ok(0) | Err(_) => return Err(ZmtpError::Closed),
+                Ok(_) => {}
+            }
+        };
+        check_pub_ready(&ready_body)?;
+        let mut subs = Vec::new();
+        for s in subscriptions {
+            subs.extend(subscription(s.as_bytes()));
+        }
+        write
+            .write_all(&subs)
+            .await
+            .map_err(|_| ZmtpError::Closed)?;
+        Ok(Self {
+            read,
+            write,
+            buf,
+            parser: SubParser::new(limits),
+        })
+    }
+
+    /// Waits for at least one complete message (or one skipped for its size, or a command to
+    /// answer) and takes every complete message buffered into `out`. Cancel-safe: it only
+    /// waits while reading, with nothing taken.
+    pub(crate) async fn recv(&mut self, out: &mut Vec<Frames>) -> Result<Parsed, ZmtpError> {
+        loop {
+            let parsed = self.parser.parse(&mut self.buf, out)?;
+            if !out.is_empty() || parsed.oversize > 0 || !self.parser.pending.is_empty() {
+                return Ok(parsed);
+            }
+            self.buf.reserve(SUB_READ_CHUNK);
+            match self.read.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return Err(ZmtpError::Closed),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Whether commands (PONGs) wait to be written with [`SubConn::flush`].
+    pub(crate) fn has_pending(&self) -> bool {
+        !self.parser.pending.is_empty()
+    }
+
+    /// Writes the pending commands.
+    pub(crate) async fn flush(&mut self) -> Result<(), ZmtpError> {
+        let pending = std::mem::take(&mut self.parser.pending);
+        self.write
+            .write_all(&pending)
+            .await
+            .map_err(|_| ZmtpError::Closed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(frames: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (i, f) in frames.iter().enumerate() {
+            put_frame_header(&mut out, i + 1 < frames.len(), f.len());
+            out.extend_from_slice(f);
+        }
+        out
+    }
+
+    fn limits(bytes: usize, frames: usize) -> Limits {
+        Limits {
+            max_message_bytes: bytes,
+            max_frames: frames,
+        }
+    }
+
+    /// Feeds `wire` to a parser in the given pieces; returns the messages, the oversize
+    /// count and what is left buffered.
+    fn feed(limits: Limits, pieces: &[&[u8]]) -> (Vec<Frames>, usize, Vec<u8>, Vec<u8>) {
+        let mut p = SubParser::new(limits);
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        let mut oversize = 0;
+        for piece in pieces {
+            buf.extend_from_slice(piece);
+            oversize += p.parse(&mut buf, &mut out).expect("valid ZMTP").oversize;
+        }
+        (out, oversize, buf.to_vec(), p.pending)
+    }
+
+    fn frames(parts: &[&[u8]]) -> Frames {
+        parts.iter().map(|p| Bytes::copy_from_slice(p)).collect()
+    }
+
+    #[test]
+    fn greeting_layout_and_check() {
+        let g = greeting(false);
+        assert_eq!((g[0], g[9], g[10], g[11], g[32]), (0xff, 0x7f, 3, 0, 0));
+        assert_eq!(&g[12..16], b"NULL");
+        assert!(check_greeting(&g).is_ok());
+        assert_eq!(greeting(true)[32], 1);
+        let mut v31 = g;
+        v31[11] = 1;
+        v31[8] = 1;
+        assert!(check_greeting(&v31).is_ok());
+        let mut old = g;
+        old[10] = 2;
+        assert!(check_greeting(&old).is_err());
+        let mut plain = g;
+        plain[12..17].copy_from_slice(b"PLAIN");
+        assert!(check_greeting(&plain).is_err());
+        let mut nullx = g;
+        nullx[16] = b'X';
+        assert!(check_greeting(&nullx).is_err());
+        assert!(check_greeting(&[b'G'; 64]).is_err());
+    }
+
+    #[test]
+    fn ready_of_a_publisher() {
+        assert!(check_pub_ready(&ready(b"PUB")[2..]).is_ok());
+        assert!(check_pub_ready(&ready(b"XPUB")[2..]).is_ok());
+        for bad in [&b"ROUTER"[..], b"SUB", b"DEALER", b""] {
+            assert!(check_pub_ready(&ready(bad)[2..]).is_err(), "{bad:?}");
+        }
+        assert!(check_pub_ready(b"\x04PING\x00\x00").is_err());
+        let mut truncated = ready(b"PUB")[2..].to_vec();
+        truncated.pop();
+        assert!(check_pub_ready(&truncated).is_err());
+    }
+
+    #[test]
+    fn subscription_is_a_zmtp_3_0_message() {
+        assert_eq!(subscription(b""), vec![0x00, 1, 1]);
+        assert_eq!(subscription(b"ab"), vec![0x00, 3, 1, b'a', b'b']);
+        let long = vec![b'p'; 300];
+        let s = subscription(&long);
+        assert_eq!(s[0], 0x02);
+        assert_eq!(&s[1..9], &301u64.to_be_bytes());
+        assert_eq!(s[9], 1);
+    }
+
+    #[test]
+    fn many_messages_in_one_read() {
+        let mut wire = message(&[b"t1", b"a"]);
+        wire.extend(message(&[b"t2"]));
+        let big = vec![9u8; 300];
+        wire.extend(message(&[b"t3", &big, b""]));
+        let (out, oversize, left, _) = feed(Limits::default(), &[&wire]);
+        assert_eq!(oversize, 0);
+        assert!(left.is_empty());
+        assert_eq!(
+            out,
+            vec![
+                frames(&[b"t1", b"a"]),
+                frames(&[b"t2"]),
+                frames(&[b"t3", &big, b""])
+            ]
+        );
+    }
+
+    #[test]
+    fn reassembly_across_reads_split_at_every_position() {
+        let big = vec![7u8; 260];
+        let mut wire = message(&[b"topic", b"x", &big]);
+        wire.extend(command(b"PING", b"\x00\x10ctx"));
+        wire.extend(message(&[b"second"]));
+        // An oversize message between two good ones is skipped wherever it is cut.
+        wire.extend(message(&[b"t", &[0u8; 600]]));
+        wire.extend(message(&[b"third", b""]));
+        let want = vec![
+            frames(&[b"topic", b"x", &big]),
+            frames(&[b"second"]),
+            frames(&[b"third", b""]),
+        ];
+        let l = limits(512, 4);
+        for i in 0..=wire.len() {
+            let (out, oversize, left, pending) = feed(l, &[&wire[..i], &wire[i..]]);
+            assert_eq!(out, want, "split at {i}");
+            assert_eq!(oversize, 1, "split at {i}");
+            assert!(left.is_empty(), "split at {i}");
+            assert_eq!(pending, command(b"PONG", b"ctx"));
+        }
+        // Three pieces, the second cut every 37 bytes.
+        for i in (0..wire.len()).step_by(37) {
+            for j in (i..=wire.len()).step_by(5) {
+                let (out, oversize, left, _) = feed(l, &[&wire[..i], &wire[i..j], &wire[j..]]);
+                assert_eq!(
+                    (out, oversize, left.len()),
+                    (want.clone(), 1, 0),
+                    "split at {i}, {j}"
+                );
+            }
+        }
+        // Byte by byte.
+        let pieces: Vec<&[u8]> = wire.chunks(1).collect();
+        let (out, oversize, left, _) = feed(l, &pieces);
+        assert_eq!((out, oversize, left.len()), (want, 1, 0));
+    }
+
+    #[test]
+    fn limits_are_checked_on_the_header() {
+        // A 1 TiB frame announced: skipped without buffering, one oversize message once
+        // its last frame is past; the header alone counts nothing yet.
+        let mut p = SubParser::new(Limits::default());
+        let mut buf = BytesMut::new();
+        let mut out = Vec::new();
+        buf.extend_from_slice(&[0x02]);
+        buf.extend_from_slice(&(1u64 << 40).to_be_bytes());
+        buf.extend_from_slice(&[0u8; 1000]);
+        let parsed = p.parse(&mut buf, &mut out).expect("valid");
+        assert_eq!(parsed.oversize, 0);
+        assert!(buf.is_empty() && out.is_empty());
+        // Too many frames: the whole message is dropped, the next one delivered.
+        let mut wire = message(&[b"a", b"b", b"c"]);
+        wire.extend(message(&[b"ok", b"2"]));
+        let (out, oversize, _, _) = feed(limits(1024, 2), &[&wire]);
+        assert_eq!((out, oversize), (vec![frames(&[b"ok", b"2"])], 1));
+        // Too many bytes over several frames.
+        let mut wire = message(&[b"abcd", b"efgh", b"i"]);
+        wire.extend(message(&[b"12345678"]));
+        let (out, oversize, _, _) = feed(limits(8, 4), &[&wire]);
+        assert_eq!((out, oversize), (vec![frames(&[b"12345678"])], 1));
+    }
+
+    #[test]
+    fn garbage_and_errors_end_the_connection() {
+        let mut p = SubParser::new(Limits::default());
+        let mut out = Vec::new();
+        let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]);
+        assert!(matches!(
+            p.parse(&mut buf, &mut out),
+            Err(ZmtpError::Protocol(_))
+        ));
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&[0x06]);
+        buf.extend_from_slice(&(1u64 << 20).to_be_bytes());
+        assert!(matches!(
+            SubParser::new(Limits::default()).parse(&mut buf, &mut out),
+            Err(ZmtpError::Protocol(_))
+        ));
+        let mut buf = BytesMut::from(&command(b"ERROR", b"\x04gone")[..]);
+        match SubParser::new(Limits::default()).parse(&mut buf, &mut out) {
+            Err(ZmtpError::PeerError(reason)) => assert_eq!(reason, "gone"),
+            other => panic!("{other:?}"),
+        }
+        // Unknown commands are ignored.
+        let mut buf = BytesMut::from(&command(b"SUBSCRIBE", b"x")[..]);
+        assert!(
+            SubParser::new(Limits::default())
+                .parse(&mut buf, &mut out)
+                .is_ok()
+        );
+        assert!(out.is_empty());
+    }
+}
