@@ -100,8 +100,11 @@ const ACTIONS: &[ActionDef] = &[
 
 /// `Response: <kind>` plus `ActionID` when the request had a non-empty one.
 fn response(kind: &str, req: &Message) -> Message {
-    let mut m = Message::new().with("Response", kind);
-    if let Some(id) = req.action_id().filter(|id| !id.is_empty()) {
+    let id = req.action_id().filter(|id| !id.is_empty());
+    // Room for the usual answer (a `Message:` line) without growing.
+    let mut m = Message::with_capacity(64 + id.map_or(0, str::len), 4);
+    m.push("Response", kind);
+    if let Some(id) = id {
         m.push("ActionID", id);
     }
     m

@@ -3,7 +3,9 @@
 
 use std::sync::OnceLock;
 
-use hintfed_ami::Message;
+use hintfed_ami::{AmiCodec, Message};
+use tokio_util::bytes::{Bytes, BytesMut};
+use tokio_util::codec::Encoder as _;
 
 /// `EVENT_FLAG_SYSTEM`.
 pub const SYSTEM: u32 = 1;
@@ -45,6 +47,19 @@ const PERMS: &[(&str, u32)] = &[
     ("message", 262_144),
     ("all", ALL),
 ];
+
+/// [`privilege`] without a new `String` for the classes events are sent with.
+fn privilege_cached(category: u32) -> std::borrow::Cow<'static, str> {
+    static ONE_CLASS: OnceLock<Vec<String>> = OnceLock::new();
+    if category.is_power_of_two() && category < (1 << 19) {
+        let table =
+            ONE_CLASS.get_or_init(|| (0..19).map(|bit| privilege(1 << bit)).collect::<Vec<_>>());
+        if let Some(p) = table.get(category.trailing_zeros() as usize) {
+            return std::borrow::Cow::Borrowed(p.as_str());
+        }
+    }
+    std::borrow::Cow::Owned(privilege(category))
+}
 
 /// The `Privilege:` value of an event of class `category`, e.g. `call,all`.
 pub fn privilege(category: u32) -> String {
@@ -94,7 +109,11 @@ pub struct SimEvent {
     pub category: u32,
     /// The complete message, `Event:` first.
     pub message: Message,
-    /// The message as text, made once for the sessions that filter events.
+    /// The message as sent (what [`AmiCodec`] encodes), made once for every session, or
+    /// `None` when the codec refuses it (a CR or LF in a value): each session then hands the
+    /// codec the message and fails the same way.
+    wire: OnceLock<Option<Bytes>>,
+    /// The text for filters when the message cannot be encoded.
     text: OnceLock<String>,
 }
 
@@ -110,25 +129,67 @@ impl SimEvent {
     /// A manager event as `manager_event()` formats it: `Event`, `Privilege`, `SystemName`
     /// (when the server has one), then `body`.
     pub fn new(name: &str, category: u32, system_name: Option<&str>, body: Message) -> Self {
-        let mut message = Message::new()
-            .with("Event", name)
-            .with("Privilege", privilege(category));
+        let body: Vec<(&str, &str)> = body.headers().collect();
+        Self::with_body(name, category, system_name, &body)
+    }
+
+    /// [`SimEvent::new`] with the body as `(key, value)` pairs, written straight into the
+    /// message (one allocation for its text, one for its headers).
+    pub fn with_body(
+        name: &str,
+        category: u32,
+        system_name: Option<&str>,
+        body: &[(&str, &str)],
+    ) -> Self {
+        let privilege = privilege_cached(category);
+        let sys = system_name.map_or(0, |s| "SystemName".len() + s.len());
+        let bytes = "EventPrivilege".len()
+            + name.len()
+            + privilege.len()
+            + sys
+            + body.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        let mut message = Message::with_capacity(bytes, 3 + body.len());
+        message.push("Event", name);
+        message.push("Privilege", privilege);
         if let Some(sys) = system_name {
             message.push("SystemName", sys);
         }
-        for (k, v) in body.headers() {
+        for (k, v) in body {
             message.push(k, v);
         }
         Self {
             category,
             message,
+            wire: OnceLock::new(),
             text: OnceLock::new(),
         }
+    }
+
+    /// The message as [`AmiCodec`] writes it (made on first use, then shared by every
+    /// session), or `None` when the codec refuses to encode it.
+    pub fn wire(&self) -> Option<&Bytes> {
+        self.wire
+            .get_or_init(|| {
+                let mut buf =
+                    BytesMut::with_capacity(self.message.text_len() + 4 * self.message.len() + 2);
+                AmiCodec::server()
+                    .encode(&self.message, &mut buf)
+                    .ok()
+                    .map(|()| buf.freeze())
+            })
+            .as_ref()
     }
 
     /// The event's text as Asterisk matches session filters against it: every line
     /// `Key: Value\r\n`, `Event:` first (made on first use, then kept).
     pub fn text(&self) -> &str {
+        if let Some(wire) = self.wire()
+            && let Some(lines) = wire.strip_suffix(b"\r\n")
+            && let Ok(text) = std::str::from_utf8(lines)
+        {
+            // The encoded message is these lines and the empty line that ends it.
+            return text;
+        }
         self.text.get_or_init(|| {
             let mut t = String::with_capacity(self.message.text_len() + 4 * self.message.len());
             for (k, v) in self.message.headers() {
@@ -171,6 +232,48 @@ mod tests {
         let ev = SimEvent::new("X", SECURITY, None, Message::new());
         assert!(ev.passes(all));
         assert!(!ev.passes(3));
+    }
+
+    #[test]
+    fn cached_privileges_equal_the_computed_ones() {
+        for bit in 0..32 {
+            assert_eq!(privilege_cached(1 << bit), privilege(1 << bit));
+        }
+        assert_eq!(privilege_cached(CALL | SYSTEM), privilege(CALL | SYSTEM));
+        assert_eq!(privilege_cached(0), privilege(0));
+    }
+
+    #[test]
+    fn wire_and_text_are_what_the_codec_writes() {
+        let ev = SimEvent::new(
+            "DeviceStateChange",
+            CALL,
+            Some("pbx-a"),
+            Message::new()
+                .with("Device", "Custom:a")
+                .with("State", "INUSE"),
+        );
+        let mut encoded = BytesMut::new();
+        AmiCodec::server()
+            .encode(&ev.message, &mut encoded)
+            .expect("encodable");
+        assert_eq!(ev.wire().map(|b| &b[..]), Some(&encoded[..]));
+        assert_eq!(
+            ev.text(),
+            "Event: DeviceStateChange\r\nPrivilege: call,all\r\nSystemName: pbx-a\r\n\
+             Device: Custom:a\r\nState: INUSE\r\n"
+        );
+        let bad = SimEvent::new(
+            "PresenceStateChange",
+            CALL,
+            None,
+            Message::new().with("Message", "a\r\nb"),
+        );
+        assert!(bad.wire().is_none());
+        assert_eq!(
+            bad.text(),
+            "Event: PresenceStateChange\r\nPrivilege: call,all\r\nMessage: a\r\nb\r\n"
+        );
     }
 
     #[test]

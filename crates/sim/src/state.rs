@@ -327,21 +327,41 @@ impl<V> Default for Cache<V> {
     }
 }
 
+/// Calls `f` with `name` lower-cased (ASCII), without allocating for names of up to 64 bytes.
+fn with_lower<R>(name: &str, f: impl FnOnce(&str) -> R) -> R {
+    if !name.bytes().any(|b| b.is_ascii_uppercase()) {
+        return f(name);
+    }
+    let mut buf = [0u8; 64];
+    if let Some(dst) = buf.get_mut(..name.len()) {
+        dst.copy_from_slice(name.as_bytes());
+        dst.make_ascii_lowercase();
+        // Lower-casing ASCII keeps UTF-8 valid.
+        if let Ok(lower) = std::str::from_utf8(dst) {
+            return f(lower);
+        }
+    }
+    f(&name.to_ascii_lowercase())
+}
+
 impl<V> Cache<V> {
     fn get(&self, name: &str) -> Option<&V> {
-        self.index
-            .get(&name.to_ascii_lowercase())
-            .map(|&i| &self.items[i].1)
+        with_lower(name, |key| self.index.get(key).map(|&i| &self.items[i].1))
     }
     fn insert(&mut self, name: &str, v: V) {
-        match self.index.get(&name.to_ascii_lowercase()) {
-            Some(&i) => self.items[i].1 = v,
+        self.replace(name, v);
+    }
+    /// Sets `name` to `v`; the value it had.
+    fn replace(&mut self, name: &str, v: V) -> Option<V> {
+        let Self { items, index } = self;
+        with_lower(name, |key| match index.get(key) {
+            Some(&i) => Some(std::mem::replace(&mut items[i].1, v)),
             None => {
-                self.index
-                    .insert(name.to_ascii_lowercase(), self.items.len());
-                self.items.push((name.to_owned(), v));
+                index.insert(key.to_owned(), items.len());
+                items.push((name.to_owned(), v));
+                None
             }
-        }
+        })
     }
     fn clear(&mut self) {
         self.items.clear();
@@ -450,10 +470,7 @@ impl Pbx {
         }
         if let Some((tech, rest)) = device.split_once('/') {
             if tech.eq_ignore_ascii_case("Local") {
-                return self
-                    .uncached
-                    .get(&device.to_ascii_lowercase())
-                    .copied()
+                return with_lower(device, |key| self.uncached.get(key).copied())
                     .unwrap_or(DeviceState::NotInuse);
             }
             if tech.contains(':') || rest.is_empty() {
@@ -511,23 +528,32 @@ impl Pbx {
         copies: usize,
     ) -> Vec<SimEvent> {
         if cached {
-            if self.cache.get(device) == Some(&state) {
+            if self.cache.replace(device, state) == Some(state) {
                 return Vec::new();
             }
-            self.cache.insert(device, state);
         } else {
-            self.uncached.insert(device.to_ascii_lowercase(), state);
+            with_lower(device, |key| match self.uncached.get_mut(key) {
+                Some(s) => *s = state,
+                None => {
+                    self.uncached.insert(key.to_owned(), state);
+                }
+            });
         }
-        let dsc = self.event(
+        let dsc = SimEvent::with_body(
             "DeviceStateChange",
             event::CALL,
-            Message::new()
-                .with("Device", device)
-                .with("State", state.as_str()),
+            self.system_name(),
+            &[("Device", device), ("State", state.as_str())],
         );
-        let mut out = vec![dsc; copies];
-        for _ in 0..copies {
-            out.extend(self.reevaluate_hints(device));
+        let mut out = Vec::with_capacity(copies);
+        for _ in 1..copies {
+            out.push(dsc.clone());
+        }
+        out.push(dsc);
+        if !self.hints.is_empty() {
+            for _ in 0..copies {
+                out.extend(self.reevaluate_hints(device));
+            }
         }
         out
     }
@@ -578,8 +604,17 @@ impl Pbx {
         if state == DeviceState::Unknown {
             return Err(SetvarError::InvalidState);
         }
-        self.db_devstate.insert(name.to_owned(), value.to_owned());
-        Ok(self.publish(&format!("Custom:{name}"), state, true, 1))
+        match self.db_devstate.get_mut(name) {
+            Some(v) => value.clone_into(v),
+            None => {
+                self.db_devstate.insert(name.to_owned(), value.to_owned());
+            }
+        }
+        if device.starts_with("Custom:") {
+            Ok(self.publish(device, state, true, 1))
+        } else {
+            Ok(self.publish(&format!("Custom:{name}"), state, true, 1))
+        }
     }
 
     /// Sets any device's state the way the simulator's phones change (`SimSetDeviceState`, the

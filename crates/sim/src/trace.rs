@@ -11,52 +11,62 @@
 //! The time is taken while the server's state lock is held, so lines of one server are in
 //! state order; all servers of the process share one clock. `hintfed-bench` reads the file to
 //! measure propagation latency from the change on the origin to the `Setvar` on every other
-//! server. Lines go through an unbounded channel to a writer thread (the hot path only formats
-//! and sends), which writes them out every 50 ms. Whitespace in names becomes `_` and
-//! newlines in values become spaces. Not installed: recording costs one atomic load.
+//! server. Lines are appended to one shared buffer (the hot path formats in place, without a
+//! new `String` per line); a writer thread takes the buffer and writes it out every 50 ms.
+//! Whitespace in names becomes `_` and newlines in values become spaces. Not installed:
+//! recording costs one atomic load.
 
 use std::io::Write as _;
 use std::path::Path;
-use std::sync::OnceLock;
-use std::sync::mpsc::{Sender, TryRecvError, channel};
+use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime};
 
-static TRACE: OnceLock<Sender<String>> = OnceLock::new();
+/// What was recorded since the writer thread last took it.
+struct Pending {
+    lines: Vec<u8>,
+    /// The file failed: tracing silently stops.
+    stopped: bool,
+}
+
+static TRACE: OnceLock<Mutex<Pending>> = OnceLock::new();
 
 /// How often the writer thread writes out what was recorded.
 const FLUSH_EVERY: Duration = Duration::from_millis(50);
 
+fn pending() -> Option<std::sync::MutexGuard<'static, Pending>> {
+    TRACE
+        .get()
+        .map(|m| m.lock().unwrap_or_else(PoisonError::into_inner))
+}
+
 /// Starts tracing to `path` (created or truncated). A second call is refused.
 pub fn install(path: &Path) -> std::io::Result<()> {
-    let file = std::fs::File::create(path)?;
-    let (tx, rx) = channel::<String>();
-    if TRACE.set(tx).is_err() {
+    let mut file = std::fs::File::create(path)?;
+    let fresh = Mutex::new(Pending {
+        lines: Vec::with_capacity(1 << 20),
+        stopped: false,
+    });
+    if TRACE.set(fresh).is_err() {
         return Err(std::io::Error::other("trace already installed"));
     }
     std::thread::Builder::new()
         .name("sim-trace".to_owned())
         .spawn(move || {
-            let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
-            // Wakes on its own clock rather than per line: a line sent while this thread
-            // sleeps costs the sender no wake-up (at 100,000 lines/s that was a futex wake
-            // and a write(2) per line).
+            // Wakes on its own clock rather than per line: a line recorded while this thread
+            // sleeps costs the recorder no wake-up.
+            let mut out: Vec<u8> = Vec::with_capacity(1 << 20);
             loop {
                 std::thread::sleep(FLUSH_EVERY);
-                loop {
-                    match rx.try_recv() {
-                        Ok(line) => {
-                            if out.write_all(line.as_bytes()).is_err() {
-                                return;
-                            }
-                        }
-                        Err(TryRecvError::Empty) => break,
-                        Err(TryRecvError::Disconnected) => {
-                            let _ = out.flush();
-                            return;
-                        }
+                let Some(mut p) = pending() else { return };
+                std::mem::swap(&mut p.lines, &mut out);
+                drop(p);
+                let ok = out.is_empty() || (file.write_all(&out).is_ok() && file.flush().is_ok());
+                out.clear();
+                if !ok {
+                    if let Some(mut p) = pending() {
+                        p.stopped = true;
+                        p.lines = Vec::new();
                     }
-                }
-                if out.flush().is_err() {
                     return;
                 }
             }
@@ -69,20 +79,58 @@ pub fn enabled() -> bool {
     TRACE.get().is_some()
 }
 
+/// Appends `s` with each of `from` replaced by `to` (all ASCII, so bytewise is charwise).
+fn push_replaced(out: &mut Vec<u8>, s: &str, from: &[u8], to: u8) {
+    let mut rest = s.as_bytes();
+    while let Some(i) = rest.iter().position(|b| from.contains(b)) {
+        out.extend_from_slice(&rest[..i]);
+        out.push(to);
+        rest = &rest[i + 1..];
+    }
+    out.extend_from_slice(rest);
+}
+
 /// Records one line (`kind` is `dev` or `set`); a no-op without [`install`].
 pub(crate) fn record(server: Option<&str>, kind: &str, key: &str, value: &str) {
-    let Some(tx) = TRACE.get() else { return };
+    if TRACE.get().is_none() {
+        return;
+    }
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos();
-    let clean = |s: &str| s.replace(['\n', '\r', ' '], "_");
-    let line = format!(
-        "{nanos} {} {kind} {} {}\n",
-        clean(server.unwrap_or("-")),
-        clean(key),
-        value.replace(['\n', '\r'], " ")
-    );
-    // The writer thread only ends when the file fails; then tracing silently stops.
-    let _ = tx.send(line);
+    let Some(mut p) = pending() else { return };
+    if p.stopped {
+        return;
+    }
+    let out = &mut p.lines;
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "{nanos} ");
+    push_replaced(out, server.unwrap_or("-"), b"\n\r ", b'_');
+    out.push(b' ');
+    out.extend_from_slice(kind.as_bytes());
+    out.push(b' ');
+    push_replaced(out, key, b"\n\r ", b'_');
+    out.push(b' ');
+    push_replaced(out, value, b"\n\r", b' ');
+    out.push(b'\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_lose_whitespace_and_values_lose_newlines() {
+        let mut out = Vec::new();
+        push_replaced(&mut out, "pbx a\r\nb", b"\n\r ", b'_');
+        out.push(b'|');
+        push_replaced(&mut out, "IN USE\r\nx", b"\n\r", b' ');
+        out.push(b'|');
+        push_replaced(&mut out, "é ü", b"\n\r ", b'_');
+        assert_eq!(
+            String::from_utf8(out).expect("utf8"),
+            "pbx_a__b|IN USE  x|é_ü"
+        );
+    }
 }
