@@ -122,17 +122,21 @@ impl Origins {
         now: Millis,
     ) -> Observed {
         let mut out = Observed::default();
-        let info = self.map.entry(origin.to_owned()).or_insert_with(|| {
-            out.first = true;
-            out.new_epoch = true;
-            OriginInfo {
-                epoch,
-                last_seq: 0,
-                last_seen: now,
-                down: None,
-                lag_ms: None,
+        // Looked up by `&str` first: no copy of the name per message of a known origin.
+        let info = match self.map.get_mut(origin) {
+            Some(info) => info,
+            None => {
+                out.first = true;
+                out.new_epoch = true;
+                self.map.entry(origin.to_owned()).or_insert(OriginInfo {
+                    epoch,
+                    last_seq: 0,
+                    last_seen: now,
+                    down: None,
+                    lag_ms: None,
+                })
             }
-        });
+        };
         if epoch < info.epoch {
             out.stale = true;
             return out;

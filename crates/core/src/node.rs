@@ -62,7 +62,7 @@ use crate::liveness::Origins;
 use crate::policy::{Policy, is_custom_device};
 use crate::replica::Replica;
 use crate::seq::SeqStatus;
-use crate::state::{DeviceState, Kind, Presence, Value, aggregate};
+use crate::state::{DeviceState, Kind, Presence, Value};
 use crate::table::{PresenceEntry, Table};
 use crate::time::{Epoch, Millis};
 
@@ -302,6 +302,8 @@ pub struct Node {
     reapply: Option<Option<Box<str>>>,
     /// When the listing the re-apply pass waits for was asked (see [`LISTING_WAIT_MS`]).
     listing_asked: Option<Millis>,
+    /// The target name of the device being recomputed (a buffer reused, not one per key).
+    target_buf: String,
 }
 
 impl Node {
@@ -335,6 +337,7 @@ impl Node {
             stats: NodeStats::default(),
             reapply: None,
             listing_asked: None,
+            target_buf: String::new(),
         };
         n.request_snapshot(now);
         n
@@ -655,6 +658,9 @@ impl Node {
                 self.stats.remote_accepted += 1;
                 if let Body::Update(u) = &env.body {
                     self.hlc.observe(u.ts);
+                }
+                if let (true, Body::Update(u)) = (ing.key_changed, &env.body) {
+                    self.recompute(u.kind(), &u.key);
                 }
                 for (kind, key) in ing.dirty_keys {
                     self.recompute(kind, &key);
@@ -1045,22 +1051,20 @@ impl Node {
         if self.local_down || !self.cfg.policy.applies_devices() {
             return;
         }
-        let target = self.cfg.policy.target_name(key);
-        let state = match self.replica.table.aggregate(
+        // Without an aggregate (nobody reports it any more) a key applied before gets
+        // Asterisk's aggregate of no device. (The table marks the keys applied: a bit of the
+        // key's entries, no copy of the key.)
+        let Some(state) = self.replica.table.aggregate_and_mark(
             key,
             &self.replica.origins,
             self.cfg.policy.down_state(),
             Some(&self.cfg.origin),
-        ) {
-            Some(s) => s,
-            // Nobody reports it any more: Asterisk's aggregate of no device. (The table marks
-            // the keys applied: a bit of the key's entries, no copy of the key.)
-            None if self.replica.table.is_marked(key) => aggregate(std::iter::empty()),
-            None => return,
+        ) else {
+            return;
         };
-        self.replica.table.mark_device(key);
         let value = Value::Device(self.cfg.policy.writable(state));
-        self.apply.push(target, value);
+        self.cfg.policy.target_name_into(key, &mut self.target_buf);
+        self.apply.push_ref(&self.target_buf, &value);
     }
 
     fn recompute_presence(&mut self, key: &str) {

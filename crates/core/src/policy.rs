@@ -86,6 +86,8 @@ pub struct Policy {
     include: Vec<Regex>,
     exclude: Vec<Regex>,
     never_send: BTreeSet<DeviceState>,
+    /// `device_template` split at each `{device}` (at least two parts).
+    template: Vec<String>,
 }
 
 impl Default for Policy {
@@ -138,7 +140,9 @@ impl Policy {
             return Err(PolicyError::Unwritable("down_state"));
         }
         let never_send = config.never_send.iter().copied().collect();
+        let template = t.split("{device}").map(str::to_owned).collect();
         Ok(Policy {
+            template,
             config,
             include,
             exclude,
@@ -175,7 +179,20 @@ impl Policy {
 
     /// The local `Custom:` name of the remote device `device`.
     pub fn target_name(&self, device: &str) -> String {
-        self.config.device_template.replace("{device}", device)
+        let mut out = String::new();
+        self.target_name_into(device, &mut out);
+        out
+    }
+
+    /// [`Policy::target_name`] written into `out` (cleared first), reusing its buffer.
+    pub fn target_name_into(&self, device: &str, out: &mut String) {
+        out.clear();
+        for (i, part) in self.template.iter().enumerate() {
+            if i > 0 {
+                out.push_str(device);
+            }
+            out.push_str(part);
+        }
     }
 
     /// What a down origin's devices count as.
@@ -245,6 +262,12 @@ mod tests {
         assert!(p.sends_state(DeviceState::Inuse));
         assert_eq!(p.writable(DeviceState::Unknown), DeviceState::Unavailable);
         assert_eq!(p.target_name("PJSIP/100"), "Custom:remote-PJSIP/100");
+        let twice = Policy::new(PolicyConfig {
+            device_template: "Custom:{device}-{device}".into(),
+            ..PolicyConfig::default()
+        })
+        .unwrap();
+        assert_eq!(twice.target_name("a"), "Custom:a-a");
     }
 
     #[test]

@@ -19,7 +19,10 @@ pub struct Ingested {
     pub status: SeqStatus,
     /// First message ever seen from this origin.
     pub first: bool,
-    /// Keys whose entries changed.
+    /// An update changed its key's entry (that key, the envelope's, is not repeated in
+    /// `dirty_keys`).
+    pub key_changed: bool,
+    /// Keys whose entries changed (other than an update's own key, see `key_changed`).
     pub dirty_keys: Vec<(Kind, String)>,
     /// Origins whose status changed (every device key of theirs must be re-aggregated).
     pub dirty_origins: Vec<String>,
@@ -30,6 +33,7 @@ impl Ingested {
         Ingested {
             status,
             first: false,
+            key_changed: false,
             dirty_keys: Vec::new(),
             dirty_origins: Vec::new(),
         }
@@ -99,7 +103,7 @@ impl Replica {
                     .table
                     .apply(origin, env.epoch, env.seq, &u.key, &u.value, u.ts, now) =>
             {
-                out.dirty_keys.push((u.kind(), u.key.clone()));
+                out.key_changed = true;
             }
             Body::FullSyncEnd { begin_seq } => {
                 let complete = self.seqs.get_mut(origin).is_some_and(|t| {
@@ -237,7 +241,7 @@ mod tests {
         let mut r = Replica::new(1000);
         let i = r.ingest(&up(1, "d", DeviceState::Inuse), false, Millis(0));
         assert!(i.first && i.status == SeqStatus::New);
-        assert_eq!(i.dirty_keys, vec![(Kind::Device, "d".to_owned())]);
+        assert!(i.key_changed && i.dirty_keys.is_empty());
         assert_eq!(
             r.ingest(&up(1, "d", DeviceState::Inuse), false, Millis(0))
                 .status,

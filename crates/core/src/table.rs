@@ -250,7 +250,8 @@ pub struct Table {
     names: Vec<Box<str>>,
     ids: HashMap<Box<str>, u32>,
     presence: BTreeMap<String, PresenceEntry>,
-    floors: BTreeMap<String, (Epoch, u64)>,
+    /// Per interned origin (by index): where its last full sync began.
+    floors: Vec<Option<(Epoch, u64)>>,
     journal: Journal,
     /// Marked device keys no longer in `devices` (see [`Table::mark_device`]).
     marked_gone: BTreeSet<CompactString>,
@@ -292,10 +293,16 @@ impl Table {
     ) -> bool {
         match value {
             Value::Device(state) => {
-                if self.floors.get(origin).is_some_and(|f| (epoch, seq) < *f) {
+                let id = self.origin_id(origin);
+                if self
+                    .floors
+                    .get(id as usize)
+                    .copied()
+                    .flatten()
+                    .is_some_and(|f| (epoch, seq) < f)
+                {
                     return false;
                 }
-                let id = self.origin_id(origin);
                 let entry = DeviceEntry {
                     value: *state,
                     epoch,
@@ -398,7 +405,11 @@ impl Table {
     /// [`Table::end_full_sync`].
     pub fn raise_floor(&mut self, origin: &str, epoch: Epoch, begin_seq: u64) {
         let floor = (epoch, begin_seq);
-        let f = self.floors.entry(origin.to_owned()).or_insert(floor);
+        let id = self.origin_id(origin) as usize;
+        if self.floors.len() <= id {
+            self.floors.resize(id + 1, None);
+        }
+        let f = self.floors[id].get_or_insert(floor);
         if floor > *f {
             *f = floor;
         }
@@ -406,7 +417,8 @@ impl Table {
 
     /// Where `origin`'s last full sync began (its entries older than that are refused).
     pub fn floor(&self, origin: &str) -> Option<(Epoch, u64)> {
-        self.floors.get(origin).copied()
+        let id = *self.ids.get(origin)?;
+        self.floors.get(id as usize).copied().flatten()
     }
 
     /// Number of changes so far (device entries written or dropped, presence winners
@@ -494,6 +506,40 @@ impl Table {
             .peekable();
         states.peek()?;
         Some(aggregate(states))
+    }
+
+    /// [`Table::aggregate`] of device `key`, marking the key ([`Table::mark_device`]) when
+    /// there is one, in one lookup: what a node writes for `key`. Without an aggregate (no
+    /// origin but `exclude` reports the key), the aggregate of no device if the key was
+    /// marked before (it was written and must be withdrawn), else `None`.
+    pub fn aggregate_and_mark(
+        &mut self,
+        key: &str,
+        origins: &Origins,
+        down_state: DeviceState,
+        exclude: Option<&str>,
+    ) -> Option<DeviceState> {
+        let Some(slot) = self.devices.get_mut(key) else {
+            return self
+                .marked_gone
+                .contains(key)
+                .then(|| aggregate(std::iter::empty()));
+        };
+        let names = &self.names;
+        let mut states = slot
+            .as_slice()
+            .iter()
+            .map(|e| (&*names[e.origin as usize], e.value))
+            .filter(|(o, _)| Some(*o) != exclude)
+            .map(|(o, v)| if origins.is_down(o) { down_state } else { v })
+            .peekable();
+        if states.peek().is_some() {
+            let state = aggregate(states);
+            slot.set_mark();
+            Some(state)
+        } else {
+            slot.mark().then(|| aggregate(std::iter::empty()))
+        }
     }
 
     /// The winning write of presence `key`.
