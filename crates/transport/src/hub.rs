@@ -386,6 +386,10 @@ impl LinkTask {
         let backlog_max = REPLY_BACKLOG.min(self.inbound.max_capacity() / 2).max(1);
         // Fan-out messages taken by one read (reused: no allocation per wake-up).
         let mut batch: Vec<Frames> = Vec::new();
+        // One timer for the look at a held-back channel, reset when it fires (not a new
+        // timer for every pass of the loop while replies are held back).
+        let backlog_poll = tokio::time::sleep(BACKLOG_POLL);
+        tokio::pin!(backlog_poll);
         loop {
             // Replies wait in the socket (the read buffer holds what was read until the
             // application takes it) while the application is behind.
@@ -420,9 +424,10 @@ impl LinkTask {
                     }
                     Err(e) => return Exit::Lost(format!("receive failed: {e}")),
                 },
-                () = tokio::time::sleep(BACKLOG_POLL), if !read_replies => {
+                () = &mut backlog_poll, if !read_replies => {
                     // Not reading: the hub's replies (pongs too) wait unread.
                     last_reply = Instant::now();
+                    backlog_poll.as_mut().reset(last_reply + BACKLOG_POLL);
                 }
                 r = sub.recv(&mut batch) => match r {
                     Ok(parsed) => {

@@ -27,8 +27,10 @@ use crate::link::{Frames, Limits, parse_tcp_endpoint};
 
 /// Largest ZMTP command body accepted from a peer.
 pub(crate) const MAX_COMMAND: usize = 64 * 1024;
-/// Room kept free in a subscriber's read buffer before each read.
-const SUB_READ_CHUNK: usize = 32 * 1024;
+/// Least room made in a subscriber's read buffer before each read (and its first size).
+const SUB_READ_MIN: usize = 8 * 1024;
+/// Most room made in a subscriber's read buffer before each read.
+const SUB_READ_MAX: usize = 64 * 1024;
 
 /// Our greeting: ZMTP 3.0, NULL mechanism, `as_server` as given (the padding is zero, as the
 /// `zeromq` crate writes it).
@@ -457,6 +459,8 @@ pub(crate) struct SubConn {
     write: OwnedWriteHalf,
     buf: BytesMut,
     parser: SubParser,
+    /// Bytes the last read returned.
+    last_read: usize,
 }
 
 impl SubConn {
@@ -497,7 +501,7 @@ impl SubConn {
             .await
             .map_err(|_| ZmtpError::Closed)?;
         check_greeting(&peer).map_err(ZmtpError::Greeting)?;
-        let mut buf = BytesMut::with_capacity(SUB_READ_CHUNK);
+        let mut buf = BytesMut::with_capacity(SUB_READ_MIN);
         // The peer's READY: the first frame, a command.
         let ready_body = loop {
             if let Some(h) = header(&buf) {
@@ -533,6 +537,7 @@ impl SubConn {
             write,
             buf,
             parser: SubParser::new(limits),
+            last_read: 0,
         })
     }
 
@@ -545,10 +550,15 @@ impl SubConn {
             if !out.is_empty() || parsed.oversize > 0 || !self.parser.pending.is_empty() {
                 return Ok(parsed);
             }
-            self.buf.reserve(SUB_READ_CHUNK);
+            // The delivered frames point into the buffer: while any is alive, its allocation
+            // is too, and a read needs a new one. Sized to what reads return (twice the last
+            // one, within bounds), a slow trickle pins little memory per message and a busy
+            // connection still reads many messages at once.
+            self.buf
+                .reserve((self.last_read * 2).clamp(SUB_READ_MIN, SUB_READ_MAX));
             match self.read.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => return Err(ZmtpError::Closed),
-                Ok(_) => {}
+                Ok(n) => self.last_read = n,
             }
         }
     }

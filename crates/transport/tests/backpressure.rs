@@ -94,3 +94,33 @@ async fn a_reply_flood_larger_than_a_links_inbound_queue_loses_nothing() {
     assert_eq!(stats.dropped_inbound_full, 0);
     bind.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_link_holding_replies_back_under_steady_fanout_does_not_call_the_hub_silent() {
+    // The application reads nothing: the channel holds more than the reply backlog, so the
+    // link leaves replies (pongs too) in the socket and counts the hub alive meanwhile, even
+    // while fan-out arrives more often than the link looks at its channel again.
+    let (hub, _hub_rx) = HubBind::bind(HubBindConfig::new("tcp://127.0.0.1:0"))
+        .await
+        .expect("bind");
+    let mut cfg = HubLinkConfig::new(hub.router_endpoint());
+    cfg.inbound_capacity = 128;
+    cfg.ping_interval = Duration::from_millis(50);
+    cfg.silence_timeout = Duration::from_millis(300);
+    let (link, _rx) = HubLink::connect(cfg).expect("link");
+    assert!(link.wait_connected(Duration::from_secs(10)).await);
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(1) {
+        hub.publish(vec![Bytes::from_static(b"dev.x"), Bytes::from_static(b"1")])
+            .await
+            .expect("publish");
+        tokio::task::yield_now().await;
+    }
+    let stats = link.stats();
+    assert!(
+        stats.dropped_inbound_full > 0,
+        "the channel was full: {stats:?}"
+    );
+    assert_eq!(stats.silence_timeouts, 0, "{stats:?}");
+    assert_eq!(stats.reconnects, 0, "{stats:?}");
+}
