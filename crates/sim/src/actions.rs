@@ -245,9 +245,9 @@ async fn login(shared: &Arc<Shared>, ctx: &mut SessionCtx, req: &Message) -> Out
     if let Some(mask) = req.get("Events").and_then(event::parse_mask) {
         ctx.mask = mask;
     }
-    ctx.rx = Some(shared.events.subscribe());
     let mut replies = vec![ack(req, "Authentication accepted")];
     let mut inner = shared.lock();
+    ctx.sub = Some(shared.subscribe(&mut inner, ctx.mask, ctx.filters.clone()));
     inner.stats.logins_accepted += 1;
     if ctx.mask & event::SYSTEM != 0 {
         let up = shared.uptime(&inner).to_string();
@@ -293,6 +293,9 @@ fn events(ctx: &mut SessionCtx, req: &Message) -> Outcome {
         None => Outcome::reply(error(req, "Invalid event mask")),
         Some(mask) => {
             ctx.mask = mask;
+            if let Some(sub) = &ctx.sub {
+                sub.lock().mask = mask;
+            }
             let v = if mask == 0 { "Off" } else { "On" };
             Outcome::reply(response("Success", req).with("Events", v))
         }
@@ -692,7 +695,12 @@ fn filter(ctx: &mut SessionCtx, req: &Message) -> Outcome {
         return Outcome::reply(error(req, "Unknown operation"));
     }
     match ctx.filters.add(header(req, "Filter")) {
-        Ok(()) => Outcome::reply(ack(req, "Success")),
+        Ok(()) => {
+            if let Some(sub) = &ctx.sub {
+                sub.lock().filters = ctx.filters.clone();
+            }
+            Outcome::reply(ack(req, "Success"))
+        }
         Err(crate::filter::FilterError::Regex(_)) => Outcome::reply(error(
             req,
             "Filter did not compile.  Check the syntax of the filter given.",

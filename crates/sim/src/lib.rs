@@ -9,7 +9,7 @@
 //!   aggregate extension state; each change returns the [`SimEvent`]s it causes;
 //! - [`event`] formats manager events (`Privilege`, `SystemName`) and parses `Events` masks;
 //! - [`server`] owns one simulated Asterisk ([`SimServer::spawn`] → [`SimHandle`]): listener,
-//!   shared state, event broadcast, load tasks;
+//!   shared state, per-session event queues (filtered as events are made), load tasks;
 //! - `session` serves one TCP connection (banner, actions in, responses and events out) and
 //!   `actions` answers each action (with the user's `write` permissions);
 //! - [`filter`] holds a session's event filters (`eventfilter` lines, the `Filter` action);

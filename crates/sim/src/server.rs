@@ -1,10 +1,13 @@
 //! One simulated Asterisk: a TCP listener, the shared [`Pbx`] state behind a mutex, the event
 //! fan-out to sessions, the load drivers, and the [`SimHandle`] that tests and the binary hold.
 //!
-//! Events produced by a state change are broadcast while the state lock is held, so every
-//! session sees them in state order. The broadcast ring is bounded ([`SimConfig::event_buffer`]):
-//! a session that falls that far behind is dropped, as Asterisk drops a client that blocks a
-//! write for longer than `writetimeout`.
+//! Events produced by a state change are handed out while the state lock is held, so every
+//! session sees them in state order: each logged-in session has a [`Subscriber`] queue, and an
+//! event goes only into the queues of the sessions that want it (event mask and filters
+//! checked once, here), waking a session only when its queue was empty. A queue is bounded
+//! ([`SimConfig::event_buffer`], rounded up to a power of two as the broadcast ring of
+//! [`SimHandle::subscribe_events`] is): a session that falls that far behind is dropped, as
+//! Asterisk drops a client that blocks a write for longer than `writetimeout`.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -170,8 +173,76 @@ pub struct SimStats {
     pub restarts: u64,
 }
 
+/// What a logged-in session wants of the events, and the events queued for it.
+pub(crate) struct SubState {
+    /// `send_events`: the classes the session wants.
+    pub(crate) mask: u32,
+    /// The session's event filters.
+    pub(crate) filters: crate::filter::EventFilters,
+    /// Wanted events not yet taken by the session, in state order.
+    pub(crate) queue: std::collections::VecDeque<Arc<SimEvent>>,
+    /// Wanted events dropped because the queue was full: the session must go.
+    pub(crate) missed: u64,
+}
+
+impl SubState {
+    /// Whether the session receives `ev`: the event's class in its mask, and passing its
+    /// filters.
+    pub(crate) fn wants(&self, ev: &SimEvent) -> bool {
+        ev.passes(self.mask) && (self.filters.is_empty() || self.filters.passes(ev.text()))
+    }
+}
+
+/// The event queue of one logged-in session.
+pub(crate) struct Subscriber {
+    pub(crate) state: Mutex<SubState>,
+    /// Notified when the queue stops being empty (or events were missed).
+    pub(crate) ready: tokio::sync::Notify,
+    /// Most events queued at once.
+    capacity: usize,
+}
+
+impl Subscriber {
+    pub(crate) fn new(mask: u32, filters: crate::filter::EventFilters, capacity: usize) -> Self {
+        Self {
+            state: Mutex::new(SubState {
+                mask,
+                filters,
+                queue: std::collections::VecDeque::new(),
+                missed: 0,
+            }),
+            ready: tokio::sync::Notify::new(),
+            capacity,
+        }
+    }
+
+    pub(crate) fn lock(&self) -> MutexGuard<'_, SubState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues `ev` if the session wants it.
+    fn offer(&self, ev: &Arc<SimEvent>) {
+        let mut st = self.lock();
+        if !st.wants(ev) {
+            return;
+        }
+        let wake = st.queue.is_empty() && st.missed == 0;
+        if st.queue.len() >= self.capacity {
+            st.missed += 1;
+        } else {
+            st.queue.push_back(ev.clone());
+        }
+        drop(st);
+        if wake {
+            self.ready.notify_one();
+        }
+    }
+}
+
 pub(crate) struct Inner {
     pub(crate) pbx: Pbx,
+    /// The queues of the logged-in sessions.
+    pub(crate) subscribers: Vec<Arc<Subscriber>>,
     pub(crate) boot: Instant,
     /// Wall-clock time of the (simulated) start, for `CoreStatus`.
     pub(crate) boot_wall: SystemTime,
@@ -184,7 +255,10 @@ pub(crate) struct Inner {
 pub(crate) struct Shared {
     pub(crate) cfg: SimConfig,
     pub(crate) inner: Mutex<Inner>,
+    /// Every event, for [`SimHandle::subscribe_events`] (sessions have their own queues).
     pub(crate) events: broadcast::Sender<Arc<SimEvent>>,
+    /// The bound of each session's queue.
+    pub(crate) queue_capacity: usize,
     /// Bumped by every restart: sessions of an older generation close.
     pub(crate) generation: watch::Sender<u64>,
     pub(crate) shutdown: CancellationToken,
@@ -199,13 +273,42 @@ impl Shared {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Broadcasts `events` (call with the lock held, to keep state order).
+    /// Hands `events` to the sessions that want them and to [`SimHandle::subscribe_events`]
+    /// (call with the lock held, to keep state order).
     pub(crate) fn emit(&self, inner: &mut Inner, events: Vec<SimEvent>) {
+        let watched = self.events.receiver_count() > 0;
         for ev in events {
             inner.stats.events += 1;
-            // No receiver is fine: nobody is logged in.
-            let _ = self.events.send(Arc::new(ev));
+            if inner.subscribers.is_empty() && !watched {
+                continue;
+            }
+            let ev = Arc::new(ev);
+            for sub in &inner.subscribers {
+                sub.offer(&ev);
+            }
+            if watched {
+                // A receiver gone since is fine.
+                let _ = self.events.send(ev);
+            }
         }
+    }
+
+    /// A new queue for a session logging in, receiving events from now on (call with the
+    /// lock held, before emitting anything the session must see).
+    pub(crate) fn subscribe(
+        &self,
+        inner: &mut Inner,
+        mask: u32,
+        filters: crate::filter::EventFilters,
+    ) -> Arc<Subscriber> {
+        let sub = Arc::new(Subscriber::new(mask, filters, self.queue_capacity));
+        inner.subscribers.push(sub.clone());
+        sub
+    }
+
+    /// Removes a session's queue.
+    pub(crate) fn unsubscribe(&self, sub: &Arc<Subscriber>) {
+        self.lock().subscribers.retain(|s| !Arc::ptr_eq(s, sub));
     }
 
     pub(crate) fn blackholed(&self, inner: &Inner) -> bool {
@@ -281,11 +384,13 @@ impl SimServer {
             // Valid by construction; nobody is connected, so the events go nowhere.
             let _ = pbx.set_device_state_var(&format!("Custom:bench{i}"), BENCH[i % 4]);
         }
-        let (events, _) = broadcast::channel(cfg.event_buffer.max(16));
+        let queue_capacity = cfg.event_buffer.max(16).next_power_of_two();
+        let (events, _) = broadcast::channel(queue_capacity);
         let (generation, _) = watch::channel(0);
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 pbx,
+                subscribers: Vec::new(),
                 boot: Instant::now(),
                 boot_wall: SystemTime::now(),
                 stats: SimStats::default(),
@@ -295,6 +400,7 @@ impl SimServer {
             }),
             cfg,
             events,
+            queue_capacity,
             generation,
             shutdown: CancellationToken::new(),
             local_addr,

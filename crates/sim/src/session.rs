@@ -2,7 +2,9 @@
 //!
 //! The session task owns the socket. It reads actions through [`AmiCodec`] (bounded by
 //! [`SimConfig::limits`](crate::SimConfig)), answers them through [`crate::actions`], and
-//! forwards broadcast events that pass its `Events` mask. Each answer and each event is
+//! forwards the events queued for it (the server queues only what passes its `Events` mask
+//! and filters; an event's bytes are encoded once for every session). Each answer and each
+//! event is
 //! written on its own, as Asterisk does, unless [`SimConfig::coalesce_writes`](crate::SimConfig)
 //! asks for one write of what is ready together (flushed once no event and no action waits).
 //! Every write is bounded by the configured `writetimeout`; a session that cannot keep up with
@@ -16,14 +18,14 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
-use hintfed_ami::{AmiCodec, Frame, Message};
+use hintfed_ami::{AmiCodec, CodecError, Frame, Message};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::broadcast;
-use tokio_util::codec::Framed;
+use tokio_util::bytes::BytesMut;
+use tokio_util::codec::{Decoder, Encoder, Framed};
 
 use crate::event::{self, SimEvent};
-use crate::server::Shared;
+use crate::server::{Shared, Subscriber};
 
 /// The login banner (AMI version 13.0.0, what Asterisk 13 to 23 announce).
 pub const BANNER: &str = "Asterisk Call Manager/13.0.0\r\n";
@@ -71,13 +73,15 @@ pub(crate) struct SessionCtx {
     pub(crate) local: SocketAddr,
     pub(crate) authenticated: bool,
     pub(crate) challenge: Option<String>,
-    /// `send_events`: the classes this session wants.
+    /// `send_events`: the classes this session wants (copied into `sub` on change).
     pub(crate) mask: u32,
-    /// Event filters: the user's `eventfilter` lines from login on, plus `Filter` actions.
+    /// Event filters: the user's `eventfilter` lines from login on, plus `Filter` actions
+    /// (copied into `sub` on change).
     pub(crate) filters: crate::filter::EventFilters,
     /// Blackhole of this connection only (`SimBlackhole` with `Scope: connection`).
     pub(crate) blackhole_until: Option<Instant>,
-    pub(crate) rx: Option<broadcast::Receiver<Arc<SimEvent>>>,
+    /// The session's event queue, from login on.
+    pub(crate) sub: Option<Arc<Subscriber>>,
 }
 
 /// What an action asks the session to do.
@@ -107,22 +111,64 @@ impl Outcome {
     }
 }
 
-async fn recv_event(
-    rx: &mut Option<broadcast::Receiver<Arc<SimEvent>>>,
-) -> Result<Arc<SimEvent>, broadcast::error::RecvError> {
-    match rx {
-        Some(rx) => rx.recv().await,
+/// Returns once events may be waiting in the session's queue (never before login).
+async fn events_ready(sub: &Option<Arc<Subscriber>>) {
+    match sub {
+        Some(sub) => sub.ready.notified().await,
         None => std::future::pending().await,
     }
 }
 
-type Sink = futures::stream::SplitSink<Framed<TcpStream, AmiCodec>, Message>;
+/// What a session writes: an answer, or an event whose bytes are shared by every session.
+pub(crate) enum Out {
+    /// A response, list item or login event, encoded on its own.
+    Message(Message),
+    /// A queued event.
+    Event(Arc<SimEvent>),
+}
+
+/// [`AmiCodec`] for actions in; answers and shared event bytes out.
+struct SessionCodec(AmiCodec);
+
+impl Decoder for SessionCodec {
+    type Item = Frame;
+    type Error = CodecError;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
+        self.0.decode(buf)
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
+        self.0.decode_eof(buf)
+    }
+}
+
+impl Encoder<Out> for SessionCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), CodecError> {
+        match item {
+            Out::Message(m) => self.0.encode(&m, dst),
+            Out::Event(ev) => match ev.wire() {
+                // What the codec wrote for this event once.
+                Some(bytes) => {
+                    dst.extend_from_slice(bytes);
+                    Ok(())
+                }
+                // Refused: the codec refuses it here too.
+                None => self.0.encode(&ev.message, dst),
+            },
+        }
+    }
+}
+
+type Sink = futures::stream::SplitSink<Framed<TcpStream, SessionCodec>, Out>;
 
 /// Queues `msgs` on the connection without flushing, each bounded by `wt` (a full buffer
 /// writes out first). `false` when the connection must go.
 async fn feed_all(
     sink: &mut Sink,
-    msgs: Vec<Message>,
+    msgs: impl IntoIterator<Item = Out>,
     wt: Duration,
     id: u64,
     peer: SocketAddr,
@@ -139,7 +185,7 @@ async fn feed_all(
 /// when the connection must go.
 async fn send_all(
     sink: &mut Sink,
-    msgs: Vec<Message>,
+    msgs: impl IntoIterator<Item = Out>,
     hold: bool,
     wt: Duration,
     id: u64,
@@ -173,14 +219,6 @@ fn write_done(
 }
 
 impl SessionCtx {
-    /// Whether this session receives `ev`: logged in, the event's class in its mask, and
-    /// passing its filters.
-    fn wants(&self, ev: &SimEvent) -> bool {
-        self.authenticated
-            && ev.passes(self.mask)
-            && (self.filters.is_empty() || self.filters.passes(ev.text()))
-    }
-
     fn blackholed(&self, shared: &Shared) -> bool {
         self.blackhole_until.is_some_and(|t| Instant::now() < t)
             || shared.blackholed(&shared.lock())
@@ -220,7 +258,8 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
         Ok(Ok(())) => {}
         _ => return,
     }
-    let framed = Framed::new(stream, AmiCodec::with_limits(false, shared.cfg.limits));
+    let codec = SessionCodec(AmiCodec::with_limits(false, shared.cfg.limits));
+    let framed = Framed::new(stream, codec);
     let (mut sink, mut source) = framed.split();
     let coalesce = shared.cfg.coalesce_writes;
     // Responses and events queued since the last flush (only when coalescing).
@@ -234,44 +273,61 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
         mask: event::ALL,
         filters: crate::filter::EventFilters::default(),
         blackhole_until: None,
-        rx: None,
+        sub: None,
     };
+    // The events taken from the queue at once (kept for its capacity).
+    let mut batch = std::collections::VecDeque::new();
     loop {
         tokio::select! {
             biased;
             () = shared.shutdown.cancelled() => break,
             _ = gen_rx.changed() => {
-                // Restart: deliver what was already broadcast (the Shutdown event), then go.
-                let mut last = Vec::new();
-                if let Some(mut rx) = ctx.rx.take() {
-                    while let Ok(ev) = rx.try_recv() {
-                        if ctx.wants(&ev) {
-                            last.push(ev.message.clone());
-                        }
-                    }
+                // Restart: deliver what was already queued (the Shutdown event), then go.
+                if let Some(sub) = &ctx.sub {
+                    std::mem::swap(&mut sub.lock().queue, &mut batch);
                 }
-                send_all(&mut sink, last, false, wt, id, peer).await;
+                send_all(&mut sink, batch.drain(..).map(Out::Event), false, wt, id, peer).await;
                 break;
             }
-            ev = recv_event(&mut ctx.rx) => match ev {
-                Ok(ev) => {
-                    if !ctx.wants(&ev) || ctx.blackholed(shared) {
-                        continue;
-                    }
-                    let msgs = vec![ev.message.clone()];
-                    if !send_all(&mut sink, msgs, coalesce, wt, id, peer).await {
-                        shared.lock().stats.slow_readers_dropped += 1;
-                        break;
-                    }
-                    unflushed = coalesce;
-                }
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    warn_peer(id, peer, "slow reader", &format!("missed {n} events"));
+            () = events_ready(&ctx.sub) => {
+                let Some(sub) = &ctx.sub else { continue };
+                let missed = {
+                    let mut st = sub.lock();
+                    std::mem::swap(&mut st.queue, &mut batch);
+                    std::mem::take(&mut st.missed)
+                };
+                if missed > 0 {
+                    warn_peer(id, peer, "slow reader", &format!("missed {missed} events"));
                     shared.lock().stats.slow_readers_dropped += 1;
                     break;
                 }
-                Err(broadcast::error::RecvError::Closed) => ctx.rx = None,
-            },
+                if batch.is_empty() {
+                    continue;
+                }
+                if ctx.blackholed(shared) {
+                    batch.clear();
+                    continue;
+                }
+                let ok = if coalesce {
+                    feed_all(&mut sink, batch.drain(..).map(Out::Event), wt, id, peer).await
+                } else {
+                    // Each event written on its own.
+                    let mut ok = true;
+                    while let Some(ev) = batch.pop_front() {
+                        if !send_all(&mut sink, [Out::Event(ev)], false, wt, id, peer).await {
+                            ok = false;
+                            break;
+                        }
+                    }
+                    ok
+                };
+                batch.clear();
+                if !ok {
+                    shared.lock().stats.slow_readers_dropped += 1;
+                    break;
+                }
+                unflushed = coalesce;
+            }
             frame = source.next() => match frame {
                 None => break,
                 Some(Err(e)) => {
@@ -285,7 +341,8 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                         continue;
                     }
                     let out = crate::actions::handle(shared, &mut ctx, &m).await;
-                    if !send_all(&mut sink, out.replies, coalesce, wt, id, peer).await {
+                    let replies = out.replies.into_iter().map(Out::Message);
+                    if !send_all(&mut sink, replies, coalesce, wt, id, peer).await {
                         break;
                     }
                     unflushed = coalesce;
@@ -303,6 +360,9 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                 unflushed = false;
             }
         }
+    }
+    if let Some(sub) = ctx.sub.take() {
+        shared.unsubscribe(&sub);
     }
     let _ = tokio::time::timeout(wt, sink.close()).await;
 }
