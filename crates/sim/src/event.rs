@@ -3,9 +3,8 @@
 
 use std::sync::OnceLock;
 
-use hintfed_ami::{AmiCodec, Message};
+use hintfed_ami::Message;
 use tokio_util::bytes::{Bytes, BytesMut};
-use tokio_util::codec::Encoder as _;
 
 /// `EVENT_FLAG_SYSTEM`.
 pub const SYSTEM: u32 = 1;
@@ -102,6 +101,27 @@ pub fn parse_mask(value: &str) -> Option<u32> {
     )
 }
 
+/// What `AmiCodec`'s encoder writes for `m` (`Key: Value` lines, an empty line), or `None`
+/// where it refuses (an empty key, a key holding `:`, CR or LF, a value holding CR or LF);
+/// without the codec's per-header reserve and character-set searches.
+fn encode(m: &Message) -> Option<Bytes> {
+    let mut buf = BytesMut::with_capacity(m.text_len() + 4 * m.len() + 2);
+    for (k, v) in m.headers() {
+        if k.is_empty()
+            || k.bytes().any(|b| matches!(b, b':' | b'\r' | b'\n'))
+            || v.bytes().any(|b| matches!(b, b'\r' | b'\n'))
+        {
+            return None;
+        }
+        buf.extend_from_slice(k.as_bytes());
+        buf.extend_from_slice(b": ");
+        buf.extend_from_slice(v.as_bytes());
+        buf.extend_from_slice(b"\r\n");
+    }
+    buf.extend_from_slice(b"\r\n");
+    Some(buf.freeze())
+}
+
 /// One event: its class (for the mask) and the message as sent.
 #[derive(Debug, Clone)]
 pub struct SimEvent {
@@ -109,7 +129,7 @@ pub struct SimEvent {
     pub category: u32,
     /// The complete message, `Event:` first.
     pub message: Message,
-    /// The message as sent (what [`AmiCodec`] encodes), made once for every session, or
+    /// The message as sent (what `AmiCodec` encodes), made once for every session, or
     /// `None` when the codec refuses it (a CR or LF in a value): each session then hands the
     /// codec the message and fails the same way.
     wire: OnceLock<Option<Bytes>>,
@@ -165,19 +185,10 @@ impl SimEvent {
         }
     }
 
-    /// The message as [`AmiCodec`] writes it (made on first use, then shared by every
+    /// The message as `AmiCodec` writes it (made on first use, then shared by every
     /// session), or `None` when the codec refuses to encode it.
     pub fn wire(&self) -> Option<&Bytes> {
-        self.wire
-            .get_or_init(|| {
-                let mut buf =
-                    BytesMut::with_capacity(self.message.text_len() + 4 * self.message.len() + 2);
-                AmiCodec::server()
-                    .encode(&self.message, &mut buf)
-                    .ok()
-                    .map(|()| buf.freeze())
-            })
-            .as_ref()
+        self.wire.get_or_init(|| encode(&self.message)).as_ref()
     }
 
     /// The event's text as Asterisk matches session filters against it: every line
@@ -212,6 +223,8 @@ impl SimEvent {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hintfed_ami::AmiCodec;
+    use tokio_util::codec::Encoder as _;
 
     #[test]
     fn privilege_strings_match_the_captures() {
@@ -258,6 +271,21 @@ mod tests {
             .encode(&ev.message, &mut encoded)
             .expect("encodable");
         assert_eq!(ev.wire().map(|b| &b[..]), Some(&encoded[..]));
+        // Refused exactly where the codec refuses.
+        for (k, v) in [
+            ("", "x"),
+            ("a:b", "x"),
+            ("a\rb", "x"),
+            ("a\nb", "x"),
+            ("a", "x\ry"),
+            ("a", "x\ny"),
+            ("a", ""),
+            ("é", "ü: v"),
+        ] {
+            let m = Message::new().with("Event", "X").with(k, v);
+            let codec = AmiCodec::server().encode(&m, &mut BytesMut::new()).is_ok();
+            assert_eq!(encode(&m).is_some(), codec, "{k:?}: {v:?}");
+        }
         assert_eq!(
             ev.text(),
             "Event: DeviceStateChange\r\nPrivilege: call,all\r\nSystemName: pbx-a\r\n\

@@ -17,6 +17,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use base64::Engine as _;
+use compact_str::CompactString;
 use hintfed_ami::Message;
 
 use crate::event::{self, SimEvent};
@@ -311,18 +312,23 @@ pub struct PbxOptions {
     pub phone_duplicates: bool,
 }
 
+/// A hash map with short keys inline and a fast seeded hash.
+type FastMap<V> = HashMap<CompactString, V, foldhash::fast::RandomState>;
+
 /// An ordered map with case-insensitive keys that remembers the name as first written.
 #[derive(Debug, Clone)]
 struct Cache<V> {
-    items: Vec<(String, V)>,
-    index: HashMap<String, usize>,
+    /// Names as first written, in first-cached order.
+    names: Vec<String>,
+    /// Lower-cased name → (index in `names`, value).
+    index: FastMap<(usize, V)>,
 }
 
 impl<V> Default for Cache<V> {
     fn default() -> Self {
         Self {
-            items: Vec::new(),
-            index: HashMap::new(),
+            names: Vec::new(),
+            index: FastMap::default(),
         }
     }
 }
@@ -344,27 +350,37 @@ fn with_lower<R>(name: &str, f: impl FnOnce(&str) -> R) -> R {
     f(&name.to_ascii_lowercase())
 }
 
-impl<V> Cache<V> {
+impl<V: Clone> Cache<V> {
     fn get(&self, name: &str) -> Option<&V> {
-        with_lower(name, |key| self.index.get(key).map(|&i| &self.items[i].1))
+        with_lower(name, |key| self.index.get(key).map(|(_, v)| v))
     }
     fn insert(&mut self, name: &str, v: V) {
         self.replace(name, v);
     }
     /// Sets `name` to `v`; the value it had.
     fn replace(&mut self, name: &str, v: V) -> Option<V> {
-        let Self { items, index } = self;
-        with_lower(name, |key| match index.get(key) {
-            Some(&i) => Some(std::mem::replace(&mut items[i].1, v)),
+        let Self { names, index } = self;
+        with_lower(name, |key| match index.get_mut(key) {
+            Some((_, old)) => Some(std::mem::replace(old, v)),
             None => {
-                index.insert(key.to_owned(), items.len());
-                items.push((name.to_owned(), v));
+                index.insert(CompactString::new(key), (names.len(), v));
+                names.push(name.to_owned());
                 None
             }
         })
     }
+    /// Every entry, in first-cached order, named as first written.
+    fn items(&self) -> Vec<(String, V)> {
+        let mut out: Vec<Option<(String, V)>> = vec![None; self.names.len()];
+        for (i, v) in self.index.values() {
+            if let Some(slot) = out.get_mut(*i) {
+                *slot = self.names.get(*i).map(|n| (n.clone(), v.clone()));
+            }
+        }
+        out.into_iter().flatten().collect()
+    }
     fn clear(&mut self) {
-        self.items.clear();
+        self.names.clear();
         self.index.clear();
     }
 }
@@ -377,7 +393,7 @@ pub struct Pbx {
     /// The device state cache (what `DeviceStateList` shows), in first-cached order.
     cache: Cache<DeviceState>,
     /// astdb family `CustomDevstate`: key (name after `Custom:`) → value as written.
-    db_devstate: BTreeMap<String, String>,
+    db_devstate: FastMap<CompactString>,
     /// astdb family `CustomPresence`: key → value as written.
     db_presence: BTreeMap<String, String>,
     /// The presence cache (what `PresenceStateList` shows).
@@ -407,7 +423,7 @@ impl Pbx {
                 })
                 .collect(),
             cache: Cache::default(),
-            db_devstate: BTreeMap::new(),
+            db_devstate: FastMap::default(),
             db_presence: BTreeMap::new(),
             presence: Cache::default(),
             globals: BTreeMap::new(),
@@ -430,9 +446,11 @@ impl Pbx {
         self.globals = self.initial_globals.iter().cloned().collect();
         // func_devstate's load_module: republish every astdb entry under the name after the
         // last '/' of its key.
-        let restored: Vec<(String, DeviceState)> = self
-            .db_devstate
-            .iter()
+        // In key order, as astdb lists them.
+        let mut db: Vec<(&CompactString, &CompactString)> = self.db_devstate.iter().collect();
+        db.sort_unstable();
+        let restored: Vec<(String, DeviceState)> = db
+            .into_iter()
             .map(|(key, raw)| {
                 let name = key.rsplit('/').next().unwrap_or(key);
                 (format!("Custom:{name}"), DeviceState::from_val(raw))
@@ -546,6 +564,10 @@ impl Pbx {
             &[("Device", device), ("State", state.as_str())],
         );
         let mut out = Vec::with_capacity(copies);
+        if copies > 1 {
+            // Encoded once for every copy.
+            let _ = dsc.wire();
+        }
         for _ in 1..copies {
             out.push(dsc.clone());
         }
@@ -605,9 +627,13 @@ impl Pbx {
             return Err(SetvarError::InvalidState);
         }
         match self.db_devstate.get_mut(name) {
-            Some(v) => value.clone_into(v),
+            Some(v) => {
+                v.clear();
+                v.push_str(value);
+            }
             None => {
-                self.db_devstate.insert(name.to_owned(), value.to_owned());
+                self.db_devstate
+                    .insert(CompactString::new(name), CompactString::new(value));
             }
         }
         if device.starts_with("Custom:") {
@@ -794,12 +820,12 @@ impl Pbx {
 
     /// The cached device states, in first-cached order.
     pub fn device_list(&self) -> Vec<(String, DeviceState)> {
-        self.cache.items.clone()
+        self.cache.items()
     }
 
     /// The cached presence states.
     pub fn presence_list(&self) -> Vec<(String, Presence)> {
-        self.presence.items.clone()
+        self.presence.items()
     }
 
     /// The hints with their last reported states.

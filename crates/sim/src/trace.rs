@@ -99,6 +99,8 @@ pub(crate) fn record(server: Option<&str>, kind: &str, key: &str, value: &str) {
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos();
+    // u64 holds nanoseconds since 1970 until 2554, and formats faster than u128.
+    let nanos = u64::try_from(nanos).unwrap_or(u64::MAX);
     let Some(mut p) = pending() else { return };
     if p.stopped {
         return;
