@@ -312,8 +312,8 @@ pub struct PbxOptions {
     pub phone_duplicates: bool,
 }
 
-/// A hash map with short keys inline and a fast seeded hash.
-type FastMap<V> = HashMap<CompactString, V, foldhash::fast::RandomState>;
+/// A hash map with short keys inline.
+type FastMap<V> = HashMap<CompactString, V>;
 
 /// An ordered map with case-insensitive keys that remembers the name as first written.
 #[derive(Debug, Clone)]
