@@ -158,8 +158,29 @@ fn warm(m: &Messages) -> (Verifier, Node) {
     (v, node)
 }
 
+/// Feeds every measured message once to a warmed node, untimed: with `RECEIVE_FIXED=1` the
+/// bench does only this (`RECEIVE_FIXED=0`: only the setup), so `perf stat -e instructions:u`
+/// of the two runs gives instructions per message, a figure load on the machine does not move.
+fn fixed(m: &Messages, feed: bool) {
+    let (mut v, mut node) = warm(m);
+    let mut targets = Vec::new();
+    if feed {
+        for (i, bytes) in m.updates.iter().enumerate() {
+            let now = Millis(START + 1_000 + i as u64 / 20);
+            let env = v.verify(black_box(bytes)).expect("verifies");
+            node.on_remote(now, &env);
+            drain(&mut node, now, &mut targets);
+        }
+    }
+    black_box(&node);
+}
+
 fn bench(c: &mut Criterion) {
     let m = messages();
+    if let Ok(feed) = std::env::var("RECEIVE_FIXED") {
+        fixed(&m, feed == "1");
+        return;
+    }
     let mut group = c.benchmark_group("receive");
     group.throughput(Throughput::Elements(1));
     // The warmed verifier and node carry over between calls, with the next message to

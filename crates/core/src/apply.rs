@@ -43,7 +43,9 @@
 //! (`tests/key_memory.rs`). Presence targets keep boxed values in a store of their own.
 
 use std::collections::VecDeque;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
+
+use foldhash::fast::RandomState;
 
 use compact_str::CompactString;
 use hashbrown::HashTable;
@@ -341,6 +343,10 @@ impl Packed {
 struct Store<C> {
     index: HashTable<u32>,
     entries: Segments<(CompactString, C)>,
+    /// foldhash, seeded per process (was SipHash: a tenth of the agent's receive path).
+    /// Targets are names of devices of authenticated peers and of the local Asterisk, not
+    /// of anyone on the network, and the seed is unknown to them, so flooding one bucket
+    /// takes a peer holding the shared key, who can do worse anyway.
     hasher: RandomState,
     /// Time base of packed `sent_at` values (device slots).
     base: Millis,

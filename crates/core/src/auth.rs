@@ -162,13 +162,17 @@ impl KeyRing {
     }
 
     fn check(&self, kid: Option<&str>, mac_b64: &str, data: &[u8]) -> bool {
-        let Ok(tag) = B64.decode(mac_b64) else {
+        // Decoded on the stack: a tag of any other length than 32 bytes fails below anyway,
+        // and one too long for the buffer fails to decode.
+        let mut buf = [0u8; 48];
+        let Ok(n) = B64.decode_slice(mac_b64, &mut buf) else {
             return false;
         };
+        let tag = &buf[..n];
         let try_key = |k: &Key| {
             let mut m = k.mac();
             m.update(data);
-            m.verify_slice(&tag).is_ok()
+            m.verify_slice(tag).is_ok()
         };
         if let Some(kid) = kid
             && let Some(k) = self.keys.iter().find(|k| k.id() == Some(kid))
@@ -444,22 +448,24 @@ impl ReplayGuard {
     pub fn check(&mut self, origin: &str, epoch: Epoch, seq: u64) -> Result<(), Reject> {
         self.clock += 1;
         let clock = self.clock;
-        if !self.origins.contains_key(origin) {
-            if self.origins.len() >= self.max_origins {
-                let oldest = self
-                    .origins
-                    .iter()
-                    .min_by_key(|(_, w)| w.touched)
-                    .map(|(k, _)| k.clone());
-                if let Some(k) = oldest {
-                    self.origins.remove(&k);
+        // One lookup for a known origin (every message but the first of each).
+        let w = match self.origins.get_mut(origin) {
+            Some(w) => w,
+            None => {
+                if self.origins.len() >= self.max_origins {
+                    let oldest = self
+                        .origins
+                        .iter()
+                        .min_by_key(|(_, w)| w.touched)
+                        .map(|(k, _)| k.clone());
+                    if let Some(k) = oldest {
+                        self.origins.remove(&k);
+                    }
                 }
+                self.origins
+                    .entry(origin.to_owned())
+                    .or_insert(Window::new(epoch, clock))
             }
-            self.origins
-                .insert(origin.to_owned(), Window::new(epoch, clock));
-        }
-        let Some(w) = self.origins.get_mut(origin) else {
-            return Err(Reject::Replay);
         };
         if epoch < w.epoch {
             return Err(Reject::Replay);

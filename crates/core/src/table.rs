@@ -248,7 +248,8 @@ pub struct Table {
     devices: BTreeMap<CompactString, Slot>,
     /// Interned origin names; never shrinks (bounded by the origins ever heard).
     names: Vec<Box<str>>,
-    ids: HashMap<Box<str>, u32>,
+    /// Origin name to index (foldhash, seeded per process: names of authenticated peers).
+    ids: HashMap<Box<str>, u32, foldhash::fast::RandomState>,
     presence: BTreeMap<String, PresenceEntry>,
     /// Per interned origin (by index): where its last full sync began.
     floors: Vec<Option<(Epoch, u64)>>,
