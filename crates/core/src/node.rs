@@ -650,7 +650,13 @@ impl Node {
                 // rest is still on its way in the stream). Without snapshots nothing could
                 // close it, so it is assumed complete.
                 let assume_complete = !self.cfg.snapshots;
-                let ing = self.replica.ingest(env, assume_complete, now);
+                // A device update is aggregated in the lookup that merges it (when this node
+                // writes devices at all: see `recompute_device`).
+                let settle = (!self.local_down && self.cfg.policy.applies_devices())
+                    .then(|| (self.cfg.policy.down_state(), self.cfg.origin.as_str()));
+                let ing = self
+                    .replica
+                    .ingest_settling(env, assume_complete, now, settle);
                 if ing.status != SeqStatus::New {
                     self.stats.remote_duplicates += 1;
                     return;
@@ -660,7 +666,12 @@ impl Node {
                     self.hlc.observe(u.ts);
                 }
                 if let (true, Body::Update(u)) = (ing.key_changed, &env.body) {
-                    self.recompute(u.kind(), &u.key);
+                    match (u.kind(), ing.settled) {
+                        (Kind::Device, Some(state)) => self.push_device(&u.key, state),
+                        // Nothing to write, or not settled (not writing devices).
+                        (Kind::Device, None) => {}
+                        (Kind::Presence, _) => self.recompute_presence(&u.key),
+                    }
                 }
                 for (kind, key) in ing.dirty_keys {
                     self.recompute(kind, &key);
@@ -1062,6 +1073,11 @@ impl Node {
         ) else {
             return;
         };
+        self.push_device(key, state);
+    }
+
+    /// Asks for the local target of remote device `key` to hold `state` (made writable).
+    fn push_device(&mut self, key: &str, state: DeviceState) {
         let value = Value::Device(self.cfg.policy.writable(state));
         self.cfg.policy.target_name_into(key, &mut self.target_buf);
         self.apply.push_ref(&self.target_buf, &value);

@@ -8,8 +8,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::envelope::{Body, Envelope, OriginSummary, SnapshotEntry};
 use crate::liveness::Origins;
 use crate::seq::{SeqStatus, SeqTracker};
-use crate::state::Kind;
-use crate::table::Table;
+use crate::state::{DeviceState, Kind};
+use crate::table::{Settle, Table};
 use crate::time::{Epoch, Millis};
 
 /// What ingesting one stream envelope did.
@@ -22,6 +22,9 @@ pub struct Ingested {
     /// An update changed its key's entry (that key, the envelope's, is not repeated in
     /// `dirty_keys`).
     pub key_changed: bool,
+    /// With [`Replica::ingest_settling`], a device update that changed its key: the key's
+    /// aggregate, the key marked ([`Table::aggregate_and_mark`]).
+    pub settled: Option<DeviceState>,
     /// Keys whose entries changed (other than an update's own key, see `key_changed`).
     pub dirty_keys: Vec<(Kind, String)>,
     /// Origins whose status changed (every device key of theirs must be re-aggregated).
@@ -34,6 +37,7 @@ impl Ingested {
             status,
             first: false,
             key_changed: false,
+            settled: None,
             dirty_keys: Vec::new(),
             dirty_origins: Vec::new(),
         }
@@ -64,6 +68,20 @@ impl Replica {
     /// message seen from its origin, whether the history before it counts as received (true
     /// while a snapshot will cover it) or as a gap. Control envelopes are ignored here.
     pub fn ingest(&mut self, env: &Envelope, assume_complete: bool, now: Millis) -> Ingested {
+        self.ingest_settling(env, assume_complete, now, None)
+    }
+
+    /// [`Replica::ingest`]; with `settle` = `(down_state, exclude)`, a device update that
+    /// changes its key is also aggregated (over every origin but `exclude`, a down one
+    /// counting as `down_state`) and marked, in the table lookup that merged it
+    /// ([`Ingested::settled`]).
+    pub fn ingest_settling(
+        &mut self,
+        env: &Envelope,
+        assume_complete: bool,
+        now: Millis,
+        settle: Option<(DeviceState, &str)>,
+    ) -> Ingested {
         if !env.is_stream() {
             return Ingested::status(SeqStatus::Duplicate);
         }
@@ -98,12 +116,17 @@ impl Replica {
             self.origins.note_lag(origin, u.ts.wall, now);
         }
         match &env.body {
-            Body::Update(u)
-                if self
-                    .table
-                    .apply(origin, env.epoch, env.seq, &u.key, &u.value, u.ts, now) =>
-            {
-                out.key_changed = true;
+            Body::Update(u) => {
+                let settle = settle.map(|(down_state, exclude)| Settle {
+                    origins: &self.origins,
+                    down_state,
+                    exclude: Some(exclude),
+                });
+                let applied = self.table.apply_settling(
+                    origin, env.epoch, env.seq, &u.key, &u.value, u.ts, now, settle,
+                );
+                out.key_changed = applied.changed;
+                out.settled = applied.settled;
             }
             Body::FullSyncEnd { begin_seq } => {
                 let complete = self.seqs.get_mut(origin).is_some_and(|t| {

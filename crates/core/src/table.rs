@@ -175,6 +175,51 @@ impl std::fmt::Debug for DeviceEntries<'_> {
     }
 }
 
+/// How [`Table::apply_settling`] aggregates the key it changed: see [`Table::aggregate`].
+#[derive(Clone, Copy, Debug)]
+pub struct Settle<'a> {
+    /// Liveness: a down origin counts as `down_state`.
+    pub origins: &'a Origins,
+    /// What a down origin's entry counts as.
+    pub down_state: DeviceState,
+    /// The origin left out (the node's own).
+    pub exclude: Option<&'a str>,
+}
+
+/// What [`Table::apply_settling`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Applied {
+    /// Whether the table changed ([`Table::apply`]'s result).
+    pub changed: bool,
+    /// A device entry changed and settling was asked: the key's
+    /// [`Table::aggregate_and_mark`].
+    pub settled: Option<DeviceState>,
+}
+
+/// [`Table::aggregate_and_mark`] of the entries in `slot`.
+fn settle_slot(names: &[Box<str>], slot: &mut Slot, s: &Settle<'_>) -> Option<DeviceState> {
+    let mut states = slot
+        .as_slice()
+        .iter()
+        .map(|e| (&*names[e.origin as usize], e.value))
+        .filter(|(o, _)| Some(*o) != s.exclude)
+        .map(|(o, v)| {
+            if s.origins.is_down(o) {
+                s.down_state
+            } else {
+                v
+            }
+        })
+        .peekable();
+    if states.peek().is_some() {
+        let state = aggregate(states);
+        slot.set_mark();
+        Some(state)
+    } else {
+        slot.mark().then(|| aggregate(std::iter::empty()))
+    }
+}
+
 /// The winning write of one presence key.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PresenceEntry {
@@ -292,6 +337,28 @@ impl Table {
         ts: HlcTimestamp,
         now: Millis,
     ) -> bool {
+        self.apply_settling(origin, epoch, seq, key, value, ts, now, None)
+            .changed
+    }
+
+    /// [`Table::apply`], and with `settle`, when a device entry changed: the key's
+    /// [`Table::aggregate_and_mark`] in the same lookup (what a node then writes).
+    #[allow(clippy::too_many_arguments)]
+    pub fn apply_settling(
+        &mut self,
+        origin: &str,
+        epoch: Epoch,
+        seq: u64,
+        key: &str,
+        value: &Value,
+        ts: HlcTimestamp,
+        now: Millis,
+        settle: Option<Settle<'_>>,
+    ) -> Applied {
+        const UNCHANGED: Applied = Applied {
+            changed: false,
+            settled: None,
+        };
         match value {
             Value::Device(state) => {
                 let id = self.origin_id(origin);
@@ -302,7 +369,7 @@ impl Table {
                     .flatten()
                     .is_some_and(|f| (epoch, seq) < f)
                 {
-                    return false;
+                    return UNCHANGED;
                 }
                 let entry = DeviceEntry {
                     value: *state,
@@ -313,7 +380,7 @@ impl Table {
                     origin: id,
                     mark: false,
                 };
-                match self.devices.get_mut(key) {
+                let settled = match self.devices.get_mut(key) {
                     None => {
                         let mark = !self.marked_gone.is_empty() && self.marked_gone.remove(key);
                         self.devices
@@ -323,26 +390,36 @@ impl Table {
                         if self.devices.len() >= COMPACT_FROM.max(self.packed_len / 4 * 5) {
                             self.compact();
                         }
+                        // A new key: looked up again (rare; the common update is below).
+                        settle.and_then(|s| {
+                            self.aggregate_and_mark(key, s.origins, s.down_state, s.exclude)
+                        })
                     }
-                    Some(slot) => match slot.position(id) {
-                        Some(i) => {
-                            let cur = match slot {
-                                Slot::One(e) => e,
-                                Slot::Many(v) => &mut v[i],
-                            };
-                            if (cur.epoch, cur.seq) >= (epoch, seq) {
-                                return false;
+                    Some(slot) => {
+                        match slot.position(id) {
+                            Some(i) => {
+                                let cur = match slot {
+                                    Slot::One(e) => e,
+                                    Slot::Many(v) => &mut v[i],
+                                };
+                                if (cur.epoch, cur.seq) >= (epoch, seq) {
+                                    return UNCHANGED;
+                                }
+                                *cur = DeviceEntry {
+                                    mark: cur.mark,
+                                    ..entry
+                                };
                             }
-                            *cur = DeviceEntry {
-                                mark: cur.mark,
-                                ..entry
-                            };
+                            None => slot.insert(&self.names, entry),
                         }
-                        None => slot.insert(&self.names, entry),
-                    },
-                }
+                        settle.and_then(|s| settle_slot(&self.names, slot, &s))
+                    }
+                };
                 self.journal.record(key);
-                true
+                Applied {
+                    changed: true,
+                    settled,
+                }
             }
             Value::Presence(p) => {
                 if let Some(cur) = self.presence.get_mut(key)
@@ -353,7 +430,7 @@ impl Table {
                         cur.epoch = epoch;
                         cur.seq = seq;
                     }
-                    return false;
+                    return UNCHANGED;
                 }
                 self.journal.record(key);
                 self.presence.insert(
@@ -367,7 +444,10 @@ impl Table {
                         updated: now,
                     },
                 );
-                true
+                Applied {
+                    changed: true,
+                    settled: None,
+                }
             }
         }
     }
@@ -526,21 +606,12 @@ impl Table {
                 .contains(key)
                 .then(|| aggregate(std::iter::empty()));
         };
-        let names = &self.names;
-        let mut states = slot
-            .as_slice()
-            .iter()
-            .map(|e| (&*names[e.origin as usize], e.value))
-            .filter(|(o, _)| Some(*o) != exclude)
-            .map(|(o, v)| if origins.is_down(o) { down_state } else { v })
-            .peekable();
-        if states.peek().is_some() {
-            let state = aggregate(states);
-            slot.set_mark();
-            Some(state)
-        } else {
-            slot.mark().then(|| aggregate(std::iter::empty()))
-        }
+        let settle = Settle {
+            origins,
+            down_state,
+            exclude,
+        };
+        settle_slot(&self.names, slot, &settle)
     }
 
     /// The winning write of presence `key`.
