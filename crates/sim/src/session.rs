@@ -1,12 +1,13 @@
 //! One AMI connection: the banner, then actions in and responses and events out.
 //!
-//! The session task owns the socket. It reads actions through [`AmiCodec`] (bounded by
-//! [`SimConfig::limits`](crate::SimConfig)), answers them through [`crate::actions`], and
-//! forwards the events queued for it (the server queues only what passes its `Events` mask
-//! and filters; an event's bytes are encoded once for every session). Each answer and each
-//! event is
-//! written on its own, as Asterisk does, unless [`SimConfig::coalesce_writes`](crate::SimConfig)
-//! asks for one write of what is ready together (flushed once no event and no action waits).
+//! The session task owns the socket, split in halves: it reads actions through [`AmiCodec`]
+//! (bounded by [`SimConfig::limits`](crate::SimConfig)), answers them through
+//! [`crate::actions`], and forwards the events queued for it (the server queues only what
+//! passes its `Events` mask and filters; an event's bytes are encoded once for every
+//! session). Answers and events are queued in one buffer and written from it: each answer
+//! and each event on its own, as Asterisk does, unless
+//! [`SimConfig::coalesce_writes`](crate::SimConfig) asks for one write of what is ready
+//! together (flushed once no event and no action waits).
 //! Every write is bounded by the configured `writetimeout`; a session that cannot keep up with
 //! the event stream is closed. A decoding error (garbage, oversize input) closes only this
 //! connection. Warnings about a bad peer (bad input, slow reader) name its address and are
@@ -17,12 +18,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use futures::{SinkExt, StreamExt};
+use futures::StreamExt;
 use hintfed_ami::{AmiCodec, CodecError, Frame, Message};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio_util::bytes::BytesMut;
-use tokio_util::codec::{Decoder, Encoder, Framed};
+use tokio_util::codec::{Encoder, FramedRead};
 
 use crate::event::{self, SimEvent};
 use crate::server::{Shared, Subscriber};
@@ -127,76 +129,73 @@ pub(crate) enum Out {
     Event(Arc<SimEvent>),
 }
 
-/// [`AmiCodec`] for actions in; answers and shared event bytes out.
-struct SessionCodec(AmiCodec);
+/// Bytes queued past which a session writes out before queuing more (what `Framed` does).
+const BACKPRESSURE: usize = 8 * 1024;
 
-impl Decoder for SessionCodec {
-    type Item = Frame;
-    type Error = CodecError;
-
-    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
-        self.0.decode(buf)
-    }
-
-    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
-        self.0.decode_eof(buf)
-    }
+/// The write side of a session: its half of the socket and what is queued on it.
+struct Writer {
+    io: OwnedWriteHalf,
+    out: BytesMut,
+    /// Encodes answers (events come encoded).
+    codec: AmiCodec,
+    wt: Duration,
+    id: u64,
+    peer: SocketAddr,
 }
 
-impl Encoder<Out> for SessionCodec {
-    type Error = CodecError;
-
-    fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), CodecError> {
-        match item {
-            Out::Message(m) => self.0.encode(&m, dst),
+impl Writer {
+    /// Queues `item` without flushing (a full buffer writes out first, bounded by the write
+    /// timeout). `false` when the connection must go.
+    async fn feed(&mut self, item: Out) -> bool {
+        if self.out.len() >= BACKPRESSURE && !self.flush().await {
+            return false;
+        }
+        let r = match item {
+            Out::Message(m) => self.codec.encode(&m, &mut self.out),
             Out::Event(ev) => match ev.wire() {
-                // What the codec wrote for this event once.
+                // What the codec writes for this event, encoded once for every session.
                 Some(bytes) => {
-                    dst.extend_from_slice(bytes);
+                    self.out.extend_from_slice(bytes);
                     Ok(())
                 }
                 // Refused: the codec refuses it here too.
-                None => self.0.encode(&ev.message, dst),
+                None => self.codec.encode(&ev.message, &mut self.out),
             },
-        }
+        };
+        write_done(Ok(r), self.id, self.peer)
     }
-}
 
-type Sink = futures::stream::SplitSink<Framed<TcpStream, SessionCodec>, Out>;
-
-/// Queues `msgs` on the connection without flushing, each bounded by `wt` (a full buffer
-/// writes out first). `false` when the connection must go.
-async fn feed_all(
-    sink: &mut Sink,
-    msgs: impl IntoIterator<Item = Out>,
-    wt: Duration,
-    id: u64,
-    peer: SocketAddr,
-) -> bool {
-    for m in msgs {
-        if !write_done(tokio::time::timeout(wt, sink.feed(m)).await, id, peer) {
-            return false;
+    /// Queues `items` without flushing. `false` when the connection must go.
+    async fn feed_all(&mut self, items: impl IntoIterator<Item = Out>) -> bool {
+        for item in items {
+            if !self.feed(item).await {
+                return false;
+            }
         }
+        true
     }
-    true
-}
 
-/// [`feed_all`], then a flush unless `hold` (coalescing: the session flushes later). `false`
-/// when the connection must go.
-async fn send_all(
-    sink: &mut Sink,
-    msgs: impl IntoIterator<Item = Out>,
-    hold: bool,
-    wt: Duration,
-    id: u64,
-    peer: SocketAddr,
-) -> bool {
-    feed_all(sink, msgs, wt, id, peer).await && (hold || flush(sink, wt, id, peer).await)
-}
+    /// [`Writer::feed_all`], then a flush unless `hold` (coalescing: the session flushes
+    /// later). `false` when the connection must go.
+    async fn send_all(&mut self, items: impl IntoIterator<Item = Out>, hold: bool) -> bool {
+        self.feed_all(items).await && (hold || self.flush().await)
+    }
 
-/// Writes out what is queued, bounded by `wt`. `false` when the connection must go.
-async fn flush(sink: &mut Sink, wt: Duration, id: u64, peer: SocketAddr) -> bool {
-    write_done(tokio::time::timeout(wt, sink.flush()).await, id, peer)
+    /// Writes out what is queued, bounded by the write timeout. Cancel-safe: what was
+    /// written is gone from the queue. `false` when the connection must go.
+    async fn flush(&mut self) -> bool {
+        let Self { io, out, .. } = self;
+        let r = tokio::time::timeout(self.wt, async {
+            while !out.is_empty() {
+                if io.write_buf(out).await? == 0 {
+                    return Err(CodecError::Io(std::io::ErrorKind::WriteZero.into()));
+                }
+            }
+            Ok(())
+        })
+        .await;
+        write_done(r, self.id, self.peer)
+    }
 }
 
 /// Whether a bounded write (feed or flush) succeeded; logs why not.
@@ -258,9 +257,16 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
         Ok(Ok(())) => {}
         _ => return,
     }
-    let codec = SessionCodec(AmiCodec::with_limits(false, shared.cfg.limits));
-    let framed = Framed::new(stream, codec);
-    let (mut sink, mut source) = framed.split();
+    let (read, write) = stream.into_split();
+    let mut source = FramedRead::new(read, AmiCodec::with_limits(false, shared.cfg.limits));
+    let mut sink = Writer {
+        io: write,
+        out: BytesMut::with_capacity(BACKPRESSURE),
+        codec: AmiCodec::server(),
+        wt,
+        id,
+        peer,
+    };
     let coalesce = shared.cfg.coalesce_writes;
     // Responses and events queued since the last flush (only when coalescing).
     let mut unflushed = false;
@@ -286,7 +292,7 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                 if let Some(sub) = &ctx.sub {
                     std::mem::swap(&mut sub.lock().queue, &mut batch);
                 }
-                send_all(&mut sink, batch.drain(..).map(Out::Event), false, wt, id, peer).await;
+                sink.send_all(batch.drain(..).map(Out::Event), false).await;
                 break;
             }
             () = events_ready(&ctx.sub) => {
@@ -309,12 +315,12 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                     continue;
                 }
                 let ok = if coalesce {
-                    feed_all(&mut sink, batch.drain(..).map(Out::Event), wt, id, peer).await
+                    sink.feed_all(batch.drain(..).map(Out::Event)).await
                 } else {
                     // Each event written on its own.
                     let mut ok = true;
                     while let Some(ev) = batch.pop_front() {
-                        if !send_all(&mut sink, [Out::Event(ev)], false, wt, id, peer).await {
+                        if !sink.send_all([Out::Event(ev)], false).await {
                             ok = false;
                             break;
                         }
@@ -342,7 +348,7 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                     }
                     let out = crate::actions::handle(shared, &mut ctx, &m).await;
                     let replies = out.replies.into_iter().map(Out::Message);
-                    if !send_all(&mut sink, replies, coalesce, wt, id, peer).await {
+                    if !sink.send_all(replies, coalesce).await {
                         break;
                     }
                     unflushed = coalesce;
@@ -352,7 +358,7 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                 }
             },
             // Last: only once no event and no action is ready.
-            ok = flush(&mut sink, wt, id, peer), if unflushed => {
+            ok = sink.flush(), if unflushed => {
                 if !ok {
                     shared.lock().stats.slow_readers_dropped += 1;
                     break;
@@ -364,7 +370,13 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
     if let Some(sub) = ctx.sub.take() {
         shared.unsubscribe(&sub);
     }
-    let _ = tokio::time::timeout(wt, sink.close()).await;
+    // What Framed's close does: write out what is queued, then shut the write side.
+    let _ = tokio::time::timeout(wt, async {
+        if sink.flush().await {
+            let _ = sink.io.shutdown().await;
+        }
+    })
+    .await;
 }
 
 #[cfg(test)]

@@ -79,15 +79,16 @@ pub fn enabled() -> bool {
     TRACE.get().is_some()
 }
 
-/// Appends `s` with each of `from` replaced by `to` (all ASCII, so bytewise is charwise).
-fn push_replaced(out: &mut Vec<u8>, s: &str, from: &[u8], to: u8) {
-    let mut rest = s.as_bytes();
-    while let Some(i) = rest.iter().position(|b| from.contains(b)) {
-        out.extend_from_slice(&rest[..i]);
-        out.push(to);
-        rest = &rest[i + 1..];
+/// Appends `s` with CR, LF and (when `space` too) spaces replaced by `to` (all ASCII, so
+/// bytewise is charwise).
+fn push_replaced(out: &mut Vec<u8>, s: &str, space: bool, to: u8) {
+    let start = out.len();
+    out.extend_from_slice(s.as_bytes());
+    for b in &mut out[start..] {
+        if *b == b'\n' || *b == b'\r' || (space && *b == b' ') {
+            *b = to;
+        }
     }
-    out.extend_from_slice(rest);
 }
 
 /// Records one line (`kind` is `dev` or `set`); a no-op without [`install`].
@@ -108,13 +109,13 @@ pub(crate) fn record(server: Option<&str>, kind: &str, key: &str, value: &str) {
     let out = &mut p.lines;
     // Writing into a Vec cannot fail.
     let _ = write!(out, "{nanos} ");
-    push_replaced(out, server.unwrap_or("-"), b"\n\r ", b'_');
+    push_replaced(out, server.unwrap_or("-"), true, b'_');
     out.push(b' ');
     out.extend_from_slice(kind.as_bytes());
     out.push(b' ');
-    push_replaced(out, key, b"\n\r ", b'_');
+    push_replaced(out, key, true, b'_');
     out.push(b' ');
-    push_replaced(out, value, b"\n\r", b' ');
+    push_replaced(out, value, false, b' ');
     out.push(b'\n');
 }
 
@@ -125,11 +126,11 @@ mod tests {
     #[test]
     fn names_lose_whitespace_and_values_lose_newlines() {
         let mut out = Vec::new();
-        push_replaced(&mut out, "pbx a\r\nb", b"\n\r ", b'_');
+        push_replaced(&mut out, "pbx a\r\nb", true, b'_');
         out.push(b'|');
-        push_replaced(&mut out, "IN USE\r\nx", b"\n\r", b' ');
+        push_replaced(&mut out, "IN USE\r\nx", false, b' ');
         out.push(b'|');
-        push_replaced(&mut out, "é ü", b"\n\r ", b'_');
+        push_replaced(&mut out, "é ü", true, b'_');
         assert_eq!(
             String::from_utf8(out).expect("utf8"),
             "pbx_a__b|IN USE  x|é_ü"
