@@ -2,7 +2,7 @@
 //! fan-out to sessions, the load drivers, and the [`SimHandle`] that tests and the binary hold.
 //!
 //! Events produced by a state change are handed out while the state lock is held, so every
-//! session sees them in state order: each logged-in session has a [`Subscriber`] queue, and an
+//! session sees them in state order: each logged-in session has a `Subscriber` queue, and an
 //! event goes only into the queues of the sessions that want it (event mask and filters
 //! checked once, here), waking a session only when its queue was empty. A queue is bounded
 //! ([`SimConfig::event_buffer`], rounded up to a power of two as the broadcast ring of
