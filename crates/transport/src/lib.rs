@@ -59,9 +59,11 @@
 //! `router` and `fanout` modules speak ZMTP 3.0 (NULL mechanism, as the crate) on the
 //! listeners themselves with the same limits and connection cap (the proxy's byte copies, its
 //! loopback hop and the crate's per-subscriber re-encoding cost more than half of the hub's
-//! CPU and several task wake-ups per message). Connecting
-//! sockets ([`HubLink`], [`ReqClient`], [`SubClient`]) trust their peer (our hub, the local
-//! Asterisk). Confidentiality/authentication is left to the envelope HMAC (no CURVE).
+//! CPU and several task wake-ups per message). The SUB sides of [`HubLink`] and
+//! [`SubClient`] are our own ZMTP client too (`zmtp`): the limits are checked on each frame
+//! header, so an oversize message is skipped without being buffered. The DEALER of a
+//! [`HubLink`] and the [`ReqClient`] are zeromq sockets and trust their peer (our hub, the
+//! local Asterisk). Confidentiality/authentication is left to the envelope HMAC (no CURVE).
 //!
 //! # The federation transport interface
 //! [`FederationTransport`] is what the agent needs from any transport (ZeroMQ hubs now, Kafka

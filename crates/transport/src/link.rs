@@ -162,7 +162,8 @@ impl Backoff {
 /// The zeromq crate itself has **no** message size limit: it buffers a whole multipart message
 /// (whatever length the peer announces) before handing it over. These limits make the
 /// supervisor drop and count oversize messages so they never reach the application; bound
-/// sockets additionally enforce them on the wire (see the crate docs on the guard).
+/// sockets and the SUB clients (`zmtp`) additionally enforce them on the wire (see the crate
+/// docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Maximum total payload bytes of one multipart message (default 1 MiB).
