@@ -161,7 +161,7 @@ impl KeyRing {
         Ok(out)
     }
 
-    fn check(&self, kid: Option<&str>, mac_b64: &str, data: &[u8]) -> bool {
+    fn check(&self, kid: Option<&str>, mac_b64: &[u8], data: &[u8]) -> bool {
         // Decoded on the stack: a tag of any other length than 32 bytes fails below anyway,
         // and one too long for the buffer fails to decode.
         let mut buf = [0u8; 48];
@@ -292,7 +292,7 @@ struct VersionOnly {
 
 /// Splits `{"mac":"<44 base64 chars>","env":<env>}` (what [`KeyRing::seal`] writes with a key
 /// without id) into the MAC text and the raw `env` bytes; `None` for any other shape.
-fn split_sealed(bytes: &[u8]) -> Option<(&str, &[u8])> {
+fn split_sealed(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
     const HEAD: &[u8] = b"{\"mac\":\"";
     const MID: &[u8] = b"\",\"env\":";
     const TAG: usize = 44;
@@ -304,9 +304,9 @@ fn split_sealed(bytes: &[u8]) -> Option<(&str, &[u8])> {
     if !(raw.starts_with(b"{") && raw.ends_with(b"}")) {
         return None;
     }
-    // Not checked for the base64 alphabet here: a tag holding `"` or `\` fails to decode,
-    // so the MAC check fails and `open` takes the general path.
-    let tag = std::str::from_utf8(tag).ok()?;
+    // Not checked for the base64 alphabet (nor UTF-8) here: a tag holding anything else,
+    // `"` or `\` included, fails to decode, so the MAC check fails and `open` takes the
+    // general path.
     Some((tag, raw))
 }
 
@@ -333,7 +333,7 @@ pub fn open(bytes: &[u8], keys: &KeyRing, limits: &Limits) -> Result<Envelope, R
         serde_json::from_slice(bytes).map_err(|e| Reject::Malformed(e.to_string()))?;
     open_parts(
         wire.kid.as_deref(),
-        wire.mac.as_deref(),
+        wire.mac.as_deref().map(str::as_bytes),
         wire.env.get().as_bytes(),
         keys,
         limits,
@@ -343,7 +343,7 @@ pub fn open(bytes: &[u8], keys: &KeyRing, limits: &Limits) -> Result<Envelope, R
 /// MAC check, version and envelope decoding of the `env` bytes of a message.
 fn open_parts(
     kid: Option<&str>,
-    mac: Option<&str>,
+    mac: Option<&[u8]>,
     raw: &[u8],
     keys: &KeyRing,
     limits: &Limits,
@@ -545,12 +545,14 @@ impl Verifier {
     /// Verifies one message. Stream envelopes are replay-checked after the MAC succeeded
     /// (forgeries never touch the replay state).
     pub fn verify(&mut self, bytes: &[u8]) -> Result<Envelope, Reject> {
-        let res = open(bytes, &self.keys, &self.limits).and_then(|env| {
-            if env.is_stream() {
-                self.guard.check(&env.origin, env.epoch, env.seq)?;
-            }
-            Ok(env)
-        });
+        let mut res = open(bytes, &self.keys, &self.limits);
+        // Checked in place (the envelope is not moved through a closure).
+        if let Ok(env) = &res
+            && env.is_stream()
+            && let Err(e) = self.guard.check(&env.origin, env.epoch, env.seq)
+        {
+            res = Err(e);
+        }
         match &res {
             Ok(_) => self.stats.accepted += 1,
             Err(e) => *self.stats.rejected.entry(e.reason()).or_insert(0) += 1,

@@ -413,8 +413,10 @@ pub(crate) fn decode_device_update(raw: &[u8]) -> Option<Envelope> {
     c.lit(br#","body":{"type":"update","key":""#)?;
     let key = c.text()?;
     c.lit(br#","value":{"device":""#)?;
-    let state = c.text()?;
-    let state = DeviceState::ALL.into_iter().find(|s| s.as_str() == state)?;
+    let state = c.bytes()?;
+    let state = DeviceState::ALL
+        .into_iter()
+        .find(|s| s.as_str().as_bytes() == state)?;
     c.lit(br#"},"ts":{"wall":"#)?;
     let wall = c.number()?;
     c.lit(br#","counter":"#)?;
@@ -446,9 +448,8 @@ impl<'a> Canonical<'a> {
         Some(())
     }
 
-    /// The text up to the next `"` (which is skipped): no escape, no control character,
-    /// valid UTF-8.
-    fn text(&mut self) -> Option<&'a str> {
+    /// The bytes up to the next `"` (which is skipped): no escape, no control character.
+    fn bytes(&mut self) -> Option<&'a [u8]> {
         let end = self
             .0
             .iter()
@@ -456,9 +457,14 @@ impl<'a> Canonical<'a> {
         if self.0[end] != b'"' {
             return None;
         }
-        let s = std::str::from_utf8(&self.0[..end]).ok()?;
+        let s = &self.0[..end];
         self.0 = &self.0[end + 1..];
         Some(s)
+    }
+
+    /// [`Canonical::bytes`] that are valid UTF-8.
+    fn text(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.bytes()?).ok()
     }
 
     /// An unsigned integer in JSON's form (no leading zero) that fits a `u64`, followed by
@@ -507,7 +513,14 @@ fn check_name(field: &'static str, s: &str, max: usize) -> Result<(), InvalidEnv
         return Err(InvalidEnvelope::Empty(field));
     }
     check_text(field, s, max)?;
-    if s.chars().any(char::is_control) {
+    // ASCII's control characters are its C0 range and DEL (what `char::is_control` says of
+    // them), checked bytewise; other text char by char (C1 controls).
+    let control = if s.is_ascii() {
+        s.bytes().any(|b| b < 0x20 || b == 0x7f)
+    } else {
+        s.chars().any(char::is_control)
+    };
+    if control {
         return Err(InvalidEnvelope::ControlChar(field));
     }
     Ok(())
@@ -850,6 +863,16 @@ mod tests {
         let mut e = upd("k");
         e.origin = String::new();
         assert_eq!(e.validate(&l), Err(InvalidEnvelope::Empty("origin")));
+        // Every control character, ASCII (checked bytewise) or not, is refused in a key.
+        for c in (0u32..0x200).filter_map(char::from_u32) {
+            let key = format!("PJSIP/{c}1");
+            assert_eq!(
+                upd(&key).validate(&l).is_err(),
+                c.is_control(),
+                "U+{:04X}",
+                c as u32
+            );
+        }
     }
 }
 
