@@ -31,11 +31,37 @@ pub enum FilterError {
     TooMany,
 }
 
+/// One compiled filter: a pattern without regex syntax is searched as plain text (the same
+/// unanchored match, without the regex engine's per-search overhead).
+#[derive(Debug, Clone)]
+enum Pattern {
+    Literal(String),
+    Regex(Regex),
+}
+
+impl Pattern {
+    fn new(pattern: &str) -> Result<Self, regex::Error> {
+        let re = Regex::new(pattern)?;
+        Ok(if regex::escape(pattern) == pattern {
+            Self::Literal(pattern.to_owned())
+        } else {
+            Self::Regex(re)
+        })
+    }
+
+    fn is_match(&self, text: &str) -> bool {
+        match self {
+            Self::Literal(l) => text.contains(l.as_str()),
+            Self::Regex(r) => r.is_match(text),
+        }
+    }
+}
+
 /// The filters of one session.
 #[derive(Debug, Clone, Default)]
 pub struct EventFilters {
-    include: Vec<Regex>,
-    exclude: Vec<Regex>,
+    include: Vec<Pattern>,
+    exclude: Vec<Pattern>,
 }
 
 impl EventFilters {
@@ -45,8 +71,8 @@ impl EventFilters {
             return Err(FilterError::TooMany);
         }
         match filter.strip_prefix('!') {
-            Some(pattern) => self.exclude.push(Regex::new(pattern)?),
-            None => self.include.push(Regex::new(filter)?),
+            Some(pattern) => self.exclude.push(Pattern::new(pattern)?),
+            None => self.include.push(Pattern::new(filter)?),
         }
         Ok(())
     }
@@ -102,6 +128,19 @@ mod tests {
         assert!(f.passes(CUSTOM) && f.passes(PHONE) && !f.passes(HINT));
         let f = filters(&["Event: DeviceStateChange", "!Device: Custom:"]);
         assert!(!f.passes(CUSTOM) && f.passes(PHONE) && !f.passes(HINT));
+    }
+
+    #[test]
+    fn plain_text_filters_match_as_the_regex_does() {
+        let plain = Pattern::new("Event: ExtensionStatus").expect("valid");
+        assert!(matches!(plain, Pattern::Literal(_)));
+        let re = Pattern::new("Device: Custom:.*").expect("valid");
+        assert!(matches!(re, Pattern::Regex(_)));
+        let regex = Regex::new("Event: ExtensionStatus").expect("valid");
+        for text in [CUSTOM, PHONE, HINT, "", "event: extensionstatus"] {
+            assert_eq!(plain.is_match(text), regex.is_match(text), "{text:?}");
+        }
+        assert!(Pattern::new("").expect("valid").is_match("anything"));
     }
 
     #[test]
