@@ -29,7 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::guard::{OVERSIZE_WARN, accept_bounded};
 use crate::link::{Frames, Limits, LinkStats};
-use crate::zmtp::{End, Reader, handshake, pong_for, ready};
+use crate::zmtp::{End, Reader, encode_message, handshake, pong_for, ready};
 
 /// Messages queued per subscriber before the newest are dropped for it.
 pub(crate) const SUBSCRIBER_QUEUE: usize = 100_000;
@@ -51,20 +51,7 @@ pub(crate) fn encode(frames: &Frames) -> Option<Arc<Encoded>> {
     let topic = frames.first()?.clone();
     let len: usize = frames.iter().map(|f| f.len() + 9).sum();
     let mut wire = BytesMut::with_capacity(len);
-    let last = frames.len() - 1;
-    for (i, f) in frames.iter().enumerate() {
-        let more = if i < last { 0x01 } else { 0x00 };
-        match u8::try_from(f.len()) {
-            Ok(n) => {
-                wire.extend_from_slice(&[more, n]);
-            }
-            Err(_) => {
-                wire.extend_from_slice(&[more | 0x02]);
-                wire.extend_from_slice(&(f.len() as u64).to_be_bytes());
-            }
-        }
-        wire.extend_from_slice(f);
-    }
+    encode_message(&mut wire, frames);
     Some(Arc::new(Encoded {
         topic,
         wire: wire.freeze(),

@@ -174,22 +174,6 @@ impl std::fmt::Debug for Router {
     }
 }
 
-/// Appends the ZMTP encoding of one message (`frames`, not empty) to `out`.
-fn encode_into(out: &mut Vec<u8>, frames: &[Bytes]) {
-    let last = frames.len().saturating_sub(1);
-    for (i, f) in frames.iter().enumerate() {
-        let more = if i < last { 0x01 } else { 0x00 };
-        match u8::try_from(f.len()) {
-            Ok(n) => out.extend_from_slice(&[more, n]),
-            Err(_) => {
-                out.push(more | 0x02);
-                out.extend_from_slice(&(f.len() as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(f);
-    }
-}
-
 /// What the peer's READY says: its routing identity if it chose one. Refuses peers that are
 /// not DEALER, REQ or ROUTER sockets.
 fn peer_ready(body: &[u8]) -> Result<Option<Bytes>, End> {
@@ -389,7 +373,7 @@ async fn write_loop(
             match item {
                 Out::Command(raw) => out.extend_from_slice(&raw),
                 // The frames (a snapshot chunk's in-flight slot) are released here.
-                Out::Message(frames) => encode_into(&mut out, &frames),
+                Out::Message(frames) => zmtp::encode_message(&mut out, &frames),
             }
             if out.len() >= WRITE_BATCH {
                 break;
@@ -418,7 +402,7 @@ mod tests {
     #[test]
     fn encodes_frames_with_more_flags() {
         let mut out = Vec::new();
-        encode_into(
+        zmtp::encode_message(
             &mut out,
             &[Bytes::from_static(b"ab"), Bytes::from(vec![7u8; 300])],
         );

@@ -18,7 +18,7 @@
 
 use std::time::Duration;
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -110,15 +110,24 @@ pub(crate) fn pong_for(ping_rest: &[u8]) -> Vec<u8> {
     command(b"PONG", ping_rest.get(2..).unwrap_or_default())
 }
 
-/// Appends one message frame header for `len` body bytes.
-fn put_frame_header(out: &mut Vec<u8>, more: bool, len: usize) {
+/// Appends one message frame header for `len` body bytes (short below 256 bytes, else long).
+fn put_frame_header(out: &mut impl BufMut, more: bool, len: usize) {
     let more = u8::from(more);
     match u8::try_from(len) {
-        Ok(n) => out.extend_from_slice(&[more, n]),
+        Ok(n) => out.put_slice(&[more, n]),
         Err(_) => {
-            out.push(more | 0x02);
-            out.extend_from_slice(&(len as u64).to_be_bytes());
+            out.put_u8(more | 0x02);
+            out.put_u64(len as u64);
         }
+    }
+}
+
+/// Appends the ZMTP encoding of one message (`frames`; MORE on all but the last) to `out`.
+pub(crate) fn encode_message(out: &mut impl BufMut, frames: &[Bytes]) {
+    let last = frames.len().saturating_sub(1);
+    for (i, f) in frames.iter().enumerate() {
+        put_frame_header(out, i < last, f.len());
+        out.put_slice(f);
     }
 }
 
