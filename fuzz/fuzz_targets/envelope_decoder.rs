@@ -2,11 +2,13 @@
 //! bytes, with and without a key ring, under the default and under small limits.
 //!
 //! Invariants: no panic; a message over the size limit is always `TooLarge`; whatever decodes
-//! unsigned re-seals and decodes back to the same envelope (also signed, with a key); a
-//! verifier never accepts the same stream message twice.
+//! unsigned is what serde's derived decoding reads from the same bytes (`open` reads the
+//! canonical device update without serde: this checks that shortcut against serde); whatever
+//! decodes unsigned re-seals and decodes back to the same envelope (also signed, with a key);
+//! a verifier never accepts the same stream message twice.
 #![no_main]
 
-use hintfed_core::{Key, KeyRing, Limits, Reject, Verifier, open};
+use hintfed_core::{Envelope, Key, KeyRing, Limits, Reject, Verifier, open};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -27,6 +29,8 @@ fuzz_target!(|data: &[u8]| {
             assert!(matches!(unsigned, Err(Reject::TooLarge { .. })));
         }
         if let Ok(env) = unsigned {
+            // The fast path for device updates reads exactly what serde reads.
+            assert_eq!(serde_json::from_slice::<Envelope>(data).ok().as_ref(), Some(&env));
             // Round trip through the wire form, unsigned and signed.
             if let Ok(bytes) = none.seal(&env, limits) {
                 assert_eq!(open(&bytes, &none, limits).as_ref(), Ok(&env));
