@@ -311,7 +311,7 @@ fn setvar(shared: &Arc<Shared>, req: &Message) -> Outcome {
     } else if !header(req, "Channel").is_empty() {
         error(req, "No such channel")
     } else {
-        match inner.pbx.setvar(var, header(req, "Value")) {
+        match inner.pbx.setvar_events(var, header(req, "Value")) {
             Ok(evs) => {
                 inner.stats.setvar_accepted += 1;
                 crate::trace::record(shared.cfg.name.as_deref(), "set", var, header(req, "Value"));

@@ -275,14 +275,14 @@ impl Shared {
 
     /// Hands `events` to the sessions that want them and to [`SimHandle::subscribe_events`]
     /// (call with the lock held, to keep state order).
-    pub(crate) fn emit(&self, inner: &mut Inner, events: Vec<SimEvent>) {
+    pub(crate) fn emit<E: Into<Arc<SimEvent>>>(&self, inner: &mut Inner, events: Vec<E>) {
         let watched = self.events.receiver_count() > 0;
         for ev in events {
             inner.stats.events += 1;
             if inner.subscribers.is_empty() && !watched {
                 continue;
             }
-            let ev = Arc::new(ev);
+            let ev: Arc<SimEvent> = ev.into();
             for sub in &inner.subscribers {
                 sub.offer(&ev);
             }
@@ -346,7 +346,7 @@ impl Shared {
         state: DeviceState,
     ) -> Result<(), SetvarError> {
         let mut inner = self.lock();
-        let evs = inner.pbx.set_device_state(device, state)?;
+        let evs = inner.pbx.device_state_events(device, state)?;
         crate::trace::record(self.cfg.name.as_deref(), "dev", device, state.as_str());
         self.emit(&mut inner, evs);
         Ok(())
@@ -550,7 +550,7 @@ impl SimHandle {
     /// `Setvar` without a connection (functions `DEVICE_STATE`/`PRESENCE_STATE` or globals).
     pub fn setvar(&self, variable: &str, value: &str) -> Result<(), SetvarError> {
         let mut inner = self.shared.lock();
-        let evs = inner.pbx.setvar(variable, value)?;
+        let evs = inner.pbx.setvar_events(variable, value)?;
         self.shared.emit(&mut inner, evs);
         Ok(())
     }

@@ -15,6 +15,7 @@
 //!   the last `/` of the key (the `Custom:Local/100@phones` → `Custom:100@phones` quirk).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use base64::Engine as _;
 use compact_str::CompactString;
@@ -385,6 +386,15 @@ impl<V: Clone> Cache<V> {
     }
 }
 
+/// Events as the server hands them out: the copies of a duplicated publication share one
+/// event.
+pub(crate) type Events = Vec<Arc<SimEvent>>;
+
+/// [`Events`] as the public API returns them.
+fn unshare(events: Events) -> Vec<SimEvent> {
+    events.into_iter().map(Arc::unwrap_or_clone).collect()
+}
+
 /// The simulated PBX.
 #[derive(Debug)]
 pub struct Pbx {
@@ -538,13 +548,7 @@ impl Pbx {
 
     /// Publishes `state` for `device`; `cached` as Asterisk's `AST_DEVSTATE_CACHABLE`;
     /// `copies` how many times the same publication happens (2 for Local channel halves).
-    fn publish(
-        &mut self,
-        device: &str,
-        state: DeviceState,
-        cached: bool,
-        copies: usize,
-    ) -> Vec<SimEvent> {
+    fn publish(&mut self, device: &str, state: DeviceState, cached: bool, copies: usize) -> Events {
         if cached {
             if self.cache.replace(device, state) == Some(state) {
                 return Vec::new();
@@ -557,24 +561,21 @@ impl Pbx {
                 }
             });
         }
-        let dsc = SimEvent::with_body(
+        let dsc = Arc::new(SimEvent::with_body(
             "DeviceStateChange",
             event::CALL,
             self.system_name(),
             &[("Device", device), ("State", state.as_str())],
-        );
+        ));
         let mut out = Vec::with_capacity(copies);
-        if copies > 1 {
-            // Encoded once for every copy.
-            let _ = dsc.wire();
-        }
         for _ in 1..copies {
             out.push(dsc.clone());
         }
         out.push(dsc);
         if !self.hints.is_empty() {
             for _ in 0..copies {
-                out.extend(self.reevaluate_hints(device));
+                let evs = self.reevaluate_hints(device);
+                out.extend(evs.into_iter().map(Arc::new));
             }
         }
         out
@@ -616,6 +617,15 @@ impl Pbx {
         device: &str,
         value: &str,
     ) -> Result<Vec<SimEvent>, SetvarError> {
+        self.device_state_var_events(device, value).map(unshare)
+    }
+
+    /// [`Pbx::set_device_state_var`] with its events as the server sends them.
+    fn device_state_var_events(
+        &mut self,
+        device: &str,
+        value: &str,
+    ) -> Result<Events, SetvarError> {
         let Some(name) = strip_prefix_ci(device, "Custom:") else {
             return Err(SetvarError::NotCustom);
         };
@@ -652,8 +662,17 @@ impl Pbx {
         device: &str,
         state: DeviceState,
     ) -> Result<Vec<SimEvent>, SetvarError> {
+        self.device_state_events(device, state).map(unshare)
+    }
+
+    /// [`Pbx::set_device_state`] with its events as the server sends them.
+    pub(crate) fn device_state_events(
+        &mut self,
+        device: &str,
+        state: DeviceState,
+    ) -> Result<Events, SetvarError> {
         if strip_prefix_ci(device, "Custom:").is_some() {
-            return self.set_device_state_var(device, state.as_str());
+            return self.device_state_var_events(device, state.as_str());
         }
         if is_local(device) {
             return Ok(self.publish(device, state, false, 2));
@@ -718,13 +737,22 @@ impl Pbx {
 
     /// `pbx_builtin_setvar_helper` without a channel: functions or global variables.
     pub fn setvar(&mut self, variable: &str, value: &str) -> Result<Vec<SimEvent>, SetvarError> {
+        self.setvar_events(variable, value).map(unshare)
+    }
+
+    /// [`Pbx::setvar`] with its events as the server sends them.
+    pub(crate) fn setvar_events(
+        &mut self,
+        variable: &str,
+        value: &str,
+    ) -> Result<Events, SetvarError> {
         match split_function(variable) {
             Some((f, arg)) if f.eq_ignore_ascii_case("DEVICE_STATE") => {
-                self.set_device_state_var(arg, value)
+                self.device_state_var_events(arg, value)
             }
-            Some((f, arg)) if f.eq_ignore_ascii_case("PRESENCE_STATE") => {
-                self.set_presence_var(arg, value)
-            }
+            Some((f, arg)) if f.eq_ignore_ascii_case("PRESENCE_STATE") => self
+                .set_presence_var(arg, value)
+                .map(|evs| evs.into_iter().map(Arc::new).collect()),
             Some(_) => Err(SetvarError::UnknownFunction),
             None => {
                 self.globals.insert(variable.to_owned(), value.to_owned());
