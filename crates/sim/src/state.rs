@@ -322,7 +322,7 @@ struct Cache<V> {
     /// Names as first written, in first-cached order.
     names: Vec<String>,
     /// Lower-cased name → (index in `names`, value).
-    index: FastMap<(usize, V)>,
+    index: FastMap<(u32, V)>,
 }
 
 impl<V> Default for Cache<V> {
@@ -364,7 +364,9 @@ impl<V: Clone> Cache<V> {
         with_lower(name, |key| match index.get_mut(key) {
             Some((_, old)) => Some(std::mem::replace(old, v)),
             None => {
-                index.insert(CompactString::new(key), (names.len(), v));
+                // More than 4 billion names would not fit in memory anyway.
+                let at = u32::try_from(names.len()).unwrap_or(u32::MAX);
+                index.insert(CompactString::new(key), (at, v));
                 names.push(name.to_owned());
                 None
             }
@@ -374,8 +376,9 @@ impl<V: Clone> Cache<V> {
     fn items(&self) -> Vec<(String, V)> {
         let mut out: Vec<Option<(String, V)>> = vec![None; self.names.len()];
         for (i, v) in self.index.values() {
-            if let Some(slot) = out.get_mut(*i) {
-                *slot = self.names.get(*i).map(|n| (n.clone(), v.clone()));
+            let i = *i as usize;
+            if let Some(slot) = out.get_mut(i) {
+                *slot = self.names.get(i).map(|n| (n.clone(), v.clone()));
             }
         }
         out.into_iter().flatten().collect()
@@ -402,8 +405,9 @@ pub struct Pbx {
     hints: Vec<HintState>,
     /// The device state cache (what `DeviceStateList` shows), in first-cached order.
     cache: Cache<DeviceState>,
-    /// astdb family `CustomDevstate`: key (name after `Custom:`) → value as written.
-    db_devstate: FastMap<CompactString>,
+    /// astdb family `CustomDevstate`: key (name after `Custom:`) → the state of the value as
+    /// written (`ast_devstate_val` of it: every reader of the family reads it through that).
+    db_devstate: FastMap<DeviceState>,
     /// astdb family `CustomPresence`: key → value as written.
     db_presence: BTreeMap<String, String>,
     /// The presence cache (what `PresenceStateList` shows).
@@ -457,13 +461,13 @@ impl Pbx {
         // func_devstate's load_module: republish every astdb entry under the name after the
         // last '/' of its key.
         // In key order, as astdb lists them.
-        let mut db: Vec<(&CompactString, &CompactString)> = self.db_devstate.iter().collect();
-        db.sort_unstable();
+        let mut db: Vec<(&CompactString, &DeviceState)> = self.db_devstate.iter().collect();
+        db.sort_unstable_by(|a, b| a.0.cmp(b.0));
         let restored: Vec<(String, DeviceState)> = db
             .into_iter()
-            .map(|(key, raw)| {
+            .map(|(key, state)| {
                 let name = key.rsplit('/').next().unwrap_or(key);
-                (format!("Custom:{name}"), DeviceState::from_val(raw))
+                (format!("Custom:{name}"), *state)
             })
             .collect();
         for (name, state) in restored {
@@ -512,7 +516,8 @@ impl Pbx {
             Some((provider, name)) if provider.eq_ignore_ascii_case("Custom") => self
                 .db_devstate
                 .get(name)
-                .map_or(DeviceState::Unknown, |raw| DeviceState::from_val(raw)),
+                .copied()
+                .unwrap_or(DeviceState::Unknown),
             _ => DeviceState::Invalid,
         }
     }
@@ -637,13 +642,9 @@ impl Pbx {
             return Err(SetvarError::InvalidState);
         }
         match self.db_devstate.get_mut(name) {
-            Some(v) => {
-                v.clear();
-                v.push_str(value);
-            }
+            Some(v) => *v = state,
             None => {
-                self.db_devstate
-                    .insert(CompactString::new(name), CompactString::new(value));
+                self.db_devstate.insert(CompactString::new(name), state);
             }
         }
         if device.starts_with("Custom:") {
