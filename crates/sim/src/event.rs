@@ -106,12 +106,21 @@ pub fn parse_mask(value: &str) -> Option<u32> {
 /// without the codec's per-header reserve and character-set searches.
 fn encode(m: &Message) -> Option<Bytes> {
     let mut buf = BytesMut::with_capacity(m.text_len() + 4 * m.len() + 2);
+    encode_into(m, &mut buf).then(|| buf.freeze())
+}
+
+/// Appends what `AmiCodec`'s encoder writes for `m` to `buf`; `false` (nothing appended)
+/// where it refuses, see [`encode`].
+pub(crate) fn encode_into(m: &Message, buf: &mut BytesMut) -> bool {
+    let start = buf.len();
+    buf.reserve(m.text_len() + 4 * m.len() + 2);
     for (k, v) in m.headers() {
         if k.is_empty()
             || k.bytes().any(|b| matches!(b, b':' | b'\r' | b'\n'))
             || v.bytes().any(|b| matches!(b, b'\r' | b'\n'))
         {
-            return None;
+            buf.truncate(start);
+            return false;
         }
         buf.extend_from_slice(k.as_bytes());
         buf.extend_from_slice(b": ");
@@ -119,7 +128,7 @@ fn encode(m: &Message) -> Option<Bytes> {
         buf.extend_from_slice(b"\r\n");
     }
     buf.extend_from_slice(b"\r\n");
-    Some(buf.freeze())
+    true
 }
 
 /// One event: its class (for the mask) and the message as sent.
@@ -285,6 +294,11 @@ mod tests {
             let m = Message::new().with("Event", "X").with(k, v);
             let codec = AmiCodec::server().encode(&m, &mut BytesMut::new()).is_ok();
             assert_eq!(encode(&m).is_some(), codec, "{k:?}: {v:?}");
+            let mut buf = BytesMut::from(&b"before"[..]);
+            assert_eq!(encode_into(&m, &mut buf), codec, "{k:?}: {v:?}");
+            if !codec {
+                assert_eq!(&buf[..], b"before", "nothing appended when refused");
+            }
         }
         assert_eq!(
             ev.text(),
