@@ -90,7 +90,8 @@ pub struct HubLinkConfig {
     pub silence_timeout: Duration,
     /// A send that does not complete within this recreates the sockets (default 1 s).
     pub send_timeout: Duration,
-    /// Bound on one connect attempt of one socket (default 250 ms).
+    /// Bound on one connect attempt of one socket (default 250 ms); the fan-out's ZMTP
+    /// greeting and READY exchange after its TCP connect gets this or 1 s, whichever is longer.
     pub connect_attempt_timeout: Duration,
     /// Delays between reconnect attempts.
     pub backoff: BackoffConfig,

@@ -39,7 +39,8 @@ pub struct SubClientConfig {
     /// Recreate the socket after this long without any message (default `None`: an idle
     /// Asterisk may legitimately send nothing; disconnects are detected from the connection).
     pub silence_timeout: Option<Duration>,
-    /// Bound on one connect attempt (default 250 ms).
+    /// Bound on one TCP connect attempt (default 250 ms); the ZMTP greeting and READY exchange
+    /// after it gets this or 1 s, whichever is longer.
     pub connect_attempt_timeout: Duration,
     /// Delays between reconnect attempts.
     pub backoff: BackoffConfig,
