@@ -16,6 +16,8 @@
 //! snapshot_chunk = 1000                ; most entries per snapshot chunk
 //! max_message_bytes = 65536            ; largest accepted federation message
 //! heartbeat_interval = 1s              ; hub heartbeats on the PUB
+//! fanout_linger = 1ms                  ; writes to a subscriber getting > 5,000 msg/s are
+//!                                      ; this far apart (0ms: every message at once)
 //! legacy_pull = tcp://0.0.0.0:55556    ; zmq-ami-broker compatibility (both or neither)
 //! legacy_pub = tcp://0.0.0.0:55555
 //! legacy_timeout = 60s                 ; optional: a silent legacy agent goes down
@@ -68,6 +70,7 @@ const SERVER_KEYS: &[&str] = &[
     "snapshot_chunk",
     "max_message_bytes",
     "heartbeat_interval",
+    "fanout_linger",
     "legacy_pull",
     "legacy_pub",
     "legacy_timeout",
@@ -77,6 +80,10 @@ const SERVER_KEYS: &[&str] = &[
 pub const DEFAULT_LISTEN: &str = "tcp://0.0.0.0:5560";
 /// Default `[federation] origin_timeout`.
 pub const DEFAULT_ORIGIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// Default `[server] fanout_linger`.
+pub const DEFAULT_FANOUT_LINGER: Duration = hintfed_transport::hub::DEFAULT_FANOUT_LINGER;
+/// Largest `[server] fanout_linger`.
+const MAX_FANOUT_LINGER: Duration = Duration::from_millis(100);
 /// Default `[server] heartbeat_interval`.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(1);
 /// Default `[server] snapshot_chunk`.
@@ -133,6 +140,11 @@ pub struct ListenConfig {
     /// Period of the hub's heartbeats.
     #[serde(serialize_with = "ser::duration")]
     pub heartbeat_interval: Duration,
+    /// The least time between two writes to a subscriber whose fan-out comes faster than
+    /// 5,000 messages a second (zero: every message written at once); see
+    /// `hintfed_transport::HubBindConfig::fanout_linger`.
+    #[serde(serialize_with = "ser::duration")]
+    pub fanout_linger: Duration,
     /// Legacy sockets, when both `legacy_pull` and `legacy_pub` are set.
     #[serde(flatten)]
     pub legacy: Option<LegacyConfig>,
@@ -168,6 +180,7 @@ impl ServerConfig {
                 snapshot_chunk: DEFAULT_SNAPSHOT_CHUNK,
                 max_message_bytes: DEFAULT_MAX_MESSAGE,
                 heartbeat_interval: DEFAULT_HEARTBEAT,
+                fanout_linger: DEFAULT_FANOUT_LINGER,
                 legacy: None,
             },
         }
@@ -302,6 +315,10 @@ pub fn load(file: &ConfigFile) -> Result<ServerConfig, ConfigError> {
             ),
         ));
     }
+    let fanout_linger = srv.duration_or("fanout_linger", DEFAULT_FANOUT_LINGER)?;
+    if fanout_linger > MAX_FANOUT_LINGER {
+        return Err(srv.error("fanout_linger", "must be at most 100ms"));
+    }
     let pull = srv.parse_with("legacy_pull", |v| check_endpoint(v, false))?;
     let publish = srv.parse_with("legacy_pub", |v| check_endpoint(v, false))?;
     let legacy_timeout = srv.duration("legacy_timeout")?;
@@ -355,6 +372,7 @@ pub fn load(file: &ConfigFile) -> Result<ServerConfig, ConfigError> {
             snapshot_chunk,
             max_message_bytes,
             heartbeat_interval,
+            fanout_linger,
             legacy,
         },
     })
@@ -379,6 +397,9 @@ mod tests {
         assert_eq!(c.server.listen, DEFAULT_LISTEN);
         assert!(c.federation.shared_keys.is_empty());
         assert!(c.server.legacy.is_none());
+        assert_eq!(c.server.fanout_linger, DEFAULT_FANOUT_LINGER);
+        let off = parse("[server]\nfanout_linger = 0ms\n").expect("valid");
+        assert_eq!(off.server.fanout_linger, Duration::ZERO);
         let c = parse(
             "[general]\nname = hub-2\ndevice_state = yes\n[asterisk]\nhost = x\n\
              [federation]\nservers = tcp://a:1\nshared_keys = k1, k2\norigin_timeout = 3s\n\
@@ -427,6 +448,8 @@ mod tests {
                 "[federation]\norigin_timeout = 1s\n[server]\nheartbeat_interval = 2s\n",
                 "[server] heartbeat_interval",
             ),
+            ("[server]\nfanout_linger = 1s\n", "[server] fanout_linger"),
+            ("[server]\nfanout_linger = 3\n", "[server] fanout_linger"),
             ("[http]\nport = 1\n", "[http] port: unknown key"),
         ] {
             let e = parse(text).expect_err(text).to_string();

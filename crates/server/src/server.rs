@@ -280,6 +280,7 @@ impl Server {
             max_message_bytes: cfg.server.max_message_bytes + 256,
             max_frames: 4,
         };
+        bind_cfg.fanout_linger = cfg.server.fanout_linger;
         let (bind, router_rx) = HubBind::bind(bind_cfg).await?;
         let legacy = match &cfg.server.legacy {
             None => None,

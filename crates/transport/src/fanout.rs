@@ -17,7 +17,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::AsyncWriteExt;
@@ -79,23 +79,29 @@ pub(crate) struct Fanout {
 impl Fanout {
     /// Starts accepting subscribers on `listener`. `welcome`: a message written to each
     /// subscriber once, as soon as its subscriptions take it in: whatever is published after
-    /// the subscriber received it reaches it (what was published before may not).
+    /// the subscriber received it reaches it (what was published before may not). `linger`:
+    /// the wait between writes to a busy subscriber (see [`Pace`]; zero: never wait).
     pub(crate) fn start(
         listener: TcpListener,
         limits: Limits,
         max_connections: usize,
         stats: Arc<LinkStats>,
         welcome: Option<&Frames>,
+        linger: Duration,
     ) -> Self {
         let cancel = CancellationToken::new();
         let (join_tx, joined) = mpsc::channel(256);
+        let each = Each {
+            limits,
+            linger,
+            welcome: welcome.and_then(encode),
+        };
         let task = tokio::spawn(accept_loop(
             listener,
-            limits,
+            each,
             max_connections,
             stats.clone(),
             join_tx,
-            welcome.and_then(encode),
             cancel.clone(),
         ));
         Fanout {
@@ -181,13 +187,20 @@ impl Drop for Fanout {
     }
 }
 
+/// What every subscriber connection is served with.
+#[derive(Clone)]
+struct Each {
+    limits: Limits,
+    linger: Duration,
+    welcome: Option<Arc<Encoded>>,
+}
+
 async fn accept_loop(
     listener: TcpListener,
-    limits: Limits,
+    each: Each,
     max_connections: usize,
     stats: Arc<LinkStats>,
     join_tx: mpsc::Sender<Queue>,
-    welcome: Option<Arc<Encoded>>,
     cancel: CancellationToken,
 ) {
     accept_bounded(
@@ -197,8 +210,8 @@ async fn accept_loop(
         cancel,
         move |stream, peer, stats| {
             let join_tx = join_tx.clone();
-            let welcome = welcome.clone();
-            async move { serve(stream, peer, limits, &stats, join_tx, welcome).await }
+            let each = each.clone();
+            async move { serve(stream, peer, each, &stats, join_tx).await }
         },
     )
     .await;
@@ -216,13 +229,13 @@ async fn sub_handshake(stream: TcpStream, limits: Limits) -> Result<(Reader, Own
 async fn serve(
     stream: TcpStream,
     peer: SocketAddr,
-    limits: Limits,
+    each: Each,
     stats: &LinkStats,
     join_tx: mpsc::Sender<Queue>,
-    welcome: Option<Arc<Encoded>>,
 ) {
     let _ = stream.set_nodelay(true);
-    let end = match tokio::time::timeout(HANDSHAKE_TIMEOUT, sub_handshake(stream, limits)).await {
+    let handshake = sub_handshake(stream, each.limits);
+    let end = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Err(_) => End::Closed,
         Ok(Err(e)) => e,
         Ok(Ok((reader, write))) => {
@@ -235,7 +248,7 @@ async fn serve(
             if join_tx.send(queue).await.is_err() {
                 return;
             }
-            run(reader, write, rx, &queued, welcome).await
+            run(reader, write, rx, &queued, each.welcome, each.linger).await
         }
     };
     if let End::Oversize = end {
@@ -252,9 +265,14 @@ async fn run(
     mut rx: mpsc::UnboundedReceiver<Batch>,
     queued: &AtomicUsize,
     mut welcome: Option<Arc<Encoded>>,
+    linger: Duration,
 ) -> End {
     let mut subscriptions: Vec<Bytes> = Vec::new();
     let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH);
+    let mut pace = Pace {
+        linger,
+        ..Pace::default()
+    };
     // Whether the next message frame starts a message (not a continuation).
     let mut at_start = true;
     loop {
@@ -288,6 +306,10 @@ async fn run(
             }
             b = rx.recv() => {
                 let Some(b) = b else { return End::Closed };
+                // A busy subscriber gets what comes within the linger in one write.
+                if let Some(at) = pace.hold_until(Instant::now()) {
+                    tokio::time::sleep_until(at.into()).await;
+                }
                 let mut next = Some(b);
                 while let Some(b) = next.take() {
                     for m in b.iter() {
@@ -302,6 +324,7 @@ async fn run(
                         }
                     }
                     queued.fetch_sub(b.len(), Ordering::AcqRel);
+                    pace.taken(Instant::now(), b.len());
                     next = rx.try_recv().ok();
                 }
                 if !out.is_empty() {
@@ -309,9 +332,64 @@ async fn run(
                         return End::Closed;
                     }
                     out.clear();
+                    pace.wrote(Instant::now());
                 }
             }
         }
+    }
+}
+
+/// Messages a second (counted over [`PACE_WINDOW`]) above which a subscriber's writes are
+/// paced by the linger (see [`Pace`]).
+pub(crate) const BUSY_RATE: usize = 5_000;
+/// The window a subscriber's rate is counted over.
+const PACE_WINDOW: Duration = Duration::from_millis(20);
+
+/// The pacing of one subscriber's writes. While its messages come faster than [`BUSY_RATE`]
+/// a second, each write waits until `linger` after the previous one: a busy subscriber gets
+/// one write (one wake-up of its reader, one `send` here) per linger instead of one per
+/// message. A slower subscriber is written at once, so light traffic gains no latency.
+#[derive(Debug, Default)]
+struct Pace {
+    /// The wait between writes of a busy subscriber (zero: never wait).
+    linger: Duration,
+    /// Start of the current counting window.
+    window_start: Option<Instant>,
+    /// Messages taken in the current window.
+    in_window: usize,
+    /// The previous full window was above [`BUSY_RATE`].
+    busy: bool,
+    /// When the previous write ended.
+    last_write: Option<Instant>,
+}
+
+impl Pace {
+    /// Messages taken from the queue at `now`.
+    fn taken(&mut self, now: Instant, n: usize) {
+        let start = *self.window_start.get_or_insert(now);
+        let elapsed = now.saturating_duration_since(start);
+        if elapsed >= PACE_WINDOW {
+            // Only the window just ended counts; a gap of more than one window is quiet.
+            let per_window = BUSY_RATE * PACE_WINDOW.as_millis() as usize / 1000;
+            self.busy = elapsed < 2 * PACE_WINDOW && self.in_window >= per_window;
+            self.window_start = Some(now);
+            self.in_window = 0;
+        }
+        self.in_window += n;
+    }
+
+    /// A write ended at `now`.
+    fn wrote(&mut self, now: Instant) {
+        self.last_write = Some(now);
+    }
+
+    /// Until when the next write should wait, when a message is ready at `now`.
+    fn hold_until(&self, now: Instant) -> Option<Instant> {
+        if !self.busy || self.linger.is_zero() {
+            return None;
+        }
+        let at = self.last_write? + self.linger;
+        (at > now).then_some(at)
     }
 }
 
@@ -359,6 +437,77 @@ fn handle_command(body: &Bytes, subscriptions: &mut Vec<Bytes>, out: &mut Vec<u8
 mod tests {
     use super::*;
     use crate::zmtp::command;
+
+    /// Takes `n` messages at `at` and writes them at once, as `run` does.
+    fn take_and_write(pace: &mut Pace, at: Instant, n: usize) {
+        pace.taken(at, n);
+        pace.wrote(at);
+    }
+
+    #[test]
+    fn a_slow_subscriber_is_written_at_once() {
+        let ms = Duration::from_millis;
+        let t0 = Instant::now();
+        let mut pace = Pace {
+            linger: ms(1),
+            ..Pace::default()
+        };
+        // 1,000 messages a second, one each millisecond, for half a second.
+        for i in 0..500 {
+            let at = t0 + ms(i);
+            assert_eq!(pace.hold_until(at), None, "message {i}");
+            take_and_write(&mut pace, at, 1);
+        }
+        // Bursts of 10 every 10 ms (1,000 a second in bursts): written at once too.
+        for i in 0..50 {
+            let at = t0 + ms(500 + 10 * i);
+            assert_eq!(pace.hold_until(at), None, "burst {i}");
+            take_and_write(&mut pace, at, 10);
+        }
+    }
+
+    #[test]
+    fn a_busy_subscriber_waits_the_linger_and_stops_when_it_slows_down() {
+        let us = Duration::from_micros;
+        let t0 = Instant::now();
+        let mut pace = Pace {
+            linger: us(1000),
+            ..Pace::default()
+        };
+        // 20,000 messages a second (one each 50 us), each written alone, for one window: not
+        // yet known to be busy.
+        let mut at = t0;
+        while at < t0 + PACE_WINDOW {
+            assert_eq!(pace.hold_until(at), None);
+            take_and_write(&mut pace, at, 1);
+            at += us(50);
+        }
+        // The next window starts busy: the next message waits until a linger after the last
+        // write, and is written with what came meanwhile.
+        take_and_write(&mut pace, at, 1);
+        let next = at + us(50);
+        assert_eq!(pace.hold_until(next), Some(at + us(1000)));
+        take_and_write(&mut pace, at + us(1000), 20);
+        // A message a linger or more after the previous write waits for nothing.
+        assert_eq!(pace.hold_until(at + us(2000)), None);
+        // Quiet for longer than a window: the rate is counted afresh, nothing waits.
+        let later = at + 3 * PACE_WINDOW;
+        take_and_write(&mut pace, later, 1);
+        assert!(!pace.busy);
+        assert_eq!(pace.hold_until(later + us(50)), None);
+    }
+
+    #[test]
+    fn a_zero_linger_never_waits() {
+        let t0 = Instant::now();
+        let mut pace = Pace::default();
+        for i in 0..2_000u32 {
+            let at = t0 + Duration::from_micros(u64::from(i) * 20);
+            assert_eq!(pace.hold_until(at), None);
+            take_and_write(&mut pace, at, 1);
+        }
+        assert!(pace.busy);
+    }
 
     #[test]
     fn encodes_short_and_long_frames() {
