@@ -157,22 +157,31 @@ async fn runs_with_the_positional_file_counts_and_stops_on_sigterm() {
     let http = ("127.0.0.1", http);
     let ready = http::get_until(http, "/readyz", WITHIN, |r| r.status == 200).await;
     assert!(ready.is_some(), "no /readyz 200");
-    let origins = http::get(http, "/api/origins").await.expect("origins");
-    assert_eq!(origins.status, 200);
-    assert!(
-        origins.body.contains("Console 1") && origins.body.contains("Console 2"),
-        "{origins:?}"
-    );
-    let metrics = http::get(http, "/metrics").await.expect("metrics");
-    assert_eq!(metrics.status, 200);
-    assert!(
-        metrics.body.contains("Console 1"),
-        "per-server labels: {metrics:?}"
-    );
-    assert!(
-        metrics.body.contains("queue=\"bus Console 2\""),
-        "bus queue gauge: {metrics:?}"
-    );
+    // The origin rows are the relays' status, refreshed on their tick, and the bus gauges
+    // are set by the count loop after its log lines: neither is ordered with what was
+    // awaited above, so each is polled for (with a deadline), not read once.
+    let origins = http::get_until(http, "/api/origins", WITHIN, |r| {
+        r.status == 200 && r.body.contains("Console 1") && r.body.contains("Console 2")
+    })
+    .await;
+    if origins.is_none() {
+        panic!(
+            "no origin row of each server: {:?}",
+            http::get(http, "/api/origins").await
+        );
+    }
+    let metrics = http::get_until(http, "/metrics", WITHIN, |r| {
+        r.status == 200
+            && r.body.contains("Console 1")
+            && r.body.contains("queue=\"bus Console 2\"")
+    })
+    .await;
+    if metrics.is_none() {
+        panic!(
+            "no per-server labels and bus queue gauge: {:?}",
+            http::get(http, "/metrics").await
+        );
+    }
 
     // SIGHUP reloads (log_level, include/exclude; the file is unchanged) and keeps running.
     p.signal("HUP");

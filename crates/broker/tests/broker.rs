@@ -157,10 +157,12 @@ async fn a_dead_server_does_not_delay_the_others() {
     for st in states {
         during = during.max(propagate(&sims[0], &sims[1], st).await);
     }
-    assert!(
-        sims[2].stats().blackholed_actions > hung_before,
-        "the broker did write to the hung server meanwhile"
-    );
+    // The hung server's relay writes beside the live pair's, not before them: its actions
+    // are counted when the simulator reads them, whenever that is after the propagations.
+    eventually("the broker writes to the hung server meanwhile", || {
+        sims[2].stats().blackholed_actions > hung_before
+    })
+    .await;
     // The original broker waited out each request to a dead server in turn (the AMI action
     // timeout is at least 5 s); a relay per server must not: stay well under a fraction of
     // it, and within a generous multiple of the baseline.
@@ -400,14 +402,20 @@ async fn drops_for_a_stalled_relay_are_repaired_by_a_republish() {
         || (0..n).all(|i| custom(&sims[1], &format!("PJSIP/burst{i}")) == "BUSY"),
     )
     .await;
+    // The bus counts the request under its lock, which the sender's republish also takes:
+    // once a republished state landed, the request is counted.
     assert!(
         a_stats.snapshot().3 > 0,
         "the repair asked the sender to republish"
     );
-    assert!(
-        a.counters().accepted > 0,
-        "the sender got the resync request"
-    );
+    // The relay's counters are a copy its status refreshes on its tick (`RelayStatus::
+    // counters`), not when the message arrives: the burst can land on the other server
+    // before the sender's next refresh shows the request it accepted, so wait for it.
+    eventually(
+        "the sender's status counts the resync request it got",
+        || a.counters().accepted > 0,
+    )
+    .await;
     stop.cancel();
 }
 
@@ -445,10 +453,14 @@ async fn a_burst_beyond_the_bus_queue_still_lands_everywhere() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let (_, _, dropped, _) = relays[1].bus.snapshot();
-    let (_, _, _, resyncs) = relays[0].bus.snapshot();
-    eprintln!("dropped for the lagging relay: {dropped}, resyncs asked of the sender: {resyncs}");
+    eprintln!("dropped for the lagging relay: {dropped}");
     if dropped > 0 {
-        assert!(resyncs > 0, "drops are repaired by a republish");
+        // Not asserted at once: a drop the burst did not need repaired (a heartbeat) may
+        // still wait for the next repair round, which comes once the queue has room.
+        eventually("drops are repaired by a republish", || {
+            relays[0].bus.snapshot().3 > 0
+        })
+        .await;
     }
     b.stop().await;
 }
