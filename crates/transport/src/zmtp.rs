@@ -625,6 +625,44 @@ mod tests {
         parts.iter().map(|p| Bytes::copy_from_slice(p)).collect()
     }
 
+    proptest::proptest! {
+        /// Hostile bytes, cut anywhere: the parser never panics, and what it holds between
+        /// reads never exceeds one frame header plus the largest frame or command the limits
+        /// let it buffer (oversize frames are skipped as they arrive, never buffered).
+        #[test]
+        fn any_bytes_in_any_pieces_stay_bounded(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..4096),
+            cuts in proptest::collection::vec(0usize..4096, 0..8),
+            max_bytes in 1usize..600,
+            max_frames in 1usize..5,
+        ) {
+            let mut p = SubParser::new(limits(max_bytes, max_frames));
+            let mut buf = BytesMut::new();
+            let mut out = Vec::new();
+            let mut cuts = cuts;
+            cuts.push(data.len());
+            cuts.sort_unstable();
+            let mut at = 0;
+            for cut in cuts {
+                let cut = cut.min(data.len());
+                if cut < at {
+                    continue;
+                }
+                buf.extend_from_slice(&data[at..cut]);
+                at = cut;
+                if p.parse(&mut buf, &mut out).is_err() {
+                    return Ok(());
+                }
+                let bound = 9 + max_bytes.max(MAX_COMMAND);
+                proptest::prop_assert!(buf.len() <= bound, "{} buffered", buf.len());
+            }
+            for m in &out {
+                proptest::prop_assert!(m.len() <= max_frames);
+                proptest::prop_assert!(m.iter().map(Bytes::len).sum::<usize>() <= max_bytes);
+            }
+        }
+    }
+
     #[test]
     fn greeting_layout_and_check() {
         let g = greeting(false);
