@@ -265,16 +265,21 @@ mod tests {
         assert_eq!(privilege_cached(0), privilege(0));
     }
 
-    #[test]
-    fn wire_and_text_are_what_the_codec_writes() {
-        let ev = SimEvent::new(
+    /// `DeviceStateChange` of `Custom:a` to `INUSE` on `pbx-a`.
+    fn custom_a_inuse() -> SimEvent {
+        SimEvent::new(
             "DeviceStateChange",
             CALL,
             Some("pbx-a"),
             Message::new()
                 .with("Device", "Custom:a")
                 .with("State", "INUSE"),
-        );
+        )
+    }
+
+    #[test]
+    fn wire_and_text_are_what_the_codec_writes() {
+        let ev = custom_a_inuse();
         let mut encoded = BytesMut::new();
         AmiCodec::server()
             .encode(&ev.message, &mut encoded)
@@ -320,14 +325,7 @@ mod tests {
 
     #[test]
     fn header_order() {
-        let ev = SimEvent::new(
-            "DeviceStateChange",
-            CALL,
-            Some("pbx-a"),
-            Message::new()
-                .with("Device", "Custom:a")
-                .with("State", "INUSE"),
-        );
+        let ev = custom_a_inuse();
         let keys: Vec<&str> = ev.message.headers().map(|(k, _)| k).collect();
         assert_eq!(
             keys,
