@@ -355,6 +355,20 @@ mod tests {
     }
 
     #[test]
+    fn invalid_utf8_is_replaced_not_refused() {
+        let mut c = AmiCodec::server();
+        let frames = decode_all(
+            &mut c,
+            b"Event: X\r\nVal\xffue: a\xfe b\r\nPlain: \xc3\xa9t\xc3\xa9\r\n\r\n",
+        );
+        let Frame::Message(m) = &frames[0] else {
+            panic!("expected a message")
+        };
+        assert_eq!(m.get("Val\u{fffd}ue"), Some("a\u{fffd} b"));
+        assert_eq!(m.get("Plain"), Some("\u{e9}t\u{e9}"));
+    }
+
+    #[test]
     fn bare_lf_is_accepted() {
         let mut c = AmiCodec::server();
         let frames = decode_all(&mut c, b"Action: Ping\nActionID: 1\n\n");
