@@ -269,10 +269,7 @@ async fn run(
 ) -> End {
     let mut subscriptions: Vec<Bytes> = Vec::new();
     let mut out: Vec<u8> = Vec::with_capacity(WRITE_BATCH);
-    let mut pace = Pace {
-        linger,
-        ..Pace::default()
-    };
+    let mut pace = Pace::new(linger);
     // Whether the next message frame starts a message (not a continuation).
     let mut at_start = true;
     loop {
@@ -310,6 +307,7 @@ async fn run(
                 if let Some(at) = pace.hold_until(Instant::now()) {
                     tokio::time::sleep_until(at.into()).await;
                 }
+                let mut taken = 0;
                 let mut next = Some(b);
                 while let Some(b) = next.take() {
                     for m in b.iter() {
@@ -324,9 +322,10 @@ async fn run(
                         }
                     }
                     queued.fetch_sub(b.len(), Ordering::AcqRel);
-                    pace.taken(Instant::now(), b.len());
+                    taken += b.len();
                     next = rx.try_recv().ok();
                 }
+                pace.taken(Instant::now(), taken);
                 if !out.is_empty() {
                     if write.write_all(&out).await.is_err() {
                         return End::Closed;
@@ -341,9 +340,11 @@ async fn run(
 
 /// Messages a second (counted over [`PACE_WINDOW`]) above which a subscriber's writes are
 /// paced by the linger (see [`Pace`]).
-pub(crate) const BUSY_RATE: usize = 5_000;
+const BUSY_RATE: usize = 5_000;
 /// The window a subscriber's rate is counted over.
 const PACE_WINDOW: Duration = Duration::from_millis(20);
+/// [`BUSY_RATE`] as messages in one [`PACE_WINDOW`].
+const BUSY_PER_WINDOW: usize = BUSY_RATE * PACE_WINDOW.as_millis() as usize / 1000;
 
 /// The pacing of one subscriber's writes. While its messages come faster than [`BUSY_RATE`]
 /// a second, each write waits until `linger` after the previous one: a busy subscriber gets
@@ -364,14 +365,21 @@ struct Pace {
 }
 
 impl Pace {
+    /// A subscriber's pacing with `linger` between the writes of a busy one.
+    fn new(linger: Duration) -> Self {
+        Self {
+            linger,
+            ..Self::default()
+        }
+    }
+
     /// Messages taken from the queue at `now`.
     fn taken(&mut self, now: Instant, n: usize) {
         let start = *self.window_start.get_or_insert(now);
         let elapsed = now.saturating_duration_since(start);
         if elapsed >= PACE_WINDOW {
             // Only the window just ended counts; a gap of more than one window is quiet.
-            let per_window = BUSY_RATE * PACE_WINDOW.as_millis() as usize / 1000;
-            self.busy = elapsed < 2 * PACE_WINDOW && self.in_window >= per_window;
+            self.busy = elapsed < 2 * PACE_WINDOW && self.in_window >= BUSY_PER_WINDOW;
             self.window_start = Some(now);
             self.in_window = 0;
         }
@@ -448,10 +456,7 @@ mod tests {
     fn a_slow_subscriber_is_written_at_once() {
         let ms = Duration::from_millis;
         let t0 = Instant::now();
-        let mut pace = Pace {
-            linger: ms(1),
-            ..Pace::default()
-        };
+        let mut pace = Pace::new(ms(1));
         // 1,000 messages a second, one each millisecond, for half a second.
         for i in 0..500 {
             let at = t0 + ms(i);
@@ -470,10 +475,7 @@ mod tests {
     fn a_busy_subscriber_waits_the_linger_and_stops_when_it_slows_down() {
         let us = Duration::from_micros;
         let t0 = Instant::now();
-        let mut pace = Pace {
-            linger: us(1000),
-            ..Pace::default()
-        };
+        let mut pace = Pace::new(us(1000));
         // 20,000 messages a second (one each 50 us), each written alone, for one window: not
         // yet known to be busy.
         let mut at = t0;
@@ -500,7 +502,7 @@ mod tests {
     #[test]
     fn a_zero_linger_never_waits() {
         let t0 = Instant::now();
-        let mut pace = Pace::default();
+        let mut pace = Pace::new(Duration::ZERO);
         for i in 0..2_000u32 {
             let at = t0 + Duration::from_micros(u64::from(i) * 20);
             assert_eq!(pace.hold_until(at), None);
