@@ -449,15 +449,13 @@ impl LinkTask {
                             }
                             self.deliver(Channel::Fanout, frames);
                         }
-                        if sub.has_pending() {
-                            match tokio::time::timeout(cfg.send_timeout, sub.flush()).await {
-                                Ok(Ok(())) => {}
-                                Ok(Err(e)) => return Exit::Lost(format!("fan-out pong failed: {e}")),
-                                Err(_) => {
-                                    self.stats.send_timeouts();
-                                    return Exit::Lost("fan-out pong send timed out".into());
-                                }
+                        match sub.answer_pings(cfg.send_timeout).await {
+                            Ok(()) => {}
+                            Err(ZmtpError::WriteTimeout) => {
+                                self.stats.send_timeouts();
+                                return Exit::Lost("fan-out pong send timed out".into());
                             }
+                            Err(e) => return Exit::Lost(format!("fan-out pong failed: {e}")),
                         }
                     }
                     Err(ZmtpError::Closed) => return Exit::Lost("hub closed the fan-out connection".into()),

@@ -180,12 +180,9 @@ impl SubTask {
                                     for frames in batch.drain(..) {
                                         self.deliver(frames);
                                     }
-                                    if sub.has_pending() {
-                                        let flushed = tokio::time::timeout(PONG_TIMEOUT, sub.flush()).await;
-                                        if !matches!(flushed, Ok(Ok(()))) {
-                                            tracing::warn!(endpoint = %self.config.endpoint, "SUB could not answer a ZMTP ping; recreating");
-                                            break false;
-                                        }
+                                    if sub.answer_pings(PONG_TIMEOUT).await.is_err() {
+                                        tracing::warn!(endpoint = %self.config.endpoint, "SUB could not answer a ZMTP ping; recreating");
+                                        break false;
                                     }
                                 }
                                 Err(ZmtpError::Closed) => {

@@ -287,6 +287,9 @@ pub(crate) enum ZmtpError {
     /// The peer sent an ERROR command.
     #[error("peer sent ERROR: {0}")]
     PeerError(String),
+    /// A write to the peer did not complete in time.
+    #[error("write timed out")]
+    WriteTimeout,
 }
 
 /// Bound on the greeting and READY exchange of a [`SubConn`] whose TCP connect is bounded by
@@ -572,18 +575,17 @@ impl SubConn {
         }
     }
 
-    /// Whether commands (PONGs) wait to be written with [`SubConn::flush`].
-    pub(crate) fn has_pending(&self) -> bool {
-        !self.parser.pending.is_empty()
-    }
-
-    /// Writes the pending commands.
-    pub(crate) async fn flush(&mut self) -> Result<(), ZmtpError> {
+    /// Writes the answers (PONGs) to the `PING`s read so far, if any, within `within`.
+    pub(crate) async fn answer_pings(&mut self, within: Duration) -> Result<(), ZmtpError> {
+        if self.parser.pending.is_empty() {
+            return Ok(());
+        }
         let pending = std::mem::take(&mut self.parser.pending);
-        self.write
-            .write_all(&pending)
-            .await
-            .map_err(|_| ZmtpError::Closed)
+        match tokio::time::timeout(within, self.write.write_all(&pending)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(ZmtpError::Closed),
+            Err(_) => Err(ZmtpError::WriteTimeout),
+        }
     }
 }
 
