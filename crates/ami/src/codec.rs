@@ -287,12 +287,31 @@ fn check_header(key: &str, value: &str) -> Result<(), CodecError> {
     if key.is_empty() {
         return bad("empty key");
     }
-    if key.contains([':', '\r', '\n']) {
+    // Bytewise: the three are ASCII, so no byte of a longer UTF-8 character matches them.
+    if key.bytes().any(|b| matches!(b, b':' | b'\r' | b'\n')) {
         return bad("key holds ':', CR or LF");
     }
-    if value.contains(['\r', '\n']) {
+    if value.bytes().any(|b| matches!(b, b'\r' | b'\n')) {
         return bad("value holds CR or LF");
     }
+    Ok(())
+}
+
+/// Appends `msg` as AMI text (`Key: Value` lines, then an empty line) to `dst`: what
+/// [`AmiCodec`]'s encoder writes. A header that would break the framing (an empty key, a key
+/// holding `:`, CR or LF, a value holding CR or LF) is an error, and then nothing is appended.
+pub fn encode_message(msg: &Message, dst: &mut BytesMut) -> Result<(), CodecError> {
+    for (k, v) in msg.headers() {
+        check_header(k, v)?;
+    }
+    dst.reserve(msg.text_len() + 4 * msg.len() + 2);
+    for (k, v) in msg.headers() {
+        dst.put_slice(k.as_bytes());
+        dst.put_slice(b": ");
+        dst.put_slice(v.as_bytes());
+        dst.put_slice(b"\r\n");
+    }
+    dst.put_slice(b"\r\n");
     Ok(())
 }
 
@@ -300,18 +319,7 @@ impl Encoder<&Message> for AmiCodec {
     type Error = CodecError;
 
     fn encode(&mut self, msg: &Message, dst: &mut BytesMut) -> Result<(), CodecError> {
-        for (k, v) in msg.headers() {
-            check_header(k, v)?;
-        }
-        for (k, v) in msg.headers() {
-            dst.reserve(k.len() + v.len() + 4);
-            dst.put_slice(k.as_bytes());
-            dst.put_slice(b": ");
-            dst.put_slice(v.as_bytes());
-            dst.put_slice(b"\r\n");
-        }
-        dst.put_slice(b"\r\n");
-        Ok(())
+        encode_message(msg, dst)
     }
 }
 
@@ -415,5 +423,27 @@ mod tests {
         let m = Message::action("Setvar").with("Value", "x\r\nAction: Originate");
         assert!(c.encode(&m, &mut dst).is_err());
         assert!(dst.is_empty());
+        for (k, v, ok) in [
+            ("", "x", false),
+            ("a:b", "x", false),
+            ("a\rb", "x", false),
+            ("a\nb", "x", false),
+            ("a", "x\ry", false),
+            ("a", "x\ny", false),
+            ("a", "", true),
+            ("é", "ü: v", true),
+        ] {
+            let m = Message::new().with("Event", "X").with(k, v);
+            let mut dst = BytesMut::from(&b"before"[..]);
+            assert_eq!(encode_message(&m, &mut dst).is_ok(), ok, "{k:?}: {v:?}");
+            if ok {
+                assert_eq!(
+                    &dst[..],
+                    format!("beforeEvent: X\r\n{k}: {v}\r\n\r\n").as_bytes()
+                );
+            } else {
+                assert_eq!(&dst[..], b"before", "nothing appended when refused");
+            }
+        }
     }
 }

@@ -34,7 +34,7 @@ pub use client::{
     AmiClient, Auth, ClientConfig, ClientError, ClientEvent, ConnectionState, ListResult, Secret,
     Subscription, TlsConfig,
 };
-pub use codec::{AmiCodec, CodecError, Frame, Limits};
+pub use codec::{AmiCodec, CodecError, Frame, Limits, encode_message};
 pub use events::{
     AnyEvent, DeviceStateChange, ExtensionStatus, FullyBooted, ListComplete, PresenceStateChange,
     PresenceStatus, Response, ResponseKind,

@@ -3,7 +3,7 @@
 
 use std::sync::OnceLock;
 
-use hintfed_ami::Message;
+use hintfed_ami::{Message, encode_message};
 use tokio_util::bytes::{Bytes, BytesMut};
 
 /// `EVENT_FLAG_SYSTEM`.
@@ -101,34 +101,10 @@ pub fn parse_mask(value: &str) -> Option<u32> {
     )
 }
 
-/// What `AmiCodec`'s encoder writes for `m` (`Key: Value` lines, an empty line), or `None`
-/// where it refuses (an empty key, a key holding `:`, CR or LF, a value holding CR or LF);
-/// without the codec's per-header reserve and character-set searches.
+/// What `AmiCodec`'s encoder writes for `m`, or `None` where it refuses.
 fn encode(m: &Message) -> Option<Bytes> {
-    let mut buf = BytesMut::with_capacity(m.text_len() + 4 * m.len() + 2);
-    encode_into(m, &mut buf).then(|| buf.freeze())
-}
-
-/// Appends what `AmiCodec`'s encoder writes for `m` to `buf`; `false` (nothing appended)
-/// where it refuses, see [`encode`].
-pub(crate) fn encode_into(m: &Message, buf: &mut BytesMut) -> bool {
-    let start = buf.len();
-    buf.reserve(m.text_len() + 4 * m.len() + 2);
-    for (k, v) in m.headers() {
-        if k.is_empty()
-            || k.bytes().any(|b| matches!(b, b':' | b'\r' | b'\n'))
-            || v.bytes().any(|b| matches!(b, b'\r' | b'\n'))
-        {
-            buf.truncate(start);
-            return false;
-        }
-        buf.extend_from_slice(k.as_bytes());
-        buf.extend_from_slice(b": ");
-        buf.extend_from_slice(v.as_bytes());
-        buf.extend_from_slice(b"\r\n");
-    }
-    buf.extend_from_slice(b"\r\n");
-    true
+    let mut buf = BytesMut::new();
+    encode_message(m, &mut buf).ok().map(|()| buf.freeze())
 }
 
 /// One event: its class (for the mask) and the message as sent.
@@ -299,11 +275,6 @@ mod tests {
             let m = Message::new().with("Event", "X").with(k, v);
             let codec = AmiCodec::server().encode(&m, &mut BytesMut::new()).is_ok();
             assert_eq!(encode(&m).is_some(), codec, "{k:?}: {v:?}");
-            let mut buf = BytesMut::from(&b"before"[..]);
-            assert_eq!(encode_into(&m, &mut buf), codec, "{k:?}: {v:?}");
-            if !codec {
-                assert_eq!(&buf[..], b"before", "nothing appended when refused");
-            }
         }
         assert_eq!(
             ev.text(),

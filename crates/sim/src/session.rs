@@ -151,9 +151,6 @@ impl Writer {
             return false;
         }
         let r = match item {
-            // What the codec writes, without its per-header character-set searches; a
-            // message it refuses goes to the codec for the same error.
-            Out::Message(m) if crate::event::encode_into(&m, &mut self.out) => Ok(()),
             Out::Message(m) => self.codec.encode(&m, &mut self.out),
             Out::Event(ev) => match ev.wire() {
                 // What the codec writes for this event, encoded once for every session.
