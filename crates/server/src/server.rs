@@ -380,6 +380,7 @@ impl Server {
             legacy_on: legacy.is_some(),
             next_legacy_hb: Millis(0),
             outbox: Vec::new(),
+            publish_buf: Vec::new(),
             replies_queued: false,
             snapshot_slots: Arc::new(Semaphore::new(SNAPSHOT_CHUNKS_IN_FLIGHT)),
             snapshots_pending: false,
@@ -543,6 +544,8 @@ struct Runtime {
     legacy_on: bool,
     next_legacy_hb: Millis,
     outbox: Vec<Out>,
+    /// The messages of the outbox to publish together (kept between flushes).
+    publish_buf: Vec<Frames>,
     /// Whether the outbox holds replies (snapshot chunks, resync requests).
     replies_queued: bool,
     /// One permit per snapshot chunk in flight (released when the transport has taken the
@@ -1186,18 +1189,17 @@ impl Runtime {
     /// Sends what the last step queued. Returns false when the hub sockets are gone.
     /// Consecutive publications go to the socket task as one batch (one queue operation).
     async fn flush(&mut self, bind: &HubBind, legacy_pub: Option<&PubBind>) -> bool {
-        let mut batch: Vec<Frames> = Vec::new();
         self.replies_queued = false;
-        for out in std::mem::take(&mut self.outbox) {
+        // Both lists keep their capacity from one flush to the next.
+        let batch = &mut self.publish_buf;
+        batch.clear();
+        for out in self.outbox.drain(..) {
             match out {
                 Out::Publish(frames) => batch.push(frames),
                 Out::Reply(identity, frames) => {
-                    if bind
-                        .publish_batch(std::mem::take(&mut batch))
-                        .await
-                        .is_err()
-                        || bind.reply(identity, frames).await.is_err()
-                    {
+                    let published = bind.publish_batch(batch).await;
+                    batch.clear();
+                    if published.is_err() || bind.reply(identity, frames).await.is_err() {
                         return false;
                     }
                 }
@@ -1208,7 +1210,9 @@ impl Runtime {
                 }
             }
         }
-        bind.publish_batch(batch).await.is_ok()
+        let published = bind.publish_batch(batch).await;
+        batch.clear();
+        published.is_ok()
     }
 }
 

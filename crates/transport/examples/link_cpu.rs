@@ -94,7 +94,7 @@ fn main() {
                     ]
                 })
                 .collect();
-            hub.publish_batch(msgs).await.expect("publish");
+            hub.publish_batch(&msgs).await.expect("publish");
             sent += k;
         }
     });

@@ -41,25 +41,36 @@ pub(crate) const WRITE_BATCH: usize = 64 * 1024;
 const MAX_SUBSCRIPTIONS: usize = 1024;
 
 /// One published message: its first frame (for prefix matching) and its whole wire encoding.
+#[derive(Clone)]
 pub(crate) struct Encoded {
     topic: Bytes,
     wire: Bytes,
 }
 
-/// Encodes `frames` (first frame = topic) as one ZMTP message.
-pub(crate) fn encode(frames: &Frames) -> Option<Arc<Encoded>> {
-    let topic = frames.first()?.clone();
-    let len: usize = frames.iter().map(|f| f.len() + 9).sum();
-    let mut wire = BytesMut::with_capacity(len);
-    encode_message(&mut wire, frames);
-    Some(Arc::new(Encoded {
-        topic,
-        wire: wire.freeze(),
-    }))
+/// Bytes of `frames` on the wire (each frame: a header of at most 9 bytes, its body).
+fn wire_len(frames: &Frames) -> usize {
+    frames.iter().map(|f| f.len() + 9).sum()
 }
 
-/// Messages published together, shared by every subscriber's queue.
-type Batch = Arc<[Arc<Encoded>]>;
+/// Encodes `frames` (first frame = topic) as one ZMTP message at the end of `buf` and splits
+/// it off (slices of one buffer share its allocation).
+fn encode_into(buf: &mut BytesMut, frames: &Frames) -> Option<Encoded> {
+    let topic = frames.first()?.clone();
+    encode_message(buf, frames);
+    Some(Encoded {
+        topic,
+        wire: buf.split().freeze(),
+    })
+}
+
+/// Encodes `frames` (first frame = topic) as one ZMTP message.
+pub(crate) fn encode(frames: &Frames) -> Option<Encoded> {
+    encode_into(&mut BytesMut::with_capacity(wire_len(frames)), frames)
+}
+
+/// Messages published together, shared by every subscriber's queue: one allocation for
+/// the list and one for all their bytes, whatever the number of messages.
+type Batch = Arc<[Encoded]>;
 
 /// The owner's end of one subscriber's queue: batches, and how many messages they hold.
 struct Queue {
@@ -133,7 +144,11 @@ impl Fanout {
         if self.subscribers.is_empty() {
             return;
         }
-        let encoded: Batch = batch.iter().filter_map(encode).collect();
+        let mut buf = BytesMut::with_capacity(batch.iter().map(wire_len).sum());
+        let encoded: Batch = batch
+            .iter()
+            .filter_map(|frames| encode_into(&mut buf, frames))
+            .collect();
         let n = encoded.len();
         if n == 0 {
             return;
@@ -192,7 +207,7 @@ impl Drop for Fanout {
 struct Each {
     limits: Limits,
     linger: Duration,
-    welcome: Option<Arc<Encoded>>,
+    welcome: Option<Encoded>,
 }
 
 async fn accept_loop(
@@ -264,7 +279,7 @@ async fn run(
     mut write: OwnedWriteHalf,
     mut rx: mpsc::UnboundedReceiver<Batch>,
     queued: &AtomicUsize,
-    mut welcome: Option<Arc<Encoded>>,
+    mut welcome: Option<Encoded>,
     linger: Duration,
 ) -> End {
     let mut subscriptions: Vec<Bytes> = Vec::new();

@@ -684,11 +684,11 @@ impl HubBind {
 
     /// Queues many messages for the PUB in one queue slot (each: first frame = topic; waits
     /// for queue space). Empty messages are skipped.
-    pub async fn publish_batch(&self, batch: Vec<Frames>) -> Result<(), SendError> {
+    pub async fn publish_batch(&self, batch: &[Frames]) -> Result<(), SendError> {
         if batch.is_empty() {
             return Ok(());
         }
-        self.publish_now(&batch)
+        self.publish_now(batch)
     }
 
     /// Encodes `batch` once and queues it to every subscriber, here, without a hop through

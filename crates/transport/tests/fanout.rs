@@ -55,7 +55,7 @@ async fn every_reading_subscriber_gets_a_large_burst_beside_a_deaf_one() {
             ]
         })
         .collect();
-    bind.publish_batch(burst).await.expect("publish");
+    bind.publish_batch(&burst).await.expect("publish");
     let readers: Vec<_> = subs
         .into_iter()
         .map(|mut s| {

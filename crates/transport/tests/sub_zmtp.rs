@@ -256,7 +256,7 @@ async fn a_batch_published_by_the_hub_reaches_the_link_in_order() {
             ]
         })
         .collect();
-    hub.publish_batch(batch.clone()).await.expect("publish");
+    hub.publish_batch(&batch).await.expect("publish");
     let deadline = Instant::now() + SETUP;
     for want in batch.iter().filter(|m| m[0].starts_with(b"dev.")) {
         assert!(Instant::now() < deadline);
