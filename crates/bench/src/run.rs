@@ -108,6 +108,9 @@ pub struct RunArgs {
     /// Seed of the `poisson` arrival times (the same seed, the same schedule).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// The hubs' `[server] fanout_linger` (e.g. `2ms`; default: the hub's own default).
+    #[arg(long)]
+    pub fanout_linger: Option<String>,
 }
 
 /// When the load's phone changes happen (see [`RunArgs::arrivals`]).
@@ -333,9 +336,14 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
         std::fs::write(
             &cfg,
             format!(
-                "[general]\nname = {name}\nlog_level = {log}\n\n[federation]\nshared_key = {SHARED_KEY}\norigin_timeout = {ot}\n\n[server]\nlisten = tcp://127.0.0.1:{port}\n\n[http]\nlisten = {http}\n",
+                "[general]\nname = {name}\nlog_level = {log}\n\n[federation]\nshared_key = {SHARED_KEY}\norigin_timeout = {ot}\n\n[server]\nlisten = tcp://127.0.0.1:{port}\n{linger}\n[http]\nlisten = {http}\n",
                 log = a.log,
                 ot = a.origin_timeout,
+                linger = a
+                    .fanout_linger
+                    .as_ref()
+                    .map(|l| format!("fanout_linger = {l}\n"))
+                    .unwrap_or_default(),
             ),
         )?;
         let d = Daemon::spawn(
@@ -550,6 +558,14 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
         .collect();
     let updates_per_sec = an.changes as f64 / load_secs;
     let delivered = an.latencies_us.len() as u64;
+    // CPU per delivery (one update written to one other server): a figure of work done,
+    // less moved by the host's speed than the latency is.
+    let per_delivery = |cpu_secs: f64| 1e6 * cpu_secs / (delivered.max(1) as f64);
+    let cpu_total: f64 = before
+        .iter()
+        .zip(&after)
+        .map(|(b, e)| e.cpu_secs - b.cpu_secs)
+        .sum();
     let daemon_json: Vec<serde_json::Value> = daemons
         .iter()
         .zip(before.iter().zip(&after))
@@ -557,6 +573,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
             json!({
                 "name": name, "pid": pid,
                 "cpu_percent": 100.0 * (e.cpu_secs - b.cpu_secs) / load_secs.max(1e-9),
+                "cpu_us_per_delivery": per_delivery(e.cpu_secs - b.cpu_secs),
                 "peak_rss_mib": e.peak_rss_kib as f64 / 1024.0,
                 "rss_mib": e.rss_kib as f64 / 1024.0,
             })
@@ -569,7 +586,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
         "topology": {"servers": a.servers, "hubs": a.hubs, "devices_per_server": a.devices,
                       "rate_offered": a.rate, "duration_s": a.duration,
                       "sim_coalesce_writes": a.sim_coalesce, "arrivals": a.arrivals.name(),
-                      "seed": a.seed},
+                      "seed": a.seed, "fanout_linger": a.fanout_linger},
         "ceilings": {
             "setvar_per_sec": setvar_ceiling.map(|c| c.per_sec),
             "setvar_target": a.asterisk.clone().unwrap_or_else(|| "simulator".into()),
@@ -603,6 +620,7 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
             "fanout_msgs_to_zmq_ceiling": zmq_ceiling.map(|c| updates_per_sec * a.servers as f64 / c.msgs_per_sec),
         },
         "daemons": daemon_json,
+        "cpu_us_per_delivery": per_delivery(cpu_total),
         "convergence": {"checked": conv.checked, "mismatches": conv.mismatches,
                         "converged": conv.mismatches == 0, "example": conv.example,
                         "by_server_and_origin": conv.by_pair,
@@ -699,17 +717,25 @@ fn print_table(r: &serde_json::Value) {
         f(&q["max_setvar_rate_to_setvar_ceiling"]),
         f(&q["fanout_msgs_to_zmq_ceiling"])
     );
-    println!("{:<22} {:>8} {:>14}", "daemon", "cpu %", "peak RSS MiB");
+    println!(
+        "{:<22} {:>8} {:>16} {:>14}",
+        "daemon", "cpu %", "cpu us/delivery", "peak RSS MiB"
+    );
     if let Some(ds) = r["daemons"].as_array() {
         for d in ds {
             println!(
-                "{:<22} {:>8} {:>14}",
+                "{:<22} {:>8} {:>16} {:>14}",
                 d["name"].as_str().unwrap_or("?"),
                 f(&d["cpu_percent"]),
+                f(&d["cpu_us_per_delivery"]),
                 f(&d["peak_rss_mib"])
             );
         }
     }
+    println!(
+        "all daemons: {} us of CPU per delivery",
+        f(&r["cpu_us_per_delivery"])
+    );
     let v = &r["convergence"];
     println!(
         "convergence: {} ({} checked, {} mismatches{})",
