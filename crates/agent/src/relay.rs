@@ -1175,10 +1175,11 @@ impl<T: FederationTransport + 'static> Relay<T> {
             .clone()
             .filter(|ev| ev.receiver_count() > 0);
         // The journal is read on every refresh (it records only once read), listeners or not,
-        // so a listener arriving later gets the changes from then on.
-        let changed = self
-            .status_seen
-            .and_then(|v| table.changes_since(v))
+        // so a listener arriving later gets the changes from then on. The first refresh
+        // switches it on (the changes since now: none), so the second one already pushes the
+        // rows that changed instead of a resync.
+        let changed = table
+            .changes_since(self.status_seen.unwrap_or_else(|| table.version()))
             .filter(|_| self.status_sig.as_ref() == Some(&sig));
         if let Some(ev) = &events {
             match changed {
