@@ -313,8 +313,8 @@ pub struct PbxOptions {
     pub phone_duplicates: bool,
 }
 
-/// A hash map with short keys inline.
-type FastMap<V> = HashMap<CompactString, V>;
+/// A hash map with short keys inline, hashed with foldhash (seeded per process).
+type FastMap<V> = HashMap<CompactString, V, foldhash::fast::RandomState>;
 
 /// An ordered map with case-insensitive keys that remembers the name as first written.
 #[derive(Debug, Clone)]
@@ -418,7 +418,7 @@ pub struct Pbx {
     calls: HashMap<String, u32>,
     /// Last state published for uncached (`Local/`) devices (lower-cased name): what the
     /// Local channel driver would report.
-    uncached: HashMap<String, DeviceState>,
+    uncached: FastMap<DeviceState>,
     next_channel: u32,
     next_uniqueid: u64,
 }
@@ -443,7 +443,7 @@ impl Pbx {
             globals: BTreeMap::new(),
             initial_globals: globals,
             calls: HashMap::new(),
-            uncached: HashMap::new(),
+            uncached: FastMap::default(),
             next_channel: 0,
             next_uniqueid: 1,
         };
@@ -562,7 +562,7 @@ impl Pbx {
             with_lower(device, |key| match self.uncached.get_mut(key) {
                 Some(s) => *s = state,
                 None => {
-                    self.uncached.insert(key.to_owned(), state);
+                    self.uncached.insert(CompactString::new(key), state);
                 }
             });
         }
