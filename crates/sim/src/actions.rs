@@ -247,7 +247,7 @@ async fn login(shared: &Arc<Shared>, ctx: &mut SessionCtx, req: &Message) -> Out
     }
     let mut replies = vec![ack(req, "Authentication accepted")];
     let mut inner = shared.lock();
-    ctx.sub = Some(shared.subscribe(&mut inner, ctx.mask, ctx.filters.clone()));
+    ctx.sub = Some(shared.subscribe(&mut inner, ctx.mask, ctx.filters.clone(), ctx.ready.clone()));
     inner.stats.logins_accepted += 1;
     if ctx.mask & event::SYSTEM != 0 {
         let up = shared.uptime(&inner).to_string();

@@ -196,14 +196,20 @@ impl SubState {
 /// The event queue of one logged-in session.
 pub(crate) struct Subscriber {
     pub(crate) state: Mutex<SubState>,
-    /// Notified when the queue stops being empty (or events were missed).
-    pub(crate) ready: tokio::sync::Notify,
+    /// Notified when the queue stops being empty (or events were missed); the session's own,
+    /// from before its login on (it waits on it from its start).
+    pub(crate) ready: Arc<tokio::sync::Notify>,
     /// Most events queued at once.
     capacity: usize,
 }
 
 impl Subscriber {
-    pub(crate) fn new(mask: u32, filters: crate::filter::EventFilters, capacity: usize) -> Self {
+    pub(crate) fn new(
+        mask: u32,
+        filters: crate::filter::EventFilters,
+        capacity: usize,
+        ready: Arc<tokio::sync::Notify>,
+    ) -> Self {
         Self {
             state: Mutex::new(SubState {
                 mask,
@@ -211,7 +217,7 @@ impl Subscriber {
                 queue: std::collections::VecDeque::new(),
                 missed: 0,
             }),
-            ready: tokio::sync::Notify::new(),
+            ready,
             capacity,
         }
     }
@@ -293,15 +299,17 @@ impl Shared {
         }
     }
 
-    /// A new queue for a session logging in, receiving events from now on (call with the
-    /// lock held, before emitting anything the session must see).
+    /// A new queue for a session logging in, receiving events from now on and notifying
+    /// `ready` when they wait (call with the lock held, before emitting anything the session
+    /// must see).
     pub(crate) fn subscribe(
         &self,
         inner: &mut Inner,
         mask: u32,
         filters: crate::filter::EventFilters,
+        ready: Arc<tokio::sync::Notify>,
     ) -> Arc<Subscriber> {
-        let sub = Arc::new(Subscriber::new(mask, filters, self.queue_capacity));
+        let sub = Arc::new(Subscriber::new(mask, filters, self.queue_capacity, ready));
         inner.subscribers.push(sub.clone());
         sub
     }

@@ -84,6 +84,8 @@ pub(crate) struct SessionCtx {
     pub(crate) blackhole_until: Option<Instant>,
     /// The session's event queue, from login on.
     pub(crate) sub: Option<Arc<Subscriber>>,
+    /// Notified by the queue when events wait (never before login).
+    pub(crate) ready: Arc<tokio::sync::Notify>,
 }
 
 /// What an action asks the session to do.
@@ -110,14 +112,6 @@ impl Outcome {
             close: true,
             ..self
         }
-    }
-}
-
-/// Returns once events may be waiting in the session's queue (never before login).
-async fn events_ready(sub: &Option<Arc<Subscriber>>) {
-    match sub {
-        Some(sub) => sub.ready.notified().await,
-        None => std::future::pending().await,
     }
 }
 
@@ -270,6 +264,7 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
     let coalesce = shared.cfg.coalesce_writes;
     // Responses and events queued since the last flush (only when coalescing).
     let mut unflushed = false;
+    let ready = Arc::new(tokio::sync::Notify::new());
     let mut ctx = SessionCtx {
         id,
         peer,
@@ -280,14 +275,20 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
         filters: crate::filter::EventFilters::default(),
         blackhole_until: None,
         sub: None,
+        ready: ready.clone(),
     };
     // The events taken from the queue at once (kept for its capacity).
     let mut batch = std::collections::VecDeque::new();
+    // Made once and polled by every turn of the loop (a future made per turn would register
+    // with its notifier and deregister on every turn); `events` is remade once it fired.
+    let mut shutdown = std::pin::pin!(shared.shutdown.cancelled());
+    let mut restarted = std::pin::pin!(gen_rx.changed());
+    let mut events = std::pin::pin!(ready.notified());
     loop {
         tokio::select! {
             biased;
-            () = shared.shutdown.cancelled() => break,
-            _ = gen_rx.changed() => {
+            () = &mut shutdown => break,
+            _ = &mut restarted => {
                 // Restart: deliver what was already queued (the Shutdown event), then go.
                 if let Some(sub) = &ctx.sub {
                     std::mem::swap(&mut sub.lock().queue, &mut batch);
@@ -295,7 +296,8 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                 sink.send_all(batch.drain(..).map(Out::Event), false).await;
                 break;
             }
-            () = events_ready(&ctx.sub) => {
+            () = &mut events => {
+                events.set(ready.notified());
                 let Some(sub) = &ctx.sub else { continue };
                 let missed = {
                     let mut st = sub.lock();
