@@ -737,15 +737,16 @@ fn filter(ctx: &mut SessionCtx, req: &Message) -> Outcome {
 }
 
 fn sim_set_device_state(shared: &Arc<Shared>, req: &Message) -> Outcome {
-    let device = header(req, "Device").trim();
+    let [device, state, id] = headers(req, ["Device", "State", "ActionID"]);
+    let device = device.unwrap_or("").trim();
     if device.is_empty() {
         return Outcome::reply(error(req, "Device not specified"));
     }
-    let Some(state) = DeviceState::parse(header(req, "State")) else {
+    let Some(state) = DeviceState::parse(state.unwrap_or("")) else {
         return Outcome::reply(error(req, "Invalid State"));
     };
     match shared.set_device_state(device, state) {
-        Ok(()) => Outcome::reply(ack(req, "Device state set")),
+        Ok(()) => Outcome::reply(ack_to(id, "Device state set")),
         Err(e) => Outcome::reply(error(req, &format!("Device state not set: {e}"))),
     }
 }

@@ -90,20 +90,40 @@ pub(crate) struct SessionCtx {
 
 /// What an action asks the session to do.
 pub(crate) struct Outcome {
-    pub(crate) replies: Vec<Message>,
+    pub(crate) replies: Replies,
     pub(crate) close: bool,
+}
+
+/// An action's answers: most actions answer with one message, kept without a `Vec` of its
+/// own.
+pub(crate) enum Replies {
+    One(Message),
+    Many(Vec<Message>),
+}
+
+impl IntoIterator for Replies {
+    type Item = Message;
+    type IntoIter = std::iter::Chain<std::option::IntoIter<Message>, std::vec::IntoIter<Message>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        let (one, many) = match self {
+            Self::One(m) => (Some(m), Vec::new()),
+            Self::Many(v) => (None, v),
+        };
+        one.into_iter().chain(many)
+    }
 }
 
 impl Outcome {
     pub(crate) fn reply(m: Message) -> Self {
         Self {
-            replies: vec![m],
+            replies: Replies::One(m),
             close: false,
         }
     }
     pub(crate) fn many(replies: Vec<Message>) -> Self {
         Self {
-            replies,
+            replies: Replies::Many(replies),
             close: false,
         }
     }
@@ -384,6 +404,16 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replies_iterate_in_order() {
+        let m = |n: &str| Message::new().with("Response", n);
+        let one: Vec<Message> = Replies::One(m("a")).into_iter().collect();
+        assert_eq!(one, [m("a")]);
+        let many: Vec<Message> = Replies::Many(vec![m("a"), m("b")]).into_iter().collect();
+        assert_eq!(many, [m("a"), m("b")]);
+        assert_eq!(Replies::Many(Vec::new()).into_iter().count(), 0);
+    }
 
     #[test]
     fn peer_warnings_are_rate_limited_per_window() {
