@@ -807,7 +807,7 @@ fn sim_blackhole(shared: &Arc<Shared>, ctx: &mut SessionCtx, req: &Message) -> O
     if scope.eq_ignore_ascii_case("connection") {
         ctx.blackhole_until = until;
     } else if scope.is_empty() || scope.eq_ignore_ascii_case("server") {
-        shared.lock().blackhole_until = until;
+        shared.set_blackhole(&mut shared.lock(), until);
         ctx.blackhole_until = None;
     } else {
         return Outcome::reply(error(req, "Invalid Scope"));

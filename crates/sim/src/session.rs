@@ -233,8 +233,7 @@ fn write_done(
 
 impl SessionCtx {
     fn blackholed(&self, shared: &Shared) -> bool {
-        self.blackhole_until.is_some_and(|t| Instant::now() < t)
-            || shared.blackholed(&shared.lock())
+        self.blackhole_until.is_some_and(|t| Instant::now() < t) || shared.blackholed()
     }
 }
 
@@ -261,7 +260,7 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
     gen_rx.borrow_and_update();
     // A blackholed (hung) server accepts TCP but sends nothing, not even the banner, until
     // the blackhole ends.
-    while shared.blackholed(&shared.lock()) {
+    while shared.blackholed() {
         tokio::select! {
             () = shared.shutdown.cancelled() => return,
             () = tokio::time::sleep(Duration::from_millis(50)) => {}
