@@ -100,7 +100,12 @@ const ACTIONS: &[ActionDef] = &[
 
 /// `Response: <kind>` plus `ActionID` when the request had a non-empty one.
 fn response(kind: &str, req: &Message) -> Message {
-    let id = req.action_id().filter(|id| !id.is_empty());
+    response_to(kind, req.action_id())
+}
+
+/// [`response`] to a request whose `ActionID` is `id`.
+fn response_to(kind: &str, id: Option<&str>) -> Message {
+    let id = id.filter(|id| !id.is_empty());
     // Room for the usual answer (a `Message:` line) without growing.
     let mut m = Message::with_capacity(64 + id.map_or(0, str::len), 4);
     m.push("Response", kind);
@@ -112,7 +117,12 @@ fn response(kind: &str, req: &Message) -> Message {
 
 /// `astman_send_ack`.
 fn ack(req: &Message, msg: &str) -> Message {
-    response("Success", req).with("Message", msg)
+    ack_to(req.action_id(), msg)
+}
+
+/// [`ack`] to a request whose `ActionID` is `id`.
+fn ack_to(id: Option<&str>, msg: &str) -> Message {
+    response_to("Success", id).with("Message", msg)
 }
 
 /// `astman_send_error`.
@@ -122,6 +132,19 @@ fn error(req: &Message, msg: &str) -> Message {
 
 fn header<'a>(req: &'a Message, key: &str) -> &'a str {
     req.get(key).unwrap_or("")
+}
+
+/// What [`Message::get`] finds for each of `keys` (distinct), in one pass over the headers.
+fn headers<'a, const N: usize>(req: &'a Message, keys: [&str; N]) -> [Option<&'a str>; N] {
+    let mut found = [None; N];
+    for (k, v) in req.headers() {
+        for (key, slot) in keys.iter().zip(&mut found) {
+            if slot.is_none() && k.eq_ignore_ascii_case(key) {
+                *slot = Some(v);
+            }
+        }
+    }
+    found
 }
 
 /// Whether `req` may pass a blackhole: `SimBlackhole` with `Seconds: 0` ends it.
@@ -247,7 +270,7 @@ async fn login(shared: &Arc<Shared>, ctx: &mut SessionCtx, req: &Message) -> Out
     }
     let mut replies = vec![ack(req, "Authentication accepted")];
     let mut inner = shared.lock();
-    ctx.sub = Some(shared.subscribe(&mut inner, ctx.mask, ctx.filters.clone()));
+    ctx.sub = Some(shared.subscribe(&mut inner, ctx.mask, ctx.filters.clone(), ctx.ready.clone()));
     inner.stats.logins_accepted += 1;
     if ctx.mask & event::SYSTEM != 0 {
         let up = shared.uptime(&inner).to_string();
@@ -303,20 +326,21 @@ fn events(ctx: &mut SessionCtx, req: &Message) -> Outcome {
 }
 
 fn setvar(shared: &Arc<Shared>, req: &Message) -> Outcome {
-    let var = header(req, "Variable");
+    let [var, channel, value, id] = headers(req, ["Variable", "Channel", "Value", "ActionID"]);
+    let (var, value) = (var.unwrap_or(""), value.unwrap_or(""));
     let mut inner = shared.lock();
     inner.stats.setvar_total += 1;
     let reply = if var.is_empty() {
         error(req, "No variable specified")
-    } else if !header(req, "Channel").is_empty() {
+    } else if !channel.unwrap_or("").is_empty() {
         error(req, "No such channel")
     } else {
-        match inner.pbx.setvar_events(var, header(req, "Value")) {
+        match inner.pbx.setvar_events(var, value) {
             Ok(evs) => {
                 inner.stats.setvar_accepted += 1;
-                crate::trace::record(shared.cfg.name.as_deref(), "set", var, header(req, "Value"));
+                crate::trace::record(shared.cfg.name.as_deref(), "set", var, value);
                 shared.emit(&mut inner, evs);
-                return Outcome::reply(ack(req, "Variable Set"));
+                return Outcome::reply(ack_to(id, "Variable Set"));
             }
             Err(e) => {
                 tracing::debug!(variable = %var, error = %e, "Setvar refused");
@@ -713,15 +737,16 @@ fn filter(ctx: &mut SessionCtx, req: &Message) -> Outcome {
 }
 
 fn sim_set_device_state(shared: &Arc<Shared>, req: &Message) -> Outcome {
-    let device = header(req, "Device").trim();
+    let [device, state, id] = headers(req, ["Device", "State", "ActionID"]);
+    let device = device.unwrap_or("").trim();
     if device.is_empty() {
         return Outcome::reply(error(req, "Device not specified"));
     }
-    let Some(state) = DeviceState::parse(header(req, "State")) else {
+    let Some(state) = DeviceState::parse(state.unwrap_or("")) else {
         return Outcome::reply(error(req, "Invalid State"));
     };
     match shared.set_device_state(device, state) {
-        Ok(()) => Outcome::reply(ack(req, "Device state set")),
+        Ok(()) => Outcome::reply(ack_to(id, "Device state set")),
         Err(e) => Outcome::reply(error(req, &format!("Device state not set: {e}"))),
     }
 }
@@ -782,7 +807,7 @@ fn sim_blackhole(shared: &Arc<Shared>, ctx: &mut SessionCtx, req: &Message) -> O
     if scope.eq_ignore_ascii_case("connection") {
         ctx.blackhole_until = until;
     } else if scope.is_empty() || scope.eq_ignore_ascii_case("server") {
-        shared.lock().blackhole_until = until;
+        shared.set_blackhole(&mut shared.lock(), until);
         ctx.blackhole_until = None;
     } else {
         return Outcome::reply(error(req, "Invalid Scope"));
@@ -858,5 +883,18 @@ mod tests {
         let m = error(&req, "x");
         let keys: Vec<&str> = m.headers().map(|(k, _)| k).collect();
         assert_eq!(keys, ["Response", "ActionID", "Message"]);
+    }
+
+    #[test]
+    fn headers_in_one_pass_find_what_get_finds() {
+        let req = Message::action("Setvar")
+            .with("value", "INUSE")
+            .with("Variable", "DEVICE_STATE(Custom:a)")
+            .with("VALUE", "BUSY")
+            .with("actionid", "")
+            .with("ActionID", "a1");
+        let keys = ["Variable", "Channel", "Value", "ActionID", "Action"];
+        assert_eq!(headers(&req, keys), keys.map(|k| req.get(k)));
+        assert_eq!(headers(&Message::new(), keys), [None; 5]);
     }
 }

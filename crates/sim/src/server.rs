@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -196,14 +197,20 @@ impl SubState {
 /// The event queue of one logged-in session.
 pub(crate) struct Subscriber {
     pub(crate) state: Mutex<SubState>,
-    /// Notified when the queue stops being empty (or events were missed).
-    pub(crate) ready: tokio::sync::Notify,
+    /// Notified when the queue stops being empty (or events were missed); the session's own,
+    /// from before its login on (it waits on it from its start).
+    pub(crate) ready: Arc<tokio::sync::Notify>,
     /// Most events queued at once.
     capacity: usize,
 }
 
 impl Subscriber {
-    pub(crate) fn new(mask: u32, filters: crate::filter::EventFilters, capacity: usize) -> Self {
+    pub(crate) fn new(
+        mask: u32,
+        filters: crate::filter::EventFilters,
+        capacity: usize,
+        ready: Arc<tokio::sync::Notify>,
+    ) -> Self {
         Self {
             state: Mutex::new(SubState {
                 mask,
@@ -211,7 +218,7 @@ impl Subscriber {
                 queue: std::collections::VecDeque::new(),
                 missed: 0,
             }),
-            ready: tokio::sync::Notify::new(),
+            ready,
             capacity,
         }
     }
@@ -247,6 +254,7 @@ pub(crate) struct Inner {
     /// Wall-clock time of the (simulated) start, for `CoreStatus`.
     pub(crate) boot_wall: SystemTime,
     pub(crate) stats: SimStats,
+    /// Set through [`Shared::set_blackhole`] only.
     pub(crate) blackhole_until: Option<Instant>,
     pub(crate) down_until: Option<Instant>,
     pub(crate) session_seq: u64,
@@ -262,6 +270,8 @@ pub(crate) struct Shared {
     /// Bumped by every restart: sessions of an older generation close.
     pub(crate) generation: watch::Sender<u64>,
     pub(crate) shutdown: CancellationToken,
+    /// Whether `Inner::blackhole_until` is set (written with it, under the lock).
+    pub(crate) blackhole_set: AtomicBool,
     pub(crate) local_addr: SocketAddr,
     /// Set at the first successful login.
     pub(crate) logged_in: watch::Sender<bool>,
@@ -293,15 +303,17 @@ impl Shared {
         }
     }
 
-    /// A new queue for a session logging in, receiving events from now on (call with the
-    /// lock held, before emitting anything the session must see).
+    /// A new queue for a session logging in, receiving events from now on and notifying
+    /// `ready` when they wait (call with the lock held, before emitting anything the session
+    /// must see).
     pub(crate) fn subscribe(
         &self,
         inner: &mut Inner,
         mask: u32,
         filters: crate::filter::EventFilters,
+        ready: Arc<tokio::sync::Notify>,
     ) -> Arc<Subscriber> {
-        let sub = Arc::new(Subscriber::new(mask, filters, self.queue_capacity));
+        let sub = Arc::new(Subscriber::new(mask, filters, self.queue_capacity, ready));
         inner.subscribers.push(sub.clone());
         sub
     }
@@ -311,8 +323,20 @@ impl Shared {
         self.lock().subscribers.retain(|s| !Arc::ptr_eq(s, sub));
     }
 
-    pub(crate) fn blackholed(&self, inner: &Inner) -> bool {
-        inner.blackhole_until.is_some_and(|t| Instant::now() < t)
+    /// Whether the server is blackholed now: the lock is taken only while a blackhole is set
+    /// (sessions ask per action and per batch of events).
+    pub(crate) fn blackholed(&self) -> bool {
+        self.blackhole_set.load(Ordering::Acquire)
+            && self
+                .lock()
+                .blackhole_until
+                .is_some_and(|t| Instant::now() < t)
+    }
+
+    /// Sets or ends (`None`) the server's blackhole; `inner` is the locked state.
+    pub(crate) fn set_blackhole(&self, inner: &mut Inner, until: Option<Instant>) {
+        inner.blackhole_until = until;
+        self.blackhole_set.store(until.is_some(), Ordering::Release);
     }
 
     pub(crate) fn uptime(&self, inner: &Inner) -> u64 {
@@ -336,7 +360,7 @@ impl Shared {
         inner.boot = Instant::now();
         inner.boot_wall = SystemTime::now();
         inner.stats.restarts += 1;
-        inner.blackhole_until = None;
+        self.set_blackhole(&mut inner, None);
         inner.down_until = (!down.is_zero()).then(|| Instant::now() + down);
     }
 
@@ -403,6 +427,7 @@ impl SimServer {
             queue_capacity,
             generation,
             shutdown: CancellationToken::new(),
+            blackhole_set: AtomicBool::new(false),
             local_addr,
             logged_in: watch::channel(false).0,
         });
@@ -570,12 +595,14 @@ impl SimHandle {
     /// TCP stays open. `Some(d)`: for `d`; `None`: until [`SimHandle::unblackhole`].
     pub fn blackhole(&self, duration: Option<Duration>) {
         let until = Instant::now() + duration.unwrap_or(Duration::from_secs(100 * 365 * 86_400));
-        self.shared.lock().blackhole_until = Some(until);
+        let mut inner = self.shared.lock();
+        self.shared.set_blackhole(&mut inner, Some(until));
     }
 
     /// Ends a blackhole.
     pub fn unblackhole(&self) {
-        self.shared.lock().blackhole_until = None;
+        let mut inner = self.shared.lock();
+        self.shared.set_blackhole(&mut inner, None);
     }
 
     /// Every manager event this server emits from now on, in state order (what the

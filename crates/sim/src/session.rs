@@ -84,24 +84,46 @@ pub(crate) struct SessionCtx {
     pub(crate) blackhole_until: Option<Instant>,
     /// The session's event queue, from login on.
     pub(crate) sub: Option<Arc<Subscriber>>,
+    /// Notified by the queue when events wait (never before login).
+    pub(crate) ready: Arc<tokio::sync::Notify>,
 }
 
 /// What an action asks the session to do.
 pub(crate) struct Outcome {
-    pub(crate) replies: Vec<Message>,
+    pub(crate) replies: Replies,
     pub(crate) close: bool,
+}
+
+/// An action's answers: most actions answer with one message, kept without a `Vec` of its
+/// own.
+pub(crate) enum Replies {
+    One(Message),
+    Many(Vec<Message>),
+}
+
+impl IntoIterator for Replies {
+    type Item = Message;
+    type IntoIter = std::iter::Chain<std::option::IntoIter<Message>, std::vec::IntoIter<Message>>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        let (one, many) = match self {
+            Self::One(m) => (Some(m), Vec::new()),
+            Self::Many(v) => (None, v),
+        };
+        one.into_iter().chain(many)
+    }
 }
 
 impl Outcome {
     pub(crate) fn reply(m: Message) -> Self {
         Self {
-            replies: vec![m],
+            replies: Replies::One(m),
             close: false,
         }
     }
     pub(crate) fn many(replies: Vec<Message>) -> Self {
         Self {
-            replies,
+            replies: Replies::Many(replies),
             close: false,
         }
     }
@@ -110,14 +132,6 @@ impl Outcome {
             close: true,
             ..self
         }
-    }
-}
-
-/// Returns once events may be waiting in the session's queue (never before login).
-async fn events_ready(sub: &Option<Arc<Subscriber>>) {
-    match sub {
-        Some(sub) => sub.ready.notified().await,
-        None => std::future::pending().await,
     }
 }
 
@@ -219,8 +233,7 @@ fn write_done(
 
 impl SessionCtx {
     fn blackholed(&self, shared: &Shared) -> bool {
-        self.blackhole_until.is_some_and(|t| Instant::now() < t)
-            || shared.blackholed(&shared.lock())
+        self.blackhole_until.is_some_and(|t| Instant::now() < t) || shared.blackholed()
     }
 }
 
@@ -247,7 +260,7 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
     gen_rx.borrow_and_update();
     // A blackholed (hung) server accepts TCP but sends nothing, not even the banner, until
     // the blackhole ends.
-    while shared.blackholed(&shared.lock()) {
+    while shared.blackholed() {
         tokio::select! {
             () = shared.shutdown.cancelled() => return,
             () = tokio::time::sleep(Duration::from_millis(50)) => {}
@@ -270,6 +283,7 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
     let coalesce = shared.cfg.coalesce_writes;
     // Responses and events queued since the last flush (only when coalescing).
     let mut unflushed = false;
+    let ready = Arc::new(tokio::sync::Notify::new());
     let mut ctx = SessionCtx {
         id,
         peer,
@@ -280,14 +294,20 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
         filters: crate::filter::EventFilters::default(),
         blackhole_until: None,
         sub: None,
+        ready: ready.clone(),
     };
     // The events taken from the queue at once (kept for its capacity).
     let mut batch = std::collections::VecDeque::new();
+    // Made once and polled by every turn of the loop (a future made per turn would register
+    // with its notifier and deregister on every turn); `events` is remade once it fired.
+    let mut shutdown = std::pin::pin!(shared.shutdown.cancelled());
+    let mut restarted = std::pin::pin!(gen_rx.changed());
+    let mut events = std::pin::pin!(ready.notified());
     loop {
         tokio::select! {
             biased;
-            () = shared.shutdown.cancelled() => break,
-            _ = gen_rx.changed() => {
+            () = &mut shutdown => break,
+            _ = &mut restarted => {
                 // Restart: deliver what was already queued (the Shutdown event), then go.
                 if let Some(sub) = &ctx.sub {
                     std::mem::swap(&mut sub.lock().queue, &mut batch);
@@ -295,7 +315,8 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                 sink.send_all(batch.drain(..).map(Out::Event), false).await;
                 break;
             }
-            () = events_ready(&ctx.sub) => {
+            () = &mut events => {
+                events.set(ready.notified());
                 let Some(sub) = &ctx.sub else { continue };
                 let missed = {
                     let mut st = sub.lock();
@@ -382,6 +403,16 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replies_iterate_in_order() {
+        let m = |n: &str| Message::new().with("Response", n);
+        let one: Vec<Message> = Replies::One(m("a")).into_iter().collect();
+        assert_eq!(one, [m("a")]);
+        let many: Vec<Message> = Replies::Many(vec![m("a"), m("b")]).into_iter().collect();
+        assert_eq!(many, [m("a"), m("b")]);
+        assert_eq!(Replies::Many(Vec::new()).into_iter().count(), 0);
+    }
 
     #[test]
     fn peer_warnings_are_rate_limited_per_window() {

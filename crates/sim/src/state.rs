@@ -14,6 +14,7 @@
 //! - `Custom:` states are persisted (astdb) and come back after a restart under the name after
 //!   the last `/` of the key (the `Custom:Local/100@phones` → `Custom:100@phones` quirk).
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -313,22 +314,26 @@ pub struct PbxOptions {
     pub phone_duplicates: bool,
 }
 
-/// A hash map with short keys inline.
-type FastMap<V> = HashMap<CompactString, V>;
+/// A hash map with short keys inline, hashed with foldhash (seeded per process).
+type FastMap<V> = HashMap<CompactString, V, foldhash::fast::RandomState>;
 
-/// An ordered map with case-insensitive keys that remembers the name as first written.
+/// An ordered map with case-insensitive keys that remembers the name as first written. Each
+/// entry has a slot (its place in first-cached order) that stays until the cache is cleared.
 #[derive(Debug, Clone)]
 struct Cache<V> {
-    /// Names as first written, in first-cached order.
+    /// Names as first written, by slot.
     names: Vec<String>,
-    /// Lower-cased name → (index in `names`, value).
-    index: FastMap<(u32, V)>,
+    /// Values, by slot (apart from the names: the values of many entries share a cache line).
+    values: Vec<V>,
+    /// Lower-cased name → slot.
+    index: FastMap<u32>,
 }
 
 impl<V> Default for Cache<V> {
     fn default() -> Self {
         Self {
             names: Vec::new(),
+            values: Vec::new(),
             index: FastMap::default(),
         }
     }
@@ -353,40 +358,68 @@ fn with_lower<R>(name: &str, f: impl FnOnce(&str) -> R) -> R {
 
 impl<V: Clone> Cache<V> {
     fn get(&self, name: &str) -> Option<&V> {
-        with_lower(name, |key| self.index.get(key).map(|(_, v)| v))
+        with_lower(name, |key| self.index.get(key).copied())
+            .and_then(|slot| self.values.get(slot as usize))
     }
     fn insert(&mut self, name: &str, v: V) {
         self.replace(name, v);
     }
-    /// Sets `name` to `v`; the value it had.
-    fn replace(&mut self, name: &str, v: V) -> Option<V> {
-        let Self { names, index } = self;
-        with_lower(name, |key| match index.get_mut(key) {
-            Some((_, old)) => Some(std::mem::replace(old, v)),
+    /// Sets `name` to `v`: its slot, and the value it had.
+    fn replace(&mut self, name: &str, v: V) -> (u32, Option<V>) {
+        let Self {
+            names,
+            values,
+            index,
+        } = self;
+        with_lower(name, |key| match index.get(key) {
+            Some(&slot) => (
+                slot,
+                values
+                    .get_mut(slot as usize)
+                    .map(|old| std::mem::replace(old, v)),
+            ),
             None => {
                 // More than 4 billion names would not fit in memory anyway.
-                let at = u32::try_from(names.len()).unwrap_or(u32::MAX);
-                index.insert(CompactString::new(key), (at, v));
+                let slot = u32::try_from(names.len()).unwrap_or(u32::MAX);
+                index.insert(CompactString::new(key), slot);
                 names.push(name.to_owned());
-                None
+                values.push(v);
+                (slot, None)
             }
         })
     }
+    /// Sets the entry of `slot` (as [`Cache::replace`] returned it since the last
+    /// [`Cache::clear`]) to `v`; the value it had.
+    fn replace_slot(&mut self, slot: u32, v: V) -> Option<V> {
+        self.values
+            .get_mut(slot as usize)
+            .map(|old| std::mem::replace(old, v))
+    }
     /// Every entry, in first-cached order, named as first written.
     fn items(&self) -> Vec<(String, V)> {
-        let mut out: Vec<Option<(String, V)>> = vec![None; self.names.len()];
-        for (i, v) in self.index.values() {
-            let i = *i as usize;
-            if let Some(slot) = out.get_mut(i) {
-                *slot = self.names.get(i).map(|n| (n.clone(), v.clone()));
-            }
-        }
-        out.into_iter().flatten().collect()
+        self.names
+            .iter()
+            .cloned()
+            .zip(self.values.iter().cloned())
+            .collect()
     }
     fn clear(&mut self) {
         self.names.clear();
+        self.values.clear();
         self.index.clear();
     }
+}
+
+/// An astdb `CustomDevstate` entry.
+#[derive(Debug, Clone, Copy)]
+struct DbDevstate {
+    /// `ast_devstate_val` of the value as written (every reader of the family reads it
+    /// through that).
+    state: DeviceState,
+    /// The cache slot of `Custom:<key>`, once this key was set since the cache was last
+    /// cleared: a `Setvar` then finds both entries with one lookup (the cache's key is the
+    /// lower-cased device, which depends only on this key).
+    slot: Option<u32>,
 }
 
 /// Events as the server hands them out: the copies of a duplicated publication share one
@@ -405,9 +438,8 @@ pub struct Pbx {
     hints: Vec<HintState>,
     /// The device state cache (what `DeviceStateList` shows), in first-cached order.
     cache: Cache<DeviceState>,
-    /// astdb family `CustomDevstate`: key (name after `Custom:`) → the state of the value as
-    /// written (`ast_devstate_val` of it: every reader of the family reads it through that).
-    db_devstate: FastMap<DeviceState>,
+    /// astdb family `CustomDevstate`: key (name after `Custom:`) → its entry.
+    db_devstate: FastMap<DbDevstate>,
     /// astdb family `CustomPresence`: key → value as written.
     db_presence: BTreeMap<String, String>,
     /// The presence cache (what `PresenceStateList` shows).
@@ -418,7 +450,7 @@ pub struct Pbx {
     calls: HashMap<String, u32>,
     /// Last state published for uncached (`Local/`) devices (lower-cased name): what the
     /// Local channel driver would report.
-    uncached: HashMap<String, DeviceState>,
+    uncached: FastMap<DeviceState>,
     next_channel: u32,
     next_uniqueid: u64,
 }
@@ -443,7 +475,7 @@ impl Pbx {
             globals: BTreeMap::new(),
             initial_globals: globals,
             calls: HashMap::new(),
-            uncached: HashMap::new(),
+            uncached: FastMap::default(),
             next_channel: 0,
             next_uniqueid: 1,
         };
@@ -461,13 +493,13 @@ impl Pbx {
         // func_devstate's load_module: republish every astdb entry under the name after the
         // last '/' of its key.
         // In key order, as astdb lists them.
-        let mut db: Vec<(&CompactString, &DeviceState)> = self.db_devstate.iter().collect();
+        let mut db: Vec<(&CompactString, &DbDevstate)> = self.db_devstate.iter().collect();
         db.sort_unstable_by(|a, b| a.0.cmp(b.0));
         let restored: Vec<(String, DeviceState)> = db
             .into_iter()
-            .map(|(key, state)| {
+            .map(|(key, entry)| {
                 let name = key.rsplit('/').next().unwrap_or(key);
-                (format!("Custom:{name}"), *state)
+                (format!("Custom:{name}"), entry.state)
             })
             .collect();
         for (name, state) in restored {
@@ -483,6 +515,9 @@ impl Pbx {
     /// quirk on the way back in). Emits nothing (nobody is connected during a restart).
     pub fn restart(&mut self) {
         self.cache.clear();
+        for entry in self.db_devstate.values_mut() {
+            entry.slot = None;
+        }
         self.presence.clear();
         self.calls.clear();
         self.uncached.clear();
@@ -516,8 +551,7 @@ impl Pbx {
             Some((provider, name)) if provider.eq_ignore_ascii_case("Custom") => self
                 .db_devstate
                 .get(name)
-                .copied()
-                .unwrap_or(DeviceState::Unknown),
+                .map_or(DeviceState::Unknown, |entry| entry.state),
             _ => DeviceState::Invalid,
         }
     }
@@ -555,17 +589,23 @@ impl Pbx {
     /// `copies` how many times the same publication happens (2 for Local channel halves).
     fn publish(&mut self, device: &str, state: DeviceState, cached: bool, copies: usize) -> Events {
         if cached {
-            if self.cache.replace(device, state) == Some(state) {
+            if self.cache.replace(device, state).1 == Some(state) {
                 return Vec::new();
             }
         } else {
             with_lower(device, |key| match self.uncached.get_mut(key) {
                 Some(s) => *s = state,
                 None => {
-                    self.uncached.insert(key.to_owned(), state);
+                    self.uncached.insert(CompactString::new(key), state);
                 }
             });
         }
+        self.announce(device, state, copies)
+    }
+
+    /// The events of a publication of `state` for `device` that changed it (or was not
+    /// cached): its `DeviceStateChange` `copies` times, and what the hints holding it report.
+    fn announce(&mut self, device: &str, state: DeviceState, copies: usize) -> Events {
         let dsc = Arc::new(SimEvent::with_body(
             "DeviceStateChange",
             event::CALL,
@@ -641,17 +681,37 @@ impl Pbx {
         if state == DeviceState::Unknown {
             return Err(SetvarError::InvalidState);
         }
-        match self.db_devstate.get_mut(name) {
-            Some(v) => *v = state,
-            None => {
-                self.db_devstate.insert(CompactString::new(name), state);
+        let slot = match self.db_devstate.get_mut(name) {
+            Some(entry) => {
+                entry.state = state;
+                entry.slot
             }
-        }
-        if device.starts_with("Custom:") {
-            Ok(self.publish(device, state, true, 1))
+            None => {
+                let entry = DbDevstate { state, slot: None };
+                self.db_devstate.insert(CompactString::new(name), entry);
+                None
+            }
+        };
+        let device = if device.starts_with("Custom:") {
+            Cow::Borrowed(device)
         } else {
-            Ok(self.publish(&format!("Custom:{name}"), state, true, 1))
+            Cow::Owned(format!("Custom:{name}"))
+        };
+        // The cache entry (the cached publication of `func_devstate`).
+        let old = match slot {
+            Some(slot) => self.cache.replace_slot(slot, state),
+            None => {
+                let (slot, old) = self.cache.replace(&device, state);
+                if let Some(entry) = self.db_devstate.get_mut(name) {
+                    entry.slot = Some(slot);
+                }
+                old
+            }
+        };
+        if old == Some(state) {
+            return Ok(Vec::new());
         }
+        Ok(self.announce(&device, state, 1))
     }
 
     /// Sets any device's state the way the simulator's phones change (`SimSetDeviceState`, the
@@ -1136,6 +1196,64 @@ mod tests {
             "away"
         );
         assert_eq!(pbx.getvar("FOO"), "");
+    }
+
+    #[test]
+    fn setvar_through_the_astdb_slot_updates_the_cache_entry_of_the_device() {
+        use DeviceState::*;
+        // Keys differing in case share one cache entry but not one astdb entry; a restart
+        // clears the slots and brings keys with a '/' back under another name.
+        let keys = ["a", "A", "x/a", "X/A", "b", "Local/B", "b/b"];
+        let prefixes = ["Custom:", "custom:", "CUSTOM:"];
+        let opts = PbxOptions {
+            system_name: None,
+            phone_duplicates: true,
+        };
+        let mut pbx = Pbx::new(Vec::new(), Vec::new(), opts);
+        // The model: astdb by key, the cache's states by lower-cased device.
+        let mut db: BTreeMap<String, DeviceState> = BTreeMap::new();
+        let mut cache: HashMap<String, DeviceState> = HashMap::new();
+        let mut seed = 7u64;
+        for _ in 0..3000 {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let r = (seed >> 33) as usize;
+            if r.is_multiple_of(40) {
+                pbx.restart();
+                // In key order: the last key of a renamed device gives its state.
+                cache = db
+                    .iter()
+                    .map(|(k, s)| {
+                        let name = k.rsplit('/').next().unwrap_or(k);
+                        (format!("custom:{name}").to_ascii_lowercase(), *s)
+                    })
+                    .collect();
+                continue;
+            }
+            let key = keys[r % keys.len()];
+            let prefix = prefixes[(r / 7) % prefixes.len()];
+            let state = [NotInuse, Inuse, Busy][(r / 21) % 3];
+            let evs = pbx
+                .setvar(&format!("DEVICE_STATE({prefix}{key})"), state.as_str())
+                .expect("valid Setvar");
+            db.insert(key.to_owned(), state);
+            let device = format!("Custom:{key}");
+            let changed = cache.insert(device.to_ascii_lowercase(), state) != Some(state);
+            if changed {
+                assert_eq!(evs.len(), 1);
+                assert_eq!(evs[0].message.get("Device"), Some(device.as_str()));
+                assert_eq!(evs[0].message.get("State"), Some(state.as_str()));
+            } else {
+                assert!(evs.is_empty(), "{evs:?}");
+            }
+            assert_eq!(pbx.device_state(&device), state);
+            let list = pbx.device_list();
+            assert_eq!(list.len(), cache.len());
+            for (d, s) in list {
+                assert_eq!(cache.get(&d.to_ascii_lowercase()), Some(&s), "{d}");
+            }
+        }
     }
 
     #[test]

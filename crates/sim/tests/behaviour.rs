@@ -301,6 +301,12 @@ async fn blackhole_keeps_tcp_open_and_answers_nothing() {
     })
     .await;
     assert!(other.events_before_ping("o").await.is_empty());
+
+    // A restart ends a server blackhole.
+    sim.blackhole(None);
+    sim.restart(Duration::ZERO);
+    let mut after = Client::login(sim.local_addr(), &[("Events", "off")]).await;
+    assert!(after.events_before_ping("r").await.is_empty());
 }
 
 #[tokio::test]
