@@ -222,6 +222,13 @@ impl AmiCodec {
         Ok(())
     }
 
+    /// True when the next byte decoded starts a message: no banner expected, no message
+    /// under way (nor an error left in the middle of one).
+    pub(crate) fn between_messages(&self) -> bool {
+        let under_way = !self.current.is_empty() || self.current_size != 0 || self.scanned != 0;
+        !(self.expect_banner || self.follows || under_way)
+    }
+
     /// The message at the front of `buf`, read in one go when it is there whole (its empty
     /// line too) and plain: valid UTF-8 (checked once for the whole message), within every
     /// limit and not `Response: Follows`. Then the message is taken off `buf` and built with
@@ -230,8 +237,7 @@ impl AmiCodec {
     /// ([`AmiCodec::handle_line`]) then reads it, refuses it or waits for the rest, and is the
     /// reference this one is tested against (the same messages, errors and buffer).
     fn whole_message(&mut self, buf: &mut BytesMut) -> Option<Message> {
-        let under_way = !self.current.is_empty() || self.current_size != 0 || self.scanned != 0;
-        if self.expect_banner || self.follows || under_way {
+        if !self.between_messages() {
             return None;
         }
         let limits = self.limits;
