@@ -314,9 +314,25 @@ impl AmiCodec {
 /// [`split_header`] of a line already known to be UTF-8: the key trimmed, the value without the
 /// one space after the colon.
 fn split_header_str(line: &str) -> (&str, &str) {
-    match line.split_once(':') {
-        Some((k, v)) => (k.trim(), v.strip_prefix(' ').unwrap_or(v)),
-        None => (line.trim(), ""),
+    // A key is a few bytes: a plain loop finds its end sooner than a vectorised search.
+    match line.bytes().position(|b| b == b':') {
+        // The colon is ASCII: both sides are char boundaries.
+        Some(i) => {
+            let v = &line[i + 1..];
+            (trim(&line[..i]), v.strip_prefix(' ').unwrap_or(v))
+        }
+        None => (trim(line), ""),
+    }
+}
+
+/// `s.trim()`, without looking at its characters when it starts and ends with a visible ASCII
+/// character (as keys do), which is never white space.
+fn trim(s: &str) -> &str {
+    let visible = |b: Option<&u8>| b.is_some_and(u8::is_ascii_graphic);
+    if visible(s.as_bytes().first()) && visible(s.as_bytes().last()) {
+        s
+    } else {
+        s.trim()
     }
 }
 
