@@ -10,6 +10,7 @@
 //! `max_message` bytes of one message, nor more than `max_line` bytes without a line end).
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
@@ -266,14 +267,16 @@ impl AmiCodec {
             return None;
         }
         let text = std::str::from_utf8(&buf[..end]).ok()?;
-        let mut msg = Message::with_capacity(end, self.lines.len());
+        let mut msg = Message::from_text(text.to_owned(), self.lines.len());
         for &(start, len) in &self.lines {
             // Line starts and ends are next to ASCII bytes: char boundaries.
-            let (k, v) = split_header_str(&text[start..start + len]);
-            if k.eq_ignore_ascii_case("Response") && v.eq_ignore_ascii_case("Follows") {
+            let (k, v) = header_ranges(&text[start..start + len], start);
+            if text[k.clone()].eq_ignore_ascii_case("Response")
+                && text[v.clone()].eq_ignore_ascii_case("Follows")
+            {
                 return None;
             }
-            msg.push(k, v);
+            msg.push_range(k, v);
         }
         buf.advance(end);
         Some(msg)
@@ -311,29 +314,30 @@ impl AmiCodec {
     }
 }
 
-/// [`split_header`] of a line already known to be UTF-8: the key trimmed, the value without the
-/// one space after the colon.
-fn split_header_str(line: &str) -> (&str, &str) {
+/// [`split_header`] of a line already known to be UTF-8, which starts at `at` of its message:
+/// where its key (trimmed) and its value (without the one space after the colon) are.
+fn header_ranges(line: &str, at: usize) -> (Range<usize>, Range<usize>) {
     // A key is a few bytes: a plain loop finds its end sooner than a vectorised search.
-    match line.bytes().position(|b| b == b':') {
+    let (key, value_start) = match line.bytes().position(|b| b == b':') {
         // The colon is ASCII: both sides are char boundaries.
         Some(i) => {
-            let v = &line[i + 1..];
-            (trim(&line[..i]), v.strip_prefix(' ').unwrap_or(v))
+            let v = i + 1 + usize::from(line[i + 1..].starts_with(' '));
+            (&line[..i], v)
         }
-        None => (trim(line), ""),
-    }
+        None => (line, line.len()),
+    };
+    (trim(key, at), at + value_start..at + line.len())
 }
 
-/// `s.trim()`, without looking at its characters when it starts and ends with a visible ASCII
-/// character (as keys do), which is never white space.
-fn trim(s: &str) -> &str {
+/// Where `s` (at `at`) is once trimmed as `str::trim` does, without looking at its characters
+/// when it starts and ends with a visible ASCII character (as keys do), never white space.
+fn trim(s: &str, at: usize) -> Range<usize> {
     let visible = |b: Option<&u8>| b.is_some_and(u8::is_ascii_graphic);
     if visible(s.as_bytes().first()) && visible(s.as_bytes().last()) {
-        s
-    } else {
-        s.trim()
+        return at..at + s.len();
     }
+    let start = at + s.len() - s.trim_start().len();
+    start..start + s.trim().len()
 }
 
 /// Splits `Key: Value` at the first colon; one space after the colon belongs to the separator.
