@@ -109,10 +109,7 @@ impl Message {
 
     /// Replaces the value of the first header named `key`, or appends it.
     pub fn set(&mut self, key: &str, value: impl AsRef<str>) {
-        let found = self
-            .spans
-            .iter()
-            .position(|s| self.text[s.key()].eq_ignore_ascii_case(key));
+        let found = self.spans.iter().position(|&s| self.is_named(s, key));
         match found {
             Some(i) => {
                 let value = value.as_ref();
@@ -143,24 +140,30 @@ impl Message {
     /// Removes every header named `key`; returns how many were removed.
     pub fn remove(&mut self, key: &str) -> usize {
         let before = self.spans.len();
-        let text = &self.text;
+        let text = self.text.as_bytes();
         self.spans
-            .retain(|s| !text[s.key()].eq_ignore_ascii_case(key));
+            .retain(|s| !text[s.key()].eq_ignore_ascii_case(key.as_bytes()));
         before - self.spans.len()
+    }
+
+    /// Whether header `s` is named `key` (ASCII case-insensitive). Compares bytes: no text
+    /// is sliced for a header that does not match.
+    fn is_named(&self, s: Span, key: &str) -> bool {
+        self.text.as_bytes()[s.key()].eq_ignore_ascii_case(key.as_bytes())
     }
 
     /// The value of the first header named `key` (ASCII case-insensitive).
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.headers()
-            .find(|(k, _)| k.eq_ignore_ascii_case(key))
-            .map(|(_, v)| v)
+        let s = *self.spans.iter().find(|&&s| self.is_named(s, key))?;
+        Some(self.value_of(s))
     }
 
     /// Every value of headers named `key`, in wire order.
     pub fn get_all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.headers()
-            .filter(move |(k, _)| k.eq_ignore_ascii_case(key))
-            .map(|(_, v)| v)
+        self.spans
+            .iter()
+            .filter(move |&&s| self.is_named(s, key))
+            .map(|&s| self.value_of(s))
     }
 
     /// All headers in wire order, as `(key, value)`.
@@ -285,7 +288,28 @@ impl<K: AsRef<str>, V: AsRef<str>> FromIterator<(K, V)> for Message {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        /// `get` and `get_all`, which compare keys as bytes, find what a search through
+        /// `headers()` finds.
+        #[test]
+        fn lookups_match_a_search_of_the_headers(
+            headers in proptest::collection::vec(("(?i:event|actionid|é|Ü|x)", "[a-zé]{0,3}"), 0..8),
+            key in "(?i:event|actionid|é|Ü|x|y)",
+        ) {
+            let m: Message = headers.into_iter().collect();
+            let reference: Vec<&str> = m
+                .headers()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(&key))
+                .map(|(_, v)| v)
+                .collect();
+            prop_assert_eq!(m.get(&key), reference.first().copied());
+            prop_assert_eq!(m.get_all(&key).collect::<Vec<_>>(), reference);
+        }
+    }
 
     #[test]
     fn lookup_is_case_insensitive_and_keeps_duplicates() {
