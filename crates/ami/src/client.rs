@@ -40,7 +40,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, instrument, warn};
 
 use crate::actions;
-use crate::codec::{AmiCodec, CodecError, Frame, Limits};
+use crate::codec::{AmiCodec, CodecError, Frame, Limits, encode_message};
 use crate::events::{ListComplete, Response, ResponseKind, starts_list};
 use crate::message::Message;
 use crate::writer::{self, SetvarWriter};
@@ -652,7 +652,54 @@ impl AmiClient {
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
 
-type Conn = Framed<Box<dyn Io>, AmiCodec>;
+type Conn = Framed<Box<dyn Io>, ClientCodec>;
+
+/// The client's framing: [`AmiCodec`], except that the plain success answer to a write of its
+/// [`SetvarWriter`] is taken as just the write's number (see
+/// [`writer::Shared::success_at_front`]): the most frequent message of a relay's connection
+/// never becomes a [`Message`].
+struct ClientCodec {
+    ami: AmiCodec,
+    writer: Arc<writer::Shared>,
+}
+
+/// What [`ClientCodec`] yields.
+#[derive(Debug)]
+enum Incoming {
+    Frame(Frame),
+    /// `Response: Success` to the [`SetvarWriter`] write of this number.
+    Written(u64),
+}
+
+impl tokio_util::codec::Decoder for ClientCodec {
+    type Item = Incoming;
+    type Error = CodecError;
+
+    fn decode(&mut self, buf: &mut bytes::BytesMut) -> Result<Option<Incoming>, CodecError> {
+        if self.ami.between_messages()
+            && let Some((seq, len)) = self.writer.success_at_front(buf, self.ami.limits())
+        {
+            bytes::Buf::advance(buf, len);
+            return Ok(Some(Incoming::Written(seq)));
+        }
+        Ok(self.ami.decode(buf)?.map(Incoming::Frame))
+    }
+
+    fn decode_eof(&mut self, buf: &mut bytes::BytesMut) -> Result<Option<Incoming>, CodecError> {
+        if let Some(item) = self.decode(buf)? {
+            return Ok(Some(item));
+        }
+        Ok(self.ami.decode_eof(buf)?.map(Incoming::Frame))
+    }
+}
+
+impl tokio_util::codec::Encoder<&Message> for ClientCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, msg: &Message, dst: &mut bytes::BytesMut) -> Result<(), CodecError> {
+        encode_message(msg, dst)
+    }
+}
 
 /// Actions buffered at most before one flush writes them out.
 const MAX_BATCH: usize = 64;
@@ -728,7 +775,7 @@ impl Connection {
             let connected = tokio::select! {
                 biased;
                 () = self.stop.cancelled() => break,
-                r = connect_and_login(&self.config, &mut self.ids) => r,
+                r = connect_and_login(&self.config, &mut self.ids, &self.writer) => r,
                 // Nothing is served before login: answer at once rather than queue.
                 () = reject_requests(&mut self.requests) => break,
             };
@@ -822,6 +869,7 @@ impl Connection {
 async fn connect_and_login(
     cfg: &ClientConfig,
     ids: &mut IdGen,
+    writer: &Arc<writer::Shared>,
 ) -> Result<(Conn, String, Vec<Message>), ClientError> {
     {
         let tcp = timeout(cfg.connect_timeout, TcpStream::connect(&cfg.addr))
@@ -844,13 +892,17 @@ async fn connect_and_login(
                 Box::new(stream)
             }
         };
-        let mut conn = Framed::new(io, AmiCodec::with_limits(true, cfg.limits));
+        let codec = ClientCodec {
+            ami: AmiCodec::with_limits(true, cfg.limits),
+            writer: Arc::clone(writer),
+        };
+        let mut conn = Framed::new(io, codec);
         let banner = match timeout(cfg.action_timeout, conn.next()).await {
             Err(_) => return Err(ClientError::Protocol("no banner".to_owned())),
             Ok(None) => return Err(ClientError::Connect("closed before the banner".to_owned())),
             Ok(Some(Err(e))) => return Err(codec_error(e)),
-            Ok(Some(Ok(Frame::Banner(b)))) => b,
-            Ok(Some(Ok(Frame::Message(_)))) => unreachable_frame()?,
+            Ok(Some(Ok(Incoming::Frame(Frame::Banner(b))))) => b,
+            Ok(Some(Ok(_))) => unreachable_frame()?,
         };
         debug!(%banner, "AMI banner");
         let mut early = Vec::new();
@@ -934,8 +986,10 @@ async fn exchange(
                     ));
                 }
                 Some(Err(e)) => return Err(codec_error(e)),
-                Some(Ok(Frame::Banner(_))) => return unreachable_frame(),
-                Some(Ok(Frame::Message(m))) => {
+                Some(Ok(Incoming::Frame(Frame::Banner(_)))) => return unreachable_frame(),
+                // No write is served before login: not one of ours.
+                Some(Ok(Incoming::Written(_))) => {}
+                Some(Ok(Incoming::Frame(Frame::Message(m)))) => {
                     if m.event().is_some() {
                         early.push(m);
                     } else if m.action_id() == Some(id.as_str())
@@ -979,8 +1033,9 @@ impl Connection {
                 frame = conn.next() => match frame {
                     None => break End::Lost("closed by the server".to_owned()),
                     Some(Err(e)) => break End::Lost(e.to_string()),
-                    Some(Ok(Frame::Banner(_))) => break End::Lost("unexpected banner".to_owned()),
-                    Some(Ok(Frame::Message(m))) => self.route(m, &mut pending, &mut ping),
+                    Some(Ok(Incoming::Frame(Frame::Banner(_)))) => break End::Lost("unexpected banner".to_owned()),
+                    Some(Ok(Incoming::Frame(Frame::Message(m)))) => self.route(m, &mut pending, &mut ping),
+                    Some(Ok(Incoming::Written(seq))) => self.written(seq),
                 },
                 () = async { sleep_until(ping_deadline.unwrap_or_else(Instant::now)).await },
                     if ping_deadline.is_some() =>
@@ -1112,13 +1167,20 @@ impl Connection {
         msg.set("ActionID", id.clone());
         // Encode aside first: a bad action is the caller's error, not the connection's.
         let mut encoded = bytes::BytesMut::new();
-        if let Err(e) = tokio_util::codec::Encoder::encode(conn.codec_mut(), &msg, &mut encoded) {
+        if let Err(e) = encode_message(&msg, &mut encoded) {
             entry.fail(ClientError::InvalidAction(e.to_string()));
             return Ok(());
         }
         pending.insert(id, entry);
         conn.write_buffer_mut().extend_from_slice(&encoded);
         Ok(())
+    }
+
+    /// Reports the [`SetvarWriter`] write numbered `seq` answered `Response: Success`.
+    fn written(&self, seq: u64) {
+        if !self.writer.finish(seq, Ok(())) {
+            debug!(seq, "AMI answer to no pending write (expired?)");
+        }
     }
 
     /// Routes one received message to its pending action, its pending list, or subscribers.
@@ -1222,7 +1284,7 @@ impl Connection {
         let bye = async {
             conn.send(&msg).await.ok()?;
             while let Some(Ok(frame)) = conn.next().await {
-                if let Frame::Message(m) = frame
+                if let Incoming::Frame(Frame::Message(m)) = frame
                     && m.event().is_none()
                     && m.action_id() == Some(id.as_str())
                 {
@@ -1349,7 +1411,130 @@ impl rustls::client::danger::ServerCertVerifier for NoVerify {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+    use tokio_util::codec::Decoder;
+
     use super::*;
+
+    /// Lines answers are made of: the plain success answer's and near misses of it.
+    const ANSWER_LINES: &[&str] = &[
+        "Response: Success",
+        "Response: Error",
+        "response: success",
+        "Response: Success ",
+        "Response:Success",
+        "Message: Variable Set",
+        "Message: Variable not set",
+        "Event: DeviceStateChange",
+        "ActionID: hf1-1",
+        "ActionID: hf2-w3",
+        "ActionID: hf1-w",
+        "State: INUSE",
+        "",
+    ];
+
+    const SEQS: &[&str] = &[
+        "0",
+        "17",
+        "007",
+        "+5",
+        "5 ",
+        "1234567890123456789",
+        "18446744073709551615",
+        "99999999999999999999",
+    ];
+
+    /// A message: a few lines (our answer's `ActionID` among them, often), each ended by CRLF
+    /// or LF, then an empty line.
+    fn answerish() -> impl Strategy<Value = Vec<u8>> {
+        let line = prop_oneof![
+            2 => proptest::sample::select(ANSWER_LINES).prop_map(str::to_owned),
+            1 => proptest::sample::select(SEQS).prop_map(|s| format!("ActionID: hf1-w{s}")),
+        ];
+        let shaped = (proptest::sample::select(SEQS), any::<bool>()).prop_map(|(seq, msg)| {
+            let mut lines = vec![
+                "Response: Success".to_owned(),
+                format!("ActionID: hf1-w{seq}"),
+            ];
+            if msg {
+                lines.push("Message: Variable Set".to_owned());
+            }
+            lines
+        });
+        let lines = prop_oneof![shaped, proptest::collection::vec(line, 0..5)];
+        (lines, any::<u8>()).prop_map(|(lines, lf)| {
+            let mut out = Vec::new();
+            for (i, l) in lines.iter().chain([&String::new()]).enumerate() {
+                out.extend_from_slice(l.as_bytes());
+                out.extend_from_slice(if lf >> (i % 8) & 1 == 1 {
+                    b"\n"
+                } else {
+                    b"\r\n"
+                });
+            }
+            out
+        })
+    }
+
+    fn limits() -> impl Strategy<Value = Limits> {
+        prop_oneof![
+            Just(Limits::default()),
+            (10usize..40, 1usize..4, 20usize..80).prop_map(
+                |(max_line, max_headers, max_message)| {
+                    Limits {
+                        max_line,
+                        max_headers,
+                        max_message,
+                    }
+                }
+            ),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// [`ClientCodec`] takes a write's answer as its number only where decoding it as a
+        /// message and routing it would report that write answered `Success`; everything
+        /// else is the frames, errors and buffered bytes of [`AmiCodec`].
+        #[test]
+        fn write_answers_match_the_messages_they_stand_for(
+            msgs in proptest::collection::vec(answerish(), 1..12),
+            banner in any::<bool>(),
+            limits in limits(),
+            chunk in 1usize..300,
+        ) {
+            let mut input = if banner { b"Asterisk Call Manager/13.0.0\r\n".to_vec() } else { Vec::new() };
+            input.extend(msgs.concat());
+            let shared = writer::Shared::new("hf1-");
+            let mut fast = ClientCodec { ami: AmiCodec::with_limits(banner, limits), writer: Arc::clone(&shared) };
+            let mut reference = AmiCodec::with_limits(banner, limits);
+            let (mut fb, mut rb) = (bytes::BytesMut::new(), bytes::BytesMut::new());
+            'feed: for piece in input.chunks(chunk) {
+                fb.extend_from_slice(piece);
+                rb.extend_from_slice(piece);
+                loop {
+                    let f = fast.decode(&mut fb).map_err(|e| e.to_string());
+                    let r = reference.decode(&mut rb).map_err(|e| e.to_string());
+                    prop_assert_eq!(&fb[..], &rb[..]);
+                    match (f, r) {
+                        (Ok(Some(Incoming::Written(seq))), Ok(Some(Frame::Message(m)))) => {
+                            prop_assert!(m.event().is_none(), "{:?}", m);
+                            prop_assert_eq!(m.action_id().and_then(|id| shared.seq_of(id)), Some(seq));
+                            prop_assert!(m.response().is_some_and(|r| r.eq_ignore_ascii_case("success")));
+                        }
+                        (Ok(Some(Incoming::Frame(f))), Ok(Some(r))) => prop_assert_eq!(f, r),
+                        (Ok(None), Ok(None)) => break,
+                        (Err(f), Err(r)) => {
+                            prop_assert_eq!(f, r);
+                            break 'feed;
+                        }
+                        (f, r) => prop_assert!(false, "{:?} vs {:?}", f, r),
+                    }
+                }
+            }
+        }
+    }
 
     fn numbered(n: u64) -> ClientEvent {
         ClientEvent::Event(

@@ -10,6 +10,7 @@
 //! `max_message` bytes of one message, nor more than `max_line` bytes without a line end).
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use bytes::{Buf, BufMut, BytesMut};
 use tokio_util::codec::{Decoder, Encoder};
@@ -98,6 +99,9 @@ pub struct AmiCodec {
     follows: bool,
     /// Bytes of the buffer already searched for a line end.
     scanned: usize,
+    /// Scratch of [`AmiCodec::whole_message`]: each header line's start and length, kept to
+    /// reuse its allocation.
+    lines: Vec<(usize, usize)>,
 }
 
 impl AmiCodec {
@@ -120,6 +124,7 @@ impl AmiCodec {
             current_size: 0,
             follows: false,
             scanned: 0,
+            lines: Vec::new(),
         }
     }
 
@@ -218,6 +223,87 @@ impl AmiCodec {
         Ok(())
     }
 
+    /// True when the next byte decoded starts a message: no banner expected, no message
+    /// under way (nor an error left in the middle of one).
+    pub(crate) fn between_messages(&self) -> bool {
+        let under_way = !self.current.is_empty() || self.current_size != 0 || self.scanned != 0;
+        !(self.expect_banner || self.follows || under_way)
+    }
+
+    /// The message at the front of `buf`, read in one go when it is there whole (its empty
+    /// line too) and plain: valid UTF-8 (checked once for the whole message), within every
+    /// limit and not `Response: Follows`. Then the message is taken off `buf` and built with
+    /// one allocation for its text and one for its headers. `None` (and `buf` untouched)
+    /// otherwise, or when a message is already under way: the line by line path
+    /// ([`AmiCodec::handle_line`]) then reads it, refuses it or waits for the rest, and is the
+    /// reference this one is tested against (the same messages, errors and buffer).
+    fn whole_message(&mut self, buf: &mut BytesMut) -> Option<Message> {
+        if !self.between_messages() {
+            return None;
+        }
+        let limits = self.limits;
+        self.lines.clear();
+        let mut start = 0;
+        let mut line_ends = memchr::memchr_iter(b'\n', buf);
+        let end = loop {
+            let nl = line_ends.next()?;
+            let mut len = nl - start;
+            if len > 0 && buf[nl - 1] == b'\r' {
+                len -= 1;
+            }
+            if len == 0 {
+                break nl + 1;
+            }
+            if len > limits.max_line || self.lines.len() == limits.max_headers {
+                return None;
+            }
+            self.lines.push((start, len));
+            start = nl + 1;
+            if start > limits.max_message {
+                return None;
+            }
+        };
+        if self.lines.is_empty() || end > limits.max_message {
+            return None;
+        }
+        let text = std::str::from_utf8(&buf[..end]).ok()?;
+        let mut msg = Message::from_text(text.to_owned(), self.lines.len());
+        for &(start, len) in &self.lines {
+            // Line starts and ends are next to ASCII bytes: char boundaries.
+            let (k, v) = header_ranges(&text[start..start + len], start);
+            if text[k.clone()].eq_ignore_ascii_case("Response")
+                && text[v.clone()].eq_ignore_ascii_case("Follows")
+            {
+                return None;
+            }
+            msg.push_range(k, v);
+        }
+        buf.advance(end);
+        Some(msg)
+    }
+
+    /// [`Decoder::decode`]; `whole` tries [`AmiCodec::whole_message`] at each message start
+    /// (false only to test it against the line by line path).
+    fn decode_from(
+        &mut self,
+        buf: &mut BytesMut,
+        whole: bool,
+    ) -> Result<Option<Frame>, CodecError> {
+        loop {
+            if whole && let Some(m) = self.whole_message(buf) {
+                return Ok(Some(Frame::Message(m)));
+            }
+            let Some((line_len, consumed)) = self.next_line(buf)? else {
+                return Ok(None);
+            };
+            let frame = self.handle_line(&buf[..line_len]);
+            buf.advance(consumed);
+            if let Some(frame) = frame? {
+                return Ok(Some(frame));
+            }
+        }
+    }
+
     fn take_message(&mut self) -> Message {
         self.current_size = 0;
         self.follows = false;
@@ -226,6 +312,32 @@ impl AmiCodec {
         let next = Message::with_capacity(self.current.text_len(), self.current.len());
         std::mem::replace(&mut self.current, next)
     }
+}
+
+/// [`split_header`] of a line already known to be UTF-8, which starts at `at` of its message:
+/// where its key (trimmed) and its value (without the one space after the colon) are.
+fn header_ranges(line: &str, at: usize) -> (Range<usize>, Range<usize>) {
+    // A key is a few bytes: a plain loop finds its end sooner than a vectorised search.
+    let (key, value_start) = match line.bytes().position(|b| b == b':') {
+        // The colon is ASCII: both sides are char boundaries.
+        Some(i) => {
+            let v = i + 1 + usize::from(line[i + 1..].starts_with(' '));
+            (&line[..i], v)
+        }
+        None => (line, line.len()),
+    };
+    (trim(key, at), at + value_start..at + line.len())
+}
+
+/// Where `s` (at `at`) is once trimmed as `str::trim` does, without looking at its characters
+/// when it starts and ends with a visible ASCII character (as keys do), never white space.
+fn trim(s: &str, at: usize) -> Range<usize> {
+    let visible = |b: Option<&u8>| b.is_some_and(u8::is_ascii_graphic);
+    if visible(s.as_bytes().first()) && visible(s.as_bytes().last()) {
+        return at..at + s.len();
+    }
+    let start = at + s.len() - s.trim_start().len();
+    start..start + s.trim().len()
 }
 
 /// Splits `Key: Value` at the first colon; one space after the colon belongs to the separator.
@@ -250,20 +362,21 @@ impl Decoder for AmiCodec {
     type Error = CodecError;
 
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
-        loop {
-            let Some((line_len, consumed)) = self.next_line(buf)? else {
-                return Ok(None);
-            };
-            let frame = self.handle_line(&buf[..line_len]);
-            buf.advance(consumed);
-            if let Some(frame) = frame? {
-                return Ok(Some(frame));
-            }
-        }
+        self.decode_from(buf, true)
     }
-
     fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
-        if let Some(frame) = self.decode(buf)? {
+        self.decode_eof_from(buf, true)
+    }
+}
+
+impl AmiCodec {
+    /// [`Decoder::decode_eof`], `whole` as for [`AmiCodec::decode_from`].
+    fn decode_eof_from(
+        &mut self,
+        buf: &mut BytesMut,
+        whole: bool,
+    ) -> Result<Option<Frame>, CodecError> {
+        if let Some(frame) = self.decode_from(buf, whole)? {
             return Ok(Some(frame));
         }
         if buf.is_empty() && self.current.is_empty() {
@@ -333,6 +446,8 @@ impl Encoder<Message> for AmiCodec {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
 
     fn decode_all(codec: &mut AmiCodec, bytes: &[u8]) -> Vec<Frame> {
@@ -374,6 +489,143 @@ mod tests {
         };
         assert_eq!(m.get("Val\u{fffd}ue"), Some("a\u{fffd} b"));
         assert_eq!(m.get("Plain"), Some("\u{e9}t\u{e9}"));
+    }
+
+    /// Text pieces AMI input is made of, the awkward ones included: invalid and partial
+    /// UTF-8, bare CR, colons, blank lines, `Response: Follows` and its end marker.
+    const PIECES: &[&[u8]] = &[
+        b"Response: Success\r\n",
+        b"ActionID: hf1a2b3c4d-w17\r\n",
+        b"Message: Variable Set\r\n",
+        b"Event: DeviceStateChange\r\n",
+        b"Device: Custom:dev\xc3\xa9\r\n",
+        b"State: INUSE\r\n",
+        b"Action: Setvar\r\n",
+        b"Response: Follows\r\n",
+        b"Privilege: Command\r\n",
+        b"--END COMMAND--",
+        b"\r\n",
+        b"\n",
+        b"\r",
+        b":",
+        b": ",
+        b" ",
+        b"\t",
+        b"Value",
+        b"\xff",
+        b"\xc3",
+        b"\xe2\x80\x83",
+        b"x",
+    ];
+
+    /// What may stand inside a line.
+    const IN_LINE: &[&[u8]] = &[
+        b"Response",
+        b"Success",
+        b"Follows",
+        b"ActionID",
+        b"hf1a2b3c4d-w17",
+        b"Event",
+        b"DeviceStateChange",
+        b"Custom:dev",
+        b"\xc3\xa9",
+        b"\xe2\x80\x83",
+        b"\xff",
+        b":",
+        b": ",
+        b" ",
+        b"\t",
+        b"\r",
+        b"x",
+    ];
+
+    /// Input as pieces anywhere, or as lines (each made of pieces, some empty) with either
+    /// line end.
+    fn pieces() -> impl Strategy<Value = Vec<u8>> {
+        let soup = proptest::collection::vec(
+            prop_oneof![
+                3 => proptest::sample::select(PIECES).prop_map(<[u8]>::to_vec),
+                1 => proptest::collection::vec(any::<u8>(), 0..4),
+            ],
+            0..60,
+        )
+        .prop_map(|p| p.concat());
+        let line = (
+            proptest::collection::vec(proptest::sample::select(IN_LINE), 0..5),
+            any::<bool>(),
+        )
+            .prop_map(|(p, lf)| {
+                [
+                    p.concat(),
+                    if lf { b"\n".to_vec() } else { b"\r\n".to_vec() },
+                ]
+                .concat()
+            });
+        let lines = proptest::collection::vec(line, 0..30).prop_map(|l| l.concat());
+        prop_oneof![soup, lines]
+    }
+
+    fn limits() -> impl Strategy<Value = Limits> {
+        prop_oneof![
+            Just(Limits::default()),
+            (1usize..48, 1usize..6, 1usize..160).prop_map(
+                |(max_line, max_headers, max_message)| {
+                    Limits {
+                        max_line,
+                        max_headers,
+                        max_message,
+                    }
+                }
+            ),
+        ]
+    }
+
+    /// One step of decoding, comparable across codecs (errors by their text).
+    fn step(r: Result<Option<Frame>, CodecError>) -> Result<Option<Frame>, String> {
+        r.map_err(|e| e.to_string())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(4000))]
+
+        /// [`AmiCodec::whole_message`] changes nothing but speed: fed the same reads, the
+        /// decoder gives the same frames and errors, and leaves the same bytes buffered, as
+        /// the line by line path alone.
+        #[test]
+        fn whole_message_path_matches_line_by_line(
+            input in pieces(),
+            banner in any::<bool>(),
+            limits in limits(),
+            chunk in 1usize..200,
+        ) {
+            let mut fast = AmiCodec::with_limits(banner, limits);
+            let mut reference = AmiCodec::with_limits(banner, limits);
+            let (mut fb, mut rb) = (BytesMut::new(), BytesMut::new());
+            'feed: for piece in input.chunks(chunk) {
+                fb.extend_from_slice(piece);
+                rb.extend_from_slice(piece);
+                loop {
+                    let f = step(fast.decode_from(&mut fb, true));
+                    let r = step(reference.decode_from(&mut rb, false));
+                    prop_assert_eq!(&f, &r);
+                    prop_assert_eq!(&fb[..], &rb[..]);
+                    match f {
+                        Ok(Some(_)) => {}
+                        Ok(None) => break,
+                        Err(_) => break 'feed,
+                    }
+                }
+            }
+            loop {
+                let f = step(fast.decode_eof_from(&mut fb, true));
+                let r = step(reference.decode_eof_from(&mut rb, false));
+                prop_assert_eq!(&f, &r);
+                prop_assert_eq!(&fb[..], &rb[..]);
+                if !matches!(f, Ok(Some(_))) {
+                    break;
+                }
+            }
+        }
     }
 
     #[test]

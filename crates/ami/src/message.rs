@@ -12,26 +12,27 @@ use std::ops::Range;
 /// it, so a decoded message costs two allocations however many headers it has.
 #[derive(Clone, Default)]
 pub struct Message {
-    /// Keys and values, back to back.
+    /// Keys and values (and, in a decoded message, the separators and line ends between them).
     text: String,
-    /// Per header: `text[start..split]` is the key, `text[split..end]` the value.
+    /// Per header: where its key and its value are in `text`.
     spans: Vec<Span>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Span {
-    start: usize,
-    split: usize,
-    end: usize,
+    key_start: usize,
+    key_end: usize,
+    value_start: usize,
+    value_end: usize,
 }
 
 impl Span {
     fn key(self) -> Range<usize> {
-        self.start..self.split
+        self.key_start..self.key_end
     }
 
     fn value(self) -> Range<usize> {
-        self.split..self.end
+        self.value_start..self.value_end
     }
 }
 
@@ -63,14 +64,38 @@ impl Message {
 
     /// Appends a header, keeping any earlier header of the same name.
     pub fn push(&mut self, key: impl AsRef<str>, value: impl AsRef<str>) {
-        let start = self.text.len();
+        let key_start = self.text.len();
         self.text.push_str(key.as_ref());
-        let split = self.text.len();
+        let key_end = self.text.len();
         self.text.push_str(value.as_ref());
         self.spans.push(Span {
-            start,
-            split,
-            end: self.text.len(),
+            key_start,
+            key_end,
+            value_start: key_end,
+            value_end: self.text.len(),
+        });
+    }
+
+    /// A message of `text` as read, with room for `headers` headers, each added with
+    /// [`Message::push_range`].
+    pub(crate) fn from_text(text: String, headers: usize) -> Self {
+        Message {
+            text,
+            spans: Vec::with_capacity(headers),
+        }
+    }
+
+    /// Appends the header whose key and value are these ranges of the text given to
+    /// [`Message::from_text`]; each must lie in it, on character boundaries.
+    pub(crate) fn push_range(&mut self, key: Range<usize>, value: Range<usize>) {
+        debug_assert!(
+            self.text.get(key.clone()).is_some() && self.text.get(value.clone()).is_some()
+        );
+        self.spans.push(Span {
+            key_start: key.start,
+            key_end: key.end,
+            value_start: value.start,
+            value_end: value.end,
         });
     }
 
@@ -84,29 +109,27 @@ impl Message {
 
     /// Replaces the value of the first header named `key`, or appends it.
     pub fn set(&mut self, key: &str, value: impl AsRef<str>) {
-        let found = self
-            .spans
-            .iter()
-            .position(|s| self.text[s.key()].eq_ignore_ascii_case(key));
+        let found = self.spans.iter().position(|&s| self.is_named(s, key));
         match found {
             Some(i) => {
                 let value = value.as_ref();
                 let s = self.spans[i];
-                if s.end == self.text.len() {
+                if s.value_end == self.text.len() {
                     // The last text written: replace in place.
-                    self.text.truncate(s.split);
+                    self.text.truncate(s.value_start);
                     self.text.push_str(value);
-                    self.spans[i].end = self.text.len();
+                    self.spans[i].value_end = self.text.len();
                 } else {
                     // Move the header to the end of the text; the old bytes stay unused.
-                    let start = self.text.len();
+                    let key_start = self.text.len();
                     self.text.extend_from_within(s.key());
-                    let split = self.text.len();
+                    let key_end = self.text.len();
                     self.text.push_str(value);
                     self.spans[i] = Span {
-                        start,
-                        split,
-                        end: self.text.len(),
+                        key_start,
+                        key_end,
+                        value_start: key_end,
+                        value_end: self.text.len(),
                     };
                 }
             }
@@ -117,24 +140,30 @@ impl Message {
     /// Removes every header named `key`; returns how many were removed.
     pub fn remove(&mut self, key: &str) -> usize {
         let before = self.spans.len();
-        let text = &self.text;
+        let text = self.text.as_bytes();
         self.spans
-            .retain(|s| !text[s.key()].eq_ignore_ascii_case(key));
+            .retain(|s| !text[s.key()].eq_ignore_ascii_case(key.as_bytes()));
         before - self.spans.len()
+    }
+
+    /// Whether header `s` is named `key` (ASCII case-insensitive). Compares bytes: no text
+    /// is sliced for a header that does not match.
+    fn is_named(&self, s: Span, key: &str) -> bool {
+        self.text.as_bytes()[s.key()].eq_ignore_ascii_case(key.as_bytes())
     }
 
     /// The value of the first header named `key` (ASCII case-insensitive).
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.headers()
-            .find(|(k, _)| k.eq_ignore_ascii_case(key))
-            .map(|(_, v)| v)
+        let s = *self.spans.iter().find(|&&s| self.is_named(s, key))?;
+        Some(self.value_of(s))
     }
 
     /// Every value of headers named `key`, in wire order.
     pub fn get_all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.headers()
-            .filter(move |(k, _)| k.eq_ignore_ascii_case(key))
-            .map(|(_, v)| v)
+        self.spans
+            .iter()
+            .filter(move |&&s| self.is_named(s, key))
+            .map(|&s| self.value_of(s))
     }
 
     /// All headers in wire order, as `(key, value)`.
@@ -161,7 +190,8 @@ impl Message {
         self.spans.is_empty()
     }
 
-    /// Bytes of header text held (keys and values, without separators).
+    /// Bytes of text held: the keys and values, and in a decoded message the separators and
+    /// line ends between them too (a size hint for encoding the message again).
     pub fn text_len(&self) -> usize {
         self.text.len()
     }
@@ -258,7 +288,28 @@ impl<K: AsRef<str>, V: AsRef<str>> FromIterator<(K, V)> for Message {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
+
     use super::*;
+
+    proptest! {
+        /// `get` and `get_all`, which compare keys as bytes, find what a search through
+        /// `headers()` finds.
+        #[test]
+        fn lookups_match_a_search_of_the_headers(
+            headers in proptest::collection::vec(("(?i:event|actionid|é|Ü|x)", "[a-zé]{0,3}"), 0..8),
+            key in "(?i:event|actionid|é|Ü|x|y)",
+        ) {
+            let m: Message = headers.into_iter().collect();
+            let reference: Vec<&str> = m
+                .headers()
+                .filter(|(k, _)| k.eq_ignore_ascii_case(&key))
+                .map(|(_, v)| v)
+                .collect();
+            prop_assert_eq!(m.get(&key), reference.first().copied());
+            prop_assert_eq!(m.get_all(&key).collect::<Vec<_>>(), reference);
+        }
+    }
 
     #[test]
     fn lookup_is_case_insensitive_and_keeps_duplicates() {

@@ -25,11 +25,12 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
-use bytes::{BufMut, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::client::ClientError;
+use crate::codec::Limits;
 use crate::message::Message;
 
 /// Why a write of a [`SetvarWriter`] failed.
@@ -350,9 +351,11 @@ impl Shared {
         let mut st = self.lock();
         let n = st.out_lens.len().min(max);
         let bytes: usize = st.out_lens.drain(..n).sum();
-        dst.extend_from_slice(&st.out.split_to(bytes));
+        dst.extend_from_slice(&st.out[..bytes]);
+        // Advancing keeps the buffer unshared (a split_to would share it, with a count to keep
+        // for each split); clearing it once empty lets it reuse its whole capacity.
+        st.out.advance(bytes);
         if st.out_lens.is_empty() {
-            // Keeps the buffer's capacity (split_to moved the front away).
             st.out.clear();
         }
         st.conn_woken = false;
@@ -365,9 +368,59 @@ impl Shared {
         action_id.strip_prefix(self.prefix.as_str())?.parse().ok()
     }
 
+    /// The plain success answer to a write of this client at the front of `buf`, read
+    /// without making a message of it: `(sequence number, its length)`. Only the shape
+    /// Asterisk sends, `Response: Success`, `ActionID: <prefix><digits>`, optionally
+    /// `Message: Variable Set`, then the empty line, with CRLF line ends and within `limits`;
+    /// `None` for anything else, which the decoder then reads as any message (and
+    /// [`Shared::answer`] takes). The same as decoding that message and matching its
+    /// `ActionID` with [`Shared::seq_of`] (a test compares the two).
+    pub(crate) fn success_at_front(&self, buf: &[u8], limits: Limits) -> Option<(u64, usize)> {
+        const RESPONSE: &[u8] = b"Response: Success\r\n";
+        const MESSAGE: &[u8] = b"Message: Variable Set\r\n";
+        let rest = buf
+            .strip_prefix(RESPONSE)?
+            .strip_prefix(b"ActionID: ".as_slice())?;
+        let rest = rest.strip_prefix(self.prefix.as_bytes())?;
+        // 19 digits always fit a u64.
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        if !(1..=19).contains(&digits) {
+            return None;
+        }
+        let seq = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+        let rest = rest[digits..].strip_prefix(b"\r\n")?;
+        let (rest, headers) = match rest.strip_prefix(MESSAGE) {
+            Some(rest) => (rest, 3),
+            None => (rest, 2),
+        };
+        if !rest.starts_with(b"\r\n") {
+            return None;
+        }
+        let len = buf.len() - rest.len() + 2;
+        let id_line = "ActionID: ".len() + self.prefix.len() + digits;
+        let longest = id_line.max(MESSAGE.len() - 2);
+        if len > limits.max_message || longest > limits.max_line || headers > limits.max_headers {
+            return None;
+        }
+        Some((seq, len))
+    }
+
     /// Reports the write numbered `seq` answered by `m`; false when no such write waits
     /// (already expired, or not ours).
     pub(crate) fn answer(&self, seq: u64, m: &Message) -> bool {
+        let result = match m.response() {
+            Some(r) if r.eq_ignore_ascii_case("success") => Ok(()),
+            Some(r) if r.eq_ignore_ascii_case("error") => Err(WriteError::Refused(
+                m.get("Message").unwrap_or("").to_owned(),
+            )),
+            _ => Err(WriteError::Malformed(format!("{m:?}"))),
+        };
+        self.finish(seq, result)
+    }
+
+    /// Reports the write numbered `seq` finished with `result`; false when no such write
+    /// waits (already expired, or not ours).
+    pub(crate) fn finish(&self, seq: u64, result: Result<(), WriteError>) -> bool {
         let mut st = self.lock();
         let Some(idx) = seq
             .checked_sub(st.base)
@@ -381,13 +434,6 @@ impl Shared {
         slot.open = false;
         let token = slot.token;
         st.open -= 1;
-        let result = match m.response() {
-            Some(r) if r.eq_ignore_ascii_case("success") => Ok(()),
-            Some(r) if r.eq_ignore_ascii_case("error") => Err(WriteError::Refused(
-                m.get("Message").unwrap_or("").to_owned(),
-            )),
-            _ => Err(WriteError::Malformed(format!("{m:?}"))),
-        };
         self.done.push(WriteDone { token, result });
         st.trim();
         st.wake_conn(self);
@@ -425,7 +471,7 @@ impl Shared {
             i += 1;
         }
         let bytes: usize = st.out_lens.drain(..unsent).sum();
-        let _ = st.out.split_to(bytes);
+        st.out.advance(bytes);
         st.trim();
         st.wake_conn(self);
     }
