@@ -57,6 +57,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use compact_str::CompactString;
 
 use futures::StreamExt;
 use hintfed_asterisk::event::{extension_status_to_device_state, hint_devices};
@@ -64,7 +65,7 @@ use hintfed_asterisk::pbx::SetvarDone;
 use hintfed_asterisk::{Pbx, PbxError, PbxEvent};
 use hintfed_core::{
     Action, Body, DeviceState, Envelope, KeyRing, Kind, Limits, LocalEvent, Millis, Node, Presence,
-    Role, Value, Verifier, is_custom_device,
+    Role, Value, Verifier, WriteId, is_custom_device,
 };
 use hintfed_daemon::http::{
     BoxFuture, OriginView, Readiness, StateView, StatusEvent, StatusEvents, StatusSource,
@@ -291,7 +292,10 @@ impl RelayHandle {
 /// A `Setvar` in flight, under its token ([`Pbx::start_setvar`]).
 #[derive(Debug)]
 struct InFlight {
-    target: String,
+    /// Reports it to the node.
+    id: WriteId,
+    /// For the log of a failure.
+    target: CompactString,
     kind: Kind,
     started: Instant,
 }
@@ -306,8 +310,8 @@ struct Writes {
     free: Vec<usize>,
     /// Finished writes taken from the Pbx, reused between batches.
     done: Vec<SetvarDone>,
-    /// Their targets and outcomes, handed to the node together (reused between batches).
-    results: Vec<(String, bool)>,
+    /// Their outcomes, handed to the node together (reused between batches).
+    results: Vec<(WriteId, bool)>,
 }
 
 impl Writes {
@@ -860,11 +864,11 @@ impl<T: FederationTransport + 'static> Relay<T> {
         }
     }
 
-    /// Counts and logs a finished write; returns its target and whether it succeeded, for
-    /// the node.
-    fn on_written(&mut self, w: InFlight, result: Result<(), PbxError>) -> (String, bool) {
+    /// Counts and logs a finished write; returns it and whether it succeeded, for the node.
+    fn on_written(&mut self, w: InFlight, result: Result<(), PbxError>) -> (WriteId, bool) {
         self.dirty = true;
         let InFlight {
+            id,
             target,
             kind,
             started,
@@ -887,7 +891,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
             }
             m.apply_latency.observe(started.elapsed().as_secs_f64());
         }
-        (target, ok)
+        (id, ok)
     }
 
     fn on_connected_changed(&mut self) {
@@ -1013,6 +1017,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
                     Action::Apply(cmd) => {
                         let (variable, value) = (cmd.variable(), cmd.setvar_value());
                         let token = self.writes.insert(InFlight {
+                            id: cmd.id,
                             kind: cmd.kind(),
                             target: cmd.target,
                             started: Instant::now(),
@@ -1048,10 +1053,8 @@ impl<T: FederationTransport + 'static> Relay<T> {
         let n = results.len();
         if n > 0 {
             // The window is refilled once for the whole batch, not once per write.
-            self.node.on_apply_results(
-                wall_now(),
-                results.iter().map(|(target, ok)| (target.as_str(), *ok)),
-            );
+            self.node
+                .on_apply_results(wall_now(), results.iter().copied());
         }
         results.clear();
         self.writes.done = done;

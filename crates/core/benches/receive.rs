@@ -25,8 +25,8 @@ use std::time::{Duration, Instant};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use hintfed_core::{
-    Action, Body, DeviceState, Envelope, Epoch, HlcTimestamp, KeyRing, Limits, LocalEvent, Millis,
-    Node, NodeConfig, Update, Value, Verifier,
+    Action, ApplyCmd, Body, DeviceState, Envelope, Epoch, HlcTimestamp, KeyRing, Limits,
+    LocalEvent, Millis, Node, NodeConfig, Update, Value, Verifier,
 };
 
 const ORIGINS: usize = 10;
@@ -121,20 +121,28 @@ fn messages() -> Messages {
 
 /// Takes the node's actions, reporting every write as done and then feeding its echo, until
 /// the node asks for nothing more.
-fn drain(node: &mut Node, now: Millis, targets: &mut Vec<(String, Value)>) {
+fn drain(node: &mut Node, now: Millis, writes: &mut Vec<ApplyCmd>) {
     loop {
-        targets.clear();
+        writes.clear();
         while let Some(a) = node.poll_action() {
             if let Action::Apply(cmd) = a {
-                targets.push((cmd.target, cmd.value));
+                writes.push(cmd);
             }
         }
-        if targets.is_empty() {
+        if writes.is_empty() {
             return;
         }
-        node.on_apply_results(now, targets.iter().map(|(t, _)| (t.as_str(), true)));
-        for (t, v) in targets.drain(..) {
-            node.on_local_event(now, LocalEvent { key: t, value: v });
+        node.on_apply_results(now, writes.iter().map(|c| (c.id, true)));
+        for c in writes.drain(..) {
+            // As read from Asterisk: the event's own name.
+            let key = c.target.to_string();
+            node.on_local_event(
+                now,
+                LocalEvent {
+                    key,
+                    value: c.value,
+                },
+            );
         }
     }
 }
