@@ -52,6 +52,7 @@
 //! and delivers each node's [`Action::Publish`] envelopes to all the others, with
 //! [`NodeConfig::snapshots`] off.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use compact_str::CompactString;
@@ -161,16 +162,21 @@ impl ApplyCmd {
         self.value.kind()
     }
 
-    /// The `Setvar` variable: `DEVICE_STATE(<target>)` or `PRESENCE_STATE(<target>)`.
-    pub fn variable(&self) -> String {
-        match self.kind() {
-            Kind::Device => format!("DEVICE_STATE({})", self.target),
-            Kind::Presence => format!("PRESENCE_STATE({})", self.target),
-        }
+    /// The `Setvar` variable, `DEVICE_STATE(<target>)` or `PRESENCE_STATE(<target>)`, in
+    /// `out` (cleared first: one buffer serves every write).
+    pub fn variable_into(&self, out: &mut String) {
+        out.clear();
+        out.push_str(match self.kind() {
+            Kind::Device => "DEVICE_STATE(",
+            Kind::Presence => "PRESENCE_STATE(",
+        });
+        out.push_str(&self.target);
+        out.push(')');
     }
 
-    /// The `Setvar` value (presence in the `e` form when needed).
-    pub fn setvar_value(&self) -> String {
+    /// The `Setvar` value (presence in the `e` form when needed; a device state's word
+    /// without an allocation).
+    pub fn setvar_value(&self) -> Cow<'static, str> {
         self.value.to_setvar_value()
     }
 }
