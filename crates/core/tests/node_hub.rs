@@ -208,6 +208,36 @@ fn apply_window_bounds_outstanding_writes() {
     assert_eq!(n.stats().apply_errors, errors + 1);
 }
 
+/// The answer of a write made to an Asterisk since lost (a `Setvar` that failed or timed out
+/// afterwards) completes nothing: not the write of the same target to the new connection.
+#[test]
+fn an_answer_of_a_write_from_before_a_loss_is_ignored() {
+    let mut b = synced("pbx-b");
+    b.on_remote(Millis(1), &up("pbx-a", 1, 1, "PJSIP/1", DeviceState::Inuse));
+    let old = b.take_actions();
+    let old = applies(&old)[0].id;
+    b.on_local_lost(Millis(2));
+    b.on_local_restored(Millis(3));
+    b.on_local_full_sync(Millis(3), Vec::new());
+    let new = b.take_actions();
+    let new = applies(&new);
+    assert_eq!(new.len(), 1, "written again to the new connection");
+    assert_eq!(new[0].target, "Custom:PJSIP/1");
+    let errors = b.stats().apply_errors;
+    b.on_apply_result(Millis(4), old, false);
+    assert_eq!(b.stats().apply_errors, errors, "not counted");
+    assert_eq!(
+        b.apply_queue().in_flight_len(),
+        1,
+        "the new write still flies"
+    );
+    b.on_apply_result(Millis(5), new[0].id, true);
+    assert_eq!(
+        b.apply_queue().held("Custom:PJSIP/1"),
+        Some(&Value::Device(DeviceState::Inuse))
+    );
+}
+
 #[test]
 fn lost_asterisk_announces_down_and_restore_starts_a_new_epoch() {
     let mut a = synced("pbx-a");
