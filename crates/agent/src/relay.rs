@@ -777,6 +777,13 @@ impl<T: FederationTransport + 'static> Relay<T> {
                         m.snapshot_entries.observe(entries.len() as f64);
                     }
                 }
+                // `now` was read for the whole batch, which updates (microseconds each) pass
+                // through at once; anything else (a snapshot chunk may take milliseconds)
+                // reads the clock afresh.
+                let now = match env.body {
+                    Body::Update(_) => now,
+                    _ => wall_now(),
+                };
                 let done_before = self.node.snapshot_done();
                 self.node.on_remote(now, &env);
                 if !done_before && self.node.snapshot_done() {
