@@ -57,6 +57,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use compact_str::CompactString;
 
 use futures::StreamExt;
 use hintfed_asterisk::event::{extension_status_to_device_state, hint_devices};
@@ -64,7 +65,7 @@ use hintfed_asterisk::pbx::SetvarDone;
 use hintfed_asterisk::{Pbx, PbxError, PbxEvent};
 use hintfed_core::{
     Action, Body, DeviceState, Envelope, KeyRing, Kind, Limits, LocalEvent, Millis, Node, Presence,
-    Role, Value, Verifier, is_custom_device,
+    Role, Value, Verifier, WriteId, is_custom_device,
 };
 use hintfed_daemon::http::{
     BoxFuture, OriginView, Readiness, StateView, StatusEvent, StatusEvents, StatusSource,
@@ -291,7 +292,10 @@ impl RelayHandle {
 /// A `Setvar` in flight, under its token ([`Pbx::start_setvar`]).
 #[derive(Debug)]
 struct InFlight {
-    target: String,
+    /// Reports it to the node.
+    id: WriteId,
+    /// For the log of a failure.
+    target: CompactString,
     kind: Kind,
     started: Instant,
 }
@@ -306,8 +310,10 @@ struct Writes {
     free: Vec<usize>,
     /// Finished writes taken from the Pbx, reused between batches.
     done: Vec<SetvarDone>,
-    /// Their targets and outcomes, handed to the node together (reused between batches).
-    results: Vec<(String, bool)>,
+    /// Their outcomes, handed to the node together (reused between batches).
+    results: Vec<(WriteId, bool)>,
+    /// The `Setvar` variable being written (reused between writes).
+    variable: String,
 }
 
 impl Writes {
@@ -443,11 +449,13 @@ pub fn now_millis() -> Millis {
     wall_now()
 }
 
-/// Converts an AMI device event into a node event; `None` for an unknown state word.
-fn device_event(device: &str, state: &str) -> Option<LocalEvent> {
+/// Converts an AMI device event into a node event (the event's own name taken over when
+/// given as a `String`); `None` for an unknown state word.
+fn device_event(device: impl Into<String>, state: &str) -> Option<LocalEvent> {
     match state.parse::<DeviceState>() {
         Ok(s) => Some(LocalEvent::device(device, s)),
         Err(_) => {
+            let device: String = device.into();
             debug!(device, state, "unknown device state word ignored");
             None
         }
@@ -604,7 +612,9 @@ impl<T: FederationTransport + 'static> Relay<T> {
                 () = shutdown.cancelled() => break Ok(()),
                 ev = self.pbx_events.recv() => match ev {
                     Some(ev) => {
-                        self.on_pbx_event(ev);
+                        // One clock read for the batch (taken within microseconds).
+                        let now = wall_now();
+                        self.on_pbx_event(now, ev);
                         // Take what else is queued, up to a batch: each of our writes comes
                         // back as an event, and a fast Asterisk answers a window of writes at
                         // once; one event a turn fell behind the writes, the AMI queue
@@ -613,7 +623,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
                         // connection from reading long enough to overflow its queue.
                         for _ in 0..BATCH {
                             match self.pbx_events.try_recv() {
-                                Ok(ev) => self.on_pbx_event(ev),
+                                Ok(ev) => self.on_pbx_event(now, ev),
                                 Err(_) => break,
                             }
                         }
@@ -621,11 +631,12 @@ impl<T: FederationTransport + 'static> Relay<T> {
                     None => break Err(RelayError::EventsClosed),
                 },
                 Some(msg) = self.incoming.recv() => {
-                    self.on_incoming(&msg);
+                    let now = wall_now();
+                    self.on_incoming(now, &msg);
                     // Take what else is queued before acting (bursts, snapshots).
                     for _ in 0..BATCH {
                         match self.incoming.try_recv() {
-                            Ok(m) => self.on_incoming(&m),
+                            Ok(m) => self.on_incoming(now, &m),
                             Err(_) => break,
                         }
                     }
@@ -671,8 +682,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
 
     // ----- inputs -------------------------------------------------------------------------
 
-    fn on_pbx_event(&mut self, ev: PbxEvent) {
-        let now = wall_now();
+    fn on_pbx_event(&mut self, now: Millis, ev: PbxEvent) {
         self.dirty = true;
         match ev {
             PbxEvent::Up { generation } => {
@@ -719,7 +729,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
                 if !self.filter.allows(&d.device) {
                     return;
                 }
-                if let Some(e) = device_event(&d.device, &d.state) {
+                if let Some(e) = device_event(d.device, &d.state) {
                     self.local_event(now, e, None);
                 }
             }
@@ -750,7 +760,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
         self.dirty = true;
     }
 
-    fn on_incoming(&mut self, msg: &Incoming) {
+    fn on_incoming(&mut self, now: Millis, msg: &Incoming) {
         let Some(payload) = msg.frames.last() else {
             return;
         };
@@ -767,8 +777,15 @@ impl<T: FederationTransport + 'static> Relay<T> {
                         m.snapshot_entries.observe(entries.len() as f64);
                     }
                 }
+                // `now` was read for the whole batch, which updates (microseconds each) pass
+                // through at once; anything else (a snapshot chunk may take milliseconds)
+                // reads the clock afresh.
+                let now = match env.body {
+                    Body::Update(_) => now,
+                    _ => wall_now(),
+                };
                 let done_before = self.node.snapshot_done();
-                self.node.on_remote(wall_now(), &env);
+                self.node.on_remote(now, &env);
                 if !done_before && self.node.snapshot_done() {
                     info!(hub = msg.hub, "snapshot complete");
                     self.last_snapshot_hub = None;
@@ -860,11 +877,17 @@ impl<T: FederationTransport + 'static> Relay<T> {
         }
     }
 
-    /// Counts and logs a finished write; returns its target and whether it succeeded, for
-    /// the node.
-    fn on_written(&mut self, w: InFlight, result: Result<(), PbxError>) -> (String, bool) {
+    /// Counts and logs a finished write (`now`, when metrics are kept: the time it was
+    /// taken); returns it and whether it succeeded, for the node.
+    fn on_written(
+        &mut self,
+        w: InFlight,
+        result: Result<(), PbxError>,
+        now: Option<Instant>,
+    ) -> (WriteId, bool) {
         self.dirty = true;
         let InFlight {
+            id,
             target,
             kind,
             started,
@@ -879,15 +902,16 @@ impl<T: FederationTransport + 'static> Relay<T> {
         } else {
             self.counters.applies_ok += 1;
         }
-        if let (Some(m), Some(c)) = (self.metrics(), &self.handles) {
+        if let (Some(m), Some(c), Some(now)) = (self.metrics(), &self.handles, now) {
             if ok {
                 c.applied.inc();
             } else {
                 c.apply_failed.inc();
             }
-            m.apply_latency.observe(started.elapsed().as_secs_f64());
+            m.apply_latency
+                .observe(now.saturating_duration_since(started).as_secs_f64());
         }
-        (target, ok)
+        (id, ok)
     }
 
     fn on_connected_changed(&mut self) {
@@ -1004,20 +1028,29 @@ impl<T: FederationTransport + 'static> Relay<T> {
             self.send(&hello, false).await;
         }
         loop {
-            let actions = self.node.take_actions();
             let mut wrote = false;
-            for a in actions {
+            // One clock read for a run of writes (started together, microseconds apart).
+            let mut started = None;
+            while let Some(a) = self.node.poll_action() {
                 match a {
-                    Action::Publish(env) => self.send(&env, true).await,
-                    Action::Request(env) => self.request(&env).await,
+                    Action::Publish(env) => {
+                        self.send(&env, true).await;
+                        started = None;
+                    }
+                    Action::Request(env) => {
+                        self.request(&env).await;
+                        started = None;
+                    }
                     Action::Apply(cmd) => {
-                        let (variable, value) = (cmd.variable(), cmd.setvar_value());
+                        cmd.variable_into(&mut self.writes.variable);
+                        let value = cmd.setvar_value();
                         let token = self.writes.insert(InFlight {
+                            id: cmd.id,
                             kind: cmd.kind(),
                             target: cmd.target,
-                            started: Instant::now(),
+                            started: *started.get_or_insert_with(Instant::now),
                         });
-                        self.pbx.start_setvar(token, &variable, &value);
+                        self.pbx.start_setvar(token, &self.writes.variable, &value);
                         wrote = true;
                     }
                     Action::QueryLocal(keys) => self.query(keys),
@@ -1035,6 +1068,8 @@ impl<T: FederationTransport + 'static> Relay<T> {
         let mut done = std::mem::take(&mut self.writes.done);
         let mut results = std::mem::take(&mut self.writes.results);
         self.pbx.take_setvars(&mut done);
+        // One clock read for the batch's latencies.
+        let now = (!done.is_empty() && self.metrics().is_some()).then(Instant::now);
         for SetvarDone { token, result } in done.drain(..) {
             let Some(w) = self.writes.remove(token) else {
                 warn!(
@@ -1043,15 +1078,13 @@ impl<T: FederationTransport + 'static> Relay<T> {
                 );
                 continue;
             };
-            results.push(self.on_written(w, result));
+            results.push(self.on_written(w, result, now));
         }
         let n = results.len();
         if n > 0 {
             // The window is refilled once for the whole batch, not once per write.
-            self.node.on_apply_results(
-                wall_now(),
-                results.iter().map(|(target, ok)| (target.as_str(), *ok)),
-            );
+            self.node
+                .on_apply_results(wall_now(), results.iter().copied());
         }
         results.clear();
         self.writes.done = done;
@@ -1394,7 +1427,7 @@ fn derive_from_hints(
             && wanted.contains(*dev)
             && seen.insert((*dev).to_owned())
             && let Some(state) = extension_status_to_device_state(h.status)
-            && let Some(e) = device_event(dev, state)
+            && let Some(e) = device_event(*dev, state)
         {
             out.push(e);
         }

@@ -7,7 +7,8 @@
 //!   is still in flight waits (writes of one target are never reordered) without blocking the
 //!   others.
 //! - **Window**: at most `in_flight` writes are outstanding; [`ApplyQueue::complete`] frees a
-//!   slot.
+//!   slot. A write is completed by the [`WriteId`] it was handed out with (the target's id,
+//!   no lookup of its name); a handle from before the queue was cleared is ignored.
 //! - **Skip**: a write is dropped when the sink already holds the value (tracked from
 //!   confirmed writes and trustworthy observations) or when the same value is already in
 //!   flight.
@@ -85,6 +86,28 @@ impl Default for ApplyConfig {
             echo_max_age_ms: 60_000,
         }
     }
+}
+
+/// A write handed out by [`ApplyQueue::next_write_at`], to complete it with
+/// [`ApplyQueue::complete`]: the target's id in its store, and the queue's generation then
+/// (bumped by [`ApplyQueue::clear`], so a handle from before a clear never names a target of
+/// after it; generations repeat after 2^32 clears).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct WriteId {
+    /// The target's id as the order holds it ([`OTHER`] set: the presence store).
+    tagged: u32,
+    generation: u32,
+}
+
+/// A write to make: [`ApplyQueue::next_write_at`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Write<'a> {
+    /// Completes the write ([`ApplyQueue::complete`]).
+    pub id: WriteId,
+    /// The target's name.
+    pub target: &'a str,
+    /// The value to write.
+    pub value: Value,
 }
 
 /// What [`ApplyQueue::push`] did.
@@ -570,6 +593,8 @@ struct Shared {
     stats: ApplyStats,
     /// The latest time given to the queue (for [`ApplyQueue::next_write`]).
     clock: Millis,
+    /// Bumped by [`ApplyQueue::clear`] (see [`WriteId`]).
+    generation: u32,
 }
 
 /// The bit of an order id naming a target of the presence store.
@@ -779,8 +804,9 @@ impl ApplyQueue {
     }
 
     /// The next write to send, if the window has room and something is pending; its echo
-    /// is expected from `now` on (see [`ApplyQueue::is_echo`]).
-    pub fn next_write_at(&mut self, now: Millis) -> Option<(String, Value)> {
+    /// is expected from `now` on (see [`ApplyQueue::is_echo`]). Report its outcome with
+    /// [`ApplyQueue::complete`] and its [`Write::id`].
+    pub fn next_write_at(&mut self, now: Millis) -> Option<Write<'_>> {
         self.tick_clock(now);
         if self.q.in_flight >= self.q.config.in_flight.max(1) {
             return None;
@@ -804,12 +830,16 @@ impl ApplyQueue {
             match d {
                 Dispatch::Drop | Dispatch::Parked => {}
                 Dispatch::Write(value) => {
-                    let key = if tagged & OTHER == 0 {
+                    let target = if tagged & OTHER == 0 {
                         self.devices.key(id)
                     } else {
                         self.others.key(id)
                     };
-                    return Some((key.to_owned(), value));
+                    let id = WriteId {
+                        tagged,
+                        generation: self.q.generation,
+                    };
+                    return Some(Write { id, target, value });
                 }
             }
         }
@@ -817,22 +847,26 @@ impl ApplyQueue {
     }
 
     /// [`ApplyQueue::next_write_at`] at the latest time the queue was given.
-    pub fn next_write(&mut self) -> Option<(String, Value)> {
+    pub fn next_write(&mut self) -> Option<Write<'_>> {
         self.next_write_at(self.q.clock)
     }
 
-    /// The write to `target` finished. On success the sink now holds the value; on failure
-    /// what it holds is unknown. Returns whether a write to `target` was in flight.
-    pub fn complete(&mut self, target: &str, ok: bool) -> bool {
-        let q = &mut self.q;
-        if let Some(id) = self.devices.id(target)
-            && Packed::with(&mut self.devices, id, |s| complete_in(s, q, ok, id))
-        {
-            return true;
+    /// The write handed out as `id` finished. On success the sink now holds the value; on
+    /// failure what it holds is unknown. Returns whether a write to its target was in flight
+    /// (false, and nothing done, for a handle from before a [`ApplyQueue::clear`]). A target
+    /// has one write in flight at most, so the handle of any write to it completes that one.
+    pub fn complete(&mut self, id: WriteId, ok: bool) -> bool {
+        if id.generation != self.q.generation {
+            return false;
         }
-        match self.others.id(target) {
-            Some(id) => Cell::with(&mut self.others, id, |s| complete_in(s, q, ok, id | OTHER)),
-            None => false,
+        let (tagged, q) = (id.tagged, &mut self.q);
+        let i = tagged & !OTHER;
+        if tagged & OTHER == 0 {
+            (i as usize) < self.devices.len()
+                && Packed::with(&mut self.devices, i, |s| complete_in(s, q, ok, tagged))
+        } else {
+            (i as usize) < self.others.len()
+                && Cell::with(&mut self.others, i, |s| complete_in(s, q, ok, tagged))
         }
     }
 
@@ -929,6 +963,7 @@ impl ApplyQueue {
         self.q.pending = 0;
         self.q.in_flight = 0;
         self.q.listing_marked = false;
+        self.q.generation = self.q.generation.wrapping_add(1);
     }
 
     /// What the sink is known to hold for `target`.
@@ -974,6 +1009,26 @@ mod tests {
         Value::Device(s)
     }
 
+    /// The next write, as its target and value.
+    fn nw(a: &mut ApplyQueue) -> Option<(String, Value)> {
+        a.next_write().map(|w| (w.target.to_owned(), w.value))
+    }
+
+    /// [`nw`] at `now`.
+    fn nwa(a: &mut ApplyQueue, now: Millis) -> Option<(String, Value)> {
+        a.next_write_at(now).map(|w| (w.target.to_owned(), w.value))
+    }
+
+    /// Completes the write in flight to `target` by its handle (found by name, devices first,
+    /// as the queue's owner keeps it from [`ApplyQueue::next_write_at`]).
+    fn done(a: &mut ApplyQueue, target: &str, ok: bool) -> bool {
+        let generation = a.q.generation;
+        let mut ids = [a.devices.id(target), a.others.id(target).map(|i| i | OTHER)]
+            .into_iter()
+            .flatten();
+        ids.any(|tagged| a.complete(WriteId { tagged, generation }, ok))
+    }
+
     fn q(max_keys: usize, in_flight: usize) -> ApplyQueue {
         ApplyQueue::new(ApplyConfig {
             max_keys,
@@ -988,11 +1043,11 @@ mod tests {
         assert_eq!(a.push("x".into(), d(Ringing)), Push::Queued);
         assert_eq!(a.push("y".into(), d(Inuse)), Push::Queued);
         assert_eq!(a.push("x".into(), d(Inuse)), Push::Conflated);
-        assert_eq!(a.next_write(), Some(("x".into(), d(Inuse))));
-        assert_eq!(a.next_write(), None, "window of one");
-        assert!(a.complete("x", true));
-        assert_eq!(a.next_write(), Some(("y".into(), d(Inuse))));
-        assert!(!a.complete("zz", true));
+        assert_eq!(nw(&mut a), Some(("x".into(), d(Inuse))));
+        assert_eq!(nw(&mut a), None, "window of one");
+        assert!(done(&mut a, "x", true));
+        assert_eq!(nw(&mut a), Some(("y".into(), d(Inuse))));
+        assert!(!done(&mut a, "zz", true));
     }
 
     /// A value waiting for its target's write in flight leaves the order (a long order of
@@ -1004,21 +1059,21 @@ mod tests {
             a.push(t.into(), d(Inuse));
         }
         for _ in 0..4 {
-            assert!(a.next_write().is_some());
+            assert!(nw(&mut a).is_some());
         }
         for t in ["a", "b", "c", "d"] {
             assert_eq!(a.push(t.into(), d(Busy)), Push::Queued);
         }
-        assert_eq!(a.next_write(), None, "each waits for its write in flight");
+        assert_eq!(nw(&mut a), None, "each waits for its write in flight");
         assert!(a.q.order.is_empty(), "parked: {:?}", a.q.order);
         assert_eq!(a.pending_len(), 4);
-        assert!(a.complete("c", true));
-        assert_eq!(a.next_write(), Some(("c".into(), d(Busy))));
-        assert_eq!(a.next_write(), None);
+        assert!(done(&mut a, "c", true));
+        assert_eq!(nw(&mut a), Some(("c".into(), d(Busy))));
+        assert_eq!(nw(&mut a), None);
         for t in ["a", "b", "d"] {
-            assert!(a.complete(t, false));
+            assert!(done(&mut a, t, false));
         }
-        let mut rest: Vec<String> = std::iter::from_fn(|| a.next_write().map(|(t, _)| t)).collect();
+        let mut rest: Vec<String> = std::iter::from_fn(|| nw(&mut a).map(|(t, _)| t)).collect();
         rest.sort();
         assert_eq!(
             rest,
@@ -1032,13 +1087,13 @@ mod tests {
     fn skips_what_the_sink_holds_or_is_being_written() {
         let mut a = q(10, 4);
         a.push("x".into(), d(Inuse));
-        let (t, _) = a.next_write().unwrap();
+        let (t, _) = nw(&mut a).unwrap();
         assert_eq!(
             a.push("x".into(), d(Inuse)),
             Push::Skipped,
             "same value in flight"
         );
-        a.complete(&t, true);
+        done(&mut a, &t, true);
         assert_eq!(a.push("x".into(), d(Inuse)), Push::Skipped, "held");
         assert_eq!(a.push("x".into(), d(Busy)), Push::Queued);
         assert_eq!(
@@ -1046,11 +1101,11 @@ mod tests {
             Push::Skipped,
             "back to held: pending dropped"
         );
-        assert_eq!(a.next_write(), None);
+        assert_eq!(nw(&mut a), None);
         a.forget_held();
         assert_eq!(a.push("x".into(), d(Inuse)), Push::Queued);
-        let (t, _) = a.next_write().unwrap();
-        a.complete(&t, false);
+        let (t, _) = nw(&mut a).unwrap();
+        done(&mut a, &t, false);
         assert_eq!(a.held("x"), None, "failed write: unknown");
         assert_eq!(a.stats().failed, 1);
     }
@@ -1059,17 +1114,17 @@ mod tests {
     fn writes_of_one_target_are_not_reordered_and_do_not_block_others() {
         let mut a = q(10, 4);
         a.push("x".into(), d(Ringing));
-        assert_eq!(a.next_write(), Some(("x".into(), d(Ringing))));
+        assert_eq!(nw(&mut a), Some(("x".into(), d(Ringing))));
         a.push("x".into(), d(Inuse));
         a.push("y".into(), d(Busy));
         assert_eq!(
-            a.next_write(),
+            nw(&mut a),
             Some(("y".into(), d(Busy))),
             "x waits for its write in flight"
         );
-        assert_eq!(a.next_write(), None);
-        a.complete("x", true);
-        assert_eq!(a.next_write(), Some(("x".into(), d(Inuse))));
+        assert_eq!(nw(&mut a), None);
+        done(&mut a, "x", true);
+        assert_eq!(nw(&mut a), Some(("x".into(), d(Inuse))));
     }
 
     #[test]
@@ -1079,13 +1134,13 @@ mod tests {
             a.push(format!("k{i}"), d(Inuse));
         }
         let mut got = Vec::new();
-        while let Some((t, _)) = a.next_write() {
+        while let Some((t, _)) = nw(&mut a) {
             got.push(t);
         }
         assert_eq!(got, vec!["k0", "k1", "k2"], "fair: first queued first");
         assert_eq!(a.in_flight_len(), 3);
-        a.complete("k1", true);
-        assert_eq!(a.next_write().unwrap().0, "k3");
+        done(&mut a, "k1", true);
+        assert_eq!(nw(&mut a).unwrap().0, "k3");
     }
 
     #[test]
@@ -1103,26 +1158,26 @@ mod tests {
                 let key = format!("k{k}");
                 a.push(key.clone(), d(states[s]));
                 last.insert(key, d(states[s]));
-                while let Some((t, _)) = a.next_write() {
+                while let Some((t, _)) = nw(&mut a) {
                     prop_assert!(!in_flight.contains(&t), "one write per target at a time");
                     in_flight.push(t);
                 }
                 prop_assert!(a.in_flight_len() <= window);
                 if complete && !in_flight.is_empty() {
                     let t = in_flight.remove(0);
-                    a.complete(&t, true);
+                    done(&mut a, &t, true);
                 }
             }
             // Drain everything.
             loop {
-                while let Some((t, _)) = a.next_write() {
+                while let Some((t, _)) = nw(&mut a) {
                     in_flight.push(t);
                 }
                 if in_flight.is_empty() {
                     break;
                 }
                 let t = in_flight.remove(0);
-                a.complete(&t, true);
+                done(&mut a, &t, true);
             }
             for (k, v) in last {
                 prop_assert_eq!(a.held(&k), Some(&v));
@@ -1133,8 +1188,8 @@ mod tests {
     /// Dispatches and confirms everything pending; returns the writes in order.
     fn drain(a: &mut ApplyQueue) -> Vec<(String, Value)> {
         let mut out = Vec::new();
-        while let Some((t, v)) = a.next_write() {
-            a.complete(&t, true);
+        while let Some((t, v)) = nw(a) {
+            done(a, &t, true);
             out.push((t, v));
         }
         out
@@ -1156,7 +1211,7 @@ mod tests {
         assert_eq!(a.held("x"), Some(&d(Inuse)), "the confirmation is newer");
         assert_eq!(a.stats().stale_observations, 1);
         assert_eq!(a.push("x".into(), d(Inuse)), Push::Skipped);
-        assert_eq!(a.next_write(), None);
+        assert_eq!(nw(&mut a), None);
         // The same listing item for a target written before the mark is believed, and since
         // it is not what is wanted, the wanted value is written again.
         a.push("y".into(), d(Busy));
@@ -1176,13 +1231,13 @@ mod tests {
         a.push("y".into(), d(Busy));
         drain(&mut a);
         a.push("x".into(), d(Inuse));
-        let w = a.next_write().unwrap();
+        let w = nw(&mut a).unwrap();
         a.listing_requested();
         a.listing_begins();
         a.note_listed("x", &d(Ringing));
         a.listing_done();
         assert_eq!(a.held("y"), None, "not listed: unknown, written again");
-        a.complete(&w.0, true);
+        done(&mut a, &w.0, true);
         assert_eq!(a.held("x"), Some(&d(Inuse)));
         assert_eq!(a.push("y".into(), d(Busy)), Push::Queued);
         // Without a mark a listing is taken as current (but never over a write in flight).
@@ -1199,16 +1254,16 @@ mod tests {
         drain(&mut a);
         a.push("x".into(), d(Busy));
         a.push("y".into(), d(Busy));
-        assert_eq!(a.next_write(), Some(("x".into(), d(Busy))));
+        assert_eq!(nw(&mut a), Some(("x".into(), d(Busy))));
         // A late event of the earlier INUSE while BUSY flies, and one saying BUSY for y
         // while y still waits: neither may decide.
         a.note_held("x", &d(Inuse));
         a.note_held("y", &d(Busy));
         assert_eq!(a.stats().stale_observations, 2);
-        a.complete("x", true);
+        done(&mut a, "x", true);
         assert_eq!(a.held("x"), Some(&d(Busy)));
         assert_eq!(
-            a.next_write(),
+            nw(&mut a),
             Some(("y".into(), d(Busy))),
             "y is written although an event said it held BUSY"
         );
@@ -1220,7 +1275,7 @@ mod tests {
         a.push("x".into(), d(Inuse));
         drain(&mut a);
         a.note_held("x", &d(Inuse));
-        assert_eq!(a.next_write(), None, "as wanted: nothing to do");
+        assert_eq!(nw(&mut a), None, "as wanted: nothing to do");
         for _ in 0..MAX_REPAIRS {
             a.note_held("x", &d(NotInuse));
             assert_eq!(a.held("x"), Some(&d(NotInuse)));
@@ -1228,7 +1283,7 @@ mod tests {
         }
         a.note_held("x", &d(NotInuse));
         assert_eq!(
-            a.next_write(),
+            nw(&mut a),
             None,
             "a sink that keeps disagreeing is left alone"
         );
@@ -1241,7 +1296,7 @@ mod tests {
         // Targets nobody wants are only recorded.
         a.note_held("z", &d(Inuse));
         assert_eq!(a.held("z"), Some(&d(Inuse)));
-        assert_eq!(a.next_write(), None);
+        assert_eq!(nw(&mut a), None);
         assert_eq!(a.push("z".into(), d(Inuse)), Push::Skipped);
     }
 
@@ -1268,7 +1323,7 @@ mod tests {
     fn echoes_of_our_writes_are_recognised_even_repeated_and_late() {
         let mut a = q(10, 4);
         a.push("x".into(), d(Ringing));
-        let (t, _) = a.next_write_at(Millis(10)).unwrap();
+        let (t, _) = nwa(&mut a, Millis(10)).unwrap();
         assert!(
             a.is_echo("x", &d(Ringing), Millis(11)),
             "echo before the answer"
@@ -1279,11 +1334,11 @@ mod tests {
         );
         assert!(!a.is_echo("y", &d(Ringing), Millis(12)), "no write to y");
         assert_eq!(a.targets_len(), 1, "asking about an echo creates no slot");
-        a.complete(&t, true);
+        done(&mut a, &t, true);
         // The next write goes out before the first one's echo was read (events and answers
         // travel apart): both are expected, in order.
         a.push("x".into(), d(Inuse));
-        a.next_write_at(Millis(20)).unwrap();
+        nwa(&mut a, Millis(20)).unwrap();
         assert!(
             a.is_echo("x", &d(Ringing), Millis(21)),
             "late echo of the first write"
@@ -1300,8 +1355,8 @@ mod tests {
     fn a_different_value_is_a_real_change_and_drops_the_expectations() {
         let mut a = q(10, 4);
         a.push("x".into(), d(Inuse));
-        let (t, _) = a.next_write_at(Millis(0)).unwrap();
-        a.complete(&t, true);
+        let (t, _) = nwa(&mut a, Millis(0)).unwrap();
+        done(&mut a, &t, true);
         assert!(!a.is_echo("x", &d(Busy), Millis(1)));
         assert!(
             !a.is_echo("x", &d(Inuse), Millis(2)),
@@ -1314,8 +1369,8 @@ mod tests {
         let mut a = q(10, 4);
         for (i, s) in [Ringing, Inuse, Busy].into_iter().enumerate() {
             a.push("x".into(), d(s));
-            let (t, _) = a.next_write_at(Millis(i as u64)).unwrap();
-            a.complete(&t, true);
+            let (t, _) = nwa(&mut a, Millis(i as u64)).unwrap();
+            done(&mut a, &t, true);
         }
         assert!(
             !a.is_echo("x", &d(Ringing), Millis(3)),
@@ -1323,8 +1378,8 @@ mod tests {
         );
         for (i, s) in [Ringing, Inuse, Busy].into_iter().enumerate() {
             a.push("y".into(), d(s));
-            let (t, _) = a.next_write_at(Millis(i as u64)).unwrap();
-            a.complete(&t, true);
+            let (t, _) = nwa(&mut a, Millis(i as u64)).unwrap();
+            done(&mut a, &t, true);
         }
         assert!(a.is_echo("y", &d(Inuse), Millis(3)));
         assert!(a.is_echo("y", &d(Busy), Millis(3)));
@@ -1336,18 +1391,18 @@ mod tests {
         );
         // A restarted sink: nothing of the old one echoes.
         a.push("z".into(), d(Busy));
-        a.next_write_at(Millis(5)).unwrap();
+        nwa(&mut a, Millis(5)).unwrap();
         a.forget_echoes();
         assert!(!a.is_echo("z", &d(Busy), Millis(6)));
         // Rewriting the value already expected keeps one expectation of it, first.
         a.push("w".into(), d(Inuse));
-        let (t, _) = a.next_write_at(Millis(7)).unwrap();
-        a.complete(&t, true);
+        let (t, _) = nwa(&mut a, Millis(7)).unwrap();
+        done(&mut a, &t, true);
         a.push("w".into(), d(Busy));
-        let (t, _) = a.next_write_at(Millis(7)).unwrap();
-        a.complete(&t, false);
+        let (t, _) = nwa(&mut a, Millis(7)).unwrap();
+        done(&mut a, &t, false);
         a.push("w".into(), d(Inuse));
-        a.next_write_at(Millis(8)).unwrap();
+        nwa(&mut a, Millis(8)).unwrap();
         assert!(a.is_echo("w", &d(Busy), Millis(9)), "still expected");
         assert!(a.is_echo("w", &d(Inuse), Millis(9)), "newest");
         assert!(!a.is_echo("w", &d(Busy), Millis(9)), "older than the match");
@@ -1365,7 +1420,7 @@ mod tests {
         };
         let mut a = q(10, 4);
         a.push("CustomPresence:a".into(), p("one"));
-        a.next_write_at(Millis(0)).unwrap();
+        nwa(&mut a, Millis(0)).unwrap();
         assert!(
             !a.is_echo("CustomPresence:a", &d(Inuse), Millis(1)),
             "other kind"
@@ -1382,7 +1437,7 @@ mod tests {
         }
         assert!(a.q.order.capacity() >= 20_000);
         assert_eq!(drain(&mut a).len(), 20_000, "every write made");
-        assert_eq!(a.next_write(), None);
+        assert_eq!(nw(&mut a), None);
         assert!(a.q.order.capacity() <= ORDER_KEEP);
         assert_eq!(a.targets_len(), 20_000, "what the sink holds is kept");
         assert_eq!(a.push("k7".into(), d(Inuse)), Push::Skipped);
@@ -1433,16 +1488,16 @@ mod tests {
         let mut a = q(10, 4);
         // An old write, long expired by the time the base moves.
         a.push("old".into(), d(Busy));
-        a.next_write_at(Millis(5)).unwrap();
-        a.complete("old", true);
+        nwa(&mut a, Millis(5)).unwrap();
+        done(&mut a, "old", true);
         // Wall-clock milliseconds (2^40 and more) are 2^32 after the base of 0.
         let t = Millis(1 << 40);
         a.push("x".into(), d(Ringing));
-        a.next_write_at(t).unwrap();
-        a.complete("x", true);
+        nwa(&mut a, t).unwrap();
+        done(&mut a, "x", true);
         assert!(a.devices.base.0 > 0, "rebased");
         a.push("y".into(), d(Inuse));
-        a.next_write_at(Millis(t.0 + 7)).unwrap();
+        nwa(&mut a, Millis(t.0 + 7)).unwrap();
         assert!(a.is_echo("x", &d(Ringing), Millis(t.0 + age)));
         assert!(!a.is_echo("x", &d(Ringing), Millis(t.0 + age + 1)));
         assert!(a.is_echo("y", &d(Inuse), Millis(t.0 + 7 + age)));
@@ -1461,15 +1516,84 @@ mod tests {
         assert_eq!(a.push(long.clone(), d(Ringing)), Push::Queued);
         assert_eq!(a.push("y".into(), d(Inuse)), Push::Queued);
         assert_eq!(a.push(long.clone(), d(Inuse)), Push::Conflated);
-        assert_eq!(a.next_write_at(Millis(1)), Some((long.clone(), d(Inuse))));
+        assert_eq!(nwa(&mut a, Millis(1)), Some((long.clone(), d(Inuse))));
         assert_eq!(a.push(long.clone(), d(Busy)), Push::Queued, "waits");
         assert!(a.is_echo(&long, &d(Inuse), Millis(2)));
-        assert!(a.complete(&long, true));
+        assert!(done(&mut a, &long, true));
         assert_eq!(a.held(&long), Some(&d(Inuse)));
-        assert_eq!(a.next_write(), Some(("y".into(), d(Inuse))));
-        a.complete("y", true);
-        assert_eq!(a.next_write(), Some((long.clone(), d(Busy))));
+        assert_eq!(nw(&mut a), Some(("y".into(), d(Inuse))));
+        done(&mut a, "y", true);
+        assert_eq!(nw(&mut a), Some((long.clone(), d(Busy))));
         assert_eq!(a.targets_len(), 2);
+    }
+
+    #[test]
+    fn a_write_completes_by_its_handle_once() {
+        let mut a = q(10, 4);
+        a.push("x".into(), d(Ringing));
+        let id = a.next_write().unwrap().id;
+        assert_eq!(a.in_flight_len(), 1);
+        assert!(a.complete(id, true));
+        assert_eq!(a.held("x"), Some(&d(Ringing)));
+        assert_eq!(a.in_flight_len(), 0);
+        assert!(!a.complete(id, false), "not in flight any more");
+        assert_eq!(a.held("x"), Some(&d(Ringing)), "nothing done");
+        assert_eq!((a.stats().confirmed, a.stats().failed), (1, 0));
+        // What the queue forgets of the sink leaves the write in flight to complete.
+        a.push("x".into(), d(Busy));
+        let id = a.next_write().unwrap().id;
+        a.forget_held();
+        a.forget_echoes();
+        assert!(a.complete(id, true));
+        assert_eq!(a.held("x"), Some(&d(Busy)));
+    }
+
+    #[test]
+    fn a_handle_from_before_a_clear_is_ignored() {
+        let mut a = q(10, 4);
+        a.push("x".into(), d(Ringing));
+        let old = a.next_write().unwrap().id;
+        a.clear();
+        assert!(!a.complete(old, true), "its write is gone");
+        // The same target (at the same id in its store) written again after the clear.
+        a.push("x".into(), d(Inuse));
+        let new = a.next_write().unwrap().id;
+        assert_ne!(old, new);
+        assert!(!a.complete(old, false), "does not complete the new write");
+        assert_eq!(a.in_flight_len(), 1);
+        assert_eq!(a.stats().failed, 0);
+        assert!(a.complete(new, true));
+        assert_eq!(a.held("x"), Some(&d(Inuse)));
+        // A handle naming no target of this queue (another queue's) is ignored too.
+        let mut b = q(10, 4);
+        for i in 0..3 {
+            b.push(format!("k{i}"), d(Busy));
+        }
+        let far = std::iter::from_fn(|| b.next_write().map(|w| w.id)).last();
+        assert!(!a.complete(far.unwrap(), true));
+    }
+
+    #[test]
+    fn handles_tell_a_device_and_a_presence_target_of_one_name_apart() {
+        use crate::state::{Presence, PresenceStatus};
+        let p = Value::Presence(Presence {
+            status: PresenceStatus::Away,
+            subtype: String::new(),
+            message: String::new(),
+        });
+        let mut a = q(10, 4);
+        a.push("same".into(), d(Inuse));
+        a.push("same".into(), p.clone());
+        let dev = a.next_write().unwrap().id;
+        let pres = a.next_write().unwrap();
+        assert_eq!((pres.target, &pres.value), ("same", &p));
+        let pres = pres.id;
+        assert!(a.complete(pres, false));
+        assert_eq!(a.in_flight_len(), 1, "the device write still flies");
+        assert!(a.held("same").is_none());
+        assert!(!a.complete(pres, true));
+        assert!(a.complete(dev, true));
+        assert_eq!(a.held("same"), Some(&d(Inuse)));
     }
 
     #[test]

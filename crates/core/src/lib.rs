@@ -45,7 +45,7 @@ pub mod state;
 pub mod table;
 pub mod time;
 
-pub use apply::{ApplyConfig, ApplyQueue, Push};
+pub use apply::{ApplyConfig, ApplyQueue, Push, Write, WriteId};
 pub use auth::{Key, KeyRing, Reject, RejectReason, Verifier, open};
 pub use change::ChangeSuppressor;
 pub use envelope::{

@@ -52,9 +52,12 @@
 //! and delivers each node's [`Action::Publish`] envelopes to all the others, with
 //! [`NodeConfig::snapshots`] off.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use crate::apply::{ApplyConfig, ApplyQueue};
+use compact_str::CompactString;
+
+use crate::apply::{ApplyConfig, ApplyQueue, Write, WriteId};
 use crate::change::ChangeSuppressor;
 use crate::envelope::{Body, Envelope, OriginSummary, Role, SnapshotEntry, Update};
 use crate::hlc::{Hlc, HlcTimestamp};
@@ -144,8 +147,11 @@ impl LocalEvent {
 /// A write to the local Asterisk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ApplyCmd {
-    /// Local name: `Custom:<device>` (per the template) or `CustomPresence:<name>`.
-    pub target: String,
+    /// Reports the write's outcome ([`Node::on_apply_result`]).
+    pub id: WriteId,
+    /// Local name: `Custom:<device>` (per the template) or `CustomPresence:<name>` (up to
+    /// 24 bytes kept inline, without an allocation).
+    pub target: CompactString,
     /// Value to write (already mapped to a writable one).
     pub value: Value,
 }
@@ -156,16 +162,21 @@ impl ApplyCmd {
         self.value.kind()
     }
 
-    /// The `Setvar` variable: `DEVICE_STATE(<target>)` or `PRESENCE_STATE(<target>)`.
-    pub fn variable(&self) -> String {
-        match self.kind() {
-            Kind::Device => format!("DEVICE_STATE({})", self.target),
-            Kind::Presence => format!("PRESENCE_STATE({})", self.target),
-        }
+    /// The `Setvar` variable, `DEVICE_STATE(<target>)` or `PRESENCE_STATE(<target>)`, in
+    /// `out` (cleared first: one buffer serves every write).
+    pub fn variable_into(&self, out: &mut String) {
+        out.clear();
+        out.push_str(match self.kind() {
+            Kind::Device => "DEVICE_STATE(",
+            Kind::Presence => "PRESENCE_STATE(",
+        });
+        out.push_str(&self.target);
+        out.push(')');
     }
 
-    /// The `Setvar` value (presence in the `e` form when needed).
-    pub fn setvar_value(&self) -> String {
+    /// The `Setvar` value (presence in the `e` form when needed; a device state's word
+    /// without an allocation).
+    pub fn setvar_value(&self) -> Cow<'static, str> {
         self.value.to_setvar_value()
     }
 }
@@ -584,20 +595,21 @@ impl Node {
         self.pump(now);
     }
 
-    /// Result of an [`Action::Apply`] write.
-    pub fn on_apply_result(&mut self, now: Millis, target: &str, ok: bool) {
-        self.on_apply_results(now, [(target, ok)]);
+    /// Result of an [`Action::Apply`] write, by its [`ApplyCmd::id`] (a write asked before
+    /// the local Asterisk was lost is ignored).
+    pub fn on_apply_result(&mut self, now: Millis, id: WriteId, ok: bool) {
+        self.on_apply_results(now, [(id, ok)]);
     }
 
     /// [`Node::on_apply_result`] of many writes at once (a batch of pipelined answers): each
     /// completes, then the window is refilled once instead of once per write.
-    pub fn on_apply_results<'a>(
+    pub fn on_apply_results(
         &mut self,
         now: Millis,
-        results: impl IntoIterator<Item = (&'a str, bool)>,
+        results: impl IntoIterator<Item = (WriteId, bool)>,
     ) {
-        for (target, ok) in results {
-            if self.apply.complete(target, ok) && !ok {
+        for (id, ok) in results {
+            if self.apply.complete(id, ok) && !ok {
                 self.stats.apply_errors += 1;
             }
         }
@@ -1164,9 +1176,12 @@ impl Node {
             return;
         }
         loop {
-            while let Some((target, value)) = self.apply.next_write_at(now) {
-                self.actions
-                    .push_back(Action::Apply(ApplyCmd { target, value }));
+            while let Some(Write { id, target, value }) = self.apply.next_write_at(now) {
+                self.actions.push_back(Action::Apply(ApplyCmd {
+                    id,
+                    target: target.into(),
+                    value,
+                }));
             }
             if self.reapply.is_none()
                 || self.apply.pending_len() >= REAPPLY_BATCH

@@ -1,6 +1,7 @@
 //! The state model: Asterisk device states and their aggregation, presence values and their
 //! `PRESENCE_STATE` encoding, and the [`Kind`]/[`Value`] pair carried in envelopes.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
@@ -371,10 +372,10 @@ impl Value {
 
     /// The text written with `Setvar` for this value: the device state name, or
     /// [`Presence::to_setvar_value`].
-    pub fn to_setvar_value(&self) -> String {
+    pub fn to_setvar_value(&self) -> Cow<'static, str> {
         match self {
-            Value::Device(s) => s.as_str().to_owned(),
-            Value::Presence(p) => p.to_setvar_value(),
+            Value::Device(s) => Cow::Borrowed(s.as_str()),
+            Value::Presence(p) => Cow::Owned(p.to_setvar_value()),
         }
     }
 }

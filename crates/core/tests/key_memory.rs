@@ -135,8 +135,9 @@ fn device_keys_and_apply_targets_cost_no_block_of_their_own() {
     assert_eq!(queue.pending_len(), KEYS);
     let pushed = Live::now();
     let mut written = 0;
-    while let Some((t, _)) = queue.next_write() {
-        assert!(queue.complete(&t, true));
+    while let Some(w) = queue.next_write() {
+        let id = w.id;
+        assert!(queue.complete(id, true));
         written += 1;
     }
     assert_eq!(written, KEYS);
@@ -146,8 +147,9 @@ fn device_keys_and_apply_targets_cost_no_block_of_their_own() {
     reserved.reserve_devices(KEYS);
     for t in &targets {
         reserved.push_ref(t, &v);
-        while let Some((t, _)) = reserved.next_write() {
-            assert!(reserved.complete(&t, true));
+        while let Some(w) = reserved.next_write() {
+            let id = w.id;
+            assert!(reserved.complete(id, true));
         }
     }
     assert_eq!(reserved.stats().confirmed, KEYS as u64);

@@ -131,7 +131,9 @@ fn remote_states_are_aggregated_mapped_and_applied_never_own() {
     let ap = applies(&a);
     // PJSIP/1 was first applied as RINGING, then (pipelined, conflated while in flight)
     // RINGINUSE waits for the first write.
-    assert_eq!(ap[0].variable(), "DEVICE_STATE(Custom:PJSIP/1)");
+    let mut variable = "left from an earlier write".to_owned();
+    ap[0].variable_into(&mut variable);
+    assert_eq!(variable, "DEVICE_STATE(Custom:PJSIP/1)");
     assert_eq!(ap[0].setvar_value(), "RINGING");
     assert!(
         ap.iter()
@@ -141,7 +143,7 @@ fn remote_states_are_aggregated_mapped_and_applied_never_own() {
         !ap.iter().any(|c| c.target.contains("PJSIP/3")),
         "own origin never applied"
     );
-    n.on_apply_result(Millis(2), "Custom:PJSIP/1", true);
+    n.on_apply_result(Millis(2), ap[0].id, true);
     let a = n.take_actions();
     assert_eq!(applies(&a)[0].setvar_value(), "RINGINUSE");
     assert_eq!(n.remote_value("PJSIP/1"), Some(DeviceState::Ringinuse));
@@ -157,8 +159,12 @@ fn remote_states_are_aggregated_mapped_and_applied_never_own() {
     x.on_local_full_sync(Millis(0), vec![]);
     x.take_actions();
     x.on_remote(Millis(1), &up("pbx-b", 1, 1, "PJSIP/1", DeviceState::Busy));
-    assert_eq!(applies(&x.take_actions()).len(), 1);
-    x.on_apply_result(Millis(2), "Custom:PJSIP/1", true);
+    let w = applies(&x.take_actions())
+        .iter()
+        .map(|c| c.id)
+        .collect::<Vec<_>>();
+    assert_eq!(w.len(), 1);
+    x.on_apply_result(Millis(2), w[0], true);
     x.on_local_event(
         Millis(3),
         LocalEvent::device("Custom:PJSIP/1", DeviceState::Busy),
@@ -185,23 +191,51 @@ fn apply_window_bounds_outstanding_writes() {
     }
     let first = n.take_actions();
     assert_eq!(applies(&first).len(), 3);
-    n.on_apply_result(Millis(2), &applies(&first)[0].target, true);
+    n.on_apply_result(Millis(2), applies(&first)[0].id, true);
     assert_eq!(applies(&n.take_actions()).len(), 1);
     // A batch of answers refills the window once: as many new writes as answers, the failed
     // one counted (and not written again until its value changes).
-    let done: Vec<String> = applies(&first)[1..]
-        .iter()
-        .map(|c| c.target.clone())
-        .collect();
+    let done = &applies(&first)[1..];
     let errors = n.stats().apply_errors;
-    n.on_apply_results(
-        Millis(3),
-        [(done[0].as_str(), true), (done[1].as_str(), false)],
-    );
+    n.on_apply_results(Millis(3), [(done[0].id, true), (done[1].id, false)]);
     let next = n.take_actions();
     assert_eq!(applies(&next).len(), 2);
-    assert!(applies(&next).iter().all(|c| !done.contains(&c.target)));
+    assert!(
+        applies(&next)
+            .iter()
+            .all(|c| done.iter().all(|d| d.target != c.target))
+    );
     assert_eq!(n.stats().apply_errors, errors + 1);
+}
+
+/// The answer of a write made to an Asterisk since lost (a `Setvar` that failed or timed out
+/// afterwards) completes nothing: not the write of the same target to the new connection.
+#[test]
+fn an_answer_of_a_write_from_before_a_loss_is_ignored() {
+    let mut b = synced("pbx-b");
+    b.on_remote(Millis(1), &up("pbx-a", 1, 1, "PJSIP/1", DeviceState::Inuse));
+    let old = b.take_actions();
+    let old = applies(&old)[0].id;
+    b.on_local_lost(Millis(2));
+    b.on_local_restored(Millis(3));
+    b.on_local_full_sync(Millis(3), Vec::new());
+    let new = b.take_actions();
+    let new = applies(&new);
+    assert_eq!(new.len(), 1, "written again to the new connection");
+    assert_eq!(new[0].target, "Custom:PJSIP/1");
+    let errors = b.stats().apply_errors;
+    b.on_apply_result(Millis(4), old, false);
+    assert_eq!(b.stats().apply_errors, errors, "not counted");
+    assert_eq!(
+        b.apply_queue().in_flight_len(),
+        1,
+        "the new write still flies"
+    );
+    b.on_apply_result(Millis(5), new[0].id, true);
+    assert_eq!(
+        b.apply_queue().held("Custom:PJSIP/1"),
+        Some(&Value::Device(DeviceState::Inuse))
+    );
 }
 
 #[test]
@@ -212,16 +246,18 @@ fn lost_asterisk_announces_down_and_restore_starts_a_new_epoch() {
     for e in publishes(&a.take_actions()) {
         b.on_remote(Millis(1), e);
     }
-    assert_eq!(applies(&b.take_actions())[0].setvar_value(), "INUSE");
-    b.on_apply_result(Millis(1), "Custom:PJSIP/1", true);
+    let w = b.take_actions();
+    assert_eq!(applies(&w)[0].setvar_value(), "INUSE");
+    b.on_apply_result(Millis(1), applies(&w)[0].id, true);
     a.on_local_lost(Millis(5));
     let lost = a.take_actions();
     assert!(matches!(publishes(&lost)[0].body, Body::OriginDown { .. }));
     for e in publishes(&lost) {
         b.on_remote(Millis(5), e);
     }
-    assert_eq!(applies(&b.take_actions())[0].setvar_value(), "UNAVAILABLE");
-    b.on_apply_result(Millis(5), "Custom:PJSIP/1", true);
+    let w = b.take_actions();
+    assert_eq!(applies(&w)[0].setvar_value(), "UNAVAILABLE");
+    b.on_apply_result(Millis(5), applies(&w)[0].id, true);
     // Events while lost are ignored.
     a.on_local_event(Millis(6), LocalEvent::device("PJSIP/1", DeviceState::Busy));
     assert!(a.take_actions().is_empty());
@@ -247,13 +283,14 @@ fn lost_asterisk_announces_down_and_restore_starts_a_new_epoch() {
 fn silent_origin_goes_down_after_the_timeout_and_returns() {
     let mut b = synced("pbx-b");
     b.on_remote(Millis(0), &up("pbx-a", 1, 1, "PJSIP/1", DeviceState::Inuse));
-    b.take_actions();
-    b.on_apply_result(Millis(0), "Custom:PJSIP/1", true);
+    let w = b.take_actions();
+    b.on_apply_result(Millis(0), applies(&w)[0].id, true);
     b.tick(Millis(15_000));
     assert!(applies(&b.take_actions()).is_empty());
     b.tick(Millis(15_001));
-    assert_eq!(applies(&b.take_actions())[0].setvar_value(), "UNAVAILABLE");
-    b.on_apply_result(Millis(15_001), "Custom:PJSIP/1", true);
+    let w = b.take_actions();
+    assert_eq!(applies(&w)[0].setvar_value(), "UNAVAILABLE");
+    b.on_apply_result(Millis(15_001), applies(&w)[0].id, true);
     b.on_remote(
         Millis(16_000),
         &Envelope::new("pbx-a", Epoch(1), 2, Body::Heartbeat { local_down: false }),
@@ -420,12 +457,11 @@ fn presence_last_writer_wins_and_listing_does_not_override_newer_remote_writes()
     );
     a.on_remote(Millis(10), &remote);
     let ap = a.take_actions();
-    assert_eq!(
-        applies(&ap)[0].variable(),
-        "PRESENCE_STATE(CustomPresence:alice)"
-    );
+    let mut variable = String::new();
+    applies(&ap)[0].variable_into(&mut variable);
+    assert_eq!(variable, "PRESENCE_STATE(CustomPresence:alice)");
     assert!(applies(&ap)[0].setvar_value().ends_with(",e"));
-    a.on_apply_result(Millis(10), "CustomPresence:alice", true);
+    a.on_apply_result(Millis(10), applies(&ap)[0].id, true);
     // Echo swallowed.
     a.on_local_event(
         Millis(11),
@@ -449,7 +485,7 @@ fn presence_last_writer_wins_and_listing_does_not_override_newer_remote_writes()
         Value::Presence(p(PresenceStatus::Dnd))
     );
     // A real local change afterwards wins (HLC after the observed remote write).
-    a.on_apply_result(Millis(31), "CustomPresence:alice", true);
+    a.on_apply_result(Millis(31), applies(&acts)[0].id, true);
     a.on_local_event(
         Millis(40),
         LocalEvent::presence("CustomPresence:alice", p(PresenceStatus::Chat)),
@@ -668,7 +704,7 @@ fn broker_style_relays_share_state_in_process() {
             if j != from {
                 r.on_remote(Millis(2), &e);
                 for c in applies(&r.take_actions()) {
-                    written.push((j, c.target.clone(), c.setvar_value()));
+                    written.push((j, c.target.to_string(), c.setvar_value().into_owned()));
                 }
             }
         }
@@ -696,7 +732,7 @@ fn a_late_echo_of_an_earlier_write_does_not_hide_the_later_one() {
         let w = applies(&a);
         assert_eq!(w.len(), 1, "one write of {v:?}");
         assert_eq!(w[0].value, Value::Device(v));
-        n.on_apply_result(Millis(seq), target, true);
+        n.on_apply_result(Millis(seq), w[0].id, true);
     };
     write(&mut n, 1, DeviceState::Inuse);
     write(&mut n, 2, DeviceState::Ringing);
@@ -740,7 +776,7 @@ fn large_snapshot_completes_first_then_every_key_is_written_in_batches() {
         })
         .expect("a snapshot request at start");
     hub.on_envelope(Millis(0), &request);
-    let mut in_flight: Vec<String> = Vec::new();
+    let mut in_flight = Vec::new();
     let mut written = std::collections::BTreeMap::<String, usize>::new();
     let mut most_pending = 0;
     for a in hub.take_actions() {
@@ -751,21 +787,21 @@ fn large_snapshot_completes_first_then_every_key_is_written_in_batches() {
         most_pending = most_pending.max(node.apply_queue().pending_len());
         for a in node.take_actions() {
             if let Action::Apply(cmd) = a {
-                in_flight.push(cmd.target);
+                in_flight.push(cmd);
             }
         }
     }
     assert!(node.snapshot_done());
     assert_eq!(node.table().len(), KEYS as usize);
     while !in_flight.is_empty() {
-        for t in std::mem::take(&mut in_flight) {
-            *written.entry(t.clone()).or_default() += 1;
-            node.on_apply_result(Millis(2), &t, true);
+        for c in std::mem::take(&mut in_flight) {
+            *written.entry(c.target.to_string()).or_default() += 1;
+            node.on_apply_result(Millis(2), c.id, true);
             most_pending = most_pending.max(node.apply_queue().pending_len());
         }
         for a in node.take_actions() {
             if let Action::Apply(cmd) = a {
-                in_flight.push(cmd.target);
+                in_flight.push(cmd);
             }
         }
     }
@@ -827,10 +863,10 @@ fn a_reconnection_writes_only_what_the_listing_says_differs() {
         );
     }
     for c in applies(&b.take_actions()) {
-        b.on_apply_result(Millis(1), &c.target, true);
+        b.on_apply_result(Millis(1), c.id, true);
     }
     while let Some(Action::Apply(c)) = b.poll_action() {
-        b.on_apply_result(Millis(1), &c.target, true);
+        b.on_apply_result(Millis(1), c.id, true);
     }
     b.on_local_lost(Millis(10));
     b.take_actions();
@@ -870,15 +906,15 @@ fn a_reconnection_writes_only_what_the_listing_says_differs() {
     loop {
         let w = applies(&b.take_actions())
             .into_iter()
-            .map(|c| c.target.clone())
+            .map(|c| (c.target.to_string(), c.id))
             .collect::<Vec<_>>();
         if w.is_empty() {
             break;
         }
-        for t in &w {
-            b.on_apply_result(Millis(4_100), t, true);
+        for (t, id) in w {
+            b.on_apply_result(Millis(4_100), id, true);
+            written.push(t);
         }
-        written.extend(w);
     }
     written.sort();
     assert_eq!(written, vec!["Custom:PJSIP/0", "Custom:PJSIP/2"]);
@@ -890,8 +926,8 @@ fn a_reconnection_writes_only_what_the_listing_says_differs() {
 fn the_reapply_waits_for_a_listing_only_so_long() {
     let mut b = synced("pbx-b");
     b.on_remote(Millis(1), &up("pbx-a", 1, 1, "PJSIP/1", DeviceState::Inuse));
-    let first = applies(&b.take_actions())[0].target.clone();
-    b.on_apply_result(Millis(1), &first, true);
+    let first = applies(&b.take_actions())[0].id;
+    b.on_apply_result(Millis(1), first, true);
     b.on_local_lost(Millis(10));
     b.take_actions();
     b.local_listing_requested(Millis(20));
@@ -950,7 +986,7 @@ fn a_full_sync_partly_lost_withdraws_nothing_until_a_snapshot_closes_it() {
     }
     hub.take_actions();
     for c in applies(&r.take_actions()) {
-        r.on_apply_result(Millis(1), &c.target, true);
+        r.on_apply_result(Millis(1), c.id, true);
     }
     // pbx-a lists again: PJSIP/1 changed, PJSIP/3 is gone. The hub gets it all; the
     // receiver loses the update of PJSIP/1.
@@ -982,7 +1018,7 @@ fn a_full_sync_partly_lost_withdraws_nothing_until_a_snapshot_closes_it() {
     assert_eq!(r.remote_value("PJSIP/3"), None, "withdrawn by the floor");
     let mut written: Vec<(String, String)> = applies(&r.take_actions())
         .iter()
-        .map(|c| (c.target.clone(), c.setvar_value()))
+        .map(|c| (c.target.to_string(), c.setvar_value().into_owned()))
         .collect();
     written.sort();
     assert_eq!(

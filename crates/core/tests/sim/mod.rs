@@ -90,16 +90,16 @@ impl SimAsterisk {
                 if !cmd.target.starts_with("Custom:") || st == DeviceState::Unknown {
                     return false;
                 }
-                self.devices.insert(cmd.target.clone(), st);
-                self.emit(LocalEvent::device(cmd.target.clone(), st));
+                self.devices.insert(cmd.target.to_string(), st);
+                self.emit(LocalEvent::device(cmd.target.as_str(), st));
                 true
             }
             Value::Presence(_) => {
                 let Ok(p) = Presence::parse_setvar_value(&cmd.setvar_value()) else {
                     return false;
                 };
-                self.presence.insert(cmd.target.clone(), p.clone());
-                self.emit(LocalEvent::presence(cmd.target.clone(), p));
+                self.presence.insert(cmd.target.to_string(), p.clone());
+                self.emit(LocalEvent::presence(cmd.target.as_str(), p));
                 true
             }
         }
@@ -415,7 +415,7 @@ impl World {
                         }
                         let now = self.now;
                         if let Some(n) = self.agents[i].node.as_mut() {
-                            n.on_apply_result(now, &cmd.target, ok);
+                            n.on_apply_result(now, cmd.id, ok);
                         }
                     }
                     Action::QueryLocal(keys) => {

@@ -164,7 +164,7 @@ impl FakeAgent {
                         &[],
                     );
                 }
-                Action::Apply(cmd) => self.node.on_apply_result(now(), &cmd.target, true),
+                Action::Apply(cmd) => self.node.on_apply_result(now(), cmd.id, true),
                 Action::QueryLocal(_) => {}
             }
         }
