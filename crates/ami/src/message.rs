@@ -34,6 +34,12 @@ impl Span {
     fn value(self) -> Range<usize> {
         self.value_start..self.value_end
     }
+
+    /// Whether this header of `text` is named `key` (ASCII case-insensitive). Compares
+    /// bytes: no text is sliced for a header that does not match.
+    fn is_named(self, text: &str, key: &str) -> bool {
+        text.as_bytes()[self.key()].eq_ignore_ascii_case(key.as_bytes())
+    }
 }
 
 impl Message {
@@ -109,7 +115,7 @@ impl Message {
 
     /// Replaces the value of the first header named `key`, or appends it.
     pub fn set(&mut self, key: &str, value: impl AsRef<str>) {
-        let found = self.spans.iter().position(|&s| self.is_named(s, key));
+        let found = self.spans.iter().position(|&s| s.is_named(&self.text, key));
         match found {
             Some(i) => {
                 let value = value.as_ref();
@@ -140,21 +146,14 @@ impl Message {
     /// Removes every header named `key`; returns how many were removed.
     pub fn remove(&mut self, key: &str) -> usize {
         let before = self.spans.len();
-        let text = self.text.as_bytes();
-        self.spans
-            .retain(|s| !text[s.key()].eq_ignore_ascii_case(key.as_bytes()));
+        let text = &self.text;
+        self.spans.retain(|s| !s.is_named(text, key));
         before - self.spans.len()
-    }
-
-    /// Whether header `s` is named `key` (ASCII case-insensitive). Compares bytes: no text
-    /// is sliced for a header that does not match.
-    fn is_named(&self, s: Span, key: &str) -> bool {
-        self.text.as_bytes()[s.key()].eq_ignore_ascii_case(key.as_bytes())
     }
 
     /// The value of the first header named `key` (ASCII case-insensitive).
     pub fn get(&self, key: &str) -> Option<&str> {
-        let s = *self.spans.iter().find(|&&s| self.is_named(s, key))?;
+        let s = *self.spans.iter().find(|&&s| s.is_named(&self.text, key))?;
         Some(self.value_of(s))
     }
 
@@ -162,7 +161,7 @@ impl Message {
     pub fn get_all<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         self.spans
             .iter()
-            .filter(move |&&s| self.is_named(s, key))
+            .filter(move |&&s| s.is_named(&self.text, key))
             .map(|&s| self.value_of(s))
     }
 
