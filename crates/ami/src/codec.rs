@@ -304,6 +304,25 @@ impl AmiCodec {
         }
     }
 
+    /// [`Decoder::decode_eof`], `whole` as for [`AmiCodec::decode_from`].
+    fn decode_eof_from(
+        &mut self,
+        buf: &mut BytesMut,
+        whole: bool,
+    ) -> Result<Option<Frame>, CodecError> {
+        if let Some(frame) = self.decode_from(buf, whole)? {
+            return Ok(Some(frame));
+        }
+        if buf.is_empty() && self.current.is_empty() {
+            Ok(None)
+        } else {
+            buf.clear();
+            self.scanned = 0;
+            self.take_message();
+            Err(CodecError::Truncated)
+        }
+    }
+
     fn take_message(&mut self) -> Message {
         self.current_size = 0;
         self.follows = false;
@@ -364,29 +383,9 @@ impl Decoder for AmiCodec {
     fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
         self.decode_from(buf, true)
     }
+
     fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
         self.decode_eof_from(buf, true)
-    }
-}
-
-impl AmiCodec {
-    /// [`Decoder::decode_eof`], `whole` as for [`AmiCodec::decode_from`].
-    fn decode_eof_from(
-        &mut self,
-        buf: &mut BytesMut,
-        whole: bool,
-    ) -> Result<Option<Frame>, CodecError> {
-        if let Some(frame) = self.decode_from(buf, whole)? {
-            return Ok(Some(frame));
-        }
-        if buf.is_empty() && self.current.is_empty() {
-            Ok(None)
-        } else {
-            buf.clear();
-            self.scanned = 0;
-            self.take_message();
-            Err(CodecError::Truncated)
-        }
     }
 }
 
