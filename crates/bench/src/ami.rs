@@ -229,6 +229,14 @@ impl Pipe {
         Ok(())
     }
 
+    /// Actions answered so far, and of them successes.
+    pub fn counts(&self) -> (u64, u64) {
+        (
+            self.answered.load(Ordering::Acquire).min(self.sent),
+            self.success.load(Ordering::Relaxed),
+        )
+    }
+
     /// Flushes and waits (up to `timeout`) until every action is answered; `(answered,
     /// successes)`.
     pub async fn drain(&mut self, timeout: Duration) -> anyhow::Result<(u64, u64)> {
@@ -237,9 +245,6 @@ impl Pipe {
         while self.answered.load(Ordering::Acquire) < self.sent && Instant::now() < deadline {
             let _ = tokio::time::timeout(Duration::from_millis(50), self.notify.notified()).await;
         }
-        Ok((
-            self.answered.load(Ordering::Acquire).min(self.sent),
-            self.success.load(Ordering::Relaxed),
-        ))
+        Ok(self.counts())
     }
 }

@@ -16,13 +16,13 @@ use anyhow::Context as _;
 /// What the trace says about one run.
 #[derive(Debug, Default)]
 pub struct Analysis {
-    /// Phone changes seen on the origins (from `start_ns` on).
+    /// Phone changes seen on the origins within the span.
     pub changes: u64,
     /// Deliveries expected: changes × (servers − 1).
     pub expected: u64,
     /// Sorted latencies of matched deliveries, in microseconds.
     pub latencies_us: Vec<f64>,
-    /// Setvar lines per server (from `start_ns` on).
+    /// Setvar lines per server (from the span's start on).
     pub sets: HashMap<String, u64>,
     /// First and last Setvar time (ns) per server.
     pub set_span: HashMap<String, (u128, u128)>,
@@ -55,12 +55,13 @@ impl Analysis {
     }
 }
 
-/// Analyses `path` from `start_ns` on, for devices whose name starts with `prefix`, over the
+/// Analyses the changes of `path` made within `span` (unix ns; trace lines before it are
+/// skipped) and their deliveries, for devices whose name starts with `prefix`, over the
 /// servers `servers`. `tap`: a file of `<unix-ns> <device> <value>` lines, the updates a
 /// subscriber on the hub's PUB saw, to split the latency at the hub.
 pub fn analyze(
     path: &Path,
-    start_ns: u128,
+    span: std::ops::Range<u128>,
     prefix: &str,
     servers: &[String],
     tap: Option<&Path>,
@@ -96,7 +97,7 @@ pub fn analyze(
             continue;
         };
         let Ok(t) = t.parse::<u128>() else { continue };
-        if t < start_ns {
+        if t < span.start {
             continue;
         }
         match kind {
@@ -130,6 +131,11 @@ pub fn analyze(
     let same = |x: &str, y: &str| x.trim().eq_ignore_ascii_case(y.trim());
     for (dev, evs) in &devs {
         for (i, (t0, origin, value)) in evs.iter().enumerate() {
+            // Later changes are still seen: they end the search for an earlier one's
+            // deliveries (`limit`).
+            if !span.contains(t0) {
+                continue;
+            }
             a.changes += 1;
             let limit = evs[i + 1..]
                 .iter()
@@ -195,7 +201,7 @@ mod tests {
         let servers = ["a", "b", "c"].map(str::to_owned);
         let tap = dir.path().join("tap");
         std::fs::write(&tap, "1500 PJSIP/b0n0 INUSE\n3500 PJSIP/b0n0 BUSY\n").expect("write");
-        let a = analyze(&p, 0, "PJSIP/b", &servers, Some(&tap)).expect("analyze");
+        let a = analyze(&p, 0..u128::MAX, "PJSIP/b", &servers, Some(&tap)).expect("analyze");
         assert_eq!(a.changes, 3);
         assert_eq!(a.expected, 6);
         // b: INUSE after 3 us, BUSY after 6 us (NOT_INUSE at 500 ns precedes the change);
@@ -206,5 +212,34 @@ mod tests {
         // Hub split: INUSE left the hub 0.5 us after the change, BUSY 0.5 us.
         assert_eq!(a.to_hub_us, vec![0.5, 0.5]);
         assert_eq!(a.from_hub_us, vec![1.5, 2.5, 5.5]);
+    }
+
+    #[test]
+    fn a_span_counts_only_its_changes_and_later_ones_still_end_a_search() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let p = dir.path().join("t");
+        std::fs::write(
+            &p,
+            "\
+1000 a dev PJSIP/b0n0 INUSE
+2000 a dev PJSIP/b0n0 NOT_INUSE
+3000 a dev PJSIP/b0n0 INUSE
+3500 b set DEVICE_STATE(Custom:PJSIP/b0n0) INUSE
+2500 b set DEVICE_STATE(Custom:PJSIP/b0n0) NOT_INUSE
+",
+        )
+        .expect("write");
+        let servers = ["a", "b"].map(str::to_owned);
+        // The first INUSE (in the span) was never delivered: the INUSE at 3,500 ns belongs
+        // to the change at 3,000 ns, after the span, which ends the first one's search.
+        let first = analyze(&p, 0..1500, "PJSIP/b", &servers, None).expect("analyze");
+        assert_eq!((first.changes, first.expected), (1, 1));
+        assert!(first.latencies_us.is_empty());
+        let two = analyze(&p, 0..2500, "PJSIP/b", &servers, None).expect("analyze");
+        assert_eq!((two.changes, two.expected), (2, 2));
+        assert_eq!(two.latencies_us, vec![0.5]);
+        let rest = analyze(&p, 1500..u128::MAX, "PJSIP/b", &servers, None).expect("analyze");
+        assert_eq!((rest.changes, rest.expected), (2, 2));
+        assert_eq!(rest.latencies_us, vec![0.5, 0.5]);
     }
 }

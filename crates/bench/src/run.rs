@@ -7,8 +7,10 @@
 //! 3. `--hubs` `hintfed-server` and one `hintfed-agent` per Asterisk (AMI source and apply,
 //!    HMAC on), each ready (`/readyz`).
 //! 4. Load: one pipelined AMI connection per origin sends `SimSetDeviceState` at
-//!    `--rate`/servers per second for `--duration`, over `--devices` phones per server
-//!    (`PJSIP/b<s>n<j>`, states cycling INUSE, NOT_INUSE, RINGING, BUSY).
+//!    `--rate`/servers per second, over `--devices` phones per server (`PJSIP/b<s>n<j>`, in
+//!    turn, states cycling INUSE, NOT_INUSE, RINGING, BUSY): first the prefill (every phone
+//!    once, then until every server holds them all; `--prefill false` skips it), then the
+//!    measured load for `--duration`.
 //! 5. Drain: until no server's `SetvarTotal` moves for a second.
 //! 6. Convergence: `DeviceStateList` of every server holds, for every other origin's phone,
 //!    `Custom:<phone>` equal to the last state driven on its origin.
@@ -108,6 +110,14 @@ pub struct RunArgs {
     /// Seed of the `poisson` arrival times (the same seed, the same schedule).
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+    /// Before the measured load, every phone is set once (its first state, at `--rate`, with
+    /// the same arrivals) and the run waits until every server holds every phone: the
+    /// figures are then of phones that exist everywhere (the steady state of a running
+    /// federation), and the prefill's own latency is reported apart as the cost of new
+    /// keys. `false`: the load starts on phones nobody has seen (its first pass is new keys
+    /// everywhere), as every run before session 11 measured.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub prefill: bool,
     /// The hubs' `[server] fanout_linger` (e.g. `2ms`; default: the hub's own default).
     #[arg(long)]
     pub fanout_linger: Option<String>,
@@ -183,6 +193,112 @@ fn mix64(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
+/// One origin's load connection and the number of changes it drove so far (its phones
+/// change in turn: change `k` sets phone `k % devices` to `STATES[(k / devices) % 4]`).
+struct Driver {
+    server: usize,
+    pipe: ami::Pipe,
+    k: u64,
+}
+
+/// A stretch of load: every origin drives changes at `per_server`/s (`arrivals`, from the
+/// phase's start) until `until` seconds or `count` changes, whichever comes first, then
+/// waits until they are answered.
+struct Phase {
+    arrivals: Arrivals,
+    per_server: f64,
+    seed: u64,
+    until: f64,
+    count: u64,
+    devices: usize,
+    window: u64,
+}
+
+impl Phase {
+    /// Runs the phase on every driver at once; gives them back, moved on.
+    async fn drive(&self, drivers: Vec<Driver>) -> anyhow::Result<Vec<Driver>> {
+        let t0 = Instant::now();
+        let mut tasks = Vec::new();
+        for mut d in drivers {
+            let mut schedule = Schedule::new(self.arrivals, self.per_server, self.seed, d.server);
+            let (until, devices, window) = (self.until, self.devices as u64, self.window);
+            let end = d.k.saturating_add(self.count);
+            tasks.push(tokio::spawn(async move {
+                let due = |s: &Schedule, k: u64| s.peek() < until && k < end;
+                while due(&schedule, d.k) {
+                    tokio::time::sleep_until(
+                        (t0 + Duration::from_secs_f64(schedule.peek())).into(),
+                    )
+                    .await;
+                    // Every change due by now (the timer's resolution is 1 ms), then one flush.
+                    let el = t0.elapsed().as_secs_f64();
+                    while schedule.peek() <= el && due(&schedule, d.k) {
+                        schedule.advance();
+                        let dev = device(d.server, (d.k % devices) as usize);
+                        let state = STATES[((d.k / devices) % 4) as usize];
+                        d.pipe
+                            .send(
+                                &[
+                                    ("Action", "SimSetDeviceState"),
+                                    ("Device", &dev),
+                                    ("State", state),
+                                ],
+                                window,
+                            )
+                            .await?;
+                        d.k += 1;
+                    }
+                    d.pipe.flush().await?;
+                }
+                d.pipe.drain(Duration::from_secs(30)).await?;
+                anyhow::Ok(d)
+            }));
+        }
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await??);
+        }
+        Ok(out)
+    }
+}
+
+/// Waits until every server holds the last state driven of every phone and the Setvar
+/// counts stood still for a second, or `timeout` seconds; the last comparison, and how long
+/// after the call it first found no mismatch.
+async fn settle(
+    probes: &mut [Conn],
+    driven: &[u64],
+    names: &[String],
+    devices: usize,
+    timeout: f64,
+) -> anyhow::Result<(Convergence, Option<f64>)> {
+    let t0 = Instant::now();
+    let mut last: Vec<u64> = Vec::new();
+    let mut stable_since = Instant::now();
+    let deadline = t0 + Duration::from_secs_f64(timeout);
+    let mut converged_after = None;
+    loop {
+        let mut now = Vec::new();
+        for p in probes.iter_mut() {
+            now.push(p.setvar_total().await?);
+        }
+        if now != last {
+            last = now;
+            stable_since = Instant::now();
+        }
+        if stable_since.elapsed() >= Duration::from_secs(1) || Instant::now() >= deadline {
+            let c = convergence(probes, driven, names, devices).await?;
+            if c.mismatches == 0 {
+                converged_after.get_or_insert_with(|| t0.elapsed().as_secs_f64());
+            }
+            if c.mismatches == 0 || Instant::now() >= deadline {
+                return Ok((c, converged_after));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 const STATES: [&str; 4] = ["INUSE", "NOT_INUSE", "RINGING", "BUSY"];
 const SHARED_KEY: &str = "bench-shared-key";
 
@@ -206,7 +322,8 @@ async fn hub_tap(
     sub.subscribe(hintfed_core::envelope::topics::DEVICE)
         .await?;
     sub.connect(pub_endpoint).await?;
-    let keys = hintfed_core::KeyRing::from_secrets([SHARED_KEY]);
+    // Read, not verified: the tap measures; the agents check every MAC.
+    let keys = hintfed_core::KeyRing::default();
     let limits = hintfed_core::envelope::Limits::default();
     let file = std::fs::File::create(&path)?;
     Ok(tokio::spawn(async move {
@@ -413,60 +530,80 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
         None
     };
 
-    // 4. Load.
+    // 4. Prefill (steady state), then the load.
     let mut daemons: Vec<(&str, u32)> = vec![("sim (all servers)", sim.pid())];
     daemons.extend(hubs.iter().map(|(d, _)| (d.name.as_str(), d.pid())));
     daemons.extend(agents.iter().map(|(d, _)| (d.name.as_str(), d.pid())));
+    let per_server = a.rate / a.servers as f64;
+    let mut drivers = Vec::new();
+    for (s, n) in names.iter().enumerate() {
+        let conn = Conn::login(&addrs[n], &a.ami_user, &a.ami_secret).await?;
+        drivers.push(Driver {
+            server: s,
+            pipe: conn.into_pipe(),
+            k: 0,
+        });
+    }
+    let mut probes = Vec::new();
+    for n in &names {
+        probes.push(Conn::login(&addrs[n], &a.ami_user, &a.ami_secret).await?);
+    }
+    let prefill = if a.prefill {
+        eprintln!(
+            "prefill: every phone once at {} changes/s, then until every server holds them ...",
+            a.rate
+        );
+        let start_ns = now_ns();
+        let phase = Phase {
+            arrivals: a.arrivals,
+            per_server,
+            seed: a.seed,
+            until: f64::INFINITY,
+            count: a.devices as u64,
+            devices: a.devices,
+            window: a.window,
+        };
+        drivers = phase.drive(drivers).await?;
+        let secs = (now_ns() - start_ns) as f64 / 1e9;
+        let end_ns = now_ns();
+        let driven: Vec<u64> = drivers.iter().map(|d| d.k).collect();
+        let (conv, after) =
+            settle(&mut probes, &driven, &names, a.devices, a.drain_timeout).await?;
+        anyhow::ensure!(
+            conv.mismatches == 0,
+            "the prefill did not converge within {} s: {} of {} states wrong (e.g. {})",
+            a.drain_timeout,
+            conv.mismatches,
+            conv.checked,
+            conv.example.unwrap_or_default()
+        );
+        Some((start_ns, end_ns, secs, after))
+    } else {
+        None
+    };
+    let prefilled: Vec<(u64, u64)> = drivers.iter().map(|d| d.pipe.counts()).collect();
+
     let before: Vec<Usage> = daemons
         .iter()
         .map(|(_, p)| procs::usage(*p, tck).unwrap_or_default())
         .collect();
+    let tool_before = procs::usage(std::process::id(), tck).unwrap_or_default();
     eprintln!(
         "driving {} changes/s over {} servers x {} phones for {} s ...",
         a.rate, a.servers, a.devices, a.duration
     );
     let start_ns = now_ns();
     let t0 = Instant::now();
-    let per_server = a.rate / a.servers as f64;
-    let mut drivers = Vec::new();
-    for (s, n) in names.iter().enumerate() {
-        let conn = Conn::login(&addrs[n], &a.ami_user, &a.ami_secret).await?;
-        let (dur, devices, window) = (a.duration, a.devices, a.window);
-        let mut schedule = Schedule::new(a.arrivals, per_server, a.seed, s);
-        drivers.push(tokio::spawn(async move {
-            let mut pipe = conn.into_pipe();
-            let mut k = 0u64;
-            while schedule.peek() < dur {
-                tokio::time::sleep_until((t0 + Duration::from_secs_f64(schedule.peek())).into())
-                    .await;
-                // Every change due by now (the timer's resolution is 1 ms), then one flush.
-                let el = t0.elapsed().as_secs_f64();
-                while schedule.peek() <= el && schedule.peek() < dur {
-                    schedule.advance();
-                    let j = (k % devices as u64) as usize;
-                    let round = (k / devices as u64) as usize;
-                    let dev = device(s, j);
-                    pipe.send(
-                        &[
-                            ("Action", "SimSetDeviceState"),
-                            ("Device", &dev),
-                            ("State", STATES[round % 4]),
-                        ],
-                        window,
-                    )
-                    .await?;
-                    k += 1;
-                }
-                pipe.flush().await?;
-            }
-            let (answered, ok) = pipe.drain(Duration::from_secs(30)).await?;
-            anyhow::Ok((k, answered, ok))
-        }));
-    }
-    let mut driven = Vec::new();
-    for d in drivers {
-        driven.push(d.await??);
-    }
+    let phase = Phase {
+        arrivals: a.arrivals,
+        per_server,
+        seed: a.seed,
+        until: a.duration,
+        count: u64::MAX,
+        devices: a.devices,
+        window: a.window,
+    };
+    let drivers = phase.drive(drivers).await?;
     let load_secs = t0.elapsed().as_secs_f64();
     let load_end_ns = now_ns();
 
@@ -474,34 +611,9 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
     // ones until they all match and the Setvar counts stood still for a second (repairs of
     // lost messages wait for a gap's grace and a snapshot, seconds after the load), or the
     // drain timeout.
-    let mut probes = Vec::new();
-    for n in &names {
-        probes.push(Conn::login(&addrs[n], &a.ami_user, &a.ami_secret).await?);
-    }
-    let mut last: Vec<u64> = Vec::new();
-    let mut stable_since = Instant::now();
-    let drain_deadline = Instant::now() + Duration::from_secs_f64(a.drain_timeout);
-    let mut converged_after = None;
-    let conv = loop {
-        let mut now = Vec::new();
-        for p in &mut probes {
-            now.push(p.setvar_total().await?);
-        }
-        if now != last {
-            last = now;
-            stable_since = Instant::now();
-        }
-        if stable_since.elapsed() >= Duration::from_secs(1) || Instant::now() >= drain_deadline {
-            let c = convergence(&mut probes, &driven, &names, a.devices).await?;
-            if c.mismatches == 0 {
-                converged_after.get_or_insert_with(|| t0.elapsed().as_secs_f64() - load_secs);
-            }
-            if c.mismatches == 0 || Instant::now() >= drain_deadline {
-                break c;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let driven: Vec<u64> = drivers.iter().map(|d| d.k).collect();
+    let (conv, converged_after) =
+        settle(&mut probes, &driven, &names, a.devices, a.drain_timeout).await?;
     if let Some((server, origin, phone)) = &conv.first {
         // What the daemons' tables say of the first mismatch (`/api/state` rows).
         let mut views = vec![
@@ -534,6 +646,10 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
         .iter()
         .map(|(_, p)| procs::usage(*p, tck).unwrap_or_default())
         .collect();
+    let tool_cpu = procs::usage(std::process::id(), tck)
+        .unwrap_or_default()
+        .cpu_secs
+        - tool_before.cpu_secs;
 
     // 7. Figures.
     tokio::time::sleep(Duration::from_millis(400)).await; // the trace is written every 50 ms
@@ -545,9 +661,23 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
         }
         None => None,
     };
-    let an = crate::analyze::analyze(&trace, start_ns, "PJSIP/b", &names, tap_file)?;
-    let offered: u64 = driven.iter().map(|d| d.0).sum();
-    let accepted: u64 = driven.iter().map(|d| d.2).sum();
+    let an = crate::analyze::analyze(&trace, start_ns..u128::MAX, "PJSIP/b", &names, tap_file)?;
+    let prefill_json = match prefill {
+        Some((from, to, secs, after)) => {
+            let p = crate::analyze::analyze(&trace, from..to, "PJSIP/b", &names, None)?;
+            json!({"changes": p.changes, "secs": secs,
+                   "expected_deliveries": p.expected, "matched_deliveries": p.latencies_us.len(),
+                   "p50_ms": p.quantile_ms(0.5), "p99_ms": p.quantile_ms(0.99),
+                   "max_ms": p.quantile_ms(1.0), "converged_after_s": after})
+        }
+        None => serde_json::Value::Null,
+    };
+    let offered: u64 = drivers.iter().zip(&prefilled).map(|(d, p)| d.k - p.0).sum();
+    let accepted: u64 = drivers
+        .iter()
+        .zip(&prefilled)
+        .map(|(d, p)| d.pipe.counts().1 - p.1)
+        .sum();
     let drain_ms = an.last_set_ns.saturating_sub(load_end_ns) as f64 / 1e6;
     let setvar_rates: BTreeMap<String, f64> = names
         .iter()
@@ -586,7 +716,9 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
         "topology": {"servers": a.servers, "hubs": a.hubs, "devices_per_server": a.devices,
                       "rate_offered": a.rate, "duration_s": a.duration,
                       "sim_coalesce_writes": a.sim_coalesce, "arrivals": a.arrivals.name(),
-                      "seed": a.seed, "fanout_linger": a.fanout_linger},
+                      "seed": a.seed, "fanout_linger": a.fanout_linger,
+                      "prefill": a.prefill},
+        "prefill": prefill_json,
         "ceilings": {
             "setvar_per_sec": setvar_ceiling.map(|c| c.per_sec),
             "setvar_target": a.asterisk.clone().unwrap_or_else(|| "simulator".into()),
@@ -620,6 +752,9 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
             "fanout_msgs_to_zmq_ceiling": zmq_ceiling.map(|c| updates_per_sec * a.servers as f64 / c.msgs_per_sec),
         },
         "daemons": daemon_json,
+        // This process (load, hub tap, probes) shares the cores; not in the daemons' total.
+        "load_tool": {"cpu_percent": 100.0 * tool_cpu / load_secs.max(1e-9),
+                      "cpu_us_per_delivery": per_delivery(tool_cpu)},
         "cpu_us_per_delivery": per_delivery(cpu_total),
         "convergence": {"checked": conv.checked, "mismatches": conv.mismatches,
                         "converged": conv.mismatches == 0, "example": conv.example,
@@ -673,6 +808,20 @@ fn print_table(r: &serde_json::Value) {
         c["zmq_msg_bytes"],
         c["zmq_received_of_sent"].as_str().unwrap_or("n/a")
     );
+    let pf = &r["prefill"];
+    if pf.is_null() {
+        println!("prefill: none (the load's first pass sets phones nobody has seen)");
+    } else {
+        println!(
+            "prefill (new phones, not in the figures below): {} changes in {} s, p50 {} ms, p99 {} ms, max {} ms; converged {} s after",
+            pf["changes"],
+            f(&pf["secs"]),
+            f(&pf["p50_ms"]),
+            f(&pf["p99_ms"]),
+            f(&pf["max_ms"]),
+            f(&pf["converged_after_s"])
+        );
+    }
     let l = &r["load"];
     println!(
         "load: {} sent, {} traced, {} updates/s sustained over {} s",
@@ -733,8 +882,10 @@ fn print_table(r: &serde_json::Value) {
         }
     }
     println!(
-        "all daemons: {} us of CPU per delivery",
-        f(&r["cpu_us_per_delivery"])
+        "all daemons: {} us of CPU per delivery (the load tool itself: {} %, {} us)",
+        f(&r["cpu_us_per_delivery"]),
+        f(&r["load_tool"]["cpu_percent"]),
+        f(&r["load_tool"]["cpu_us_per_delivery"])
     );
     let v = &r["convergence"];
     println!(
@@ -766,10 +917,10 @@ struct Convergence {
 
 /// Lists every server's device states (`probes`, by server) and compares each phone's
 /// `Custom:` copy, and on its own server the phone itself, with the last state driven.
-/// `driven` holds, per server, the number of changes driven first.
+/// `driven` holds, per server, the number of changes driven.
 async fn convergence(
     probes: &mut [Conn],
-    driven: &[(u64, u64, u64)],
+    driven: &[u64],
     names: &[String],
     devices: usize,
 ) -> anyhow::Result<Convergence> {
@@ -788,7 +939,7 @@ async fn convergence(
                 have.insert(d.to_owned(), st.to_owned());
             }
         }
-        for (s, (k, _, _)) in driven.iter().enumerate() {
+        for (s, k) in driven.iter().enumerate() {
             for j in 0..devices.min(*k as usize) {
                 // The last change of phone j was number k' = the largest k' < k with
                 // k' % devices == j.
