@@ -181,12 +181,17 @@ pub fn analyze(
 mod tests {
     use super::*;
 
-    #[test]
-    fn matches_deliveries_and_skips_conflated_changes() {
+    /// A trace file holding `text` (in a folder removed with the returned guard).
+    fn trace(text: &str) -> (tempfile::TempDir, std::path::PathBuf) {
         let dir = tempfile::tempdir().expect("tempdir");
         let p = dir.path().join("t");
-        std::fs::write(
-            &p,
+        std::fs::write(&p, text).expect("write");
+        (dir, p)
+    }
+
+    #[test]
+    fn matches_deliveries_and_skips_conflated_changes() {
+        let (dir, p) = trace(
             "\
 1000 a dev PJSIP/b0n0 INUSE
 2000 a dev PJSIP/b0n0 NOT_INUSE
@@ -196,8 +201,7 @@ mod tests {
 5000 c set DEVICE_STATE(Custom:PJSIP/b0n0) BUSY
 500 b set DEVICE_STATE(Custom:PJSIP/b0n0) NOT_INUSE
 ",
-        )
-        .expect("write");
+        );
         let servers = ["a", "b", "c"].map(str::to_owned);
         let tap = dir.path().join("tap");
         std::fs::write(&tap, "1500 PJSIP/b0n0 INUSE\n3500 PJSIP/b0n0 BUSY\n").expect("write");
@@ -216,10 +220,7 @@ mod tests {
 
     #[test]
     fn a_span_counts_only_its_changes_and_later_ones_still_end_a_search() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let p = dir.path().join("t");
-        std::fs::write(
-            &p,
+        let (_dir, p) = trace(
             "\
 1000 a dev PJSIP/b0n0 INUSE
 2000 a dev PJSIP/b0n0 NOT_INUSE
@@ -227,8 +228,7 @@ mod tests {
 3500 b set DEVICE_STATE(Custom:PJSIP/b0n0) INUSE
 2500 b set DEVICE_STATE(Custom:PJSIP/b0n0) NOT_INUSE
 ",
-        )
-        .expect("write");
+        );
         let servers = ["a", "b"].map(str::to_owned);
         // The first INUSE (in the span) was never delivered: the INUSE at 3,500 ns belongs
         // to the change at 3,000 ns, after the span, which ends the first one's search.
