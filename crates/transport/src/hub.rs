@@ -2,15 +2,17 @@
 //! P and SUB to P+1, supervised and recreated on loss) and [`HubBind`] (server side: ROUTER
 //! bound on P and PUB bound on P+1).
 //!
-//! The link's SUB is not a `zeromq` crate socket: it speaks ZMTP 3.0 itself (private module
-//! `zmtp`, shared with the hub's PUB), so one read of the connection yields every complete
-//! fan-out message it holds, handed to the inbound channel in one wake-up of the link's task
-//! (the crate's SUB took each message through its own tasks, fair queue and channel). The
-//! hub's fan-out connection is made with the same bounded attempt as the DEALER; a peer
-//! that is not a ZMTP 3 publisher (or sends garbage) fails the attempt or ends the
-//! connection, and the link reconnects with its backoff. Oversize fan-out messages are
-//! skipped as their bytes arrive (never buffered) and counted as `dropped_oversize`; the
-//! connection stays up.
+//! The link's SUB and DEALER are not `zeromq` crate sockets: they speak ZMTP 3.0 themselves
+//! (private module `zmtp`, shared with the hub's ROUTER and PUB), so one read of the fan-out
+//! connection yields every complete fan-out message it holds, handed to the inbound channel
+//! in one wake-up of the link's task (the crate's SUB took each message through its own tasks,
+//! fair queue and channel), and every message queued for the hub when the link's task runs
+//! (up to 256 messages or 64 KiB) goes out in one write (the crate's DEALER wrote each one on
+//! its own, waking the hub's reader each time). Both connections are made with the same
+//! bounded attempt; a peer that is not a ZMTP 3 publisher (fan-out) or ROUTER (requests), or
+//! sends garbage, fails the attempt or ends the connection, and the link reconnects with its
+//! backoff. Oversize messages (fan-out or replies) are skipped as their bytes arrive (never
+//! buffered) and counted as `dropped_oversize`; the connection stays up.
 //!
 //! Transport-level liveness, invisible to the application:
 //! - the link sends the one-frame message [`PING`] on its DEALER every `ping_interval`; a
@@ -28,22 +30,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
-use zeromq::{DealerSocket, SocketRecv, SocketSend};
 
 use crate::error::{SendError, TransportError};
-use crate::fanout::Fanout;
+use crate::fanout::{Fanout, WRITE_BATCH};
 use crate::guard;
 use crate::link::{
     Backoff, BackoffConfig, CancelOnDrop, DEFAULT_MAX_CONNECTIONS, Frames, Limits, LinkStats,
-    LinkStatus, Shared, StatsSnapshot, connect_socket, is_disconnect, parse_tcp_endpoint,
-    sleep_or_cancel, tcp_endpoint, to_message,
+    LinkStatus, Shared, StatsSnapshot, parse_tcp_endpoint, sleep_or_cancel, tcp_endpoint,
 };
 use crate::router::Router;
-use crate::zmtp::{SubConn, ZmtpError};
+use crate::zmtp::{Conn, ZmtpError};
 
 /// One-frame liveness request a [`HubLink`] sends on its DEALER.
 pub const PING: &[u8] = b"\x00hintfed-ping";
@@ -88,9 +87,10 @@ pub struct HubLinkConfig {
     pub ping_interval: Duration,
     /// Silence on either socket past this recreates both (default 3 s).
     pub silence_timeout: Duration,
-    /// A send that does not complete within this recreates the sockets (default 1 s).
+    /// A write to the hub that makes no progress within this recreates the sockets (default
+    /// 1 s); the messages it carried are counted as `dropped_outbound`.
     pub send_timeout: Duration,
-    /// Bound on one connect attempt of one socket (default 250 ms); the fan-out's ZMTP
+    /// Bound on one TCP connect of one socket (default 250 ms); each connection's ZMTP
     /// greeting and READY exchange after its TCP connect gets this or 1 s, whichever is longer.
     pub connect_attempt_timeout: Duration,
     /// Delays between reconnect attempts.
@@ -156,6 +156,9 @@ const REPLY_BACKLOG: usize = 64;
 
 /// How often a link whose replies are held back looks at its inbound channel again.
 const BACKLOG_POLL: Duration = Duration::from_millis(1);
+
+/// Most queued messages a link writes at once (with at most [`WRITE_BATCH`] bytes).
+const SEND_BATCH_MESSAGES: u64 = 256;
 
 /// Agent-side link to one hub: a supervised DEALER (to P) + SUB (to P+1) pair.
 ///
@@ -305,13 +308,13 @@ impl LinkTask {
             self.status_tx.send_replace(LinkStatus::Connecting);
             let attempt_timeout = self.config.connect_attempt_timeout;
             let attempt = async {
-                let (dealer, dmon) =
-                    connect_socket::<DealerSocket>(&self.config.endpoint, attempt_timeout)
+                let dealer =
+                    Conn::dealer(&self.config.endpoint, attempt_timeout, self.config.limits)
                         .await
                         .map_err(|e| format!("request socket: {e}"))?;
                 let mut subs = self.config.subscriptions.clone();
                 subs.push(HEARTBEAT_TOPIC.to_owned());
-                let sub = SubConn::connect(
+                let sub = Conn::subscriber(
                     &self.sub_endpoint,
                     attempt_timeout,
                     &subs,
@@ -319,7 +322,7 @@ impl LinkTask {
                 )
                 .await
                 .map_err(|e| format!("fan-out socket {}: {e}", self.sub_endpoint))?;
-                Ok::<_, String>((dealer, dmon, sub))
+                Ok::<_, String>((dealer, sub))
             };
             let result = tokio::select! {
                 r = attempt => Some(r),
@@ -332,13 +335,13 @@ impl LinkTask {
                     self.stats.connect_failures();
                     tracing::debug!(hub = self.index, endpoint = %self.config.endpoint, %error, "hub connect attempt failed");
                 }
-                Ok((dealer, dmon, sub)) => {
+                Ok((dealer, sub)) => {
                     if connected_once {
                         self.stats.reconnects();
                     }
                     connected_once = true;
                     let started = Instant::now();
-                    let exit = self.connected(dealer, dmon, sub).await;
+                    let exit = self.connected(dealer, sub).await;
                     self.status_tx.send_replace(LinkStatus::Connecting);
                     while self.rx.try_recv().is_ok() {
                         self.stats.dropped_outbound();
@@ -366,13 +369,7 @@ impl LinkTask {
         self.status_tx.send_replace(LinkStatus::Closed);
     }
 
-    async fn connected(
-        &mut self,
-        dealer: DealerSocket,
-        mut dmon: futures::channel::mpsc::Receiver<zeromq::SocketEvent>,
-        mut sub: SubConn,
-    ) -> Exit {
-        let (mut dsend, mut drecv) = dealer.split();
+    async fn connected(&mut self, mut dealer: Conn, mut sub: Conn) -> Exit {
         let cfg = &self.config;
         let mut ping = tokio::time::interval(cfg.ping_interval);
         ping.set_missed_tick_behavior(MissedTickBehavior::Delay);
@@ -385,8 +382,10 @@ impl LinkTask {
         // what was published in between was lost until a gap was noticed.
         let mut announced = false;
         let backlog_max = REPLY_BACKLOG.min(self.inbound.max_capacity() / 2).max(1);
-        // Fan-out messages taken by one read (reused: no allocation per wake-up).
+        // Messages taken by one read of either connection (reused: no allocation per
+        // wake-up).
         let mut batch: Vec<Frames> = Vec::new();
+        let mut replies: Vec<Frames> = Vec::new();
         // One timer for the look at a held-back channel, reset when it fires (not a new
         // timer for every pass of the loop while replies are held back).
         let backlog_poll = tokio::time::sleep(BACKLOG_POLL);
@@ -399,30 +398,54 @@ impl LinkTask {
             tokio::select! {
                 () = self.cancel.cancelled() => return Exit::Stop,
                 cmd = self.rx.recv() => {
-                    let Some(frames) = cmd else { return Exit::Stop };
-                    let Some(msg) = to_message(frames) else { continue };
-                    match tokio::time::timeout(cfg.send_timeout, dsend.send(msg)).await {
-                        Ok(Ok(())) => self.stats.messages_out(),
-                        Ok(Err(e)) => {
-                            self.stats.dropped_outbound();
-                            return Exit::Lost(format!("send failed: {e}"));
+                    let Some(first) = cmd else { return Exit::Stop };
+                    // Everything queued meanwhile goes in the same write (up to a bound).
+                    let mut sent = 0u64;
+                    let mut next = Some(first);
+                    while let Some(frames) = next.take() {
+                        if !frames.is_empty() {
+                            dealer.push(&frames);
+                            sent += 1;
                         }
-                        Err(_) => {
-                            self.stats.dropped_outbound();
-                            self.stats.send_timeouts();
-                            return Exit::Lost("send timed out".into());
+                        if sent >= SEND_BATCH_MESSAGES || dealer.pushed() >= WRITE_BATCH {
+                            break;
+                        }
+                        next = self.rx.try_recv().ok();
+                    }
+                    match dealer.flush(cfg.send_timeout).await {
+                        Ok(()) => self.stats.messages_out_by(sent),
+                        Err(e) => {
+                            self.stats.dropped_outbound_by(sent);
+                            if let ZmtpError::WriteTimeout = e {
+                                self.stats.send_timeouts();
+                                return Exit::Lost("send timed out".into());
+                            }
+                            return Exit::Lost(format!("send failed: {e}"));
                         }
                     }
                 }
-                r = drecv.recv(), if read_replies => match r {
-                    Ok(msg) => {
+                r = dealer.recv(&mut replies, backlog_max - backlog), if read_replies => match r {
+                    Ok(parsed) => {
                         last_reply = Instant::now();
-                        let frames = msg.into_vec();
-                        if frames.len() == 1 && frames[0] == PONG {
-                            continue;
+                        for _ in 0..parsed.oversize {
+                            self.stats.dropped_oversize();
                         }
-                        self.deliver(Channel::Reply, frames);
+                        for frames in replies.drain(..) {
+                            if frames.len() == 1 && frames[0] == PONG {
+                                continue;
+                            }
+                            self.deliver(Channel::Reply, frames);
+                        }
+                        match dealer.flush(cfg.send_timeout).await {
+                            Ok(()) => {}
+                            Err(ZmtpError::WriteTimeout) => {
+                                self.stats.send_timeouts();
+                                return Exit::Lost("request pong send timed out".into());
+                            }
+                            Err(e) => return Exit::Lost(format!("request pong failed: {e}")),
+                        }
                     }
+                    Err(ZmtpError::Closed) => return Exit::Lost("hub closed the request connection".into()),
                     Err(e) => return Exit::Lost(format!("receive failed: {e}")),
                 },
                 () = &mut backlog_poll, if !read_replies => {
@@ -430,7 +453,7 @@ impl LinkTask {
                     last_reply = Instant::now();
                     backlog_poll.as_mut().reset(last_reply + BACKLOG_POLL);
                 }
-                r = sub.recv(&mut batch) => match r {
+                r = sub.recv(&mut batch, usize::MAX) => match r {
                     Ok(parsed) => {
                         for _ in 0..parsed.oversize {
                             self.stats.dropped_oversize();
@@ -449,7 +472,7 @@ impl LinkTask {
                             }
                             self.deliver(Channel::Fanout, frames);
                         }
-                        match sub.answer_pings(cfg.send_timeout).await {
+                        match sub.flush(cfg.send_timeout).await {
                             Ok(()) => {}
                             Err(ZmtpError::WriteTimeout) => {
                                 self.stats.send_timeouts();
@@ -461,22 +484,19 @@ impl LinkTask {
                     Err(ZmtpError::Closed) => return Exit::Lost("hub closed the fan-out connection".into()),
                     Err(e) => return Exit::Lost(format!("fan-out receive failed: {e}")),
                 },
-                ev = dmon.next() => if is_disconnect(ev.as_ref()) {
-                    return Exit::Lost("hub closed the request connection".into());
-                },
                 _ = ping.tick() => {
                     if last_reply.elapsed() > cfg.silence_timeout || last_fanout.elapsed() > cfg.silence_timeout {
                         self.stats.silence_timeouts();
                         return Exit::Lost(format!("hub silent for more than {:?}", cfg.silence_timeout));
                     }
-                    let ping_msg = zeromq::ZmqMessage::from(Bytes::from_static(PING));
-                    match tokio::time::timeout(cfg.send_timeout, dsend.send(ping_msg)).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => return Exit::Lost(format!("ping failed: {e}")),
-                        Err(_) => {
+                    dealer.push(&[Bytes::from_static(PING)]);
+                    match dealer.flush(cfg.send_timeout).await {
+                        Ok(()) => {}
+                        Err(ZmtpError::WriteTimeout) => {
                             self.stats.send_timeouts();
                             return Exit::Lost("ping send timed out".into());
                         }
+                        Err(e) => return Exit::Lost(format!("ping failed: {e}")),
                     }
                 }
             }

@@ -27,8 +27,9 @@
 //!   whole messages to the application's channel, a writer per peer takes its replies), with
 //!   the same limits as the guard and a handshake deadline.
 //! - `zmtp` (private): the ZMTP 3.0 wire pieces `fanout` and `router` share (greeting, READY,
-//!   commands, the frame reader), and `SubConn`, our own SUB client (the hub link's fan-out:
-//!   every complete message of one read at once, limits checked on each frame header).
+//!   commands, the frame reader), and `Conn`, our own SUB and DEALER client (the hub link's
+//!   fan-out and request sides, the [`SubClient`]: every complete message of one read at
+//!   once, limits checked on each frame header; what is queued to send, in one write).
 //!
 //! Each supervisor is one Tokio task that owns its sockets; the public handles are cheap
 //! clones talking to it over bounded channels (each type documents its full/closed policy),
@@ -44,8 +45,9 @@
 //!
 //! The supervisors therefore: connect with one bounded attempt (`connect_attempt_timeout`,
 //! default 250 ms) and retry with capped jittered backoff (50 ms doubling to 500 ms, ±20 %);
-//! recreate the socket when the connection closes (socket monitor `Disconnected`), when a send
-//! does not complete within `send_timeout`, when a request gets no reply within
+//! recreate the socket when the connection closes (socket monitor `Disconnected`, or the end
+//! of our own connection's stream), when a send does not complete (for the hub link's own
+//! connections: makes no progress) within `send_timeout`, when a request gets no reply within
 //! `request_timeout`, or when a hub is silent past `silence_timeout` (hub links ping on the
 //! DEALER and the hub heartbeats on the PUB). Recovery after a peer comes back therefore takes
 //! at most about one backoff step plus one connect attempt (< 1 s with the defaults), well
@@ -59,10 +61,11 @@
 //! `router` and `fanout` modules speak ZMTP 3.0 (NULL mechanism, as the crate) on the
 //! listeners themselves with the same limits and connection cap (the proxy's byte copies, its
 //! loopback hop and the crate's per-subscriber re-encoding cost more than half of the hub's
-//! CPU and several task wake-ups per message). The SUB sides of [`HubLink`] and
-//! [`SubClient`] are our own ZMTP client too (`zmtp`): the limits are checked on each frame
-//! header, so an oversize message is skipped without being buffered. The DEALER of a
-//! [`HubLink`] and the [`ReqClient`] are zeromq sockets and trust their peer (our hub, the
+//! CPU and several task wake-ups per message). Both sides of a [`HubLink`] (SUB and DEALER)
+//! and the [`SubClient`] are our own ZMTP client too (`zmtp`): the limits are checked on each
+//! frame header, so an oversize message is skipped without being buffered; the link writes
+//! every message queued when its task runs in one write (the crate's DEALER wrote, and woke
+//! the hub, once per message). The [`ReqClient`] is a zeromq socket and trusts its peer (the
 //! local Asterisk). Confidentiality/authentication is left to the envelope HMAC (no CURVE).
 //!
 //! # The federation transport interface

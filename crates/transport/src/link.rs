@@ -97,6 +97,18 @@ counter!(
     refused_connections
 );
 
+impl LinkStats {
+    /// Counts `n` messages handed to the socket at once.
+    pub(crate) fn messages_out_by(&self, n: u64) {
+        self.messages_out.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts `n` outgoing messages dropped at once.
+    pub(crate) fn dropped_outbound_by(&self, n: u64) {
+        self.dropped_outbound.fetch_add(n, Ordering::Relaxed);
+    }
+}
+
 /// Capped exponential backoff with jitter, used between reconnect attempts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BackoffConfig {
@@ -162,8 +174,8 @@ impl Backoff {
 /// The zeromq crate itself has **no** message size limit: it buffers a whole multipart message
 /// (whatever length the peer announces) before handing it over. These limits make the
 /// supervisor drop and count oversize messages so they never reach the application; bound
-/// sockets and the SUB clients (`zmtp`) additionally enforce them on the wire (see the crate
-/// docs).
+/// sockets and our own ZMTP clients (`zmtp`: the hub link, the SUB client) additionally
+/// enforce them on the wire (see the crate docs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
     /// Maximum total payload bytes of one multipart message (default 1 MiB).

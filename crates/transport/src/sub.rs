@@ -23,7 +23,7 @@ use crate::link::{
     Backoff, BackoffConfig, CancelOnDrop, Frames, Limits, LinkStats, LinkStatus, Shared,
     StatsSnapshot, parse_tcp_endpoint, sleep_or_cancel,
 };
-use crate::zmtp::{SubConn, ZmtpError};
+use crate::zmtp::{Conn, ZmtpError};
 
 const STABLE_AFTER: Duration = Duration::from_secs(2);
 /// Bound on writing the answer to a ZMTP `PING` (a few bytes; the publisher reads them).
@@ -140,7 +140,7 @@ impl SubTask {
         let mut connected_once = false;
         loop {
             self.status_tx.send_replace(LinkStatus::Connecting);
-            let attempt = SubConn::connect(
+            let attempt = Conn::subscriber(
                 &self.config.endpoint,
                 self.config.connect_attempt_timeout,
                 &self.config.subscriptions,
@@ -171,7 +171,7 @@ impl SubTask {
                         tokio::select! {
                             () = self.cancel.cancelled() => break true,
                             () = self.inbound.closed() => break true,
-                            r = sub.recv(&mut batch) => match r {
+                            r = sub.recv(&mut batch, usize::MAX) => match r {
                                 Ok(parsed) => {
                                     last_rx = Instant::now();
                                     for _ in 0..parsed.oversize {
@@ -180,7 +180,7 @@ impl SubTask {
                                     for frames in batch.drain(..) {
                                         self.deliver(frames);
                                     }
-                                    if sub.answer_pings(PONG_TIMEOUT).await.is_err() {
+                                    if sub.flush(PONG_TIMEOUT).await.is_err() {
                                         tracing::warn!(endpoint = %self.config.endpoint, "SUB could not answer a ZMTP ping; recreating");
                                         break false;
                                     }

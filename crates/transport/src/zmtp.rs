@@ -1,20 +1,24 @@
 //! ZMTP 3.0 (RFC 23, NULL mechanism) spoken directly, shared by the hub's listeners
 //! (`fanout`, `router`: the server side of the handshake and a frame reader) and by the
-//! subscriber client [`SubConn`] (the SUB side of [`crate::HubLink`] and [`crate::SubClient`]).
+//! client connection [`Conn`] (the SUB side of [`crate::SubClient`], the SUB and DEALER sides
+//! of [`crate::HubLink`]).
 //!
 //! Wire pieces: the 64-byte greeting, commands (`READY` with its properties, `PING`/`PONG`),
 //! frame headers (short: flags + 1-byte length; long: flags + 8-byte length). Sizes are
 //! checked on the header, before a body is buffered.
 //!
-//! [`SubConn`]: connects (TCP connect bounded by the caller's attempt timeout, greeting and
-//! READY bounded by [`client_handshake_timeout`]), checks that the peer is a ZMTP 3.x
-//! publisher (Socket-Type `PUB` or `XPUB`), sends each subscription as a ZMTP 3.0 message
-//! `\x01prefix` (accepted by libzmq 4.x publishers and by `fanout`), then yields whole
-//! multipart messages: every complete message one read returns, at once. A message beyond
-//! the [`Limits`] (too many frames, too many bytes) is skipped as its bytes arrive, never
-//! buffered, and reported for counting; `PING` commands are answered with `PONG`; anything
-//! that is not ZMTP (a bad greeting, reserved flag bits, an oversize command, an `ERROR`
-//! command) ends the connection with a [`ZmtpError`].
+//! [`Conn`]: connects (TCP connect bounded by the caller's attempt timeout, greeting and
+//! READY bounded by [`client_handshake_timeout`]) as a SUB ([`Conn::subscriber`]: the peer
+//! must be a publisher, Socket-Type `PUB` or `XPUB`; each subscription is sent as a ZMTP 3.0
+//! message `\x01prefix`, accepted by libzmq 4.x publishers and by `fanout`) or as a DEALER
+//! ([`Conn::dealer`]: the peer must be a `ROUTER` or `DEALER`), then yields whole multipart
+//! messages: every complete message one read returns, at once (or at most as many as the
+//! caller has room for). A message beyond the [`Limits`] (too many frames, too many bytes) is
+//! skipped as its bytes arrive, never buffered, and reported for counting; `PING` commands
+//! are answered with `PONG`; anything that is not ZMTP (a bad greeting, reserved flag bits,
+//! an oversize command, an `ERROR` command) ends the connection with a [`ZmtpError`].
+//! Outgoing messages ([`Conn::push`]) are encoded into one buffer, written (with the pending
+//! `PONG`s) by [`Conn::flush`] in as few writes as the socket takes.
 
 use std::time::Duration;
 
@@ -27,10 +31,11 @@ use crate::link::{Frames, Limits, parse_tcp_endpoint};
 
 /// Largest ZMTP command body accepted from a peer.
 pub(crate) const MAX_COMMAND: usize = 64 * 1024;
-/// Least room made in a subscriber's read buffer before each read (and its first size).
-const SUB_READ_MIN: usize = 8 * 1024;
-/// Most room made in a subscriber's read buffer before each read.
-const SUB_READ_MAX: usize = 64 * 1024;
+/// Least room made in a client connection's read buffer before each read (and its first
+/// size).
+const READ_MIN: usize = 8 * 1024;
+/// Most room made in a client connection's read buffer before each read.
+const READ_MAX: usize = 64 * 1024;
 
 /// Our greeting: ZMTP 3.0, NULL mechanism, `as_server` as given (the padding is zero, as the
 /// `zeromq` crate writes it).
@@ -257,7 +262,7 @@ pub(crate) async fn handshake(
     Ok((reader, write, first))
 }
 
-/// Why a subscriber connection failed or ended.
+/// Why a client connection ([`Conn`]) failed or ended.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum ZmtpError {
     /// The endpoint is not `tcp://host:port`.
@@ -278,7 +283,7 @@ pub(crate) enum ZmtpError {
     /// The peer's greeting is not a ZMTP 3.x NULL greeting.
     #[error("bad greeting: {0}")]
     Greeting(&'static str),
-    /// The peer's READY is malformed or names a socket type that cannot feed a SUB.
+    /// The peer's READY is malformed or names a socket type ours cannot talk to.
     #[error("bad READY: {0}")]
     Ready(String),
     /// The peer sent bytes that are not ZMTP.
@@ -292,7 +297,7 @@ pub(crate) enum ZmtpError {
     WriteTimeout,
 }
 
-/// Bound on the greeting and READY exchange of a [`SubConn`] whose TCP connect is bounded by
+/// Bound on the greeting and READY exchange of a [`Conn`] whose TCP connect is bounded by
 /// `attempt`: at least 1 s, so a loaded but healthy peer is not refused.
 pub(crate) fn client_handshake_timeout(attempt: Duration) -> Duration {
     attempt.max(Duration::from_secs(1))
@@ -318,17 +323,17 @@ pub(crate) struct Parsed {
     pub(crate) oversize: usize,
 }
 
-/// The reassembly of a subscriber's incoming bytes into messages (no I/O: [`SubConn`] feeds
-/// it; unit-tested byte by byte).
+/// The reassembly of a client connection's incoming bytes into messages (no I/O: [`Conn`]
+/// feeds it; unit-tested byte by byte).
 #[derive(Debug)]
-pub(crate) struct SubParser {
+pub(crate) struct Parser {
     limits: Limits,
     msg: Assembly,
     /// Commands to write back (PONGs).
     pending: Vec<u8>,
 }
 
-impl SubParser {
+impl Parser {
     pub(crate) fn new(limits: Limits) -> Self {
         Self {
             limits,
@@ -337,15 +342,21 @@ impl SubParser {
         }
     }
 
-    /// Takes every complete message at the front of `buf` into `out` (and discards the bytes
-    /// of oversize ones); what is left in `buf` is an incomplete frame.
+    /// Takes every complete message at the front of `buf` into `out`, at most `max` of them
+    /// (and discards the bytes of oversize ones); what is left in `buf` is an incomplete
+    /// frame, or the messages beyond `max`.
     pub(crate) fn parse(
         &mut self,
         buf: &mut BytesMut,
         out: &mut Vec<Frames>,
+        max: usize,
     ) -> Result<Parsed, ZmtpError> {
         let mut parsed = Parsed::default();
+        let start = out.len();
         loop {
+            if out.len() - start >= max {
+                return Ok(parsed);
+            }
             if self.msg.skip > 0 {
                 let n = usize::try_from(self.msg.skip)
                     .unwrap_or(usize::MAX)
@@ -435,8 +446,27 @@ impl SubParser {
     }
 }
 
-/// Checks a publisher's READY command body: Socket-Type `PUB` or `XPUB`.
-fn check_pub_ready(body: &[u8]) -> Result<(), ZmtpError> {
+/// What a client connection is: its own socket type and the peer socket types it can talk to.
+#[derive(Debug, Clone, Copy)]
+struct Role {
+    socket_type: &'static [u8],
+    peers: &'static [&'static [u8]],
+}
+
+/// A SUB: fed by a publisher.
+const SUB: Role = Role {
+    socket_type: b"SUB",
+    peers: &[b"PUB", b"XPUB"],
+};
+
+/// A DEALER: talks to a ROUTER (or another DEALER), as RFC 28 allows.
+const DEALER: Role = Role {
+    socket_type: b"DEALER",
+    peers: &[b"ROUTER", b"DEALER"],
+};
+
+/// Checks the peer's READY command body: a Socket-Type `role` can talk to.
+fn check_ready(body: &[u8], role: Role) -> Result<(), ZmtpError> {
     let rest = body
         .strip_prefix(b"\x05READY")
         .ok_or_else(|| ZmtpError::Ready("first command is not READY".into()))?;
@@ -446,13 +476,14 @@ fn check_pub_ready(body: &[u8]) -> Result<(), ZmtpError> {
         .find(|(name, _)| name.eq_ignore_ascii_case(b"Socket-Type"))
         .map(|(_, value)| *value)
         .ok_or_else(|| ZmtpError::Ready("no Socket-Type".into()))?;
-    match socket_type {
-        b"PUB" | b"XPUB" => Ok(()),
-        other => Err(ZmtpError::Ready(format!(
-            "Socket-Type {:?} cannot feed a SUB",
-            String::from_utf8_lossy(other)
-        ))),
+    if role.peers.contains(&socket_type) {
+        return Ok(());
     }
+    Err(ZmtpError::Ready(format!(
+        "Socket-Type {:?} cannot talk to a {}",
+        String::from_utf8_lossy(socket_type),
+        String::from_utf8_lossy(role.socket_type)
+    )))
 }
 
 /// A subscription (`\x01prefix`) as a ZMTP 3.0 message frame.
@@ -464,24 +495,50 @@ fn subscription(prefix: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A subscriber's connection to a ZMTP 3.x publisher (see the module doc).
+/// A client connection to a ZMTP 3.x peer, as a SUB or a DEALER (see the module doc).
 #[derive(Debug)]
-pub(crate) struct SubConn {
+pub(crate) struct Conn {
     read: OwnedReadHalf,
     write: OwnedWriteHalf,
     buf: BytesMut,
-    parser: SubParser,
+    parser: Parser,
     /// Bytes the last read returned.
     last_read: usize,
+    /// Encoded messages (and answers to PINGs) waiting for [`Conn::flush`].
+    out: Vec<u8>,
 }
 
-impl SubConn {
-    /// Connects to `endpoint` (`tcp://host:port`; the TCP connect bounded by `attempt`, the
-    /// handshake by [`client_handshake_timeout`]) and subscribes to `subscriptions`.
-    pub(crate) async fn connect(
+impl Conn {
+    /// Connects to the publisher at `endpoint` (`tcp://host:port`; the TCP connect bounded by
+    /// `attempt`, the handshake by [`client_handshake_timeout`]) and subscribes to
+    /// `subscriptions`.
+    pub(crate) async fn subscriber(
         endpoint: &str,
         attempt: Duration,
         subscriptions: &[String],
+        limits: Limits,
+    ) -> Result<Self, ZmtpError> {
+        let mut first = Vec::new();
+        for s in subscriptions {
+            first.extend(subscription(s.as_bytes()));
+        }
+        Self::connect(endpoint, attempt, SUB, &first, limits).await
+    }
+
+    /// Connects as a DEALER to the ROUTER at `endpoint` (bounds as [`Conn::subscriber`]).
+    pub(crate) async fn dealer(
+        endpoint: &str,
+        attempt: Duration,
+        limits: Limits,
+    ) -> Result<Self, ZmtpError> {
+        Self::connect(endpoint, attempt, DEALER, &[], limits).await
+    }
+
+    async fn connect(
+        endpoint: &str,
+        attempt: Duration,
+        role: Role,
+        first: &[u8],
         limits: Limits,
     ) -> Result<Self, ZmtpError> {
         let (host, port) = parse_tcp_endpoint(endpoint).map_err(|_| ZmtpError::Endpoint)?;
@@ -493,27 +550,29 @@ impl SubConn {
         let _ = stream.set_nodelay(true);
         tokio::time::timeout(
             client_handshake_timeout(attempt),
-            Self::handshake(stream, subscriptions, limits),
+            Self::handshake(stream, role, first, limits),
         )
         .await
         .map_err(|_| ZmtpError::HandshakeTimeout)?
     }
 
+    /// Greeting and READY exchange as `role`, then `first` (the subscriptions) written.
     async fn handshake(
         stream: TcpStream,
-        subscriptions: &[String],
+        role: Role,
+        first: &[u8],
         limits: Limits,
     ) -> Result<Self, ZmtpError> {
         let (mut read, mut write) = stream.into_split();
         let mut out = greeting(false).to_vec();
-        out.extend(ready(b"SUB"));
+        out.extend(ready(role.socket_type));
         write.write_all(&out).await.map_err(|_| ZmtpError::Closed)?;
         let mut peer = [0u8; 64];
         read.read_exact(&mut peer)
             .await
             .map_err(|_| ZmtpError::Closed)?;
         check_greeting(&peer).map_err(ZmtpError::Greeting)?;
-        let mut buf = BytesMut::with_capacity(SUB_READ_MIN);
+        let mut buf = BytesMut::with_capacity(READ_MIN);
         // The peer's READY: the first frame, a command.
         let ready_body = loop {
             if let Some(h) = header(&buf) {
@@ -535,30 +594,35 @@ impl SubConn {
                 Ok(_) => {}
             }
         };
-        check_pub_ready(&ready_body)?;
-        let mut subs = Vec::new();
-        for s in subscriptions {
-            subs.extend(subscription(s.as_bytes()));
+        check_ready(&ready_body, role)?;
+        if !first.is_empty() {
+            write
+                .write_all(first)
+                .await
+                .map_err(|_| ZmtpError::Closed)?;
         }
-        write
-            .write_all(&subs)
-            .await
-            .map_err(|_| ZmtpError::Closed)?;
         Ok(Self {
             read,
             write,
             buf,
-            parser: SubParser::new(limits),
+            parser: Parser::new(limits),
             last_read: 0,
+            out: Vec::new(),
         })
     }
 
     /// Waits for at least one complete message (or one skipped for its size, or a command to
-    /// answer) and takes every complete message buffered into `out`. Cancel-safe: it only
-    /// waits while reading, with nothing taken.
-    pub(crate) async fn recv(&mut self, out: &mut Vec<Frames>) -> Result<Parsed, ZmtpError> {
+    /// answer) and takes the complete messages buffered into `out`, at most `max` (at least
+    /// one); the others stay buffered for the next call. Cancel-safe: it only waits while
+    /// reading, with nothing taken.
+    pub(crate) async fn recv(
+        &mut self,
+        out: &mut Vec<Frames>,
+        max: usize,
+    ) -> Result<Parsed, ZmtpError> {
+        let max = max.max(1);
         loop {
-            let parsed = self.parser.parse(&mut self.buf, out)?;
+            let parsed = self.parser.parse(&mut self.buf, out, max)?;
             if !out.is_empty() || parsed.oversize > 0 || !self.parser.pending.is_empty() {
                 return Ok(parsed);
             }
@@ -567,7 +631,7 @@ impl SubConn {
             // one, within bounds), a slow trickle pins little memory per message and a busy
             // connection still reads many messages at once.
             self.buf
-                .reserve((self.last_read * 2).clamp(SUB_READ_MIN, SUB_READ_MAX));
+                .reserve((self.last_read * 2).clamp(READ_MIN, READ_MAX));
             match self.read.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => return Err(ZmtpError::Closed),
                 Ok(n) => self.last_read = n,
@@ -575,17 +639,35 @@ impl SubConn {
         }
     }
 
-    /// Writes the answers (PONGs) to the `PING`s read so far, if any, within `within`.
-    pub(crate) async fn answer_pings(&mut self, within: Duration) -> Result<(), ZmtpError> {
-        if self.parser.pending.is_empty() {
-            return Ok(());
-        }
-        let pending = std::mem::take(&mut self.parser.pending);
-        match tokio::time::timeout(within, self.write.write_all(&pending)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(ZmtpError::Closed),
-            Err(_) => Err(ZmtpError::WriteTimeout),
-        }
+    /// Encodes one message (`frames`, MORE on all but the last) for the next
+    /// [`Conn::flush`].
+    pub(crate) fn push(&mut self, frames: &[Bytes]) {
+        encode_message(&mut self.out, frames);
+    }
+
+    /// Bytes pushed and not yet flushed.
+    pub(crate) fn pushed(&self) -> usize {
+        self.out.len()
+    }
+
+    /// Writes what was pushed, and the answers (PONGs) to the `PING`s read so far, if any;
+    /// fails with [`ZmtpError::WriteTimeout`] when a write makes no progress within `within`
+    /// (what is left unwritten is then discarded, with the connection).
+    pub(crate) async fn flush(&mut self, within: Duration) -> Result<(), ZmtpError> {
+        self.out.append(&mut self.parser.pending);
+        let mut at = 0;
+        let result = loop {
+            if at == self.out.len() {
+                break Ok(());
+            }
+            match tokio::time::timeout(within, self.write.write(&self.out[at..])).await {
+                Ok(Ok(0) | Err(_)) => break Err(ZmtpError::Closed),
+                Ok(Ok(n)) => at += n,
+                Err(_) => break Err(ZmtpError::WriteTimeout),
+            }
+        };
+        self.out.clear();
+        result
     }
 }
 
@@ -612,13 +694,16 @@ mod tests {
     /// Feeds `wire` to a parser in the given pieces; returns the messages, the oversize
     /// count and what is left buffered.
     fn feed(limits: Limits, pieces: &[&[u8]]) -> (Vec<Frames>, usize, Vec<u8>, Vec<u8>) {
-        let mut p = SubParser::new(limits);
+        let mut p = Parser::new(limits);
         let mut buf = BytesMut::new();
         let mut out = Vec::new();
         let mut oversize = 0;
         for piece in pieces {
             buf.extend_from_slice(piece);
-            oversize += p.parse(&mut buf, &mut out).expect("valid ZMTP").oversize;
+            oversize += p
+                .parse(&mut buf, &mut out, usize::MAX)
+                .expect("valid ZMTP")
+                .oversize;
         }
         (out, oversize, buf.to_vec(), p.pending)
     }
@@ -638,7 +723,7 @@ mod tests {
             max_bytes in 1usize..600,
             max_frames in 1usize..5,
         ) {
-            let mut p = SubParser::new(limits(max_bytes, max_frames));
+            let mut p = Parser::new(limits(max_bytes, max_frames));
             let mut buf = BytesMut::new();
             let mut out = Vec::new();
             let mut cuts = cuts;
@@ -652,7 +737,7 @@ mod tests {
                 }
                 buf.extend_from_slice(&data[at..cut]);
                 at = cut;
-                if p.parse(&mut buf, &mut out).is_err() {
+                if p.parse(&mut buf, &mut out, usize::MAX).is_err() {
                     return Ok(());
                 }
                 let bound = 9 + max_bytes.max(MAX_COMMAND);
@@ -690,15 +775,44 @@ mod tests {
 
     #[test]
     fn ready_of_a_publisher() {
-        assert!(check_pub_ready(&ready(b"PUB")[2..]).is_ok());
-        assert!(check_pub_ready(&ready(b"XPUB")[2..]).is_ok());
+        assert!(check_ready(&ready(b"PUB")[2..], SUB).is_ok());
+        assert!(check_ready(&ready(b"XPUB")[2..], SUB).is_ok());
         for bad in [&b"ROUTER"[..], b"SUB", b"DEALER", b""] {
-            assert!(check_pub_ready(&ready(bad)[2..]).is_err(), "{bad:?}");
+            assert!(check_ready(&ready(bad)[2..], SUB).is_err(), "{bad:?}");
         }
-        assert!(check_pub_ready(b"\x04PING\x00\x00").is_err());
+        assert!(check_ready(b"\x04PING\x00\x00", SUB).is_err());
         let mut truncated = ready(b"PUB")[2..].to_vec();
         truncated.pop();
-        assert!(check_pub_ready(&truncated).is_err());
+        assert!(check_ready(&truncated, SUB).is_err());
+    }
+
+    #[test]
+    fn ready_of_a_router() {
+        assert!(check_ready(&ready(b"ROUTER")[2..], DEALER).is_ok());
+        assert!(check_ready(&ready(b"DEALER")[2..], DEALER).is_ok());
+        for bad in [&b"PUB"[..], b"XPUB", b"SUB", b"REQ", b"REP", b""] {
+            match check_ready(&ready(bad)[2..], DEALER) {
+                Err(ZmtpError::Ready(why)) => assert!(why.contains("DEALER"), "{why}"),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn at_most_max_messages_per_parse_the_rest_stays_buffered() {
+        let mut wire = Vec::new();
+        for i in 0..5u8 {
+            wire.extend(message(&[b"r", &[i]]));
+        }
+        let mut p = Parser::new(Limits::default());
+        let mut buf = BytesMut::from(&wire[..]);
+        let mut out = Vec::new();
+        for want in [&[0u8, 1][..], &[2, 3], &[4]] {
+            p.parse(&mut buf, &mut out, 2).expect("valid");
+            let got: Vec<u8> = out.drain(..).map(|m| m[1][0]).collect();
+            assert_eq!(got, want);
+        }
+        assert!(buf.is_empty());
     }
 
     #[test]
@@ -774,13 +888,13 @@ mod tests {
     fn limits_are_checked_on_the_header() {
         // A 1 TiB frame announced: skipped without buffering, one oversize message once
         // its last frame is past; the header alone counts nothing yet.
-        let mut p = SubParser::new(Limits::default());
+        let mut p = Parser::new(Limits::default());
         let mut buf = BytesMut::new();
         let mut out = Vec::new();
         buf.extend_from_slice(&[0x02]);
         buf.extend_from_slice(&(1u64 << 40).to_be_bytes());
         buf.extend_from_slice(&[0u8; 1000]);
-        let parsed = p.parse(&mut buf, &mut out).expect("valid");
+        let parsed = p.parse(&mut buf, &mut out, usize::MAX).expect("valid");
         assert_eq!(parsed.oversize, 0);
         assert!(buf.is_empty() && out.is_empty());
         // Too many frames: the whole message is dropped, the next one delivered.
@@ -797,30 +911,30 @@ mod tests {
 
     #[test]
     fn garbage_and_errors_end_the_connection() {
-        let mut p = SubParser::new(Limits::default());
+        let mut p = Parser::new(Limits::default());
         let mut out = Vec::new();
         let mut buf = BytesMut::from(&b"GET / HTTP/1.1\r\n"[..]);
         assert!(matches!(
-            p.parse(&mut buf, &mut out),
+            p.parse(&mut buf, &mut out, usize::MAX),
             Err(ZmtpError::Protocol(_))
         ));
         let mut buf = BytesMut::new();
         buf.extend_from_slice(&[0x06]);
         buf.extend_from_slice(&(1u64 << 20).to_be_bytes());
         assert!(matches!(
-            SubParser::new(Limits::default()).parse(&mut buf, &mut out),
+            Parser::new(Limits::default()).parse(&mut buf, &mut out, usize::MAX),
             Err(ZmtpError::Protocol(_))
         ));
         let mut buf = BytesMut::from(&command(b"ERROR", b"\x04gone")[..]);
-        match SubParser::new(Limits::default()).parse(&mut buf, &mut out) {
+        match Parser::new(Limits::default()).parse(&mut buf, &mut out, usize::MAX) {
             Err(ZmtpError::PeerError(reason)) => assert_eq!(reason, "gone"),
             other => panic!("{other:?}"),
         }
         // Unknown commands are ignored.
         let mut buf = BytesMut::from(&command(b"SUBSCRIBE", b"x")[..]);
         assert!(
-            SubParser::new(Limits::default())
-                .parse(&mut buf, &mut out)
+            Parser::new(Limits::default())
+                .parse(&mut buf, &mut out, usize::MAX)
                 .is_ok()
         );
         assert!(out.is_empty());

@@ -283,6 +283,55 @@ async fn hub_link_talks_to_libzmq_router_and_pub_and_recovers() {
 }
 
 #[tokio::test]
+async fn hub_link_writes_what_was_queued_at_once_to_a_libzmq_router_in_order() {
+    if !pyzmq_available() {
+        return;
+    }
+    let port = free_port_pair();
+    let _hub = PyPeer::start(&["router_pub".into(), port.to_string()]).await;
+    let (link, mut rx) =
+        HubLink::connect(HubLinkConfig::new(format!("tcp://127.0.0.1:{port}"))).expect("link");
+    assert!(link.wait_connected(SETUP).await);
+    // Queued while the link's task cannot run (one-thread runtime, no await in between),
+    // so it writes them in a few batches: the ROUTER takes each message whole, in order, and
+    // its echoes come back in order.
+    const N: u32 = 600;
+    for i in 0..N {
+        let body = Bytes::from(vec![(i % 251) as u8; (i as usize * 37) % 700]);
+        link.try_send(vec![b("dev.x"), Bytes::from(i.to_string()), body])
+            .expect("queued");
+    }
+    let mut next = 0;
+    while next < N {
+        let m = timeout(SETUP, rx.recv())
+            .await
+            .expect("echo in time")
+            .expect("open");
+        if m.channel != Channel::Reply {
+            continue;
+        }
+        assert_eq!(m.frames.len(), 4, "reply {next}");
+        assert_eq!(
+            m.frames[..3],
+            [b("echo"), b("dev.x"), Bytes::from(next.to_string())]
+        );
+        assert_eq!(
+            m.frames[3].len(),
+            (next as usize * 37) % 700,
+            "reply {next}"
+        );
+        next += 1;
+    }
+    let stats = link.stats();
+    assert_eq!(stats.messages_out, u64::from(N), "{stats:?}");
+    assert_eq!(
+        (stats.dropped_outbound, stats.reconnects),
+        (0, 0),
+        "{stats:?}"
+    );
+}
+
+#[tokio::test]
 async fn legacy_sockets_talk_to_a_libzmq_zmq_ami_broker_agent() {
     if !pyzmq_available() {
         return;
