@@ -237,6 +237,62 @@ impl SessionCtx {
     }
 }
 
+/// Takes the events waiting in the session's queue and queues them for writing (each written
+/// on its own unless coalescing; then `unflushed` is set). `false` when the session must go (it
+/// missed events, or a write failed).
+async fn forward(
+    shared: &Shared,
+    ctx: &SessionCtx,
+    sink: &mut Writer,
+    batch: &mut std::collections::VecDeque<Arc<SimEvent>>,
+    unflushed: &mut bool,
+) -> bool {
+    let Some(sub) = &ctx.sub else { return true };
+    let missed = {
+        let mut st = sub.lock();
+        std::mem::swap(&mut st.queue, batch);
+        std::mem::take(&mut st.missed)
+    };
+    if missed > 0 {
+        warn_peer(
+            ctx.id,
+            ctx.peer,
+            "slow reader",
+            &format!("missed {missed} events"),
+        );
+        shared.lock().stats.slow_readers_dropped += 1;
+        return false;
+    }
+    if batch.is_empty() {
+        return true;
+    }
+    if ctx.blackholed(shared) {
+        batch.clear();
+        return true;
+    }
+    let coalesce = shared.cfg.coalesce_writes;
+    let ok = if coalesce {
+        sink.feed_all(batch.drain(..).map(Out::Event)).await
+    } else {
+        // Each event written on its own.
+        let mut ok = true;
+        while let Some(ev) = batch.pop_front() {
+            if !sink.send_all([Out::Event(ev)], false).await {
+                ok = false;
+                break;
+            }
+        }
+        ok
+    };
+    batch.clear();
+    if !ok {
+        shared.lock().stats.slow_readers_dropped += 1;
+        return false;
+    }
+    *unflushed = coalesce;
+    true
+}
+
 /// Serves one connection until it ends.
 #[tracing::instrument(skip(shared, stream), fields(server = ?shared.cfg.name))]
 pub(crate) async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
@@ -303,6 +359,9 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
     let mut shutdown = std::pin::pin!(shared.shutdown.cancelled());
     let mut restarted = std::pin::pin!(gen_rx.changed());
     let mut events = std::pin::pin!(ready.notified());
+    // The queue is to be looked at after an action (the branch after `events`, so that a
+    // shutdown or restart still comes first).
+    let mut after_action = false;
     loop {
         tokio::select! {
             biased;
@@ -317,43 +376,17 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
             }
             () = &mut events => {
                 events.set(ready.notified());
-                let Some(sub) = &ctx.sub else { continue };
-                let missed = {
-                    let mut st = sub.lock();
-                    std::mem::swap(&mut st.queue, &mut batch);
-                    std::mem::take(&mut st.missed)
-                };
-                if missed > 0 {
-                    warn_peer(id, peer, "slow reader", &format!("missed {missed} events"));
-                    shared.lock().stats.slow_readers_dropped += 1;
+                after_action = false;
+                if !forward(shared, &ctx, &mut sink, &mut batch, &mut unflushed).await {
                     break;
                 }
-                if batch.is_empty() {
-                    continue;
-                }
-                if ctx.blackholed(shared) {
-                    batch.clear();
-                    continue;
-                }
-                let ok = if coalesce {
-                    sink.feed_all(batch.drain(..).map(Out::Event)).await
-                } else {
-                    // Each event written on its own.
-                    let mut ok = true;
-                    while let Some(ev) = batch.pop_front() {
-                        if !sink.send_all([Out::Event(ev)], false).await {
-                            ok = false;
-                            break;
-                        }
-                    }
-                    ok
-                };
-                batch.clear();
-                if !ok {
-                    shared.lock().stats.slow_readers_dropped += 1;
+            }
+            // What the session's own action queued (it woke no one, see `set_busy`).
+            () = std::future::ready(()), if after_action => {
+                after_action = false;
+                if !forward(shared, &ctx, &mut sink, &mut batch, &mut unflushed).await {
                     break;
                 }
-                unflushed = coalesce;
             }
             frame = source.next() => match frame {
                 None => break,
@@ -367,6 +400,9 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                         shared.lock().stats.blackholed_actions += 1;
                         continue;
                     }
+                    if let Some(sub) = &ctx.sub {
+                        sub.set_busy(true);
+                    }
                     let out = crate::actions::handle(shared, &mut ctx, &m).await;
                     let replies = out.replies.into_iter().map(Out::Message);
                     if !sink.send_all(replies, coalesce).await {
@@ -375,6 +411,10 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                     unflushed = coalesce;
                     if out.close {
                         break;
+                    }
+                    if let Some(sub) = &ctx.sub {
+                        sub.set_busy(false);
+                        after_action = true;
                     }
                 }
             },
