@@ -18,13 +18,15 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use compact_str::CompactString;
 use futures::StreamExt;
-use hintfed_ami::{AmiCodec, CodecError, Frame, Message};
+use hintfed_ami::codec::encode_headers;
+use hintfed_ami::{AmiCodec, CodecError, Frame, Message, encode_message};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio_util::bytes::BytesMut;
-use tokio_util::codec::{Encoder, FramedRead};
+use tokio_util::codec::FramedRead;
 
 use crate::event::{self, SimEvent};
 use crate::server::{Shared, Subscriber};
@@ -98,19 +100,30 @@ pub(crate) struct Outcome {
 /// own.
 pub(crate) enum Replies {
     One(Message),
+    /// `astman_send_ack` (`Response: Success`, the action's non-empty `ActionID`, `Message`),
+    /// encoded straight from its parts by the writer (the answer of every `Setvar`).
+    Ack {
+        id: Option<CompactString>,
+        message: &'static str,
+    },
     Many(Vec<Message>),
 }
 
 impl IntoIterator for Replies {
-    type Item = Message;
-    type IntoIter = std::iter::Chain<std::option::IntoIter<Message>, std::vec::IntoIter<Message>>;
+    type Item = Out;
+    type IntoIter = std::iter::Chain<
+        std::option::IntoIter<Out>,
+        std::iter::Map<std::vec::IntoIter<Message>, fn(Message) -> Out>,
+    >;
 
     fn into_iter(self) -> Self::IntoIter {
         let (one, many) = match self {
-            Self::One(m) => (Some(m), Vec::new()),
+            Self::One(m) => (Some(Out::Message(m)), Vec::new()),
+            Self::Ack { id, message } => (Some(Out::Ack { id, message }), Vec::new()),
             Self::Many(v) => (None, v),
         };
-        one.into_iter().chain(many)
+        one.into_iter()
+            .chain(many.into_iter().map(Out::Message as fn(Message) -> Out))
     }
 }
 
@@ -118,6 +131,12 @@ impl Outcome {
     pub(crate) fn reply(m: Message) -> Self {
         Self {
             replies: Replies::One(m),
+            close: false,
+        }
+    }
+    pub(crate) fn ack(id: Option<CompactString>, message: &'static str) -> Self {
+        Self {
+            replies: Replies::Ack { id, message },
             close: false,
         }
     }
@@ -139,8 +158,34 @@ impl Outcome {
 pub(crate) enum Out {
     /// A response, list item or login event, encoded on its own.
     Message(Message),
+    /// [`Replies::Ack`].
+    Ack {
+        id: Option<CompactString>,
+        message: &'static str,
+    },
     /// A queued event.
     Event(Arc<SimEvent>),
+}
+
+impl Out {
+    /// Appends what `AmiCodec` writes for this item to `dst` (an error where it refuses).
+    fn encode(self, dst: &mut BytesMut) -> Result<(), CodecError> {
+        match self {
+            Self::Message(m) => encode_message(&m, dst),
+            Self::Ack { id, message } => {
+                encode_headers(crate::actions::ack_headers(id.as_deref(), message), dst)
+            }
+            Self::Event(ev) => match ev.wire() {
+                // What the codec writes for this event, encoded once for every session.
+                Some(bytes) => {
+                    dst.extend_from_slice(bytes);
+                    Ok(())
+                }
+                // Refused: the codec refuses it here too.
+                None => encode_message(&ev.message, dst),
+            },
+        }
+    }
 }
 
 /// Bytes queued past which a session writes out before queuing more (what `Framed` does).
@@ -150,8 +195,6 @@ const BACKPRESSURE: usize = 8 * 1024;
 struct Writer {
     io: OwnedWriteHalf,
     out: BytesMut,
-    /// Encodes answers (events come encoded).
-    codec: AmiCodec,
     wt: Duration,
     id: u64,
     peer: SocketAddr,
@@ -164,18 +207,7 @@ impl Writer {
         if self.out.len() >= BACKPRESSURE && !self.flush().await {
             return false;
         }
-        let r = match item {
-            Out::Message(m) => self.codec.encode(&m, &mut self.out),
-            Out::Event(ev) => match ev.wire() {
-                // What the codec writes for this event, encoded once for every session.
-                Some(bytes) => {
-                    self.out.extend_from_slice(bytes);
-                    Ok(())
-                }
-                // Refused: the codec refuses it here too.
-                None => self.codec.encode(&ev.message, &mut self.out),
-            },
-        };
+        let r = item.encode(&mut self.out);
         write_done(Ok(r), self.id, self.peer)
     }
 
@@ -331,7 +363,6 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
     let mut sink = Writer {
         io: write,
         out: BytesMut::with_capacity(BACKPRESSURE),
-        codec: AmiCodec::server(),
         wt,
         id,
         peer,
@@ -404,8 +435,7 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                         sub.set_busy(true);
                     }
                     let out = crate::actions::handle(shared, &mut ctx, &m).await;
-                    let replies = out.replies.into_iter().map(Out::Message);
-                    if !sink.send_all(replies, coalesce).await {
+                    if !sink.send_all(out.replies, coalesce).await {
                         break;
                     }
                     unflushed = coalesce;
@@ -442,16 +472,58 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
 
 #[cfg(test)]
 mod tests {
+    use tokio_util::codec::Encoder as _;
+
     use super::*;
 
+    /// What the session writes for `replies`.
+    fn written(replies: Replies) -> String {
+        let mut out = BytesMut::new();
+        for item in replies {
+            item.encode(&mut out).expect("encodable");
+        }
+        String::from_utf8(out.to_vec()).expect("utf8")
+    }
+
     #[test]
-    fn replies_iterate_in_order() {
+    fn replies_are_written_in_order() {
         let m = |n: &str| Message::new().with("Response", n);
-        let one: Vec<Message> = Replies::One(m("a")).into_iter().collect();
-        assert_eq!(one, [m("a")]);
-        let many: Vec<Message> = Replies::Many(vec![m("a"), m("b")]).into_iter().collect();
-        assert_eq!(many, [m("a"), m("b")]);
+        assert_eq!(written(Replies::One(m("a"))), "Response: a\r\n\r\n");
+        assert_eq!(
+            written(Replies::Many(vec![m("a"), m("b")])),
+            "Response: a\r\n\r\nResponse: b\r\n\r\n"
+        );
         assert_eq!(Replies::Many(Vec::new()).into_iter().count(), 0);
+    }
+
+    #[test]
+    fn an_ack_is_written_as_the_codec_writes_its_message() {
+        for id in [
+            None,
+            Some("hf-17"),
+            Some("an ActionID longer than the inline 24 bytes"),
+        ] {
+            let mut m = Message::new().with("Response", "Success");
+            if let Some(id) = id {
+                m.push("ActionID", id);
+            }
+            let m = m.with("Message", "Variable Set");
+            let mut expected = BytesMut::new();
+            AmiCodec::server()
+                .encode(&m, &mut expected)
+                .expect("encodable");
+            let ack = Replies::Ack {
+                id: id.map(CompactString::new),
+                message: "Variable Set",
+            };
+            assert_eq!(written(ack).as_bytes(), &expected[..], "{id:?}");
+        }
+        // Refused where the codec refuses (an ActionID never holds CR or LF once decoded).
+        let bad = Out::Ack {
+            id: Some(CompactString::new("a\r\nb")),
+            message: "Variable Set",
+        };
+        assert!(bad.encode(&mut BytesMut::new()).is_err());
     }
 
     #[test]
