@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use compact_str::CompactString;
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt};
 use hintfed_ami::codec::encode_headers;
 use hintfed_ami::{AmiCodec, CodecError, Frame, Message, encode_message};
 use tokio::io::AsyncWriteExt;
@@ -325,6 +325,47 @@ async fn forward(
     true
 }
 
+/// Answers one frame read from the client: an action's answers are queued (and flushed unless
+/// coalescing; then `unflushed` is set). `false` when the session must go (end of input, bad
+/// input, a failed write, or an action that closes it).
+async fn answer(
+    shared: &Arc<Shared>,
+    ctx: &mut SessionCtx,
+    sink: &mut Writer,
+    frame: Option<Result<Frame, CodecError>>,
+    unflushed: &mut bool,
+) -> bool {
+    let m = match frame {
+        None => return false,
+        Some(Err(e)) => {
+            warn_peer(ctx.id, ctx.peer, "bad input", &e.to_string());
+            return false;
+        }
+        Some(Ok(Frame::Banner(_))) => return true,
+        Some(Ok(Frame::Message(m))) => m,
+    };
+    if ctx.blackholed(shared) && !crate::actions::ends_blackhole(&m) {
+        shared.lock().stats.blackholed_actions += 1;
+        return true;
+    }
+    if let Some(sub) = &ctx.sub {
+        sub.set_busy(true);
+    }
+    let out = crate::actions::handle(shared, ctx, &m).await;
+    let coalesce = shared.cfg.coalesce_writes;
+    if !sink.send_all(out.replies, coalesce).await {
+        return false;
+    }
+    *unflushed = coalesce;
+    if out.close {
+        return false;
+    }
+    if let Some(sub) = &ctx.sub {
+        sub.set_busy(false);
+    }
+    true
+}
+
 /// Serves one connection until it ends.
 #[tracing::instrument(skip(shared, stream), fields(server = ?shared.cfg.name))]
 pub(crate) async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
@@ -345,7 +386,7 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or(shared.local_addr);
     let mut gen_rx = shared.generation.subscribe();
-    gen_rx.borrow_and_update();
+    let generation = *gen_rx.borrow_and_update();
     // A blackholed (hung) server accepts TCP but sends nothing, not even the banner, until
     // the blackhole ends.
     while shared.blackholed() {
@@ -367,7 +408,6 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
         id,
         peer,
     };
-    let coalesce = shared.cfg.coalesce_writes;
     // Responses and events queued since the last flush (only when coalescing).
     let mut unflushed = false;
     let ready = Arc::new(tokio::sync::Notify::new());
@@ -393,7 +433,7 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
     // The queue is to be looked at after an action (the branch after `events`, so that a
     // shutdown or restart still comes first).
     let mut after_action = false;
-    loop {
+    'session: loop {
         tokio::select! {
             biased;
             () = &mut shutdown => break,
@@ -419,35 +459,33 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
                     break;
                 }
             }
-            frame = source.next() => match frame {
-                None => break,
-                Some(Err(e)) => {
-                    warn_peer(id, peer, "bad input", &e.to_string());
-                    break;
-                }
-                Some(Ok(Frame::Banner(_))) => {}
-                Some(Ok(Frame::Message(m))) => {
-                    if ctx.blackholed(shared) && !crate::actions::ends_blackhole(&m) {
-                        shared.lock().stats.blackholed_actions += 1;
-                        continue;
+            frame = source.next() => {
+                let mut frame = frame;
+                loop {
+                    if !answer(shared, &mut ctx, &mut sink, frame, &mut unflushed).await {
+                        break 'session;
                     }
-                    if let Some(sub) = &ctx.sub {
-                        sub.set_busy(true);
-                    }
-                    let out = crate::actions::handle(shared, &mut ctx, &m).await;
-                    if !sink.send_all(out.replies, coalesce).await {
+                    after_action = ctx.sub.is_some();
+                    // Actions already read are answered in turn, each followed by the events
+                    // queued by then, without a turn of this loop (whose shutdown, restart
+                    // and queue futures each take a lock per poll); back to the loop, in its
+                    // order, once a shutdown or restart is signalled or no action is read.
+                    if shared.shutdown.is_cancelled() || *shared.generation.borrow() != generation {
                         break;
                     }
-                    unflushed = coalesce;
-                    if out.close {
-                        break;
+                    if after_action {
+                        after_action = false;
+                        if !forward(shared, &ctx, &mut sink, &mut batch, &mut unflushed).await {
+                            break 'session;
+                        }
                     }
-                    if let Some(sub) = &ctx.sub {
-                        sub.set_busy(false);
-                        after_action = true;
+                    // Polled again by the loop (with this task's waker) when not ready.
+                    match source.next().now_or_never() {
+                        Some(next) => frame = next,
+                        None => break,
                     }
                 }
-            },
+            }
             // Last: only once no event and no action is ready.
             ok = sink.flush(), if unflushed => {
                 if !ok {
