@@ -413,11 +413,24 @@ fn check_header(key: &str, value: &str) -> Result<(), CodecError> {
 /// [`AmiCodec`]'s encoder writes. A header that would break the framing (an empty key, a key
 /// holding `:`, CR or LF, a value holding CR or LF) is an error, and then nothing is appended.
 pub fn encode_message(msg: &Message, dst: &mut BytesMut) -> Result<(), CodecError> {
-    for (k, v) in msg.headers() {
+    encode_headers(msg.headers(), dst)
+}
+
+/// [`encode_message`] of the message holding `headers` in order, without making the message
+/// (an answer written straight from its parts).
+pub fn encode_headers<'a, I>(headers: I, dst: &mut BytesMut) -> Result<(), CodecError>
+where
+    I: IntoIterator<Item = (&'a str, &'a str)>,
+    I::IntoIter: Clone,
+{
+    let headers = headers.into_iter();
+    let mut len = 2;
+    for (k, v) in headers.clone() {
         check_header(k, v)?;
+        len += k.len() + v.len() + 4;
     }
-    dst.reserve(msg.text_len() + 4 * msg.len() + 2);
-    for (k, v) in msg.headers() {
+    dst.reserve(len);
+    for (k, v) in headers {
         dst.put_slice(k.as_bytes());
         dst.put_slice(b": ");
         dst.put_slice(v.as_bytes());

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use compact_str::CompactString;
 use hintfed_ami::Message;
 use md5::{Digest, Md5};
 
@@ -117,12 +118,31 @@ fn response_to(kind: &str, id: Option<&str>) -> Message {
 
 /// `astman_send_ack`.
 fn ack(req: &Message, msg: &str) -> Message {
-    ack_to(req.action_id(), msg)
+    let id = req.action_id().filter(|id| !id.is_empty());
+    let mut m = Message::with_capacity(64 + id.map_or(0, str::len), 3);
+    for (k, v) in ack_headers(id, msg) {
+        m.push(k, v);
+    }
+    m
 }
 
-/// [`ack`] to a request whose `ActionID` is `id`.
-fn ack_to(id: Option<&str>, msg: &str) -> Message {
-    response_to("Success", id).with("Message", msg)
+/// [`ack`] to a request whose `ActionID` is `id`, as the session writes it without making the
+/// message (see [`Replies::Ack`](crate::session::Replies)): the id kept inline when short.
+fn ack_reply(id: Option<&str>, message: &'static str) -> Outcome {
+    Outcome::ack(
+        id.filter(|id| !id.is_empty()).map(CompactString::new),
+        message,
+    )
+}
+
+/// The headers of [`ack`]'s answer, in order (`id` given and not empty).
+pub(crate) fn ack_headers<'a>(
+    id: Option<&'a str>,
+    message: &'a str,
+) -> impl Iterator<Item = (&'a str, &'a str)> + Clone {
+    std::iter::once(("Response", "Success"))
+        .chain(id.map(|id| ("ActionID", id)))
+        .chain(std::iter::once(("Message", message)))
 }
 
 /// `astman_send_error`.
@@ -340,7 +360,7 @@ fn setvar(shared: &Arc<Shared>, req: &Message) -> Outcome {
                 inner.stats.setvar_accepted += 1;
                 crate::trace::record(shared.cfg.name.as_deref(), "set", var, value);
                 shared.emit(&mut inner, evs);
-                return Outcome::reply(ack_to(id, "Variable Set"));
+                return ack_reply(id, "Variable Set");
             }
             Err(e) => {
                 tracing::debug!(variable = %var, error = %e, "Setvar refused");
@@ -746,7 +766,7 @@ fn sim_set_device_state(shared: &Arc<Shared>, req: &Message) -> Outcome {
         return Outcome::reply(error(req, "Invalid State"));
     };
     match shared.set_device_state(device, state) {
-        Ok(()) => Outcome::reply(ack_to(id, "Device state set")),
+        Ok(()) => ack_reply(id, "Device state set"),
         Err(e) => Outcome::reply(error(req, &format!("Device state not set: {e}"))),
     }
 }

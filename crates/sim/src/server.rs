@@ -4,7 +4,8 @@
 //! Events produced by a state change are handed out while the state lock is held, so every
 //! session sees them in state order: each logged-in session has a `Subscriber` queue, and an
 //! event goes only into the queues of the sessions that want it (event mask and filters
-//! checked once, here), waking a session only when its queue was empty. A queue is bounded
+//! checked once, here), waking a session only when its queue was empty and the session is not
+//! running one of its own actions (it looks at its queue after each). A queue is bounded
 //! ([`SimConfig::event_buffer`], rounded up to a power of two as the broadcast ring of
 //! [`SimHandle::subscribe_events`] is): a session that falls that far behind is dropped, as
 //! Asterisk drops a client that blocks a write for longer than `writetimeout`.
@@ -200,6 +201,10 @@ pub(crate) struct Subscriber {
     /// Notified when the queue stops being empty (or events were missed); the session's own,
     /// from before its login on (it waits on it from its start).
     pub(crate) ready: Arc<tokio::sync::Notify>,
+    /// The session is running one of its actions and takes its queue right after it: what is
+    /// queued meanwhile (the action's own events) wakes no one (a wake of the running task
+    /// would reschedule it, and wake an idle runtime thread, once more per action).
+    busy: AtomicBool,
     /// Most events queued at once.
     capacity: usize,
 }
@@ -219,8 +224,18 @@ impl Subscriber {
                 missed: 0,
             }),
             ready,
+            busy: AtomicBool::new(false),
             capacity,
         }
+    }
+
+    /// Marks the session as running an action (`true`) or done with it (`false`: it then
+    /// takes its queue, under [`Subscriber::lock`], so that nothing queued while it was busy
+    /// waits for a wake that did not come).
+    pub(crate) fn set_busy(&self, busy: bool) {
+        // The queue's lock orders this with `offer`: an offer locking after the session's
+        // next look at the queue sees `false` and wakes it; one locking before is taken.
+        self.busy.store(busy, Ordering::Relaxed);
     }
 
     pub(crate) fn lock(&self) -> MutexGuard<'_, SubState> {
@@ -233,7 +248,7 @@ impl Subscriber {
         if !st.wants(ev) {
             return;
         }
-        let wake = st.queue.is_empty() && st.missed == 0;
+        let wake = st.queue.is_empty() && st.missed == 0 && !self.busy.load(Ordering::Relaxed);
         if st.queue.len() >= self.capacity {
             st.missed += 1;
         } else {
@@ -641,4 +656,39 @@ pub(crate) fn now_epoch() -> (u64, u32) {
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default();
     (d.as_secs(), d.subsec_micros())
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt as _;
+
+    use super::*;
+
+    fn dsc() -> Arc<SimEvent> {
+        Arc::new(SimEvent::with_body(
+            "DeviceStateChange",
+            event::CALL,
+            None,
+            &[("Device", "Custom:a"), ("State", "INUSE")],
+        ))
+    }
+
+    #[test]
+    fn a_busy_session_is_not_woken_and_finds_its_events_queued() {
+        let ready = Arc::new(tokio::sync::Notify::new());
+        let sub = Subscriber::new(event::ALL, Default::default(), 8, ready.clone());
+        sub.set_busy(true);
+        sub.offer(&dsc());
+        sub.offer(&dsc());
+        assert!(
+            ready.notified().now_or_never().is_none(),
+            "woken while busy"
+        );
+        sub.set_busy(false);
+        assert_eq!(std::mem::take(&mut sub.lock().queue).len(), 2);
+        // Done with its action: the next event wakes it again.
+        sub.offer(&dsc());
+        assert!(ready.notified().now_or_never().is_some(), "not woken");
+        assert_eq!(sub.lock().queue.len(), 1);
+    }
 }

@@ -18,13 +18,15 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use hintfed_ami::{AmiCodec, CodecError, Frame, Message};
+use compact_str::CompactString;
+use futures::{FutureExt as _, StreamExt};
+use hintfed_ami::codec::encode_headers;
+use hintfed_ami::{AmiCodec, CodecError, Frame, Message, encode_message};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio_util::bytes::BytesMut;
-use tokio_util::codec::{Encoder, FramedRead};
+use tokio_util::codec::FramedRead;
 
 use crate::event::{self, SimEvent};
 use crate::server::{Shared, Subscriber};
@@ -98,19 +100,30 @@ pub(crate) struct Outcome {
 /// own.
 pub(crate) enum Replies {
     One(Message),
+    /// `astman_send_ack` (`Response: Success`, the action's non-empty `ActionID`, `Message`),
+    /// encoded straight from its parts by the writer (the answer of every `Setvar`).
+    Ack {
+        id: Option<CompactString>,
+        message: &'static str,
+    },
     Many(Vec<Message>),
 }
 
 impl IntoIterator for Replies {
-    type Item = Message;
-    type IntoIter = std::iter::Chain<std::option::IntoIter<Message>, std::vec::IntoIter<Message>>;
+    type Item = Out;
+    type IntoIter = std::iter::Chain<
+        std::option::IntoIter<Out>,
+        std::iter::Map<std::vec::IntoIter<Message>, fn(Message) -> Out>,
+    >;
 
     fn into_iter(self) -> Self::IntoIter {
         let (one, many) = match self {
-            Self::One(m) => (Some(m), Vec::new()),
+            Self::One(m) => (Some(Out::Message(m)), Vec::new()),
+            Self::Ack { id, message } => (Some(Out::Ack { id, message }), Vec::new()),
             Self::Many(v) => (None, v),
         };
-        one.into_iter().chain(many)
+        one.into_iter()
+            .chain(many.into_iter().map(Out::Message as fn(Message) -> Out))
     }
 }
 
@@ -118,6 +131,12 @@ impl Outcome {
     pub(crate) fn reply(m: Message) -> Self {
         Self {
             replies: Replies::One(m),
+            close: false,
+        }
+    }
+    pub(crate) fn ack(id: Option<CompactString>, message: &'static str) -> Self {
+        Self {
+            replies: Replies::Ack { id, message },
             close: false,
         }
     }
@@ -139,8 +158,34 @@ impl Outcome {
 pub(crate) enum Out {
     /// A response, list item or login event, encoded on its own.
     Message(Message),
+    /// [`Replies::Ack`].
+    Ack {
+        id: Option<CompactString>,
+        message: &'static str,
+    },
     /// A queued event.
     Event(Arc<SimEvent>),
+}
+
+impl Out {
+    /// Appends what `AmiCodec` writes for this item to `dst` (an error where it refuses).
+    fn encode(self, dst: &mut BytesMut) -> Result<(), CodecError> {
+        match self {
+            Self::Message(m) => encode_message(&m, dst),
+            Self::Ack { id, message } => {
+                encode_headers(crate::actions::ack_headers(id.as_deref(), message), dst)
+            }
+            Self::Event(ev) => match ev.wire() {
+                // What the codec writes for this event, encoded once for every session.
+                Some(bytes) => {
+                    dst.extend_from_slice(bytes);
+                    Ok(())
+                }
+                // Refused: the codec refuses it here too.
+                None => encode_message(&ev.message, dst),
+            },
+        }
+    }
 }
 
 /// Bytes queued past which a session writes out before queuing more (what `Framed` does).
@@ -150,8 +195,6 @@ const BACKPRESSURE: usize = 8 * 1024;
 struct Writer {
     io: OwnedWriteHalf,
     out: BytesMut,
-    /// Encodes answers (events come encoded).
-    codec: AmiCodec,
     wt: Duration,
     id: u64,
     peer: SocketAddr,
@@ -164,18 +207,7 @@ impl Writer {
         if self.out.len() >= BACKPRESSURE && !self.flush().await {
             return false;
         }
-        let r = match item {
-            Out::Message(m) => self.codec.encode(&m, &mut self.out),
-            Out::Event(ev) => match ev.wire() {
-                // What the codec writes for this event, encoded once for every session.
-                Some(bytes) => {
-                    self.out.extend_from_slice(bytes);
-                    Ok(())
-                }
-                // Refused: the codec refuses it here too.
-                None => self.codec.encode(&ev.message, &mut self.out),
-            },
-        };
+        let r = item.encode(&mut self.out);
         write_done(Ok(r), self.id, self.peer)
     }
 
@@ -237,6 +269,103 @@ impl SessionCtx {
     }
 }
 
+/// Takes the events waiting in the session's queue and queues them for writing (each written
+/// on its own unless coalescing; then `unflushed` is set). `false` when the session must go (it
+/// missed events, or a write failed).
+async fn forward(
+    shared: &Shared,
+    ctx: &SessionCtx,
+    sink: &mut Writer,
+    batch: &mut std::collections::VecDeque<Arc<SimEvent>>,
+    unflushed: &mut bool,
+) -> bool {
+    let Some(sub) = &ctx.sub else { return true };
+    let missed = {
+        let mut st = sub.lock();
+        std::mem::swap(&mut st.queue, batch);
+        std::mem::take(&mut st.missed)
+    };
+    if missed > 0 {
+        warn_peer(
+            ctx.id,
+            ctx.peer,
+            "slow reader",
+            &format!("missed {missed} events"),
+        );
+        shared.lock().stats.slow_readers_dropped += 1;
+        return false;
+    }
+    if batch.is_empty() {
+        return true;
+    }
+    if ctx.blackholed(shared) {
+        batch.clear();
+        return true;
+    }
+    let coalesce = shared.cfg.coalesce_writes;
+    let ok = if coalesce {
+        sink.feed_all(batch.drain(..).map(Out::Event)).await
+    } else {
+        // Each event written on its own.
+        let mut ok = true;
+        while let Some(ev) = batch.pop_front() {
+            if !sink.send_all([Out::Event(ev)], false).await {
+                ok = false;
+                break;
+            }
+        }
+        ok
+    };
+    batch.clear();
+    if !ok {
+        shared.lock().stats.slow_readers_dropped += 1;
+        return false;
+    }
+    *unflushed = coalesce;
+    true
+}
+
+/// Answers one frame read from the client: an action's answers are queued (and flushed unless
+/// coalescing; then `unflushed` is set). `false` when the session must go (end of input, bad
+/// input, a failed write, or an action that closes it).
+async fn answer(
+    shared: &Arc<Shared>,
+    ctx: &mut SessionCtx,
+    sink: &mut Writer,
+    frame: Option<Result<Frame, CodecError>>,
+    unflushed: &mut bool,
+) -> bool {
+    let m = match frame {
+        None => return false,
+        Some(Err(e)) => {
+            warn_peer(ctx.id, ctx.peer, "bad input", &e.to_string());
+            return false;
+        }
+        Some(Ok(Frame::Banner(_))) => return true,
+        Some(Ok(Frame::Message(m))) => m,
+    };
+    if ctx.blackholed(shared) && !crate::actions::ends_blackhole(&m) {
+        shared.lock().stats.blackholed_actions += 1;
+        return true;
+    }
+    if let Some(sub) = &ctx.sub {
+        sub.set_busy(true);
+    }
+    let out = crate::actions::handle(shared, ctx, &m).await;
+    let coalesce = shared.cfg.coalesce_writes;
+    if !sink.send_all(out.replies, coalesce).await {
+        return false;
+    }
+    *unflushed = coalesce;
+    if out.close {
+        return false;
+    }
+    if let Some(sub) = &ctx.sub {
+        sub.set_busy(false);
+    }
+    true
+}
+
 /// Serves one connection until it ends.
 #[tracing::instrument(skip(shared, stream), fields(server = ?shared.cfg.name))]
 pub(crate) async fn run(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
@@ -257,7 +386,7 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
     let _ = stream.set_nodelay(true);
     let local = stream.local_addr().unwrap_or(shared.local_addr);
     let mut gen_rx = shared.generation.subscribe();
-    gen_rx.borrow_and_update();
+    let generation = *gen_rx.borrow_and_update();
     // A blackholed (hung) server accepts TCP but sends nothing, not even the banner, until
     // the blackhole ends.
     while shared.blackholed() {
@@ -275,12 +404,10 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
     let mut sink = Writer {
         io: write,
         out: BytesMut::with_capacity(BACKPRESSURE),
-        codec: AmiCodec::server(),
         wt,
         id,
         peer,
     };
-    let coalesce = shared.cfg.coalesce_writes;
     // Responses and events queued since the last flush (only when coalescing).
     let mut unflushed = false;
     let ready = Arc::new(tokio::sync::Notify::new());
@@ -303,7 +430,10 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
     let mut shutdown = std::pin::pin!(shared.shutdown.cancelled());
     let mut restarted = std::pin::pin!(gen_rx.changed());
     let mut events = std::pin::pin!(ready.notified());
-    loop {
+    // The queue is to be looked at after an action (the branch after `events`, so that a
+    // shutdown or restart still comes first).
+    let mut after_action = false;
+    'session: loop {
         tokio::select! {
             biased;
             () = &mut shutdown => break,
@@ -317,67 +447,45 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
             }
             () = &mut events => {
                 events.set(ready.notified());
-                let Some(sub) = &ctx.sub else { continue };
-                let missed = {
-                    let mut st = sub.lock();
-                    std::mem::swap(&mut st.queue, &mut batch);
-                    std::mem::take(&mut st.missed)
-                };
-                if missed > 0 {
-                    warn_peer(id, peer, "slow reader", &format!("missed {missed} events"));
-                    shared.lock().stats.slow_readers_dropped += 1;
+                after_action = false;
+                if !forward(shared, &ctx, &mut sink, &mut batch, &mut unflushed).await {
                     break;
                 }
-                if batch.is_empty() {
-                    continue;
+            }
+            // What the session's own action queued (it woke no one, see `set_busy`).
+            () = std::future::ready(()), if after_action => {
+                after_action = false;
+                if !forward(shared, &ctx, &mut sink, &mut batch, &mut unflushed).await {
+                    break;
                 }
-                if ctx.blackholed(shared) {
-                    batch.clear();
-                    continue;
-                }
-                let ok = if coalesce {
-                    sink.feed_all(batch.drain(..).map(Out::Event)).await
-                } else {
-                    // Each event written on its own.
-                    let mut ok = true;
-                    while let Some(ev) = batch.pop_front() {
-                        if !sink.send_all([Out::Event(ev)], false).await {
-                            ok = false;
-                            break;
+            }
+            frame = source.next() => {
+                let mut frame = frame;
+                loop {
+                    if !answer(shared, &mut ctx, &mut sink, frame, &mut unflushed).await {
+                        break 'session;
+                    }
+                    after_action = ctx.sub.is_some();
+                    // Actions already read are answered in turn, each followed by the events
+                    // queued by then, without a turn of this loop (whose shutdown, restart
+                    // and queue futures each take a lock per poll); back to the loop, in its
+                    // order, once a shutdown or restart is signalled or no action is read.
+                    if shared.shutdown.is_cancelled() || *shared.generation.borrow() != generation {
+                        break;
+                    }
+                    if after_action {
+                        after_action = false;
+                        if !forward(shared, &ctx, &mut sink, &mut batch, &mut unflushed).await {
+                            break 'session;
                         }
                     }
-                    ok
-                };
-                batch.clear();
-                if !ok {
-                    shared.lock().stats.slow_readers_dropped += 1;
-                    break;
+                    // Polled again by the loop (with this task's waker) when not ready.
+                    match source.next().now_or_never() {
+                        Some(next) => frame = next,
+                        None => break,
+                    }
                 }
-                unflushed = coalesce;
             }
-            frame = source.next() => match frame {
-                None => break,
-                Some(Err(e)) => {
-                    warn_peer(id, peer, "bad input", &e.to_string());
-                    break;
-                }
-                Some(Ok(Frame::Banner(_))) => {}
-                Some(Ok(Frame::Message(m))) => {
-                    if ctx.blackholed(shared) && !crate::actions::ends_blackhole(&m) {
-                        shared.lock().stats.blackholed_actions += 1;
-                        continue;
-                    }
-                    let out = crate::actions::handle(shared, &mut ctx, &m).await;
-                    let replies = out.replies.into_iter().map(Out::Message);
-                    if !sink.send_all(replies, coalesce).await {
-                        break;
-                    }
-                    unflushed = coalesce;
-                    if out.close {
-                        break;
-                    }
-                }
-            },
             // Last: only once no event and no action is ready.
             ok = sink.flush(), if unflushed => {
                 if !ok {
@@ -402,16 +510,58 @@ async fn serve(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr, id
 
 #[cfg(test)]
 mod tests {
+    use tokio_util::codec::Encoder as _;
+
     use super::*;
 
+    /// What the session writes for `replies`.
+    fn written(replies: Replies) -> String {
+        let mut out = BytesMut::new();
+        for item in replies {
+            item.encode(&mut out).expect("encodable");
+        }
+        String::from_utf8(out.to_vec()).expect("utf8")
+    }
+
     #[test]
-    fn replies_iterate_in_order() {
+    fn replies_are_written_in_order() {
         let m = |n: &str| Message::new().with("Response", n);
-        let one: Vec<Message> = Replies::One(m("a")).into_iter().collect();
-        assert_eq!(one, [m("a")]);
-        let many: Vec<Message> = Replies::Many(vec![m("a"), m("b")]).into_iter().collect();
-        assert_eq!(many, [m("a"), m("b")]);
+        assert_eq!(written(Replies::One(m("a"))), "Response: a\r\n\r\n");
+        assert_eq!(
+            written(Replies::Many(vec![m("a"), m("b")])),
+            "Response: a\r\n\r\nResponse: b\r\n\r\n"
+        );
         assert_eq!(Replies::Many(Vec::new()).into_iter().count(), 0);
+    }
+
+    #[test]
+    fn an_ack_is_written_as_the_codec_writes_its_message() {
+        for id in [
+            None,
+            Some("hf-17"),
+            Some("an ActionID longer than the inline 24 bytes"),
+        ] {
+            let mut m = Message::new().with("Response", "Success");
+            if let Some(id) = id {
+                m.push("ActionID", id);
+            }
+            let m = m.with("Message", "Variable Set");
+            let mut expected = BytesMut::new();
+            AmiCodec::server()
+                .encode(&m, &mut expected)
+                .expect("encodable");
+            let ack = Replies::Ack {
+                id: id.map(CompactString::new),
+                message: "Variable Set",
+            };
+            assert_eq!(written(ack).as_bytes(), &expected[..], "{id:?}");
+        }
+        // Refused where the codec refuses (an ActionID never holds CR or LF once decoded).
+        let bad = Out::Ack {
+            id: Some(CompactString::new("a\r\nb")),
+            message: "Variable Set",
+        };
+        assert!(bad.encode(&mut BytesMut::new()).is_err());
     }
 
     #[test]

@@ -389,6 +389,17 @@ async fn pipelined_burst(coalesce_writes: bool) {
         .collect();
     let want: Vec<String> = (0..N).map(|i| format!("b{i}")).collect();
     assert_eq!(ids, want, "responses in the order of the actions");
+    // Each answer is followed by the event of its write (this session is the only writer).
+    let first = all
+        .iter()
+        .position(|m| m.action_id() == Some("b0"))
+        .expect("b0");
+    assert_eq!(all.len() - first, 2 * N);
+    for (i, pair) in all[first..].chunks(2).enumerate() {
+        assert_eq!(pair[0].action_id(), Some(want[i].as_str()));
+        let device = format!("Custom:burst{}", i % DEVICES);
+        assert_eq!(pair[1].get("Device"), Some(device.as_str()), "after b{i}");
+    }
     for d in 0..DEVICES {
         let device = format!("Custom:burst{d}");
         let seen: Vec<&str> = all
@@ -738,6 +749,24 @@ async fn extension_state_command_getvar_and_list_commands() {
     let (_, r) = c.action(Message::action("ListCommands"), "l").await;
     assert_eq!(r.get("Ping"), Some("Keepalive command. (Priv: <none>)"));
     assert!(r.get("SimRestart").is_some());
+}
+
+#[tokio::test]
+async fn no_action_pipelined_after_a_restart_is_answered() {
+    let sim = spawn(capture_config("pbx-a")).await;
+    let mut c = Client::login(sim.local_addr(), &[("Events", "system")]).await;
+    c.send_all([
+        Message::action("SimRestart").with("ActionID", "r"),
+        Message::action("Ping").with("ActionID", "p"),
+    ])
+    .await;
+    let answered = c.until(|m| m.action_id() == Some("r")).await;
+    assert_eq!(
+        answered.last().and_then(|m| m.get("Message")),
+        Some("Restarting")
+    );
+    assert_eq!(c.recv().await.event(), Some("Shutdown"));
+    c.expect_eof().await;
 }
 
 #[tokio::test]
