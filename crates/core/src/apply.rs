@@ -42,6 +42,9 @@
 //! milliseconds after a time base of the store): 32 bytes per target in the list plus about
 //! 6.5 in the hash table, where a map of names to 24-byte slots took 64
 //! (`tests/key_memory.rs`). Presence targets keep boxed values in a store of their own.
+//! A device target's id also spares the hash table: [`ApplyQueue::push_device`] takes the id
+//! a push returned before (a node keeps it with the key in its table) and looks the name up
+//! only when that is not the target's id any more.
 
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
@@ -522,6 +525,17 @@ impl<C: Cell> Store<C> {
         id
     }
 
+    /// [`Store::id_or_insert`], taking `hint` when it is the target's id (checked against the
+    /// name: the entry is the one the caller touches next anyway, so a right hint spares the
+    /// hash table's lookup at no cache miss of its own).
+    fn id_or_insert_hinted(&mut self, target: &str, hint: u32) -> u32 {
+        let i = hint as usize;
+        if i < self.entries.len() && self.entries.get(i).0 == target {
+            return hint;
+        }
+        self.id_or_insert(target)
+    }
+
     fn key(&self, id: u32) -> &str {
         &self.entries.get(id as usize).0
     }
@@ -600,19 +614,26 @@ struct Shared {
 /// The bit of an order id naming a target of the presence store.
 const OTHER: u32 = 1 << 31;
 
+/// A hint naming no target ([`ApplyQueue::push_device`]): ids stay below [`MAX_IDS`].
+const NO_HINT: u32 = u32::MAX;
+
+/// Pushes `value` for `target` (whose id in `store` may be `hint`, see
+/// [`ApplyQueue::push_device`]); returns what it did and the target's id ([`NO_HINT`] for a
+/// value of the store's other kind).
 fn push_in<C: Cell>(
     store: &mut Store<C>,
     q: &mut Shared,
     tag: u32,
     target: &str,
     value: &Value,
-) -> Push {
+    hint: u32,
+) -> (Push, u32) {
     let Some(stored) = C::T::of(value) else {
-        return Push::Skipped;
+        return (Push::Skipped, NO_HINT);
     };
     let full = q.pending >= q.config.max_keys.max(1);
-    let id = store.id_or_insert(target);
-    C::with(store, id, |slot| {
+    let id = store.id_or_insert_hinted(target, hint);
+    let push = C::with(store, id, |slot| {
         if !slot.want.as_ref().is_some_and(|w| w.is(value)) {
             slot.want = Some(stored);
             slot.repairs = 0;
@@ -642,7 +663,8 @@ fn push_in<C: Cell>(
         q.pending += 1;
         q.order.push_back(id | tag);
         Push::Queued
-    })
+    });
+    (push, id)
 }
 
 /// What dispatching the target at the front of the order came to.
@@ -789,10 +811,21 @@ impl ApplyQueue {
 
     /// [`ApplyQueue::push`] without giving up the key and value.
     pub fn push_ref(&mut self, target: &str, value: &Value) -> Push {
+        let q = &mut self.q;
         match value {
-            Value::Device(_) => push_in(&mut self.devices, &mut self.q, 0, target, value),
-            Value::Presence(_) => push_in(&mut self.others, &mut self.q, OTHER, target, value),
+            Value::Device(_) => push_in(&mut self.devices, q, 0, target, value, NO_HINT).0,
+            Value::Presence(_) => push_in(&mut self.others, q, OTHER, target, value, NO_HINT).0,
         }
+    }
+
+    /// [`ApplyQueue::push_ref`] of a device state, given `hint`: the id this method returned
+    /// for `target` before, to spare the lookup of the name (any number will do: it is used
+    /// only when it is still `target`'s id, which is checked against the name, so an id
+    /// from before a [`ApplyQueue::clear`] or of another target makes a lookup). Returns what
+    /// the push did and `target`'s id, the hint for its next push.
+    pub fn push_device(&mut self, target: &str, state: DeviceState, hint: u32) -> (Push, u32) {
+        let value = Value::Device(state);
+        push_in(&mut self.devices, &mut self.q, 0, target, &value, hint)
     }
 
     /// Makes room for `targets` device targets in all (a pass over a table of that many
@@ -1546,6 +1579,63 @@ mod tests {
         a.forget_echoes();
         assert!(a.complete(id, true));
         assert_eq!(a.held("x"), Some(&d(Busy)));
+    }
+
+    /// A hinted push ([`ApplyQueue::push_device`]) does what a push by name does, whatever
+    /// the hint: the id returned before (also from before a clear, when it may name another
+    /// target or none), another target's, or none.
+    #[test]
+    fn a_hinted_push_does_what_a_push_by_name_does_whatever_the_hint() {
+        use proptest::prelude::*;
+        let states = [Inuse, NotInuse, Busy, Ringing];
+        proptest!(ProptestConfig::with_cases(300), |(
+            ops in proptest::collection::vec((0..6usize, 0..6usize, 0..4usize, 0..4u32), 1..80),
+        )| {
+            let (mut by_name, mut hinted) = (q(4, 2), q(4, 2));
+            // Per key, the id the hinted queue returned last (kept across clears).
+            let mut ids = [NO_HINT; 6];
+            let mut flying: Vec<(WriteId, WriteId)> = Vec::new();
+            for (op, k, s, h) in ops {
+                let key = format!("Custom:PJSIP/{k}");
+                match op {
+                    0..=2 => {
+                        let hint = match h {
+                            0 => ids[k],
+                            1 => ids[(k + 1) % ids.len()],
+                            2 => NO_HINT,
+                            _ => k as u32,
+                        };
+                        let want = by_name.push_ref(&key, &d(states[s]));
+                        let (got, id) = hinted.push_device(&key, states[s], hint);
+                        prop_assert_eq!(got, want);
+                        prop_assert_eq!(Some(id), hinted.devices.id(&key));
+                        ids[k] = id;
+                    }
+                    3 => {
+                        let a = by_name.next_write_at(Millis(h.into())).map(|w| (w.id, w.target.to_owned(), w.value));
+                        let b = hinted.next_write_at(Millis(h.into())).map(|w| (w.id, w.target.to_owned(), w.value));
+                        prop_assert_eq!(a.as_ref().map(|w| (&w.1, &w.2)), b.as_ref().map(|w| (&w.1, &w.2)));
+                        if let (Some(a), Some(b)) = (a, b) {
+                            flying.push((a.0, b.0));
+                        }
+                    }
+                    4 if !flying.is_empty() => {
+                        let (a, b) = flying.remove(s % flying.len());
+                        prop_assert_eq!(by_name.complete(a, h % 2 == 0), hinted.complete(b, h % 2 == 0));
+                    }
+                    _ => {
+                        by_name.clear();
+                        hinted.clear();
+                    }
+                }
+                for k in 0..ids.len() {
+                    let key = format!("Custom:PJSIP/{k}");
+                    prop_assert_eq!(by_name.held(&key), hinted.held(&key));
+                }
+                prop_assert_eq!(by_name.pending_len(), hinted.pending_len());
+                prop_assert_eq!(by_name.stats(), hinted.stats());
+            }
+        });
     }
 
     #[test]

@@ -58,5 +58,5 @@ pub use node::{Action, ApplyCmd, LocalEvent, Node, NodeConfig};
 pub use policy::{Policy, PolicyConfig, PolicyError, is_custom_device};
 pub use replica::Replica;
 pub use state::{DeviceState, Kind, Presence, PresenceStatus, Value, aggregate};
-pub use table::Table;
+pub use table::{NO_TAG, Settled, Table};
 pub use time::{Epoch, Millis};

@@ -66,7 +66,7 @@ use crate::policy::{Policy, is_custom_device};
 use crate::replica::Replica;
 use crate::seq::SeqStatus;
 use crate::state::{DeviceState, Kind, Presence, Value};
-use crate::table::{PresenceEntry, Table};
+use crate::table::{PresenceEntry, Settled, Table};
 use crate::time::{Epoch, Millis};
 
 /// Configuration of a [`Node`].
@@ -679,7 +679,7 @@ impl Node {
                 }
                 if let (true, Body::Update(u)) = (ing.key_changed, &env.body) {
                     match (u.kind(), ing.settled) {
-                        (Kind::Device, Some(state)) => self.push_device(&u.key, state),
+                        (Kind::Device, Some(settled)) => self.push_device(&u.key, settled),
                         // Nothing to write, or not settled (not writing devices).
                         (Kind::Device, None) => {}
                         (Kind::Presence, _) => self.recompute_presence(&u.key),
@@ -1077,7 +1077,7 @@ impl Node {
         // Without an aggregate (nobody reports it any more) a key applied before gets
         // Asterisk's aggregate of no device. (The table marks the keys applied: a bit of the
         // key's entries, no copy of the key.)
-        let Some(state) = self.replica.table.aggregate_and_mark(
+        let Some(settled) = self.replica.table.aggregate_and_mark(
             key,
             &self.replica.origins,
             self.cfg.policy.down_state(),
@@ -1085,14 +1085,20 @@ impl Node {
         ) else {
             return;
         };
-        self.push_device(key, state);
+        self.push_device(key, settled);
     }
 
-    /// Asks for the local target of remote device `key` to hold `state` (made writable).
-    fn push_device(&mut self, key: &str, state: DeviceState) {
-        let value = Value::Device(self.cfg.policy.writable(state));
+    /// Asks for the local target of remote device `key` to hold its aggregate (made
+    /// writable). The key's tag in the table is the apply queue's id of its target (a hint,
+    /// checked by the queue: see [`ApplyQueue::push_device`]), set when it is not yet: a
+    /// push then finds the target's slot without looking its name up.
+    fn push_device(&mut self, key: &str, settled: Settled) {
+        let state = self.cfg.policy.writable(settled.state);
         self.cfg.policy.target_name_into(key, &mut self.target_buf);
-        self.apply.push_ref(&self.target_buf, &value);
+        let (_, id) = self.apply.push_device(&self.target_buf, state, settled.tag);
+        if id != settled.tag {
+            self.replica.table.set_device_tag(key, id);
+        }
     }
 
     fn recompute_presence(&mut self, key: &str) {

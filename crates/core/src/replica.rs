@@ -9,7 +9,7 @@ use crate::envelope::{Body, Envelope, OriginSummary, SnapshotEntry};
 use crate::liveness::Origins;
 use crate::seq::{SeqStatus, SeqTracker};
 use crate::state::{DeviceState, Kind};
-use crate::table::{Settle, Table};
+use crate::table::{Settle, Settled, Table};
 use crate::time::{Epoch, Millis};
 
 /// What ingesting one stream envelope did.
@@ -23,8 +23,8 @@ pub struct Ingested {
     /// `dirty_keys`).
     pub key_changed: bool,
     /// With [`Replica::ingest_settling`], a device update that changed its key: the key's
-    /// aggregate, the key marked ([`Table::aggregate_and_mark`]).
-    pub settled: Option<DeviceState>,
+    /// aggregate, the key marked ([`Table::aggregate_and_mark`]), with the key's tag.
+    pub settled: Option<Settled>,
     /// Keys whose entries changed (other than an update's own key, see `key_changed`).
     pub dirty_keys: Vec<(Kind, String)>,
     /// Origins whose status changed (every device key of theirs must be re-aggregated).

@@ -28,8 +28,10 @@ use crate::time::{Epoch, Millis};
 /// One origin's latest report of one device.
 ///
 /// Compact (48 bytes): the origin is a private index into the table's list of origin names
-/// (see [`DeviceEntries`] for the name). Equality compares the report (not the key's mark,
-/// see [`Table::mark_device`]).
+/// (see [`DeviceEntries`] for the name), and the timestamp's two parts are fields of their
+/// own (an [`HlcTimestamp`] has 4 bytes of padding), which leaves room for the key's mark and
+/// tag. Equality compares the report (not the key's mark nor its tag, see
+/// [`Table::mark_device`], [`Table::set_device_tag`]).
 #[derive(Clone, Debug)]
 pub struct DeviceEntry {
     /// The state reported.
@@ -38,15 +40,29 @@ pub struct DeviceEntry {
     pub epoch: Epoch,
     /// Stream sequence of the report.
     pub seq: u64,
-    /// Its timestamp.
-    pub ts: HlcTimestamp,
+    /// Its timestamp's wall part ([`DeviceEntry::ts`]).
+    wall: u64,
     /// When it arrived here.
     pub updated: Millis,
+    /// Its timestamp's counter.
+    counter: u32,
     /// Index of the origin in the table's interned names.
     origin: u32,
+    /// The key's tag (see [`Table::set_device_tag`]), the same in every entry of the key.
+    tag: u32,
     /// The key's mark (see [`Table::mark_device`]), the same in every entry of the key (kept
     /// in the padding: no byte more per key).
     mark: bool,
+}
+
+impl DeviceEntry {
+    /// Its timestamp.
+    pub fn ts(&self) -> HlcTimestamp {
+        HlcTimestamp {
+            wall: self.wall,
+            counter: self.counter,
+        }
+    }
 }
 
 impl PartialEq for DeviceEntry {
@@ -55,10 +71,10 @@ impl PartialEq for DeviceEntry {
             self.value,
             self.epoch,
             self.seq,
-            self.ts,
+            self.ts(),
             self.updated,
             self.origin,
-        ) == (o.value, o.epoch, o.seq, o.ts, o.updated, o.origin)
+        ) == (o.value, o.epoch, o.seq, o.ts(), o.updated, o.origin)
     }
 }
 
@@ -90,16 +106,30 @@ impl Slot {
     }
 
     fn set_mark(&mut self) {
+        self.each(|e| e.mark = true);
+    }
+
+    /// The key's tag (every entry holds it).
+    fn tag(&self) -> u32 {
+        self.as_slice().first().map_or(NO_TAG, |e| e.tag)
+    }
+
+    fn set_tag(&mut self, tag: u32) {
+        self.each(|e| e.tag = tag);
+    }
+
+    fn each(&mut self, f: impl FnMut(&mut DeviceEntry)) {
         match self {
-            Slot::One(e) => e.mark = true,
-            Slot::Many(v) => v.iter_mut().for_each(|e| e.mark = true),
+            Slot::One(e) => std::iter::once(e).for_each(f),
+            Slot::Many(v) => v.iter_mut().for_each(f),
         }
     }
 
     /// Inserts `e` (whose origin is not present yet) keeping the entries sorted by name; it
-    /// takes the key's mark.
+    /// takes the key's mark and tag.
     fn insert(&mut self, names: &[Box<str>], mut e: DeviceEntry) {
         e.mark = self.mark();
+        e.tag = self.tag();
         let name = |e: &DeviceEntry| &names[e.origin as usize];
         let mut v = match std::mem::replace(self, Slot::Many(Vec::new())) {
             Slot::One(first) => {
@@ -193,11 +223,24 @@ pub struct Applied {
     pub changed: bool,
     /// A device entry changed and settling was asked: the key's
     /// [`Table::aggregate_and_mark`].
-    pub settled: Option<DeviceState>,
+    pub settled: Option<Settled>,
 }
 
+/// A device key's aggregate ([`Table::aggregate_and_mark`]) and the key's tag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settled {
+    /// The aggregate.
+    pub state: DeviceState,
+    /// The key's tag ([`Table::set_device_tag`]; [`NO_TAG`] when the table no longer holds
+    /// the key).
+    pub tag: u32,
+}
+
+/// The tag of a device key whose owner set none ([`Table::set_device_tag`]).
+pub const NO_TAG: u32 = u32::MAX;
+
 /// [`Table::aggregate_and_mark`] of the entries in `slot`.
-fn settle_slot(names: &[Box<str>], slot: &mut Slot, s: &Settle<'_>) -> Option<DeviceState> {
+fn settle_slot(names: &[Box<str>], slot: &mut Slot, s: &Settle<'_>) -> Option<Settled> {
     let mut states = slot
         .as_slice()
         .iter()
@@ -211,13 +254,19 @@ fn settle_slot(names: &[Box<str>], slot: &mut Slot, s: &Settle<'_>) -> Option<De
             }
         })
         .peekable();
-    if states.peek().is_some() {
+    let state = if states.peek().is_some() {
         let state = aggregate(states);
         slot.set_mark();
-        Some(state)
+        state
+    } else if slot.mark() {
+        aggregate(std::iter::empty())
     } else {
-        slot.mark().then(|| aggregate(std::iter::empty()))
-    }
+        return None;
+    };
+    Some(Settled {
+        state,
+        tag: slot.tag(),
+    })
 }
 
 /// The winning write of one presence key.
@@ -453,9 +502,11 @@ impl Table {
                     value: *state,
                     epoch,
                     seq,
-                    ts,
+                    wall: ts.wall,
                     updated: now,
+                    counter: ts.counter,
                     origin: id,
+                    tag: NO_TAG,
                     mark: false,
                 };
                 let settled = match slot_mut(&mut self.devices, key) {
@@ -485,6 +536,7 @@ impl Table {
                                 }
                                 *cur = DeviceEntry {
                                     mark: cur.mark,
+                                    tag: cur.tag,
                                     ..entry
                                 };
                             }
@@ -670,19 +722,20 @@ impl Table {
     /// [`Table::aggregate`] of device `key`, marking the key ([`Table::mark_device`]) when
     /// there is one, in one lookup: what a node writes for `key`. Without an aggregate (no
     /// origin but `exclude` reports the key), the aggregate of no device if the key was
-    /// marked before (it was written and must be withdrawn), else `None`.
+    /// marked before (it was written and must be withdrawn), else `None`. With the key's tag
+    /// ([`Table::set_device_tag`]).
     pub fn aggregate_and_mark(
         &mut self,
         key: &str,
         origins: &Origins,
         down_state: DeviceState,
         exclude: Option<&str>,
-    ) -> Option<DeviceState> {
+    ) -> Option<Settled> {
         let Some(slot) = slot_mut(&mut self.devices, key) else {
-            return self
-                .marked_gone
-                .contains(key)
-                .then(|| aggregate(std::iter::empty()));
+            return self.marked_gone.contains(key).then(|| Settled {
+                state: aggregate(std::iter::empty()),
+                tag: NO_TAG,
+            });
         };
         let settle = Settle {
             origins,
@@ -729,6 +782,23 @@ impl Table {
         }
     }
 
+    /// Sets the tag of device `key` (when the table holds it): a number the table's owner
+    /// keeps with the key, handed back with the key's aggregate ([`Settled::tag`]) at no
+    /// lookup of its own. A node keeps there the apply queue's id of the key's target. It
+    /// stays while the key is in the table (whatever its entries do); a key dropped and
+    /// reported again starts with [`NO_TAG`]. (Kept in the entries' padding: no byte more
+    /// per key.)
+    pub fn set_device_tag(&mut self, key: &str, tag: u32) {
+        if let Some(slot) = slot_mut(&mut self.devices, key) {
+            slot.set_tag(tag);
+        }
+    }
+
+    /// The tag of device `key` ([`Table::set_device_tag`]), if the table holds the key.
+    pub fn device_tag(&self, key: &str) -> Option<u32> {
+        slot(&self.devices, key).map(Slot::tag)
+    }
+
     /// Whether device `key` was marked ([`Table::mark_device`]).
     pub fn is_marked(&self, key: &str) -> bool {
         match slot(&self.devices, key) {
@@ -772,7 +842,7 @@ impl Table {
             seq: e.seq,
             key: key.to_owned(),
             value: Value::Device(e.value),
-            ts: e.ts,
+            ts: e.ts(),
         }
     }
 
@@ -1076,7 +1146,7 @@ mod tests {
         assert_eq!(
             std::mem::size_of::<DeviceEntry>(),
             48,
-            "the mark takes no byte"
+            "the mark and the tag take no byte"
         );
         let mut t = Table::new();
         dev(&mut t, "a", 1, 1, "d", Inuse);
@@ -1103,6 +1173,73 @@ mod tests {
         t.mark_device("x");
         assert!(t.is_marked("x"));
         assert_eq!(t.marked_gone().collect::<Vec<_>>(), vec!["x"]);
+    }
+
+    #[test]
+    fn a_tag_follows_the_key_through_its_entries_and_goes_with_it() {
+        let o = Origins::new(1000);
+        let mut t = Table::new();
+        assert_eq!(t.device_tag("d"), None);
+        t.set_device_tag("d", 7);
+        assert_eq!(t.device_tag("d"), None, "no key, no tag");
+        dev(&mut t, "b", 1, 1, "d", Inuse);
+        assert_eq!(t.device_tag("d"), Some(NO_TAG), "a new key has none");
+        t.set_device_tag("d", 7);
+        // A newer report, origins before and after the first one, a key beside it, packing.
+        dev(&mut t, "b", 1, 2, "d", Busy);
+        dev(&mut t, "a", 1, 1, "d", NotInuse);
+        dev(&mut t, "c", 1, 1, "d", NotInuse);
+        dev(&mut t, "a", 1, 2, "e", Inuse);
+        t.compact();
+        assert_eq!(
+            (t.device_tag("d"), t.device_tag("e")),
+            (Some(7), Some(NO_TAG))
+        );
+        let settled = t.aggregate_and_mark("d", &o, Unavailable, Some("c"));
+        assert_eq!(
+            settled,
+            Some(Settled {
+                state: Busy,
+                tag: 7
+            })
+        );
+        let applied = t.apply_settling(
+            "a",
+            Epoch(1),
+            3,
+            "d",
+            &Value::Device(Ringing),
+            ts(3),
+            Millis(0),
+            Some(Settle {
+                origins: &o,
+                down_state: Unavailable,
+                exclude: None,
+            }),
+        );
+        assert_eq!(
+            applied.settled.map(|s| (s.state, s.tag)),
+            Some((Ringinuse, 7))
+        );
+        assert_eq!(t.device("d").unwrap().get("b").unwrap().ts(), ts(2));
+        // Entries dropped one by one: the tag stays while one is left.
+        t.end_full_sync("a", Epoch(2), 1);
+        t.end_full_sync("b", Epoch(2), 1);
+        assert_eq!(t.device_tag("d"), Some(7));
+        // Gone: a marked key settles without a tag, and comes back without one.
+        t.end_full_sync("c", Epoch(2), 1);
+        assert_eq!(t.device_tag("d"), None);
+        let gone = t.aggregate_and_mark("d", &o, Unavailable, None);
+        assert_eq!(gone.map(|s| s.tag), Some(NO_TAG));
+        dev(&mut t, "x", 1, 1, "d", Inuse);
+        assert_eq!(t.device_tag("d"), Some(NO_TAG));
+        // Equality of entries compares reports, not tags.
+        let mut u = t.clone();
+        u.set_device_tag("d", 1);
+        assert_eq!(
+            t.device("d").unwrap().get("x"),
+            u.device("d").unwrap().get("x")
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use hintfed_core::envelope::Envelope;
 use hintfed_core::{
     Action, ApplyCmd, Body, DeviceState, Epoch, HlcTimestamp, Hub, HubAction, HubConfig, Ingest,
-    KeyRing, Limits, LocalEvent, Millis, Node, NodeConfig, Policy, PolicyConfig, Presence,
+    KeyRing, Limits, LocalEvent, Millis, NO_TAG, Node, NodeConfig, Policy, PolicyConfig, Presence,
     PresenceStatus, Role, Update, Value, open,
 };
 
@@ -236,6 +236,76 @@ fn an_answer_of_a_write_from_before_a_loss_is_ignored() {
         b.apply_queue().held("Custom:PJSIP/1"),
         Some(&Value::Device(DeviceState::Inuse))
     );
+}
+
+/// The writes `n` asks for, as `(target, value)`, each reported done.
+fn write_all(n: &mut Node, now: Millis) -> Vec<(String, String)> {
+    let actions = n.take_actions();
+    let writes = applies(&actions);
+    for w in &writes {
+        n.on_apply_result(now, w.id, true);
+    }
+    writes
+        .iter()
+        .map(|w| (w.target.to_string(), w.setvar_value().into_owned()))
+        .collect()
+}
+
+/// A node keeps the apply queue's id of a key's target in the key's table entry (its tag):
+/// ids handed out before the queue was cleared name other targets after it, and a key
+/// dropped from the table and reported again has none; every write still goes to its
+/// key's target.
+#[test]
+fn target_ids_kept_in_the_table_survive_a_clear_and_a_key_dropped() {
+    let mut b = synced("pbx-b");
+    let w = |t: &str, v: &str| (format!("Custom:PJSIP/{t}"), v.to_owned());
+    b.on_remote(Millis(1), &up("pbx-a", 1, 1, "PJSIP/2", DeviceState::Inuse));
+    b.on_remote(Millis(1), &up("pbx-a", 1, 2, "PJSIP/1", DeviceState::Inuse));
+    assert_eq!(
+        write_all(&mut b, Millis(1)),
+        [w("2", "INUSE"), w("1", "INUSE")]
+    );
+    let tag = |b: &Node, k: &str| b.table().device_tag(k).expect("in the table");
+    let (t1, t2) = (tag(&b, "PJSIP/1"), tag(&b, "PJSIP/2"));
+    assert!(t1 != NO_TAG && t2 != NO_TAG && t1 != t2, "{t1} {t2}");
+    // Cleared; the pass writes in key order, so PJSIP/1 now has the id PJSIP/2 had.
+    b.on_local_lost(Millis(2));
+    b.take_actions();
+    b.on_local_restored(Millis(3));
+    b.on_local_full_sync(Millis(3), Vec::new());
+    assert_eq!(
+        write_all(&mut b, Millis(3)),
+        [w("1", "INUSE"), w("2", "INUSE")]
+    );
+    assert_eq!((tag(&b, "PJSIP/1"), tag(&b, "PJSIP/2")), (t2, t1));
+    b.on_remote(Millis(4), &up("pbx-a", 1, 3, "PJSIP/2", DeviceState::Busy));
+    b.on_remote(
+        Millis(4),
+        &up("pbx-a", 1, 4, "PJSIP/1", DeviceState::Ringing),
+    );
+    assert_eq!(
+        write_all(&mut b, Millis(4)),
+        [w("2", "BUSY"), w("1", "RINGING")]
+    );
+    // PJSIP/1 dropped by a full sync of pbx-a (withdrawn), then reported again.
+    b.on_remote(
+        Millis(5),
+        &Envelope::new("pbx-a", Epoch(1), 5, Body::FullSyncBegin),
+    );
+    b.on_remote(Millis(5), &up("pbx-a", 1, 6, "PJSIP/2", DeviceState::Busy));
+    let end = Body::FullSyncEnd { begin_seq: 5 };
+    b.on_remote(Millis(5), &Envelope::new("pbx-a", Epoch(1), 7, end));
+    assert_eq!(b.table().device_tag("PJSIP/1"), None);
+    assert_eq!(write_all(&mut b, Millis(5)), [w("1", "INVALID")]);
+    b.on_remote(Millis(6), &up("pbx-a", 1, 8, "PJSIP/1", DeviceState::Inuse));
+    assert_eq!(write_all(&mut b, Millis(6)), [w("1", "INUSE")]);
+    assert_eq!(
+        tag(&b, "PJSIP/1"),
+        t2,
+        "its target's id, found by name again"
+    );
+    b.on_remote(Millis(7), &up("pbx-a", 1, 9, "PJSIP/1", DeviceState::Busy));
+    assert_eq!(write_all(&mut b, Millis(7)), [w("1", "BUSY")]);
 }
 
 #[test]
