@@ -477,6 +477,8 @@ pub struct Relay<T: FederationTransport> {
     node: Node,
     pbx: Pbx,
     pbx_events: mpsc::Receiver<PbxEvent>,
+    /// The events of `pbx_events` taken in one turn (kept for its room).
+    pbx_batch: Vec<PbxEvent>,
     transport: T,
     incoming: mpsc::Receiver<Incoming>,
     connected: watch::Receiver<usize>,
@@ -543,6 +545,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
             node,
             pbx,
             pbx_events,
+            pbx_batch: Vec::with_capacity(1 + BATCH),
             transport,
             incoming,
             connected,
@@ -610,26 +613,24 @@ impl<T: FederationTransport + 'static> Relay<T> {
         let result = loop {
             tokio::select! {
                 () = shutdown.cancelled() => break Ok(()),
-                ev = self.pbx_events.recv() => match ev {
-                    Some(ev) => {
-                        // One clock read for the batch (taken within microseconds).
-                        let now = wall_now();
-                        self.on_pbx_event(now, ev);
-                        // Take what else is queued, up to a batch: each of our writes comes
-                        // back as an event, and a fast Asterisk answers a window of writes at
-                        // once; one event a turn fell behind the writes, the AMI queue
-                        // overflowed and forced a full resync. Not everything queued either:
-                        // at 20,000 updates/s a turn of up to 4,096 events kept the AMI
-                        // connection from reading long enough to overflow its queue.
-                        for _ in 0..BATCH {
-                            match self.pbx_events.try_recv() {
-                                Ok(ev) => self.on_pbx_event(now, ev),
-                                Err(_) => break,
-                            }
-                        }
+                // The event that woke the loop and what else is queued, up to a batch: each
+                // of our writes comes back as an event, and a fast Asterisk answers a window
+                // of writes at once; one event a turn fell behind the writes, the AMI queue
+                // overflowed and forced a full resync. Not everything queued either: at
+                // 20,000 updates/s a turn of up to 4,096 events kept the AMI connection from
+                // reading long enough to overflow its queue.
+                n = self.pbx_events.recv_many(&mut self.pbx_batch, 1 + BATCH) => {
+                    if n == 0 {
+                        break Err(RelayError::EventsClosed);
                     }
-                    None => break Err(RelayError::EventsClosed),
-                },
+                    // One clock read for the batch (taken within microseconds).
+                    let now = wall_now();
+                    let mut batch = std::mem::take(&mut self.pbx_batch);
+                    for ev in batch.drain(..) {
+                        self.on_pbx_event(now, ev);
+                    }
+                    self.pbx_batch = batch;
+                }
                 Some(msg) = self.incoming.recv() => {
                     let now = wall_now();
                     self.on_incoming(now, &msg);

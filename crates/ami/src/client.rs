@@ -349,7 +349,12 @@ impl Subscribers {
                 tx,
                 lost: lost.clone(),
             });
-        Subscription { rx, lost }
+        Subscription {
+            rx,
+            lost,
+            taken: Vec::new(),
+            marker_taken: false,
+        }
     }
 
     /// Gives `ev` to every subscriber still listening (no receiver is fine: nothing is kept).
@@ -370,6 +375,12 @@ impl Subscribers {
 pub struct Subscription {
     rx: mpsc::Receiver<Item>,
     lost: Arc<Lost>,
+    /// What [`Subscription::recv_many`] takes from the queue at once (kept for its room).
+    taken: Vec<Item>,
+    /// [`Subscription::recv_many`] took a marker after events: the next call reports it.
+    /// (Nothing is queued behind a marker until its count is taken: see
+    /// [`Subscriber::deliver`].)
+    marker_taken: bool,
 }
 
 impl Subscription {
@@ -377,6 +388,9 @@ impl Subscription {
     /// this point of the stream (the next call goes on after them). `Err(Closed)`: the client
     /// stopped.
     pub async fn recv(&mut self) -> Result<ClientEvent, broadcast::error::RecvError> {
+        if let Some(n) = self.taken_marker() {
+            return Err(broadcast::error::RecvError::Lagged(n));
+        }
         loop {
             match self.rx.recv().await {
                 Some(Item::Event(ev)) => return Ok(ev),
@@ -389,9 +403,44 @@ impl Subscription {
         }
     }
 
+    /// [`Subscription::recv`] for a batch: waits for the next event, then appends it and the
+    /// events queued behind it to `events`, at most `limit` (at least one) in all, and
+    /// returns how many. A batch ends where events are missing: `Err(Lagged(n))` comes from
+    /// the call after the events before the loss, and the call after it goes on after them,
+    /// exactly as [`Subscription::recv`] would tell them one by one. `Err(Closed)`: the
+    /// client stopped.
+    pub async fn recv_many(
+        &mut self,
+        events: &mut Vec<ClientEvent>,
+        limit: usize,
+    ) -> Result<usize, broadcast::error::RecvError> {
+        loop {
+            if let Some(n) = self.taken_marker() {
+                return Err(broadcast::error::RecvError::Lagged(n));
+            }
+            if self.rx.recv_many(&mut self.taken, limit.max(1)).await == 0 {
+                return Err(broadcast::error::RecvError::Closed);
+            }
+            let before = events.len();
+            for item in self.taken.drain(..) {
+                debug_assert!(!self.marker_taken, "an item queued behind a marker");
+                match item {
+                    Item::Event(ev) => events.push(ev),
+                    Item::Lagged => self.marker_taken = true,
+                }
+            }
+            if events.len() > before {
+                return Ok(events.len() - before);
+            }
+        }
+    }
+
     /// The next event if one is ready, without waiting.
     pub fn try_recv(&mut self) -> Result<ClientEvent, broadcast::error::TryRecvError> {
         use mpsc::error::TryRecvError;
+        if let Some(n) = self.taken_marker() {
+            return Err(broadcast::error::TryRecvError::Lagged(n));
+        }
         loop {
             match self.rx.try_recv() {
                 Ok(Item::Event(ev)) => return Ok(ev),
@@ -404,6 +453,18 @@ impl Subscription {
                     return Err(broadcast::error::TryRecvError::Closed);
                 }
             }
+        }
+    }
+
+    /// The count of the marker [`Subscription::recv_many`] took last, if it took one and
+    /// it is not reported yet (`None` too for a marker of no loss).
+    fn taken_marker(&mut self) -> Option<u64> {
+        if !std::mem::take(&mut self.marker_taken) {
+            return None;
+        }
+        match self.take_lost() {
+            0 => None,
+            n => Some(n),
         }
     }
 
@@ -1592,6 +1653,151 @@ mod tests {
                         marker = false;
                     }
                 }
+            }
+        }
+    }
+
+    /// What a subscription reads: an event's number, or a marker's count.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    enum Read {
+        Event(u64),
+        Lagged(u64),
+    }
+
+    fn number(ev: &ClientEvent) -> u64 {
+        match ev {
+            ClientEvent::Event(m) => m.get("N").and_then(|n| n.parse().ok()).unwrap_or(u64::MAX),
+            other => panic!("not a numbered event: {other:?}"),
+        }
+    }
+
+    /// One [`Subscription::recv_many`] call if it is ready at once (`None`: it would wait).
+    fn read_many(sub: &mut Subscription, limit: usize) -> Option<Vec<Read>> {
+        use futures::FutureExt;
+        let mut batch = Vec::new();
+        match sub.recv_many(&mut batch, limit).now_or_never()? {
+            Ok(n) => {
+                assert_eq!(n, batch.len());
+                assert!(
+                    (1..=limit.max(1)).contains(&n),
+                    "{n} events for a limit of {limit}"
+                );
+                Some(batch.iter().map(|e| Read::Event(number(e))).collect())
+            }
+            Err(broadcast::error::RecvError::Lagged(n)) => Some(vec![Read::Lagged(n)]),
+            Err(broadcast::error::RecvError::Closed) => panic!("closed"),
+        }
+    }
+
+    /// A batch ends where events are missing; the marker comes next, with the count of
+    /// every event lost up to the call that reports it (also those lost after the batch
+    /// took the marker off the queue), then the events after the loss.
+    #[test]
+    fn a_batch_ends_at_a_loss() {
+        let subs = Subscribers::default();
+        let mut sub = subs.add(3);
+        for n in 0..5 {
+            subs.send(numbered(n));
+        }
+        assert_eq!(
+            read_many(&mut sub, 10),
+            Some(vec![Read::Event(0), Read::Event(1), Read::Event(2)])
+        );
+        // The marker is off the queue but not reported yet: still lost at it.
+        subs.send(numbered(5));
+        assert_eq!(read_many(&mut sub, 10), Some(vec![Read::Lagged(3)]));
+        assert_eq!(read_many(&mut sub, 10), None);
+        for n in 6..9 {
+            subs.send(numbered(n));
+        }
+        assert_eq!(
+            read_many(&mut sub, 2),
+            Some(vec![Read::Event(6), Read::Event(7)])
+        );
+        assert_eq!(read_many(&mut sub, 2), Some(vec![Read::Event(8)]));
+
+        // A marker taken by a batch is reported by the next `recv` / `try_recv` as well.
+        for n in 9..14 {
+            subs.send(numbered(n));
+        }
+        assert_eq!(read_many(&mut sub, 3).map(|b| b.len()), Some(3));
+        assert!(matches!(
+            sub.try_recv(),
+            Err(broadcast::error::TryRecvError::Lagged(2))
+        ));
+        for n in 14..18 {
+            subs.send(numbered(n));
+        }
+        assert_eq!(read_many(&mut sub, 10).map(|b| b.len()), Some(3));
+        {
+            use futures::FutureExt;
+            assert!(matches!(
+                sub.recv().now_or_never(),
+                Some(Err(broadcast::error::RecvError::Lagged(1)))
+            ));
+        }
+        assert!(matches!(
+            sub.try_recv(),
+            Err(broadcast::error::TryRecvError::Empty)
+        ));
+    }
+
+    /// Read in batches, in every pattern of reads between deliveries and with every batch
+    /// limit, a subscriber gets the events in order, a marker wherever some are missing,
+    /// and every event either read or counted by a marker.
+    #[test]
+    fn batches_miss_nothing_silently() {
+        for limit in [0, 1, 2, 3, 5] {
+            for pattern in 0u32..256 {
+                let subs = Subscribers::default();
+                let mut sub = subs.add(3);
+                let mut got: Vec<Read> = Vec::new();
+                let mut sent = 0u64;
+                for n in 0..40u64 {
+                    subs.send(numbered(n));
+                    sent += 1;
+                    let reads = if n % 8 == 7 {
+                        4
+                    } else {
+                        pattern >> (n % 8) & 1
+                    };
+                    for _ in 0..reads {
+                        got.extend(read_many(&mut sub, limit).unwrap_or_default());
+                    }
+                }
+                while let Some(b) = read_many(&mut sub, limit) {
+                    got.extend(b);
+                }
+                let mut expected = 0u64;
+                let mut lost = 0u64;
+                let mut marker = false;
+                for g in &got {
+                    match *g {
+                        Read::Lagged(k) => {
+                            assert!(
+                                k > 0 && !marker,
+                                "limit {limit} pattern {pattern:08b}: {got:?}"
+                            );
+                            lost += k;
+                            marker = true;
+                        }
+                        Read::Event(n) => {
+                            assert!(
+                                n == expected || (marker && n > expected),
+                                "limit {limit} pattern {pattern:08b}: {expected}..{n} missed \
+                                 without a marker: {got:?}"
+                            );
+                            expected = n + 1;
+                            marker = false;
+                        }
+                    }
+                }
+                let read = got.iter().filter(|g| matches!(g, Read::Event(_))).count();
+                assert_eq!(
+                    read as u64 + lost,
+                    sent,
+                    "limit {limit} pattern {pattern:08b}: {got:?}"
+                );
             }
         }
     }

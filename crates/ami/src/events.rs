@@ -3,8 +3,11 @@
 //!
 //! Each view is built with `X::from_message(&msg) -> Option<X>` (or `X::try_from(&msg)`), which
 //! returns `None` when the message is not of that kind or lacks a required header. Views hold
-//! plain strings and integers, as Asterisk sends them; unknown events stay generic
-//! [`Message`]s, untouched. Any header a view does not name is still on the message.
+//! plain strings (a device state word inline: [`CompactString`]) and integers, as Asterisk
+//! sends them; unknown events stay generic [`Message`]s, untouched. Any header a view does not
+//! name is still on the message.
+
+use compact_str::CompactString;
 
 use crate::message::Message;
 
@@ -35,8 +38,9 @@ fn opt(msg: &Message, key: &str) -> String {
 pub struct DeviceStateChange {
     /// `Device`, e.g. `Custom:dnd300` or `PJSIP/100`.
     pub device: String,
-    /// `State`, e.g. `INUSE`, `NOT_INUSE`, `RINGING`, `UNAVAILABLE`.
-    pub state: String,
+    /// `State`, e.g. `INUSE`, `NOT_INUSE`, `RINGING`, `UNAVAILABLE`: a short word, held
+    /// inline (no allocation for the event every state change brings).
+    pub state: CompactString,
 }
 
 impl DeviceStateChange {
@@ -47,7 +51,7 @@ impl DeviceStateChange {
         }
         Some(Self {
             device: req(msg, "Device")?,
-            state: req(msg, "State")?,
+            state: msg.get("State")?.into(),
         })
     }
 }

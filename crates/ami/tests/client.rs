@@ -724,6 +724,75 @@ async fn slow_subscriber_is_told_what_it_missed_while_actions_go_on() {
     client.shutdown().await;
 }
 
+/// The device of an event, or what else it is.
+fn device_of(ev: &ClientEvent) -> String {
+    match ev {
+        ClientEvent::Event(m) => m.get("Device").unwrap_or("?").to_owned(),
+        ClientEvent::Connected { generation, .. } => format!("connected {generation}"),
+        ClientEvent::Disconnected { generation, .. } => format!("disconnected {generation}"),
+    }
+}
+
+#[tokio::test]
+async fn batches_keep_lifecycle_in_order_and_end_at_a_loss() {
+    let server = FakeServer::bind().await;
+    let mut cfg = server.config();
+    cfg.event_buffer = 16;
+    let client = AmiClient::start(cfg);
+    let mut sub = client.subscribe();
+    let mut peer = server.accept_logged_in().await;
+    assert!(client.wait_connected(PATIENCE).await);
+    for i in 0..100 {
+        peer.send(device_event(&format!("Custom:d{i}"), "INUSE"))
+            .await;
+    }
+    ping_answered(&client, &mut peer).await;
+
+    // Connected, FullyBooted and 14 events were queued, then the other 86 lost: the batch
+    // ends before the loss.
+    let mut batch = Vec::new();
+    let n = timeout(PATIENCE, sub.recv_many(&mut batch, 64))
+        .await
+        .expect("in time")
+        .expect("events");
+    assert_eq!(n, 16);
+    let mut want = vec!["connected 1".to_owned(), "?".to_owned()];
+    want.extend((0..14).map(|i| format!("Custom:d{i}")));
+    assert_eq!(batch.iter().map(device_of).collect::<Vec<_>>(), want);
+    // Until the loss is reported, events are lost at it (its marker is off the queue).
+    peer.send(device_event("Custom:unseen", "BUSY")).await;
+    ping_answered(&client, &mut peer).await;
+    let next = timeout(PATIENCE, sub.recv_many(&mut batch, 64))
+        .await
+        .expect("in time");
+    assert!(matches!(next, Err(RecvError::Lagged(87))), "{next:?}");
+    assert_eq!(batch.len(), 16, "nothing appended with a loss");
+
+    // After the loss: the next events and the end of the session, in order, in batches of
+    // at most two.
+    for i in 0..3 {
+        peer.send(device_event(&format!("Custom:f{i}"), "NOT_INUSE"))
+            .await;
+    }
+    drop(peer);
+    let mut got = Vec::new();
+    while !got
+        .iter()
+        .any(|e| matches!(e, ClientEvent::Disconnected { .. }))
+    {
+        let n = timeout(PATIENCE, sub.recv_many(&mut got, 2))
+            .await
+            .expect("in time")
+            .expect("events");
+        assert!((1..=2).contains(&n), "{n}");
+    }
+    assert_eq!(
+        got.iter().map(device_of).collect::<Vec<_>>(),
+        ["Custom:f0", "Custom:f1", "Custom:f2", "disconnected 1"]
+    );
+    client.shutdown().await;
+}
+
 #[tokio::test]
 async fn send_while_disconnected_fails_fast() {
     // A port nobody listens on.

@@ -157,8 +157,13 @@ impl Signals {
         self.tx.send(PbxEvent::Down { reason }).await.is_ok()
     }
 
+    /// Queues `ev`, waiting for room only when the relay's queue is full.
     async fn send(&self, ev: PbxEvent) -> bool {
-        self.tx.send(ev).await.is_ok()
+        match self.tx.try_send(ev) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(ev)) => self.tx.send(ev).await.is_ok(),
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
     }
 }
 
@@ -462,33 +467,19 @@ async fn ami_pump(
     }
     // The pump must not keep the client alive: only its subscription.
     drop(client);
+    let mut batch = Vec::with_capacity(PUMP_BATCH);
     loop {
-        let ok = match sub.recv().await {
-            Ok(ClientEvent::Connected { generation, .. }) if generation <= seen_generation => true,
-            Ok(ClientEvent::Connected { generation, .. }) => {
-                debug!(generation, "AMI session up");
-                if lifecycle {
-                    signals.up().await
-                } else {
-                    signals
-                        .send(PbxEvent::Resync {
-                            reason: "AMI event connection re-established".into(),
-                        })
-                        .await
+        let ok = match sub.recv_many(&mut batch, PUMP_BATCH).await {
+            Ok(_) => {
+                let mut ok = true;
+                for ev in batch.drain(..) {
+                    if !forward(ev, &signals, seen_generation, events, lifecycle).await {
+                        ok = false;
+                        break;
+                    }
                 }
+                ok
             }
-            Ok(ClientEvent::Disconnected { reason, .. }) => {
-                if lifecycle {
-                    signals.down(reason).await
-                } else {
-                    true
-                }
-            }
-            Ok(ClientEvent::Event(msg)) if events => match classify(&msg) {
-                Some(ev) => signals.send(ev).await,
-                None => true,
-            },
-            Ok(ClientEvent::Event(_)) => true,
             Err(broadcast::error::RecvError::Lagged(n)) => {
                 warn!(missed = n, "fell behind the AMI event stream; resyncing");
                 signals
@@ -502,6 +493,46 @@ async fn ami_pump(
         if !ok {
             return;
         }
+    }
+}
+
+/// AMI client events the pump takes from its subscription at once.
+const PUMP_BATCH: usize = 256;
+
+/// What [`ami_pump`] does with one client event; false once the relay is gone.
+async fn forward(
+    ev: ClientEvent,
+    signals: &Signals,
+    seen_generation: u64,
+    events: bool,
+    lifecycle: bool,
+) -> bool {
+    match ev {
+        ClientEvent::Connected { generation, .. } if generation <= seen_generation => true,
+        ClientEvent::Connected { generation, .. } => {
+            debug!(generation, "AMI session up");
+            if lifecycle {
+                signals.up().await
+            } else {
+                signals
+                    .send(PbxEvent::Resync {
+                        reason: "AMI event connection re-established".into(),
+                    })
+                    .await
+            }
+        }
+        ClientEvent::Disconnected { reason, .. } => {
+            if lifecycle {
+                signals.down(reason).await
+            } else {
+                true
+            }
+        }
+        ClientEvent::Event(msg) if events => match classify(&msg) {
+            Some(ev) => signals.send(ev).await,
+            None => true,
+        },
+        ClientEvent::Event(_) => true,
     }
 }
 
