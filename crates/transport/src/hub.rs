@@ -424,7 +424,8 @@ impl LinkTask {
                         }
                     }
                 }
-                r = dealer.recv(&mut replies, backlog_max - backlog), if read_replies => match r {
+                // (A disabled branch's expression is still evaluated: no underflow then.)
+                r = dealer.recv(&mut replies, backlog_max.saturating_sub(backlog)), if read_replies => match r {
                     Ok(parsed) => {
                         last_reply = Instant::now();
                         for _ in 0..parsed.oversize {
