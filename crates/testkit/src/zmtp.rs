@@ -25,19 +25,44 @@ pub fn greeting() -> Vec<u8> {
 
 /// A READY command (short command frame) announcing `socket_type`, e.g. `SUB`.
 pub fn ready(socket_type: &str) -> Vec<u8> {
-    let mut body = vec![5];
-    body.extend(b"READY");
-    body.push(11);
-    body.extend(b"Socket-Type");
+    let mut body = b"\x0bSocket-Type".to_vec();
     body.extend(
         u32::try_from(socket_type.len())
             .expect("short")
             .to_be_bytes(),
     );
     body.extend(socket_type.as_bytes());
-    let mut frame = vec![0x04, u8::try_from(body.len()).expect("short command")];
-    frame.extend(body);
-    frame
+    command(b"READY", &body)
+}
+
+/// A short command frame: `name` (short) and `body`, at most 255 bytes in all.
+pub fn command(name: &[u8], body: &[u8]) -> Vec<u8> {
+    let mut c = vec![
+        0x04,
+        u8::try_from(1 + name.len() + body.len()).expect("short command"),
+    ];
+    c.push(u8::try_from(name.len()).expect("short name"));
+    c.extend_from_slice(name);
+    c.extend_from_slice(body);
+    c
+}
+
+/// One ZMTP message as frames on the wire: `frames` in order, MORE on all but the last, each
+/// a short or a long frame by its size.
+pub fn message(frames: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, f) in frames.iter().enumerate() {
+        let more = u8::from(i + 1 < frames.len());
+        match u8::try_from(f.len()) {
+            Ok(n) => out.extend([more, n]),
+            Err(_) => {
+                out.push(more | 2);
+                out.extend((f.len() as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(f);
+    }
+    out
 }
 
 /// A whole SUB handshake subscribing to everything: greeting, READY, [`SUBSCRIBE_ALL`].

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use hintfed_testkit::wait::eventually;
-use hintfed_testkit::zmtp;
+use hintfed_testkit::zmtp::{self, command, message};
 use hintfed_transport::hub::{PING, PONG};
 use hintfed_transport::{
     Channel, HubBind, HubBindConfig, HubLink, HubLinkConfig, Incoming, LinkStatus,
@@ -21,35 +21,6 @@ use tokio::time::timeout;
 
 /// Generous bound for set-up and for conditions polled with a deadline.
 const SETUP: Duration = Duration::from_secs(10);
-
-/// One ZMTP message frame sequence (`frames`, MORE on all but the last).
-fn message(frames: &[&[u8]]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (i, f) in frames.iter().enumerate() {
-        let more = u8::from(i + 1 < frames.len());
-        match u8::try_from(f.len()) {
-            Ok(n) => out.extend([more, n]),
-            Err(_) => {
-                out.push(more | 2);
-                out.extend((f.len() as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(f);
-    }
-    out
-}
-
-/// A short command frame `name` + `body`.
-fn command(name: &[u8], body: &[u8]) -> Vec<u8> {
-    let mut c = vec![
-        0x04,
-        u8::try_from(1 + name.len() + body.len()).expect("short"),
-    ];
-    c.push(u8::try_from(name.len()).expect("short name"));
-    c.extend_from_slice(name);
-    c.extend_from_slice(body);
-    c
-}
 
 /// What the scripted ROUTER reads from the link.
 #[derive(Debug, PartialEq, Eq)]

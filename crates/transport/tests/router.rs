@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use hintfed_testkit::zmtp;
+use hintfed_testkit::zmtp::{self, message};
 use hintfed_transport::{HubBind, HubBindConfig, RouterMessage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -17,7 +17,7 @@ const SETUP: Duration = Duration::from_secs(5);
 
 /// A READY command announcing `socket_type`, with an `Identity` property when given.
 fn ready(socket_type: &str, identity: Option<&[u8]>) -> Vec<u8> {
-    let mut body = b"\x05READY".to_vec();
+    let mut body = Vec::new();
     let mut prop = |name: &[u8], value: &[u8]| {
         body.push(u8::try_from(name.len()).expect("short"));
         body.extend(name);
@@ -28,20 +28,7 @@ fn ready(socket_type: &str, identity: Option<&[u8]>) -> Vec<u8> {
     if let Some(id) = identity {
         prop(b"Identity", id);
     }
-    let mut frame = vec![0x04, u8::try_from(body.len()).expect("short command")];
-    frame.extend(body);
-    frame
-}
-
-/// One message of short frames.
-fn message(frames: &[&[u8]]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (i, f) in frames.iter().enumerate() {
-        let more = if i + 1 < frames.len() { 1 } else { 0 };
-        out.extend([more, u8::try_from(f.len()).expect("short frame")]);
-        out.extend(*f);
-    }
-    out
+    zmtp::command(b"READY", &body)
 }
 
 /// A raw ZMTP peer: greeting and READY sent, the hub's greeting read.

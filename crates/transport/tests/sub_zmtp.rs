@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use hintfed_testkit::zmtp;
+use hintfed_testkit::zmtp::{self, message};
 use hintfed_transport::hub::HEARTBEAT_TOPIC;
 use hintfed_transport::{
     Channel, HubBind, HubBindConfig, HubLink, HubLinkConfig, Incoming, LinkStatus,
@@ -30,23 +30,6 @@ enum Peer {
     Mute,
     /// A good publisher: checks the link's handshake, sends the heartbeat, then these bytes.
     Good(Vec<u8>),
-}
-
-/// One ZMTP message frame sequence (`frames`, MORE on all but the last).
-fn message(frames: &[&[u8]]) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (i, f) in frames.iter().enumerate() {
-        let more = u8::from(i + 1 < frames.len());
-        match u8::try_from(f.len()) {
-            Ok(n) => out.extend([more, n]),
-            Err(_) => {
-                out.push(more | 2);
-                out.extend((f.len() as u64).to_be_bytes());
-            }
-        }
-        out.extend_from_slice(f);
-    }
-    out
 }
 
 /// Reads exactly `n` bytes (or fails the test).
