@@ -660,22 +660,29 @@ async fn ping_answered(client: &AmiClient, peer: &mut Peer) {
     call.await.expect("join").expect("answered");
 }
 
-#[tokio::test]
-async fn slow_subscriber_is_told_what_it_missed_while_actions_go_on() {
+/// A client with a 16-event subscription that reads nothing while its Asterisk sends 100
+/// device events `Custom:d0`..`d99` (INUSE), then answers a ping: the subscription holds
+/// Connected, FullyBooted and the first 14 events, the other 86 were lost.
+async fn overflowed_subscriber() -> (FakeServer, AmiClient, hintfed_ami::Subscription, Peer) {
     let server = FakeServer::bind().await;
     let mut cfg = server.config();
     cfg.event_buffer = 16;
     let client = AmiClient::start(cfg);
-    let mut slow = client.subscribe();
+    let sub = client.subscribe();
     let mut peer = server.accept_logged_in().await;
     assert!(client.wait_connected(PATIENCE).await);
-
     for i in 0..100 {
         peer.send(device_event(&format!("Custom:d{i}"), "INUSE"))
             .await;
     }
-    // The client keeps serving actions although `slow` reads nothing.
     ping_answered(&client, &mut peer).await;
+    (server, client, sub, peer)
+}
+
+#[tokio::test]
+async fn slow_subscriber_is_told_what_it_missed_while_actions_go_on() {
+    // The client keeps serving actions although `slow` reads nothing.
+    let (_server, client, mut slow, mut peer) = overflowed_subscriber().await;
 
     // Sent so far: Connected, FullyBooted, 100 events = 102. The first 16 were queued, the
     // other 86 found the queue full: the subscriber reads the 16, then how many it lost.
@@ -735,18 +742,7 @@ fn device_of(ev: &ClientEvent) -> String {
 
 #[tokio::test]
 async fn batches_keep_lifecycle_in_order_and_end_at_a_loss() {
-    let server = FakeServer::bind().await;
-    let mut cfg = server.config();
-    cfg.event_buffer = 16;
-    let client = AmiClient::start(cfg);
-    let mut sub = client.subscribe();
-    let mut peer = server.accept_logged_in().await;
-    assert!(client.wait_connected(PATIENCE).await);
-    for i in 0..100 {
-        peer.send(device_event(&format!("Custom:d{i}"), "INUSE"))
-            .await;
-    }
-    ping_answered(&client, &mut peer).await;
+    let (_server, client, mut sub, mut peer) = overflowed_subscriber().await;
 
     // Connected, FullyBooted and 14 events were queued, then the other 86 lost: the batch
     // ends before the loss.
