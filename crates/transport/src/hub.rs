@@ -416,11 +416,7 @@ impl LinkTask {
                         Ok(()) => self.stats.messages_out_by(sent),
                         Err(e) => {
                             self.stats.dropped_outbound_by(sent);
-                            if let ZmtpError::WriteTimeout = e {
-                                self.stats.send_timeouts();
-                                return Exit::Lost("send timed out".into());
-                            }
-                            return Exit::Lost(format!("send failed: {e}"));
+                            return self.write_failed("send", e);
                         }
                     }
                 }
@@ -437,13 +433,8 @@ impl LinkTask {
                             }
                             self.deliver(Channel::Reply, frames);
                         }
-                        match dealer.flush(cfg.send_timeout).await {
-                            Ok(()) => {}
-                            Err(ZmtpError::WriteTimeout) => {
-                                self.stats.send_timeouts();
-                                return Exit::Lost("request pong send timed out".into());
-                            }
-                            Err(e) => return Exit::Lost(format!("request pong failed: {e}")),
+                        if let Err(e) = dealer.flush(cfg.send_timeout).await {
+                            return self.write_failed("request pong send", e);
                         }
                     }
                     Err(ZmtpError::Closed) => return Exit::Lost("hub closed the request connection".into()),
@@ -473,13 +464,8 @@ impl LinkTask {
                             }
                             self.deliver(Channel::Fanout, frames);
                         }
-                        match sub.flush(cfg.send_timeout).await {
-                            Ok(()) => {}
-                            Err(ZmtpError::WriteTimeout) => {
-                                self.stats.send_timeouts();
-                                return Exit::Lost("fan-out pong send timed out".into());
-                            }
-                            Err(e) => return Exit::Lost(format!("fan-out pong failed: {e}")),
+                        if let Err(e) = sub.flush(cfg.send_timeout).await {
+                            return self.write_failed("fan-out pong send", e);
                         }
                     }
                     Err(ZmtpError::Closed) => return Exit::Lost("hub closed the fan-out connection".into()),
@@ -491,17 +477,22 @@ impl LinkTask {
                         return Exit::Lost(format!("hub silent for more than {:?}", cfg.silence_timeout));
                     }
                     dealer.push(&[Bytes::from_static(PING)]);
-                    match dealer.flush(cfg.send_timeout).await {
-                        Ok(()) => {}
-                        Err(ZmtpError::WriteTimeout) => {
-                            self.stats.send_timeouts();
-                            return Exit::Lost("ping send timed out".into());
-                        }
-                        Err(e) => return Exit::Lost(format!("ping failed: {e}")),
+                    if let Err(e) = dealer.flush(cfg.send_timeout).await {
+                        return self.write_failed("ping send", e);
                     }
                 }
             }
         }
+    }
+
+    /// The link is lost: a write (`what`) to the hub failed with `e` (a stall counts as a
+    /// send timeout).
+    fn write_failed(&self, what: &str, e: ZmtpError) -> Exit {
+        if let ZmtpError::WriteTimeout = e {
+            self.stats.send_timeouts();
+            return Exit::Lost(format!("{what} timed out"));
+        }
+        Exit::Lost(format!("{what} failed: {e}"))
     }
 
     fn deliver(&self, channel: Channel, frames: Frames) {
