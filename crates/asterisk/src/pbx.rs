@@ -452,16 +452,7 @@ async fn ami_pump(
     let mut seen_generation = 0u64;
     if let hintfed_ami::ConnectionState::Connected { generation, .. } = client.status() {
         seen_generation = generation;
-        let ok = if lifecycle {
-            signals.up().await
-        } else {
-            signals
-                .send(PbxEvent::Resync {
-                    reason: "AMI event connection established".into(),
-                })
-                .await
-        };
-        if !ok {
+        if !session_up(&signals, lifecycle, "AMI event connection established").await {
             return;
         }
     }
@@ -511,15 +502,7 @@ async fn forward(
         ClientEvent::Connected { generation, .. } if generation <= seen_generation => true,
         ClientEvent::Connected { generation, .. } => {
             debug!(generation, "AMI session up");
-            if lifecycle {
-                signals.up().await
-            } else {
-                signals
-                    .send(PbxEvent::Resync {
-                        reason: "AMI event connection re-established".into(),
-                    })
-                    .await
-            }
+            session_up(signals, lifecycle, "AMI event connection re-established").await
         }
         ClientEvent::Disconnected { reason, .. } => {
             if lifecycle {
@@ -533,6 +516,20 @@ async fn forward(
             None => true,
         },
         ClientEvent::Event(_) => true,
+    }
+}
+
+/// Tells the relay an AMI session is up: `Up` for the lifecycle pump, else a resync for
+/// `reason`. False once the relay is gone.
+async fn session_up(signals: &Signals, lifecycle: bool, reason: &str) -> bool {
+    if lifecycle {
+        signals.up().await
+    } else {
+        signals
+            .send(PbxEvent::Resync {
+                reason: reason.into(),
+            })
+            .await
     }
 }
 
