@@ -98,6 +98,9 @@ pub struct RunArgs {
     /// Runtime threads of the simulator (`hintfed-sim --worker-threads`; 0: one per CPU).
     #[arg(long, default_value_t = 0)]
     pub sim_threads: usize,
+    /// The hubs' `[general] worker_threads` (0: the hub's default, one per CPU).
+    #[arg(long, default_value_t = 0)]
+    pub hub_threads: usize,
     /// Log level of the daemons.
     #[arg(long, default_value = "warn")]
     pub log: String,
@@ -453,9 +456,13 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
         std::fs::write(
             &cfg,
             format!(
-                "[general]\nname = {name}\nlog_level = {log}\n\n[federation]\nshared_key = {SHARED_KEY}\norigin_timeout = {ot}\n\n[server]\nlisten = tcp://127.0.0.1:{port}\n{linger}\n[http]\nlisten = {http}\n",
+                "[general]\nname = {name}\nlog_level = {log}\n{threads}\n[federation]\nshared_key = {SHARED_KEY}\norigin_timeout = {ot}\n\n[server]\nlisten = tcp://127.0.0.1:{port}\n{linger}\n[http]\nlisten = {http}\n",
                 log = a.log,
                 ot = a.origin_timeout,
+                threads = match a.hub_threads {
+                    0 => String::new(),
+                    n => format!("worker_threads = {n}\n"),
+                },
                 linger = a
                     .fanout_linger
                     .as_ref()
@@ -716,7 +723,8 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
         "topology": {"servers": a.servers, "hubs": a.hubs, "devices_per_server": a.devices,
                       "rate_offered": a.rate, "duration_s": a.duration,
                       "sim_coalesce_writes": a.sim_coalesce, "arrivals": a.arrivals.name(),
-                      "seed": a.seed, "fanout_linger": a.fanout_linger,
+                      "seed": a.seed, "fanout_linger": a.fanout_linger, "hub_threads": a.hub_threads,
+                      "sim_threads": a.sim_threads,
                       "prefill": a.prefill},
         "prefill": prefill_json,
         "ceilings": {
