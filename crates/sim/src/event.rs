@@ -3,7 +3,8 @@
 
 use std::sync::OnceLock;
 
-use hintfed_ami::{Message, encode_message};
+use hintfed_ami::Message;
+use hintfed_ami::codec::encode_headers;
 use tokio_util::bytes::{Bytes, BytesMut};
 
 /// `EVENT_FLAG_SYSTEM`.
@@ -101,30 +102,35 @@ pub fn parse_mask(value: &str) -> Option<u32> {
     )
 }
 
-/// What `AmiCodec`'s encoder writes for `m`, or `None` where it refuses.
-fn encode(m: &Message) -> Option<Bytes> {
-    let mut buf = BytesMut::new();
-    encode_message(m, &mut buf).ok().map(|()| buf.freeze())
-}
-
 /// One event: its class (for the mask) and the message as sent.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SimEvent {
     /// The event class, one of the flags above.
     pub category: u32,
-    /// The complete message, `Event:` first.
-    pub message: Message,
-    /// The message as sent (what `AmiCodec` encodes), made once for every session, or
-    /// `None` when the codec refuses it (a CR or LF in a value): each session then hands the
-    /// codec the message and fails the same way.
-    wire: OnceLock<Option<Bytes>>,
+    /// The message as sent (what `AmiCodec` encodes), made with the event and shared by every
+    /// session, or `None` when the codec refuses it (a CR or LF in a value): each session
+    /// then hands the codec the message and fails the same way.
+    wire: Option<Bytes>,
+    /// The complete message, `Event:` first: kept as made when the codec refuses it, else
+    /// read back from `wire` on first use (sessions write `wire` and filter on its text: only
+    /// the app_ami_kafka mode and tests ask for the message).
+    message: OnceLock<Message>,
     /// The text for filters when the message cannot be encoded.
     text: OnceLock<String>,
 }
 
+impl std::fmt::Debug for SimEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimEvent")
+            .field("category", &self.category)
+            .field("message", self.message())
+            .finish()
+    }
+}
+
 impl PartialEq for SimEvent {
     fn eq(&self, other: &Self) -> bool {
-        self.category == other.category && self.message == other.message
+        self.category == other.category && self.message() == other.message()
     }
 }
 
@@ -138,8 +144,8 @@ impl SimEvent {
         Self::with_body(name, category, system_name, &body)
     }
 
-    /// [`SimEvent::new`] with the body as `(key, value)` pairs, written straight into the
-    /// message (one allocation for its text, one for its headers).
+    /// [`SimEvent::new`] with the body as `(key, value)` pairs, encoded straight from them
+    /// (one allocation; the message itself is made only if asked for).
     pub fn with_body(
         name: &str,
         category: u32,
@@ -147,33 +153,57 @@ impl SimEvent {
         body: &[(&str, &str)],
     ) -> Self {
         let privilege = privilege_cached(category);
-        let sys = system_name.map_or(0, |s| "SystemName".len() + s.len());
-        let bytes = "EventPrivilege".len()
-            + name.len()
-            + privilege.len()
-            + sys
-            + body.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
-        let mut message = Message::with_capacity(bytes, 3 + body.len());
-        message.push("Event", name);
-        message.push("Privilege", privilege);
-        if let Some(sys) = system_name {
-            message.push("SystemName", sys);
+        let headers = [("Event", name), ("Privilege", &*privilege)]
+            .into_iter()
+            .chain(system_name.map(|s| ("SystemName", s)))
+            .chain(body.iter().copied());
+        let mut wire = BytesMut::new();
+        if encode_headers(headers.clone(), &mut wire).is_ok() {
+            return Self {
+                category,
+                wire: Some(wire.freeze()),
+                message: OnceLock::new(),
+                text: OnceLock::new(),
+            };
         }
-        for (k, v) in body {
+        let bytes = headers.clone().map(|(k, v)| k.len() + v.len()).sum();
+        let mut message = Message::with_capacity(bytes, headers.clone().count());
+        for (k, v) in headers {
             message.push(k, v);
         }
         Self {
             category,
-            message,
-            wire: OnceLock::new(),
+            wire: None,
+            message: OnceLock::from(message),
             text: OnceLock::new(),
         }
     }
 
-    /// The message as `AmiCodec` writes it (made on first use, then shared by every
-    /// session), or `None` when the codec refuses to encode it.
+    /// The complete message, `Event:` first.
+    pub fn message(&self) -> &Message {
+        self.message.get_or_init(|| {
+            let mut m = Message::new();
+            // `Key: Value` lines and an empty line, as the encoder wrote them from valid
+            // headers: the key holds no colon, so the first ": " ends it, and no value holds
+            // CR or LF.
+            let lines = self
+                .wire
+                .as_deref()
+                .and_then(|w| std::str::from_utf8(w).ok())
+                .and_then(|t| t.strip_suffix("\r\n"))
+                .unwrap_or_default();
+            for line in lines.split_terminator("\r\n") {
+                let (k, v) = line.split_once(": ").unwrap_or((line, ""));
+                m.push(k, v);
+            }
+            m
+        })
+    }
+
+    /// The message as `AmiCodec` writes it (shared by every session), or `None` when the
+    /// codec refuses to encode it.
     pub fn wire(&self) -> Option<&Bytes> {
-        self.wire.get_or_init(|| encode(&self.message)).as_ref()
+        self.wire.as_ref()
     }
 
     /// The event's text as Asterisk matches session filters against it: every line
@@ -187,8 +217,9 @@ impl SimEvent {
             return text;
         }
         self.text.get_or_init(|| {
-            let mut t = String::with_capacity(self.message.text_len() + 4 * self.message.len());
-            for (k, v) in self.message.headers() {
+            let message = self.message();
+            let mut t = String::with_capacity(message.text_len() + 4 * message.len());
+            for (k, v) in message.headers() {
                 t.push_str(k);
                 t.push_str(": ");
                 t.push_str(v);
@@ -258,7 +289,7 @@ mod tests {
         let ev = custom_a_inuse();
         let mut encoded = BytesMut::new();
         AmiCodec::server()
-            .encode(&ev.message, &mut encoded)
+            .encode(ev.message(), &mut encoded)
             .expect("encodable");
         assert_eq!(ev.wire().map(|b| &b[..]), Some(&encoded[..]));
         // Refused exactly where the codec refuses.
@@ -271,10 +302,18 @@ mod tests {
             ("a", "x\ny"),
             ("a", ""),
             ("é", "ü: v"),
+            ("a", " x"),
+            ("a", "b: c:: d"),
         ] {
-            let m = Message::new().with("Event", "X").with(k, v);
+            let m = Message::new()
+                .with("Event", "X")
+                .with("Privilege", "call,all")
+                .with(k, v);
             let codec = AmiCodec::server().encode(&m, &mut BytesMut::new()).is_ok();
-            assert_eq!(encode(&m).is_some(), codec, "{k:?}: {v:?}");
+            let ev = SimEvent::with_body("X", CALL, None, &[(k, v)]);
+            assert_eq!(ev.wire().is_some(), codec, "{k:?}: {v:?}");
+            // The message is the same either way (kept, or read back from the wire).
+            assert_eq!(ev.message(), &m, "{k:?}: {v:?}");
         }
         assert_eq!(
             ev.text(),
@@ -297,7 +336,7 @@ mod tests {
     #[test]
     fn header_order() {
         let ev = custom_a_inuse();
-        let keys: Vec<&str> = ev.message.headers().map(|(k, _)| k).collect();
+        let keys: Vec<&str> = ev.message().headers().map(|(k, _)| k).collect();
         assert_eq!(
             keys,
             ["Event", "Privilege", "SystemName", "Device", "State"]

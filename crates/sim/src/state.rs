@@ -1012,7 +1012,7 @@ mod tests {
     fn names(evs: &[SimEvent]) -> Vec<String> {
         evs.iter()
             .map(|e| {
-                let m = &e.message;
+                let m = e.message();
                 format!(
                     "{}:{}",
                     m.get("Event").unwrap_or(""),
@@ -1155,8 +1155,8 @@ mod tests {
                 "dnd,bWVldGluZywgcm9vbSA0,aW4gYSBtZWV0aW5nLCBzb3JyeQ==,e",
             )
             .expect("set");
-        assert_eq!(ev[1].message.get("Subtype"), Some("meeting, room 4"));
-        assert_eq!(ev[1].message.get("Message"), Some("in a meeting, sorry"));
+        assert_eq!(ev[1].message().get("Subtype"), Some("meeting, room 4"));
+        assert_eq!(ev[1].message().get("Message"), Some("in a meeting, sorry"));
         assert_eq!(
             pbx.getvar("PRESENCE_STATE(CustomPresence:alice,value)"),
             "dnd"
@@ -1272,8 +1272,8 @@ mod tests {
             let changed = cache.insert(device.to_ascii_lowercase(), state) != Some(state);
             if changed {
                 assert_eq!(evs.len(), 1);
-                assert_eq!(evs[0].message.get("Device"), Some(device.as_str()));
-                assert_eq!(evs[0].message.get("State"), Some(state.as_str()));
+                assert_eq!(evs[0].message().get("Device"), Some(device.as_str()));
+                assert_eq!(evs[0].message().get("State"), Some(state.as_str()));
             } else {
                 assert!(evs.is_empty(), "{evs:?}");
             }
