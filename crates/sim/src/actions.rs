@@ -3,6 +3,7 @@
 //! admin actions (see the crate README).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use compact_str::CompactString;
@@ -99,6 +100,25 @@ const ACTIONS: &[ActionDef] = &[
     def("SimStats", 0, "hintfed-sim: simulator counters."),
 ];
 
+/// One counter per action of [`ACTIONS`], in its order (see [`Shared::action_counts`]).
+pub(crate) fn action_counters() -> Box<[AtomicU64]> {
+    ACTIONS.iter().map(|_| AtomicU64::new(0)).collect()
+}
+
+/// `counts` (from [`action_counters`]) added to `actions` under the actions' canonical
+/// names (those run at least once).
+pub(crate) fn add_action_counts(
+    actions: &mut std::collections::BTreeMap<String, u64>,
+    counts: &[AtomicU64],
+) {
+    for (a, n) in ACTIONS.iter().zip(counts) {
+        let n = n.load(Ordering::Relaxed);
+        if n > 0 {
+            *actions.entry(a.name.to_owned()).or_default() += n;
+        }
+    }
+}
+
 /// `Response: <kind>` plus `ActionID` when the request had a non-empty one.
 fn response(kind: &str, req: &Message) -> Message {
     response_to(kind, req.action_id())
@@ -179,15 +199,22 @@ pub(crate) async fn handle(shared: &Arc<Shared>, ctx: &mut SessionCtx, req: &Mes
     let Some(action) = req.action_name().map(str::trim).filter(|a| !a.is_empty()) else {
         return Outcome::reply(error(req, "Missing action in request"));
     };
-    let known = ACTIONS.iter().find(|a| a.name.eq_ignore_ascii_case(action));
-    {
-        let mut inner = shared.lock();
-        let counted = known.map_or(action, |a| a.name);
-        // Counted without a new String per action once the name is known.
-        match inner.stats.actions.get_mut(counted) {
-            Some(n) => *n += 1,
-            None => {
-                inner.stats.actions.insert(counted.to_owned(), 1);
+    let index = ACTIONS
+        .iter()
+        .position(|a| a.name.eq_ignore_ascii_case(action));
+    let known = index.and_then(|i| ACTIONS.get(i));
+    match index.and_then(|i| shared.action_counts.get(i)) {
+        // A known action is counted without the server lock.
+        Some(n) => {
+            n.fetch_add(1, Ordering::Relaxed);
+        }
+        None => {
+            let mut inner = shared.lock();
+            match inner.stats.actions.get_mut(action) {
+                Some(n) => *n += 1,
+                None => {
+                    inner.stats.actions.insert(action.to_owned(), 1);
+                }
             }
         }
     }
@@ -785,7 +812,7 @@ fn sim_restart(shared: &Arc<Shared>, req: &Message) -> Outcome {
 
 fn sim_stats(shared: &Arc<Shared>, req: &Message) -> Outcome {
     let inner = shared.lock();
-    let s = &inner.stats;
+    let s = &shared.stats(&inner);
     let mut m = ack(req, "Simulator statistics")
         .with("Uptime", shared.uptime(&inner).to_string())
         .with("Connections", s.connections.to_string())

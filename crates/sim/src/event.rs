@@ -3,7 +3,8 @@
 
 use std::sync::OnceLock;
 
-use hintfed_ami::{Message, encode_message};
+use hintfed_ami::Message;
+use hintfed_ami::codec::encode_headers;
 use tokio_util::bytes::{Bytes, BytesMut};
 
 /// `EVENT_FLAG_SYSTEM`.
@@ -101,30 +102,109 @@ pub fn parse_mask(value: &str) -> Option<u32> {
     )
 }
 
-/// What `AmiCodec`'s encoder writes for `m`, or `None` where it refuses.
-fn encode(m: &Message) -> Option<Bytes> {
-    let mut buf = BytesMut::new();
-    encode_message(m, &mut buf).ok().map(|()| buf.freeze())
+/// An event's headers as made: every key and value one after the other in one string, and
+/// their lengths (inline for up to [`Parts::FEW`] headers): one allocation, nothing checked
+/// or formatted until the wire bytes or the message are asked for.
+#[derive(Clone)]
+struct Parts {
+    text: String,
+    lens: Lens,
+}
+
+/// Key and value lengths of [`Parts`], in header order.
+#[derive(Clone)]
+enum Lens {
+    /// Up to [`Parts::FEW`] headers: how many, and their lengths.
+    Few(usize, [u32; 2 * Parts::FEW]),
+    Many(Vec<u32>),
+}
+
+impl Parts {
+    const FEW: usize = 8;
+
+    fn new<'a, I>(headers: I) -> Self
+    where
+        I: Iterator<Item = (&'a str, &'a str)> + Clone,
+    {
+        let n = headers.clone().count();
+        let bytes = headers.clone().map(|(k, v)| k.len() + v.len()).sum();
+        let mut text = String::with_capacity(bytes);
+        // Lengths past 4 GiB cannot occur (the codec's limits are far below).
+        let len = |s: &str| u32::try_from(s.len()).unwrap_or(u32::MAX);
+        let lens = if n <= Self::FEW {
+            let mut few = [0; 2 * Self::FEW];
+            for ((k, v), slot) in headers.zip(few.chunks_exact_mut(2)) {
+                text.push_str(k);
+                text.push_str(v);
+                slot.copy_from_slice(&[len(k), len(v)]);
+            }
+            Lens::Few(n, few)
+        } else {
+            let mut many = Vec::with_capacity(2 * n);
+            for (k, v) in headers {
+                text.push_str(k);
+                text.push_str(v);
+                many.extend([len(k), len(v)]);
+            }
+            Lens::Many(many)
+        };
+        Self { text, lens }
+    }
+
+    /// The headers, in order.
+    fn headers(&self) -> impl Iterator<Item = (&str, &str)> + Clone {
+        let lens: &[u32] = match &self.lens {
+            Lens::Few(n, few) => few.get(..2 * n).unwrap_or_default(),
+            Lens::Many(many) => many,
+        };
+        lens.chunks_exact(2).scan(0usize, |at, kv| {
+            let (k, v) = (kv[0] as usize, kv[1] as usize);
+            let key = self.text.get(*at..*at + k).unwrap_or_default();
+            let value = self.text.get(*at + k..*at + k + v).unwrap_or_default();
+            *at += k + v;
+            Some((key, value))
+        })
+    }
+
+    fn len(&self) -> usize {
+        match &self.lens {
+            Lens::Few(n, _) => *n,
+            Lens::Many(many) => many.len() / 2,
+        }
+    }
 }
 
 /// One event: its class (for the mask) and the message as sent.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct SimEvent {
     /// The event class, one of the flags above.
     pub category: u32,
-    /// The complete message, `Event:` first.
-    pub message: Message,
-    /// The message as sent (what `AmiCodec` encodes), made once for every session, or
-    /// `None` when the codec refuses it (a CR or LF in a value): each session then hands the
-    /// codec the message and fails the same way.
+    /// Its headers, as made.
+    parts: Parts,
+    /// The message as sent (what `AmiCodec` encodes), made on first use (a session's filter
+    /// or write) and then shared by every session, or `None` when the codec refuses it (a CR
+    /// or LF in a value): each session then hands the codec the message and fails the same
+    /// way.
     wire: OnceLock<Option<Bytes>>,
+    /// The complete message, `Event:` first, made on first use (sessions write `wire` and
+    /// filter on its text: the app_ami_kafka mode, refused events and tests ask for it).
+    message: OnceLock<Message>,
     /// The text for filters when the message cannot be encoded.
     text: OnceLock<String>,
 }
 
+impl std::fmt::Debug for SimEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimEvent")
+            .field("category", &self.category)
+            .field("message", self.message())
+            .finish()
+    }
+}
+
 impl PartialEq for SimEvent {
     fn eq(&self, other: &Self) -> bool {
-        self.category == other.category && self.message == other.message
+        self.category == other.category && self.parts.headers().eq(other.parts.headers())
     }
 }
 
@@ -138,8 +218,8 @@ impl SimEvent {
         Self::with_body(name, category, system_name, &body)
     }
 
-    /// [`SimEvent::new`] with the body as `(key, value)` pairs, written straight into the
-    /// message (one allocation for its text, one for its headers).
+    /// [`SimEvent::new`] with the body as `(key, value)` pairs, copied straight into the
+    /// event (one allocation; the wire bytes and the message are made only if asked for).
     pub fn with_body(
         name: &str,
         category: u32,
@@ -147,33 +227,41 @@ impl SimEvent {
         body: &[(&str, &str)],
     ) -> Self {
         let privilege = privilege_cached(category);
-        let sys = system_name.map_or(0, |s| "SystemName".len() + s.len());
-        let bytes = "EventPrivilege".len()
-            + name.len()
-            + privilege.len()
-            + sys
-            + body.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
-        let mut message = Message::with_capacity(bytes, 3 + body.len());
-        message.push("Event", name);
-        message.push("Privilege", privilege);
-        if let Some(sys) = system_name {
-            message.push("SystemName", sys);
-        }
-        for (k, v) in body {
-            message.push(k, v);
-        }
+        let headers = [("Event", name), ("Privilege", &*privilege)]
+            .into_iter()
+            .chain(system_name.map(|s| ("SystemName", s)))
+            .chain(body.iter().copied());
         Self {
             category,
-            message,
+            parts: Parts::new(headers),
             wire: OnceLock::new(),
+            message: OnceLock::new(),
             text: OnceLock::new(),
         }
+    }
+
+    /// The complete message, `Event:` first.
+    pub fn message(&self) -> &Message {
+        self.message.get_or_init(|| {
+            let mut m = Message::with_capacity(self.parts.text.len(), self.parts.len());
+            for (k, v) in self.parts.headers() {
+                m.push(k, v);
+            }
+            m
+        })
     }
 
     /// The message as `AmiCodec` writes it (made on first use, then shared by every
     /// session), or `None` when the codec refuses to encode it.
     pub fn wire(&self) -> Option<&Bytes> {
-        self.wire.get_or_init(|| encode(&self.message)).as_ref()
+        self.wire
+            .get_or_init(|| {
+                let mut buf = BytesMut::new();
+                encode_headers(self.parts.headers(), &mut buf)
+                    .ok()
+                    .map(|()| buf.freeze())
+            })
+            .as_ref()
     }
 
     /// The event's text as Asterisk matches session filters against it: every line
@@ -187,8 +275,8 @@ impl SimEvent {
             return text;
         }
         self.text.get_or_init(|| {
-            let mut t = String::with_capacity(self.message.text_len() + 4 * self.message.len());
-            for (k, v) in self.message.headers() {
+            let mut t = String::with_capacity(self.parts.text.len() + 4 * self.parts.len());
+            for (k, v) in self.parts.headers() {
                 t.push_str(k);
                 t.push_str(": ");
                 t.push_str(v);
@@ -258,7 +346,7 @@ mod tests {
         let ev = custom_a_inuse();
         let mut encoded = BytesMut::new();
         AmiCodec::server()
-            .encode(&ev.message, &mut encoded)
+            .encode(ev.message(), &mut encoded)
             .expect("encodable");
         assert_eq!(ev.wire().map(|b| &b[..]), Some(&encoded[..]));
         // Refused exactly where the codec refuses.
@@ -271,10 +359,18 @@ mod tests {
             ("a", "x\ny"),
             ("a", ""),
             ("é", "ü: v"),
+            ("a", " x"),
+            ("a", "b: c:: d"),
         ] {
-            let m = Message::new().with("Event", "X").with(k, v);
+            let m = Message::new()
+                .with("Event", "X")
+                .with("Privilege", "call,all")
+                .with(k, v);
             let codec = AmiCodec::server().encode(&m, &mut BytesMut::new()).is_ok();
-            assert_eq!(encode(&m).is_some(), codec, "{k:?}: {v:?}");
+            let ev = SimEvent::with_body("X", CALL, None, &[(k, v)]);
+            assert_eq!(ev.wire().is_some(), codec, "{k:?}: {v:?}");
+            // The message is the one made of the parts, encodable or not.
+            assert_eq!(ev.message(), &m, "{k:?}: {v:?}");
         }
         assert_eq!(
             ev.text(),
@@ -295,9 +391,38 @@ mod tests {
     }
 
     #[test]
+    fn events_of_any_size_keep_their_headers_in_order() {
+        for n in [0, 5, 6, 7, 20] {
+            let body: Vec<(String, String)> =
+                (0..n).map(|i| (format!("K{i}"), "é".repeat(i))).collect();
+            let pairs: Vec<(&str, &str)> =
+                body.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            let ev = SimEvent::with_body("X", CALL, Some("pbx-a"), &pairs);
+            let mut m = Message::new()
+                .with("Event", "X")
+                .with("Privilege", "call,all")
+                .with("SystemName", "pbx-a");
+            for (k, v) in &pairs {
+                m.push(k, v);
+            }
+            assert_eq!(ev.message(), &m, "{n} headers");
+            let mut encoded = BytesMut::new();
+            AmiCodec::server()
+                .encode(&m, &mut encoded)
+                .expect("encodable");
+            assert_eq!(ev.wire().map(|b| &b[..]), Some(&encoded[..]), "{n} headers");
+            let mut body = Message::new();
+            for (k, v) in &pairs {
+                body.push(k, v);
+            }
+            assert_eq!(ev, SimEvent::new("X", CALL, Some("pbx-a"), body));
+        }
+    }
+
+    #[test]
     fn header_order() {
         let ev = custom_a_inuse();
-        let keys: Vec<&str> = ev.message.headers().map(|(k, _)| k).collect();
+        let keys: Vec<&str> = ev.message().headers().map(|(k, _)| k).collect();
         assert_eq!(
             keys,
             ["Event", "Privilege", "SystemName", "Device", "State"]

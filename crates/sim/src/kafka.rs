@@ -299,7 +299,7 @@ async fn publish(
             }
             Err(broadcast::error::RecvError::Closed) => return,
         };
-        let msg = &ev.message;
+        let msg = ev.message();
         let name = msg.event().unwrap_or_default().to_owned();
         let secs = SystemTime::now()
             .duration_since(UNIX_EPOCH)

@@ -273,6 +273,8 @@ pub(crate) struct Inner {
     pub(crate) blackhole_until: Option<Instant>,
     pub(crate) down_until: Option<Instant>,
     pub(crate) session_seq: u64,
+    /// [`SimHandle::subscribe_events`] was called (before that, no receiver exists).
+    pub(crate) events_watched: bool,
 }
 
 pub(crate) struct Shared {
@@ -290,6 +292,10 @@ pub(crate) struct Shared {
     pub(crate) local_addr: SocketAddr,
     /// Set at the first successful login.
     pub(crate) logged_in: watch::Sender<bool>,
+    /// Actions received, per known action (in `actions::ACTIONS` order): counted without the
+    /// lock; [`Shared::stats`] adds them to [`SimStats::actions`], which holds the unknown
+    /// ones.
+    pub(crate) action_counts: Box<[std::sync::atomic::AtomicU64]>,
 }
 
 impl Shared {
@@ -301,7 +307,8 @@ impl Shared {
     /// Hands `events` to the sessions that want them and to [`SimHandle::subscribe_events`]
     /// (call with the lock held, to keep state order).
     pub(crate) fn emit<E: Into<Arc<SimEvent>>>(&self, inner: &mut Inner, events: Vec<E>) {
-        let watched = self.events.receiver_count() > 0;
+        // The broadcast's lock is taken only once someone subscribed.
+        let watched = inner.events_watched && self.events.receiver_count() > 0;
         for ev in events {
             inner.stats.events += 1;
             if inner.subscribers.is_empty() && !watched {
@@ -352,6 +359,13 @@ impl Shared {
     pub(crate) fn set_blackhole(&self, inner: &mut Inner, until: Option<Instant>) {
         inner.blackhole_until = until;
         self.blackhole_set.store(until.is_some(), Ordering::Release);
+    }
+
+    /// The counters (`inner` is the locked state).
+    pub(crate) fn stats(&self, inner: &Inner) -> SimStats {
+        let mut stats = inner.stats.clone();
+        crate::actions::add_action_counts(&mut stats.actions, &self.action_counts);
+        stats
     }
 
     pub(crate) fn uptime(&self, inner: &Inner) -> u64 {
@@ -436,6 +450,7 @@ impl SimServer {
                 blackhole_until: None,
                 down_until: None,
                 session_seq: 0,
+                events_watched: false,
             }),
             cfg,
             events,
@@ -445,6 +460,7 @@ impl SimServer {
             blackhole_set: AtomicBool::new(false),
             local_addr,
             logged_in: watch::channel(false).0,
+            action_counts: crate::actions::action_counters(),
         });
         let mut tasks = Vec::new();
         tasks.push(tokio::spawn(accept_loop(shared.clone(), listener)));
@@ -624,12 +640,15 @@ impl SimHandle {
     /// app_ami_kafka mode publishes). Lagging more than [`SimConfig::event_buffer`] loses
     /// events.
     pub fn subscribe_events(&self) -> broadcast::Receiver<Arc<SimEvent>> {
+        // Under the lock: every event emitted after this call sees the flag.
+        let mut inner = self.shared.lock();
+        inner.events_watched = true;
         self.shared.events.subscribe()
     }
 
     /// A snapshot of the counters.
     pub fn stats(&self) -> SimStats {
-        self.shared.lock().stats.clone()
+        self.shared.stats(&self.shared.lock())
     }
 
     /// Stops listening, closes every session and the load tasks, and waits for them.

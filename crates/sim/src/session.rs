@@ -182,7 +182,7 @@ impl Out {
                     Ok(())
                 }
                 // Refused: the codec refuses it here too.
-                None => encode_message(&ev.message, dst),
+                None => encode_message(ev.message(), dst),
             },
         }
     }

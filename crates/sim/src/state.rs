@@ -16,6 +16,7 @@
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
+use std::num::NonZeroU32;
 use std::sync::Arc;
 
 use base64::Engine as _;
@@ -317,6 +318,27 @@ pub struct PbxOptions {
 /// A hash map with short keys inline, hashed with foldhash (seeded per process).
 type FastMap<V> = HashMap<CompactString, V, foldhash::fast::RandomState>;
 
+/// A [`Cache`] entry's place in first-cached order, counted from 1: an `Option` of it takes
+/// no more room than it, so an astdb entry (name and entry inline in its map's bucket) fits
+/// 32 bytes, a whole number of buckets per cache line (40 before: half the buckets crossed
+/// a line, two lines read per lookup).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot(NonZeroU32);
+
+impl Slot {
+    /// The slot of the entry at `index` (more than 4 billion entries would not fit in memory
+    /// anyway).
+    fn at(index: usize) -> Self {
+        let n = u32::try_from(index).map_or(u32::MAX, |i| i.saturating_add(1));
+        Self(NonZeroU32::new(n).unwrap_or(NonZeroU32::MAX))
+    }
+
+    /// The entry's index.
+    fn index(self) -> usize {
+        self.0.get() as usize - 1
+    }
+}
+
 /// An ordered map with case-insensitive keys that remembers the name as first written. Each
 /// entry has a slot (its place in first-cached order) that stays until the cache is cleared.
 #[derive(Debug, Clone)]
@@ -326,7 +348,7 @@ struct Cache<V> {
     /// Values, by slot (apart from the names: the values of many entries share a cache line).
     values: Vec<V>,
     /// Lower-cased name → slot.
-    index: FastMap<u32>,
+    index: FastMap<Slot>,
 }
 
 impl<V> Default for Cache<V> {
@@ -359,13 +381,13 @@ fn with_lower<R>(name: &str, f: impl FnOnce(&str) -> R) -> R {
 impl<V: Clone> Cache<V> {
     fn get(&self, name: &str) -> Option<&V> {
         with_lower(name, |key| self.index.get(key).copied())
-            .and_then(|slot| self.values.get(slot as usize))
+            .and_then(|slot| self.values.get(slot.index()))
     }
     fn insert(&mut self, name: &str, v: V) {
         self.replace(name, v);
     }
     /// Sets `name` to `v`: its slot, and the value it had.
-    fn replace(&mut self, name: &str, v: V) -> (u32, Option<V>) {
+    fn replace(&mut self, name: &str, v: V) -> (Slot, Option<V>) {
         let Self {
             names,
             values,
@@ -375,12 +397,11 @@ impl<V: Clone> Cache<V> {
             Some(&slot) => (
                 slot,
                 values
-                    .get_mut(slot as usize)
+                    .get_mut(slot.index())
                     .map(|old| std::mem::replace(old, v)),
             ),
             None => {
-                // More than 4 billion names would not fit in memory anyway.
-                let slot = u32::try_from(names.len()).unwrap_or(u32::MAX);
+                let slot = Slot::at(names.len());
                 index.insert(CompactString::new(key), slot);
                 names.push(name.to_owned());
                 values.push(v);
@@ -390,9 +411,9 @@ impl<V: Clone> Cache<V> {
     }
     /// Sets the entry of `slot` (as [`Cache::replace`] returned it since the last
     /// [`Cache::clear`]) to `v`; the value it had.
-    fn replace_slot(&mut self, slot: u32, v: V) -> Option<V> {
+    fn replace_slot(&mut self, slot: Slot, v: V) -> Option<V> {
         self.values
-            .get_mut(slot as usize)
+            .get_mut(slot.index())
             .map(|old| std::mem::replace(old, v))
     }
     /// Every entry, in first-cached order, named as first written.
@@ -419,7 +440,7 @@ struct DbDevstate {
     /// The cache slot of `Custom:<key>`, once this key was set since the cache was last
     /// cleared: a `Setvar` then finds both entries with one lookup (the cache's key is the
     /// lower-cased device, which depends only on this key).
-    slot: Option<u32>,
+    slot: Option<Slot>,
 }
 
 /// Events as the server hands them out: the copies of a duplicated publication share one
@@ -991,7 +1012,7 @@ mod tests {
     fn names(evs: &[SimEvent]) -> Vec<String> {
         evs.iter()
             .map(|e| {
-                let m = &e.message;
+                let m = e.message();
                 format!(
                     "{}:{}",
                     m.get("Event").unwrap_or(""),
@@ -999,6 +1020,15 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn an_astdb_entry_fits_half_a_cache_line_and_slots_count_from_one() {
+        assert_eq!(std::mem::size_of::<(CompactString, DbDevstate)>(), 32);
+        assert_eq!(std::mem::size_of::<Option<Slot>>(), 4);
+        for i in [0, 1, 8_999] {
+            assert_eq!(Slot::at(i).index(), i);
+        }
     }
 
     #[test]
@@ -1125,8 +1155,8 @@ mod tests {
                 "dnd,bWVldGluZywgcm9vbSA0,aW4gYSBtZWV0aW5nLCBzb3JyeQ==,e",
             )
             .expect("set");
-        assert_eq!(ev[1].message.get("Subtype"), Some("meeting, room 4"));
-        assert_eq!(ev[1].message.get("Message"), Some("in a meeting, sorry"));
+        assert_eq!(ev[1].message().get("Subtype"), Some("meeting, room 4"));
+        assert_eq!(ev[1].message().get("Message"), Some("in a meeting, sorry"));
         assert_eq!(
             pbx.getvar("PRESENCE_STATE(CustomPresence:alice,value)"),
             "dnd"
@@ -1242,8 +1272,8 @@ mod tests {
             let changed = cache.insert(device.to_ascii_lowercase(), state) != Some(state);
             if changed {
                 assert_eq!(evs.len(), 1);
-                assert_eq!(evs[0].message.get("Device"), Some(device.as_str()));
-                assert_eq!(evs[0].message.get("State"), Some(state.as_str()));
+                assert_eq!(evs[0].message().get("Device"), Some(device.as_str()));
+                assert_eq!(evs[0].message().get("State"), Some(state.as_str()));
             } else {
                 assert!(evs.is_empty(), "{evs:?}");
             }

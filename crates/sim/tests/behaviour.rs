@@ -234,6 +234,22 @@ async fn admin_actions_and_stats() {
     let stats = sim.stats();
     assert_eq!(stats.setvar_accepted, 0);
     assert_eq!(stats.actions.get("Ping"), Some(&1));
+    // Known actions are counted under their canonical spelling, unknown ones as written.
+    for (action, id) in [
+        ("PING", "u1"),
+        ("NoSuchAction", "u2"),
+        ("NoSuchAction", "u3"),
+    ] {
+        c.action(Message::action(action), id).await;
+    }
+    let (_, r) = c.action(Message::action("simstats"), "st2").await;
+    assert_eq!(r.get("Action-Ping"), Some("2"));
+    assert_eq!(r.get("Action-NoSuchAction"), Some("2"));
+    assert_eq!(r.get("Action-SimStats"), Some("2"));
+    let stats = sim.stats();
+    assert_eq!(stats.actions.get("Ping"), Some(&2));
+    assert_eq!(stats.actions.get("NoSuchAction"), Some(&2));
+    assert_eq!(stats.actions.get("PING"), None);
 }
 
 #[tokio::test]
