@@ -297,7 +297,7 @@ struct InFlight {
     /// For the log of a failure.
     target: CompactString,
     kind: Kind,
-    started: Instant,
+    started: tokio::time::Instant,
 }
 
 /// `Setvar`s in flight: each under a token (its slot's index) given to
@@ -884,7 +884,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
         &mut self,
         w: InFlight,
         result: Result<(), PbxError>,
-        now: Option<Instant>,
+        now: Option<tokio::time::Instant>,
     ) -> (WriteId, bool) {
         self.dirty = true;
         let InFlight {
@@ -1030,7 +1030,8 @@ impl<T: FederationTransport + 'static> Relay<T> {
         }
         loop {
             let mut wrote = false;
-            // One clock read for a run of writes (started together, microseconds apart).
+            // One clock read for a run of writes (started together, microseconds apart): their
+            // latency and their timeout in the AMI writer count from it.
             let mut started = None;
             while let Some(a) = self.node.poll_action() {
                 match a {
@@ -1045,13 +1046,15 @@ impl<T: FederationTransport + 'static> Relay<T> {
                     Action::Apply(cmd) => {
                         cmd.variable_into(&mut self.writes.variable);
                         let value = cmd.setvar_value();
+                        let at = *started.get_or_insert_with(tokio::time::Instant::now);
                         let token = self.writes.insert(InFlight {
                             id: cmd.id,
                             kind: cmd.kind(),
                             target: cmd.target,
-                            started: *started.get_or_insert_with(Instant::now),
+                            started: at,
                         });
-                        self.pbx.start_setvar(token, &self.writes.variable, &value);
+                        self.pbx
+                            .start_setvar(token, &self.writes.variable, &value, at);
                         wrote = true;
                     }
                     Action::QueryLocal(keys) => self.query(keys),
@@ -1070,7 +1073,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
         let mut results = std::mem::take(&mut self.writes.results);
         self.pbx.take_setvars(&mut done);
         // One clock read for the batch's latencies.
-        let now = (!done.is_empty() && self.metrics().is_some()).then(Instant::now);
+        let now = (!done.is_empty() && self.metrics().is_some()).then(tokio::time::Instant::now);
         for SetvarDone { token, result } in done.drain(..) {
             let Some(w) = self.writes.remove(token) else {
                 warn!(

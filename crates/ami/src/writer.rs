@@ -176,10 +176,13 @@ impl SetvarWriter {
         Self { shared }
     }
 
-    /// Queues `Setvar variable=value`, reported later as a [`WriteDone`] with `token`. Never
-    /// waits: while not logged in (or with CR/LF in the variable or value) the write is
-    /// reported failed at once, through [`SetvarWriter::take`] like any other.
-    pub fn setvar(&self, token: u64, variable: &str, value: &str) {
+    /// Queues `Setvar variable=value`, reported later as a [`WriteDone`] with `token`; `at`
+    /// is when it was started (`action_timeout` counts from it: a caller starting several
+    /// writes together reads the clock once for all; never before the previous write's `at`,
+    /// as writes expire in order). Never waits: while not logged in (or
+    /// with CR/LF in the variable or value) the write is reported failed at once, through
+    /// [`SetvarWriter::take`] like any other.
+    pub fn setvar(&self, token: u64, variable: &str, value: &str, at: Instant) {
         if variable.contains(['\r', '\n']) || value.contains(['\r', '\n']) {
             let err = ClientError::InvalidAction("Setvar variable or value holds CR or LF".into());
             self.shared.done.push(WriteDone {
@@ -212,7 +215,7 @@ impl SetvarWriter {
         st.out_lens.push_back(len);
         st.slots.push_back(Slot {
             token,
-            at: Instant::now(),
+            at,
             open: true,
         });
         st.open += 1;
@@ -490,13 +493,33 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_timeout_counts_from_the_start_given() {
+        let shared = Shared::new("hf1-");
+        let w = SetvarWriter::new(Arc::clone(&shared));
+        shared.open();
+        let t0 = Instant::now();
+        w.setvar(1, "V", "x", t0);
+        w.setvar(2, "V", "y", t0 + Duration::from_secs(5));
+        // 12 s after the first start only the first has waited the 10 s.
+        shared.expire(t0 + Duration::from_secs(12), Duration::from_secs(10));
+        let mut got = Vec::new();
+        assert_eq!(w.take(&mut got), 1);
+        assert_eq!(got[0].token, 1);
+        assert!(matches!(
+            got[0].result,
+            Err(WriteError::Client(ClientError::Timeout { .. }))
+        ));
+        assert_eq!(w.in_flight(), 1);
+    }
+
     #[tokio::test]
     async fn answers_out_of_order_expiry_and_loss() {
         let shared = Shared::new("hf1-");
         let w = SetvarWriter::new(Arc::clone(&shared));
         let mut got = Vec::new();
         // Not live: fails at once.
-        w.setvar(1, "V", "x");
+        w.setvar(1, "V", "x", Instant::now());
         w.completed().await;
         assert_eq!(w.take(&mut got), 1);
         assert!(matches!(
@@ -507,7 +530,7 @@ mod tests {
 
         shared.open();
         for t in 10..14 {
-            w.setvar(t, "DEVICE_STATE(Custom:a)", "INUSE");
+            w.setvar(t, "DEVICE_STATE(Custom:a)", "INUSE", Instant::now());
         }
         let mut out = BytesMut::new();
         assert_eq!(shared.take_out(&mut out, 3), (3, true));
@@ -557,8 +580,8 @@ mod tests {
         );
         got.clear();
 
-        w.setvar(20, "V", "1");
-        w.setvar(21, "V", "bad\r\nAction: Logoff");
+        w.setvar(20, "V", "1", Instant::now());
+        w.setvar(21, "V", "bad\r\nAction: Logoff", Instant::now());
         shared.close(
             &ClientError::Disconnected {
                 reason: "gone".into(),
@@ -589,7 +612,7 @@ mod tests {
         let w = SetvarWriter::new(Arc::clone(&shared));
         shared.open();
         for t in 0..200 {
-            w.setvar(t, "V", "x");
+            w.setvar(t, "V", "x", Instant::now());
         }
         let mut out = BytesMut::new();
         assert_eq!(shared.take_out(&mut out, 64), (64, true));

@@ -954,7 +954,12 @@ async fn setvar_writer_matches_answers_out_of_order_and_reports_refusals() {
     let (client, mut peer) = server.connected_client().await;
     let w = client.setvar_writer();
     for t in 0..10u64 {
-        w.setvar(100 + t, &format!("DEVICE_STATE(Custom:{t})"), "INUSE");
+        w.setvar(
+            100 + t,
+            &format!("DEVICE_STATE(Custom:{t})"),
+            "INUSE",
+            tokio::time::Instant::now(),
+        );
     }
     let mut sent = Vec::new();
     for _ in 0..10 {
@@ -1009,7 +1014,12 @@ async fn setvar_writer_fails_writes_in_flight_when_the_connection_drops() {
     let (client, mut peer) = server.connected_client().await;
     let w = client.setvar_writer();
     for t in 0..5u64 {
-        w.setvar(t, "DEVICE_STATE(Custom:x)", "BUSY");
+        w.setvar(
+            t,
+            "DEVICE_STATE(Custom:x)",
+            "BUSY",
+            tokio::time::Instant::now(),
+        );
     }
     let first = peer.recv_action().await;
     for _ in 1..5 {
@@ -1033,7 +1043,12 @@ async fn setvar_writer_fails_writes_in_flight_when_the_connection_drops() {
     }
     // Not logged in (the server has not accepted again): a write fails at once.
     wait_state(&client, |s| !matches!(s, ConnectionState::Connected { .. })).await;
-    w.setvar(50, "DEVICE_STATE(Custom:x)", "BUSY");
+    w.setvar(
+        50,
+        "DEVICE_STATE(Custom:x)",
+        "BUSY",
+        tokio::time::Instant::now(),
+    );
     let got = take_n(&w, 1).await;
     assert!(
         matches!(
@@ -1045,7 +1060,12 @@ async fn setvar_writer_fails_writes_in_flight_when_the_connection_drops() {
     // Back: writes go through again.
     let mut peer = server.accept_logged_in().await;
     assert!(client.wait_connected(PATIENCE).await);
-    w.setvar(60, "DEVICE_STATE(Custom:x)", "BUSY");
+    w.setvar(
+        60,
+        "DEVICE_STATE(Custom:x)",
+        "BUSY",
+        tokio::time::Instant::now(),
+    );
     let m = peer.recv_action().await;
     peer.send(reply(&m, "Success")).await;
     let got = take_n(&w, 1).await;
@@ -1089,7 +1109,12 @@ async fn setvar_writer_reports_every_write_of_a_pipelined_burst_once() {
         Ok(n)
     });
     for t in 0..N {
-        w.setvar(t, &format!("DEVICE_STATE(Custom:{t})"), "INUSE");
+        w.setvar(
+            t,
+            &format!("DEVICE_STATE(Custom:{t})"),
+            "INUSE",
+            tokio::time::Instant::now(),
+        );
     }
     let got = take_n(&w, N as usize).await;
     let mut tokens: Vec<u64> = got.iter().map(|d| d.token).collect();

@@ -12,6 +12,7 @@ use hintfed_ami::{
 };
 use hintfed_transport::{LinkStatus, ReqClient, ReqClientConfig, SubClient, SubClientConfig};
 use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::event::{HintItem, PbxEvent, PresenceItem, classify};
@@ -345,10 +346,11 @@ impl Pbx {
     /// [`Pbx::setvars_done`]). Over AMI the writes are pipelined on the connection with no
     /// future, channel or message per write (see [`SetvarWriter`]); over res_zmq_manager each
     /// runs as [`Pbx::setvar`] in a task. Failures are as [`Pbx::setvar`]'s; a write started
-    /// while Asterisk is not reachable is reported failed at once.
-    pub fn start_setvar(&self, token: u64, variable: &str, value: &str) {
+    /// while Asterisk is not reachable is reported failed at once. `at`: when it was started
+    /// (an AMI write's timeout counts from it; writes started together share one clock read).
+    pub fn start_setvar(&self, token: u64, variable: &str, value: &str, at: Instant) {
         match &self.writes {
-            Writes::Ami(w) => w.setvar(token, variable, value),
+            Writes::Ami(w) => w.setvar(token, variable, value, at),
             Writes::Zmq(done) => {
                 let pbx = self.clone();
                 let done = Arc::clone(done);

@@ -13,7 +13,7 @@
 //! tried. Without any configured key, messages are sent as `{"env":{...}}` and accepted
 //! unsigned. With a key configured, a message without `mac` is rejected as unsigned.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 
 use base64::Engine;
@@ -395,7 +395,9 @@ fn open_parts(
 /// forgotten (its next message is then accepted as if first seen).
 #[derive(Debug, Clone)]
 pub struct ReplayGuard {
-    origins: BTreeMap<String, Window>,
+    /// Hashed (foldhash, seeded per process) rather than ordered: a lookup compares one name,
+    /// not the several a B-tree node's linear search does (every message looks up its origin).
+    origins: HashMap<String, Window, foldhash::fast::RandomState>,
     max_origins: usize,
     clock: u64,
 }
@@ -438,7 +440,7 @@ impl ReplayGuard {
     /// A guard tracking at most `max_origins` origins.
     pub fn new(max_origins: usize) -> Self {
         ReplayGuard {
-            origins: BTreeMap::new(),
+            origins: HashMap::default(),
             max_origins: max_origins.max(1),
             clock: 0,
         }

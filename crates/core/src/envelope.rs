@@ -413,10 +413,7 @@ pub(crate) fn decode_device_update(raw: &[u8]) -> Option<Envelope> {
     c.lit(br#","body":{"type":"update","key":""#)?;
     let key = c.text()?;
     c.lit(br#","value":{"device":""#)?;
-    let state = c.bytes()?;
-    let state = DeviceState::ALL
-        .into_iter()
-        .find(|s| s.as_str().as_bytes() == state)?;
+    let state = exact_device_state(c.bytes()?)?;
     c.lit(br#"},"ts":{"wall":"#)?;
     let wall = c.number()?;
     c.lit(br#","counter":"#)?;
@@ -436,6 +433,25 @@ pub(crate) fn decode_device_update(raw: &[u8]) -> Option<Envelope> {
             ts: HlcTimestamp { wall, counter },
         }),
     })
+}
+
+/// The device state spelled exactly `s` (the case `seal` writes), told apart by length and
+/// first byte and then compared once: a search of [`DeviceState::ALL`] compared up to three
+/// names per message.
+fn exact_device_state(s: &[u8]) -> Option<DeviceState> {
+    let state = match (s.len(), s.first()?) {
+        (4, _) => DeviceState::Busy,
+        (5, _) => DeviceState::Inuse,
+        (6, _) => DeviceState::Onhold,
+        (7, b'I') => DeviceState::Invalid,
+        (7, b'R') => DeviceState::Ringing,
+        (7, b'U') => DeviceState::Unknown,
+        (9, b'N') => DeviceState::NotInuse,
+        (9, b'R') => DeviceState::Ringinuse,
+        (11, _) => DeviceState::Unavailable,
+        _ => return None,
+    };
+    (state.as_str().as_bytes() == s).then_some(state)
 }
 
 /// The unread rest of a message, for [`decode_device_update`].
@@ -842,6 +858,26 @@ mod tests {
                 prop_assert_eq!(serde_json::from_slice::<Envelope>(&m).ok(), Some(fast));
             }
         });
+    }
+
+    #[test]
+    fn exact_device_states() {
+        for st in DeviceState::ALL {
+            assert_eq!(exact_device_state(st.as_str().as_bytes()), Some(st));
+            let lower = st.as_str().to_ascii_lowercase();
+            assert_eq!(exact_device_state(lower.as_bytes()), None, "{lower}");
+        }
+        for other in [
+            "",
+            "BUSZ",
+            "XNUSE",
+            "ONHOLDX",
+            "RINGINF",
+            "NOT_INUSF",
+            "UNAVAILABLX",
+        ] {
+            assert_eq!(exact_device_state(other.as_bytes()), None, "{other}");
+        }
     }
 
     #[test]
