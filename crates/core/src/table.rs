@@ -14,10 +14,12 @@
 //! changed recently, so a status view can be refreshed for those keys only. It records
 //! nothing until the first [`Table::changes_since`] call (tables nobody watches pay nothing).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use compact_str::CompactString;
+use hashbrown::HashTable;
 
 use crate::envelope::SnapshotEntry;
 use crate::hlc::{HlcTimestamp, wins};
@@ -245,7 +247,7 @@ fn settle_slot(names: &[Box<str>], slot: &mut Slot, s: &Settle<'_>) -> Option<Se
         .as_slice()
         .iter()
         .map(|e| (&*names[e.origin as usize], e.value))
-        .filter(|(o, _)| Some(*o) != s.exclude)
+        .filter(|(o, _)| !s.exclude.is_some_and(|x| same(x, o)))
         .map(|(o, v)| {
             if s.origins.is_down(o) {
                 s.down_state
@@ -342,8 +344,10 @@ pub struct Table {
     devices: BTreeMap<DevKey, Slot>,
     /// Interned origin names; never shrinks (bounded by the origins ever heard).
     names: Vec<Box<str>>,
-    /// Origin name to index (foldhash, seeded per process: names of authenticated peers).
-    ids: HashMap<Box<str>, u32, foldhash::fast::RandomState>,
+    /// Indexes in `names`, by the hash of the name, compared inline.
+    ids: HashTable<u32>,
+    /// Hashes origin names (foldhash, seeded per process: names of authenticated peers).
+    hasher: foldhash::fast::RandomState,
     presence: BTreeMap<String, PresenceEntry>,
     /// Per interned origin (by index): where its last full sync began.
     floors: Vec<Option<(Epoch, u64)>>,
@@ -386,6 +390,11 @@ impl std::ops::Deref for DevKey {
     fn deref(&self) -> &str {
         &self.0
     }
+}
+
+/// `a == b`, inline (without a call to `memcmp`): origin names are short.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len() && cmp_bytes(a.as_bytes(), b.as_bytes()).is_eq()
 }
 
 /// `a.cmp(b)` of byte strings (lexicographic, then shorter first), inline.
@@ -443,13 +452,24 @@ impl Table {
     }
 
     fn origin_id(&mut self, origin: &str) -> u32 {
-        if let Some(id) = self.ids.get(origin) {
-            return *id;
+        if let Some(id) = self.id(origin) {
+            return id;
         }
         let id = u32::try_from(self.names.len()).expect("fewer than 2^32 origins");
         self.names.push(origin.into());
-        self.ids.insert(origin.into(), id);
+        let (names, hasher) = (&self.names, &self.hasher);
+        self.ids.insert_unique(hasher.hash_one(origin), id, |&i| {
+            hasher.hash_one(&*names[i as usize])
+        });
         id
+    }
+
+    /// The index of `origin` in the interned names, if it is there.
+    fn id(&self, origin: &str) -> Option<u32> {
+        let hash = self.hasher.hash_one(origin);
+        self.ids
+            .find(hash, |&i| same(&self.names[i as usize], origin))
+            .copied()
     }
 
     /// Merges an update of `key` by `origin`. Returns whether the table changed.
@@ -589,7 +609,7 @@ impl Table {
         self.raise_floor(origin, epoch, begin_seq);
         let floor = (epoch, begin_seq);
         let mut dropped = Vec::new();
-        let Some(&id) = self.ids.get(origin) else {
+        let Some(id) = self.id(origin) else {
             return dropped;
         };
         let gone = &mut self.marked_gone;
@@ -628,7 +648,7 @@ impl Table {
 
     /// Where `origin`'s last full sync began (its entries older than that are refused).
     pub fn floor(&self, origin: &str) -> Option<(Epoch, u64)> {
-        let id = *self.ids.get(origin)?;
+        let id = self.id(origin)?;
         self.floors.get(id as usize).copied().flatten()
     }
 
@@ -824,7 +844,7 @@ impl Table {
 
     /// The device keys `origin` reports.
     pub fn device_keys_of(&self, origin: &str) -> Vec<String> {
-        let Some(&id) = self.ids.get(origin) else {
+        let Some(id) = self.id(origin) else {
             return Vec::new();
         };
         self.devices
@@ -924,6 +944,10 @@ mod tests {
             c.extend_from_slice(&b);
             prop_assert_eq!(cmp_bytes(&a, &c), a.cmp(&c));
             prop_assert_eq!(cmp_bytes(&c, &a), c.cmp(&a));
+            if let (Ok(x), Ok(y)) = (std::str::from_utf8(&a), std::str::from_utf8(&b)) {
+                prop_assert_eq!(same(x, y), x == y);
+                prop_assert!(same(x, x));
+            }
         });
         // Lookups of short (probe) and long (`&str`) keys find the same entries.
         let mut t = Table::new();
