@@ -83,15 +83,13 @@ fn lock_dir() -> PathBuf {
 }
 
 /// Locks `port`'s file for the rest of this process; `None` if another holder has it (or
-/// the file cannot be made).
+/// the file cannot be made: the directory is made once, by [`lock_dir_usable`]).
 fn lock_port(port: u16) -> Option<File> {
-    let dir = lock_dir();
-    fs::create_dir_all(&dir).ok()?;
     let f = OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(dir.join(port.to_string()))
+        .open(lock_dir().join(port.to_string()))
         .ok()?;
     f.try_lock().ok()?;
     Some(f)
@@ -274,6 +272,7 @@ mod tests {
         let Some(range) = pick_range() else {
             return;
         };
+        assert!(lock_dir_usable(), "lock directory");
         let (p, held) = range
             .clone()
             .find_map(|p| {
