@@ -77,15 +77,9 @@ impl Conn {
 
     /// Buffers one action (call [`Conn::flush`] to send).
     pub async fn send(&mut self, headers: &[(&str, &str)]) -> anyhow::Result<()> {
-        let mut buf = String::with_capacity(128);
-        for (k, v) in headers {
-            buf.push_str(k);
-            buf.push_str(": ");
-            buf.push_str(v);
-            buf.push_str("\r\n");
-        }
-        buf.push_str("\r\n");
-        self.wr.write_all(buf.as_bytes()).await?;
+        let mut buf = Vec::with_capacity(128);
+        encode(&mut buf, headers);
+        self.wr.write_all(&buf).await?;
         Ok(())
     }
 
@@ -144,9 +138,16 @@ impl Conn {
         let (a, s, n) = (answered.clone(), success.clone(), notify.clone());
         let mut rd = self.rd;
         tokio::spawn(async move {
-            while let Ok(m) = read_msg(&mut rd).await {
-                if let Some(r) = get(&m, "Response") {
-                    if r.eq_ignore_ascii_case("Success") {
+            let mut counter = Responses::default();
+            let mut line = Vec::with_capacity(256);
+            loop {
+                line.clear();
+                match rd.read_until(b'\n', &mut line).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                if let Some(ok) = counter.line(&line) {
+                    if ok {
                         s.fetch_add(1, Ordering::Relaxed);
                     }
                     a.fetch_add(1, Ordering::Release);
@@ -157,8 +158,12 @@ impl Conn {
             a.store(u64::MAX / 2, Ordering::Release);
             n.notify_one();
         });
+        // Nothing is left buffered by `Conn` (each of its calls flushes); kept if it were.
+        let buffered = self.wr.buffer().to_vec();
+        let wr = self.wr.into_inner();
         Pipe {
-            wr: self.wr,
+            wr,
+            buf: buffered,
             sent: 0,
             answered,
             success,
@@ -167,7 +172,7 @@ impl Conn {
     }
 }
 
-async fn read_msg(rd: &mut BufReader<OwnedReadHalf>) -> anyhow::Result<Msg> {
+async fn read_msg<R: tokio::io::AsyncBufRead + Unpin>(rd: &mut R) -> anyhow::Result<Msg> {
     let mut m = Vec::new();
     let mut line = String::new();
     loop {
@@ -190,14 +195,70 @@ async fn read_msg(rd: &mut BufReader<OwnedReadHalf>) -> anyhow::Result<Msg> {
     }
 }
 
-/// A pipelining sender (see [`Conn::into_pipe`]).
+/// Appends one action (`Key: value` lines and the empty line) to `out`.
+pub fn encode(out: &mut Vec<u8>, headers: &[(&str, &str)]) {
+    for (k, v) in headers {
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Counts answers in a stream of AMI lines without keeping the messages: what [`read_msg`]
+/// and [`get`]`(m, "Response")` tell of each message, line by line.
+#[derive(Debug, Default)]
+struct Responses {
+    /// The current message's first `Response` header: whether it says `Success`.
+    response: Option<bool>,
+}
+
+impl Responses {
+    /// Takes one line (with or without its line end); at the end of a message that holds a
+    /// `Response` header, whether it is `Success`.
+    fn line(&mut self, line: &[u8]) -> Option<bool> {
+        let mut l = line;
+        while let [rest @ .., b'\r' | b'\n'] = l {
+            l = rest;
+        }
+        if l.is_empty() {
+            return self.response.take();
+        }
+        // As `read_msg`: the key ends at the first ": " (the value is the rest as it is), or
+        // else at the first ':' (the value trimmed); lines without ':' are skipped.
+        let (key, value) = match l.windows(2).position(|w| w == b": ") {
+            Some(i) => (&l[..i], &l[i + 2..]),
+            None => {
+                let i = l.iter().position(|&b| b == b':')?;
+                let v = &l[i + 1..];
+                // `str::trim` (Unicode white space) as `read_msg`, on valid UTF-8 as it reads.
+                (
+                    &l[..i],
+                    std::str::from_utf8(v).map_or(v, |v| v.trim().as_bytes()),
+                )
+            }
+        };
+        if self.response.is_none() && key.eq_ignore_ascii_case(b"Response") {
+            self.response = Some(value.eq_ignore_ascii_case(b"Success"));
+        }
+        None
+    }
+}
+
+/// A pipelining sender (see [`Conn::into_pipe`]): actions are encoded into one buffer and
+/// sent together by [`Pipe::flush`] (one write).
 pub struct Pipe {
-    wr: BufWriter<OwnedWriteHalf>,
+    wr: OwnedWriteHalf,
+    buf: Vec<u8>,
     sent: u64,
     answered: Arc<AtomicU64>,
     success: Arc<AtomicU64>,
     notify: Arc<tokio::sync::Notify>,
 }
+
+/// Buffered bytes past which [`Pipe::send`] writes them out before taking more.
+const PIPE_FLUSH_AT: usize = 1 << 16;
 
 impl Pipe {
     /// Buffers one action, first waiting while more than `window` are unanswered.
@@ -207,25 +268,23 @@ impl Pipe {
             .saturating_sub(self.answered.load(Ordering::Acquire))
             >= window
         {
-            self.wr.flush().await?;
+            self.flush().await?;
             let _ = tokio::time::timeout(Duration::from_millis(50), self.notify.notified()).await;
         }
-        let mut buf = String::with_capacity(128);
-        for (k, v) in headers {
-            buf.push_str(k);
-            buf.push_str(": ");
-            buf.push_str(v);
-            buf.push_str("\r\n");
+        if self.buf.len() >= PIPE_FLUSH_AT {
+            self.flush().await?;
         }
-        buf.push_str("\r\n");
-        self.wr.write_all(buf.as_bytes()).await?;
+        encode(&mut self.buf, headers);
         self.sent += 1;
         Ok(())
     }
 
     /// Sends what is buffered.
     pub async fn flush(&mut self) -> anyhow::Result<()> {
-        self.wr.flush().await?;
+        if !self.buf.is_empty() {
+            self.wr.write_all(&self.buf).await?;
+            self.buf.clear();
+        }
         Ok(())
     }
 
@@ -240,11 +299,74 @@ impl Pipe {
     /// Flushes and waits (up to `timeout`) until every action is answered; `(answered,
     /// successes)`.
     pub async fn drain(&mut self, timeout: Duration) -> anyhow::Result<(u64, u64)> {
-        self.wr.flush().await?;
+        self.flush().await?;
         let deadline = Instant::now() + timeout;
         while self.answered.load(Ordering::Acquire) < self.sent && Instant::now() < deadline {
             let _ = tokio::time::timeout(Duration::from_millis(50), self.notify.notified()).await;
         }
         Ok(self.counts())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `read_msg` and `get(m, "Response")` make of `stream`: per message with a
+    /// `Response` header, whether it is `Success`.
+    async fn reference(mut stream: &[u8]) -> Vec<bool> {
+        let mut out = Vec::new();
+        while let Ok(m) = read_msg(&mut stream).await {
+            if let Some(r) = get(&m, "Response") {
+                out.push(r.eq_ignore_ascii_case("Success"));
+            }
+        }
+        out
+    }
+
+    fn counted(stream: &[u8]) -> Vec<bool> {
+        let mut c = Responses::default();
+        stream
+            .split_inclusive(|&b| b == b'\n')
+            .filter_map(|l| c.line(l))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn responses_are_counted_as_read_msg_reads_them() {
+        let cases: [&[u8]; 9] = [
+            b"Response: Success\r\nMessage: Variable Set\r\n\r\n",
+            b"Response: Error\r\nMessage: No such device\r\n\r\nResponse: success\r\n\r\n",
+            // Events (no Response) are not answers; empty lines between messages are skipped.
+            b"\r\n\r\nEvent: DeviceStateChange\r\nDevice: PJSIP/b0n1\r\n\r\nResponse: Success\r\n\r\n",
+            // The first Response header counts; keys in any case; bare '\n' line ends.
+            b"response: Success\nResponse: Error\n\nRESPONSE: Error\nResponse: Success\n\n",
+            // `Key:value` is trimmed, `Key: value` is not.
+            b"Response:Success \r\n\r\nResponse:  Success\r\n\r\nResponse:\tSuccess\r\n\r\n",
+            // The key ends at the first ": ", else at the first ':'.
+            b"Response:x: Success\r\n\r\nX: Response: Success\r\n\r\nResponse:a:b\r\n\r\n",
+            // Lines without ':' are not headers: a message of only those is no message.
+            b"Asterisk Call Manager/5.0\r\n\r\nnoise\r\nResponse: Success\r\n\r\n",
+            // Several line ends, and a last message without its empty line (not complete).
+            b"Response: Success\r\r\n\r\nResponse: Success\r\n",
+            b"",
+        ];
+        for case in cases {
+            assert_eq!(
+                counted(case),
+                reference(case).await,
+                "{:?}",
+                String::from_utf8_lossy(case)
+            );
+        }
+        assert_eq!(counted(cases[1]), vec![false, true]);
+        assert_eq!(counted(cases[4]), vec![true, false, true]);
+    }
+
+    #[test]
+    fn actions_are_encoded_as_header_lines_and_an_empty_line() {
+        let mut out = b"x".to_vec();
+        encode(&mut out, &[("Action", "Setvar"), ("Variable", "V")]);
+        assert_eq!(out, b"xAction: Setvar\r\nVariable: V\r\n\r\n");
     }
 }

@@ -129,9 +129,22 @@ enum Cmd {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().cmd {
+fn main() -> anyhow::Result<()> {
+    let cmd = Cli::parse().cmd;
+    let runtime = match cmd {
+        // The load tool shares the cores with what it measures: its load, hub tap and probes
+        // run on one thread (no wake-ups across threads; its ceilings get a runtime of their
+        // own, see `run`).
+        Cmd::Run(_) => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        _ => tokio::runtime::Runtime::new()?,
+    };
+    runtime.block_on(dispatch(cmd))
+}
+
+async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
+    match cmd {
         Cmd::Run(args) => {
             let json_path = args.json.clone();
             let report = run::run(args).await?;

@@ -27,6 +27,7 @@ use serde_json::json;
 use crate::ami::{self, Conn};
 use crate::ceiling;
 use crate::procs::{self, Daemon, Usage};
+use hintfed_transport::{SubClient, SubClientConfig};
 
 /// Options of `run`.
 #[derive(Debug, Clone, clap::Args)]
@@ -227,6 +228,7 @@ impl Phase {
             let (until, devices, window) = (self.until, self.devices as u64, self.window);
             let end = d.k.saturating_add(self.count);
             tasks.push(tokio::spawn(async move {
+                let mut dev = String::new();
                 let due = |s: &Schedule, k: u64| s.peek() < until && k < end;
                 while due(&schedule, d.k) {
                     tokio::time::sleep_until(
@@ -237,7 +239,8 @@ impl Phase {
                     let el = t0.elapsed().as_secs_f64();
                     while schedule.peek() <= el && due(&schedule, d.k) {
                         schedule.advance();
-                        let dev = device(d.server, (d.k % devices) as usize);
+                        dev.clear();
+                        write_device(&mut dev, d.server, (d.k % devices) as usize);
                         let state = STATES[((d.k / devices) % 4) as usize];
                         d.pipe
                             .send(
@@ -312,46 +315,102 @@ fn now_ns() -> u128 {
         .as_nanos()
 }
 
-/// A subscriber on a hub's PUB that writes `<unix-ns> <device> <value>` for every device
-/// update it sees (the time the update left the hub, on the trace's clock), until `stop`.
+/// A subscriber on a hub's PUB (the project's own ZMTP SUB, [`SubClient`]) that writes
+/// `<unix-ns> <device> <value>` for every device update it sees (the time the update left the
+/// hub, on the trace's clock: taken when the tap reads it), until `stop`.
 async fn hub_tap(
     pub_endpoint: &str,
     path: PathBuf,
     stop: tokio::sync::oneshot::Receiver<()>,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use std::io::Write as _;
-    use zeromq::{Socket as _, SocketRecv as _};
-    let mut sub = zeromq::SubSocket::new();
-    sub.subscribe(hintfed_core::envelope::topics::DEVICE)
-        .await?;
-    sub.connect(pub_endpoint).await?;
-    // Read, not verified: the tap measures; the agents check every MAC.
-    let keys = hintfed_core::KeyRing::default();
-    let limits = hintfed_core::envelope::Limits::default();
-    let file = std::fs::File::create(&path)?;
+    let mut config = SubClientConfig::new(pub_endpoint);
+    config.subscriptions = vec![hintfed_core::envelope::topics::DEVICE.to_owned()];
+    // Room for seconds of the load, should this task fall behind (drops are reported).
+    config.inbound_capacity = 1 << 17;
+    let (sub, rx) = SubClient::connect(config)?;
+    anyhow::ensure!(
+        sub.wait_connected(Duration::from_secs(10)).await,
+        "hub tap: no connection to {pub_endpoint}"
+    );
+    let file = std::io::BufWriter::with_capacity(1 << 16, std::fs::File::create(&path)?);
     Ok(tokio::spawn(async move {
-        let mut w = std::io::BufWriter::new(file);
-        let mut stop = stop;
-        loop {
-            let m = tokio::select! {
-                _ = &mut stop => break,
-                m = sub.recv() => match m { Ok(m) => m, Err(_) => break },
-            };
-            let t = now_ns();
-            let Some(payload) = m.get(1) else { continue };
-            if let Ok(env) = hintfed_core::open(payload, &keys, &limits)
-                && let hintfed_core::Body::Update(u) = &env.body
-                && let hintfed_core::Value::Device(d) = u.value
-            {
-                let _ = writeln!(w, "{t} {} {}", u.key, d.as_str());
-            }
-        }
+        let mut w = tap_lines(rx, stop, file).await;
         let _ = w.flush();
+        let lost = sub.stats().dropped_inbound_full;
+        if lost > 0 {
+            eprintln!("hub tap: {lost} updates dropped (the tap fell behind)");
+        }
     }))
 }
 
+/// Writes the tap's line of every device update received on `rx` to `out` until `stop` or
+/// the end of `rx`; gives `out` back.
+async fn tap_lines<W: std::io::Write>(
+    mut rx: tokio::sync::mpsc::Receiver<hintfed_transport::Frames>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+    mut out: W,
+) -> W {
+    let tap = Tap::default();
+    let mut batch = Vec::with_capacity(1024);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            n = rx.recv_many(&mut batch, 1024) => if n == 0 { break },
+        }
+        // What one read of the SUB delivered arrived together: one time for all of it.
+        let t = now_ns();
+        for frames in batch.drain(..) {
+            tap.write(&mut out, t, &frames);
+        }
+    }
+    out
+}
+
+/// What the hub tap makes of one message of a hub's PUB.
+#[derive(Default)]
+struct Tap {
+    /// Empty: the tap reads, it does not verify (the agents check every MAC).
+    keys: hintfed_core::KeyRing,
+    limits: hintfed_core::envelope::Limits,
+}
+
+impl Tap {
+    /// Writes `<t> <device> <value>` when `frames` (`[topic, signed envelope]`) hold a device
+    /// update; whether they did.
+    fn write(&self, out: &mut impl std::io::Write, t: u128, frames: &[bytes::Bytes]) -> bool {
+        let Some(payload) = frames.get(1) else {
+            return false;
+        };
+        if let Ok(env) = hintfed_core::open(payload, &self.keys, &self.limits)
+            && let hintfed_core::Body::Update(u) = &env.body
+            && let hintfed_core::Value::Device(d) = u.value
+        {
+            return writeln!(out, "{t} {} {}", u.key, d.as_str()).is_ok();
+        }
+        false
+    }
+}
+
+/// Runs `task` on a new runtime with one thread per CPU (what `#[tokio::main]` gives), from
+/// a blocking thread (the tasks of `run`'s own runtime go on meanwhile).
+async fn on_threads<T: Send + 'static>(
+    task: impl std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(move || tokio::runtime::Runtime::new()?.block_on(task)).await?
+}
+
+/// Phone `j` of server `s`.
 fn device(s: usize, j: usize) -> String {
-    format!("PJSIP/b{s}n{j}")
+    let mut d = String::new();
+    write_device(&mut d, s, j);
+    d
+}
+
+/// Appends phone `j` of server `s` (`PJSIP/b<s>n<j>`) to `out`.
+fn write_device(out: &mut String, s: usize, j: usize) {
+    use std::fmt::Write as _;
+    let _ = write!(out, "PJSIP/b{s}n{j}");
 }
 
 /// Runs the benchmark; returns the JSON report (also printed with a table).
@@ -411,23 +470,24 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
         );
     }
 
-    // 2. Ceilings.
+    // 2. Ceilings, on a runtime with one thread per CPU as before `run` moved to one thread
+    // (their figures stay comparable with earlier runs').
     eprintln!("measuring ceilings ...");
     let setvar_ceiling = if a.setvar_count > 0 {
         let target = a
             .asterisk
             .clone()
             .unwrap_or_else(|| addrs["ceiling"].clone());
+        let (user, secret, count, window) = (
+            a.ami_user.clone(),
+            a.ami_secret.clone(),
+            a.setvar_count,
+            a.window,
+        );
         Some(
-            ceiling::setvar(
-                &target,
-                &a.ami_user,
-                &a.ami_secret,
-                a.setvar_count,
-                a.window,
-                1000,
-                false,
-            )
+            on_threads(async move {
+                ceiling::setvar(&target, &user, &secret, count, window, 1000, false).await
+            })
             .await
             .context("Setvar ceiling")?,
         )
@@ -435,8 +495,9 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
         None
     };
     let zmq_ceiling = if a.zmq_count > 0 {
+        let (count, size) = (a.zmq_count, a.zmq_size);
         Some(
-            ceiling::zmq_pubsub(a.zmq_count, a.zmq_size)
+            on_threads(ceiling::zmq_pubsub(count, size))
                 .await
                 .context("ZeroMQ ceiling")?,
         )
@@ -979,6 +1040,100 @@ async fn convergence(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hintfed_core::{Body, DeviceState, Envelope, Epoch, HlcTimestamp, KeyRing, Value};
+
+    /// `[topic, signed envelope]` of origin `o`'s update of `key` to `value`, as a hub
+    /// publishes it.
+    fn published(o: &str, seq: u64, key: &str, value: Value) -> hintfed_transport::Frames {
+        let body = Body::Update(hintfed_core::envelope::Update {
+            key: key.to_owned(),
+            value,
+            ts: HlcTimestamp {
+                wall: 1_700_000_000_000 + seq,
+                counter: 0,
+            },
+        });
+        let env = Envelope::new(o, Epoch(1), seq, body);
+        let sealed = KeyRing::from_secrets([SHARED_KEY])
+            .seal(&env, &Default::default())
+            .expect("seal");
+        vec![env.topic().into(), sealed.into()]
+    }
+
+    #[test]
+    fn the_tap_writes_one_line_per_device_update() {
+        let tap = Tap::default();
+        let mut out = Vec::new();
+        let up = published(
+            "pbx-1",
+            7,
+            "PJSIP/b1n2",
+            Value::Device(DeviceState::Ringing),
+        );
+        assert!(tap.write(&mut out, 1_234_567_890_123, &up));
+        assert_eq!(out, b"1234567890123 PJSIP/b1n2 RINGING\n");
+        // Not device updates: nothing written.
+        let hb = Envelope::new("pbx-1", Epoch(1), 8, Body::FullSyncBegin);
+        let hb = KeyRing::from_secrets([SHARED_KEY])
+            .seal(&hb, &Default::default())
+            .expect("seal");
+        for frames in [
+            vec![bytes::Bytes::from_static(b"state.device")],
+            vec![
+                "state.device".into(),
+                bytes::Bytes::from_static(b"{not json"),
+            ],
+            vec![hintfed_core::envelope::topics::DEVICE.into(), hb.into()],
+        ] {
+            let mut none = Vec::new();
+            assert!(!tap.write(&mut none, 1, &frames));
+            assert!(none.is_empty());
+        }
+    }
+
+    #[tokio::test]
+    async fn the_tap_stamps_what_it_reads_with_the_time_it_read_it() {
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let (_stop_tx, stop) = tokio::sync::oneshot::channel();
+        let states = [DeviceState::Inuse, DeviceState::NotInuse, DeviceState::Busy];
+        for (i, st) in states.into_iter().enumerate() {
+            let key = format!("PJSIP/b0n{i}");
+            tx.send(published("pbx-0", i as u64 + 1, &key, Value::Device(st)))
+                .await
+                .expect("send");
+        }
+        tx.send(vec!["state.device".into()]).await.expect("send");
+        let before = now_ns();
+        let task = tokio::spawn(tap_lines(rx, stop, Vec::new()));
+        tokio::task::yield_now().await;
+        drop(tx);
+        let out = String::from_utf8(task.await.expect("tap")).expect("utf-8");
+        let after = now_ns();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 3, "{out}");
+        for (line, want) in lines.iter().zip([
+            "PJSIP/b0n0 INUSE",
+            "PJSIP/b0n1 NOT_INUSE",
+            "PJSIP/b0n2 BUSY",
+        ]) {
+            let (t, rest) = line.split_once(' ').expect("time");
+            let t: u128 = t.parse().expect("ns");
+            assert!(
+                (before..=after).contains(&t),
+                "{t} not in {before}..={after}"
+            );
+            assert_eq!(rest, want);
+        }
+    }
+
+    #[tokio::test]
+    async fn the_tap_stops_when_told() {
+        let (_tx, rx) = tokio::sync::mpsc::channel::<hintfed_transport::Frames>(1);
+        let (stop_tx, stop) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(tap_lines(rx, stop, Vec::new()));
+        stop_tx.send(()).expect("stop");
+        assert!(task.await.expect("tap").is_empty());
+    }
 
     fn times(mut s: Schedule, n: usize) -> Vec<f64> {
         (0..n)
