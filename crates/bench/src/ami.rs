@@ -114,20 +114,19 @@ impl Conn {
             .unwrap_or(0))
     }
 
-    /// Sends a list action; returns the list items (events before `EventList: Complete`).
-    pub async fn list(&mut self, headers: &[(&str, &str)]) -> anyhow::Result<Vec<Msg>> {
+    /// Sends a list action; calls `item` for every list item (the events before
+    /// `EventList: Complete`) with the value of each of `keys` in it (as [`get`] finds them).
+    pub async fn list_each<const N: usize>(
+        &mut self,
+        headers: &[(&str, &str)],
+        keys: [&str; N],
+        item: impl FnMut([Option<&str>; N]),
+    ) -> anyhow::Result<()> {
         let first = self.request(headers).await?;
         if !get(&first, "Response").is_some_and(|r| r.eq_ignore_ascii_case("Success")) {
             bail!("list refused: {first:?}");
         }
-        let mut items = Vec::new();
-        loop {
-            let m = self.read_msg().await?;
-            if get(&m, "EventList").is_some_and(|v| v.eq_ignore_ascii_case("Complete")) {
-                return Ok(items);
-            }
-            items.push(m);
-        }
+        read_list(&mut self.rd, keys, item).await
     }
 
     /// Splits into a pipelining sender whose responses are counted by a background task.
@@ -187,10 +186,70 @@ async fn read_msg<R: tokio::io::AsyncBufRead + Unpin>(rd: &mut R) -> anyhow::Res
             }
             return Ok(m);
         }
-        if let Some((k, v)) = l.split_once(": ") {
+        if let Some((k, v)) = header(l) {
             m.push((k.to_owned(), v.to_owned()));
-        } else if let Some((k, v)) = l.split_once(':') {
-            m.push((k.to_owned(), v.trim().to_owned()));
+        }
+    }
+}
+
+/// The key and value of one header line (without its line end): the key ends at the first
+/// ": " (the value is the rest as it is), or else at the first ':' (the value trimmed);
+/// `None` for a line without ':'.
+fn header(l: &str) -> Option<(&str, &str)> {
+    match l.split_once(": ") {
+        Some(kv) => Some(kv),
+        None => l.split_once(':').map(|(k, v)| (k, v.trim())),
+    }
+}
+
+/// Reads the items of a list (messages up to the one holding `EventList: Complete`) as
+/// [`read_msg`] and [`get`] would, calling `item` with the values of `keys` in each, without
+/// keeping the messages.
+async fn read_list<R: tokio::io::AsyncBufRead + Unpin, const N: usize>(
+    rd: &mut R,
+    keys: [&str; N],
+    mut item: impl FnMut([Option<&str>; N]),
+) -> anyhow::Result<()> {
+    let mut line = String::new();
+    let mut values: [String; N] = std::array::from_fn(|_| String::new());
+    let mut found = [false; N];
+    // Lines with a header seen in this message; its first `EventList` header, if any.
+    let mut in_msg = false;
+    let mut event_list: Option<bool> = None;
+    loop {
+        line.clear();
+        if rd.read_line(&mut line).await? == 0 {
+            bail!("connection closed");
+        }
+        let l = line.trim_end_matches(['\r', '\n']);
+        if l.is_empty() {
+            if !in_msg {
+                continue;
+            }
+            if event_list == Some(true) {
+                return Ok(());
+            }
+            item(std::array::from_fn(|i| {
+                found[i].then_some(values[i].as_str())
+            }));
+            found = [false; N];
+            in_msg = false;
+            event_list = None;
+            continue;
+        }
+        let Some((k, v)) = header(l) else {
+            continue;
+        };
+        in_msg = true;
+        if event_list.is_none() && k.eq_ignore_ascii_case("EventList") {
+            event_list = Some(v.eq_ignore_ascii_case("Complete"));
+        }
+        for (i, key) in keys.iter().enumerate() {
+            if !found[i] && k.eq_ignore_ascii_case(key) {
+                values[i].clear();
+                values[i].push_str(v);
+                found[i] = true;
+            }
         }
     }
 }
@@ -225,22 +284,10 @@ impl Responses {
         if l.is_empty() {
             return self.response.take();
         }
-        // As `read_msg`: the key ends at the first ": " (the value is the rest as it is), or
-        // else at the first ':' (the value trimmed); lines without ':' are skipped.
-        let (key, value) = match l.windows(2).position(|w| w == b": ") {
-            Some(i) => (&l[..i], &l[i + 2..]),
-            None => {
-                let i = l.iter().position(|&b| b == b':')?;
-                let v = &l[i + 1..];
-                // `str::trim` (Unicode white space) as `read_msg`, on valid UTF-8 as it reads.
-                (
-                    &l[..i],
-                    std::str::from_utf8(v).map_or(v, |v| v.trim().as_bytes()),
-                )
-            }
-        };
-        if self.response.is_none() && key.eq_ignore_ascii_case(b"Response") {
-            self.response = Some(value.eq_ignore_ascii_case(b"Success"));
+        // As `read_msg` (which reads only UTF-8).
+        let (key, value) = std::str::from_utf8(l).ok().and_then(header)?;
+        if self.response.is_none() && key.eq_ignore_ascii_case("Response") {
+            self.response = Some(value.eq_ignore_ascii_case("Success"));
         }
         None
     }
@@ -361,6 +408,55 @@ mod tests {
         }
         assert_eq!(counted(cases[1]), vec![false, true]);
         assert_eq!(counted(cases[4]), vec![true, false, true]);
+    }
+
+    /// What `read_msg` and `get` make of the list items in `stream`: `keys` of every message
+    /// before the one with `EventList: Complete`.
+    async fn reference_list(mut stream: &[u8], keys: [&str; 2]) -> Vec<[Option<String>; 2]> {
+        let mut out = Vec::new();
+        while let Ok(m) = read_msg(&mut stream).await {
+            if get(&m, "EventList").is_some_and(|v| v.eq_ignore_ascii_case("Complete")) {
+                break;
+            }
+            out.push(keys.map(|k| get(&m, k).map(str::to_owned)));
+        }
+        out
+    }
+
+    async fn listed(mut stream: &[u8], keys: [&str; 2]) -> Vec<[Option<String>; 2]> {
+        let mut out = Vec::new();
+        read_list(&mut stream, keys, |v| {
+            out.push(v.map(|v| v.map(str::to_owned)))
+        })
+        .await
+        .expect("list");
+        out
+    }
+
+    #[tokio::test]
+    async fn list_items_are_read_as_read_msg_reads_them() {
+        let stream: &[u8] = b"\r\nEvent: DeviceStateChange\r\nDevice: PJSIP/b0n1\r\nState: INUSE\r\n\r\n\
+            Event: DeviceStateChange\r\nstate:NOT_INUSE \r\nDEVICE: Custom:PJSIP/b1n0\r\nState: BUSY\r\n\r\n\
+            noise without colon\r\n\r\n\
+            Event: DeviceStateChange\r\nDevice: PJSIP/b0n2\r\nEventList: start\r\n\r\n\
+            Event: X\r\nEventList: complete\r\nDevice: d\r\nEventList: Complete\r\n\r\n\
+            Event: DeviceStateListComplete\r\nEventList: Complete\r\nListItems: 4\r\n\r\n\
+            Event: After\r\nDevice: never\r\n\r\n";
+        let keys = ["Device", "State"];
+        let got = listed(stream, keys).await;
+        assert_eq!(got, reference_list(stream, keys).await);
+        let some = |d: &str, s: Option<&str>| [Some(d.to_owned()), s.map(str::to_owned)];
+        assert_eq!(
+            got,
+            vec![
+                some("PJSIP/b0n1", Some("INUSE")),
+                some("Custom:PJSIP/b1n0", Some("NOT_INUSE")),
+                some("PJSIP/b0n2", None),
+            ]
+        );
+        // A list cut short is an error, as for `read_msg`.
+        let mut cut: &[u8] = b"Event: DeviceStateChange\r\nDevice: x\r\n\r\n";
+        assert!(read_list(&mut cut, keys, |_| {}).await.is_err());
     }
 
     #[test]

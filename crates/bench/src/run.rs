@@ -1001,13 +1001,18 @@ async fn convergence(
         first: None,
     };
     for (r, p) in probes.iter_mut().enumerate() {
-        let items = p.list(&[("Action", "DeviceStateList")]).await?;
         let mut have = std::collections::HashMap::new();
-        for m in &items {
-            if let (Some(d), Some(st)) = (ami::get(m, "Device"), ami::get(m, "State")) {
-                have.insert(d.to_owned(), st.to_owned());
-            }
-        }
+        p.list_each(
+            &[("Action", "DeviceStateList")],
+            ["Device", "State"],
+            |[d, st]| {
+                if let (Some(d), Some(st)) = (d, st) {
+                    have.insert(d.to_owned(), st.to_owned());
+                }
+            },
+        )
+        .await?;
+        let mut key = String::new();
         for (s, k) in driven.iter().enumerate() {
             for j in 0..devices.min(*k as usize) {
                 // The last change of phone j was number k' = the largest k' < k with
@@ -1015,11 +1020,11 @@ async fn convergence(
                 let dn = devices as u64;
                 let last_k = j as u64 + dn * ((*k - 1 - j as u64) / dn);
                 let want = STATES[((last_k / dn) as usize) % 4];
-                let key = if s == r {
-                    device(s, j)
-                } else {
-                    format!("Custom:{}", device(s, j))
-                };
+                key.clear();
+                if s != r {
+                    key.push_str("Custom:");
+                }
+                write_device(&mut key, s, j);
                 c.checked += 1;
                 let got = have.get(&key).map(String::as_str).unwrap_or("(absent)");
                 if !got.eq_ignore_ascii_case(want) {
