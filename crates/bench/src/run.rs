@@ -1015,46 +1015,98 @@ async fn convergence(
         by_pair: BTreeMap::new(),
         first: None,
     };
+    let servers = driven.len();
+    let mut key = String::new();
     for (r, p) in probes.iter_mut().enumerate() {
-        let mut have = std::collections::HashMap::new();
+        // have[s * devices + j]: what server r lists of origin s's phone j (as itself on its
+        // own server, as `Custom:` elsewhere); the last listing wins.
+        let mut have: Vec<Option<Listed>> = vec![None; servers * devices];
         p.list_each(
             &[("Action", "DeviceStateList")],
             ["Device", "State"],
             |[d, st]| {
-                if let (Some(d), Some(st)) = (d, st) {
-                    have.insert(d.to_owned(), st.to_owned());
+                if let (Some(d), Some(st)) = (d, st)
+                    && let Some((s, j)) = listed_phone(d, r, servers, devices, &mut key)
+                {
+                    have[s * devices + j] = Some(match STATES.iter().position(|w| *w == st) {
+                        Some(i) => Listed::State(i),
+                        None => Listed::Other(st.to_owned()),
+                    });
                 }
             },
         )
         .await?;
-        let mut key = String::new();
         for (s, k) in driven.iter().enumerate() {
             for j in 0..devices.min(*k as usize) {
                 // The last change of phone j was number k' = the largest k' < k with
                 // k' % devices == j.
                 let dn = devices as u64;
                 let last_k = j as u64 + dn * ((*k - 1 - j as u64) / dn);
-                let want = STATES[((last_k / dn) as usize) % 4];
+                let want_i = ((last_k / dn) as usize) % 4;
+                let want = STATES[want_i];
+                c.checked += 1;
+                let got = &have[s * devices + j];
+                let ok = match got {
+                    Some(Listed::State(i)) => *i == want_i,
+                    Some(Listed::Other(st)) => st.eq_ignore_ascii_case(want),
+                    None => false,
+                };
+                if ok {
+                    continue;
+                }
+                let got = match got {
+                    Some(Listed::State(i)) => STATES[*i],
+                    Some(Listed::Other(st)) => st.as_str(),
+                    None => "(absent)",
+                };
                 key.clear();
                 if s != r {
                     key.push_str("Custom:");
                 }
                 write_device(&mut key, s, j);
-                c.checked += 1;
-                let got = have.get(&key).map(String::as_str).unwrap_or("(absent)");
-                if !got.eq_ignore_ascii_case(want) {
-                    c.mismatches += 1;
-                    *c.by_pair
-                        .entry(format!("{} <- {}", names[r], names[s]))
-                        .or_insert(0) += 1;
-                    c.example
-                        .get_or_insert_with(|| format!("{} {key}: {got}, want {want}", names[r]));
-                    c.first.get_or_insert_with(|| (r, s, device(s, j)));
-                }
+                c.mismatches += 1;
+                *c.by_pair
+                    .entry(format!("{} <- {}", names[r], names[s]))
+                    .or_insert(0) += 1;
+                c.example
+                    .get_or_insert_with(|| format!("{} {key}: {got}, want {want}", names[r]));
+                c.first.get_or_insert_with(|| (r, s, device(s, j)));
             }
         }
     }
     Ok(c)
+}
+
+/// A phone's state as a server lists it: one of [`STATES`] (its index) or another text.
+#[derive(Debug, Clone, PartialEq)]
+enum Listed {
+    State(usize),
+    Other(String),
+}
+
+/// `(s, j)` when `d` is exactly the name under which server `r` lists origin `s`'s phone `j`
+/// (`PJSIP/b<s>n<j>` on its own server, `Custom:PJSIP/b<s>n<j>` on the others), with `s` and
+/// `j` below `servers` and `devices`; `None` for any other name. `buf` is scratch space.
+fn listed_phone(
+    d: &str,
+    r: usize,
+    servers: usize,
+    devices: usize,
+    buf: &mut String,
+) -> Option<(usize, usize)> {
+    let (custom, phone) = match d.strip_prefix("Custom:") {
+        Some(phone) => (true, phone),
+        None => (false, d),
+    };
+    let (s, j) = phone.strip_prefix("PJSIP/b")?.split_once('n')?;
+    let (s, j) = (s.parse::<usize>().ok()?, j.parse::<usize>().ok()?);
+    if s >= servers || j >= devices || custom == (s == r) {
+        return None;
+    }
+    // Exactly the name written (no sign, no leading zeros).
+    buf.clear();
+    write_device(buf, s, j);
+    (buf == phone).then_some((s, j))
 }
 
 #[cfg(test)]
@@ -1078,6 +1130,42 @@ mod tests {
             .seal(&env, &Default::default())
             .expect("seal");
         vec![env.topic().into(), sealed.into()]
+    }
+
+    #[test]
+    fn listed_phones_are_exactly_the_names_the_check_compares() {
+        let mut buf = String::new();
+        let (servers, devices) = (3, 12);
+        for r in 0..servers {
+            for s in 0..servers {
+                for j in 0..devices {
+                    let own = device(s, j);
+                    let custom = format!("Custom:{own}");
+                    let (want, other) = if s == r { (own, custom) } else { (custom, own) };
+                    assert_eq!(
+                        listed_phone(&want, r, servers, devices, &mut buf),
+                        Some((s, j))
+                    );
+                    assert_eq!(listed_phone(&other, r, servers, devices, &mut buf), None);
+                }
+            }
+        }
+        for d in [
+            "Custom:PJSIP/b1n02",
+            "Custom:PJSIP/b01n2",
+            "Custom:PJSIP/b+1n2",
+            "Custom:PJSIP/b1n2x",
+            "Custom:PJSIP/b1n12",
+            "Custom:PJSIP/b3n0",
+            "Custom:PJSIP/b1n",
+            "Custom:PJSIP/bn1",
+            "custom:PJSIP/b1n2",
+            "Custom:SIP/b1n2",
+            "Custom:Custom:PJSIP/b1n2",
+            "",
+        ] {
+            assert_eq!(listed_phone(d, 0, servers, devices, &mut buf), None, "{d}");
+        }
     }
 
     #[test]
