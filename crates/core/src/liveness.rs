@@ -84,7 +84,20 @@ pub struct Observed {
 #[derive(Clone, Debug)]
 pub struct Origins {
     map: BTreeMap<String, OriginInfo>,
+    /// How many entries of `map` are down: while none is, [`Origins::is_down`] (asked for
+    /// every origin of every device update merged) answers without a lookup.
+    downs: usize,
     timeout_ms: u64,
+}
+
+/// Sets `info.down`, keeping [`Origins`]' count of down entries.
+fn set_down(downs: &mut usize, info: &mut OriginInfo, down: Option<Down>) {
+    match (info.down.is_some(), down.is_some()) {
+        (false, true) => *downs += 1,
+        (true, false) => *downs -= 1,
+        _ => {}
+    }
+    info.down = down;
 }
 
 impl Origins {
@@ -92,6 +105,7 @@ impl Origins {
     pub fn new(timeout_ms: u64) -> Self {
         Origins {
             map: BTreeMap::new(),
+            downs: 0,
             timeout_ms,
         }
     }
@@ -108,7 +122,7 @@ impl Origins {
 
     /// Whether `origin` is known and down.
     pub fn is_down(&self, origin: &str) -> bool {
-        self.map.get(origin).is_some_and(|i| i.down.is_some())
+        self.downs > 0 && self.map.get(origin).is_some_and(|i| i.down.is_some())
     }
 
     /// Records a stream message `(epoch, seq)` from `origin` at `now`; `full_sync_end` tells
@@ -120,6 +134,31 @@ impl Origins {
         seq: u64,
         full_sync_end: bool,
         now: Millis,
+    ) -> Observed {
+        self.observe_lagged(origin, epoch, seq, full_sync_end, now, None)
+    }
+
+    /// [`Origins::observe`] of a device update stamped `ts_wall_ms` (the origin's clock),
+    /// recording its lag ([`OriginInfo::lag_ms`]) in the same lookup unless it is stale.
+    pub fn observe_device_update(
+        &mut self,
+        origin: &str,
+        epoch: Epoch,
+        seq: u64,
+        ts_wall_ms: u64,
+        now: Millis,
+    ) -> Observed {
+        self.observe_lagged(origin, epoch, seq, false, now, Some(ts_wall_ms))
+    }
+
+    fn observe_lagged(
+        &mut self,
+        origin: &str,
+        epoch: Epoch,
+        seq: u64,
+        full_sync_end: bool,
+        now: Millis,
+        ts_wall_ms: Option<u64>,
     ) -> Observed {
         let mut out = Observed::default();
         // Looked up by `&str` first: no copy of the name per message of a known origin.
@@ -148,6 +187,9 @@ impl Origins {
         }
         info.last_seq = info.last_seq.max(seq);
         info.last_seen = now;
+        if let Some(wall) = ts_wall_ms {
+            info.lag_ms = Some(now.0.saturating_sub(wall));
+        }
         if let Some(d) = info.down {
             let newer = (epoch, seq) > (d.epoch, d.seq);
             let revive = match d.reason {
@@ -157,19 +199,11 @@ impl Origins {
                 DownReason::SelfAnnounced => newer && full_sync_end,
             };
             if revive {
-                info.down = None;
+                set_down(&mut self.downs, info, None);
                 out.revived = true;
             }
         }
         out
-    }
-
-    /// Records the lag of a device update from `origin` stamped `ts_wall_ms` (its clock) and
-    /// received at `now`.
-    pub fn note_lag(&mut self, origin: &str, ts_wall_ms: u64, now: Millis) {
-        if let Some(info) = self.map.get_mut(origin) {
-            info.lag_ms = Some(now.0.saturating_sub(ts_wall_ms));
-        }
     }
 
     /// Marks `origin` down because it said so (in the message `(epoch, seq)`). Returns
@@ -185,12 +219,13 @@ impl Origins {
         match info.down {
             Some(d) if d.reason == DownReason::SelfAnnounced => false,
             prev => {
-                info.down = Some(Down {
+                let down = Down {
                     reason: DownReason::SelfAnnounced,
                     epoch,
                     seq,
                     since: now,
-                });
+                };
+                set_down(&mut self.downs, info, Some(down));
                 prev.is_none()
             }
         }
@@ -207,7 +242,7 @@ impl Origins {
         };
         match info.down {
             Some(d) if d.reason == DownReason::SelfAnnounced && d.epoch == epoch && seq > d.seq => {
-                info.down = None;
+                set_down(&mut self.downs, info, None);
                 true
             }
             _ => false,
@@ -227,12 +262,13 @@ impl Origins {
         if info.down.is_some() || (info.epoch, info.last_seq) > (epoch, last_seq) {
             return false;
         }
-        info.down = Some(Down {
+        let down = Down {
             reason: DownReason::Notified,
             epoch: info.epoch,
             seq: info.last_seq,
             since: now,
-        });
+        };
+        set_down(&mut self.downs, info, Some(down));
         true
     }
 
@@ -242,12 +278,13 @@ impl Origins {
         let mut out = Vec::new();
         for (name, info) in &mut self.map {
             if info.down.is_none() && now.since(info.last_seen) > self.timeout_ms {
-                info.down = Some(Down {
+                let down = Down {
                     reason: DownReason::Silent,
                     epoch: info.epoch,
                     seq: info.last_seq,
                     since: now,
-                });
+                };
+                set_down(&mut self.downs, info, Some(down));
                 out.push((name.clone(), info.epoch, info.last_seq));
             }
         }
@@ -278,6 +315,7 @@ impl Origins {
             since: now,
         };
         let Some(info) = self.map.get_mut(&s.origin) else {
+            self.downs += usize::from(s.down.is_some());
             self.map.insert(
                 s.origin.clone(),
                 OriginInfo {
@@ -315,10 +353,10 @@ impl Origins {
         }
         info.last_seen = info.last_seen.max(now);
         if revive {
-            info.down = None;
+            set_down(&mut self.downs, info, None);
             changed = true;
         } else if let (Some(r), None) = (s.down, info.down) {
-            info.down = Some(down_mark(r));
+            set_down(&mut self.downs, info, Some(down_mark(r)));
             changed = true;
         }
         changed
@@ -458,5 +496,80 @@ mod tests {
         assert!(!o.is_down("a"));
         assert!(!o.apply_summary(&s, Millis(3)), "older summary ignored");
         assert_eq!(o.summaries().len(), 1);
+    }
+
+    #[test]
+    fn a_device_update_notes_its_lag_unless_stale() {
+        let mut o = Origins::new(1000);
+        assert!(
+            o.observe_device_update("a", Epoch(2), 1, 70, Millis(100))
+                .first
+        );
+        assert_eq!(o.get("a").and_then(|i| i.lag_ms), Some(30));
+        assert!(
+            o.observe_device_update("a", Epoch(1), 9, 99, Millis(100))
+                .stale
+        );
+        assert_eq!(
+            o.get("a").and_then(|i| i.lag_ms),
+            Some(30),
+            "stale: not noted"
+        );
+        o.observe("a", Epoch(2), 2, false, Millis(200));
+        assert_eq!(o.get("a").and_then(|i| i.lag_ms), Some(30), "not an update");
+        // A clock ahead of ours counts as no lag.
+        o.observe_device_update("a", Epoch(2), 3, 500, Millis(300));
+        assert_eq!(o.get("a").and_then(|i| i.lag_ms), Some(0));
+    }
+
+    proptest::proptest! {
+        /// The count of down origins behind `is_down`'s shortcut stays the number of origins
+        /// marked down, whatever the sequence of marks and revivals.
+        #[test]
+        fn the_down_count_follows_the_marks(
+            ops in proptest::collection::vec((0u8..6, 0usize..3, 1u64..4, 0u64..12, proptest::bool::ANY), 0..60)
+        ) {
+            let names = ["a", "b", "c"];
+            let mut o = Origins::new(1000);
+            for (i, (op, who, epoch, seq, flag)) in ops.into_iter().enumerate() {
+                let (who, epoch, now) = (names[who], Epoch(epoch), Millis(i as u64 * 400));
+                match op {
+                    0 => {
+                        o.observe(who, epoch, seq, flag, now);
+                    }
+                    1 => {
+                        o.mark_self_down(who, epoch, seq, now);
+                    }
+                    2 => {
+                        o.heard_up(who, epoch, seq);
+                    }
+                    3 => {
+                        o.notify_down(who, epoch, seq, now);
+                    }
+                    4 => {
+                        o.expire(now);
+                    }
+                    _ => {
+                        let down = flag.then_some(DownReason::Notified);
+                        o.apply_summary(
+                            &OriginSummary {
+                                origin: who.into(),
+                                epoch,
+                                last_seq: seq,
+                                down,
+                                floor: None,
+                            },
+                            now,
+                        );
+                    }
+                }
+                let marked = o.map.values().filter(|i| i.down.is_some()).count();
+                proptest::prop_assert_eq!(o.downs, marked);
+                for n in names {
+                    let down = o.get(n).is_some_and(|i| i.down.is_some());
+                    proptest::prop_assert_eq!(o.is_down(n), down);
+                }
+            }
+        }
     }
 }

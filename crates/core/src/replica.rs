@@ -98,10 +98,17 @@ impl Replica {
         if status != SeqStatus::New {
             return Ingested::status(status);
         }
-        let is_end = matches!(env.body, Body::FullSyncEnd { .. });
-        let obs = self
-            .origins
-            .observe(origin, env.epoch, env.seq, is_end, now);
+        // A device update's lag is noted in the lookup that observes it.
+        let obs = match &env.body {
+            Body::Update(u) if u.kind() == Kind::Device => self
+                .origins
+                .observe_device_update(origin, env.epoch, env.seq, u.ts.wall, now),
+            body => {
+                let is_end = matches!(body, Body::FullSyncEnd { .. });
+                self.origins
+                    .observe(origin, env.epoch, env.seq, is_end, now)
+            }
+        };
         if obs.stale {
             return Ingested::status(SeqStatus::Stale);
         }
@@ -109,11 +116,6 @@ impl Replica {
         out.first = obs.first;
         if obs.new_epoch || obs.revived {
             out.dirty_origins.push(origin.to_owned());
-        }
-        if let Body::Update(u) = &env.body
-            && u.kind() == Kind::Device
-        {
-            self.origins.note_lag(origin, u.ts.wall, now);
         }
         match &env.body {
             Body::Update(u) => {
