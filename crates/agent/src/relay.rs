@@ -183,6 +183,9 @@ pub struct RelayCounters {
     pub rejects: BTreeMap<String, u64>,
     /// Inbound messages accepted.
     pub accepted: u64,
+    /// Inbound messages naming this node's origin, dropped unchecked (its own, sent back by
+    /// the hubs; see [`hintfed_core::sealed_by`]).
+    pub own_dropped: u64,
     /// Stream updates published.
     pub published: u64,
     /// Publishes no hub took.
@@ -765,6 +768,15 @@ impl<T: FederationTransport + 'static> Relay<T> {
         let Some(payload) = msg.frames.last() else {
             return;
         };
+        // Our own messages, which the hubs send back to every subscriber: the node ignores
+        // them ([`Node::on_remote`]), so they are dropped before their check (a tenth of
+        // what an agent of ten receives). One that names us but would not verify is dropped
+        // the same way.
+        if hintfed_core::sealed_by(payload, self.node.origin()) {
+            self.counters.own_dropped += 1;
+            self.dirty = true;
+            return;
+        }
         match self.verifier.verify(payload) {
             Ok(env) => {
                 self.counters.accepted += 1;

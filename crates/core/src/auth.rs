@@ -310,6 +310,27 @@ fn split_sealed(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((tag, raw))
 }
 
+/// Whether `bytes` are a message in the layout [`KeyRing::seal`] writes with a key without id
+/// (`{"mac":"<44 chars>","env":{"v":1,"origin":"<origin>",...`) that names `origin` as its
+/// sender; nothing is verified. A node drops its own messages that the hubs send back, so it
+/// can tell them by this before paying for their check: a message that names the node's
+/// origin is dropped whether it would verify or not. False for any other layout, and for an
+/// origin holding `"`, `\` or a control character (whose JSON text differs from its bytes).
+pub fn sealed_by(bytes: &[u8], origin: &str) -> bool {
+    const HEAD: &[u8] = b"{\"mac\":\"";
+    const MID: &[u8] = b"\",\"env\":{\"v\":1,\"origin\":\"";
+    const TAG: usize = 44;
+    if origin.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        return false;
+    }
+    bytes
+        .strip_prefix(HEAD)
+        .and_then(|rest| rest.get(TAG..))
+        .and_then(|rest| rest.strip_prefix(MID))
+        .and_then(|rest| rest.strip_prefix(origin.as_bytes()))
+        .is_some_and(|rest| rest.starts_with(b"\""))
+}
+
 /// Decodes and authenticates one wire message without replay checking: size limit, wire
 /// form, MAC (when `keys` is non-empty), version, envelope structure and [`Limits`]. Never
 /// panics on any input.
@@ -867,5 +888,47 @@ mod tests {
             m[i] = b;
             let _ = open(&m, &KeyRing::default(), &l);
         });
+    }
+
+    #[test]
+    fn sealed_by_names_the_sender_of_the_keyless_id_layout_only() {
+        let l = Limits::default();
+        let keyed = KeyRing::from_secrets(["s"]);
+        let bytes = keyed.seal(&env(1), &l).unwrap();
+        assert!(sealed_by(&bytes, "pbx-a"));
+        for other in ["pbx-b", "pbx-", "pbx-ab", "", "pbx-a\"", "pbx-a\\"] {
+            assert!(!sealed_by(&bytes, other), "{other}");
+        }
+        // Other layouts: a key id, unsigned.
+        assert!(!sealed_by(&ring().seal(&env(1), &l).unwrap(), "pbx-a"));
+        assert!(!sealed_by(
+            &KeyRing::default().seal(&env(1), &l).unwrap(),
+            "pbx-a"
+        ));
+        // A name whose JSON text is escaped is never told by its bytes.
+        let mut quoted = env(1);
+        quoted.origin = "a\\b".into();
+        assert!(!sealed_by(&keyed.seal(&quoted, &l).unwrap(), "a\\b"));
+    }
+
+    proptest::proptest! {
+        /// Of a sealed message that opens, `sealed_by` says exactly whether its envelope names
+        /// the origin asked (printable ASCII names, any of them a prefix of another).
+        #[test]
+        fn sealed_by_agrees_with_the_opened_origin(
+            sender in "[ -~]{1,12}",
+            asked in "[ -~]{0,12}",
+            prefix in proptest::bool::ANY,
+        ) {
+            let l = Limits::default();
+            let keyed = KeyRing::from_secrets(["s"]);
+            let mut e = env(1);
+            e.origin = sender.clone();
+            let asked = if prefix { format!("{sender}{asked}") } else { asked };
+            let bytes = keyed.seal(&e, &l).unwrap();
+            let opened = open(&bytes, &keyed, &l).expect("opens");
+            let plain = !asked.contains(['"', '\\']);
+            proptest::prop_assert_eq!(sealed_by(&bytes, &asked), plain && opened.origin == asked);
+        }
     }
 }
