@@ -18,7 +18,7 @@
 //! - or when a hub's snapshot summary says it is up at a position newer than the down mark
 //!   (the hub saw that full sync end; we missed it, e.g. while disconnected).
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -83,7 +83,10 @@ pub struct Observed {
 /// The liveness registry of every known origin.
 #[derive(Clone, Debug)]
 pub struct Origins {
-    map: BTreeMap<String, OriginInfo>,
+    /// Hashed (foldhash, seeded per process) rather than ordered: every stream message looks
+    /// its origin up, and a hash lookup compares one name where a B-tree node's linear search
+    /// compares several. What lists origins lists them in name order.
+    map: HashMap<String, OriginInfo, foldhash::fast::RandomState>,
     /// How many entries of `map` are down: while none is, [`Origins::is_down`] (asked for
     /// every origin of every device update merged) answers without a lookup.
     downs: usize,
@@ -104,7 +107,7 @@ impl Origins {
     /// A registry declaring origins silent after `timeout_ms`.
     pub fn new(timeout_ms: u64) -> Self {
         Origins {
-            map: BTreeMap::new(),
+            map: HashMap::default(),
             downs: 0,
             timeout_ms,
         }
@@ -115,9 +118,11 @@ impl Origins {
         self.map.get(origin)
     }
 
-    /// Every known origin.
+    /// Every known origin, in name order.
     pub fn iter(&self) -> impl Iterator<Item = (&String, &OriginInfo)> {
-        self.map.iter()
+        let mut all: Vec<_> = self.map.iter().collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        all.into_iter()
     }
 
     /// Whether `origin` is known and down.
@@ -273,7 +278,7 @@ impl Origins {
     }
 
     /// Marks origins silent past the timeout as down; returns them with their last
-    /// `(epoch, seq)`.
+    /// `(epoch, seq)`, in name order.
     pub fn expire(&mut self, now: Millis) -> Vec<(String, Epoch, u64)> {
         let mut out = Vec::new();
         for (name, info) in &mut self.map {
@@ -288,13 +293,13 @@ impl Origins {
                 out.push((name.clone(), info.epoch, info.last_seq));
             }
         }
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         out
     }
 
-    /// Summaries of every origin (for a snapshot).
+    /// Summaries of every origin (for a snapshot), in name order.
     pub fn summaries(&self) -> Vec<OriginSummary> {
-        self.map
-            .iter()
+        self.iter()
             .map(|(o, i)| OriginSummary {
                 origin: o.clone(),
                 epoch: i.epoch,
@@ -571,5 +576,22 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn origins_are_listed_in_name_order() {
+        let mut o = Origins::new(1000);
+        let names = ["pbx-b", "pbx-a", "hub-1", "pbx-c", "a"];
+        for n in names {
+            o.observe(n, Epoch(1), 1, false, Millis(0));
+        }
+        let mut sorted = names.to_vec();
+        sorted.sort_unstable();
+        let listed: Vec<&str> = o.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(listed, sorted);
+        let summarised: Vec<String> = o.summaries().into_iter().map(|s| s.origin).collect();
+        assert_eq!(summarised, sorted);
+        let expired: Vec<String> = o.expire(Millis(5000)).into_iter().map(|e| e.0).collect();
+        assert_eq!(expired, sorted);
     }
 }
