@@ -23,7 +23,7 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use sha2::Sha256;
 
-use crate::envelope::{Envelope, Limits, WIRE_VERSION, decode_device_update};
+use crate::envelope::{Envelope, Limits, WIRE_VERSION, decode_device_update, encode_device_update};
 use crate::time::Epoch;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -132,7 +132,11 @@ impl KeyRing {
     /// Encodes `env` in the wire form, signed with the first key (unsigned if the ring is
     /// empty), and checks the result against `limits.max_message_bytes`.
     pub fn seal(&self, env: &Envelope, limits: &Limits) -> Result<Vec<u8>, EncodeError> {
-        let inner = serde_json::to_vec(env).map_err(|e| EncodeError::Json(e.to_string()))?;
+        // A device update (what an agent seals for every change) without serde: same bytes.
+        let mut inner = Vec::with_capacity(256);
+        if !encode_device_update(env, &mut inner) {
+            inner = serde_json::to_vec(env).map_err(|e| EncodeError::Json(e.to_string()))?;
+        }
         let mut out = Vec::with_capacity(inner.len() + 80);
         out.push(b'{');
         if let Some(key) = self.keys.first() {

@@ -435,6 +435,58 @@ pub(crate) fn decode_device_update(raw: &[u8]) -> Option<Envelope> {
     })
 }
 
+/// Writes a device update in the layout [`decode_device_update`] reads, the bytes
+/// `serde_json::to_vec` writes for it, without serde (what an agent seals for every change
+/// of its Asterisk); false, writing nothing, for any other envelope and for an origin or key
+/// that JSON escapes (`"`, `\`, control characters), left to serde.
+pub(crate) fn encode_device_update(env: &Envelope, out: &mut Vec<u8>) -> bool {
+    let Body::Update(Update {
+        key,
+        value: Value::Device(state),
+        ts,
+    }) = &env.body
+    else {
+        return false;
+    };
+    let plain = |s: &str| !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20);
+    if !(plain(&env.origin) && plain(key)) {
+        return false;
+    }
+    out.extend_from_slice(br#"{"v":"#);
+    push_number(out, u64::from(env.v));
+    out.extend_from_slice(br#","origin":""#);
+    out.extend_from_slice(env.origin.as_bytes());
+    out.extend_from_slice(br#"","epoch":"#);
+    push_number(out, env.epoch.0);
+    out.extend_from_slice(br#","seq":"#);
+    push_number(out, env.seq);
+    out.extend_from_slice(br#","body":{"type":"update","key":""#);
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(br#"","value":{"device":""#);
+    out.extend_from_slice(state.as_str().as_bytes());
+    out.extend_from_slice(br#""},"ts":{"wall":"#);
+    push_number(out, ts.wall);
+    out.extend_from_slice(br#","counter":"#);
+    push_number(out, u64::from(ts.counter));
+    out.extend_from_slice(b"}}}");
+    true
+}
+
+/// Appends `n` in decimal.
+fn push_number(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
 /// The device state spelled exactly `s` (the case `seal` writes), told apart by length and
 /// first byte and then compared once: a search of [`DeviceState::ALL`] compared up to three
 /// names per message.
@@ -821,6 +873,9 @@ mod tests {
                     }),
                 );
                 let bytes = serde_json::to_vec(&e).unwrap();
+                let mut fast = Vec::new();
+                assert!(encode_device_update(&e, &mut fast));
+                assert_eq!(fast, bytes);
                 assert_eq!(decode_device_update(&bytes), Some(e), "{bytes:?}");
                 sealed.push(bytes);
             }
@@ -908,6 +963,46 @@ mod tests {
                 "U+{:04X}",
                 c as u32
             );
+        }
+    }
+    proptest::proptest! {
+        /// The device update encoder writes serde's bytes, or leaves the envelope to serde
+        /// (writing nothing) exactly when a name needs escaping or the body is another.
+        #[test]
+        fn device_updates_are_encoded_as_serde_encodes_them(
+            origin in "\\PC{0,8}|[\"\\\\a\t\u{1}\u{7f}é]{0,4}",
+            key in "\\PC{0,12}|[\"\\\\k\n\u{1f}]{0,4}",
+            numbers in (proptest::num::u64::ANY, proptest::num::u64::ANY, proptest::num::u64::ANY, proptest::num::u32::ANY),
+            state in 0usize..DeviceState::ALL.len(),
+            v in proptest::num::u32::ANY,
+            presence in proptest::bool::ANY,
+        ) {
+            let (epoch, seq, wall, counter) = numbers;
+            let value = if presence {
+                Value::Presence(Presence::new(PresenceStatus::Away, "", ""))
+            } else {
+                Value::Device(DeviceState::ALL[state])
+            };
+            let mut e = Envelope::new(
+                origin.clone(),
+                Epoch(epoch),
+                seq,
+                Body::Update(Update {
+                    key: key.clone(),
+                    value,
+                    ts: HlcTimestamp { wall, counter },
+                }),
+            );
+            e.v = v;
+            let mut fast = Vec::new();
+            let escaped = |s: &str| s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20);
+            let wrote = encode_device_update(&e, &mut fast);
+            proptest::prop_assert_eq!(wrote, !presence && !escaped(&origin) && !escaped(&key));
+            if wrote {
+                proptest::prop_assert_eq!(fast, serde_json::to_vec(&e).unwrap());
+            } else {
+                proptest::prop_assert!(fast.is_empty());
+            }
         }
     }
 }
