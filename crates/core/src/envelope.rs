@@ -402,7 +402,40 @@ pub struct Envelope {
 /// derived decoding reads to the same envelope, so accepting it here changes nothing; any
 /// other message (another body, field order, spacing, escapes, a number out of range) gives
 /// `None` and is left to serde, which accepts or rejects it as before.
-pub(crate) fn decode_device_update(raw: &[u8]) -> Option<Envelope> {
+///
+/// Read into `env`, reusing the room of its origin and (when it holds an update) key: no
+/// allocation per message once they are long enough. False, leaving `env` as it was, for
+/// any other message.
+pub(crate) fn decode_device_update_into(raw: &[u8], env: &mut Envelope) -> bool {
+    let Some((origin, epoch, seq, key, state, ts)) = parse_device_update(raw) else {
+        return false;
+    };
+    env.v = WIRE_VERSION;
+    env.origin.clear();
+    env.origin.push_str(origin);
+    env.epoch = Epoch(epoch);
+    env.seq = seq;
+    let value = Value::Device(state);
+    match &mut env.body {
+        Body::Update(u) => {
+            u.key.clear();
+            u.key.push_str(key);
+            u.value = value;
+            u.ts = ts;
+        }
+        body => {
+            *body = Body::Update(Update {
+                key: key.to_owned(),
+                value,
+                ts,
+            })
+        }
+    }
+    true
+}
+
+/// The fields of a device update in the layout of [`decode_device_update_into`].
+fn parse_device_update(raw: &[u8]) -> Option<(&str, u64, u64, &str, DeviceState, HlcTimestamp)> {
     let mut c = Canonical(raw);
     c.lit(br#"{"v":1,"origin":""#)?;
     let origin = c.text()?;
@@ -422,20 +455,17 @@ pub(crate) fn decode_device_update(raw: &[u8]) -> Option<Envelope> {
     if !c.0.is_empty() {
         return None;
     }
-    Some(Envelope {
-        v: WIRE_VERSION,
-        origin: origin.to_owned(),
-        epoch: Epoch(epoch),
+    Some((
+        origin,
+        epoch,
         seq,
-        body: Body::Update(Update {
-            key: key.to_owned(),
-            value: Value::Device(state),
-            ts: HlcTimestamp { wall, counter },
-        }),
-    })
+        key,
+        state,
+        HlcTimestamp { wall, counter },
+    ))
 }
 
-/// Writes a device update in the layout [`decode_device_update`] reads, the bytes
+/// Writes a device update in the layout [`decode_device_update_into`] reads, the bytes
 /// `serde_json::to_vec` writes for it, without serde (what an agent seals for every change
 /// of its Asterisk); false, writing nothing, for any other envelope and for an origin or key
 /// that JSON escapes (`"`, `\`, control characters), left to serde.
@@ -506,7 +536,7 @@ fn exact_device_state(s: &[u8]) -> Option<DeviceState> {
     (state.as_str().as_bytes() == s).then_some(state)
 }
 
-/// The unread rest of a message, for [`decode_device_update`].
+/// The unread rest of a message, for [`decode_device_update_into`].
 struct Canonical<'a>(&'a [u8]);
 
 impl<'a> Canonical<'a> {
@@ -675,6 +705,12 @@ impl Envelope {
 mod tests {
     use super::*;
     use crate::state::{DeviceState, Presence, PresenceStatus};
+
+    /// [`decode_device_update_into`] into a new envelope.
+    fn decode_device_update(raw: &[u8]) -> Option<Envelope> {
+        let mut env = Envelope::new(String::new(), Epoch(0), 0, Body::FullSyncBegin);
+        decode_device_update_into(raw, &mut env).then_some(env)
+    }
 
     fn upd(key: &str) -> Envelope {
         Envelope::new(
