@@ -64,8 +64,8 @@ use hintfed_asterisk::event::{extension_status_to_device_state, hint_devices};
 use hintfed_asterisk::pbx::SetvarDone;
 use hintfed_asterisk::{Pbx, PbxError, PbxEvent};
 use hintfed_core::{
-    Action, Body, DeviceState, Envelope, KeyRing, Kind, Limits, LocalEvent, Millis, Node, Presence,
-    Role, Value, Verifier, WriteId, is_custom_device,
+    Action, Body, DeviceState, Envelope, Epoch, KeyRing, Kind, Limits, LocalEvent, Millis, Node,
+    Presence, Role, Value, Verifier, WriteId, is_custom_device,
 };
 use hintfed_daemon::http::{
     BoxFuture, OriginView, Readiness, StateView, StatusEvent, StatusEvents, StatusSource,
@@ -183,6 +183,9 @@ pub struct RelayCounters {
     pub rejects: BTreeMap<String, u64>,
     /// Inbound messages accepted.
     pub accepted: u64,
+    /// Inbound messages naming this node's origin, dropped unchecked (its own, sent back by
+    /// the hubs; see [`hintfed_core::sealed_by`]).
+    pub own_dropped: u64,
     /// Stream updates published.
     pub published: u64,
     /// Publishes no hub took.
@@ -444,6 +447,11 @@ fn wall_now() -> Millis {
     )
 }
 
+/// An envelope to read messages into (nothing allocated).
+fn empty_envelope() -> Envelope {
+    Envelope::new(String::new(), Epoch(0), 0, Body::FullSyncBegin)
+}
+
 /// The wall clock as the node's [`Millis`] (Unix ms); also a fine first [`hintfed_core::Epoch`].
 pub fn now_millis() -> Millis {
     wall_now()
@@ -487,6 +495,8 @@ pub struct Relay<T: FederationTransport> {
     link_ups_reported: bool,
     keys: KeyRing,
     verifier: Verifier,
+    /// The envelope inbound messages are read into, kept between them (its strings' room).
+    inbound: Envelope,
     filter: DeviceFilter,
     cfg: RelayConfig,
     hooks: RelayHooks,
@@ -542,6 +552,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Ok(Relay {
             verifier: Verifier::new(keys.clone(), cfg.limits.clone()),
+            inbound: empty_envelope(),
             node,
             pbx,
             pbx_events,
@@ -765,8 +776,20 @@ impl<T: FederationTransport + 'static> Relay<T> {
         let Some(payload) = msg.frames.last() else {
             return;
         };
-        match self.verifier.verify(payload) {
-            Ok(env) => {
+        // Our own messages, which the hubs send back to every subscriber: the node ignores
+        // them ([`Node::on_remote`]), so they are dropped before their check (a tenth of
+        // what an agent of ten receives). One that names us but would not verify is dropped
+        // the same way.
+        if hintfed_core::sealed_by(payload, self.node.origin()) {
+            self.counters.own_dropped += 1;
+            self.dirty = true;
+            return;
+        }
+        // Read into the envelope kept from the last message: no allocation for its origin
+        // and key.
+        let mut env = std::mem::replace(&mut self.inbound, empty_envelope());
+        match self.verifier.verify_into(payload, &mut env) {
+            Ok(()) => {
                 self.counters.accepted += 1;
                 if env.origin != self.node.origin() {
                     if let (Body::Update(u), Some(c)) = (&env.body, &self.handles) {
@@ -800,20 +823,33 @@ impl<T: FederationTransport + 'static> Relay<T> {
                 }
                 self.dirty = true;
             }
-            Err(e) => {
-                let reason = e.reason().as_str();
-                *self.counters.rejects.entry(reason.to_owned()).or_insert(0) += 1;
-                if e.reason() == hintfed_core::RejectReason::Duplicate {
-                    // Normal with several hubs (each forwards every message): counted here,
-                    // not as a reject in the metrics, so alerts on rejects stay meaningful.
-                    return;
-                }
-                if let Some(m) = self.metrics() {
-                    m.reject(reason);
-                }
-                debug!(hub = msg.hub, error = %e, "inbound message rejected");
+            Err(e) => self.on_rejected(msg.hub, &e),
+        }
+        // Kept for the next message when it holds an update (not a snapshot chunk's entries).
+        if matches!(env.body, Body::Update(_)) {
+            self.inbound = env;
+        }
+    }
+
+    fn on_rejected(&mut self, hub: usize, e: &hintfed_core::Reject) {
+        let reason = e.reason().as_str();
+        // Looked up by `&str` first: no copy of the label per duplicate (one per message
+        // with two hubs).
+        match self.counters.rejects.get_mut(reason) {
+            Some(n) => *n += 1,
+            None => {
+                self.counters.rejects.insert(reason.to_owned(), 1);
             }
         }
+        if e.reason() == hintfed_core::RejectReason::Duplicate {
+            // Normal with several hubs (each forwards every message): counted here,
+            // not as a reject in the metrics, so alerts on rejects stay meaningful.
+            return;
+        }
+        if let Some(m) = self.metrics() {
+            m.reject(reason);
+        }
+        debug!(hub, error = %e, "inbound message rejected");
     }
 
     fn on_done(&mut self, done: Done) {

@@ -439,6 +439,56 @@ async fn forged_and_unsigned_messages_are_rejected() {
     stop([a, evil]).await;
 }
 
+/// What the bus sends back of a member's own messages is dropped before its check: counted
+/// apart, neither accepted nor rejected, and a message naming the member but signed with
+/// another key goes the same way; another origin's message still has its check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn own_messages_sent_back_are_dropped_unchecked() {
+    let bus = Bus::default();
+    let a = member(&bus, "pbx-a", "k", 3_000).await;
+    synced(&a).await;
+    let h = a.handle.clone();
+    eventually("own messages back", || {
+        h.status().counters().own_dropped >= 1
+    })
+    .await;
+    let forged = |origin: &str| {
+        let env = Envelope::new(
+            origin,
+            Epoch(1),
+            1,
+            Body::Update(Update {
+                key: "PJSIP/300".into(),
+                value: Value::Device(hintfed_core::DeviceState::Busy),
+                ts: HlcTimestamp {
+                    wall: 1,
+                    counter: 0,
+                },
+            }),
+        );
+        let bytes = KeyRing::from_secrets(["wrong"])
+            .seal(&env, &Limits::default())
+            .expect("seal");
+        Incoming {
+            hub: 0,
+            channel: Channel::Fanout,
+            frames: vec![Bytes::from_static(b"device"), Bytes::from(bytes)],
+        }
+    };
+    let own = h.status().counters().own_dropped;
+    a.inject.send(forged("pbx-a")).await.expect("inject");
+    a.inject.send(forged("pbx-x")).await.expect("inject");
+    eventually("the forgery naming another origin rejected", || {
+        h.status().counters().rejects.get("bad_mac").copied() == Some(1)
+    })
+    .await;
+    let c = h.status().counters();
+    assert!(c.own_dropped > own, "{c:?}");
+    assert_eq!(c.accepted, 0, "a member alone hears only itself: {c:?}");
+    assert_eq!(c.rejects.len(), 1, "{c:?}");
+    stop([a]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lost_origin_goes_down_state_and_comes_back() {
     let bus = Bus::default();

@@ -23,7 +23,9 @@ use serde::Deserialize;
 use serde_json::value::RawValue;
 use sha2::Sha256;
 
-use crate::envelope::{Envelope, Limits, WIRE_VERSION, decode_device_update};
+use crate::envelope::{
+    Body, Envelope, Limits, WIRE_VERSION, decode_device_update_into, encode_device_update,
+};
 use crate::time::Epoch;
 
 type HmacSha256 = Hmac<Sha256>;
@@ -132,7 +134,11 @@ impl KeyRing {
     /// Encodes `env` in the wire form, signed with the first key (unsigned if the ring is
     /// empty), and checks the result against `limits.max_message_bytes`.
     pub fn seal(&self, env: &Envelope, limits: &Limits) -> Result<Vec<u8>, EncodeError> {
-        let inner = serde_json::to_vec(env).map_err(|e| EncodeError::Json(e.to_string()))?;
+        // A device update (what an agent seals for every change) without serde: same bytes.
+        let mut inner = Vec::with_capacity(256);
+        if !encode_device_update(env, &mut inner) {
+            inner = serde_json::to_vec(env).map_err(|e| EncodeError::Json(e.to_string()))?;
+        }
         let mut out = Vec::with_capacity(inner.len() + 80);
         out.push(b'{');
         if let Some(key) = self.keys.first() {
@@ -310,10 +316,49 @@ fn split_sealed(bytes: &[u8]) -> Option<(&[u8], &[u8])> {
     Some((tag, raw))
 }
 
+/// Whether `bytes` are a message in the layout [`KeyRing::seal`] writes with a key without id
+/// (`{"mac":"<44 chars>","env":{"v":1,"origin":"<origin>",...`) that names `origin` as its
+/// sender; nothing is verified. A node drops its own messages that the hubs send back, so it
+/// can tell them by this before paying for their check: a message that names the node's
+/// origin is dropped whether it would verify or not. False for any other layout, and for an
+/// origin holding `"`, `\` or a control character (whose JSON text differs from its bytes).
+pub fn sealed_by(bytes: &[u8], origin: &str) -> bool {
+    const HEAD: &[u8] = b"{\"mac\":\"";
+    const MID: &[u8] = b"\",\"env\":{\"v\":1,\"origin\":\"";
+    const TAG: usize = 44;
+    if origin.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20) {
+        return false;
+    }
+    bytes
+        .strip_prefix(HEAD)
+        .and_then(|rest| rest.get(TAG..))
+        .and_then(|rest| rest.strip_prefix(MID))
+        .and_then(|rest| rest.strip_prefix(origin.as_bytes()))
+        .is_some_and(|rest| rest.starts_with(b"\""))
+}
+
 /// Decodes and authenticates one wire message without replay checking: size limit, wire
 /// form, MAC (when `keys` is non-empty), version, envelope structure and [`Limits`]. Never
 /// panics on any input.
 pub fn open(bytes: &[u8], keys: &KeyRing, limits: &Limits) -> Result<Envelope, Reject> {
+    let mut env = empty_envelope();
+    open_into(bytes, keys, limits, &mut env).map(|()| env)
+}
+
+/// An envelope to decode into (nothing allocated).
+fn empty_envelope() -> Envelope {
+    Envelope::new(String::new(), Epoch(0), 0, Body::FullSyncBegin)
+}
+
+/// [`open`] into `env`: a device update reuses the room of the origin and key `env` holds
+/// (no allocation per message for a caller that keeps one envelope). On an error `env` holds
+/// any envelope.
+pub fn open_into(
+    bytes: &[u8],
+    keys: &KeyRing,
+    limits: &Limits,
+    env: &mut Envelope,
+) -> Result<(), Reject> {
     if bytes.len() > limits.max_message_bytes {
         return Err(Reject::TooLarge {
             len: bytes.len(),
@@ -325,9 +370,9 @@ pub fn open(bytes: &[u8], keys: &KeyRing, limits: &Limits) -> Result<Envelope, R
     // a message is valid JSON exactly when its `env` object is, which decoding checks. Any
     // failure there takes the general path, so both accept exactly the same messages.
     if let Some((mac, raw)) = split_sealed(bytes)
-        && let Ok(env) = open_parts(None, Some(mac), raw, keys, limits)
+        && open_parts(None, Some(mac), raw, keys, limits, env).is_ok()
     {
-        return Ok(env);
+        return Ok(());
     }
     let wire: WireIn<'_> =
         serde_json::from_slice(bytes).map_err(|e| Reject::Malformed(e.to_string()))?;
@@ -337,17 +382,19 @@ pub fn open(bytes: &[u8], keys: &KeyRing, limits: &Limits) -> Result<Envelope, R
         wire.env.get().as_bytes(),
         keys,
         limits,
+        env,
     )
 }
 
-/// MAC check, version and envelope decoding of the `env` bytes of a message.
+/// MAC check, version and envelope decoding of the `env` bytes of a message, into `env`.
 fn open_parts(
     kid: Option<&str>,
     mac: Option<&[u8]>,
     raw: &[u8],
     keys: &KeyRing,
     limits: &Limits,
-) -> Result<Envelope, Reject> {
+    env: &mut Envelope,
+) -> Result<(), Reject> {
     if !keys.is_empty() {
         let Some(mac) = mac else {
             return Err(Reject::Unsigned);
@@ -358,28 +405,26 @@ fn open_parts(
     }
     // Decode first; only a failure needs the version alone (a newer version may have another
     // structure: report it as such rather than as malformed). A device update as `seal`
-    // writes it is read without serde (same result, see `decode_device_update`).
-    let decoded = match decode_device_update(raw) {
-        Some(env) => Ok(env),
-        None => serde_json::from_slice(raw),
-    };
-    let env: Envelope = match decoded {
-        Ok(env) => env,
-        Err(e) => {
-            return match serde_json::from_slice::<VersionOnly>(raw) {
-                Ok(version) if version.v != u64::from(WIRE_VERSION) => {
-                    Err(Reject::WrongVersion(version.v))
-                }
-                _ => Err(Reject::Malformed(e.to_string())),
-            };
+    // writes it is read without serde (same result, see `decode_device_update_into`).
+    if !decode_device_update_into(raw, env) {
+        match serde_json::from_slice(raw) {
+            Ok(decoded) => *env = decoded,
+            Err(e) => {
+                return match serde_json::from_slice::<VersionOnly>(raw) {
+                    Ok(version) if version.v != u64::from(WIRE_VERSION) => {
+                        Err(Reject::WrongVersion(version.v))
+                    }
+                    _ => Err(Reject::Malformed(e.to_string())),
+                };
+            }
         }
-    };
+    }
     if env.v != WIRE_VERSION {
         return Err(Reject::WrongVersion(u64::from(env.v)));
     }
     env.validate(limits)
         .map_err(|e| Reject::Malformed(e.to_string()))?;
-    Ok(env)
+    Ok(())
 }
 
 /// Replay protection for stream envelopes: per origin, the current epoch and a sliding window
@@ -547,9 +592,15 @@ impl Verifier {
     /// Verifies one message. Stream envelopes are replay-checked after the MAC succeeded
     /// (forgeries never touch the replay state).
     pub fn verify(&mut self, bytes: &[u8]) -> Result<Envelope, Reject> {
-        let mut res = open(bytes, &self.keys, &self.limits);
-        // Checked in place (the envelope is not moved through a closure).
-        if let Ok(env) = &res
+        let mut env = empty_envelope();
+        self.verify_into(bytes, &mut env).map(|()| env)
+    }
+
+    /// [`Verifier::verify`] into `env`, reusing its room ([`open_into`]): a receiver that keeps
+    /// one envelope allocates nothing per device update. On an error `env` holds any envelope.
+    pub fn verify_into(&mut self, bytes: &[u8], env: &mut Envelope) -> Result<(), Reject> {
+        let mut res = open_into(bytes, &self.keys, &self.limits, env);
+        if res.is_ok()
             && env.is_stream()
             && let Err(e) = self.guard.check(&env.origin, env.epoch, env.seq)
         {
@@ -866,6 +917,112 @@ mod tests {
             let i = i % m.len();
             m[i] = b;
             let _ = open(&m, &KeyRing::default(), &l);
+        });
+    }
+
+    #[test]
+    fn sealed_by_names_the_sender_of_the_keyless_id_layout_only() {
+        let l = Limits::default();
+        let keyed = KeyRing::from_secrets(["s"]);
+        let bytes = keyed.seal(&env(1), &l).unwrap();
+        assert!(sealed_by(&bytes, "pbx-a"));
+        for other in ["pbx-b", "pbx-", "pbx-ab", "", "pbx-a\"", "pbx-a\\"] {
+            assert!(!sealed_by(&bytes, other), "{other}");
+        }
+        // Other layouts: a key id, unsigned.
+        assert!(!sealed_by(&ring().seal(&env(1), &l).unwrap(), "pbx-a"));
+        assert!(!sealed_by(
+            &KeyRing::default().seal(&env(1), &l).unwrap(),
+            "pbx-a"
+        ));
+        // A name whose JSON text is escaped is never told by its bytes.
+        let mut quoted = env(1);
+        quoted.origin = "a\\b".into();
+        assert!(!sealed_by(&keyed.seal(&quoted, &l).unwrap(), "a\\b"));
+    }
+
+    proptest::proptest! {
+        /// Of a sealed message that opens, `sealed_by` says exactly whether its envelope names
+        /// the origin asked (printable ASCII names, any of them a prefix of another).
+        #[test]
+        fn sealed_by_agrees_with_the_opened_origin(
+            sender in "[ -~]{1,12}",
+            asked in "[ -~]{0,12}",
+            prefix in proptest::bool::ANY,
+        ) {
+            let l = Limits::default();
+            let keyed = KeyRing::from_secrets(["s"]);
+            let mut e = env(1);
+            e.origin = sender.clone();
+            let asked = if prefix { format!("{sender}{asked}") } else { asked };
+            let bytes = keyed.seal(&e, &l).unwrap();
+            let opened = open(&bytes, &keyed, &l).expect("opens");
+            let plain = !asked.contains(['"', '\\']);
+            proptest::prop_assert_eq!(sealed_by(&bytes, &asked), plain && opened.origin == asked);
+        }
+    }
+
+    #[test]
+    fn verify_into_a_reused_envelope_is_verify() {
+        use crate::state::{DeviceState, Value};
+        use proptest::prelude::*;
+        let l = Limits::default();
+        let keyed = KeyRing::from_secrets(["s"]);
+        let update = |origin: &str, seq, key: &str, state| {
+            Envelope::new(
+                origin,
+                Epoch(3),
+                seq,
+                Body::Update(Update {
+                    key: key.into(),
+                    value: Value::Device(state),
+                    ts: HlcTimestamp {
+                        wall: seq,
+                        counter: 0,
+                    },
+                }),
+            )
+        };
+        let mut pool: Vec<Vec<u8>> = Vec::new();
+        for seq in 1..6 {
+            let long = "a-much-longer-origin-name-than-the-others";
+            for (o, k) in [
+                ("pbx-a", "PJSIP/1"),
+                (long, "PJSIP/a-long-device-name-0123456789"),
+                ("b", "k"),
+            ] {
+                pool.push(
+                    keyed
+                        .seal(&update(o, seq, k, DeviceState::Busy), &l)
+                        .unwrap(),
+                );
+            }
+            let beat = Envelope::new(
+                "pbx-a",
+                Epoch(3),
+                10 + seq,
+                Body::Heartbeat { local_down: false },
+            );
+            pool.push(keyed.seal(&beat, &l).unwrap());
+        }
+        // Rejected ones: a forgery, garbage, an unsigned message.
+        pool.push(
+            ring()
+                .seal(&update("pbx-a", 30, "k", DeviceState::NotInuse), &l)
+                .unwrap(),
+        );
+        pool.push(b"not json".to_vec());
+        pool.push(KeyRing::default().seal(&env(31), &l).unwrap());
+        proptest!(ProptestConfig::with_cases(200), |(picks in proptest::collection::vec(0usize..pool.len(), 1..40))| {
+            let mut fresh = Verifier::new(keyed.clone(), l.clone());
+            let mut reusing = Verifier::new(keyed.clone(), l.clone());
+            let mut env = Envelope::new(String::new(), Epoch(0), 0, Body::FullSyncBegin);
+            for p in picks {
+                let want = fresh.verify(&pool[p]);
+                let got = reusing.verify_into(&pool[p], &mut env).map(|()| env.clone());
+                prop_assert_eq!(got, want);
+            }
+            prop_assert_eq!(reusing.stats(), fresh.stats());
         });
     }
 }

@@ -402,7 +402,40 @@ pub struct Envelope {
 /// derived decoding reads to the same envelope, so accepting it here changes nothing; any
 /// other message (another body, field order, spacing, escapes, a number out of range) gives
 /// `None` and is left to serde, which accepts or rejects it as before.
-pub(crate) fn decode_device_update(raw: &[u8]) -> Option<Envelope> {
+///
+/// Read into `env`, reusing the room of its origin and (when it holds an update) key: no
+/// allocation per message once they are long enough. False, leaving `env` as it was, for
+/// any other message.
+pub(crate) fn decode_device_update_into(raw: &[u8], env: &mut Envelope) -> bool {
+    let Some((origin, epoch, seq, key, state, ts)) = parse_device_update(raw) else {
+        return false;
+    };
+    env.v = WIRE_VERSION;
+    env.origin.clear();
+    env.origin.push_str(origin);
+    env.epoch = Epoch(epoch);
+    env.seq = seq;
+    let value = Value::Device(state);
+    match &mut env.body {
+        Body::Update(u) => {
+            u.key.clear();
+            u.key.push_str(key);
+            u.value = value;
+            u.ts = ts;
+        }
+        body => {
+            *body = Body::Update(Update {
+                key: key.to_owned(),
+                value,
+                ts,
+            })
+        }
+    }
+    true
+}
+
+/// The fields of a device update in the layout of [`decode_device_update_into`].
+fn parse_device_update(raw: &[u8]) -> Option<(&str, u64, u64, &str, DeviceState, HlcTimestamp)> {
     let mut c = Canonical(raw);
     c.lit(br#"{"v":1,"origin":""#)?;
     let origin = c.text()?;
@@ -422,17 +455,66 @@ pub(crate) fn decode_device_update(raw: &[u8]) -> Option<Envelope> {
     if !c.0.is_empty() {
         return None;
     }
-    Some(Envelope {
-        v: WIRE_VERSION,
-        origin: origin.to_owned(),
-        epoch: Epoch(epoch),
+    Some((
+        origin,
+        epoch,
         seq,
-        body: Body::Update(Update {
-            key: key.to_owned(),
-            value: Value::Device(state),
-            ts: HlcTimestamp { wall, counter },
-        }),
-    })
+        key,
+        state,
+        HlcTimestamp { wall, counter },
+    ))
+}
+
+/// Writes a device update in the layout [`decode_device_update_into`] reads, the bytes
+/// `serde_json::to_vec` writes for it, without serde (what an agent seals for every change
+/// of its Asterisk); false, writing nothing, for any other envelope and for an origin or key
+/// that JSON escapes (`"`, `\`, control characters), left to serde.
+pub(crate) fn encode_device_update(env: &Envelope, out: &mut Vec<u8>) -> bool {
+    let Body::Update(Update {
+        key,
+        value: Value::Device(state),
+        ts,
+    }) = &env.body
+    else {
+        return false;
+    };
+    let plain = |s: &str| !s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20);
+    if !(plain(&env.origin) && plain(key)) {
+        return false;
+    }
+    out.extend_from_slice(br#"{"v":"#);
+    push_number(out, u64::from(env.v));
+    out.extend_from_slice(br#","origin":""#);
+    out.extend_from_slice(env.origin.as_bytes());
+    out.extend_from_slice(br#"","epoch":"#);
+    push_number(out, env.epoch.0);
+    out.extend_from_slice(br#","seq":"#);
+    push_number(out, env.seq);
+    out.extend_from_slice(br#","body":{"type":"update","key":""#);
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(br#"","value":{"device":""#);
+    out.extend_from_slice(state.as_str().as_bytes());
+    out.extend_from_slice(br#""},"ts":{"wall":"#);
+    push_number(out, ts.wall);
+    out.extend_from_slice(br#","counter":"#);
+    push_number(out, u64::from(ts.counter));
+    out.extend_from_slice(b"}}}");
+    true
+}
+
+/// Appends `n` in decimal.
+fn push_number(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
 }
 
 /// The device state spelled exactly `s` (the case `seal` writes), told apart by length and
@@ -454,7 +536,7 @@ fn exact_device_state(s: &[u8]) -> Option<DeviceState> {
     (state.as_str().as_bytes() == s).then_some(state)
 }
 
-/// The unread rest of a message, for [`decode_device_update`].
+/// The unread rest of a message, for [`decode_device_update_into`].
 struct Canonical<'a>(&'a [u8]);
 
 impl<'a> Canonical<'a> {
@@ -623,6 +705,12 @@ impl Envelope {
 mod tests {
     use super::*;
     use crate::state::{DeviceState, Presence, PresenceStatus};
+
+    /// [`decode_device_update_into`] into a new envelope.
+    fn decode_device_update(raw: &[u8]) -> Option<Envelope> {
+        let mut env = Envelope::new(String::new(), Epoch(0), 0, Body::FullSyncBegin);
+        decode_device_update_into(raw, &mut env).then_some(env)
+    }
 
     fn upd(key: &str) -> Envelope {
         Envelope::new(
@@ -821,6 +909,9 @@ mod tests {
                     }),
                 );
                 let bytes = serde_json::to_vec(&e).unwrap();
+                let mut fast = Vec::new();
+                assert!(encode_device_update(&e, &mut fast));
+                assert_eq!(fast, bytes);
                 assert_eq!(decode_device_update(&bytes), Some(e), "{bytes:?}");
                 sealed.push(bytes);
             }
@@ -908,6 +999,46 @@ mod tests {
                 "U+{:04X}",
                 c as u32
             );
+        }
+    }
+    proptest::proptest! {
+        /// The device update encoder writes serde's bytes, or leaves the envelope to serde
+        /// (writing nothing) exactly when a name needs escaping or the body is another.
+        #[test]
+        fn device_updates_are_encoded_as_serde_encodes_them(
+            origin in "\\PC{0,8}|[\"\\\\a\t\u{1}\u{7f}é]{0,4}",
+            key in "\\PC{0,12}|[\"\\\\k\n\u{1f}]{0,4}",
+            numbers in (proptest::num::u64::ANY, proptest::num::u64::ANY, proptest::num::u64::ANY, proptest::num::u32::ANY),
+            state in 0usize..DeviceState::ALL.len(),
+            v in proptest::num::u32::ANY,
+            presence in proptest::bool::ANY,
+        ) {
+            let (epoch, seq, wall, counter) = numbers;
+            let value = if presence {
+                Value::Presence(Presence::new(PresenceStatus::Away, "", ""))
+            } else {
+                Value::Device(DeviceState::ALL[state])
+            };
+            let mut e = Envelope::new(
+                origin.clone(),
+                Epoch(epoch),
+                seq,
+                Body::Update(Update {
+                    key: key.clone(),
+                    value,
+                    ts: HlcTimestamp { wall, counter },
+                }),
+            );
+            e.v = v;
+            let mut fast = Vec::new();
+            let escaped = |s: &str| s.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20);
+            let wrote = encode_device_update(&e, &mut fast);
+            proptest::prop_assert_eq!(wrote, !presence && !escaped(&origin) && !escaped(&key));
+            if wrote {
+                proptest::prop_assert_eq!(fast, serde_json::to_vec(&e).unwrap());
+            } else {
+                proptest::prop_assert!(fast.is_empty());
+            }
         }
     }
 }

@@ -46,7 +46,7 @@ pub mod table;
 pub mod time;
 
 pub use apply::{ApplyConfig, ApplyQueue, Push, Write, WriteId};
-pub use auth::{Key, KeyRing, Reject, RejectReason, Verifier, open};
+pub use auth::{Key, KeyRing, Reject, RejectReason, Verifier, open, open_into, sealed_by};
 pub use change::ChangeSuppressor;
 pub use envelope::{
     Body, Envelope, Limits, OriginSummary, Role, SnapshotEntry, Update, WIRE_VERSION,

@@ -18,7 +18,7 @@
 //! - or when a hub's snapshot summary says it is up at a position newer than the down mark
 //!   (the hub saw that full sync end; we missed it, e.g. while disconnected).
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use serde::{Deserialize, Serialize};
 
@@ -83,15 +83,32 @@ pub struct Observed {
 /// The liveness registry of every known origin.
 #[derive(Clone, Debug)]
 pub struct Origins {
-    map: BTreeMap<String, OriginInfo>,
+    /// Hashed (foldhash, seeded per process) rather than ordered: every stream message looks
+    /// its origin up, and a hash lookup compares one name where a B-tree node's linear search
+    /// compares several. What lists origins lists them in name order.
+    map: HashMap<String, OriginInfo, foldhash::fast::RandomState>,
+    /// How many entries of `map` are down: while none is, [`Origins::is_down`] (asked for
+    /// every origin of every device update merged) answers without a lookup.
+    downs: usize,
     timeout_ms: u64,
+}
+
+/// Sets `info.down`, keeping [`Origins`]' count of down entries.
+fn set_down(downs: &mut usize, info: &mut OriginInfo, down: Option<Down>) {
+    match (info.down.is_some(), down.is_some()) {
+        (false, true) => *downs += 1,
+        (true, false) => *downs -= 1,
+        _ => {}
+    }
+    info.down = down;
 }
 
 impl Origins {
     /// A registry declaring origins silent after `timeout_ms`.
     pub fn new(timeout_ms: u64) -> Self {
         Origins {
-            map: BTreeMap::new(),
+            map: HashMap::default(),
+            downs: 0,
             timeout_ms,
         }
     }
@@ -101,14 +118,16 @@ impl Origins {
         self.map.get(origin)
     }
 
-    /// Every known origin.
+    /// Every known origin, in name order.
     pub fn iter(&self) -> impl Iterator<Item = (&String, &OriginInfo)> {
-        self.map.iter()
+        let mut all: Vec<_> = self.map.iter().collect();
+        all.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        all.into_iter()
     }
 
     /// Whether `origin` is known and down.
     pub fn is_down(&self, origin: &str) -> bool {
-        self.map.get(origin).is_some_and(|i| i.down.is_some())
+        self.downs > 0 && self.map.get(origin).is_some_and(|i| i.down.is_some())
     }
 
     /// Records a stream message `(epoch, seq)` from `origin` at `now`; `full_sync_end` tells
@@ -120,6 +139,31 @@ impl Origins {
         seq: u64,
         full_sync_end: bool,
         now: Millis,
+    ) -> Observed {
+        self.observe_lagged(origin, epoch, seq, full_sync_end, now, None)
+    }
+
+    /// [`Origins::observe`] of a device update stamped `ts_wall_ms` (the origin's clock),
+    /// recording its lag ([`OriginInfo::lag_ms`]) in the same lookup unless it is stale.
+    pub fn observe_device_update(
+        &mut self,
+        origin: &str,
+        epoch: Epoch,
+        seq: u64,
+        ts_wall_ms: u64,
+        now: Millis,
+    ) -> Observed {
+        self.observe_lagged(origin, epoch, seq, false, now, Some(ts_wall_ms))
+    }
+
+    fn observe_lagged(
+        &mut self,
+        origin: &str,
+        epoch: Epoch,
+        seq: u64,
+        full_sync_end: bool,
+        now: Millis,
+        ts_wall_ms: Option<u64>,
     ) -> Observed {
         let mut out = Observed::default();
         // Looked up by `&str` first: no copy of the name per message of a known origin.
@@ -148,6 +192,9 @@ impl Origins {
         }
         info.last_seq = info.last_seq.max(seq);
         info.last_seen = now;
+        if let Some(wall) = ts_wall_ms {
+            info.lag_ms = Some(now.0.saturating_sub(wall));
+        }
         if let Some(d) = info.down {
             let newer = (epoch, seq) > (d.epoch, d.seq);
             let revive = match d.reason {
@@ -157,19 +204,11 @@ impl Origins {
                 DownReason::SelfAnnounced => newer && full_sync_end,
             };
             if revive {
-                info.down = None;
+                set_down(&mut self.downs, info, None);
                 out.revived = true;
             }
         }
         out
-    }
-
-    /// Records the lag of a device update from `origin` stamped `ts_wall_ms` (its clock) and
-    /// received at `now`.
-    pub fn note_lag(&mut self, origin: &str, ts_wall_ms: u64, now: Millis) {
-        if let Some(info) = self.map.get_mut(origin) {
-            info.lag_ms = Some(now.0.saturating_sub(ts_wall_ms));
-        }
     }
 
     /// Marks `origin` down because it said so (in the message `(epoch, seq)`). Returns
@@ -185,12 +224,13 @@ impl Origins {
         match info.down {
             Some(d) if d.reason == DownReason::SelfAnnounced => false,
             prev => {
-                info.down = Some(Down {
+                let down = Down {
                     reason: DownReason::SelfAnnounced,
                     epoch,
                     seq,
                     since: now,
-                });
+                };
+                set_down(&mut self.downs, info, Some(down));
                 prev.is_none()
             }
         }
@@ -207,7 +247,7 @@ impl Origins {
         };
         match info.down {
             Some(d) if d.reason == DownReason::SelfAnnounced && d.epoch == epoch && seq > d.seq => {
-                info.down = None;
+                set_down(&mut self.downs, info, None);
                 true
             }
             _ => false,
@@ -227,37 +267,39 @@ impl Origins {
         if info.down.is_some() || (info.epoch, info.last_seq) > (epoch, last_seq) {
             return false;
         }
-        info.down = Some(Down {
+        let down = Down {
             reason: DownReason::Notified,
             epoch: info.epoch,
             seq: info.last_seq,
             since: now,
-        });
+        };
+        set_down(&mut self.downs, info, Some(down));
         true
     }
 
     /// Marks origins silent past the timeout as down; returns them with their last
-    /// `(epoch, seq)`.
+    /// `(epoch, seq)`, in name order.
     pub fn expire(&mut self, now: Millis) -> Vec<(String, Epoch, u64)> {
         let mut out = Vec::new();
         for (name, info) in &mut self.map {
             if info.down.is_none() && now.since(info.last_seen) > self.timeout_ms {
-                info.down = Some(Down {
+                let down = Down {
                     reason: DownReason::Silent,
                     epoch: info.epoch,
                     seq: info.last_seq,
                     since: now,
-                });
+                };
+                set_down(&mut self.downs, info, Some(down));
                 out.push((name.clone(), info.epoch, info.last_seq));
             }
         }
+        out.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         out
     }
 
-    /// Summaries of every origin (for a snapshot).
+    /// Summaries of every origin (for a snapshot), in name order.
     pub fn summaries(&self) -> Vec<OriginSummary> {
-        self.map
-            .iter()
+        self.iter()
             .map(|(o, i)| OriginSummary {
                 origin: o.clone(),
                 epoch: i.epoch,
@@ -278,6 +320,7 @@ impl Origins {
             since: now,
         };
         let Some(info) = self.map.get_mut(&s.origin) else {
+            self.downs += usize::from(s.down.is_some());
             self.map.insert(
                 s.origin.clone(),
                 OriginInfo {
@@ -315,10 +358,10 @@ impl Origins {
         }
         info.last_seen = info.last_seen.max(now);
         if revive {
-            info.down = None;
+            set_down(&mut self.downs, info, None);
             changed = true;
         } else if let (Some(r), None) = (s.down, info.down) {
-            info.down = Some(down_mark(r));
+            set_down(&mut self.downs, info, Some(down_mark(r)));
             changed = true;
         }
         changed
@@ -458,5 +501,97 @@ mod tests {
         assert!(!o.is_down("a"));
         assert!(!o.apply_summary(&s, Millis(3)), "older summary ignored");
         assert_eq!(o.summaries().len(), 1);
+    }
+
+    #[test]
+    fn a_device_update_notes_its_lag_unless_stale() {
+        let mut o = Origins::new(1000);
+        assert!(
+            o.observe_device_update("a", Epoch(2), 1, 70, Millis(100))
+                .first
+        );
+        assert_eq!(o.get("a").and_then(|i| i.lag_ms), Some(30));
+        assert!(
+            o.observe_device_update("a", Epoch(1), 9, 99, Millis(100))
+                .stale
+        );
+        assert_eq!(
+            o.get("a").and_then(|i| i.lag_ms),
+            Some(30),
+            "stale: not noted"
+        );
+        o.observe("a", Epoch(2), 2, false, Millis(200));
+        assert_eq!(o.get("a").and_then(|i| i.lag_ms), Some(30), "not an update");
+        // A clock ahead of ours counts as no lag.
+        o.observe_device_update("a", Epoch(2), 3, 500, Millis(300));
+        assert_eq!(o.get("a").and_then(|i| i.lag_ms), Some(0));
+    }
+
+    proptest::proptest! {
+        /// The count of down origins behind `is_down`'s shortcut stays the number of origins
+        /// marked down, whatever the sequence of marks and revivals.
+        #[test]
+        fn the_down_count_follows_the_marks(
+            ops in proptest::collection::vec((0u8..6, 0usize..3, 1u64..4, 0u64..12, proptest::bool::ANY), 0..60)
+        ) {
+            let names = ["a", "b", "c"];
+            let mut o = Origins::new(1000);
+            for (i, (op, who, epoch, seq, flag)) in ops.into_iter().enumerate() {
+                let (who, epoch, now) = (names[who], Epoch(epoch), Millis(i as u64 * 400));
+                match op {
+                    0 => {
+                        o.observe(who, epoch, seq, flag, now);
+                    }
+                    1 => {
+                        o.mark_self_down(who, epoch, seq, now);
+                    }
+                    2 => {
+                        o.heard_up(who, epoch, seq);
+                    }
+                    3 => {
+                        o.notify_down(who, epoch, seq, now);
+                    }
+                    4 => {
+                        o.expire(now);
+                    }
+                    _ => {
+                        let down = flag.then_some(DownReason::Notified);
+                        o.apply_summary(
+                            &OriginSummary {
+                                origin: who.into(),
+                                epoch,
+                                last_seq: seq,
+                                down,
+                                floor: None,
+                            },
+                            now,
+                        );
+                    }
+                }
+                let marked = o.map.values().filter(|i| i.down.is_some()).count();
+                proptest::prop_assert_eq!(o.downs, marked);
+                for n in names {
+                    let down = o.get(n).is_some_and(|i| i.down.is_some());
+                    proptest::prop_assert_eq!(o.is_down(n), down);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn origins_are_listed_in_name_order() {
+        let mut o = Origins::new(1000);
+        let names = ["pbx-b", "pbx-a", "hub-1", "pbx-c", "a"];
+        for n in names {
+            o.observe(n, Epoch(1), 1, false, Millis(0));
+        }
+        let mut sorted = names.to_vec();
+        sorted.sort_unstable();
+        let listed: Vec<&str> = o.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(listed, sorted);
+        let summarised: Vec<String> = o.summaries().into_iter().map(|s| s.origin).collect();
+        assert_eq!(summarised, sorted);
+        let expired: Vec<String> = o.expire(Millis(5000)).into_iter().map(|e| e.0).collect();
+        assert_eq!(expired, sorted);
     }
 }

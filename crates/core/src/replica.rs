@@ -3,7 +3,7 @@
 //! [`crate::hub::Hub`] both ingest stream envelopes through it, so agents, hubs and broker
 //! relays agree on every merge rule.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeSet, HashMap};
 
 use crate::envelope::{Body, Envelope, OriginSummary, SnapshotEntry};
 use crate::liveness::Origins;
@@ -51,7 +51,10 @@ pub struct Replica {
     pub table: Table,
     /// Liveness of every origin.
     pub origins: Origins,
-    seqs: BTreeMap<String, SeqTracker>,
+    /// Hashed (foldhash, seeded per process) rather than ordered: every stream message looks
+    /// its origin up, and a hash lookup compares one name where a B-tree node's linear
+    /// search compares several.
+    seqs: HashMap<String, SeqTracker, foldhash::fast::RandomState>,
 }
 
 impl Replica {
@@ -60,7 +63,7 @@ impl Replica {
         Replica {
             table: Table::new(),
             origins: Origins::new(origin_timeout_ms),
-            seqs: BTreeMap::new(),
+            seqs: HashMap::default(),
         }
     }
 
@@ -98,10 +101,17 @@ impl Replica {
         if status != SeqStatus::New {
             return Ingested::status(status);
         }
-        let is_end = matches!(env.body, Body::FullSyncEnd { .. });
-        let obs = self
-            .origins
-            .observe(origin, env.epoch, env.seq, is_end, now);
+        // A device update's lag is noted in the lookup that observes it.
+        let obs = match &env.body {
+            Body::Update(u) if u.kind() == Kind::Device => self
+                .origins
+                .observe_device_update(origin, env.epoch, env.seq, u.ts.wall, now),
+            body => {
+                let is_end = matches!(body, Body::FullSyncEnd { .. });
+                self.origins
+                    .observe(origin, env.epoch, env.seq, is_end, now)
+            }
+        };
         if obs.stale {
             return Ingested::status(SeqStatus::Stale);
         }
@@ -109,11 +119,6 @@ impl Replica {
         out.first = obs.first;
         if obs.new_epoch || obs.revived {
             out.dirty_origins.push(origin.to_owned());
-        }
-        if let Body::Update(u) = &env.body
-            && u.kind() == Kind::Device
-        {
-            self.origins.note_lag(origin, u.ts.wall, now);
         }
         match &env.body {
             Body::Update(u) => {
@@ -225,12 +230,16 @@ impl Replica {
 
     /// Origins with a gap open since at least `grace_ms`, except those in `ignore`.
     pub fn gaps(&self, now: Millis, grace_ms: u64, ignore: &BTreeSet<String>) -> Vec<String> {
-        self.seqs
+        let mut gaps: Vec<String> = self
+            .seqs
             .iter()
             .filter(|(o, _)| !ignore.contains(*o))
             .filter(|(_, t)| t.gap_since().is_some_and(|s| now.since(s) >= grace_ms))
             .map(|(o, _)| o.clone())
-            .collect()
+            .collect();
+        // In name order, as when the trackers were kept ordered.
+        gaps.sort_unstable();
+        gaps
     }
 
     /// Marks silent origins down; returns them with their last `(epoch, seq)`.
@@ -350,5 +359,21 @@ mod tests {
                 .contains(&"b".to_owned())
         );
         assert!(r.origins.is_down("b"));
+    }
+
+    #[test]
+    fn gaps_are_listed_in_name_order() {
+        let mut r = Replica::new(1000);
+        let names = ["pbx-c", "a", "pbx-a", "hub-1"];
+        for n in names {
+            // Its first message is its third: the two before are a gap.
+            let env = Envelope::new(n, Epoch(1), 3, Body::Heartbeat { local_down: false });
+            r.ingest(&env, false, Millis(0));
+        }
+        let mut sorted: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+        sorted.sort_unstable();
+        assert_eq!(r.gaps(Millis(10), 0, &BTreeSet::new()), sorted);
+        let ignore = BTreeSet::from(["a".to_owned()]);
+        assert_eq!(r.gaps(Millis(10), 0, &ignore), sorted[1..].to_vec());
     }
 }
