@@ -24,6 +24,7 @@ use std::fmt;
 use std::io::BufReader;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::task::Poll;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
@@ -765,6 +766,9 @@ impl tokio_util::codec::Encoder<&Message> for ClientCodec {
 /// Actions buffered at most before one flush writes them out.
 const MAX_BATCH: usize = 64;
 
+/// Frames (answers, events) taken at most in one pass of a session's loop.
+const MAX_FRAMES_AT_ONCE: usize = 256;
+
 /// Why a session ended.
 enum End {
     /// Shut down on request: stop.
@@ -1075,6 +1079,8 @@ impl Connection {
     async fn serve(&mut self, mut conn: Conn) -> End {
         let mut pending: HashMap<String, Pending> = HashMap::new();
         let mut ping: Option<(String, Instant)> = None;
+        // Writes answered `Response: Success`, reported together.
+        let mut succeeded: Vec<u64> = Vec::new();
         let mut ping_tick = tokio::time::interval_at(
             Instant::now() + self.config.ping_interval,
             self.config.ping_interval,
@@ -1091,13 +1097,32 @@ impl Connection {
                     self.logoff(&mut conn).await;
                     break End::Stop;
                 }
-                frame = conn.next() => match frame {
-                    None => break End::Lost("closed by the server".to_owned()),
-                    Some(Err(e)) => break End::Lost(e.to_string()),
-                    Some(Ok(Incoming::Frame(Frame::Banner(_)))) => break End::Lost("unexpected banner".to_owned()),
-                    Some(Ok(Incoming::Frame(Frame::Message(m)))) => self.route(m, &mut pending, &mut ping),
-                    Some(Ok(Incoming::Written(seq))) => self.written(seq),
-                },
+                frame = conn.next() => {
+                    // Every frame already read (or readable without waiting), up to a bound,
+                    // in this one pass: not one pass of this loop (polling each of its
+                    // branches) per answer; the plain successes of writes among them are
+                    // reported together (one lock).
+                    let mut frame = frame;
+                    let mut taken = 1;
+                    let lost = loop {
+                        let done = &mut succeeded;
+                        if let Some(end) = self.on_frame(frame, &mut pending, &mut ping, done) {
+                            break Some(end);
+                        }
+                        if taken == MAX_FRAMES_AT_ONCE {
+                            break None;
+                        }
+                        match futures::poll!(conn.next()) {
+                            Poll::Ready(f) => frame = f,
+                            Poll::Pending => break None,
+                        }
+                        taken += 1;
+                    };
+                    self.written(&mut succeeded);
+                    if let Some(end) = lost {
+                        break end;
+                    }
+                }
                 () = async { sleep_until(ping_deadline.unwrap_or_else(Instant::now)).await },
                     if ping_deadline.is_some() =>
                 {
@@ -1177,6 +1202,34 @@ impl Connection {
         end
     }
 
+    /// Takes one item of the connection's stream; `Some` when it ends the session. The plain
+    /// successes of writes gather in `succeeded`, reported before anything read after them.
+    fn on_frame(
+        &mut self,
+        frame: Option<Result<Incoming, CodecError>>,
+        pending: &mut HashMap<String, Pending>,
+        ping: &mut Option<(String, Instant)>,
+        succeeded: &mut Vec<u64>,
+    ) -> Option<End> {
+        let frame = match frame {
+            Some(Ok(Incoming::Written(seq))) => {
+                succeeded.push(seq);
+                return None;
+            }
+            Some(Ok(Incoming::Frame(f))) => f,
+            None => return Some(End::Lost("closed by the server".to_owned())),
+            Some(Err(e)) => return Some(End::Lost(e.to_string())),
+        };
+        self.written(succeeded);
+        match frame {
+            Frame::Banner(_) => Some(End::Lost("unexpected banner".to_owned())),
+            Frame::Message(m) => {
+                self.route(m, pending, ping);
+                None
+            }
+        }
+    }
+
     /// Writes one message, bounded in time so a peer that stops reading cannot stall us.
     async fn write(&self, conn: &mut Conn, msg: &Message) -> Result<(), String> {
         match timeout(self.config.action_timeout, conn.send(msg)).await {
@@ -1237,11 +1290,17 @@ impl Connection {
         Ok(())
     }
 
-    /// Reports the [`SetvarWriter`] write numbered `seq` answered `Response: Success`.
-    fn written(&self, seq: u64) {
-        if !self.writer.finish(seq, Ok(())) {
-            debug!(seq, "AMI answer to no pending write (expired?)");
+    /// Reports the [`SetvarWriter`] writes numbered `seqs` answered `Response: Success`
+    /// (and empties `seqs`).
+    fn written(&self, seqs: &mut Vec<u64>) {
+        if seqs.is_empty() {
+            return;
         }
+        let unknown = self.writer.succeeded(seqs);
+        if unknown > 0 {
+            debug!(unknown, "AMI answers to no pending write (expired?)");
+        }
+        seqs.clear();
     }
 
     /// Routes one received message to its pending action, its pending list, or subscribers.

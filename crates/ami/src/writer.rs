@@ -272,6 +272,16 @@ impl State {
         }
     }
 
+    /// Closes the open slot of the write numbered `seq`, answered; its token, or `None` when
+    /// no such write waits.
+    fn answered(&mut self, seq: u64) -> Option<u64> {
+        let idx = usize::try_from(seq.checked_sub(self.base)?).ok()?;
+        let slot = self.slots.get_mut(idx).filter(|s| s.open)?;
+        slot.open = false;
+        self.open -= 1;
+        Some(slot.token)
+    }
+
     /// Drops answered (and expired) slots off the front.
     fn trim(&mut self) {
         while self.slots.front().is_some_and(|s| !s.open) {
@@ -354,12 +364,18 @@ impl Shared {
         let mut st = self.lock();
         let n = st.out_lens.len().min(max);
         let bytes: usize = st.out_lens.drain(..n).sum();
-        dst.extend_from_slice(&st.out[..bytes]);
-        // Advancing keeps the buffer unshared (a split_to would share it, with a count to keep
-        // for each split); clearing it once empty lets it reuse its whole capacity.
-        st.out.advance(bytes);
-        if st.out_lens.is_empty() {
-            st.out.clear();
+        if st.out_lens.is_empty() && dst.is_empty() {
+            // All of it to an empty buffer (the usual case): the two buffers trade places,
+            // no byte is copied, and each keeps its capacity for the next round.
+            std::mem::swap(dst, &mut st.out);
+        } else {
+            dst.extend_from_slice(&st.out[..bytes]);
+            // Advancing keeps the buffer unshared (a split_to would share it, with a count to
+            // keep for each split); clearing it once empty lets it reuse its whole capacity.
+            st.out.advance(bytes);
+            if st.out_lens.is_empty() {
+                st.out.clear();
+            }
         }
         st.conn_woken = false;
         st.wake_conn(self);
@@ -425,22 +441,40 @@ impl Shared {
     /// waits (already expired, or not ours).
     pub(crate) fn finish(&self, seq: u64, result: Result<(), WriteError>) -> bool {
         let mut st = self.lock();
-        let Some(idx) = seq
-            .checked_sub(st.base)
-            .and_then(|i| usize::try_from(i).ok())
-        else {
+        let Some(token) = st.answered(seq) else {
             return false;
         };
-        let Some(slot) = st.slots.get_mut(idx).filter(|s| s.open) else {
-            return false;
-        };
-        slot.open = false;
-        let token = slot.token;
-        st.open -= 1;
         self.done.push(WriteDone { token, result });
         st.trim();
         st.wake_conn(self);
         true
+    }
+
+    /// Reports the writes numbered `seqs` answered `Response: Success`: each as
+    /// [`Shared::finish`] would, in order, all under one lock of each list; returns how many
+    /// of them waited for no such write (already expired, or not ours).
+    pub(crate) fn succeeded(&self, seqs: &[u64]) -> usize {
+        let mut st = self.lock();
+        let mut unknown = 0;
+        {
+            let mut done = self.done.items();
+            let was_empty = done.is_empty();
+            for &seq in seqs {
+                match st.answered(seq) {
+                    Some(token) => done.push(WriteDone {
+                        token,
+                        result: Ok(()),
+                    }),
+                    None => unknown += 1,
+                }
+            }
+            if was_empty && !done.is_empty() {
+                self.done.notify.notify_one();
+            }
+        }
+        st.trim();
+        st.wake_conn(self);
+        unknown
     }
 
     /// Fails the writes unanswered for `after` (as of `now`); those still held are dropped
@@ -491,6 +525,78 @@ mod tests {
             put_decimal(&mut b, n);
             assert_eq!(&b[..], n.to_string().as_bytes());
         }
+    }
+
+    /// What `take_out` hands over is the writes' bytes in order, whether it trades buffers
+    /// (all taken, into an empty one) or copies (a part taken, or into one holding bytes), and
+    /// the writer keeps working on the buffer it got back.
+    #[test]
+    fn take_out_hands_over_the_writes_in_order() {
+        let shared = Shared::new("p-");
+        let w = SetvarWriter::new(Arc::clone(&shared));
+        shared.open();
+        let at = Instant::now();
+        let write = |seq: u64, v: &str| {
+            format!("Action: Setvar\r\nActionID: p-w{seq}\r\nVariable: V\r\nValue: {v}\r\n\r\n")
+        };
+        // All of it, into an empty buffer.
+        w.setvar(0, "V", "a", at);
+        w.setvar(1, "V", "b", at);
+        let mut dst = BytesMut::new();
+        assert_eq!(shared.take_out(&mut dst, 64), (2, false));
+        assert_eq!(
+            dst,
+            format!("{}{}", write(0, "a"), write(1, "b")).as_bytes()
+        );
+        // Into a buffer holding bytes (another action): appended.
+        w.setvar(2, "V", "c", at);
+        assert_eq!(shared.take_out(&mut dst, 64), (1, false));
+        let expected = format!("{}{}{}", write(0, "a"), write(1, "b"), write(2, "c"));
+        assert_eq!(dst, expected.as_bytes());
+        // A part of it, then the rest (into an emptied buffer).
+        dst.clear();
+        for (t, v) in [(3, "d"), (4, "e"), (5, "f")] {
+            w.setvar(t, "V", v, at);
+        }
+        assert_eq!(shared.take_out(&mut dst, 2).0, 2);
+        assert_eq!(
+            dst,
+            format!("{}{}", write(3, "d"), write(4, "e")).as_bytes()
+        );
+        dst.clear();
+        assert_eq!(shared.take_out(&mut dst, 2), (1, false));
+        assert_eq!(dst, write(5, "f").as_bytes());
+        assert_eq!(shared.take_out(&mut dst, 2), (0, false));
+        assert_eq!(dst, write(5, "f").as_bytes());
+    }
+
+    /// `succeeded` reports what `finish(seq, Ok(()))` of each would, in the same order.
+    #[test]
+    fn successes_together_are_each_one_finished() {
+        let run = |together: bool| {
+            let shared = Shared::new("p-");
+            let w = SetvarWriter::new(Arc::clone(&shared));
+            shared.open();
+            for t in 0..6 {
+                w.setvar(100 + t, "V", "x", Instant::now());
+            }
+            let mut dst = BytesMut::new();
+            shared.take_out(&mut dst, 64);
+            // Out of order, one twice, one never written.
+            let seqs = [3, 0, 3, 9, 1, 5];
+            let unknown = if together {
+                shared.succeeded(&seqs)
+            } else {
+                seqs.iter().filter(|&&s| !shared.finish(s, Ok(()))).count()
+            };
+            let mut got = Vec::new();
+            w.take(&mut got);
+            let tokens: Vec<u64> = got.iter().map(|d| d.token).collect();
+            assert!(got.iter().all(|d| d.result.is_ok()));
+            (unknown, tokens, w.in_flight())
+        };
+        assert_eq!(run(true), (2, vec![103, 100, 101, 105], 2));
+        assert_eq!(run(true), run(false));
     }
 
     #[test]

@@ -7,6 +7,10 @@
 //! divided by the messages received, is the link's receive cost (plus the consumer's
 //! `recv`, which the agent pays too).
 //!
+//! The same for the hub's side (the publisher and the hub's threads: encoding, queueing and
+//! writing the fan-out to its one subscriber): every other thread's CPU time while publishing,
+//! divided by the messages published.
+//!
 //! Usage: `link_cpu [N=200000] [RATE per second=20000] [BATCH per ms tick, default RATE/1000]`
 //! Linux only (schedstat).
 
@@ -20,6 +24,19 @@ fn thread_cpu_ns() -> u64 {
         .ok()
         .and_then(|s| s.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// CPU time of every thread of this process but the link's (nanoseconds).
+fn hub_side_cpu_ns() -> u64 {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| t.ok().map(|t| t.path()))
+        .filter(|t| std::fs::read_to_string(t.join("comm")).is_ok_and(|c| c.trim() != "hub-link"))
+        .filter_map(|t| std::fs::read_to_string(t.join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 fn arg(i: usize, default: u64) -> u64 {
@@ -79,6 +96,7 @@ fn main() {
             })
         });
     ready_rx.recv().expect("link connected");
+    let hub0 = hub_side_cpu_ns();
     hub_rt.block_on(async {
         let payload = Bytes::from(vec![b'x'; 300]);
         let mut tick = tokio::time::interval(Duration::from_millis(1));
@@ -98,6 +116,8 @@ fn main() {
             sent += k;
         }
     });
+    // The hub's side: every thread but the link's, while publishing.
+    let hub_cpu = hub_side_cpu_ns() - hub0;
     let (got, cpu, wall, stats) = link_thread
         .expect("spawn the link thread")
         .join()
@@ -108,6 +128,11 @@ fn main() {
         wall.as_secs_f64(),
         cpu as f64 / got.max(1) as f64,
         stats.dropped_inbound_full
+    );
+    println!(
+        "hub side (publisher and hub threads) CPU {:.3} s, {:.0} ns/message",
+        hub_cpu as f64 / 1e9,
+        hub_cpu as f64 / n.max(1) as f64
     );
     hub_rt.block_on(hub.shutdown());
 }

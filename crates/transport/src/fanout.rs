@@ -160,9 +160,7 @@ impl Fanout {
                 return false;
             }
             if q.queued.load(Ordering::Acquire) + n > SUBSCRIBER_QUEUE {
-                for _ in 0..n {
-                    stats.dropped_outbound();
-                }
+                stats.dropped_outbound_by(n as u64);
                 return true;
             }
             q.queued.fetch_add(n, Ordering::AcqRel);
@@ -173,9 +171,7 @@ impl Fanout {
             true
         });
         if sent {
-            for _ in 0..n {
-                stats.messages_out();
-            }
+            stats.messages_out_by(n as u64);
         }
     }
 
@@ -287,8 +283,16 @@ async fn run(
     let mut pace = Pace::new(linger);
     // Whether the next message frame starts a message (not a continuation).
     let mut at_start = true;
+    // A busy subscriber, once written, waits out its linger on this timer, not on its queue:
+    // the queue is read when the linger ends (one wake-up per write, not one for the first
+    // message queued and one more at the end of the linger). Not lingering: the queue is
+    // read as messages come, and a subscriber is only ever read from the queue at a time
+    // `Pace::hold_until` lets it be written.
+    let linger_end = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(linger_end);
+    let mut lingering = false;
     loop {
-        tokio::select! {
+        let first = tokio::select! {
             f = reader.frame() => {
                 let f = match f {
                     Ok(f) => f,
@@ -315,40 +319,51 @@ async fn run(
                     }
                     out.clear();
                 }
+                continue;
             }
-            b = rx.recv() => {
-                let Some(b) = b else { return End::Closed };
-                // A busy subscriber gets what comes within the linger in one write.
-                if let Some(at) = pace.hold_until(Instant::now()) {
-                    tokio::time::sleep_until(at.into()).await;
+            b = rx.recv(), if !lingering => match b {
+                Some(b) => b,
+                None => return End::Closed,
+            },
+            () = &mut linger_end, if lingering => {
+                lingering = false;
+                match rx.try_recv() {
+                    Ok(b) => b,
+                    // Nothing came meanwhile: wait for the queue (a closed one ends there).
+                    Err(_) => continue,
                 }
-                let mut taken = 0;
-                let mut next = Some(b);
-                while let Some(b) = next.take() {
-                    for m in b.iter() {
-                        if matches(&subscriptions, &m.topic) {
-                            out.extend_from_slice(&m.wire);
-                            if out.len() >= WRITE_BATCH {
-                                if write.write_all(&out).await.is_err() {
-                                    return End::Closed;
-                                }
-                                out.clear();
-                            }
+            }
+        };
+        // Everything queued now, in one write (or a few of WRITE_BATCH bytes).
+        let mut taken = 0;
+        let mut next = Some(first);
+        while let Some(b) = next.take() {
+            for m in b.iter() {
+                if matches(&subscriptions, &m.topic) {
+                    out.extend_from_slice(&m.wire);
+                    if out.len() >= WRITE_BATCH {
+                        if write.write_all(&out).await.is_err() {
+                            return End::Closed;
                         }
+                        out.clear();
                     }
-                    queued.fetch_sub(b.len(), Ordering::AcqRel);
-                    taken += b.len();
-                    next = rx.try_recv().ok();
-                }
-                pace.taken(Instant::now(), taken);
-                if !out.is_empty() {
-                    if write.write_all(&out).await.is_err() {
-                        return End::Closed;
-                    }
-                    out.clear();
-                    pace.wrote(Instant::now());
                 }
             }
+            queued.fetch_sub(b.len(), Ordering::AcqRel);
+            taken += b.len();
+            next = rx.try_recv().ok();
+        }
+        pace.taken(Instant::now(), taken);
+        if !out.is_empty() {
+            if write.write_all(&out).await.is_err() {
+                return End::Closed;
+            }
+            out.clear();
+            pace.wrote(Instant::now());
+        }
+        if let Some(at) = pace.hold_until(Instant::now()) {
+            lingering = true;
+            linger_end.as_mut().reset(at.into());
         }
     }
 }
