@@ -181,16 +181,13 @@ pub struct SimEvent {
     pub category: u32,
     /// Its headers, as made.
     parts: Parts,
-    /// The message as sent (what `AmiCodec` encodes), made on first use (a session's filter
-    /// or write) and then shared by every session, or `None` when the codec refuses it (a CR
+    /// The message as sent (what `AmiCodec` encodes), made on first use (a session's write) and then shared by every session, or `None` when the codec refuses it (a CR
     /// or LF in a value): each session then hands the codec the message and fails the same
     /// way.
     wire: OnceLock<Option<Bytes>>,
     /// The complete message, `Event:` first, made on first use (sessions write `wire` and
     /// filter on its text: the app_ami_kafka mode, refused events and tests ask for it).
     message: OnceLock<Message>,
-    /// The text for filters when the message cannot be encoded.
-    text: OnceLock<String>,
 }
 
 impl std::fmt::Debug for SimEvent {
@@ -236,7 +233,6 @@ impl SimEvent {
             parts: Parts::new(headers),
             wire: OnceLock::new(),
             message: OnceLock::new(),
-            text: OnceLock::new(),
         }
     }
 
@@ -264,25 +260,25 @@ impl SimEvent {
             .as_ref()
     }
 
-    /// The event's text as Asterisk matches session filters against it: every line
-    /// `Key: Value\r\n`, `Event:` first (made on first use, then kept).
-    pub fn text(&self) -> &str {
-        if let Some(wire) = self.wire()
-            && let Some(lines) = wire.strip_suffix(b"\r\n")
-            && let Ok(text) = std::str::from_utf8(lines)
-        {
-            // The encoded message is these lines and the empty line that ends it.
-            return text;
+    /// Calls `f` with the event's text as Asterisk matches session filters against it: every
+    /// line `Key: Value\r\n`, `Event:` first (what the wire holds before its empty line, and
+    /// the same lines when the codec refuses the event). Made per call in a buffer of the
+    /// thread's, not kept: most events a filter looks at are filtered out (an agent's
+    /// session excludes the echo of its own writes), and those are then never encoded.
+    /// `f` must not call `with_text` itself.
+    pub fn with_text<R>(&self, f: impl FnOnce(&str) -> R) -> R {
+        thread_local! {
+            static TEXT: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
         }
-        self.text.get_or_init(|| {
-            let mut t = String::with_capacity(self.parts.text.len() + 4 * self.parts.len());
+        TEXT.with_borrow_mut(|t| {
+            t.clear();
             for (k, v) in self.parts.headers() {
                 t.push_str(k);
                 t.push_str(": ");
                 t.push_str(v);
                 t.push_str("\r\n");
             }
-            t
+            f(t)
         })
     }
 
@@ -372,8 +368,11 @@ mod tests {
             // The message is the one made of the parts, encodable or not.
             assert_eq!(ev.message(), &m, "{k:?}: {v:?}");
         }
+        // The text is the wire without its empty line.
+        let wire = ev.wire().expect("encodable");
+        assert_eq!(ev.with_text(|t| format!("{t}\r\n")).as_bytes(), &wire[..]);
         assert_eq!(
-            ev.text(),
+            ev.with_text(str::to_owned),
             "Event: DeviceStateChange\r\nPrivilege: call,all\r\nSystemName: pbx-a\r\n\
              Device: Custom:a\r\nState: INUSE\r\n"
         );
@@ -385,7 +384,7 @@ mod tests {
         );
         assert!(bad.wire().is_none());
         assert_eq!(
-            bad.text(),
+            bad.with_text(str::to_owned),
             "Event: PresenceStateChange\r\nPrivilege: call,all\r\nMessage: a\r\nb\r\n"
         );
     }

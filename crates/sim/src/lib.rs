@@ -6,7 +6,8 @@
 //! - [`extensions`] reads the hints (and `[globals]`) of an `extensions.conf` into a
 //!   [`Dialplan`];
 //! - [`state`] is the sans-IO PBX model ([`Pbx`]): device states, presence, hints and their
-//!   aggregate extension state; each change returns the [`SimEvent`]s it causes;
+//!   aggregate extension state; each change returns the [`SimEvent`]s it causes; its astdb
+//!   keys are numbered once for every server of the process (`keys`);
 //! - [`event`] formats manager events (`Privilege`, `SystemName`) and parses `Events` masks;
 //! - [`server`] owns one simulated Asterisk ([`SimServer::spawn`] → [`SimHandle`]): listener,
 //!   shared state, per-session event queues (filtered as events are made), load tasks;
@@ -27,6 +28,7 @@ pub mod event;
 pub mod extensions;
 pub mod filter;
 pub mod kafka;
+mod keys;
 pub mod load;
 pub mod server;
 mod session;

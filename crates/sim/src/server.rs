@@ -191,7 +191,8 @@ impl SubState {
     /// Whether the session receives `ev`: the event's class in its mask, and passing its
     /// filters.
     pub(crate) fn wants(&self, ev: &SimEvent) -> bool {
-        ev.passes(self.mask) && (self.filters.is_empty() || self.filters.passes(ev.text()))
+        ev.passes(self.mask)
+            && (self.filters.is_empty() || ev.with_text(|text| self.filters.passes(text)))
     }
 }
 

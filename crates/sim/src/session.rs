@@ -172,9 +172,7 @@ impl Out {
     fn encode(self, dst: &mut BytesMut) -> Result<(), CodecError> {
         match self {
             Self::Message(m) => encode_message(&m, dst),
-            Self::Ack { id, message } => {
-                encode_headers(crate::actions::ack_headers(id.as_deref(), message), dst)
-            }
+            Self::Ack { id, message } => encode_ack(id.as_deref(), message, dst),
             Self::Event(ev) => match ev.wire() {
                 // What the codec writes for this event, encoded once for every session.
                 Some(bytes) => {
@@ -186,6 +184,35 @@ impl Out {
             },
         }
     }
+}
+
+/// What the codec writes for [`crate::actions::ack_headers`] (the answer of every `Setvar`),
+/// checking only what came from the client: the `ActionID`, refused like the codec refuses it
+/// (a CR or LF); `message` is one of the actions' own texts.
+fn encode_ack(
+    id: Option<&str>,
+    message: &'static str,
+    dst: &mut BytesMut,
+) -> Result<(), CodecError> {
+    if id.is_some_and(|id| id.bytes().any(|b| b == b'\r' || b == b'\n')) {
+        // The codec's own error.
+        return encode_headers(crate::actions::ack_headers(id, message), dst);
+    }
+    const RESPONSE: &[u8] = b"Response: Success\r\n";
+    const ACTION_ID: &[u8] = b"ActionID: ";
+    const MESSAGE: &[u8] = b"Message: ";
+    let id_len = id.map_or(0, |id| ACTION_ID.len() + id.len() + 2);
+    dst.reserve(RESPONSE.len() + id_len + MESSAGE.len() + message.len() + 4);
+    dst.extend_from_slice(RESPONSE);
+    if let Some(id) = id {
+        dst.extend_from_slice(ACTION_ID);
+        dst.extend_from_slice(id.as_bytes());
+        dst.extend_from_slice(b"\r\n");
+    }
+    dst.extend_from_slice(MESSAGE);
+    dst.extend_from_slice(message.as_bytes());
+    dst.extend_from_slice(b"\r\n\r\n");
+    Ok(())
 }
 
 /// Bytes queued past which a session writes out before queuing more (what `Framed` does).
@@ -536,32 +563,45 @@ mod tests {
 
     #[test]
     fn an_ack_is_written_as_the_codec_writes_its_message() {
-        for id in [
+        let messages = [
+            "Variable Set",
+            "Originate successfully queued",
+            "Restarting",
+        ];
+        for (id, message) in [
             None,
             Some("hf-17"),
             Some("an ActionID longer than the inline 24 bytes"),
-        ] {
+            Some("é: ü "),
+        ]
+        .into_iter()
+        .zip(messages.into_iter().cycle())
+        {
             let mut m = Message::new().with("Response", "Success");
             if let Some(id) = id {
                 m.push("ActionID", id);
             }
-            let m = m.with("Message", "Variable Set");
+            let m = m.with("Message", message);
             let mut expected = BytesMut::new();
             AmiCodec::server()
                 .encode(&m, &mut expected)
                 .expect("encodable");
             let ack = Replies::Ack {
                 id: id.map(CompactString::new),
-                message: "Variable Set",
+                message,
             };
             assert_eq!(written(ack).as_bytes(), &expected[..], "{id:?}");
         }
         // Refused where the codec refuses (an ActionID never holds CR or LF once decoded).
-        let bad = Out::Ack {
-            id: Some(CompactString::new("a\r\nb")),
-            message: "Variable Set",
-        };
-        assert!(bad.encode(&mut BytesMut::new()).is_err());
+        for id in ["a\r\nb", "a\rb", "\n"] {
+            let bad = Out::Ack {
+                id: Some(CompactString::new(id)),
+                message: "Variable Set",
+            };
+            let mut out = BytesMut::new();
+            assert!(bad.encode(&mut out).is_err(), "{id:?}");
+            assert!(out.is_empty(), "nothing written for {id:?}");
+        }
     }
 
     #[test]

@@ -25,6 +25,7 @@ use hintfed_ami::Message;
 
 use crate::event::{self, SimEvent};
 use crate::extensions::Hint;
+use crate::keys;
 
 /// `enum ast_device_state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -319,9 +320,8 @@ pub struct PbxOptions {
 type FastMap<V> = HashMap<CompactString, V, foldhash::fast::RandomState>;
 
 /// A [`Cache`] entry's place in first-cached order, counted from 1: an `Option` of it takes
-/// no more room than it, so an astdb entry (name and entry inline in its map's bucket) fits
-/// 32 bytes, a whole number of buckets per cache line (40 before: half the buckets crossed
-/// a line, two lines read per lookup).
+/// no more room than it, so an astdb entry (and an absent one, in a server's
+/// [`keys::Table`]) fits 8 bytes, eight to a cache line.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Slot(NonZeroU32);
 
@@ -459,8 +459,9 @@ pub struct Pbx {
     hints: Vec<HintState>,
     /// The device state cache (what `DeviceStateList` shows), in first-cached order.
     cache: Cache<DeviceState>,
-    /// astdb family `CustomDevstate`: key (name after `Custom:`) → its entry.
-    db_devstate: FastMap<DbDevstate>,
+    /// astdb family `CustomDevstate`: key (name after `Custom:`, numbered for the process)
+    /// → its entry.
+    db_devstate: keys::Table<DbDevstate>,
     /// astdb family `CustomPresence`: key → value as written.
     db_presence: BTreeMap<String, String>,
     /// The presence cache (what `PresenceStateList` shows).
@@ -490,7 +491,7 @@ impl Pbx {
                 })
                 .collect(),
             cache: Cache::default(),
-            db_devstate: FastMap::default(),
+            db_devstate: keys::Table::default(),
             db_presence: BTreeMap::new(),
             presence: Cache::default(),
             globals: BTreeMap::new(),
@@ -514,13 +515,16 @@ impl Pbx {
         // func_devstate's load_module: republish every astdb entry under the name after the
         // last '/' of its key.
         // In key order, as astdb lists them.
-        let mut db: Vec<(&CompactString, &DbDevstate)> = self.db_devstate.iter().collect();
-        db.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let (ids, states): (Vec<keys::KeyId>, Vec<DeviceState>) =
+            self.db_devstate.iter().map(|(id, e)| (id, e.state)).unzip();
+        let mut db: Vec<(CompactString, DeviceState)> =
+            keys::names(ids).into_iter().zip(states).collect();
+        db.sort_unstable_by(|a, b| a.0.cmp(&b.0));
         let restored: Vec<(String, DeviceState)> = db
             .into_iter()
-            .map(|(key, entry)| {
-                let name = key.rsplit('/').next().unwrap_or(key);
-                (format!("Custom:{name}"), entry.state)
+            .map(|(key, state)| {
+                let name = key.rsplit('/').next().unwrap_or(&key);
+                (format!("Custom:{name}"), state)
             })
             .collect();
         for (name, state) in restored {
@@ -702,14 +706,15 @@ impl Pbx {
         if state == DeviceState::Unknown {
             return Err(SetvarError::InvalidState);
         }
-        let slot = match self.db_devstate.get_mut(name) {
+        let id = keys::intern(name);
+        let slot = match self.db_devstate.get_mut(id) {
             Some(entry) => {
                 entry.state = state;
                 entry.slot
             }
             None => {
-                let entry = DbDevstate { state, slot: None };
-                self.db_devstate.insert(CompactString::new(name), entry);
+                self.db_devstate
+                    .insert(id, DbDevstate { state, slot: None });
                 None
             }
         };
@@ -723,7 +728,7 @@ impl Pbx {
             Some(slot) => self.cache.replace_slot(slot, state),
             None => {
                 let (slot, old) = self.cache.replace(&device, state);
-                if let Some(entry) = self.db_devstate.get_mut(name) {
+                if let Some(entry) = self.db_devstate.get_mut(id) {
                     entry.slot = Some(slot);
                 }
                 old
@@ -1023,8 +1028,8 @@ mod tests {
     }
 
     #[test]
-    fn an_astdb_entry_fits_half_a_cache_line_and_slots_count_from_one() {
-        assert_eq!(std::mem::size_of::<(CompactString, DbDevstate)>(), 32);
+    fn an_astdb_entry_fits_8_bytes_and_slots_count_from_one() {
+        assert_eq!(std::mem::size_of::<Option<DbDevstate>>(), 8);
         assert_eq!(std::mem::size_of::<Option<Slot>>(), 4);
         for i in [0, 1, 8_999] {
             assert_eq!(Slot::at(i).index(), i);

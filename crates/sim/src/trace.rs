@@ -106,9 +106,20 @@ pub(crate) fn record(server: Option<&str>, kind: &str, key: &str, value: &str) {
     if p.stopped {
         return;
     }
-    let out = &mut p.lines;
-    // Writing into a Vec cannot fail.
-    let _ = write!(out, "{nanos} ");
+    push_line(&mut p.lines, nanos, server, kind, key, value);
+}
+
+/// Appends one trace line.
+fn push_line(
+    out: &mut Vec<u8>,
+    nanos: u64,
+    server: Option<&str>,
+    kind: &str,
+    key: &str,
+    value: &str,
+) {
+    out.extend_from_slice(itoa::Buffer::new().format(nanos).as_bytes());
+    out.push(b' ');
     push_replaced(out, server.unwrap_or("-"), true, b'_');
     out.push(b' ');
     out.extend_from_slice(kind.as_bytes());
@@ -122,6 +133,33 @@ pub(crate) fn record(server: Option<&str>, kind: &str, key: &str, value: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_line_is_time_server_kind_key_value() {
+        let mut out = Vec::new();
+        for (nanos, server) in [
+            (0, Some("pbx-0")),
+            (u64::MAX, None),
+            (1_764_000_000_123_456_789, Some("pbx 1")),
+        ] {
+            push_line(
+                &mut out,
+                nanos,
+                server,
+                "set",
+                "DEVICE_STATE(Custom:a b)",
+                "IN\nUSE",
+            );
+        }
+        assert_eq!(
+            String::from_utf8(out).expect("utf8"),
+            format!(
+                "0 pbx-0 set DEVICE_STATE(Custom:a_b) IN USE\n{} - set DEVICE_STATE(Custom:a_b) IN USE\n\
+                 1764000000123456789 pbx_1 set DEVICE_STATE(Custom:a_b) IN USE\n",
+                u64::MAX
+            )
+        );
+    }
 
     #[test]
     fn names_lose_whitespace_and_values_lose_newlines() {

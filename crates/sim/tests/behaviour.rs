@@ -854,3 +854,22 @@ async fn random_bytes_never_take_the_server_down() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn restart_and_shutdown_close_every_session_logged_in_or_not() {
+    let sim = spawn(capture_config("pbx-a")).await;
+    // A restart: a session still at its banner and an idle logged-in one both close.
+    let mut banner_only = Client::connect(sim.local_addr()).await;
+    let mut idle = Client::login(sim.local_addr(), &[("Events", "off")]).await;
+    sim.restart(Duration::ZERO);
+    banner_only.expect_eof().await;
+    idle.expect_eof().await;
+    // The shutdown: the same for sessions of the new generation.
+    let mut banner_only = Client::connect(sim.local_addr()).await;
+    let mut idle = Client::login(sim.local_addr(), &[("Events", "off")]).await;
+    let (_, pong) = idle.action(Message::action("Ping"), "p").await;
+    assert_eq!(pong.get("Ping"), Some("Pong"));
+    sim.shutdown().await;
+    banner_only.expect_eof().await;
+    idle.expect_eof().await;
+}
