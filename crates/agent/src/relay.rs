@@ -64,8 +64,8 @@ use hintfed_asterisk::event::{extension_status_to_device_state, hint_devices};
 use hintfed_asterisk::pbx::SetvarDone;
 use hintfed_asterisk::{Pbx, PbxError, PbxEvent};
 use hintfed_core::{
-    Action, Body, DeviceState, Envelope, Epoch, KeyRing, Kind, Limits, LocalEvent, Millis, Node,
-    Presence, Role, Value, Verifier, WriteId, is_custom_device,
+    Action, Body, DeviceState, Envelope, KeyRing, Kind, Limits, LocalEvent, Millis, Node, Presence,
+    Role, Value, Verifier, WriteId, is_custom_device,
 };
 use hintfed_daemon::http::{
     BoxFuture, OriginView, Readiness, StateView, StatusEvent, StatusEvents, StatusSource,
@@ -447,11 +447,6 @@ fn wall_now() -> Millis {
     )
 }
 
-/// An envelope to read messages into (nothing allocated).
-fn empty_envelope() -> Envelope {
-    Envelope::new(String::new(), Epoch(0), 0, Body::FullSyncBegin)
-}
-
 /// The wall clock as the node's [`Millis`] (Unix ms); also a fine first [`hintfed_core::Epoch`].
 pub fn now_millis() -> Millis {
     wall_now()
@@ -552,7 +547,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
         Ok(Relay {
             verifier: Verifier::new(keys.clone(), cfg.limits.clone()),
-            inbound: empty_envelope(),
+            inbound: Envelope::empty(),
             node,
             pbx,
             pbx_events,
@@ -787,7 +782,7 @@ impl<T: FederationTransport + 'static> Relay<T> {
         }
         // Read into the envelope kept from the last message: no allocation for its origin
         // and key.
-        let mut env = std::mem::replace(&mut self.inbound, empty_envelope());
+        let mut env = std::mem::replace(&mut self.inbound, Envelope::empty());
         match self.verifier.verify_into(payload, &mut env) {
             Ok(()) => {
                 self.counters.accepted += 1;

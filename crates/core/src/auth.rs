@@ -24,7 +24,7 @@ use serde_json::value::RawValue;
 use sha2::Sha256;
 
 use crate::envelope::{
-    Body, Envelope, Limits, WIRE_VERSION, decode_device_update_into, encode_device_update,
+    Envelope, Limits, WIRE_VERSION, decode_device_update_into, encode_device_update,
 };
 use crate::time::Epoch;
 
@@ -341,13 +341,8 @@ pub fn sealed_by(bytes: &[u8], origin: &str) -> bool {
 /// form, MAC (when `keys` is non-empty), version, envelope structure and [`Limits`]. Never
 /// panics on any input.
 pub fn open(bytes: &[u8], keys: &KeyRing, limits: &Limits) -> Result<Envelope, Reject> {
-    let mut env = empty_envelope();
+    let mut env = Envelope::empty();
     open_into(bytes, keys, limits, &mut env).map(|()| env)
-}
-
-/// An envelope to decode into (nothing allocated).
-fn empty_envelope() -> Envelope {
-    Envelope::new(String::new(), Epoch(0), 0, Body::FullSyncBegin)
 }
 
 /// [`open`] into `env`: a device update reuses the room of the origin and key `env` holds
@@ -592,7 +587,7 @@ impl Verifier {
     /// Verifies one message. Stream envelopes are replay-checked after the MAC succeeded
     /// (forgeries never touch the replay state).
     pub fn verify(&mut self, bytes: &[u8]) -> Result<Envelope, Reject> {
-        let mut env = empty_envelope();
+        let mut env = Envelope::empty();
         self.verify_into(bytes, &mut env).map(|()| env)
     }
 

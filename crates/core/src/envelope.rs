@@ -645,6 +645,12 @@ impl Envelope {
         }
     }
 
+    /// An envelope to decode into ([`crate::open_into`], [`crate::Verifier::verify_into`]):
+    /// empty strings, nothing allocated.
+    pub fn empty() -> Self {
+        Envelope::new(String::new(), Epoch(0), 0, Body::FullSyncBegin)
+    }
+
     /// Whether this is a stream envelope ([`Body::is_stream`]).
     pub fn is_stream(&self) -> bool {
         self.body.is_stream()

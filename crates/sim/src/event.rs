@@ -181,12 +181,13 @@ pub struct SimEvent {
     pub category: u32,
     /// Its headers, as made.
     parts: Parts,
-    /// The message as sent (what `AmiCodec` encodes), made on first use (a session's write) and then shared by every session, or `None` when the codec refuses it (a CR
-    /// or LF in a value): each session then hands the codec the message and fails the same
-    /// way.
+    /// The message as sent (what `AmiCodec` encodes), made on first use (a session's write)
+    /// and then shared by every session, or `None` when the codec refuses it (a CR or LF in a
+    /// value): each session then hands the codec the message and fails the same way.
     wire: OnceLock<Option<Bytes>>,
     /// The complete message, `Event:` first, made on first use (sessions write `wire` and
-    /// filter on its text: the app_ami_kafka mode, refused events and tests ask for it).
+    /// filter on [`SimEvent::with_text`]: the app_ami_kafka mode, refused events and tests ask
+    /// for it).
     message: OnceLock<Message>,
 }
 
