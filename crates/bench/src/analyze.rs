@@ -177,6 +177,52 @@ pub fn analyze(
     Ok(a)
 }
 
+/// The `set` lines of one server within one span of a trace.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SetRun {
+    /// `set` lines.
+    pub sets: u64,
+    /// Time (unix ns) of the first and the last.
+    pub first_ns: u128,
+    pub last_ns: u128,
+}
+
+impl SetRun {
+    /// Setvars per second from the first to the last, as the Asterisk took them (the
+    /// simulator's clock: no client round trip at either end); `None` under two.
+    pub fn per_sec(&self) -> Option<f64> {
+        (self.sets >= 2 && self.last_ns > self.first_ns)
+            .then(|| (self.sets - 1) as f64 * 1e9 / (self.last_ns - self.first_ns) as f64)
+    }
+}
+
+/// The `set` lines of `path` per asked `(server, span)` (unix ns), in one pass.
+pub fn set_runs(
+    path: &Path,
+    asked: &[(&str, std::ops::Range<u128>)],
+) -> anyhow::Result<Vec<SetRun>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))?;
+    let mut runs = vec![SetRun::default(); asked.len()];
+    for line in text.lines() {
+        let mut it = line.splitn(4, ' ');
+        let (Some(t), Some(server), Some("set")) = (it.next(), it.next(), it.next()) else {
+            continue;
+        };
+        let Ok(t) = t.parse::<u128>() else { continue };
+        for (run, (name, span)) in runs.iter_mut().zip(asked) {
+            if server == *name && span.contains(&t) {
+                if run.sets == 0 {
+                    run.first_ns = t;
+                }
+                run.sets += 1;
+                run.first_ns = run.first_ns.min(t);
+                run.last_ns = run.last_ns.max(t);
+            }
+        }
+    }
+    Ok(runs)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -241,5 +287,44 @@ mod tests {
         let rest = analyze(&p, 1500..u128::MAX, "PJSIP/b", &servers, None).expect("analyze");
         assert_eq!((rest.changes, rest.expected), (2, 2));
         assert_eq!(rest.latencies_us, vec![0.5, 0.5]);
+    }
+
+    #[test]
+    fn set_runs_count_each_server_within_its_span_and_time_first_to_last() {
+        let (_dir, p) = trace(
+            "\
+1000 ceiling set DEVICE_STATE(Custom:hfbench0) INUSE
+500 ceiling set DEVICE_STATE(Custom:hfbench1) INUSE
+2000 ceiling dev PJSIP/b0n0 INUSE
+2500000500 ceiling set DEVICE_STATE(Custom:hfbench2) INUSE
+3000 new set DEVICE_STATE(Custom:k0) BUSY
+not a line
+4000000000 ceiling set DEVICE_STATE(Custom:hfbench0) BUSY
+",
+        );
+        let runs = set_runs(
+            &p,
+            &[
+                ("ceiling", 0..3_000_000_000),
+                ("new", 0..u128::MAX),
+                ("ceiling", 3_000_000_000..u128::MAX),
+                ("other", 0..u128::MAX),
+            ],
+        )
+        .expect("runs");
+        // Lines out of order still give the first and the last; `dev` lines are not Setvars.
+        assert_eq!(
+            runs[0],
+            SetRun {
+                sets: 3,
+                first_ns: 500,
+                last_ns: 2_500_000_500
+            }
+        );
+        // 2 intervals between 3 Setvars over 2.5 s.
+        assert_eq!(runs[0].per_sec(), Some(0.8));
+        assert_eq!((runs[1].sets, runs[1].per_sec()), (1, None));
+        assert_eq!(runs[2].sets, 1);
+        assert_eq!(runs[3], SetRun::default());
     }
 }

@@ -157,12 +157,26 @@ pub struct SetvarCeiling {
     pub window: u64,
 }
 
-/// Sends `count` pipelined `Setvar DEVICE_STATE(Custom:hfbench<i>)` to `addr` (values cycling
-/// so each one changes the state) and times them until the last answer. With `events`, the
-/// session receives events as an agent's does (each write then comes back as a
-/// `DeviceStateChange` the Asterisk must send), else it logs in with `Events: off`; the cycle
-/// then starts one state later, so that it still changes every key after an events-off run on
-/// the same keys.
+/// How the AMI session of a Setvar ceiling is set up: what the Asterisk must do for each
+/// write besides answering it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Session {
+    /// `Events: off`: the answers only.
+    EventsOff,
+    /// Events on, no filter: every write comes back as a `DeviceStateChange` to send.
+    EventsOn,
+    /// Events on with the filters an agent adds after its login
+    /// ([`hintfed_agent::config::FILTER_CUSTOM_DEVICES`] and
+    /// [`hintfed_agent::config::FILTER_EXTENSION_STATUS`]): each write's event is made and
+    /// then dropped by the filter, as for an agent's own session.
+    AgentFilters,
+}
+
+/// Sends `count` pipelined `Setvar DEVICE_STATE(Custom:hfbench<i>)` to `addr` over a session
+/// set up as `session`, and times them until the last answer. The value of key `i` in the
+/// n-th pass over the `keys` keys is state `n + round` of a cycle of four, so that runs on the
+/// same keys with rounds 0, 1, 2, 3 each change every key.
+#[allow(clippy::too_many_arguments)]
 pub async fn setvar(
     addr: &str,
     user: &str,
@@ -170,20 +184,39 @@ pub async fn setvar(
     count: u64,
     window: u64,
     keys: u64,
-    events: bool,
+    session: Session,
+    round: usize,
 ) -> anyhow::Result<SetvarCeiling> {
     const STATES: [&str; 4] = ["INUSE", "NOT_INUSE", "RINGING", "BUSY"];
-    let conn = Conn::login_with(addr, user, secret, events).await?;
+    let mut conn = Conn::login_with(addr, user, secret, session != Session::EventsOff).await?;
+    if session == Session::AgentFilters {
+        for filter in [
+            hintfed_agent::config::FILTER_CUSTOM_DEVICES,
+            hintfed_agent::config::FILTER_EXTENSION_STATUS,
+        ] {
+            let r = conn
+                .request(&[
+                    ("Action", "Filter"),
+                    ("Operation", "Add"),
+                    ("Filter", filter),
+                ])
+                .await?;
+            anyhow::ensure!(
+                crate::ami::get(&r, "Response").is_some_and(|v| v.eq_ignore_ascii_case("Success")),
+                "{addr}: filter {filter:?} refused: {r:?}"
+            );
+        }
+    }
     let mut pipe = conn.into_pipe();
     let t0 = Instant::now();
     for i in 0..count {
         let var = format!("DEVICE_STATE(Custom:hfbench{})", i % keys.max(1));
-        let round = (i / keys.max(1)) as usize;
+        let pass = (i / keys.max(1)) as usize;
         pipe.send(
             &[
                 ("Action", "Setvar"),
                 ("Variable", &var),
-                ("Value", STATES[(round + usize::from(events)) % 4]),
+                ("Value", STATES[(pass + round) % 4]),
             ],
             window,
         )

@@ -72,9 +72,13 @@ enum Cmd {
         /// Unanswered actions allowed.
         #[arg(long, default_value_t = 512)]
         window: u64,
-        /// Log in with events on, as an agent does (each write then comes back as an event).
+        /// Log in with events on (each write then comes back as an event).
         #[arg(long)]
         events: bool,
+        /// Log in with events on and add the filters an agent adds (each write's event is
+        /// then dropped by them): the session an agent writes over.
+        #[arg(long, conflicts_with = "events")]
+        agent_filters: bool,
     },
     /// Only the raw ZeroMQ PUB/SUB ceiling between two processes.
     ZmqCeiling {
@@ -196,7 +200,13 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
             count,
             window,
             events,
+            agent_filters,
         } => {
+            let session = match (events, agent_filters) {
+                (_, true) => ceiling::Session::AgentFilters,
+                (true, false) => ceiling::Session::EventsOn,
+                (false, false) => ceiling::Session::EventsOff,
+            };
             let c = ceiling::setvar(
                 &asterisk,
                 &ami_user,
@@ -204,7 +214,8 @@ async fn dispatch(cmd: Cmd) -> anyhow::Result<()> {
                 count,
                 window,
                 1000,
-                events,
+                session,
+                0,
             )
             .await?;
             println!(

@@ -19,7 +19,7 @@
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use serde_json::json;
@@ -309,10 +309,7 @@ const STATES: [&str; 4] = ["INUSE", "NOT_INUSE", "RINGING", "BUSY"];
 const SHARED_KEY: &str = "bench-shared-key";
 
 fn now_ns() -> u128 {
-    SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default()
-        .as_nanos()
+    u128::from(crate::hubproc::unix_ns())
 }
 
 /// A subscriber on a hub's PUB (the project's own ZMTP SUB, [`SubClient`]) that writes
@@ -501,7 +498,8 @@ pub async fn run(a: RunArgs) -> anyhow::Result<serde_json::Value> {
         );
         Some(
             on_threads(async move {
-                ceiling::setvar(&target, &user, &secret, count, window, 1000, false).await
+                let session = ceiling::Session::EventsOff;
+                ceiling::setvar(&target, &user, &secret, count, window, 1000, session, 0).await
             })
             .await
             .context("Setvar ceiling")?,

@@ -8,14 +8,19 @@
 //! 3. Ceilings, same run: decoding and verifying the same chunk payloads in this process; raw
 //!    ZeroMQ PUB/SUB between two processes moving the same number of messages of the same
 //!    size (time = chunks / msg/s); pipelined Setvar/s of a spare server of the agent's
-//!    simulator (the floor of writing every key to an Asterisk), with events off and with
-//!    events on as the agent's session has them (each write then also sends an event).
+//!    simulator (the floor of writing every key to an Asterisk) over three sessions: events
+//!    off, events on (each write then also sends an event), and events on with the agent's
+//!    filters (each write's event made, then dropped: the agent's own session).
 //! 4. One real `hintfed-agent` (with a simulated Asterisk of its own) is started; from its
 //!    process start the tool polls every 10 ms: `/healthz` (up), `/metrics`
 //!    `hintfed_snapshot_entries_sum` ≥ keys (entries received into its table), its log line
 //!    `snapshot complete` (the node completed the snapshot), and the simulator's
 //!    `SetvarTotal` ≥ keys (every key written to its Asterisk as `Custom:`).
-//! 5. The agent's peak RSS after the snapshot and at the end.
+//! 5. The agent's peak RSS after the snapshot and at the end. The events-off ceiling runs
+//!    again once the agent is stopped; the apply ratio is to the higher of its two runs.
+//!    Every Setvar rate (ceilings and agent) is read from the simulator's trace, first to
+//!    last Setvar of the run on the simulator's clock, so that no polling interval or client
+//!    round trip enters one side and not the other.
 //! 6. The agent restarts beside its Asterisk, which now holds every key: the time until its
 //!    full sync (which lists every `Custom:` state) and the snapshot are both done, the writes
 //!    it makes until the Setvar count stands still for 1 s (ideally none: every value is
@@ -27,7 +32,9 @@ use anyhow::Context as _;
 use serde_json::json;
 
 use crate::ami::Conn;
+use crate::ceiling::Session;
 use crate::fill::{self, Fleet, SnapshotClient};
+use crate::hubproc::unix_ns;
 use crate::procs::{self, Daemon};
 
 /// Options of `snapshot`.
@@ -50,6 +57,12 @@ pub struct SnapshotArgs {
     /// agent's memory and write rate against it. Default: one write per message, as Asterisk.
     #[arg(long)]
     pub sim_coalesce: bool,
+    /// Rounds of the apply measurement: each runs the Setvar ceilings, then a new agent that
+    /// writes every key to a fresh simulated Asterisk (the first round's agent is the one
+    /// timed above); the ratios are of the rounds' medians. The machine's speed swings by
+    /// a third between seconds, and one round is about a second of each.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub apply_rounds: u32,
 }
 
 /// Fills the hub and waits until a probe snapshot holds `keys` distinct keys; returns the
@@ -129,62 +142,72 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
     let z = crate::ceiling::zmq_pubsub(zcount, chunk_size).await?;
     let zmq_secs = snap.chunks as f64 / z.msgs_per_sec;
 
-    // The new agent and its Asterisk.
-    let sim_addr = format!("127.0.0.1:{}", procs::free_port()?);
+    // The new agents' Asterisks (one per apply round, the first for the agent timed here) and
+    // the spare server the Setvar ceilings are measured on, in one simulator process.
+    let rounds = a.apply_rounds as usize;
+    let names: Vec<String> = std::iter::once("pbx-new".to_owned())
+        .chain((1..rounds).map(|i| format!("pbx-apply-{i}")))
+        .collect();
+    let mut addrs = Vec::with_capacity(rounds);
+    for _ in 0..rounds {
+        addrs.push(format!("127.0.0.1:{}", procs::free_port()?));
+    }
     let spare_addr = format!("127.0.0.1:{}", procs::free_port()?);
-    let mut sim_args: Vec<String> = vec![
-        "--listen".into(),
-        sim_addr.clone(),
-        "--name".into(),
-        "pbx-new".into(),
-        "--listen".into(),
-        spare_addr.clone(),
-        "--name".into(),
-        "ceiling".into(),
-        "--log".into(),
-        "warn".into(),
-    ];
+    let trace = dir.join("trace.log");
+    let mut sim_args: Vec<String> = Vec::new();
+    for (addr, name) in addrs
+        .iter()
+        .zip(&names)
+        .chain([(&spare_addr, &"ceiling".to_owned())])
+    {
+        sim_args.extend([
+            "--listen".into(),
+            addr.clone(),
+            "--name".into(),
+            name.clone(),
+        ]);
+    }
+    sim_args.extend(["--log", "warn", "--trace"].map(String::from));
+    sim_args.push(trace.display().to_string());
     if a.sim_coalesce {
         sim_args.push("--coalesce-writes".into());
     }
     let sim = Daemon::spawn("sim", &procs::sibling("hintfed-sim")?, &sim_args, &[], &dir)?;
-    for addr in [&sim_addr, &spare_addr] {
+    for addr in addrs.iter().chain([&spare_addr]) {
         let up = procs::wait_until(Duration::from_secs(15), || async {
             Conn::login(addr, "admin", "adminsecret").await.is_ok()
         })
         .await;
         anyhow::ensure!(up, "simulator did not come up (see {})", sim.log.display());
     }
-    // The Setvar ceiling of the same simulator (a spare server of the same process): the
-    // floor of writing every key to an Asterisk; once with events off, once with events on
-    // as the agent's session has them (every write then comes back as an event to send).
-    let ceiling = |events| {
-        crate::ceiling::setvar(
-            &spare_addr,
-            "admin",
-            "adminsecret",
-            keys as u64,
-            512,
-            keys as u64,
-            events,
-        )
+    // The Setvar ceilings of the same simulator (the spare server): the floor of writing every
+    // key to an Asterisk. Events off (the strictest) and events on with the agent's filters
+    // (the session an agent writes over: each write's event made, then dropped) before each
+    // round's agent; events on without a filter (every write also sent back as an event)
+    // once. Every rate, the agents' too, is read from the simulator's trace afterwards.
+    let mut ceilings = Ceilings {
+        spare: spare_addr,
+        keys: keys as u64,
+        runs: 0,
     };
-    let setvar = ceiling(false).await?;
-    let setvar_events = ceiling(true).await?;
-    let mut stats_conn = Conn::login(&sim_addr, "admin", "adminsecret").await?;
-    let (host, port) = sim_addr.rsplit_once(':').context("host:port")?;
-    let http = format!("127.0.0.1:{}", procs::free_port()?);
-    let cfg = dir.join("agent-new.ini");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[general]\nname = pbx-new\nlog_level = info\n\n[asterisk]\nsource = ami\napply = ami\nhost = {host}\nport = {port}\nusername = admin\n\n[federation]\nservers = {ep}\nshared_key = {key}\norigin_timeout = 300s\n\n[http]\nlisten = {http}\n",
-            ep = hub.endpoint,
-            key = fill::KEY,
-        ),
-    )?;
+    let events_on = ceilings.run(Session::EventsOn).await?;
+    let agent_cfg = |i: usize| -> anyhow::Result<(std::path::PathBuf, String)> {
+        let (host, port) = addrs[i].rsplit_once(':').context("host:port")?;
+        let http = format!("127.0.0.1:{}", procs::free_port()?);
+        let cfg = dir.join(format!("agent-{}.ini", names[i]));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[general]\nname = {name}\nlog_level = info\n\n[asterisk]\nsource = ami\napply = ami\nhost = {host}\nport = {port}\nusername = admin\n\n[federation]\nservers = {ep}\nshared_key = {key}\norigin_timeout = 300s\n\n[http]\nlisten = {http}\n",
+                name = names[i],
+                ep = hub.endpoint,
+                key = fill::KEY,
+            ),
+        )?;
+        Ok((cfg, http))
+    };
     let agent_bin = procs::sibling("hintfed-agent")?;
-    let spawn_agent = |name: &str| {
+    let spawn_agent = |name: &str, cfg: &std::path::Path| {
         Daemon::spawn(
             name,
             &agent_bin,
@@ -193,9 +216,17 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
             &dir,
         )
     };
+    let mut spans: Vec<RoundSpans> = Vec::with_capacity(rounds);
+    let first_ceilings = (
+        ceilings.run(Session::EventsOff).await?,
+        ceilings.run(Session::AgentFilters).await?,
+    );
+    let mut stats_conn = Conn::login(&addrs[0], "admin", "adminsecret").await?;
+    let (cfg, http) = agent_cfg(0)?;
     eprintln!("starting the new agent ...");
+    let agent_from = u128::from(unix_ns());
     let t0 = Instant::now();
-    let mut agent = spawn_agent("agent-new")?;
+    let mut agent = spawn_agent("agent-new", &cfg)?;
     let (mut t_http, mut t_entries, mut t_complete, mut t_applied) = (None, None, None, None);
     let mut rss_at_complete = None;
     let mut applied = 0u64;
@@ -233,8 +264,6 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let agent_end = procs::usage(agent.pid(), tck).unwrap_or_default();
-    let agent_secs = t0.elapsed().as_secs_f64();
-    let apply_rate = applied as f64 / (agent_secs - t_complete.unwrap_or(0.0)).max(1e-9);
 
     // The agent restarts beside an Asterisk that now holds every key: its full sync lists them
     // all (DeviceStateList) and the snapshot comes again; ideally nothing is written.
@@ -247,9 +276,14 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
         Instant::now() + Duration::from_secs_f64(a.apply_timeout),
     )
     .await?;
+    spans.push(RoundSpans {
+        events_off: first_ceilings.0,
+        agent_session: first_ceilings.1,
+        agent: agent_from..u128::from(unix_ns()),
+    });
     eprintln!("restarting the agent ...");
     let t1 = Instant::now();
-    let mut agent = spawn_agent("agent-restart")?;
+    let mut agent = spawn_agent("agent-restart", &cfg)?;
     let mut restart_ready = None;
     let deadline = t1 + Duration::from_secs_f64(a.apply_timeout);
     while Instant::now() < deadline && restart_ready.is_none() {
@@ -263,6 +297,52 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
     let last = setvars_settled(&mut stats_conn, Duration::from_secs(1), deadline).await?;
     let restart_writes = last.saturating_sub(before_restart);
     let restart_end = procs::usage(agent.pid(), tck).unwrap_or_default();
+    agent.stop(Duration::from_secs(2));
+
+    // The further apply rounds: ceilings, then a new agent on a fresh Asterisk.
+    for i in 1..rounds {
+        eprintln!("apply round {} of {rounds} ...", i + 1);
+        let events_off = ceilings.run(Session::EventsOff).await?;
+        let agent_session = ceilings.run(Session::AgentFilters).await?;
+        let (cfg, _) = agent_cfg(i)?;
+        let mut conn = Conn::login(&addrs[i], "admin", "adminsecret").await?;
+        let from = u128::from(unix_ns());
+        let mut agent = spawn_agent(&format!("agent-{}", names[i]), &cfg)?;
+        let deadline = Instant::now() + Duration::from_secs_f64(a.apply_timeout);
+        while conn.setvar_total().await? < keys as u64 && Instant::now() < deadline {
+            agent.ensure_running()?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        agent.stop(Duration::from_secs(2));
+        spans.push(RoundSpans {
+            events_off,
+            agent_session,
+            agent: from..u128::from(unix_ns()),
+        });
+    }
+    // The simulator writes its trace out every 50 ms.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut asked: Vec<(&str, std::ops::Range<u128>)> = vec![("ceiling", events_on)];
+    for (r, name) in spans.iter().zip(&names) {
+        asked.push(("ceiling", r.events_off.clone()));
+        asked.push(("ceiling", r.agent_session.clone()));
+        asked.push((name, r.agent.clone()));
+    }
+    let runs = crate::analyze::set_runs(&trace, &asked)?;
+    let rate = |i: usize| {
+        runs[i]
+            .per_sec()
+            .with_context(|| format!("the trace ({}) lacks a run's Setvars", trace.display()))
+    };
+    let on = rate(0)?;
+    let mut round_rates = Vec::with_capacity(rounds);
+    for i in 0..rounds {
+        // An agent that wrote nothing has no rate: 0.
+        let agent = runs[3 + 3 * i].per_sec().unwrap_or(0.0);
+        round_rates.push([rate(1 + 3 * i)?, rate(2 + 3 * i)?, agent]);
+    }
+    let median_of = |k: usize| median(round_rates.iter().map(|r| r[k]).collect());
+    let (setvar, filtered, apply_rate) = (median_of(0), median_of(1), median_of(2));
     let report = json!({
         "mode": "snapshot",
         "keys": keys, "origins": origins,
@@ -277,16 +357,18 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
                      "zmq_secs_for_same_messages": zmq_secs,
                      "zmq_received_of_sent": format!("{}/{}", z.received, z.sent),
                      "setvar_target": if a.sim_coalesce { "simulator, coalesced writes" } else { "simulator" },
-                     "setvar_per_sec": setvar.per_sec,
-                     "setvar_events_on_per_sec": setvar_events.per_sec,
-                     "setvar_secs_for_all_keys": keys as f64 / setvar.per_sec},
+                     "setvar_timing": "simulator trace, first to last Setvar of each run; median of the apply rounds",
+                     "setvar_per_sec": setvar,
+                     "setvar_agent_filters_per_sec": filtered,
+                     "setvar_events_on_per_sec": on,
+                     "setvar_secs_for_all_keys": keys as f64 / setvar},
         "agent": {
             "healthz_secs": t_http,
             "entries_received_secs": t_entries,
             "snapshot_complete_secs": t_complete,
             "all_applied_secs": t_applied,
             "applied_at_end": applied,
-            "apply_rate_per_sec": apply_rate,
+            "apply_rate_per_sec": round_rates[0][2],
             "cpu_secs": agent_end.cpu_secs,
             "peak_rss_mib_at_snapshot": rss_at_complete.map(|k| k as f64 / 1024.0),
             "peak_rss_mib": agent_end.peak_rss_kib as f64 / 1024.0,
@@ -296,11 +378,19 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
             "writes": restart_writes,
             "peak_rss_mib": restart_end.peak_rss_kib as f64 / 1024.0,
         },
+        "apply_rounds": round_rates.iter().map(|[off, session, agent]| json!({
+            "setvar_events_off_per_sec": off,
+            "setvar_agent_filters_per_sec": session,
+            "agent_apply_per_sec": agent,
+            "agent_to_events_off": agent / off,
+        })).collect::<Vec<_>>(),
+        "apply_median_per_sec": apply_rate,
         "ratios": {
             "snapshot_complete_to_in_process_fetch": t_complete.map(|t| t / snap2.secs.max(1e-9)),
             "snapshot_complete_to_zmq_same_messages": t_complete.map(|t| t / zmq_secs.max(1e-9)),
-            "apply_rate_to_setvar_ceiling": apply_rate / setvar.per_sec,
-            "apply_rate_to_setvar_events_on_ceiling": apply_rate / setvar_events.per_sec,
+            "apply_rate_to_setvar_ceiling": apply_rate / setvar,
+            "apply_rate_to_setvar_agent_filters_ceiling": apply_rate / filtered,
+            "apply_rate_to_setvar_events_on_ceiling": apply_rate / on,
         },
         "target": {"snapshot_within_1s": t_complete.is_some_and(|t| t <= 1.0)},
         "machine_after": procs::machine(),
@@ -318,16 +408,18 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
         hub_usage.peak_rss_kib as f64 / 1024.0
     );
     println!(
-        "ceilings: in-process snapshot fetch {:.3} s; decode+verify {:.3} s; raw ZeroMQ PUB/SUB for {} msgs of {} B {:.3} s ({:.0} msg/s); pipelined Setvar {:.0}/s ({:.2} s for every key), {:.0}/s with events on{}",
+        "ceilings: in-process snapshot fetch {:.3} s; decode+verify {:.3} s; raw ZeroMQ PUB/SUB for {} msgs of {} B {:.3} s ({:.0} msg/s); pipelined Setvar (simulator's clock, median of {} rounds) {:.0}/s ({:.2} s for every key), {:.0}/s over a session like the agent's, {:.0}/s with events on{}",
         snap2.secs,
         decode,
         snap.chunks,
         chunk_size,
         zmq_secs,
         z.msgs_per_sec,
-        setvar.per_sec,
-        keys as f64 / setvar.per_sec,
-        setvar_events.per_sec,
+        rounds,
+        setvar,
+        keys as f64 / setvar,
+        filtered,
+        on,
         if a.sim_coalesce {
             " (simulator with coalesced writes)"
         } else {
@@ -344,6 +436,17 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
         opt(t_applied),
         applied
     );
+    for (i, [off, session, agent]) in round_rates.iter().enumerate() {
+        println!(
+            "apply round {}: agent {agent:.0} Setvar/s; ceilings: events off {off:.0}/s, agent's session {session:.0}/s",
+            i + 1
+        );
+    }
+    println!(
+        "apply (medians of {rounds} rounds, simulator's clock, first to last Setvar): agent {apply_rate:.0}/s, {:.2} of the events-off ceiling, {:.2} of a session like its own",
+        apply_rate / setvar,
+        apply_rate / filtered
+    );
     println!(
         "new agent: peak RSS {} MiB after the snapshot, {:.1} MiB at the end; CPU {:.2} s",
         rss_at_complete.map_or("n/a".into(), |k| format!("{:.1}", k as f64 / 1024.0)),
@@ -357,13 +460,59 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
         restart_writes,
         restart_end.peak_rss_kib as f64 / 1024.0
     );
-    agent.stop(Duration::from_secs(2));
     drop(sim);
     drop(probe);
     fleet.stop().await?;
     hub.daemon.stop(Duration::from_secs(2));
     drop(tmp);
     Ok(report)
+}
+
+/// The Setvar ceilings, run one after the other on the simulator's spare server.
+struct Ceilings {
+    spare: String,
+    keys: u64,
+    /// Runs so far: each run's values are one state on from the previous run's, so that every
+    /// run changes every key.
+    runs: usize,
+}
+
+impl Ceilings {
+    /// Writes every key once over a `session`; the span (unix ns) it took, to find its
+    /// Setvars in the simulator's trace.
+    async fn run(&mut self, session: Session) -> anyhow::Result<std::ops::Range<u128>> {
+        let from = u128::from(unix_ns());
+        crate::ceiling::setvar(
+            &self.spare,
+            "admin",
+            "adminsecret",
+            self.keys,
+            512,
+            self.keys,
+            session,
+            self.runs,
+        )
+        .await?;
+        self.runs += 1;
+        Ok(from..u128::from(unix_ns()))
+    }
+}
+
+/// When one apply round's ceilings and agent ran (unix ns).
+struct RoundSpans {
+    events_off: std::ops::Range<u128>,
+    agent_session: std::ops::Range<u128>,
+    agent: std::ops::Range<u128>,
+}
+
+/// The median of `v` (the mean of the middle two when even); 0 when empty.
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
 }
 
 /// The simulator's Setvar count once it stood still for `quiet` (or at `deadline`).
@@ -382,4 +531,17 @@ async fn setvars_settled(
         }
     }
     Ok(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median;
+
+    #[test]
+    fn median_takes_the_middle_or_the_mean_of_the_middle_two() {
+        assert_eq!(median(vec![]), 0.0);
+        assert_eq!(median(vec![3.0]), 3.0);
+        assert_eq!(median(vec![5.0, 1.0, 4.0]), 4.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 10.0]), 3.0);
+    }
 }
