@@ -144,8 +144,12 @@ pub async fn run(cfg: AgentConfig, ctx: Context) -> anyhow::Result<()> {
         let keys = transport.keys_handle();
         drive(cfg, ctx, (pbx, pbx_events), transport, Some(keys)).await
     } else {
-        let hubs = MultiHub::connect(MultiHubConfig::new(cfg.federation.servers.clone()))
-            .context("cannot start the hub links")?;
+        let mut links = MultiHubConfig::new(cfg.federation.servers.clone());
+        // Each hub is told our origin, and sends us none of our own messages back.
+        for hub in &mut links.hubs {
+            hub.origin = Some(cfg.general.name.clone());
+        }
+        let hubs = MultiHub::connect(links).context("cannot start the hub links")?;
         drive(cfg, ctx, (pbx, pbx_events), hubs, None).await
     }
 }

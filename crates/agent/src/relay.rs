@@ -184,7 +184,8 @@ pub struct RelayCounters {
     /// Inbound messages accepted.
     pub accepted: u64,
     /// Inbound messages naming this node's origin, dropped unchecked (its own, sent back by
-    /// the hubs; see [`hintfed_core::sealed_by`]).
+    /// a hub that does not honour the origin the hub link announces, an older one; see
+    /// [`hintfed_core::sealed_by`]). Zero against current hubs, which send none back.
     pub own_dropped: u64,
     /// Stream updates published.
     pub published: u64,
@@ -771,7 +772,8 @@ impl<T: FederationTransport + 'static> Relay<T> {
         let Some(payload) = msg.frames.last() else {
             return;
         };
-        // Our own messages, which the hubs send back to every subscriber: the node ignores
+        // Our own messages, which an older hub sends back to every subscriber (a current
+        // one honours the origin our hub links announce and sends none): the node ignores
         // them ([`Node::on_remote`]), so they are dropped before their check (a tenth of
         // what an agent of ten receives). One that names us but would not verify is dropped
         // the same way.

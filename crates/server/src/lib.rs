@@ -9,7 +9,9 @@
 //!   ([`hintfed_transport::HubBind`], and the legacy `PullBind`/`PubBind`); [`Server::run`]
 //!   owns one loop: ROUTER frames → [`hintfed_core::Verifier`] (rejects counted by reason)
 //!   → [`hintfed_core::Hub`] (dedupe, table, liveness) → forwarded unchanged on the PUB as
-//!   `[env.topic(), original signed bytes]`; the core's actions (heartbeats, origin-down
+//!   `[env.topic(), original signed bytes]` (to every subscriber but those that announced the
+//!   envelope's origin as theirs: an agent is not sent its own messages back, see
+//!   [`hintfed_transport::Publication`]); the core's actions (heartbeats, origin-down
 //!   notices, snapshot chunks, resync requests) are sealed with the hub's key and published
 //!   or sent to the requester. A tick drives heartbeats, liveness and metrics.
 //! - [`legacy`]: the zmq-ami-broker wire format (sans-IO). Legacy `DeviceStateChange`

@@ -19,8 +19,8 @@ use hintfed_daemon::http::{
 use hintfed_daemon::metrics::{Kind as MetricKind, KindLabels, Metrics};
 use hintfed_daemon::views;
 use hintfed_transport::{
-    Frames, HubBind, HubBindConfig, Limits, PubBind, PullBind, RouterMessage, StatsSnapshot,
-    TransportError,
+    Frames, HubBind, HubBindConfig, Limits, PubBind, Publication, PullBind, RouterMessage,
+    StatsSnapshot, TransportError,
 };
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -519,7 +519,7 @@ struct Synthetic {
 }
 
 enum Out {
-    Publish(Frames),
+    Publish(Publication),
     Reply(Bytes, Frames),
     Legacy(Frames),
 }
@@ -545,7 +545,7 @@ struct Runtime {
     next_legacy_hb: Millis,
     outbox: Vec<Out>,
     /// The messages of the outbox to publish together (kept between flushes).
-    publish_buf: Vec<Frames>,
+    publish_buf: Vec<Publication>,
     /// Whether the outbox holds replies (snapshot chunks, resync requests).
     replies_queued: bool,
     /// One permit per snapshot chunk in flight (released when the transport has taken the
@@ -713,10 +713,12 @@ impl Runtime {
             let kind = metric_kind(env);
             self.counters.received[kind_index(kind)].inc();
             self.counters.published[kind_index(kind)].inc();
-            self.outbox.push(Out::Publish(vec![
-                Bytes::from_static(env.topic().as_bytes()),
-                payload,
-            ]));
+            // The origin's own message: not sent back to the origin's links that announced it
+            // (they would drop it).
+            self.outbox.push(Out::Publish(Publication::of(
+                env.origin.as_str(),
+                vec![Bytes::from_static(env.topic().as_bytes()), payload],
+            )));
             if let Body::Update(u) = &env.body {
                 if self.legacy_on
                     && !synthetic
@@ -846,10 +848,10 @@ impl Runtime {
                         }
                     }
                     self.counters.published[kind_index(MetricKind::Other)].inc();
-                    self.outbox.push(Out::Publish(vec![
+                    self.outbox.push(Out::Publish(Publication::new(vec![
                         Bytes::from_static(env.topic().as_bytes()),
                         Bytes::from(bytes),
-                    ]));
+                    ])));
                     if let Body::OriginDown { origin, .. } = &env.body {
                         self.check_origin(origin, now);
                     }
@@ -1195,7 +1197,7 @@ impl Runtime {
         batch.clear();
         for out in self.outbox.drain(..) {
             match out {
-                Out::Publish(frames) => batch.push(frames),
+                Out::Publish(p) => batch.push(p),
                 Out::Reply(identity, frames) => {
                     let published = bind.publish_batch(batch).await;
                     batch.clear();

@@ -27,6 +27,58 @@ fn dev(key: &str, s: DeviceState) -> LocalEvent {
     LocalEvent::device(key, s)
 }
 
+/// Two hubs side by side; an agent whose links announce its origin is sent none of its own
+/// messages back by either, and still gets everyone else's; an agent that announces nothing
+/// still gets everything, its own included.
+#[tokio::test]
+async fn an_agent_that_announces_its_origin_is_not_sent_its_own_messages() {
+    let h0 = TestHub::start(with_key(TestHub::config("hub-o0"))).await;
+    let h1 = TestHub::start(with_key(TestHub::config("hub-o1"))).await;
+    let eps = vec![h0.endpoint(), h1.endpoint()];
+    let mut a = FakeAgent::connect_with("pbx-a", &eps, keys(), true).await;
+    let mut b = FakeAgent::connect("pbx-b", &eps, keys()).await;
+    let from = |agent: &FakeAgent, hub: usize, origin: &str| {
+        agent
+            .fanout_origins
+            .iter()
+            .any(|(h, o)| *h == hub && o == origin)
+    };
+    // Each waits for the other's messages from both hubs before publishing its own: each hub
+    // had queued a's messages (to every subscriber, in order) before b's reached it.
+    a.full_sync(vec![dev("PJSIP/100", DeviceState::Inuse)]);
+    b.wait("a's messages from both hubs", |b| {
+        from(b, 0, "pbx-a") && from(b, 1, "pbx-a")
+    })
+    .await;
+    b.full_sync(vec![dev("PJSIP/200", DeviceState::Busy)]);
+    a.wait("b's messages from both hubs", |a| {
+        from(a, 0, "pbx-b") && from(a, 1, "pbx-b")
+    })
+    .await;
+    b.wait("its own messages back from both hubs", |b| {
+        from(b, 0, "pbx-b") && from(b, 1, "pbx-b")
+    })
+    .await;
+    assert_eq!(device_of(&a, "PJSIP/200", "pbx-b"), Some(DeviceState::Busy));
+    assert_eq!(
+        device_of(&b, "PJSIP/100", "pbx-a"),
+        Some(DeviceState::Inuse)
+    );
+    let own: Vec<_> = a
+        .fanout_origins
+        .iter()
+        .filter(|(_, o)| o == "pbx-a")
+        .collect();
+    assert!(own.is_empty(), "pbx-a was sent its own messages: {own:?}");
+    // The hubs' own messages still reach it.
+    a.wait("the hubs' own messages", |a| {
+        from(a, 0, "hub-o0") && from(a, 1, "hub-o1")
+    })
+    .await;
+    h0.stop().await;
+    h1.stop().await;
+}
+
 #[tokio::test]
 async fn updates_fan_out_with_topics_and_the_hub_heartbeats() {
     let hub = TestHub::start(with_key(TestHub::config("hub-t1"))).await;

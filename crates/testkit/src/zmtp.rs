@@ -4,7 +4,7 @@
 
 use std::io;
 
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, ToSocketAddrs};
 
 /// A subscription to every topic as ZMTP 3.0 sends it: a one-byte message frame `\x01`.
@@ -25,14 +25,68 @@ pub fn greeting() -> Vec<u8> {
 
 /// A READY command (short command frame) announcing `socket_type`, e.g. `SUB`.
 pub fn ready(socket_type: &str) -> Vec<u8> {
-    let mut body = b"\x0bSocket-Type".to_vec();
-    body.extend(
-        u32::try_from(socket_type.len())
-            .expect("short")
-            .to_be_bytes(),
-    );
-    body.extend(socket_type.as_bytes());
-    command(b"READY", &body)
+    ready_with(socket_type, &[])
+}
+
+/// A READY command announcing `socket_type`, then the properties `props` in order (any
+/// size: a long command frame when it needs one).
+pub fn ready_with(socket_type: &str, props: &[(&[u8], &[u8])]) -> Vec<u8> {
+    let mut body = b"\x05READY".to_vec();
+    let socket_type: &[u8] = socket_type.as_bytes();
+    for (name, value) in
+        std::iter::once((&b"Socket-Type"[..], socket_type)).chain(props.iter().copied())
+    {
+        body.push(u8::try_from(name.len()).expect("short name"));
+        body.extend_from_slice(name);
+        body.extend(
+            u32::try_from(value.len())
+                .expect("value under 4 GiB")
+                .to_be_bytes(),
+        );
+        body.extend_from_slice(value);
+    }
+    match u8::try_from(body.len()) {
+        Ok(n) => {
+            let mut c = vec![0x04, n];
+            c.extend(body);
+            c
+        }
+        Err(_) => {
+            let mut c = vec![0x06];
+            c.extend((body.len() as u64).to_be_bytes());
+            c.extend(body);
+            c
+        }
+    }
+}
+
+/// Reads one frame of a peer: (flags, body).
+pub async fn read_frame(s: &mut TcpStream) -> io::Result<(u8, Vec<u8>)> {
+    let flags = s.read_u8().await?;
+    let len = if flags & 0x02 != 0 {
+        usize::try_from(s.read_u64().await?).map_err(|_| io::ErrorKind::InvalidData)?
+    } else {
+        usize::from(s.read_u8().await?)
+    };
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).await?;
+    Ok((flags, body))
+}
+
+/// Reads up to a peer's next message, skipping commands (its READY, PINGs); returns its
+/// frames.
+pub async fn read_message(s: &mut TcpStream) -> io::Result<Vec<Vec<u8>>> {
+    let mut frames = Vec::new();
+    loop {
+        let (flags, body) = read_frame(s).await?;
+        if flags & 0x04 != 0 {
+            continue;
+        }
+        frames.push(body);
+        if flags & 0x01 == 0 {
+            return Ok(frames);
+        }
+    }
 }
 
 /// A short command frame: `name` (short) and `body`, at most 255 bytes in all.
@@ -105,5 +159,11 @@ mod tests {
         assert!(r.ends_with(b"Socket-Type\x00\x00\x00\x03SUB"));
         assert!(sub_handshake().ends_with(&SUBSCRIBE_ALL));
         assert_eq!(long_frame_header(1 << 40), [2, 0, 0, 1, 0, 0, 0, 0, 0]);
+        assert_eq!(ready_with("SUB", &[]), r);
+        let big = vec![b'v'; 300];
+        let r = ready_with("SUB", &[(b"X-A", &big)]);
+        assert_eq!(r[0], 0x06);
+        assert_eq!(&r[1..9], &(r.len() as u64 - 9).to_be_bytes());
+        assert!(r.ends_with(&[&b"\x03X-A\x00\x00\x01\x2c"[..], &big].concat()));
     }
 }

@@ -17,7 +17,7 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use hintfed_transport::{Channel, HubBind, HubBindConfig, HubLink, HubLinkConfig};
+use hintfed_transport::{Channel, HubBind, HubBindConfig, HubLink, HubLinkConfig, Publication};
 
 fn thread_cpu_ns() -> u64 {
     std::fs::read_to_string("/proc/thread-self/schedstat")
@@ -106,10 +106,10 @@ fn main() {
             let k = batch.min(n - sent);
             let msgs: Vec<_> = (sent..sent + k)
                 .map(|i| {
-                    vec![
+                    Publication::new(vec![
                         Bytes::from(format!("state.dev.{:06}", i % 1000)),
                         payload.clone(),
-                    ]
+                    ])
                 })
                 .collect();
             hub.publish_batch(&msgs).await.expect("publish");

@@ -4,7 +4,9 @@
 //! instead of the `zeromq` crate's PUB behind the byte-copying guard (which cloned and
 //! re-encoded every message per subscriber and copied every byte through a loopback proxy).
 //!
-//! Per subscriber connection one task: greeting and READY exchange (bounded in time), then it
+//! Per subscriber connection one task: greeting and READY exchange (bounded in time; the
+//! READY's `X-Hintfed-Origin` property, if any, is the origin the subscriber publishes as,
+//! whose messages it is not written), then it
 //! reads subscriptions (ZMTP 3.0 messages `\x01prefix` / `\x00prefix`, or 3.1 `SUBSCRIBE` /
 //! `CANCEL` commands; `PING` commands are answered) with the size [`Limits`] enforced before a
 //! frame body is buffered, and writes the queued messages matching its subscriptions in
@@ -28,8 +30,12 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 use crate::guard::{OVERSIZE_WARN, accept_bounded};
+use crate::hub::Publication;
 use crate::link::{Frames, Limits, LinkStats};
-use crate::zmtp::{End, Reader, encode_message, handshake, pong_for, ready};
+use crate::zmtp::{
+    End, MAX_ORIGIN, ORIGIN_PROPERTY, Reader, encode_message, handshake, pong_for, properties,
+    ready,
+};
 
 /// Messages queued per subscriber before the newest are dropped for it.
 pub(crate) const SUBSCRIBER_QUEUE: usize = 100_000;
@@ -40,32 +46,56 @@ pub(crate) const WRITE_BATCH: usize = 64 * 1024;
 /// Most subscriptions one peer may hold.
 const MAX_SUBSCRIPTIONS: usize = 1024;
 
-/// One published message: its first frame (for prefix matching) and its whole wire encoding.
+/// One published message: its first frame (for prefix matching), its whole wire encoding and,
+/// after it in the same bytes, the origin whose message it is (not sent to a subscriber that
+/// announced it; empty: no origin).
 #[derive(Clone)]
 pub(crate) struct Encoded {
     topic: Bytes,
-    wire: Bytes,
+    bytes: Bytes,
+    /// Where the wire encoding ends in `bytes` and the origin starts.
+    wire_end: usize,
 }
 
-/// Bytes of `frames` on the wire (each frame: a header of at most 9 bytes, its body).
-fn wire_len(frames: &Frames) -> usize {
-    frames.iter().map(|f| f.len() + 9).sum()
+impl Encoded {
+    /// The message's wire encoding.
+    fn wire(&self) -> &[u8] {
+        &self.bytes[..self.wire_end]
+    }
+
+    /// The origin whose message it is (empty: none).
+    fn origin(&self) -> &[u8] {
+        &self.bytes[self.wire_end..]
+    }
 }
 
-/// Encodes `frames` (first frame = topic) as one ZMTP message at the end of `buf` and splits
-/// it off (slices of one buffer share its allocation).
-fn encode_into(buf: &mut BytesMut, frames: &Frames) -> Option<Encoded> {
+/// Bytes of `frames` on the wire (each frame: a header of at most 9 bytes, its body) and of
+/// `origin`.
+fn wire_len(frames: &Frames, origin: Option<&str>) -> usize {
+    frames.iter().map(|f| f.len() + 9).sum::<usize>() + origin.map_or(0, str::len)
+}
+
+/// Encodes `frames` (first frame = topic) as one ZMTP message at the end of `buf`, `origin`
+/// after it, and splits both off (slices of one buffer share its allocation).
+fn encode_into(buf: &mut BytesMut, frames: &Frames, origin: Option<&str>) -> Option<Encoded> {
     let topic = frames.first()?.clone();
     encode_message(buf, frames);
+    let wire_end = buf.len();
+    buf.extend_from_slice(origin.unwrap_or_default().as_bytes());
     Some(Encoded {
         topic,
-        wire: buf.split().freeze(),
+        bytes: buf.split().freeze(),
+        wire_end,
     })
 }
 
-/// Encodes `frames` (first frame = topic) as one ZMTP message.
+/// Encodes `frames` (first frame = topic) as one ZMTP message of no origin.
 pub(crate) fn encode(frames: &Frames) -> Option<Encoded> {
-    encode_into(&mut BytesMut::with_capacity(wire_len(frames)), frames)
+    encode_into(
+        &mut BytesMut::with_capacity(wire_len(frames, None)),
+        frames,
+        None,
+    )
 }
 
 /// Messages published together, shared by every subscriber's queue: one allocation for
@@ -131,23 +161,33 @@ impl Fanout {
         }
     }
 
-    /// Queues one message to every subscriber (its task filters by subscription).
+    /// Queues one message of no origin to every subscriber (its task filters by
+    /// subscription).
     pub(crate) fn publish(&mut self, frames: &Frames) {
-        self.publish_batch(std::slice::from_ref(frames));
+        self.publish_all(std::iter::once((frames, None)));
     }
 
-    /// Queues messages to every subscriber: each is encoded once and the whole batch is one
-    /// shared queue entry per subscriber. A subscriber without room for the whole batch loses
-    /// it (counted per message as `dropped_outbound`).
-    pub(crate) fn publish_batch(&mut self, batch: &[Frames]) {
+    /// Queues messages to every subscriber (each subscriber's task filters them by its
+    /// subscriptions and its announced origin).
+    pub(crate) fn publish_batch(&mut self, batch: &[Publication]) {
+        self.publish_all(batch.iter().map(|p| (&p.frames, p.origin.as_deref())));
+    }
+
+    /// Queues messages (frames, origin) to every subscriber: each is encoded once and the
+    /// whole batch is one shared queue entry per subscriber. A subscriber without room for
+    /// the whole batch loses it (counted per message as `dropped_outbound`).
+    fn publish_all<'a>(
+        &mut self,
+        batch: impl Iterator<Item = (&'a Frames, Option<&'a str>)> + Clone,
+    ) {
         self.take_joined();
         if self.subscribers.is_empty() {
             return;
         }
-        let mut buf = BytesMut::with_capacity(batch.iter().map(wire_len).sum());
+        let size = batch.clone().map(|(f, o)| wire_len(f, o)).sum();
+        let mut buf = BytesMut::with_capacity(size);
         let encoded: Batch = batch
-            .iter()
-            .filter_map(|frames| encode_into(&mut buf, frames))
+            .filter_map(|(frames, origin)| encode_into(&mut buf, frames, origin))
             .collect();
         let n = encoded.len();
         if n == 0 {
@@ -228,13 +268,35 @@ async fn accept_loop(
     .await;
 }
 
-/// A subscriber's handshake: its first command must be READY.
-async fn sub_handshake(stream: TcpStream, limits: Limits) -> Result<(Reader, OwnedWriteHalf), End> {
-    let (reader, write, first) = handshake(stream, limits, &ready(b"PUB"), 4096).await?;
-    if !first.body.starts_with(b"\x05READY") {
+/// A subscriber's handshake: its first command must be READY. Returns the origin it
+/// announces, if any (see [`announced_origin`]).
+async fn sub_handshake(
+    stream: TcpStream,
+    limits: Limits,
+) -> Result<(Reader, OwnedWriteHalf, Option<Bytes>), End> {
+    let (reader, write, first) = handshake(stream, limits, &ready(b"PUB", &[]), 4096).await?;
+    let Some(props) = first.body.strip_prefix(b"\x05READY") else {
         return Err(End::Closed);
+    };
+    Ok((reader, write, announced_origin(props)))
+}
+
+/// The origin a subscriber's READY properties (`props`, read in place) announce as
+/// [`ORIGIN_PROPERTY`] (the first one, copied: the READY's buffer is not held), so that it is
+/// not sent that origin's messages. `None`, and everything is sent as to any subscriber, when
+/// there is none, when it is empty or longer than [`MAX_ORIGIN`] bytes (no message could be
+/// of it), or when the properties are malformed (such a READY was always accepted here).
+fn announced_origin(props: &[u8]) -> Option<Bytes> {
+    let mut origin = None;
+    for p in properties(props) {
+        let (name, value) = p.ok()?;
+        if origin.is_none() && name.eq_ignore_ascii_case(ORIGIN_PROPERTY) {
+            origin = Some(value);
+        }
     }
-    Ok((reader, write))
+    origin
+        .filter(|o| !o.is_empty() && o.len() <= MAX_ORIGIN)
+        .map(Bytes::copy_from_slice)
 }
 
 async fn serve(
@@ -249,7 +311,7 @@ async fn serve(
     let end = match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
         Err(_) => End::Closed,
         Ok(Err(e)) => e,
-        Ok(Ok((reader, write))) => {
+        Ok(Ok((reader, write, origin))) => {
             let (tx, rx) = mpsc::unbounded_channel();
             let queued = Arc::new(AtomicUsize::new(0));
             let queue = Queue {
@@ -259,7 +321,16 @@ async fn serve(
             if join_tx.send(queue).await.is_err() {
                 return;
             }
-            run(reader, write, rx, &queued, each.welcome, each.linger).await
+            run(
+                reader,
+                write,
+                origin,
+                rx,
+                &queued,
+                each.welcome,
+                each.linger,
+            )
+            .await
         }
     };
     if let End::Oversize = end {
@@ -270,9 +341,12 @@ async fn serve(
     }
 }
 
+/// Serves one subscriber past its handshake; `origin`: the one it announced, whose messages
+/// it is not sent.
 async fn run(
     mut reader: Reader,
     mut write: OwnedWriteHalf,
+    origin: Option<Bytes>,
     mut rx: mpsc::UnboundedReceiver<Batch>,
     queued: &AtomicUsize,
     mut welcome: Option<Encoded>,
@@ -311,7 +385,7 @@ async fn run(
                 if welcome.as_ref().is_some_and(|w| matches(&subscriptions, &w.topic))
                     && let Some(w) = welcome.take()
                 {
-                    out.extend_from_slice(&w.wire);
+                    out.extend_from_slice(w.wire());
                 }
                 if !out.is_empty() {
                     if write.write_all(&out).await.is_err() {
@@ -339,8 +413,8 @@ async fn run(
         let mut next = Some(first);
         while let Some(b) = next.take() {
             for m in b.iter() {
-                if matches(&subscriptions, &m.topic) {
-                    out.extend_from_slice(&m.wire);
+                if sent_to(m, &subscriptions, origin.as_deref()) {
+                    out.extend_from_slice(m.wire());
                     if out.len() >= WRITE_BATCH {
                         if write.write_all(&out).await.is_err() {
                             return End::Closed;
@@ -433,6 +507,12 @@ impl Pace {
 
 fn matches(subscriptions: &[Bytes], topic: &[u8]) -> bool {
     subscriptions.iter().any(|s| topic.starts_with(s))
+}
+
+/// Whether `m` goes to a subscriber with `subscriptions` that announced `origin` (never
+/// empty): its topic is subscribed to, and it is not a message of the origin announced.
+fn sent_to(m: &Encoded, subscriptions: &[Bytes], origin: Option<&[u8]>) -> bool {
+    matches(subscriptions, &m.topic) && origin.is_none_or(|o| m.origin() != o)
 }
 
 fn subscribe(subscriptions: &mut Vec<Bytes>, prefix: Bytes) {
@@ -546,11 +626,94 @@ mod tests {
         let big = Bytes::from(vec![7u8; 300]);
         let m = encode(&vec![Bytes::from_static(b"ab"), big]).expect("frames");
         assert_eq!(&m.topic[..], b"ab");
-        assert_eq!(&m.wire[..4], &[0x01, 2, b'a', b'b']);
-        assert_eq!(m.wire[4], 0x02);
-        assert_eq!(&m.wire[5..13], &300u64.to_be_bytes());
-        assert_eq!(m.wire.len(), 4 + 9 + 300);
+        assert_eq!(&m.wire()[..4], &[0x01, 2, b'a', b'b']);
+        assert_eq!(m.wire()[4], 0x02);
+        assert_eq!(&m.wire()[5..13], &300u64.to_be_bytes());
+        assert_eq!(m.wire().len(), 4 + 9 + 300);
+        assert!(m.origin().is_empty());
         assert!(encode(&Vec::new()).is_none());
+    }
+
+    /// The properties of our READY with `props` (a short or a long command frame).
+    fn ready_props(props: &[(&[u8], &[u8])]) -> Vec<u8> {
+        let r = ready(b"SUB", props);
+        let head = if r[0] == 0x06 { 9 } else { 2 };
+        r[head..]
+            .strip_prefix(b"\x05READY")
+            .expect("READY")
+            .to_vec()
+    }
+
+    #[test]
+    fn the_origin_a_subscriber_announces() {
+        let origin = |props: &[(&[u8], &[u8])]| announced_origin(&ready_props(props));
+        assert_eq!(origin(&[]), None);
+        assert_eq!(
+            origin(&[(ORIGIN_PROPERTY, b"pbx-a")]).as_deref(),
+            Some(&b"pbx-a"[..])
+        );
+        // Names are case-insensitive; the first one counts.
+        assert_eq!(
+            origin(&[(b"x-hintfed-origin", b"pbx-a"), (ORIGIN_PROPERTY, b"pbx-b")]).as_deref(),
+            Some(&b"pbx-a"[..])
+        );
+        // Any bytes are an origin's bytes.
+        let odd = b"a\"b\\c\x00\xff\xfe";
+        assert_eq!(origin(&[(ORIGIN_PROPERTY, odd)]).as_deref(), Some(&odd[..]));
+        // Empty, oversize or malformed: none announced (everything is sent).
+        assert_eq!(origin(&[(ORIGIN_PROPERTY, b"")]), None);
+        let long = vec![b'a'; MAX_ORIGIN + 1];
+        assert_eq!(origin(&[(ORIGIN_PROPERTY, &long)]), None);
+        let longest = vec![b'a'; MAX_ORIGIN];
+        assert_eq!(
+            origin(&[(ORIGIN_PROPERTY, &longest)]).as_deref(),
+            Some(&longest[..])
+        );
+        let mut cut = ready_props(&[(ORIGIN_PROPERTY, b"pbx-a")]);
+        cut.pop();
+        assert_eq!(announced_origin(&cut), None);
+        let mut trailing = ready_props(&[(ORIGIN_PROPERTY, b"pbx-a")]);
+        trailing.push(7);
+        assert_eq!(announced_origin(&trailing), None);
+    }
+
+    fn of_none_like(topic: &'static [u8]) -> Encoded {
+        encode(&vec![Bytes::from_static(topic), Bytes::new()]).expect("frames")
+    }
+
+    #[test]
+    fn a_subscriber_that_announced_its_origin_is_not_sent_its_messages() {
+        let frames = |topic: &'static [u8]| vec![Bytes::from_static(topic), Bytes::new()];
+        let mut buf = BytesMut::new();
+        let of_a = encode_into(&mut buf, &frames(b"state.a"), Some("pbx-a")).expect("frames");
+        let of_b = encode_into(&mut buf, &frames(b"state.b"), Some("pbx-b")).expect("frames");
+        let of_none = encode_into(&mut buf, &frames(b"control"), None).expect("frames");
+        // The origin rides beside the wire bytes, not in them.
+        assert_eq!(
+            of_a.wire(),
+            encode(&frames(b"state.a")).expect("frames").wire()
+        );
+        assert_eq!(of_a.origin(), b"pbx-a");
+        let all = [Bytes::new()];
+        let sent = |origin: Option<&[u8]>| {
+            [&of_a, &of_b, &of_none]
+                .map(|m| sent_to(m, &all, origin))
+                .to_vec()
+        };
+        // Announced pbx-a: everything but pbx-a's.
+        assert_eq!(sent(Some(b"pbx-a")), [false, true, true]);
+        assert_eq!(sent(Some(b"pbx-b")), [true, false, true]);
+        // Announced nothing, or an origin of no message: everything.
+        assert_eq!(sent(None), [true, true, true]);
+        assert_eq!(sent(Some(b"pbx-c")), [true, true, true]);
+        // Subscriptions still apply.
+        let only_state = [Bytes::from_static(b"state.")];
+        assert!(!sent_to(&of_none, &only_state, Some(b"pbx-a")));
+        // An empty origin is none.
+        let of_empty = encode_into(&mut buf, &frames(b"state.e"), Some("")).expect("frames");
+        assert_eq!(of_empty.wire(), of_none_like(b"state.e").wire());
+        assert!(sent_to(&of_empty, &all, Some(b"pbx-a")));
+        assert!(sent_to(&of_b, &only_state, Some(b"pbx-a")));
     }
 
     #[test]

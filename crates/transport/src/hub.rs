@@ -83,6 +83,12 @@ pub struct HubLinkConfig {
     pub sub_endpoint: Option<String>,
     /// Topic prefixes to subscribe to (default `[""]`: everything).
     pub subscriptions: Vec<String>,
+    /// The origin the link's owner publishes as (default `None`). Announced to the hub when
+    /// the fan-out connection is made (ZMTP READY property `X-Hintfed-Origin`; left out when
+    /// longer than 255 bytes): a [`HubBind`] then sends this link none of that origin's
+    /// messages ([`Publication::origin`]). A hub that does not know the property (an older
+    /// one, a libzmq PUB) ignores it and sends everything.
+    pub origin: Option<String>,
     /// How often to ping the hub on the DEALER (default 500 ms).
     pub ping_interval: Duration,
     /// Silence on either socket past this recreates both (default 3 s).
@@ -110,6 +116,7 @@ impl HubLinkConfig {
             endpoint: endpoint.into(),
             sub_endpoint: None,
             subscriptions: vec![String::new()],
+            origin: None,
             ping_interval: Duration::from_millis(500),
             silence_timeout: Duration::from_secs(3),
             send_timeout: Duration::from_secs(1),
@@ -318,6 +325,7 @@ impl LinkTask {
                     &self.sub_endpoint,
                     attempt_timeout,
                     &subs,
+                    self.config.origin.as_deref(),
                     self.config.limits,
                 )
                 .await
@@ -568,6 +576,35 @@ impl HubBindConfig {
 /// Default [`HubBindConfig::fanout_linger`].
 pub const DEFAULT_FANOUT_LINGER: Duration = Duration::from_millis(1);
 
+/// A message for the hub's fan-out ([`HubBind::publish_batch`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Publication {
+    /// Its frames (first = topic).
+    pub frames: Frames,
+    /// The origin whose message it is: not sent to the subscribers that announced that
+    /// origin ([`HubLinkConfig::origin`]), which would drop it. `None` (the hub's own
+    /// messages, or none of an origin's), or empty: sent to every subscriber.
+    pub origin: Option<String>,
+}
+
+impl Publication {
+    /// `frames`, a message of no origin (sent to every subscriber).
+    pub fn new(frames: Frames) -> Self {
+        Self {
+            frames,
+            origin: None,
+        }
+    }
+
+    /// `frames`, a message of `origin`.
+    pub fn of(origin: impl Into<String>, frames: Frames) -> Self {
+        Self {
+            frames,
+            origin: Some(origin.into()),
+        }
+    }
+}
+
 /// A message received on the hub's ROUTER.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouterMessage {
@@ -601,7 +638,10 @@ fn lock_fanout(f: &std::sync::Mutex<Fanout>) -> std::sync::MutexGuard<'_, Fanout
 ///   closed (`send_timeouts`).
 /// - publications ([`HubBind::publish`], [`HubBind::publish_batch`]): encoded once (ZMTP spoken
 ///   directly) and queued to every subscriber from the caller's task, without a hop through the
-///   socket task; a batch is one shared queue entry per subscriber. A subscriber whose queue
+///   socket task; a batch is one shared queue entry per subscriber. Each subscriber is written
+///   the messages of its subscriptions, less those of the origin it announced in its READY
+///   (property `X-Hintfed-Origin`, see [`HubLinkConfig::origin`]; a subscriber that announces
+///   none, or a malformed or oversize one, gets every message). A subscriber whose queue
 ///   of 100 000 messages has no room drops the newest, counted as `dropped_outbound`; the
 ///   others are not held back. Never waits.
 /// - inbound ([`RouterMessage`]): each peer connection's reader task hands whole messages
@@ -686,29 +726,29 @@ impl HubBind {
         Ok(())
     }
 
-    /// Queues a message for the PUB (first frame = topic; waits for queue space).
+    /// Queues a message of no origin for the PUB (first frame = topic; never waits).
     pub async fn publish(&self, frames: Frames) -> Result<(), SendError> {
         if frames.is_empty() {
             return Err(SendError::Empty);
         }
-        self.publish_now(std::slice::from_ref(&frames))
-    }
-
-    /// Queues many messages for the PUB in one queue slot (each: first frame = topic; waits
-    /// for queue space). Empty messages are skipped.
-    pub async fn publish_batch(&self, batch: &[Frames]) -> Result<(), SendError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        self.publish_now(batch)
-    }
-
-    /// Encodes `batch` once and queues it to every subscriber, here, without a hop through
-    /// the socket task (the subscriber queues never block; see the type's channel policy).
-    fn publish_now(&self, batch: &[Frames]) -> Result<(), SendError> {
         if self.tx.is_closed() {
             return Err(SendError::Closed);
         }
+        lock_fanout(&self.fanout).publish(&frames);
+        Ok(())
+    }
+
+    /// Queues many messages for the PUB in one queue slot (each: first frame = topic; never
+    /// waits). Empty messages are skipped.
+    pub async fn publish_batch(&self, batch: &[Publication]) -> Result<(), SendError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        if self.tx.is_closed() {
+            return Err(SendError::Closed);
+        }
+        // Encoded once and queued to every subscriber, here, without a hop through the
+        // socket task (the subscriber queues never block; see the type's channel policy).
         lock_fanout(&self.fanout).publish_batch(batch);
         Ok(())
     }

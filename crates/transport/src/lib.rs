@@ -81,7 +81,11 @@
 //!   (answered by [`HubBind`] itself, never delivered).
 //! - hub → agent replies (ROUTER → DEALER): any frames, delivered as [`Channel::Reply`].
 //! - hub fan-out (PUB → SUB): `[topic, ...]`, delivered as [`Channel::Fanout`]; the one-frame
-//!   [`hub::HEARTBEAT_TOPIC`] is swallowed by the link.
+//!   [`hub::HEARTBEAT_TOPIC`] is swallowed by the link. A link given its owner's origin
+//!   ([`HubLinkConfig::origin`]) announces it in its SUB's ZMTP READY as the application
+//!   property `X-Hintfed-Origin`; [`HubBind`] then writes it none of the messages published
+//!   as that origin's ([`hub::Publication::origin`]). Any other SUB (libzmq, an older link)
+//!   gets everything, and an older hub or a libzmq PUB ignores the property.
 #![forbid(unsafe_code)]
 
 use std::future::Future;
@@ -104,7 +108,9 @@ pub mod sub;
 mod zmtp;
 
 pub use error::{RequestError, SendError, TransportError};
-pub use hub::{Channel, HubBind, HubBindConfig, HubLink, HubLinkConfig, Incoming, RouterMessage};
+pub use hub::{
+    Channel, HubBind, HubBindConfig, HubLink, HubLinkConfig, Incoming, Publication, RouterMessage,
+};
 pub use legacy::{PubBind, PullBind};
 pub use link::{Backoff, BackoffConfig, Frames, Limits, LinkStats, LinkStatus, StatsSnapshot};
 pub use multi::{MultiHub, MultiHubConfig};

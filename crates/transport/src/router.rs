@@ -178,10 +178,10 @@ impl std::fmt::Debug for Router {
 /// not DEALER, REQ or ROUTER sockets.
 fn peer_ready(body: &[u8]) -> Result<Option<Bytes>, End> {
     let rest = body.strip_prefix(b"\x05READY").ok_or(End::Closed)?;
-    let props = properties(rest).ok_or(End::Closed)?;
     let mut socket_ok = false;
     let mut identity = None;
-    for (name, value) in props {
+    for p in properties(rest) {
+        let (name, value) = p.map_err(|_| End::Closed)?;
         if name.eq_ignore_ascii_case(b"Socket-Type") {
             socket_ok = matches!(value, b"DEALER" | b"REQ" | b"ROUTER");
         } else if name.eq_ignore_ascii_case(b"Identity")
@@ -205,7 +205,7 @@ async fn handshake(
     limits: Limits,
 ) -> Result<(Reader, OwnedWriteHalf, Option<Bytes>), End> {
     let (reader, write, first) =
-        zmtp::handshake(stream, limits, &zmtp::ready(b"ROUTER"), 16 * 1024).await?;
+        zmtp::handshake(stream, limits, &zmtp::ready(b"ROUTER", &[]), 16 * 1024).await?;
     let identity = peer_ready(&first.body)?;
     Ok((reader, write, identity))
 }

@@ -144,6 +144,7 @@ impl SubTask {
                 &self.config.endpoint,
                 self.config.connect_attempt_timeout,
                 &self.config.subscriptions,
+                None,
                 self.config.limits,
             );
             let result = tokio::select! {

@@ -3,7 +3,8 @@
 //! client connection [`Conn`] (the SUB side of [`crate::SubClient`], the SUB and DEALER sides
 //! of [`crate::HubLink`]).
 //!
-//! Wire pieces: the 64-byte greeting, commands (`READY` with its properties, `PING`/`PONG`),
+//! Wire pieces: the 64-byte greeting, commands (`READY` with its properties, read in place
+//! by [`properties`], among them our application property [`ORIGIN_PROPERTY`], `PING`/`PONG`),
 //! frame headers (short: flags + 1-byte length; long: flags + 8-byte length). Sizes are
 //! checked on the header, before a body is buffered.
 //!
@@ -82,31 +83,83 @@ pub(crate) fn command(name: &[u8], body: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Our READY command, announcing `socket_type` (`PUB`, `ROUTER`, `SUB`).
-pub(crate) fn ready(socket_type: &[u8]) -> Vec<u8> {
+/// The application property (ZMTP metadata, `X-` prefixed as RFC 37 and libzmq's
+/// `ZMQ_METADATA` have application properties) by which a hub link's SUB announces the origin
+/// its owner publishes as: a hub's fan-out then sends it none of that origin's messages.
+pub(crate) const ORIGIN_PROPERTY: &[u8] = b"X-Hintfed-Origin";
+
+/// Longest origin a SUB announces, and a fan-out takes from a READY (longer: none; an
+/// envelope's origin is at most 128 bytes by default).
+pub(crate) const MAX_ORIGIN: usize = 255;
+
+/// Appends one READY property; a name longer than 255 bytes or a value longer than
+/// `u32::MAX` bytes (which the format cannot carry) is left out.
+fn put_property(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    let (Ok(n), Ok(len)) = (u8::try_from(name.len()), u32::try_from(value.len())) else {
+        return;
+    };
+    out.push(n);
+    out.extend_from_slice(name);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(value);
+}
+
+/// Our READY command, announcing `socket_type` (`PUB`, `ROUTER`, `SUB`) and the `extra`
+/// properties, in order.
+pub(crate) fn ready(socket_type: &[u8], extra: &[(&[u8], &[u8])]) -> Vec<u8> {
     let mut props = Vec::new();
-    props.push(11);
-    props.extend_from_slice(b"Socket-Type");
-    let len = u32::try_from(socket_type.len()).expect("a socket type name is short");
-    props.extend_from_slice(&len.to_be_bytes());
-    props.extend_from_slice(socket_type);
+    put_property(&mut props, b"Socket-Type", socket_type);
+    for (name, value) in extra {
+        put_property(&mut props, name, value);
+    }
     command(b"READY", &props)
 }
 
-/// The properties of a READY command body (after its name): `(name, value)` pairs, or `None`
-/// when malformed.
-pub(crate) fn properties(mut body: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
-    let mut props = Vec::new();
-    while !body.is_empty() {
-        let n = usize::from(*body.first()?);
-        let name = body.get(1..1 + n)?;
-        let len_bytes: [u8; 4] = body.get(1 + n..5 + n)?.try_into().ok()?;
-        let len = u32::from_be_bytes(len_bytes) as usize;
-        let value = body.get(5 + n..(5 + n).checked_add(len)?)?;
-        props.push((name, value));
-        body = &body[5 + n + len..];
+/// A READY command body whose properties do not follow the format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Malformed;
+
+/// The properties of a READY command body (after its name), in order, read in place (nothing
+/// is allocated, whatever the body): `(name, value)` pairs, then one `Err` (and nothing more)
+/// where the rest is malformed.
+pub(crate) fn properties(body: &[u8]) -> Properties<'_> {
+    Properties { rest: Some(body) }
+}
+
+/// The first property of `body` (name, value) and what follows it, if it is whole.
+fn split_property(body: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
+    let n = usize::from(*body.first()?);
+    let name = body.get(1..1 + n)?;
+    let len_bytes: [u8; 4] = body.get(1 + n..5 + n)?.try_into().ok()?;
+    let len = usize::try_from(u32::from_be_bytes(len_bytes)).ok()?;
+    let end = (5 + n).checked_add(len)?;
+    let value = body.get(5 + n..end)?;
+    Some((name, value, &body[end..]))
+}
+
+/// The iterator of [`properties`].
+pub(crate) struct Properties<'a> {
+    /// What is left to read; `None` once a malformed property was reported.
+    rest: Option<&'a [u8]>,
+}
+
+impl<'a> Iterator for Properties<'a> {
+    type Item = Result<(&'a [u8], &'a [u8]), Malformed>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let body = self.rest.take()?;
+        if body.is_empty() {
+            return None;
+        }
+        let parsed = split_property(body);
+        Some(match parsed {
+            Some((name, value, rest)) => {
+                self.rest = Some(rest);
+                Ok((name, value))
+            }
+            None => Err(Malformed),
+        })
     }
-    Some(props)
 }
 
 /// The PONG answering a PING command body (after the name: a 2-byte TTL, then a context
@@ -470,12 +523,14 @@ fn check_ready(body: &[u8], role: Role) -> Result<(), ZmtpError> {
     let rest = body
         .strip_prefix(b"\x05READY")
         .ok_or_else(|| ZmtpError::Ready("first command is not READY".into()))?;
-    let props = properties(rest).ok_or_else(|| ZmtpError::Ready("malformed properties".into()))?;
-    let socket_type = props
-        .iter()
-        .find(|(name, _)| name.eq_ignore_ascii_case(b"Socket-Type"))
-        .map(|(_, value)| *value)
-        .ok_or_else(|| ZmtpError::Ready("no Socket-Type".into()))?;
+    let mut socket_type = None;
+    for p in properties(rest) {
+        let (name, value) = p.map_err(|_| ZmtpError::Ready("malformed properties".into()))?;
+        if socket_type.is_none() && name.eq_ignore_ascii_case(b"Socket-Type") {
+            socket_type = Some(value);
+        }
+    }
+    let socket_type = socket_type.ok_or_else(|| ZmtpError::Ready("no Socket-Type".into()))?;
     if role.peers.contains(&socket_type) {
         return Ok(());
     }
@@ -511,18 +566,27 @@ pub(crate) struct Conn {
 impl Conn {
     /// Connects to the publisher at `endpoint` (`tcp://host:port`; the TCP connect bounded by
     /// `attempt`, the handshake by [`client_handshake_timeout`]) and subscribes to
-    /// `subscriptions`.
+    /// `subscriptions`. `origin`: announced in our READY as [`ORIGIN_PROPERTY`] (left out
+    /// when longer than [`MAX_ORIGIN`] bytes); a peer that does not know the property
+    /// ignores it, as ZMTP has peers do with properties they do not use.
     pub(crate) async fn subscriber(
         endpoint: &str,
         attempt: Duration,
         subscriptions: &[String],
+        origin: Option<&str>,
         limits: Limits,
     ) -> Result<Self, ZmtpError> {
         let mut first = Vec::new();
         for s in subscriptions {
             first.extend(subscription(s.as_bytes()));
         }
-        Self::connect(endpoint, attempt, SUB, &first, limits).await
+        let origin = origin.filter(|o| o.len() <= MAX_ORIGIN);
+        let extra: &[(&[u8], &[u8])] = match &origin {
+            Some(o) => &[(ORIGIN_PROPERTY, o.as_bytes())],
+            None => &[],
+        };
+        let ready = ready(SUB.socket_type, extra);
+        Self::connect(endpoint, attempt, &ready, SUB, &first, limits).await
     }
 
     /// Connects as a DEALER to the ROUTER at `endpoint` (bounds as [`Conn::subscriber`]).
@@ -531,12 +595,15 @@ impl Conn {
         attempt: Duration,
         limits: Limits,
     ) -> Result<Self, ZmtpError> {
-        Self::connect(endpoint, attempt, DEALER, &[], limits).await
+        let ready = ready(DEALER.socket_type, &[]);
+        Self::connect(endpoint, attempt, &ready, DEALER, &[], limits).await
     }
 
+    /// Connects as `role`, our READY command being `ready`.
     async fn connect(
         endpoint: &str,
         attempt: Duration,
+        ready: &[u8],
         role: Role,
         first: &[u8],
         limits: Limits,
@@ -550,22 +617,24 @@ impl Conn {
         let _ = stream.set_nodelay(true);
         tokio::time::timeout(
             client_handshake_timeout(attempt),
-            Self::handshake(stream, role, first, limits),
+            Self::handshake(stream, ready, role, first, limits),
         )
         .await
         .map_err(|_| ZmtpError::HandshakeTimeout)?
     }
 
-    /// Greeting and READY exchange as `role`, then `first` (the subscriptions) written.
+    /// Greeting and READY (`ready`) exchange as `role`, then `first` (the subscriptions)
+    /// written.
     async fn handshake(
         stream: TcpStream,
+        ready: &[u8],
         role: Role,
         first: &[u8],
         limits: Limits,
     ) -> Result<Self, ZmtpError> {
         let (mut read, mut write) = stream.into_split();
         let mut out = greeting(false).to_vec();
-        out.extend(ready(role.socket_type));
+        out.extend_from_slice(ready);
         write.write_all(&out).await.map_err(|_| ZmtpError::Closed)?;
         let mut peer = [0u8; 64];
         read.read_exact(&mut peer)
@@ -775,23 +844,73 @@ mod tests {
 
     #[test]
     fn ready_of_a_publisher() {
-        assert!(check_ready(&ready(b"PUB")[2..], SUB).is_ok());
-        assert!(check_ready(&ready(b"XPUB")[2..], SUB).is_ok());
+        assert!(check_ready(&ready(b"PUB", &[])[2..], SUB).is_ok());
+        assert!(check_ready(&ready(b"XPUB", &[])[2..], SUB).is_ok());
         for bad in [&b"ROUTER"[..], b"SUB", b"DEALER", b""] {
-            assert!(check_ready(&ready(bad)[2..], SUB).is_err(), "{bad:?}");
+            assert!(check_ready(&ready(bad, &[])[2..], SUB).is_err(), "{bad:?}");
         }
         assert!(check_ready(b"\x04PING\x00\x00", SUB).is_err());
-        let mut truncated = ready(b"PUB")[2..].to_vec();
+        let mut truncated = ready(b"PUB", &[])[2..].to_vec();
         truncated.pop();
         assert!(check_ready(&truncated, SUB).is_err());
     }
 
     #[test]
+    fn ready_with_properties_and_their_reading() {
+        let r = ready(
+            b"SUB",
+            &[(ORIGIN_PROPERTY, b"pbx-a"), (b"X-Odd", b"\x00\"\xff")],
+        );
+        let body = r[2..].strip_prefix(b"\x05READY").expect("READY");
+        let props: Vec<_> = properties(body).collect();
+        assert_eq!(
+            props,
+            vec![
+                Ok((&b"Socket-Type"[..], &b"SUB"[..])),
+                Ok((ORIGIN_PROPERTY, &b"pbx-a"[..])),
+                Ok((&b"X-Odd"[..], &b"\x00\"\xff"[..])),
+            ]
+        );
+        // A publisher's READY with an extra property still passes.
+        assert!(check_ready(&ready(b"PUB", &[(b"X-Any", b"v")])[2..], SUB).is_ok());
+        assert_eq!(properties(b"").count(), 0);
+        // Malformed: one error after the good properties, then nothing.
+        let mut cut = body.to_vec();
+        cut.pop();
+        let props: Vec<_> = properties(&cut).collect();
+        assert_eq!(props.len(), 3);
+        assert_eq!(props[2], Err(Malformed));
+        let mut huge = vec![3, b'X', b'-', b'a'];
+        huge.extend(u32::MAX.to_be_bytes());
+        huge.extend(b"short");
+        assert_eq!(properties(&huge).collect::<Vec<_>>(), vec![Err(Malformed)]);
+        assert_eq!(
+            properties(&[9, b'X']).collect::<Vec<_>>(),
+            vec![Err(Malformed)]
+        );
+    }
+
+    proptest::proptest! {
+        /// Any bytes as READY properties: reading them never panics, yields at most one
+        /// property per 5 bytes (each takes at least that), and ends at the first error.
+        #[test]
+        fn any_properties_read_without_panic(
+            body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512),
+        ) {
+            let props: Vec<_> = properties(&body).collect();
+            proptest::prop_assert!(props.len() <= body.len() / 5 + 1);
+            if let Some(i) = props.iter().position(Result::is_err) {
+                proptest::prop_assert_eq!(i, props.len() - 1);
+            }
+        }
+    }
+
+    #[test]
     fn ready_of_a_router() {
-        assert!(check_ready(&ready(b"ROUTER")[2..], DEALER).is_ok());
-        assert!(check_ready(&ready(b"DEALER")[2..], DEALER).is_ok());
+        assert!(check_ready(&ready(b"ROUTER", &[])[2..], DEALER).is_ok());
+        assert!(check_ready(&ready(b"DEALER", &[])[2..], DEALER).is_ok());
         for bad in [&b"PUB"[..], b"XPUB", b"SUB", b"REQ", b"REP", b""] {
-            match check_ready(&ready(bad)[2..], DEALER) {
+            match check_ready(&ready(bad, &[])[2..], DEALER) {
                 Err(ZmtpError::Ready(why)) => assert!(why.contains("DEALER"), "{why}"),
                 other => panic!("{bad:?}: {other:?}"),
             }

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use hintfed_testkit::wait::eventually;
 use hintfed_testkit::zmtp;
 use hintfed_transport::hub::HEARTBEAT_TOPIC;
-use hintfed_transport::{HubBind, HubBindConfig};
+use hintfed_transport::{HubBind, HubBindConfig, Publication};
 use tokio::io::AsyncWriteExt as _;
 use tokio::time::{Instant, timeout};
 use zeromq::{Socket, SocketRecv, SubSocket};
@@ -50,10 +50,10 @@ async fn every_reading_subscriber_gets_a_large_burst_beside_a_deaf_one() {
         .expect("publish");
     let burst: Vec<_> = (0..BURST)
         .map(|i| {
-            vec![
+            Publication::new(vec![
                 Bytes::from_static(b"state.dev"),
                 Bytes::from(i.to_be_bytes().to_vec()),
-            ]
+            ])
         })
         .collect();
     bind.publish_batch(&burst).await.expect("publish");
@@ -168,7 +168,9 @@ async fn a_busy_subscriber_gets_every_message_through_its_lingers() {
     let mut heartbeats = 0;
     let mut sent = 0u32;
     while heartbeats < 3 {
-        let batch: Vec<_> = (sent..sent + 20).map(message).collect();
+        let batch: Vec<_> = (sent..sent + 20)
+            .map(|i| Publication::new(message(i)))
+            .collect();
         bind.publish_batch(&batch).await.expect("publish");
         sent += 20;
         heartbeats += expect_through(&mut s, sent - 1).await;

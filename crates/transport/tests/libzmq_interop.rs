@@ -10,8 +10,8 @@ use bytes::Bytes;
 use hintfed_testkit::net::{free_port, free_port_pair};
 use hintfed_testkit::process::pyzmq_available;
 use hintfed_transport::{
-    Channel, HubBind, HubBindConfig, HubLink, HubLinkConfig, Limits, PubBind, PullBind, ReqClient,
-    ReqClientConfig, RequestError, SubClient, SubClientConfig,
+    Channel, HubBind, HubBindConfig, HubLink, HubLinkConfig, Limits, PubBind, Publication,
+    PullBind, ReqClient, ReqClientConfig, RequestError, SubClient, SubClientConfig,
 };
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout, Command};
@@ -219,8 +219,10 @@ async fn hub_bind_serves_libzmq_dealer_and_sub() {
             }
             status = agent.child.wait() => break status.expect("wait"),
             _ = tick.tick() => {
-                // Keep publishing: the SUB may join after the first publication.
-                hub.publish(vec![b("dev.out"), b("fanned")]).await.expect("publish");
+                // Keep publishing: the SUB may join after the first publication. A message
+                // of an origin: a SUB that announced none (libzmq's) gets it.
+                let fanned = Publication::of("pbx-a", vec![b("dev.out"), b("fanned")]);
+                hub.publish_batch(&[fanned]).await.expect("publish");
             }
         }
     };
@@ -238,8 +240,11 @@ async fn hub_link_talks_to_libzmq_router_and_pub_and_recovers() {
     }
     let port = free_port_pair();
     let hub = PyPeer::start(&["router_pub".into(), port.to_string()]).await;
-    let (link, mut rx) =
-        HubLink::connect(HubLinkConfig::new(format!("tcp://127.0.0.1:{port}"))).expect("link");
+    // The link announces an origin (READY property X-Hintfed-Origin): libzmq takes the
+    // property and publishes everything to it, the link's own messages echoed included.
+    let mut config = HubLinkConfig::new(format!("tcp://127.0.0.1:{port}"));
+    config.origin = Some("pbx-a".into());
+    let (link, mut rx) = HubLink::connect(config).expect("link");
     assert!(link.wait_connected(SETUP).await);
 
     async fn exchange(
@@ -402,8 +407,9 @@ async fn hub_link_subscribes_to_a_libzmq_xpub_and_answers_its_zmtp_heartbeats() 
         "100".into(),
     ])
     .await;
-    let (link, mut rx) =
-        HubLink::connect(HubLinkConfig::new(format!("tcp://127.0.0.1:{port}"))).expect("link");
+    let mut config = HubLinkConfig::new(format!("tcp://127.0.0.1:{port}"));
+    config.origin = Some("pbx-a".into());
+    let (link, mut rx) = HubLink::connect(config).expect("link");
     assert!(link.wait_connected(SETUP).await);
     // Fan-out keeps flowing over 1.5 s (five heartbeat timeouts) on the same connection.
     let start = Instant::now();

@@ -17,18 +17,10 @@ const SETUP: Duration = Duration::from_secs(5);
 
 /// A READY command announcing `socket_type`, with an `Identity` property when given.
 fn ready(socket_type: &str, identity: Option<&[u8]>) -> Vec<u8> {
-    let mut body = Vec::new();
-    let mut prop = |name: &[u8], value: &[u8]| {
-        body.push(u8::try_from(name.len()).expect("short"));
-        body.extend(name);
-        body.extend(u32::try_from(value.len()).expect("short").to_be_bytes());
-        body.extend(value);
-    };
-    prop(b"Socket-Type", socket_type.as_bytes());
-    if let Some(id) = identity {
-        prop(b"Identity", id);
+    match identity {
+        Some(id) => zmtp::ready_with(socket_type, &[(b"Identity", id)]),
+        None => zmtp::ready_with(socket_type, &[]),
     }
-    zmtp::command(b"READY", &body)
 }
 
 /// A raw ZMTP peer: greeting and READY sent, the hub's greeting read.
@@ -48,18 +40,7 @@ async fn peer(addr: &str, socket_type: &str, identity: Option<&[u8]>) -> TcpStre
 
 /// Reads one frame: (flags, body).
 async fn frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
-    let read = async {
-        let flags = s.read_u8().await?;
-        let len = if flags & 0x02 != 0 {
-            s.read_u64().await? as usize
-        } else {
-            usize::from(s.read_u8().await?)
-        };
-        let mut body = vec![0u8; len];
-        s.read_exact(&mut body).await?;
-        Ok::<_, std::io::Error>((flags, body))
-    };
-    timeout(SETUP, read)
+    timeout(SETUP, zmtp::read_frame(s))
         .await
         .expect("frame in time")
         .expect("frame")
@@ -67,17 +48,10 @@ async fn frame(s: &mut TcpStream) -> (u8, Vec<u8>) {
 
 /// Reads up to the next message, skipping commands (the hub's READY); returns its frames.
 async fn next_message(s: &mut TcpStream) -> Vec<Vec<u8>> {
-    let mut frames = Vec::new();
-    loop {
-        let (flags, body) = frame(s).await;
-        if flags & 0x04 != 0 {
-            continue;
-        }
-        frames.push(body);
-        if flags & 0x01 == 0 {
-            return frames;
-        }
-    }
+    timeout(SETUP, zmtp::read_message(s))
+        .await
+        .expect("message in time")
+        .expect("message")
 }
 
 /// A hub bound on a free port, its inbound channel and its ROUTER's host:port.

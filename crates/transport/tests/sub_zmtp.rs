@@ -9,7 +9,7 @@ use bytes::Bytes;
 use hintfed_testkit::zmtp::{self, message};
 use hintfed_transport::hub::HEARTBEAT_TOPIC;
 use hintfed_transport::{
-    Channel, HubBind, HubBindConfig, HubLink, HubLinkConfig, Incoming, LinkStatus,
+    Channel, HubBind, HubBindConfig, HubLink, HubLinkConfig, Incoming, LinkStatus, Publication,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -239,7 +239,8 @@ async fn a_batch_published_by_the_hub_reaches_the_link_in_order() {
             ]
         })
         .collect();
-    hub.publish_batch(&batch).await.expect("publish");
+    let publications: Vec<_> = batch.iter().cloned().map(Publication::new).collect();
+    hub.publish_batch(&publications).await.expect("publish");
     let deadline = Instant::now() + SETUP;
     for want in batch.iter().filter(|m| m[0].starts_with(b"dev.")) {
         assert!(Instant::now() < deadline);

@@ -104,12 +104,32 @@ pub struct FakeAgent {
     connected: usize,
     /// Every verified message received: (hub index, channel, topic, envelope).
     pub received: Vec<(usize, Channel, String, Envelope)>,
+    /// The origin of every fan-out message that opens, copies from several hubs included
+    /// (before the replay check, which keeps the first only): (hub index, origin).
+    pub fanout_origins: Vec<(usize, String)>,
 }
 
 impl FakeAgent {
     /// Connects to every hub and waits until all links are up.
     pub async fn connect(name: &str, hubs: &[String], keys: KeyRing) -> FakeAgent {
-        let multi = MultiHub::connect(MultiHubConfig::new(hubs.iter().cloned())).expect("multihub");
+        Self::connect_with(name, hubs, keys, false).await
+    }
+
+    /// [`Self::connect`]; `announce`: the links announce `name` as their origin, as
+    /// hintfed-agent's do (the hubs then send none of its own messages back).
+    pub async fn connect_with(
+        name: &str,
+        hubs: &[String],
+        keys: KeyRing,
+        announce: bool,
+    ) -> FakeAgent {
+        let mut config = MultiHubConfig::new(hubs.iter().cloned());
+        if announce {
+            for hub in &mut config.hubs {
+                hub.origin = Some(name.to_owned());
+            }
+        }
+        let multi = MultiHub::connect(config).expect("multihub");
         let rx = multi.take_incoming().expect("incoming");
         let mut count = multi.connected();
         let deadline = Instant::now() + WITHIN;
@@ -128,6 +148,7 @@ impl FakeAgent {
             limits,
             connected: hubs.len(),
             received: Vec::new(),
+            fanout_origins: Vec::new(),
         };
         agent.hello();
         agent.flush();
@@ -222,6 +243,11 @@ impl FakeAgent {
                 () = tokio::time::sleep_until(until) => None,
             };
             let Some(msg) = msg else { break };
+            if let (Channel::Fanout, Some(payload)) = (msg.channel, msg.frames.last())
+                && let Ok(env) = hintfed_core::open(payload, &self.keys, &self.limits)
+            {
+                self.fanout_origins.push((msg.hub, env.origin));
+            }
             if let (Some(payload), Some(topic)) = (msg.frames.last(), msg.frames.first())
                 && let Ok(env) = self.verifier.verify(payload)
             {
