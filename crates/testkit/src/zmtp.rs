@@ -135,6 +135,26 @@ pub fn long_frame_header(len: u64) -> Vec<u8> {
     h
 }
 
+/// Connects to `addr` as a raw ZMTP peer: writes our greeting, `ready` and `then` (e.g.
+/// [`SUBSCRIBE_ALL`]), and reads the peer's 64-byte greeting (an error unless it starts as
+/// one does, with 0xff).
+pub async fn connect(addr: impl ToSocketAddrs, ready: &[u8], then: &[u8]) -> io::Result<TcpStream> {
+    let mut s = TcpStream::connect(addr).await?;
+    let mut hs = greeting();
+    hs.extend_from_slice(ready);
+    hs.extend_from_slice(then);
+    s.write_all(&hs).await?;
+    let mut peer = [0u8; 64];
+    s.read_exact(&mut peer).await?;
+    if peer[0] != 0xff {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a ZMTP greeting",
+        ));
+    }
+    Ok(s)
+}
+
 /// Connects to `addr`, sends [`sub_handshake`] and returns the connection, which the caller
 /// then never reads: a subscriber whose receive window fills up.
 pub async fn deaf_subscriber(addr: impl ToSocketAddrs) -> io::Result<TcpStream> {

@@ -2,23 +2,20 @@
 //! `X-Hintfed-Origin`), over real sockets: a hub link given its owner's origin is sent every
 //! message but that origin's; a link without one, and raw subscribers announcing nothing, a
 //! malformed property list, an oversize, empty or non-UTF-8 origin, get everything; an origin
-//! with quotes, backslashes or control characters is matched as bytes. Absence is shown by order: each subscriber's next message after
-//! the expected ones is a marker published last.
+//! with quotes, backslashes or control characters is matched as bytes. Absence is shown by
+//! order: each subscriber's next message after the expected ones is a marker published last.
 
-use std::time::Duration;
+mod common;
 
 use bytes::Bytes;
 use hintfed_testkit::zmtp;
 use hintfed_transport::hub::HEARTBEAT_TOPIC;
-use hintfed_transport::{
-    Channel, HubBind, HubBindConfig, HubLink, HubLinkConfig, Incoming, Publication,
-};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use hintfed_transport::{HubBind, HubBindConfig, HubLink, HubLinkConfig, Incoming, Publication};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
-const SETUP: Duration = Duration::from_secs(10);
+use common::{SETUP, next_fanout};
 
 /// The READY property a subscriber announces its origin with.
 const ORIGIN: &[u8] = b"X-Hintfed-Origin";
@@ -38,18 +35,6 @@ async fn link(hub: &HubBind, origin: Option<&str>) -> (HubLink, mpsc::Receiver<I
     (link, rx)
 }
 
-async fn next_fanout(rx: &mut mpsc::Receiver<Incoming>) -> Vec<Bytes> {
-    loop {
-        let m = timeout(SETUP, rx.recv())
-            .await
-            .expect("a fan-out message in time")
-            .expect("inbound open");
-        if m.channel == Channel::Fanout {
-            return m.frames;
-        }
-    }
-}
-
 fn msg(topic: &'static str) -> Vec<Bytes> {
     vec![
         Bytes::from_static(topic.as_bytes()),
@@ -66,16 +51,10 @@ fn ready(props: &[(&[u8], &[u8])]) -> Vec<u8> {
 /// welcome heartbeat arrived (its subscription is in force).
 async fn raw_sub(hub: &HubBind, ready: Vec<u8>) -> TcpStream {
     let addr = hub.pub_endpoint().trim_start_matches("tcp://").to_owned();
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let mut hs = zmtp::greeting();
-    hs.extend(ready);
-    hs.extend(zmtp::SUBSCRIBE_ALL);
-    s.write_all(&hs).await.expect("handshake");
-    let mut greeting = [0u8; 64];
-    timeout(SETUP, s.read_exact(&mut greeting))
+    let mut s = timeout(SETUP, zmtp::connect(addr, &ready, &zmtp::SUBSCRIBE_ALL))
         .await
-        .expect("greeting in time")
-        .expect("greeting");
+        .expect("handshake in time")
+        .expect("handshake");
     let welcome = timeout(SETUP, zmtp::read_message(&mut s))
         .await
         .expect("welcome in time")

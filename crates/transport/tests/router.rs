@@ -25,17 +25,13 @@ fn ready(socket_type: &str, identity: Option<&[u8]>) -> Vec<u8> {
 
 /// A raw ZMTP peer: greeting and READY sent, the hub's greeting read.
 async fn peer(addr: &str, socket_type: &str, identity: Option<&[u8]>) -> TcpStream {
-    let mut s = TcpStream::connect(addr).await.expect("connect");
-    let mut hs = zmtp::greeting();
-    hs.extend(ready(socket_type, identity));
-    s.write_all(&hs).await.expect("handshake");
-    let mut greeting = [0u8; 64];
-    timeout(SETUP, s.read_exact(&mut greeting))
-        .await
-        .expect("greeting in time")
-        .expect("greeting");
-    assert_eq!(greeting[0], 0xff);
-    s
+    timeout(
+        SETUP,
+        zmtp::connect(addr, &ready(socket_type, identity), &[]),
+    )
+    .await
+    .expect("handshake in time")
+    .expect("handshake")
 }
 
 /// Reads one frame: (flags, body).

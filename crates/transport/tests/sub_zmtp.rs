@@ -3,21 +3,22 @@
 //! DEALER talks to a real [`HubBind`]; its fan-out endpoint is overridden to point at the
 //! scripted peer.
 
+mod common;
+
 use std::time::Duration;
 
 use bytes::Bytes;
 use hintfed_testkit::zmtp::{self, message};
 use hintfed_transport::hub::HEARTBEAT_TOPIC;
 use hintfed_transport::{
-    Channel, HubBind, HubBindConfig, HubLink, HubLinkConfig, Incoming, LinkStatus, Publication,
+    HubBind, HubBindConfig, HubLink, HubLinkConfig, Incoming, LinkStatus, Publication,
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, timeout};
 
-/// Generous bound for set-up and for conditions polled with a deadline.
-const SETUP: Duration = Duration::from_secs(10);
+use common::{SETUP, next_fanout};
 
 /// What the scripted publisher does with one accepted connection.
 #[derive(Debug, Clone)]
@@ -114,18 +115,6 @@ async fn hub() -> HubBind {
 
 fn frames(parts: &[&[u8]]) -> Vec<Bytes> {
     parts.iter().map(|p| Bytes::copy_from_slice(p)).collect()
-}
-
-async fn next_fanout(rx: &mut mpsc::Receiver<Incoming>) -> Vec<Bytes> {
-    loop {
-        let m = timeout(SETUP, rx.recv())
-            .await
-            .expect("a fan-out message in time")
-            .expect("inbound open");
-        if m.channel == Channel::Fanout {
-            return m.frames;
-        }
-    }
 }
 
 /// Runs `script` (bad peers first, then a good one sending `m1`): the link counts each bad
