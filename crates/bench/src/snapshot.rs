@@ -16,11 +16,12 @@
 //!    `hintfed_snapshot_entries_sum` ≥ keys (entries received into its table), its log line
 //!    `snapshot complete` (the node completed the snapshot), and the simulator's
 //!    `SetvarTotal` ≥ keys (every key written to its Asterisk as `Custom:`).
-//! 5. The agent's peak RSS after the snapshot and at the end. The events-off ceiling runs
-//!    again once the agent is stopped; the apply ratio is to the higher of its two runs.
-//!    Every Setvar rate (ceilings and agent) is read from the simulator's trace, first to
-//!    last Setvar of the run on the simulator's clock, so that no polling interval or client
-//!    round trip enters one side and not the other.
+//! 5. The agent's peak RSS after the snapshot and at the end. Its apply rate is the first of
+//!    `--apply-rounds` rounds, each of them the events-off ceiling, the ceiling of a session
+//!    like the agent's, then a new agent writing every key to a fresh simulated Asterisk; the
+//!    apply ratios are of the rounds' medians. Every Setvar rate (ceilings and agents) is read
+//!    from the simulator's trace, first to last Setvar of the run on the simulator's clock, so
+//!    that no polling interval or client round trip enters one side and not the other.
 //! 6. The agent restarts beside its Asterisk, which now holds every key: the time until its
 //!    full sync (which lists every `Custom:` state) and the snapshot are both done, the writes
 //!    it makes until the Setvar count stands still for 1 s (ideally none: every value is
@@ -59,8 +60,9 @@ pub struct SnapshotArgs {
     pub sim_coalesce: bool,
     /// Rounds of the apply measurement: each runs the Setvar ceilings, then a new agent that
     /// writes every key to a fresh simulated Asterisk (the first round's agent is the one
-    /// timed above); the ratios are of the rounds' medians. The machine's speed swings by
-    /// a third between seconds, and one round is about a second of each.
+    /// timed above); the ratios are of the rounds' medians. One second's Setvar rate of the
+    /// same simulator swings by half or more between seconds on a shared machine, and a
+    /// round is about a second of each.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..=50))]
     pub apply_rounds: u32,
 }
@@ -329,18 +331,17 @@ pub async fn run(a: SnapshotArgs) -> anyhow::Result<serde_json::Value> {
         asked.push((name, r.agent.clone()));
     }
     let runs = crate::analyze::set_runs(&trace, &asked)?;
-    let rate = |i: usize| {
-        runs[i]
-            .per_sec()
-            .with_context(|| format!("the trace ({}) lacks a run's Setvars", trace.display()))
+    let rate = |run: &crate::analyze::SetRun| {
+        run.per_sec()
+            .with_context(|| format!("the trace ({}) lacks a ceiling's Setvars", trace.display()))
     };
-    let on = rate(0)?;
-    let mut round_rates = Vec::with_capacity(rounds);
-    for i in 0..rounds {
-        // An agent that wrote nothing has no rate: 0.
-        let agent = runs[3 + 3 * i].per_sec().unwrap_or(0.0);
-        round_rates.push([rate(1 + 3 * i)?, rate(2 + 3 * i)?, agent]);
-    }
+    let on = rate(&runs[0])?;
+    // Per round, as asked: events off, the agent's session, the agent (one that wrote
+    // nothing has no rate: 0).
+    let round_rates = runs[1..]
+        .chunks(3)
+        .map(|r| Ok([rate(&r[0])?, rate(&r[1])?, r[2].per_sec().unwrap_or(0.0)]))
+        .collect::<anyhow::Result<Vec<[f64; 3]>>>()?;
     let median_of = |k: usize| median(round_rates.iter().map(|r| r[k]).collect());
     let (setvar, filtered, apply_rate) = (median_of(0), median_of(1), median_of(2));
     let report = json!({
