@@ -5,6 +5,8 @@
 //! real [`HubBind`] (its welcome heartbeat connects the link); its request side points at the
 //! scripted peer.
 
+mod common;
+
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
@@ -19,8 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
-/// Generous bound for set-up and for conditions polled with a deadline.
-const SETUP: Duration = Duration::from_secs(10);
+use common::{SETUP, next_on};
 
 /// What the scripted ROUTER reads from the link.
 #[derive(Debug, PartialEq, Eq)]
@@ -150,15 +151,7 @@ async fn connect(
 }
 
 async fn next_reply(rx: &mut mpsc::Receiver<Incoming>) -> Vec<Bytes> {
-    loop {
-        let m = timeout(SETUP, rx.recv())
-            .await
-            .expect("a reply in time")
-            .expect("inbound open");
-        if m.channel == Channel::Reply {
-            return m.frames;
-        }
-    }
+    next_on(rx, Channel::Reply).await
 }
 
 #[tokio::test]

@@ -1,4 +1,6 @@
 //! Shared by the transport's integration tests that read a hub link's inbound messages.
+// Each test file compiles this module on its own and uses part of it.
+#![allow(dead_code)]
 
 use std::time::Duration;
 
@@ -10,16 +12,21 @@ use tokio::time::timeout;
 /// Generous bound for set-up and for conditions polled with a deadline.
 pub const SETUP: Duration = Duration::from_secs(10);
 
-/// The frames of the next fan-out message a link hands over (replies skipped), within
+/// The frames of the next message a link hands over on `channel` (others skipped), within
 /// [`SETUP`].
-pub async fn next_fanout(rx: &mut mpsc::Receiver<Incoming>) -> Vec<Bytes> {
+pub async fn next_on(rx: &mut mpsc::Receiver<Incoming>, channel: Channel) -> Vec<Bytes> {
     loop {
         let m = timeout(SETUP, rx.recv())
             .await
-            .expect("a fan-out message in time")
+            .expect("a message in time")
             .expect("inbound open");
-        if m.channel == Channel::Fanout {
+        if m.channel == channel {
             return m.frames;
         }
     }
+}
+
+/// [`next_on`] the fan-out.
+pub async fn next_fanout(rx: &mut mpsc::Receiver<Incoming>) -> Vec<Bytes> {
+    next_on(rx, Channel::Fanout).await
 }
