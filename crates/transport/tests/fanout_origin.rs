@@ -15,7 +15,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::time::timeout;
 
-use common::{SETUP, next_fanout};
+use common::{SETUP, next_fanout, next_fanouts};
 
 /// The READY property a subscriber announces its origin with.
 const ORIGIN: &[u8] = b"X-Hintfed-Origin";
@@ -94,41 +94,34 @@ async fn a_link_that_announced_its_origin_gets_every_message_but_its_own() {
         .await
         .expect("publish");
     hub.publish(msg("marker")).await.expect("publish");
-    let want = |topics: &[&'static str]| topics.iter().map(|t| msg(t)).collect::<Vec<_>>();
-    let mut got = Vec::new();
-    for _ in 0..4 {
-        got.push(next_fanout(&mut a_rx).await);
+    let cases: [(&str, _, &[&'static str]); 3] = [
+        (
+            "pbx-a",
+            &mut a_rx,
+            &["state.b", "control.hub", "state.c", "marker"],
+        ),
+        (
+            "pbx-b",
+            &mut b_rx,
+            &["state.a", "control.hub", "state.c", "state.a2", "marker"],
+        ),
+        (
+            "no origin announced",
+            &mut plain_rx,
+            &[
+                "state.a",
+                "state.b",
+                "control.hub",
+                "state.c",
+                "state.a2",
+                "marker",
+            ],
+        ),
+    ];
+    for (who, rx, topics) in cases {
+        let want: Vec<_> = topics.iter().map(|t| msg(t)).collect();
+        assert_eq!(next_fanouts(rx, want.len()).await, want, "{who}");
     }
-    assert_eq!(
-        got,
-        want(&["state.b", "control.hub", "state.c", "marker"]),
-        "pbx-a"
-    );
-    got.clear();
-    for _ in 0..5 {
-        got.push(next_fanout(&mut b_rx).await);
-    }
-    assert_eq!(
-        got,
-        want(&["state.a", "control.hub", "state.c", "state.a2", "marker"]),
-        "pbx-b"
-    );
-    got.clear();
-    for _ in 0..6 {
-        got.push(next_fanout(&mut plain_rx).await);
-    }
-    assert_eq!(
-        got,
-        want(&[
-            "state.a",
-            "state.b",
-            "control.hub",
-            "state.c",
-            "state.a2",
-            "marker"
-        ]),
-        "no origin announced"
-    );
 }
 
 #[tokio::test]

@@ -30,3 +30,12 @@ pub async fn next_on(rx: &mut mpsc::Receiver<Incoming>, channel: Channel) -> Vec
 pub async fn next_fanout(rx: &mut mpsc::Receiver<Incoming>) -> Vec<Bytes> {
     next_on(rx, Channel::Fanout).await
 }
+
+/// The next `n` messages of the fan-out ([`next_fanout`] each).
+pub async fn next_fanouts(rx: &mut mpsc::Receiver<Incoming>, n: usize) -> Vec<Vec<Bytes>> {
+    let mut got = Vec::with_capacity(n);
+    for _ in 0..n {
+        got.push(next_fanout(rx).await);
+    }
+    got
+}
